@@ -1,0 +1,1 @@
+"""End-to-end tests, benchmarks and the demo, against real containerd, registry, runc and kernel."""

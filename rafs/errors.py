@@ -1,0 +1,31 @@
+"""The rafs package's error hierarchy."""
+
+from __future__ import annotations
+
+
+class RafsError(Exception):
+    """Base of every error raised by :mod:`rafs`."""
+
+
+class FormatError(RafsError, ValueError):
+    """A bootstrap or blob is malformed; the message names the field and value."""
+
+
+class UnsupportedError(RafsError, NotImplementedError):
+    """A valid but unsupported image feature (e.g. encryption)."""
+
+
+class NotFound(RafsError, FileNotFoundError):
+    """No such path or inode in the image."""
+
+
+class NotADirectory(RafsError, NotADirectoryError):
+    """A directory operation on a non-directory inode."""
+
+
+class BuildError(RafsError):
+    """The builder cannot represent the input (bad name, unsupported xattr, ...)."""
+
+
+class MountError(RafsError):
+    """Mounting or serving a RAFS instance failed."""

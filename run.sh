@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The project's front door (see README.md).
+#
+#   ./run.sh demo          install what is missing, then run the lazy-pull demo
+#   ./run.sh test [ARGS]   install what is missing, then run the whole test suite (ARGS go to pytest)
+#   ./run.sh setup         only install (Debian packages + a virtualenv in .venv)
+#
+# Needs root on Debian 12 (apt-get, mounts, containerd). Idempotent: a second run
+# installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(
+  containerd runc docker-registry erofs-utils fuse3 libfuse3-dev pkg-config
+  skopeo umoci fio busybox-static curl iproute2 gcc python3-dev python3-venv
+  golang-go golang-github-containerd-containerd-dev
+)
+VENV=${NYDUS_VENV:-.venv}
+
+log() { printf '[run.sh] %s\n' "$*" >&2; }
+
+install_debian() {
+  local missing=() p
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+install_python() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+  fi
+  local stamp="$VENV/.pynydus-installed" want
+  want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "installing Python dependencies into $VENV"
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    "$VENV/bin/pip" install -q -e '.[test,bench]'
+    echo "$want" > "$stamp"
+  fi
+}
+
+setup() {
+  if [ "$(id -u)" != 0 ]; then
+    log "not root: skipping Debian packages (tests needing root will skip)"
+  else
+    install_debian
+  fi
+  install_python
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo) setup; exec "$VENV/bin/python" -m integration.demo "$@" ;;
+  test) setup; exec "$VENV/bin/python" -m pytest -q -rs "$@" ;;
+  *) sed -n '2,10p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""The containerd Snapshots gRPC service for nydus images (and plain OCI layers)."""
