@@ -1,0 +1,56 @@
+"""Chunk compression: none, lz4_block (raw LZ4 block, no frame), gzip, zstd (standard frame)."""
+
+from __future__ import annotations
+
+import zlib
+
+import lz4.block
+import zstandard
+
+from storage.device import Compressor
+from storage.errors import DecompressError
+
+#: zstd level used by the builder (upstream uses the zstd default, 3)
+ZSTD_LEVEL = 3
+
+
+def compress(algo: Compressor, data: bytes) -> bytes:
+    """Compress ``data``; the caller stores it raw when the result is not smaller."""
+    if algo == Compressor.NONE:
+        return bytes(data)
+    if algo == Compressor.ZSTD:
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+    if algo == Compressor.LZ4_BLOCK:
+        return lz4.block.compress(data, store_size=False)
+    if algo == Compressor.GZIP:
+        co = zlib.compressobj(6, zlib.DEFLATED, 31)
+        return co.compress(data) + co.flush()
+    raise DecompressError(f"unknown compressor {algo!r}")
+
+
+def decompress(algo: Compressor, data: bytes | memoryview, uncompressed_size: int) -> bytes:
+    """Decompress one chunk to exactly ``uncompressed_size`` bytes or raise :class:`DecompressError`."""
+    try:
+        if algo == Compressor.NONE:
+            out = bytes(data)
+        elif algo == Compressor.ZSTD:
+            out = zstandard.ZstdDecompressor().decompress(
+                data, max_output_size=uncompressed_size
+            )
+        elif algo == Compressor.LZ4_BLOCK:
+            out = lz4.block.decompress(data, uncompressed_size=uncompressed_size)
+        elif algo == Compressor.GZIP:
+            d = zlib.decompressobj(31)
+            out = d.decompress(bytes(data), uncompressed_size)
+        else:
+            raise DecompressError(f"unknown compressor {algo!r}")
+    except DecompressError:
+        raise
+    except Exception as exc:  # zstandard.ZstdError, lz4's LZ4BlockError, zlib.error
+        raise DecompressError(f"{Compressor(algo).name.lower()}: {exc}") from exc
+    if len(out) != uncompressed_size:
+        raise DecompressError(
+            f"{Compressor(algo).name.lower()}: decompressed to {len(out)} bytes, "
+            f"expected {uncompressed_size}"
+        )
+    return out
