@@ -227,3 +227,27 @@ def write_blob_meta_file(path: str | os.PathLike, meta: BlobMeta) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def expand_blob(read_at: ReadAt, meta: BlobMeta, compressor: int, out: "os.PathLike | str") -> int:
+    """Write the blob's uncompressed form (each chunk at its uncompressed offset, zero gaps) to
+    ``out`` — the layout of a complete ``<blob_id>.blob.data`` cache file, which the kernel
+    EROFS driver reads as the blob device.  Returns the file size.  Not for ZRAN/batch blobs."""
+    if meta.header.s_features & (BlobFeatures.ZRAN | BlobFeatures.BATCH | BlobFeatures.ENCRYPTED):
+        raise MetaFormatError("expand_blob: ZRAN/batch/encrypted blobs are not supported")
+    size = 0
+    with open(out, "wb") as f:
+        for c in meta.chunks:
+            raw = read_at(c.compressed_offset, c.compressed_size)
+            if c.is_compressed:
+                try:
+                    raw = decompress(Compressor(compressor), raw, c.uncompressed_size)
+                except DecompressError as exc:
+                    raise MetaFormatError(f"chunk {c.index}: {exc}") from exc
+            elif len(raw) != c.uncompressed_size:
+                raise MetaFormatError(f"chunk {c.index}: raw size {len(raw)} != {c.uncompressed_size}")
+            f.seek(c.uncompressed_offset)
+            f.write(raw)
+            size = max(size, _round_up_4k(c.uncompressed_offset + c.uncompressed_size))
+        f.truncate(size)
+    return size
