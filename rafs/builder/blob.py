@@ -59,7 +59,7 @@ class BlobRecord:
     """One blob of the image being built: its table entry and its chunks by ci index."""
 
     info: BlobInfo
-    chunks: list[ChunkInfo] = field(default_factory=list)
+    chunks: list[ChunkInfo | None] = field(default_factory=list)  # None: not known (loaded)
     #: set for the blob this build writes (not for chunk-dict / parent blobs)
     new: bool = False
 
@@ -79,10 +79,11 @@ class ChunkStore:
             raise BuildError(f"an image can reference at most {MAX_BLOBS} blobs")
         index = len(self.blobs)
         record.info = replace(record.info, blob_index=index)
-        record.chunks = [replace(c, blob_index=index) for c in record.chunks]
+        record.chunks = [replace(c, blob_index=index) if c is not None else None for c in record.chunks]
         self.blobs.append(record)
         for c in record.chunks:
-            self.by_digest.setdefault(c.digest, ChunkRef(index, c.index))
+            if c is not None:
+                self.by_digest.setdefault(c.digest, ChunkRef(index, c.index))
         return index
 
     def chunk(self, ref: ChunkRef) -> ChunkInfo:

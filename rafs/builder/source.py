@@ -8,7 +8,6 @@ inode just remembers its path in ``source``.
 
 from __future__ import annotations
 
-import base64
 import errno
 import gzip
 import io
@@ -112,16 +111,11 @@ def _pax_bytes(value: str) -> bytes:
 
 
 def _tar_xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
+    """``SCHILY.xattr.*`` PAX records (``LIBARCHIVE.xattr.*`` duplicates are ignored, as upstream)."""
     out: dict[bytes, bytes] = {}
     for key, value in member.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
             out[_pax_bytes(key[len("SCHILY.xattr."):])] = _pax_bytes(value)
-        elif key.startswith("LIBARCHIVE.xattr."):
-            name = key[len("LIBARCHIVE.xattr."):]
-            try:
-                out[_pax_bytes(name)] = base64.b64decode(value + "=" * (-len(value) % 4))
-            except ValueError as exc:
-                raise BuildError(f"{member.name}: bad LIBARCHIVE.xattr value") from exc
     return out
 
 
