@@ -143,6 +143,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
     out_dir = blob_dir or (os.path.dirname(os.path.abspath(blob_out)) if blob_out else None)
     tmp_path = None
     f = None
+    writer = None
     if out_dir is not None:
         fd, tmp_path = tempfile.mkstemp(dir=out_dir, prefix=".tmp-blob.")
         f = os.fdopen(fd, "wb", buffering=1 << 20)
@@ -163,11 +164,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
                 if node.size == 0:
                     node.chunks = []
                     continue
-                try:
-                    with open(node.source, "rb", buffering=0) as src:  # type: ignore[arg-type]
-                        chunker.add_file(node, src, node.size)
-                except OSError as exc:
-                    raise BuildError(f"cannot read {node.source!r}: {exc}") from exc
+                chunker.add_path(node, node.source, node.size)  # type: ignore[arg-type]
         else:
             bar = _progress_bar(opts.progress, None)
             chunker = Chunker(store, writer, chunk_size=opts.chunk_size, digester=Digester(opts.digester),
@@ -204,8 +201,6 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         info, _ = writer.finish(inline_meta=opts.blob_inline_meta, blob_toc=opts.blob_toc,
                                 make_bootstrap=bootstrap_with)
         if f is not None:
-            f.flush()
-            os.fsync(f.fileno())
             f.close()
             f = None
         blob_path = None
@@ -223,6 +218,11 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         used = _blob_ids_of(boot)
         return BuildResult(bootstrap_out, used, info if has_blob else None, blob_path, chunker.bytes_in)
     finally:
+        if writer is not None:
+            try:
+                writer.close()
+            except BuildError:
+                pass
         if f is not None:
             f.close()
         if tmp_path is not None:
