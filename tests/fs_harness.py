@@ -28,7 +28,9 @@ def _child(kwargs: dict, bootstrap: str | None, config: dict, opener_name: str) 
 
     from rafs.daemon.service import Nydusd
 
-    logging.basicConfig(level=logging.INFO)
+    handler = logging.StreamHandler(os.fdopen(os.dup(2), "w", buffering=1))
+    logging.getLogger().handlers[:] = [handler]
+    logging.getLogger().setLevel(logging.INFO)
     opener = None
     if opener_name == "fake":
         from tests.fs_fakes import FakeOpener
