@@ -14,6 +14,7 @@ The device counts reads in ``<blob_file>.reads`` and fails while ``<blob_file>.d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -95,7 +96,7 @@ class FakeInode:
             idx = pos // cs
             chunk_len = min(cs, fsize - idx * cs)
             u_off = base + idx * cs
-            chunk = ChunkInfo(0, u_off // cs, b"", 0, u_off, chunk_len, u_off, chunk_len)
+            chunk = ChunkInfo(0, u_off // 4096, b"", 0, u_off, chunk_len, u_off, chunk_len)
             n = min(end, idx * cs + chunk_len) - pos
             out.append(BlobIoDesc(self.tree.blobs[0], chunk, pos - idx * cs, n))
             pos += n
@@ -187,11 +188,19 @@ class FakeDevice:
 
 
 class FakeOpener:
+    """Opens fake bootstraps; ``trees`` maps a real bootstrap path to a spec to use instead."""
+
+    def __init__(self, trees: dict[str, dict] | None = None) -> None:
+        self.trees = trees or {}
+        self.blob_files: dict[str, str] = {}
+
     def open_tree(self, bootstrap: str) -> FakeRafs:
-        return FakeRafs.open(bootstrap)
+        tree = FakeRafs(self.trees[bootstrap]) if bootstrap in self.trees else FakeRafs.open(bootstrap)
+        self.blob_files[tree.blobs[0].blob_id] = tree.blob_file
+        return tree
 
     def open_device(self, blobs, config) -> FakeDevice:
-        return FakeDevice(blobs[0].blob_id)  # make_image() stores the blob file path as the id
+        return FakeDevice(self.blob_files[blobs[0].blob_id])
 
 
 def make_image(dirpath: str, files: dict[str, bytes | str | dict], *, name: str = "image") -> str:
@@ -226,5 +235,6 @@ def make_image(dirpath: str, files: dict[str, bytes | str | dict], *, name: str 
         f.write(blob or b"\0" * 4096)
     boot = os.path.join(dirpath, name + ".boot")
     with open(boot, "w") as f:
-        json.dump({"blob_file": blob_file, "blob_id": blob_file, "entries": entries}, f)
+        json.dump({"blob_file": blob_file, "blob_id": hashlib.sha256(blob_file.encode()).hexdigest(),
+                   "entries": entries}, f)
     return boot

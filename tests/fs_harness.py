@@ -21,7 +21,7 @@ def require_fuse() -> None:
         pytest.skip("/dev/fuse missing")
 
 
-def _child(kwargs: dict, bootstrap: str | None, config: dict, opener_name: str) -> None:
+def _child(kwargs: dict, bootstrap: str | None, config: dict, opener_name) -> None:
     import logging
 
     import trio
@@ -36,13 +36,15 @@ def _child(kwargs: dict, bootstrap: str | None, config: dict, opener_name: str) 
         from tests.fs_fakes import FakeOpener
 
         opener = FakeOpener()
+    elif opener_name != "real":
+        opener = opener_name  # an opener object (fork: not pickled)
     daemon = Nydusd(opener=opener, **kwargs)
     trio.run(daemon.run, bootstrap, config)
 
 
 @contextlib.contextmanager
 def running_daemon(tmp_path, *, bootstrap: str | None = None, config: dict | None = None,
-                   fs_driver: str = "fusedev", opener: str = "fake", name: str = "d"):
+                   fs_driver: str = "fusedev", opener="fake", name: str = "d"):
     """Yield ``(client, mountpoint, process)``; always unmounts and stops the child."""
     mnt = str(tmp_path / f"{name}-mnt")
     sock = str(tmp_path / f"{name}.sock")
