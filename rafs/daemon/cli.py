@@ -14,7 +14,7 @@ import sys
 import trio
 
 from rafs.daemon.config import DaemonConfig
-from rafs.daemon.service import FS_DRIVERS, Nydusd
+from rafs.daemon.service import FS_DRIVERS, Nydusd, Opener
 from rafs.errors import RafsError
 
 LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
@@ -79,7 +79,8 @@ def _detach(log_file: str | None) -> int | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
+    """Run nydusd; ``opener`` replaces the bootstrap/device opener (tests only)."""
     args = build_parser().parse_args(argv)
     if args.daemon:
         code = _detach(args.log_file)
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.bootstrap is None and not args.apisock:
             raise RafsError("a shared daemon (no --bootstrap) needs --apisock to receive mounts")
         daemon = Nydusd(mountpoint=args.mountpoint, apisock=args.apisock, fs_driver=args.fs_driver,
-                        daemon_id=args.id, blob_dir=args.blob_dir, thread_num=args.thread_num)
+                        daemon_id=args.id, blob_dir=args.blob_dir, thread_num=args.thread_num,
+                        opener=opener)
 
         async def run() -> None:
             async with trio.open_nursery() as nursery:
