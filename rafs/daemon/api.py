@@ -30,6 +30,7 @@ from storage.errors import StorageError
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
+_EXIT = object()
 _REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request", 404: "Not Found",
             405: "Method Not Allowed", 409: "Conflict", 422: "Unprocessable Entity",
             500: "Internal Server Error"}
@@ -117,6 +118,10 @@ async def _handle(daemon: Any, stream: trio.abc.Stream) -> None:
                 if status == 500:
                     log.error("API %s %s: %s: %s", method, target, type(exc).__name__, exc)
                 payload = {"code": code, "message": str(exc)}
+            if payload is _EXIT:
+                await _send(stream, status, None)
+                daemon.shutdown()  # after the answer went out
+                return
             await _send(stream, status, payload)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         pass
@@ -180,8 +185,7 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes) -> tuple
     if path == "/api/v1/metrics" and method == "GET":
         return 200, daemon.metrics_text(query.get("id"))
     if path == "/api/v1/daemon/exit" and method == "PUT":
-        daemon.shutdown()
-        return 204, None
+        return 204, _EXIT
     return 404 if method in ("GET", "POST", "PUT", "DELETE") else 405, {
         "code": "NotFound", "message": f"no endpoint {method} {url.path}"}
 
