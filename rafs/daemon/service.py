@@ -368,4 +368,41 @@ class Nydusd:
                     continue
                 value = getattr(inst.metrics, attr)
                 lines.append(f'{metric}{{id="{label}"}} {value}')
+        lines += _labelled_storage_metrics(insts, only)
         return "\n".join(lines) + "\n"
+
+
+def _labelled_storage_metrics(insts: dict[str, Instance], only: str | None) -> list[str]:
+    """Each device's storage metrics (``metrics.render()``), merged per family with an id label."""
+    families: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for key, inst in sorted(insts.items()):
+        label = "/" + key if key not in ("", "root") else "/"
+        if only and only != label:
+            continue
+        metrics = getattr(inst.device, "metrics", None)
+        render = getattr(metrics, "render", None)
+        if render is None:
+            continue
+        text = render()
+        family = ""
+        for line in (text if isinstance(text, str) else "\n".join(text)).splitlines():
+            if line.startswith("# "):
+                parts = line.split(" ", 3)
+                family = parts[2] if len(parts) > 2 else family
+                families.setdefault(family, [])
+                if line not in families[family]:
+                    families[family].append(line)
+                continue
+            if not line.strip():
+                continue
+            name, _, rest = line.partition(" ")
+            if "{" in name:
+                name = name.replace("{", f'{{id="{label}",', 1)
+            else:
+                name = f'{name}{{id="{label}"}}'
+            samples.setdefault(family, []).append(f"{name} {rest}")
+    out = []
+    for family, head in families.items():
+        out += head + samples.get(family, [])
+    return out
