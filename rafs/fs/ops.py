@@ -39,6 +39,8 @@ PSEUDO_TIMEOUT = 1.0
 SLOT_SHIFT = 40
 LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 BLOCK_SIZE = 4096
+#: resolved inodes kept (cleared wholesale when full or when an instance goes away)
+NODE_CACHE_SIZE = 1 << 17
 
 T = TypeVar("T")
 
@@ -78,6 +80,7 @@ class RafsFs(pyfuse3.Operations):
         self._by_name: dict[str, int] = {}
         self._next_slot = 1
         self._lookups: dict[int, int] = {}
+        self._nodes: dict[int, tuple[Instance, Any]] = {}  #: FUSE ino -> (instance, image inode)
         self._started = time.time()
 
     # ---------------------------------------------------------------- instance table
@@ -98,6 +101,7 @@ class RafsFs(pyfuse3.Operations):
         slot = self._by_name.pop(name, None)
         if slot is None:
             raise NotFound(f"no instance {name!r}")
+        self._nodes.clear()
         return self._slots.pop(slot)
 
     def instances(self) -> dict[str, Instance]:
@@ -107,6 +111,16 @@ class RafsFs(pyfuse3.Operations):
 
     def _resolve(self, gino: int) -> tuple[Instance, Any]:
         """The instance and image inode of a FUSE inode number (KeyError/NotFound if gone)."""
+        hit = self._nodes.get(gino)
+        if hit is not None:
+            return hit
+        found = self._resolve_uncached(gino)
+        if len(self._nodes) >= NODE_CACHE_SIZE:
+            self._nodes.clear()
+        self._nodes[gino] = found
+        return found
+
+    def _resolve_uncached(self, gino: int) -> tuple[Instance, Any]:
         if gino == pyfuse3.ROOT_INODE:
             if self.shared:
                 raise KeyError(gino)
