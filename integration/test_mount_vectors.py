@@ -63,12 +63,12 @@ def test_v5_vector_fusedev_content_and_lazy(v5, tmp_path):
     with nydusd(tmp_path, bootstrap=boot, config=localfs_config(blob_dir, str(cache))) as (client, mnt, _):
         walk_types(mnt)  # full metadata walk: readdir + lstat everywhere
         m = client.metrics()
-        assert metric(m, "nydusd_backend_read_requests_total") == 0, "metadata must not touch the blob"
+        assert metric(m, "nydus_storage_backend_read_requests_total") == 0, "metadata must not touch the blob"
         assert metric(m, "nydusd_read_count") == 0
         one = "/normal-file-test/busybox/1f777dbdd68d1c4d554bc0d20e027bfef9ed2dfe2d8d5f029e958552a0e12475/VERSION"
         assert md5(mnt + one) == oracle[1][one]
         m = client.metrics()
-        assert 1 <= metric(m, "nydusd_backend_read_requests_total") <= 2
+        assert 1 <= metric(m, "nydus_storage_backend_read_requests_total") <= 2
         _check_v5_tree(mnt, oracle)
         # hardlinks share an inode
         hl = [p for p, t in oracle[0].items() if p.startswith("/hardlink-test/") and t == "file"]
@@ -112,12 +112,12 @@ def test_v6_vector_both_drivers(v6, tex, tmp_path, driver):
                 fs_driver=driver) as (client, mnt, _):
         assert erofs.mounted_fstype(mnt) == ("erofs" if driver == "erofs" else "fuse.rafs")
         assert sorted(os.listdir(mnt)) == ["lib.rs", "sync_io.rs"]
-        assert metric(client.metrics(), "nydusd_backend_read_requests_total") == 0
+        assert metric(client.metrics(), "nydus_storage_backend_read_requests_total") == 0
         data = open(os.path.join(mnt, "sync_io.rs"), "rb").read()
         assert len(data) == 13400 and b"fn " in data
         lib = open(os.path.join(mnt, "lib.rs"), "rb").read()
         assert len(lib) == 16931 and lib.count(b"\n") > 100
-        assert metric(client.metrics(), "nydusd_backend_read_requests_total") >= 1
+        assert metric(client.metrics(), "nydus_storage_backend_read_requests_total") >= 1
 
 
 def test_shared_daemon_v5_and_v6_instances(v5, v6, tmp_path):

@@ -163,8 +163,9 @@ class FakeRafs:
 class FakeDevice:
     """Reads chunks from the uncompressed blob file; counts chunk reads; fails when 'down'."""
 
-    def __init__(self, blob_file: str) -> None:
+    def __init__(self, blob_file: str, complete: bool = False) -> None:
         self.blob_file = blob_file
+        self.complete = complete
         self.fd = os.open(blob_file, os.O_RDONLY)
 
     def read(self, iovec: BlobIoVec) -> bytes:
@@ -180,8 +181,8 @@ class FakeDevice:
                 f.write(f"{d.chunk.index}\n")
         return b"".join(out)
 
-    def blob_data_path(self, blob_index: int) -> None:
-        return None
+    def blob_data_path(self, blob_index: int) -> str | None:
+        return self.blob_file if self.complete else None
 
     def close(self) -> None:
         os.close(self.fd)
@@ -196,11 +197,11 @@ class FakeOpener:
 
     def open_tree(self, bootstrap: str) -> FakeRafs:
         tree = FakeRafs(self.trees[bootstrap]) if bootstrap in self.trees else FakeRafs.open(bootstrap)
-        self.blob_files[tree.blobs[0].blob_id] = tree.blob_file
+        self.blob_files[tree.blobs[0].blob_id] = (tree.blob_file, tree.spec.get("complete", False))
         return tree
 
     def open_device(self, blobs, config) -> FakeDevice:
-        return FakeDevice(self.blob_files[blobs[0].blob_id])
+        return FakeDevice(*self.blob_files[blobs[0].blob_id])
 
 
 def make_image(dirpath: str, files: dict[str, bytes | str | dict], *, name: str = "image") -> str:

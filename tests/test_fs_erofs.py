@@ -144,3 +144,21 @@ def test_erofs_driver_lazy_blob_files_over_fuse(v6, tmp_path):
                 client.umount("/img")
                 assert erofs.mounted_fstype(target) is None
         assert erofs.mounted_fstype(mnt) is None and erofs.mounted_fstype(mnt + ".blobs") is None
+
+
+def test_erofs_driver_uses_complete_cache_file(v6, tmp_path):
+    """A complete (unpadded) cache file becomes the device= directly: no reads reach the daemon."""
+    require_erofs()
+    require_fuse()
+    boot, data, contents = v6
+    unpadded = tmp_path / "complete.blob.data"
+    unpadded.write_bytes(open(data, "rb").read()[:0x5000 + 13400])
+    spec = _vector_tree(str(unpadded))
+    spec["complete"] = True
+    opener = FakeOpener({boot: spec})
+    with running_daemon(tmp_path, bootstrap=boot, fs_driver="erofs", opener=opener, name="c") as (client, mnt, _):
+        assert client.info()["instances"]["/"]["blob_files"] == [str(unpadded)]
+        assert os.path.getsize(unpadded) == 0x5000 + 16384  # padded to whole 4 KiB blocks
+        for name, content in contents.items():
+            assert open(os.path.join(mnt, name), "rb").read() == content
+        assert not os.path.exists(str(unpadded) + ".reads")

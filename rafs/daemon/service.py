@@ -235,7 +235,8 @@ class Nydusd:
         devices = []
         for blob in blob_files.blobs:
             complete = getattr(device, "blob_data_path", lambda i: None)(blob.blob_index)
-            if complete and os.path.getsize(complete) >= blob_files.data_size(blob.blob_index):
+            if complete and _pad_to_blocks(complete, blob_files.data_end(blob.blob_index),
+                                           blob_files.data_size(blob.blob_index)):
                 devices.append(complete)
             else:
                 devices.append(os.path.join(self.blob_dir, key, blob.blob_id))
@@ -370,6 +371,22 @@ class Nydusd:
                 lines.append(f'{metric}{{id="{label}"}} {value}')
         lines += _labelled_storage_metrics(insts, only)
         return "\n".join(lines) + "\n"
+
+
+def _pad_to_blocks(path: str, data_end: int, size: int) -> bool:
+    """Make a complete cache file usable as an EROFS device: kernel EROFS fails (EIO) reading
+    a last block that ends past EOF, so extend the file with a zero tail to whole blocks.
+    False when the file does not hold all the data."""
+    try:
+        have = os.path.getsize(path)
+        if have < data_end:
+            return False
+        if have < size:
+            os.truncate(path, size)  # sparse zero tail after the last chunk; data unchanged
+        return True
+    except OSError as exc:
+        log.warning("cannot use cache file %s as EROFS device: %s", path, exc)
+        return False
 
 
 def _labelled_storage_metrics(insts: dict[str, Instance], only: str | None) -> list[str]:

@@ -141,7 +141,6 @@ class _BlobNode:
 
     def attr(self) -> BlobFileAttr:
         if self.blob is None:
-            n = len(self._owner.blobs)
             return BlobFileAttr(self.ino, stat.S_IFDIR | 0o555, 0, 0, 4096, 2, 0, 0, 0, 8)
         size = self._owner.data_size(self.blob.blob_index)
         return BlobFileAttr(self.ino, stat.S_IFREG | 0o444, 0, 0, size, 1, 0, 0, 0,
@@ -202,10 +201,14 @@ class BlobFiles:
         self.files = [_BlobNode(self, i + 2, b) for i, b in enumerate(self.blobs)]
         self.inode_count = 1 + len(self.files)
 
-    def data_size(self, blob_index: int) -> int:
+    def data_end(self, blob_index: int) -> int:
+        """End of the last chunk's uncompressed data (the bytes a complete cache file holds)."""
         chunks = self.chunks_by_blob.get(blob_index, [])
-        end = max((c.uncompressed_offset + c.uncompressed_size for c in chunks), default=0)
-        end = max(end, self.blobs[blob_index].uncompressed_size)
+        return max((c.uncompressed_offset + c.uncompressed_size for c in chunks), default=0)
+
+    def data_size(self, blob_index: int) -> int:
+        """Size of the blob file: the data rounded up to whole 4 KiB EROFS blocks."""
+        end = max(self.data_end(blob_index), self.blobs[blob_index].uncompressed_size)
         return -(-end // EROFS_BLOCK_SIZE) * EROFS_BLOCK_SIZE
 
     def inode(self, ino: int) -> _BlobNode:
