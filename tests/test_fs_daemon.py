@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import sys
 
 import pytest
@@ -101,3 +102,32 @@ def test_api_errors_and_state(tmp_path):
         text = client.metrics("/a")
         assert 'nydusd_read_count{id="/a"}' in text and "# TYPE nydusd_total_read_bytes counter" in text
         client.exit()
+
+
+def test_cli_daemon_mode_detaches_when_running(tmp_path):
+    require_fuse()
+    from rafs import erofs
+    from rafs.daemon.api import DaemonClient
+    from tests.fs_harness import cleanup_mounts
+
+    boot = make_image(str(tmp_path), {"/f": b"hello"})
+    mnt, sock = str(tmp_path / "m"), str(tmp_path / "api.sock")
+    r = subprocess.run([sys.executable, "-m", "tests.fake_nydusd", "fuse", "--bootstrap", boot, "--mountpoint", mnt,
+                        "--apisock", sock, "--daemon", "--log-file", str(tmp_path / "log")],
+                       capture_output=True, text=True, timeout=60)
+    client = DaemonClient(sock)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert client.state() == "RUNNING"  # already RUNNING when the parent returned
+        assert open(f"{mnt}/f", "rb").read() == b"hello"
+        pid = client.info()["pid"]
+        client.exit()
+        for _ in range(200):
+            if erofs.mounted_fstype(mnt) is None and not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.05)
+        assert erofs.mounted_fstype(mnt) is None
+    finally:
+        if client.state():
+            os.kill(client.info()["pid"], 15)
+        cleanup_mounts(mnt)
