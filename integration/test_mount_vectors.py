@@ -141,15 +141,18 @@ def test_backend_down_mid_read_eio_then_recovers(v5, tmp_path, capfd):
     boot, blob_dir, oracle = v5
     server = BlobServer(blob_dir)
     try:
-        cfg = registry_config(server.host, str(tmp_path / "c"))
+        cfg = registry_config(server.host, str(tmp_path / "c"), amplify_io=0)
         with nydusd(tmp_path, bootstrap=boot, config=cfg) as (client, mnt, proc):
-            paths = sorted(p for p in oracle[1] if os.path.getsize(os.path.join(blob_dir, os.listdir(blob_dir)[0])))
+            sizes = {p: os.stat(mnt + p).st_size for p in oracle[1]}
+            paths = sorted((p for p in sizes if sizes[p] > 0), key=lambda p: sizes[p])
             first, second = paths[0], paths[-1]
             assert md5(mnt + first) == oracle[1][first]
             server.down = True
+            asked = len(server.requests)
             with pytest.raises(OSError) as ei:
                 md5(mnt + second)
             assert ei.value.errno == errno.EIO
+            assert len(server.requests) > asked  # the failure came from the backend
             assert md5(mnt + first) == oracle[1][first]  # already read data keeps serving
             server.down = False
             assert md5(mnt + second) == oracle[1][second]
