@@ -88,7 +88,7 @@ class _Parser:
 
     def field(self) -> str:
         ch = self.peek()
-        if ch in "\"'":
+        if ch and ch in "\"'":
             return self.quoted(alt=False)
         m = _FIELD.match(self.text, self.pos)
         if not m:
