@@ -65,7 +65,7 @@ class Harness:
         self.tmp_path = tmp_path
         self.root = str(tmp_path / "root")
         self.address = str(tmp_path / "snap.sock")
-        remote = cfg_changes.pop("remote", RemoteConfig(check_registry=False))
+        remote = cfg_changes.pop("remote", RemoteConfig(check_registry=True))  # ping is faked
         self.config = Config(root=self.root, address=self.address, remote=remote, **cfg_changes)
         self.manager = manager
         self.ping_errors: dict[str, str] = {}
