@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import toml
+import tomllib
 
 from snapshotter.errors import ConfigError
 
@@ -246,11 +246,11 @@ def from_dict(data: Mapping[str, object]) -> Config:
 def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate a TOML config file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = toml.load(f)
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} not found") from exc
-    except (toml.TomlDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: invalid TOML: {exc}") from exc
     return from_dict(data)
 
