@@ -86,8 +86,9 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT in the main thread)."""
     from snapshotter.metrics import Metrics  # noqa: PLC0415 - keep `--help` fast
     from snapshotter.service import serve  # noqa: PLC0415
-    from snapshotter.snapshot import Snapshotter  # noqa: PLC0415
+    from snapshotter.snapshot import Snapshotter, check_fs_driver  # noqa: PLC0415
 
+    check_fs_driver(cfg)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(cfg.log.level, cfg.log.format)
     try:
         return run(cfg)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return 2
     except SnapshotterError as exc:
         log.error("fatal: %s", exc)
         return 1

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 from snapshotter import labels as L
 from snapshotter import metastore as store
 from snapshotter.config import Config, nydusd_config
-from snapshotter.errors import (AlreadyExists, BootstrapError, FailedPrecondition, InvalidArgument, NotFound,
+from snapshotter.errors import (AlreadyExists, BootstrapError, ConfigError, FailedPrecondition, InvalidArgument, NotFound,
                                 SnapshotterError, Unavailable)
 from snapshotter.filters import compile_filters
 from snapshotter.metastore import Info, Kind, MetaStore, Snapshot, Usage
@@ -716,6 +716,15 @@ def _bootstrap_blob_ids(boot: str) -> set[str]:
     except Exception:  # an unreadable bootstrap protects nothing; labels still do
         log.warning("cannot read blob table of %s", boot, exc_info=True)
         return set()
+
+
+def check_fs_driver(config: Config, cachefiles_dev: str = "/dev/cachefiles") -> None:
+    """Refuse to start with an ``fs_driver`` this host cannot serve (clear message, no surprise later)."""
+    if config.daemon.fs_driver == "fscache" and not os.path.exists(cachefiles_dev):
+        raise ConfigError(
+            "daemon.fs_driver = \"fscache\" needs the kernel's on-demand cachefiles mode "
+            f"(CONFIG_CACHEFILES_ONDEMAND, CONFIG_EROFS_FS_ONDEMAND) and {cachefiles_dev}, which this host "
+            "lacks; use fs_driver = \"fusedev\" or \"erofs\"")
 
 
 def default_manager_factory(config: Config) -> InstanceManager:

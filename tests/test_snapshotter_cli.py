@@ -105,3 +105,36 @@ def test_bad_config_exits_2(proc_factory, tmp_path):
     p = proc_factory("--config", str(cfg))
     assert p.wait(timeout=20) == 2
     assert "daemon.fs_driver" in p.stderr.read()
+
+
+def test_fscache_without_kernel_support_is_refused(tmp_path):
+    from snapshotter.config import Config, DaemonConfig
+    from snapshotter.errors import ConfigError
+    from snapshotter.snapshot import check_fs_driver
+
+    cfg = Config(root=str(tmp_path), daemon=DaemonConfig(fs_driver="fscache"))
+    with pytest.raises(ConfigError, match="CONFIG_EROFS_FS_ONDEMAND"):
+        check_fs_driver(cfg, cachefiles_dev=str(tmp_path / "no-cachefiles"))
+    (tmp_path / "cachefiles").touch()
+    check_fs_driver(cfg, cachefiles_dev=str(tmp_path / "cachefiles"))
+    check_fs_driver(Config(root=str(tmp_path)), cachefiles_dev=str(tmp_path / "no-cachefiles"))
+
+
+def test_nydusctl(tmp_path, capsys):
+    from snapshotter import ctl
+    from tests.snapshotter_helpers import Harness
+
+    h = Harness(tmp_path)
+    try:
+        h.prepare("a", labels={"x": "1"})
+        assert ctl.main(["--address", h.address, "list", "labels.x"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert [(i["name"], i["kind"], i["labels"]) for i in out] == [("a", "active", {"x": "1"})]
+        assert ctl.main(["--address", h.address, "mounts", "a"]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["type"] == "bind"
+        assert ctl.main(["--address", h.address, "stat", "missing"]) == 1
+        assert "NOT_FOUND" in capsys.readouterr().err
+        assert ctl.main(["--address", h.address, "rm", "a"]) == 0
+        assert ctl.main(["--address", h.address, "cleanup"]) == 0
+    finally:
+        h.stop()
