@@ -449,3 +449,79 @@ def test_snapshotter_restart_under_containerd(env):
     assert "hello from layer one" in p.stdout
     out = run_ok(cd, ns, image, "second", "cat /etc/layer2.txt")
     assert "second layer file" in out
+
+
+def _built_nydus_image(reg: Registry, tmp: pathlib.Path, tag: str) -> tuple[str, str, str]:
+    """A real nydus image made by this project's builder from a busybox rootfs.
+
+    Returns (image ref, blob digest, bootstrap path)."""
+    builder = pytest.importorskip("rafs.builder", reason="rafs.builder not available")
+    root = tmp / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "tmp").mkdir()
+    shutil.copy(shutil.which("busybox"), root / "bin" / "busybox")
+    for app in ("sh", "cat", "ls", "echo", "sleep", "true", "md5sum"):
+        (root / "bin" / app).symlink_to("busybox")
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\n")
+    (root / "etc" / "probe.txt").write_text("hello from a nydus image\n")
+    res = builder.build(str(root), bootstrap_out=str(tmp / "image.boot"), blob_out=str(tmp / "blob"))
+    blob = (tmp / "blob").read_bytes()
+    blob_digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert res.blob_ids == [blob_digest.split(":", 1)[1]], "builder blob id must be the blob's sha256"
+    meta, meta_diff = tar_layer({"image/image.boot": (tmp / "image.boot").read_bytes()})
+    image = reg.push_image("test/built", tag, [
+        (blob, NYDUS_BLOB_MEDIA_TYPE, blob_digest, {"containerd.io/snapshot/nydus-blob": "true"}),
+        (meta, LAYER_MEDIA_TYPE, meta_diff, {"containerd.io/snapshot/nydus-bootstrap": "true"}),
+    ])
+    return image, blob_digest, str(tmp / "image.boot")
+
+
+def _manager_available() -> bool:
+    try:
+        import rafs.daemon.manager  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def test_cri_pull_of_built_nydus_image(env, tmp_path):
+    reg, sn, cd, _ns = env
+    image, blob_digest, _boot = _built_nydus_image(reg, tmp_path, "v1")
+    cd.cri_pull(image)
+    assert reg.blob_gets(blob_digest) == [], "containerd downloaded the nydus data blob"
+    data = [i for i in sn.list() if i.labels.get("containerd.io/snapshot/nydus-blob") == "true"]
+    assert [i.labels["containerd.io/snapshot/cri.layer-digest"] for i in data] == [blob_digest]
+    if not _manager_available():
+        # without the RAFS daemon manager a container cannot start: the error says exactly why
+        p = cd.ctr("run", "--rm", "--snapshotter", SNAPSHOTTER, image, "nydus-nomgr", "/bin/true",
+                   ns="k8s.io", check=False)
+        assert p.returncode != 0 and "rafs.daemon.manager" in p.stderr and "unavailable" in p.stderr, p.stderr
+
+
+def test_run_built_nydus_image_lazily(env, tmp_path):
+    if not _manager_available():
+        pytest.skip("rafs.daemon.manager (the RAFS daemon manager) has not landed yet")
+    reg, sn, cd, _ns = env
+    image, blob_digest, _boot = _built_nydus_image(reg, tmp_path, "v2")
+    cd.cri_pull(image)
+    cd.ctr("run", "-d", "--snapshotter", SNAPSHOTTER, image, "lazy1", "/bin/sleep", "120", ns="k8s.io")
+    out = run_ok(cd, "k8s.io", image, "lazy2", "cat /etc/probe.txt; mount | head -1")
+    assert "hello from a nydus image" in out
+    assert any(reg.blob_gets(blob_digest)), "no lazy blob read reached the registry"
+    # both containers share one RAFS instance
+    mounts = [i for i in sn.list() if i.kind == pb.ACTIVE]
+    ch, stub = sn.stub()
+    with ch:
+        lowers = {[o for o in stub.Mounts(pb.MountsRequest(key=i.name)).mounts[0].options
+                   if o.startswith("lowerdir=")][0] for i in mounts}
+    assert len(lowers) == 1
+    # kill -9 of the snapshotter under a running container: the container keeps reading
+    sn.proc.kill()
+    sn.proc.wait()
+    sn.start()
+    p = cd.ctr("tasks", "exec", "--exec-id", "e1", "lazy1", "/bin/md5sum", "/bin/busybox", ns="k8s.io")
+    assert p.returncode == 0
+    out = run_ok(cd, "k8s.io", image, "lazy3", "cat /etc/probe.txt")
+    assert "hello from a nydus image" in out
