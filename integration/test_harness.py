@@ -79,3 +79,150 @@ def test_registry_extra_config_and_hook(registry_factory) -> None:
     assert reg.config["log"] == {"level": "debug", "accesslog": {"disabled": False}}
     assert seen["host"] == reg.host
     assert requests.get(f"{reg.url}/v2/", timeout=5).headers.get("X-Pynydus") == "yes"
+
+
+# --- images -----------------------------------------------------------------------------------
+def test_image_builder_layers_whiteouts_and_layout(tmp_path) -> None:
+    from integration.harness.images import (OPAQUE, WHITEOUT, File, Hardlink, Layer, Symlink,
+                                             busybox_image)
+    upper = Layer.from_tree({"etc/passwd": WHITEOUT, "tmp": OPAQUE, "a/link": Symlink("/etc/x"),
+                             "a/hard": Hardlink("etc/x"), "etc/x": File(b"x\n", 0o600)},
+                            compression="zstd")
+    img = busybox_image({"tmp/gone": b"lower"}, [upper])
+    assert len(img.layers) == 3 and upper.media_type.endswith("+zstd")
+    assert json.loads(img.config_json())["rootfs"]["diff_ids"] == [la.diff_id for la in img.layers]
+    again = busybox_image({"tmp/gone": b"lower"}, [upper])
+    assert again.manifest_bytes() == img.manifest_bytes()          # deterministic
+    root = tmp_path / "rootfs"
+    img.unpack(str(root))
+    assert (root / "bin/busybox").stat().st_size > 100_000
+    assert os.readlink(root / "bin/sh") == "busybox"
+    assert not (root / "etc/passwd").exists() and (root / "etc/group").exists()
+    assert not (root / "tmp/gone").exists()
+    assert (root / "a/hard").read_bytes() == b"x\n" and (root / "a/hard").stat().st_nlink == 2
+    layout = img.write_oci_layout(str(tmp_path / "oci"), "v1")
+    index = json.loads((tmp_path / "oci/index.json").read_text())
+    assert index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "v1"
+    for la in img.layers:
+        assert (tmp_path / "oci/blobs/sha256" / la.digest.split(":")[1]).read_bytes() == la.data
+    assert layout == str(tmp_path / "oci")
+
+
+def test_image_push_is_pullable_by_skopeo(registry: Registry, tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    from integration.harness.images import busybox_image
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo not installed")
+    pushed = busybox_image({"etc/hello.txt": b"hi\n"}).push(registry, "test/bb", "v1")
+    assert pushed.ref == f"{registry.host}/test/bb:v1"
+    r = subprocess.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{pushed.ref}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["Digest"] == pushed.digest
+    assert info["Layers"] == [la.digest for la in pushed.layers]
+
+
+# --- containerd ------------------------------------------------------------------------------
+def _assert_nothing_left(ctd_dir: str, pids: list[int], cgroup_dirs: list[str]) -> None:
+    from integration.harness.util import mounts_under
+    assert not os.path.exists(ctd_dir)
+    assert mounts_under(ctd_dir) == []
+    assert [p for p in pids if pid_alive(p)] == []
+    assert [d for d in cgroup_dirs if os.path.exists(d)] == []
+
+
+def test_containerd_ctr_run_overlayfs_and_cleanup(registry: Registry, busybox_image) -> None:
+    from integration.conftest import HELLO, need_containerd_stack
+    from integration.harness.containerd import Containerd
+    need_containerd_stack()
+    with Containerd(registries=[registry]) as ctd:
+        pids = [ctd.pid]
+        ctd.pull(busybox_image.ref)
+        assert registry.blob_fetches(busybox_image.layers[0].digest)
+        r = ctd.run(busybox_image.ref, ["/bin/sh", "-c", "cat /etc/hello.txt; echo rc-ok"])
+        assert r.stdout == HELLO.decode() + "rc-ok\n"
+        r = ctd.run(busybox_image.ref, ["/bin/sh", "-c", "exit 3"], check=False)
+        assert r.returncode == 3
+        # a long-running task that stop() must kill
+        ctd.ctr("-n", ctd.namespace, "run", "-d", "--cgroup", f"/{ctd.cgroup_prefix}/bg",
+                busybox_image.ref, "bg", "/bin/sleep", "300")
+        pids += ctd.shim_pids()
+        assert len(pids) == 2
+        cgroups = ctd.cgroup_dirs()
+        assert cgroups
+        d = ctd.dir
+    _assert_nothing_left(d, pids, cgroups)
+
+
+def test_containerd_cri_pull_and_remove(containerd, busybox_image) -> None:
+    from integration.conftest import HELLO
+    image_id = containerd.cri.pull_image(busybox_image.ref)
+    assert image_id.startswith("sha256:")
+    st = containerd.cri.image_status(busybox_image.ref)
+    assert st is not None and busybox_image.ref in st.repo_tags
+    r = containerd.run(busybox_image.ref, ["/bin/cat", "/etc/hello.txt"], namespace="k8s.io")
+    assert r.stdout == HELLO.decode()
+    containerd.cri.remove_image(busybox_image.ref)
+    assert containerd.cri.image_status(busybox_image.ref) is None
+
+
+def test_containerd_cri_pull_with_registry_auth(registry_factory, containerd_factory) -> None:
+    from integration.harness.images import busybox_image
+    reg = registry_factory(users={"bob": "pw"})
+    pushed = busybox_image().push(reg, "priv/bb", "v1")
+    ctd = containerd_factory(registries=[reg])
+    assert ctd.cri.pull_image(pushed.ref).startswith("sha256:")
+
+
+@pytest.fixture
+def probe_snapshotter(shared_dir, tmp_path, snapshotter_factory):
+    """The lab's logging probe snapshotter (not committed here), copied into tmp_path."""
+    import shutil
+    import subprocess
+    import sys
+
+    from integration.harness.snapshotter import probe_snapshotter_argv
+    src = shared_dir / "lab" / "pysnap.py"
+    protos = shared_dir / "reference" / "protos"
+    if not src.exists() or not protos.is_dir():
+        pytest.skip("shared lab probe snapshotter not available")
+    work = tmp_path / "pysnap"
+    (work / "gen").mkdir(parents=True)
+    shutil.copy(src, work / "pysnap.py")
+    r = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{protos}",
+                        f"--python_out={work / 'gen'}", f"--grpc_python_out={work / 'gen'}",
+                        str(protos / "github.com/containerd/containerd/api/types/mount.proto"),
+                        str(protos / "github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto")],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"grpc_tools.protoc failed: {r.stderr[:300]}")
+    return snapshotter_factory(argv=probe_snapshotter_argv(str(work / "pysnap.py")))
+
+
+def test_containerd_proxy_plugin_with_probe_snapshotter(registry: Registry, busybox_image,
+                                                       probe_snapshotter, containerd_factory) -> None:
+    from integration.conftest import HELLO
+    from integration.harness.snapshotter import read_jsonl
+    ctd = containerd_factory(snapshotters={"nydus": probe_snapshotter.address},
+                             cri_snapshotter="nydus", registries=[registry])
+    plugins = ctd.ctr("plugins", "ls").stdout
+    assert any(line.split()[:2] == ["io.containerd.snapshotter.v1", "nydus"] and line.split()[-1] == "ok"
+               for line in plugins.splitlines()), plugins
+    ctd.cri.pull_image(busybox_image.ref)
+    calls = read_jsonl(os.path.join(probe_snapshotter.dir, "calls.jsonl"))
+    prepares = [c for c in calls if c.get("call") == "Prepare"]
+    assert prepares, calls
+    labels = prepares[0].get("labels", {})
+    assert labels.get("containerd.io/snapshot/cri.image-ref") == busybox_image.ref
+    assert labels.get("containerd.io/snapshot/cri.layer-digest") == busybox_image.layers[0].digest
+    r = ctd.run(busybox_image.ref, ["/bin/cat", "/etc/hello.txt"], snapshotter="nydus",
+                namespace="k8s.io")
+    assert r.stdout == HELLO.decode()
+    # restart of the snapshotter process: containerd reconnects
+    probe_snapshotter.restart(kill=True)
+    ctd.wait_snapshotter("nydus")
+    r = ctd.run(busybox_image.ref, ["/bin/echo", "again"], snapshotter="nydus", namespace="k8s.io")
+    assert r.stdout == "again\n"
