@@ -226,3 +226,23 @@ def test_containerd_proxy_plugin_with_probe_snapshotter(registry: Registry, busy
     ctd.wait_snapshotter("nydus")
     r = ctd.run(busybox_image.ref, ["/bin/echo", "again"], snapshotter="nydus", namespace="k8s.io")
     assert r.stdout == "again\n"
+
+
+def test_real_containerd_accepts_misc_config_snippet(containerd_factory, tmp_path) -> None:
+    """misc/containerd-config.toml parsed by a real containerd: proxy plugin + CRI settings."""
+    import pathlib
+
+    import toml
+
+    from integration.harness.containerd import cri_runtime_config
+    snippet = toml.loads((pathlib.Path(__file__).parent.parent / "misc" /
+                          "containerd-config.toml").read_text())
+    snippet["proxy_plugins"]["nydus"]["address"] = str(tmp_path / "nydus.sock")  # dialed lazily
+    ctd = containerd_factory(extra_config=snippet)
+    plugins = ctd.ctr("plugins", "ls").stdout
+    assert any(line.split()[:2] == ["io.containerd.snapshotter.v1", "nydus"]
+               for line in plugins.splitlines()), plugins
+    cfg = cri_runtime_config(ctd.address)
+    assert cfg["containerd"]["snapshotter"] == "nydus"
+    assert cfg["containerd"]["disableSnapshotAnnotations"] is False
+    assert cfg["containerd"]["discardUnpackedLayers"] is False

@@ -108,3 +108,89 @@ def test_daemon_api_errors(fake_api, tmp_path, capsys) -> None:
     assert ctl.main(["info", "--api-sock", dead]) == 1
     assert "nydusctl:" in capsys.readouterr().err
     assert os.path.exists(dead)
+
+
+# --- operator config snippets (misc/) ---------------------------------------------------------
+import pathlib
+import re
+
+import toml
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CRI = "io.containerd.grpc.v1.cri"
+
+
+def _leaves(d: dict, prefix: tuple = ()) -> dict[tuple, object]:
+    out: dict[tuple, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def test_misc_containerd_config_matches_harness_config() -> None:
+    from integration.harness.containerd import containerd_config
+    snippet = toml.loads((REPO / "misc" / "containerd-config.toml").read_text())
+    assert snippet["version"] == 2
+    assert snippet["proxy_plugins"]["nydus"]["type"] == "snapshot"
+    cri = snippet["plugins"][CRI]["containerd"]
+    assert cri["snapshotter"] == "nydus" and cri["disable_snapshot_annotations"] is False
+    generated = containerd_config(root="/r", state="/s", address="/s/c.sock", opt_dir="/o",
+                                  cni_conf_dir="/c", snapshotters={"nydus": "/x/nydus.sock"},
+                                  cri_snapshotter="nydus", mirrors=["127.0.0.1:1"])
+    gen = _leaves(generated)
+    for key, value in _leaves(snippet).items():
+        if key[-1] == "discard_unpacked_layers":
+            continue            # operator advice only; the harness keeps containerd's default
+        assert key in gen, f"harness config lacks {'.'.join(key)}"
+        if not (isinstance(value, str) and value.startswith("/")):
+            assert gen[key] == value, key
+
+
+def _render_go_template(text: str, values: dict[str, object]) -> str:
+    """Render the subset of Go templates the k3s snippet uses ({{ .A.B }}, if/if not/end)."""
+    def lookup(expr: str) -> object:
+        return values[expr.strip()]
+
+    def fmt(v: object) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    out, stack = [], [True]
+    for token in re.split(r"(\{\{-?.*?-?\}\})", text):
+        m = re.fullmatch(r"\{\{-?\s*(.*?)\s*-?\}\}", token)
+        if not m:
+            if all(stack):
+                out.append(token)
+            continue
+        expr = m.group(1)
+        if expr.startswith("if not "):
+            stack.append(not lookup(expr[7:]))
+        elif expr.startswith("if "):
+            stack.append(bool(lookup(expr[3:])))
+        elif expr == "end":
+            stack.pop()
+        elif all(stack):
+            out.append(fmt(lookup(expr)))
+    assert stack == [True], "unbalanced template"
+    return "".join(out)
+
+
+def test_misc_k3s_template_renders_to_valid_config() -> None:
+    text = (REPO / "misc" / "k3s-config.toml.tmpl").read_text()
+    values = {".NodeConfig.Containerd.Opt": "/var/lib/rancher/k3s/agent/containerd",
+              ".NodeConfig.SELinux": False, ".NodeConfig.AgentConfig.PauseImage": "pause:3.6",
+              ".SystemdCgroup": True, ".NodeConfig.NoFlannel": False,
+              ".NodeConfig.AgentConfig.CNIBinDir": "/bin", ".NodeConfig.AgentConfig.CNIConfDir": "/etc/cni",
+              ".NodeConfig.Containerd.Registry": "/etc/certs.d"}
+    cfg = toml.loads(_render_go_template(text, values))
+    assert cfg["version"] == 2
+    cri = cfg["plugins"][CRI]
+    assert cri["containerd"]["snapshotter"] == "nydus"
+    assert cri["containerd"]["disable_snapshot_annotations"] is False
+    assert cri["sandbox_image"] == "pause:3.6" and cri["cni"]["conf_dir"] == "/etc/cni"
+    assert cfg["proxy_plugins"]["nydus"] == {
+        "type": "snapshot", "address": "/run/containerd-nydus/containerd-nydus-grpc.sock"}
+    values[".NodeConfig.NoFlannel"] = True
+    assert "cni" not in toml.loads(_render_go_template(text, values))["plugins"][CRI]

@@ -82,6 +82,29 @@ def containerd_config(*, root: str, state: str, address: str, opt_dir: str, cni_
     return cfg
 
 
+def _deep_merge(base: dict, extra: Mapping) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def cri_runtime_config(address: str) -> dict[str, Any]:
+    """containerd's effective CRI config (``RuntimeService.Status(verbose)`` "config" JSON)."""
+    import json
+
+    import grpc
+
+    from protos.cri import api_pb2, api_pb2_grpc
+
+    with grpc.insecure_channel("unix://" + address) as ch:
+        resp = api_pb2_grpc.RuntimeServiceStub(ch).Status(api_pb2.StatusRequest(verbose=True),
+                                                          timeout=30)
+    return json.loads(resp.info["config"])
+
+
 class Containerd:
     """A private containerd process; use as a context manager (or start()/stop())."""
 
@@ -91,7 +114,9 @@ class Containerd:
                  registry_auth: Mapping[str, tuple[str, str]] | None = None,
                  enable_cri: bool = True, debug_level: str = "info",
                  base_dir: str | None = None, start_timeout: float = 30.0,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None,
+                 extra_config: Mapping[str, Any] | None = None) -> None:
+        """``extra_config`` is deep-merged last into the generated config (any containerd key)."""
         self.snapshotters = dict(snapshotters or {})
         self.cri_snapshotter = cri_snapshotter
         self.mirrors = [r.host for r in registries] + list(mirrors)
@@ -105,6 +130,7 @@ class Containerd:
         self._base_dir = base_dir
         self.start_timeout = start_timeout
         self.env = dict(env or {})
+        self.extra_config = dict(extra_config or {})
         self.id = uuid.uuid4().hex[:8]
         self.namespace = f"pyn-{self.id}"          # unique containerd namespace for ctr use
         self.cgroup_prefix = f"pynydus-{self.id}"  # cgroup parent of containers run()
@@ -152,6 +178,7 @@ class Containerd:
             snapshotters=self.snapshotters, cri_snapshotter=self.cri_snapshotter,
             mirrors=self.mirrors, registry_auth=self.registry_auth,
             debug_level=self.debug_level, enable_cri=self.enable_cri)
+        _deep_merge(self.config, self.extra_config)
         with open(self.config_path, "w") as f:
             toml.dump(self.config, f)
         env = dict(os.environ)
