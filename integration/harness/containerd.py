@@ -347,13 +347,21 @@ class Containerd:
             extra_args: Sequence[str] = (), check: bool = True,
             timeout: float = 120) -> subprocess.CompletedProcess:
         """``ctr run --rm`` of an image already pulled/unpacked for ``snapshotter``."""
+        argv = self.run_argv(ref, cmd, snapshotter=snapshotter, namespace=namespace,
+                             container_id=container_id, extra_args=extra_args)
+        return self.ctr(*argv[3:], check=check, timeout=timeout)
+
+    def run_argv(self, ref: str, cmd: Sequence[str] = (), *, snapshotter: str | None = None,
+                 namespace: str | None = None, container_id: str | None = None,
+                 extra_args: Sequence[str] = ()) -> list[str]:
+        """The full ``ctr ... run --rm`` argv :meth:`run` uses (to stream its output yourself)."""
         ns = self.use_namespace(namespace)
         cid = container_id or f"c-{uuid.uuid4().hex[:10]}"
-        args = ["-n", ns, "run", "--rm", "--cgroup", f"/{self.cgroup_prefix}/{cid}"]
+        args = ["ctr", "--address", self.address, "-n", ns, "run", "--rm",
+                "--cgroup", f"/{self.cgroup_prefix}/{cid}"]
         if snapshotter:
             args += ["--snapshotter", snapshotter]
-        args += [*extra_args, ref, cid, *cmd]
-        return self.ctr(*args, check=check, timeout=timeout)
+        return [*args, *extra_args, ref, cid, *cmd]
 
     def wait_snapshotter(self, name: str, timeout: float = 15.0) -> None:
         """Wait until containerd can talk to proxy snapshotter ``name`` (it redials with
