@@ -188,10 +188,19 @@ class Demo:
             else:
                 self.not_available("start pynydus snapshotter",
                                    "python3 -m snapshotter serve is not on this checkout")
-            ctd = self.step("start containerd (CRI, proxy plugin 'nydus')", lambda: self._start(
-                Containerd(snapshotters={SNAPSHOTTER: snap.address} if snap else {},
-                           cri_snapshotter=SNAPSHOTTER if snap else "overlayfs",
-                           registries=[registry])))
+            def fresh_containerd() -> Containerd:
+                # one containerd per container run: its content store starts empty, so every
+                # run fetches what it needs from the registry (a fair byte count)
+                for name, fn in list(self.cleanups):
+                    if name == "Containerd":
+                        fn()
+                        self.cleanups.remove((name, fn))
+                what = "CRI snapshotter 'nydus' (proxy plugin)" if snap else "CRI snapshotter overlayfs"
+                return self.step(f"start a fresh containerd ({what})",
+                                 lambda: self._start(Containerd(
+                                     snapshotters={SNAPSHOTTER: snap.address} if snap else {},
+                                     cri_snapshotter=SNAPSHOTTER if snap else "overlayfs",
+                                     registries=[registry])))
 
             nydus_ref = f"{registry.host}/demo/app:nydus"
             converted = False
@@ -210,6 +219,7 @@ class Demo:
             res = RunResult("OCI image, containerd overlayfs")
             self.results.append(res)
             try:
+                ctd = fresh_containerd()
                 self.step("run OCI image via stock overlayfs (ctr pull + ctr run)",
                           lambda: self.timed_container(
                               res, registry, "demo/app",
@@ -222,6 +232,7 @@ class Demo:
                 res2 = RunResult("OCI image, pynydus snapshotter (CRI)")
                 self.results.append(res2)
                 try:
+                    ctd = fresh_containerd()
                     self.step("run OCI image via pynydus snapshotter (CRI pull + ctr run)",
                               lambda: self.timed_container(
                                   res2, registry, "demo/app",
@@ -234,6 +245,7 @@ class Demo:
                 res3 = RunResult("nydus image, pynydus snapshotter (lazy)")
                 self.results.append(res3)
                 try:
+                    ctd = fresh_containerd()
                     self.step("run nydus image lazily (CRI pull + ctr run)",
                               lambda: self.timed_container(
                                   res3, registry, "demo/app",
