@@ -277,3 +277,34 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     assert statuses and set(statuses) <= {"ok", "NOT", "FAILED"}, steps
     assert r.returncode == (1 if "FAILED" in statuses else 0), out + r.stderr
     assert left == []
+
+
+def test_nydus_image_from_upstream_vector(registry: Registry, vectors_dir) -> None:
+    """An upstream-built RAFS v5 image (vector) pushed in nydus layout, no converter needed."""
+    import gzip
+    import io
+    import tarfile
+
+    from integration.harness.images import (ANN_NYDUS_BLOB, ANN_NYDUS_BOOTSTRAP, MT_NYDUS_BLOB,
+                                             chain_ids, nydus_image)
+    rep = vectors_dir / "dragonflyoss-nydus/tests/texture/repeatable"
+    boot = (rep / "sha256-nocompress-repeatable").read_bytes()
+    blob_path = next((rep / "blobs").glob("7334a259*"))
+    blob = blob_path.read_bytes()
+    img = nydus_image(boot, [blob], fs_version="5")
+    pushed = img.push(registry, "vec/v5", "nydus")
+    m = pushed.manifest
+    assert m["layers"][0] == {"mediaType": MT_NYDUS_BLOB, "digest": "sha256:" + blob_path.name,
+                              "size": len(blob), "annotations": {ANN_NYDUS_BLOB: "true"}}
+    assert m["layers"][1]["annotations"][ANN_NYDUS_BOOTSTRAP] == "true"
+    tar = gzip.decompress(registry.get_blob("vec/v5", m["layers"][1]["digest"]))
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        member = tf.getmember("image/image.boot")
+        assert member.mode == 0o444 and tf.extractfile(member).read() == boot
+        assert tf.getmember("image").isdir()
+    diff_ids = json.loads(img.config_json())["rootfs"]["diff_ids"]
+    assert diff_ids[0] == "sha256:" + blob_path.name
+    assert diff_ids[1] == sha256_digest(tar)
+    chains = chain_ids(diff_ids)
+    assert chains[0] == diff_ids[0]
+    assert chains[1] == sha256_digest(f"{chains[0]} {diff_ids[1]}".encode())
