@@ -73,3 +73,55 @@ def test_nydusctl_pull_run_through_nydus_snapshotter(nydus_containerd, busybox_i
                  busybox_image.ref, "/bin/cat", "/etc/hello.txt")
     assert r.returncode == 0, r.stderr
     assert r.stdout == HELLO.decode()
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_upstream_nydus_image_is_pulled_lazily(registry, vectors_dir, nydus_containerd,
+                                               tmp_path) -> None:
+    """An upstream-built nydus image (RAFS v5 vector) via nydusctl pull: the data blob is not
+    downloaded at pull time, and a view of the image reads back the right file contents."""
+    import hashlib
+    import json as _json
+
+    from integration.harness.containerd import mount_all
+    from integration.harness.images import chain_ids, nydus_image
+    from integration.harness.util import unmount_all
+    if not _has_module("rafs.daemon.manager"):
+        pytest.skip("rafs.daemon.manager (nydusd) is not on this checkout yet")
+    rep = vectors_dir / "dragonflyoss-nydus/tests/texture/repeatable"
+    blob_path = next((rep / "blobs").glob("7334a259*"))
+    img = nydus_image((rep / "sha256-nocompress-repeatable").read_bytes(),
+                      [blob_path.read_bytes()], fs_version="5")
+    pushed = img.push(registry, "vec/v5", "nydus")
+    blob_digest = "sha256:" + blob_path.name
+    mark = registry.log_mark()
+    r = nydusctl("--address", nydus_containerd.address, "pull", pushed.ref)
+    assert r.returncode == 0, r.stderr + nydus_containerd.log()
+    full = [e for e in registry.blob_fetches(blob_digest, since=mark) if e.status == 200]
+    assert full == [], "the nydus data blob was downloaded whole at pull time"
+
+    expected = {}
+    for line in (rep / "sha256-nocompress-repeatable.result").read_text().splitlines():
+        parts = line.split("  ", 1)
+        if len(parts) == 2 and len(parts[0]) == 32 and parts[1].startswith("/"):
+            expected[parts[1]] = parts[0]
+    top = chain_ids(_json.loads(img.config_json())["rootfs"]["diff_ids"])[-1]
+    mounts = nydus_containerd.view_mounts("pyn-view-1", top, snapshotter="nydus")
+    target = tmp_path / "view"
+    target.mkdir()
+    mount_all(mounts, str(target))
+    try:
+        for path in ("/normal-file-test/test.sh", "/normal-file-test/holefiles/mid-non-hole-4096"):
+            data = (target / path.lstrip("/")).read_bytes()
+            assert hashlib.md5(data).hexdigest() == expected[path], path
+    finally:
+        unmount_all(str(target))
+    fetched = registry.bytes_fetched(since=mark)
+    assert 0 < fetched   # file data came from the registry on demand

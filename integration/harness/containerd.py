@@ -376,3 +376,34 @@ class Containerd:
                          check=False, timeout=10)
             return r.returncode == 0
         wait_until(ok, timeout, f"containerd -> snapshotter {name!r}")
+
+    def view_mounts(self, key: str, parent: str, *, snapshotter: str,
+                    namespace: str = CRI_NAMESPACE) -> list[dict[str, Any]]:
+        """``ctr snapshots view --mounts``: a read-only view of committed ``parent``; returns
+        containerd's mount list (``type``, ``source``, ``options``)."""
+        import json
+
+        self.use_namespace(namespace)
+        r = self.ctr("-n", namespace, "snapshots", "--snapshotter", snapshotter, "view",
+                     "--mounts", key, parent)
+        return list(json.loads(r.stdout) or [])
+
+
+def mount_all(mounts: Sequence[Mapping[str, Any]], target: str) -> None:
+    """Mount a containerd mount list on ``target`` (as the shim would); undo with umount."""
+    for m in mounts:
+        mtype, source = m.get("type", ""), m.get("source", "")
+        opts = list(m.get("options") or [])
+        if mtype == "bind" or "bind" in opts or "rbind" in opts:
+            flag = "--rbind" if "rbind" in opts else "--bind"
+            subprocess.run(["mount", flag, source, target], check=True, capture_output=True)
+            if "ro" in opts:
+                subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True,
+                               capture_output=True)
+        else:
+            argv = ["mount", "-t", mtype]
+            if opts:
+                argv += ["-o", ",".join(opts)]
+            r = subprocess.run(argv + [source, target], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise HarnessError(f"{' '.join(argv)} {source} {target}: {r.stderr.strip()}")
