@@ -14,7 +14,8 @@ also when the test fails.
 * ``snapshotter_factory`` ``snapshotter_factory(config={...}, argv=None)`` -> started
                           :class:`SnapshotterProcess` (skips if ``python3 -m snapshotter serve``
                           is missing and no argv is given).
-* ``nydus_snapshotter``   our snapshotter, default config.
+* ``nydus_snapshotter``   our snapshotter; config: plain HTTP to ``registry``
+                          (``snapshotter_config_for(*registries)`` builds that config).
 * ``nydus_containerd``    Containerd with proxy plugin ``nydus`` -> ``nydus_snapshotter``, CRI
                           snapshotter ``nydus``, mirror for ``registry``.
 """
@@ -121,9 +122,15 @@ def snapshotter_factory() -> Iterator[Callable[..., SnapshotterProcess]]:
             snap.stop()
 
 
+def snapshotter_config_for(*registries: Registry) -> dict[str, Any]:
+    """Snapshotter config (TOML as a dict) that reaches these local registries over plain HTTP."""
+    return {"version": 1, "remote": {"insecure_registries": [r.host for r in registries]}}
+
+
 @pytest.fixture
-def nydus_snapshotter(snapshotter_factory: Callable[..., SnapshotterProcess]) -> SnapshotterProcess:
-    return snapshotter_factory()
+def nydus_snapshotter(registry: Registry,
+                      snapshotter_factory: Callable[..., SnapshotterProcess]) -> SnapshotterProcess:
+    return snapshotter_factory(config=snapshotter_config_for(registry))
 
 
 @pytest.fixture

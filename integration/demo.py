@@ -183,7 +183,9 @@ class Demo:
             snap = None
             if have_snap:
                 snap = self.step("start pynydus snapshotter",
-                                 lambda: self._start(SnapshotterProcess(config=a.snapshotter_config)))
+                                 lambda: self._start(SnapshotterProcess(config=a.snapshotter_config or {
+                                     "version": 1,
+                                     "remote": {"insecure_registries": [registry.host]}})))
                 self.say(f"     socket {snap.address}")
             else:
                 self.not_available("start pynydus snapshotter",
@@ -324,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="add a Debian minbase+python3 rootfs layer (mmdebstrap, apt's mirror)")
     p.add_argument("--suite", default="bookworm", help="Debian suite for --debian")
     p.add_argument("--snapshotter-config", default=None,
-                   help="TOML config file for the snapshotter (default: its built-in defaults)")
+                   help="TOML config file for the snapshotter (default: built-in defaults "
+                        "plus plain HTTP to the demo registry)")
     p.add_argument("--verbose", "-v", action="store_true")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
