@@ -392,8 +392,10 @@ class Containerd:
 def mount_all(mounts: Sequence[Mapping[str, Any]], target: str) -> None:
     """Mount a containerd mount list on ``target`` (as the shim would); undo with umount."""
     for m in mounts:
-        mtype, source = m.get("type", ""), m.get("source", "")
-        opts = list(m.get("options") or [])
+        # ctr prints Go field names ("Type", "Source", "Options")
+        mtype = m.get("type", m.get("Type", ""))
+        source = m.get("source", m.get("Source", ""))
+        opts = list(m.get("options", m.get("Options")) or [])
         if mtype == "bind" or "bind" in opts or "rbind" in opts:
             flag = "--rbind" if "rbind" in opts else "--bind"
             subprocess.run(["mount", flag, source, target], check=True, capture_output=True)
