@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -10,7 +11,8 @@ from typing import Any
 from .bootstrap_layer import pack_bootstrap_layer
 from .distribution import client_for
 from .errors import ConvertError, PushError, SourceError
-from .layer import LayerOptions, LayerResult, convert_layer, merge_layers
+from .layer import (LayerOptions, LayerResult, convert_layer, layer_key, load_result, merge_layers,
+                    remove_stale_temp_dirs)
 from .manifest import (INDEX_TYPES, MANIFEST_TYPES, MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_INDEX,
                        MEDIA_TYPE_OCI_MANIFEST, Descriptor, blob_descriptor, bootstrap_descriptor,
                        build_index, build_manifest, canonical_json, convertible_platforms,
@@ -58,6 +60,8 @@ class ConvertResult:
     media_type: str
     manifests: list[ConvertedManifest] = field(default_factory=list)
     stats: PushStats = field(default_factory=PushStats)
+    layers_built: list[str] = field(default_factory=list)     # source layer digests converted now
+    layers_reused: list[str] = field(default_factory=list)    # ... taken from the work dir
 
 
 class Converter:
@@ -72,8 +76,24 @@ class Converter:
         client = client_for(self.target, insecure=opts.target_insecure)
         self.pusher = Pusher(client, self.target, chunk_size=opts.push_chunk_size, progress=opts.progress)
         os.makedirs(opts.work_dir, exist_ok=True)
+        self.built: list[str] = []
+        self.reused: list[str] = []
 
     def run(self) -> ConvertResult:
+        lock = open(os.path.join(self.opts.work_dir, ".lock"), "w")  # noqa: SIM115
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                raise ConvertError(f"work dir {self.opts.work_dir} is in use by another conversion") from exc
+            remove_stale_temp_dirs(self.opts.work_dir)
+            result = self._run()
+            result.layers_built, result.layers_reused = self.built, self.reused
+            return result
+        finally:
+            lock.close()
+
+    def _run(self) -> ConvertResult:
         try:
             data, media_type = self.source.root()
             doc = parse_json(data, f"{self.source.name} root")
@@ -144,8 +164,15 @@ class Converter:
 
             self._bars: list[Any] = []
             try:
+                done = load_result(self.opts.work_dir, layer_key(digest, self.opts.layer,
+                                                                 [r.key for r in results]))
+                if done is not None:
+                    self.reused.append(digest)
+                    results.append(done)
+                    continue
                 results.append(convert_layer(self.opts.work_dir, digest, opener, self.opts.layer,
                                              results, progress=progress))
+                self.built.append(digest)
             finally:
                 for bar in self._bars:
                     bar.close()

@@ -93,6 +93,15 @@ def load_result(work_dir: str, key: str) -> LayerResult | None:
         return None
 
 
+def remove_stale_temp_dirs(work_dir: str) -> None:
+    """Drop temp dirs an interrupted run left in ``layers/`` (caller holds the work-dir lock)."""
+    layers_dir = os.path.join(work_dir, "layers")
+    if os.path.isdir(layers_dir):
+        for name in os.listdir(layers_dir):
+            if name.startswith("."):
+                shutil.rmtree(os.path.join(layers_dir, name), ignore_errors=True)
+
+
 def detect_compression(head: bytes) -> str:
     """``gzip``, ``zstd`` or ``none`` from the first bytes of a layer."""
     if head.startswith(b"\x1f\x8b"):
