@@ -186,3 +186,21 @@ def test_oci_layout_and_docker_archive_sources(tmp_path):
         src2.open_blob("sha256:" + "0" * 64)
     assert json.loads(src2.document(man["config"]["digest"]))["os"] == "linux"
     src2.close()
+
+
+def test_cli_option_errors(tmp_path, capsys):
+    from rafs.convert.cli import _prefetch_patterns, _suffixed, main
+
+    assert _suffixed("localhost:5000/a/b:v1", "-nydus") == "localhost:5000/a/b:v1-nydus"
+    (tmp_path / "p").write_text("/bin\n\n /etc/passwd \n")
+    assert _prefetch_patterns(str(tmp_path / "p")) == ("/bin", "/etc/passwd")
+    (tmp_path / "bad").write_text("relative\n")
+    assert main(["convert", "--source", "oci:/nonexistent", "--target", "localhost:1/x:y",
+                 "--prefetch-patterns", str(tmp_path / "bad"), "--work-dir", str(tmp_path / "w")]) == 1
+    assert "absolute path" in capsys.readouterr().err
+    assert main(["convert", "--source", "oci:/nonexistent", "--target", "localhost:1/x:y",
+                 "--chunk-size", "0x3000", "--work-dir", str(tmp_path / "w")]) == 1
+    assert "power of two" in capsys.readouterr().err
+    assert main(["convert", "--source", f"oci:{tmp_path}/none", "--target", "localhost:1/x:y",
+                 "--work-dir", str(tmp_path / "w")]) == 1
+    assert "not an OCI image layout" in capsys.readouterr().err

@@ -9,10 +9,12 @@ import logging
 import sys
 
 from rafs.errors import RafsError
+from storage.errors import StorageError
 
 from .converter import ConvertOptions, convert
 from .errors import ConvertError
 from .layer import LayerOptions
+from .reference import parse_reference, parse_source
 
 COMPRESSORS = ("zstd", "lz4_block", "none")
 
@@ -57,6 +59,17 @@ def _chunk_dict(arg: str | None) -> tuple[str | None, str | None]:
     return path, digest
 
 
+def _suffixed(source: str, suffix: str) -> str:
+    """``--target-suffix``: ``host/repo:tag`` -> ``host/repo:tag<suffix>`` (registry sources only)."""
+    spec = parse_source(source)
+    if spec.kind != "registry":
+        raise ConvertError("--target-suffix needs a registry source; use --target")
+    ref = parse_reference(source)
+    if ref.digest and not ref.tag:
+        raise ConvertError("--target-suffix cannot be used with a digest-only source reference")
+    return str(ref.with_tag(f"{ref.tag}{suffix}"))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nydusify", description=__doc__)
     parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
@@ -65,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a source image to a nydus image and push it")
     conv.add_argument("--source", required=True,
                       help="registry reference, oci:<layout dir>[:tag] or docker-archive:<file>")
-    conv.add_argument("--target", required=True, help="target registry reference (a tag)")
+    target = conv.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target", help="target registry reference (a tag)")
+    target.add_argument("--target-suffix", help="target = source reference with this suffix on its tag")
     conv.add_argument("--source-insecure", action="store_true", help="allow http / unverified TLS to the source")
     conv.add_argument("--target-insecure", action="store_true", help="allow http / unverified TLS to the target")
     conv.add_argument("--work-dir", default="./tmp", help="work directory (kept: reruns resume from it)")
@@ -106,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             layer = LayerOptions(fs_version=args.fs_version, compressor=args.compressor, chunk_size=size,
                                  chunk_dict=chunk_dict, chunk_dict_digest=chunk_dict_digest,
                                  prefetch_patterns=_prefetch_patterns(args.prefetch_patterns))
-            opts = ConvertOptions(source=args.source, target=args.target, work_dir=args.work_dir,
+            target_ref = args.target or _suffixed(args.source, args.target_suffix)
+            opts = ConvertOptions(source=args.source, target=target_ref, work_dir=args.work_dir,
                                   source_insecure=args.source_insecure, target_insecure=args.target_insecure,
                                   platform=args.platform, layer=layer, push_chunk_size=args.push_chunk_size,
                                   progress=False if args.no_progress else None)
@@ -127,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                        target_insecure=args.target_insecure, work_dir=args.work_dir, platform=args.platform)
         print(f"check passed: {', '.join(report.platforms)}; {report.files_compared} paths compared")
         return 0
-    except RafsError as exc:
+    except (RafsError, StorageError) as exc:
         print(f"nydusify: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
