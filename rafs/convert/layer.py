@@ -211,17 +211,90 @@ def convert_layer(work_dir: str, source_digest: str, open_stream: Callable[[], B
     return loaded
 
 
+def _build_options(options: LayerOptions, chunk_dict: str | None, whiteout_spec: str):  # noqa: ANN202
+    from rafs.builder import BuildOptions
+    from storage.device import Compressor
+
+    compressors = {"zstd": Compressor.ZSTD, "lz4_block": Compressor.LZ4_BLOCK, "none": Compressor.NONE}
+    if options.compressor not in compressors:
+        raise ConvertError(f"unsupported compressor {options.compressor!r}")
+    if options.fs_version != 6:
+        raise ConvertError(f"unsupported fs version {options.fs_version} (only 6)")
+    return BuildOptions(chunk_size=options.chunk_size, compressor=compressors[options.compressor],
+                        whiteout_spec=whiteout_spec, blob_toc=True, prefetch=list(options.prefetch_patterns),
+                        chunk_dict=chunk_dict)
+
+
+def _import_builder():  # noqa: ANN202
+    try:
+        from rafs import builder
+    except ImportError as exc:
+        raise ConvertError("the RAFS builder (rafs.builder) is not available") from exc
+    return builder
+
+
 def build_layer(tar_path: str, out_dir: str, options: LayerOptions,
                 parents: Sequence[LayerResult]) -> dict[str, object]:
     """Run the RAFS builder on one layer tar; return result fields (paths relative to out_dir).
 
-    This is the converter's single call into :mod:`rafs.builder`.
+    This is the converter's single call into ``rafs.builder.build``. Whiteouts stay as marker
+    files in the per-layer bootstrap (``whiteout_spec="none"``, as upstream's per-layer
+    conversion does); the merge applies them. Chunks of the chunk dict and of every lower
+    layer are offered for dedup through one dedup-dictionary bootstrap.
     """
+    builder = _import_builder()
+    from rafs.errors import BuildError
+
+    dedup = options.chunk_dict
+    if parents:
+        dedup = os.path.join(out_dir, "dedup.boot")
+        sources = ([options.chunk_dict] if options.chunk_dict else []) + [p.bootstrap for p in parents]
+        try:
+            builder.merge(sources, dedup, whiteout_spec="none")
+        except BuildError as exc:
+            raise ConvertError(f"cannot build the dedup dictionary for a layer: {exc}") from exc
+    bootstrap = os.path.join(out_dir, "layer.boot")
+    blob_tmp = os.path.join(out_dir, "layer.blob")
     try:
-        from rafs import builder  # noqa: F401  (imported lazily: optional until it lands)
-    except ImportError as exc:
-        raise ConvertError("the RAFS builder (rafs.builder) is not available") from exc
-    raise ConvertError("rafs.builder integration pending")
+        result = builder.build(tar_path, bootstrap_out=bootstrap, blob_out=blob_tmp, source_type="tar-rafs",
+                               options=_build_options(options, dedup, "none"))
+    except BuildError as exc:
+        raise ConvertError(f"building the layer failed: {exc}") from exc
+    finally:
+        if dedup and dedup != options.chunk_dict and os.path.exists(dedup):
+            os.unlink(dedup)
+    out: dict[str, object] = {"bootstrap": "layer.boot", "blob_id": None, "blob_size": 0, "blob": None,
+                              "blob_meta": None}
+    if result.blob is not None and result.blob_path:
+        blob_id = result.blob.blob_id
+        name = f"{blob_id}.blob"
+        os.replace(result.blob_path, os.path.join(out_dir, name))
+        out.update(blob_id=blob_id, blob=name, blob_size=os.path.getsize(os.path.join(out_dir, name)))
+        meta_name = f"{blob_id}.blob.meta"
+        if write_blob_meta(os.path.join(out_dir, name), result.blob, os.path.join(out_dir, meta_name)):
+            out["blob_meta"] = meta_name
+    return out
+
+
+def write_blob_meta(blob_path: str, info: object, out: str) -> bool:
+    """Write ``<blob_id>.blob.meta`` (cache-file format) from the blob's CI table; False if
+    :mod:`storage.meta.blob_meta` cannot do it."""
+    try:
+        from storage.meta.blob_meta import load_from_blob, write_blob_meta_file
+    except ImportError:
+        return False
+    size = os.path.getsize(blob_path)
+    with open(blob_path, "rb") as fh:
+        def read_at(offset: int, length: int) -> bytes:
+            fh.seek(offset)
+            return fh.read(length)
+
+        meta = load_from_blob(read_at, size, ci_offset=info.ci_offset,  # type: ignore[attr-defined]
+                              ci_compressed_size=info.ci_compressed_size,  # type: ignore[attr-defined]
+                              ci_uncompressed_size=info.ci_uncompressed_size,  # type: ignore[attr-defined]
+                              ci_compressor=info.ci_compressor)  # type: ignore[attr-defined]
+    write_blob_meta_file(out, meta)
+    return True
 
 
 def gunzip_size(path: str) -> int:
@@ -231,10 +304,17 @@ def gunzip_size(path: str) -> int:
 
 
 def merge_layers(results: Sequence[LayerResult], out: str, options: LayerOptions) -> list[str]:
-    """Merge per-layer bootstraps (lowest first) into ``out``; return the image's blob ids in
-    blob-table order. This is the converter's single call into ``rafs.builder`` merge."""
+    """Merge per-layer bootstraps (lowest first) into ``out`` with OCI whiteouts applied and the
+    prefetch list set; return the image's blob ids in blob-table order. This is the
+    converter's single call into ``rafs.builder.merge``."""
+    builder = _import_builder()
+    from rafs.errors import BuildError
+
+    if not results:
+        raise ConvertError("an image needs at least one layer")
     try:
-        from rafs import builder  # noqa: F401
-    except ImportError as exc:
-        raise ConvertError("the RAFS builder (rafs.builder) is not available") from exc
-    raise ConvertError("rafs.builder merge integration pending")
+        merged = builder.merge([r.bootstrap for r in results], out, whiteout_spec="oci",
+                               prefetch=list(options.prefetch_patterns))
+    except BuildError as exc:
+        raise ConvertError(f"merging the layer bootstraps failed: {exc}") from exc
+    return list(merged.blob_ids)
