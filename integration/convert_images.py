@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import tarfile
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ def sample_layers() -> list[tuple[bytes, str]]:
     """Three layers: busybox base (gzip), app files (zstd), changes with whiteouts (plain tar)."""
     with open(BUSYBOX, "rb") as fh:
         busybox = fh.read()
-    big = os.urandom(3 << 20)   # spans several 1 MiB chunks
+    big = random.Random(42).randbytes(3 << 20)   # incompressible; spans several 1 MiB chunks
     base = tar_bytes([
         {"name": "bin", "type": "dir"},
         {"name": "bin/busybox", "data": busybox, "mode": 0o755},
