@@ -1,19 +1,15 @@
-"""The OCI distribution-API calls the converter needs, over ``requests``.
+"""The OCI distribution-API calls the converter needs: manifests (GET/PUT), blobs (GET/HEAD),
+uploads (monolithic ``POST`` + ``PUT``, or chunked ``POST`` + ``PATCH``… + ``PUT``).
 
-This is a deliberately small client: manifests (GET/PUT), blobs (GET/HEAD), uploads
-(monolithic ``POST`` + ``PUT`` or chunked ``POST`` + ``PATCH``… + ``PUT``). Authentication
-covers anonymous access, Basic, and Bearer tokens (with docker ``config.json`` credentials).
-It is the converter's own interface; when :mod:`storage.backend.registry` offers a
-``RegistryClient`` session with the same abilities, :class:`Distribution` delegates to it.
+Authentication and transport are :class:`storage.backend.registry.RegistryClient`'s (anonymous,
+Basic, Bearer tokens, docker ``config.json`` credentials); one client per repository. With
+``insecure`` HTTPS is tried without certificate checks, then plain HTTP.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import os
-import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +17,9 @@ from typing import BinaryIO
 from urllib.parse import urljoin
 
 import requests
+
+from storage.backend.registry import RegistryClient, docker_config_credentials
+from storage.errors import StorageError
 
 from .errors import PushError, SourceError
 from .reference import ImageReference
@@ -31,8 +30,7 @@ MANIFEST_ACCEPT = ", ".join([
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 ])
-
-_CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
+TIMEOUT = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,106 +42,59 @@ class Fetched:
     digest: str
 
 
-def docker_credentials(host: str) -> tuple[str, str] | None:
-    """Username/password for ``host`` from ``$DOCKER_CONFIG/config.json`` (``auths`` only)."""
-    cfg_dir = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-    try:
-        with open(os.path.join(cfg_dir, "config.json"), encoding="utf-8") as fh:
-            auths = json.load(fh).get("auths", {})
-    except (OSError, ValueError):
-        return None
-    for key in (host, f"https://{host}", f"http://{host}", f"https://{host}/v1/"):
-        entry = auths.get(key)
-        if entry and entry.get("auth"):
-            user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            return user, password
-    return None
-
-
 class Distribution:
     """A session with one registry host (scheme chosen once: https, or http when insecure)."""
 
-    def __init__(self, host: str, *, insecure: bool = False,
-                 credentials: tuple[str, str] | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, host: str, *, insecure: bool = False) -> None:
         self.host = host
         self.insecure = insecure
-        self.timeout = timeout
-        self._session = requests.Session()
-        self._session.verify = not insecure
-        self._credentials = credentials if credentials is not None else docker_credentials(host)
-        self._tokens: dict[str, str] = {}
+        self._credentials = docker_config_credentials(host)
+        self._clients: dict[str, RegistryClient] = {}
         self._scheme: str | None = None
         self._lock = threading.Lock()
 
     # -- plumbing -------------------------------------------------------------------------
-    def _base(self) -> str:
+    def _new_client(self, repository: str, scheme: str) -> RegistryClient:
+        return RegistryClient(self.host, repository, scheme=scheme, credentials=self._credentials,
+                              skip_verify=self.insecure, timeout=TIMEOUT, connect_timeout=10.0)
+
+    def client(self, repository: str) -> RegistryClient:
+        """The authenticated client for ``repository`` on this host."""
         with self._lock:
             if self._scheme is None:
-                self._scheme = self._probe()
-            return f"{self._scheme}://{self.host}"
+                self._scheme = self._probe(repository)
+            if repository not in self._clients:
+                self._clients[repository] = self._new_client(repository, self._scheme)
+            return self._clients[repository]
 
-    def _probe(self) -> str:
+    def _probe(self, repository: str) -> str:
         schemes = ["https", "http"] if self.insecure else ["https"]
         last: Exception | None = None
         for scheme in schemes:
+            probe = self._new_client(repository, scheme)
             try:
-                self._session.get(f"{scheme}://{self.host}/v2/", timeout=self.timeout)
+                probe.request("GET", "/v2/").close()
                 return scheme
-            except requests.RequestException as exc:
+            except StorageError as exc:
                 last = exc
+            finally:
+                probe.close()
         raise SourceError(f"registry {self.host} unreachable: {last}") from last
 
-    def _token(self, challenge: str, scope: str) -> str | None:
-        params = dict(_CHALLENGE_RE.findall(challenge))
-        realm = params.get("realm")
-        if not realm:
-            return None
-        query = {"service": params.get("service", ""), "scope": params.get("scope", scope)}
-        auth = self._credentials
-        resp = self._session.get(realm, params=query, auth=auth, timeout=self.timeout)
-        if resp.status_code != 200:
-            raise SourceError(f"token request to {realm} failed: HTTP {resp.status_code}")
-        body = resp.json()
-        return body.get("token") or body.get("access_token")
-
-    def request(self, method: str, url: str, *, scope: str, **kw: object) -> requests.Response:
-        """One authenticated request; on 401 answer the challenge once and retry."""
-        if not url.startswith("http"):
-            url = self._base() + url
-        headers = dict(kw.pop("headers", {}) or {})  # type: ignore[arg-type]
-        token = self._tokens.get(scope)
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        kw.setdefault("timeout", self.timeout)
+    def _request(self, repository: str, method: str, path: str, error: type[Exception],
+                 **kw: object) -> requests.Response:
         try:
-            resp = self._session.request(method, url, headers=headers, **kw)  # type: ignore[arg-type]
-            if resp.status_code == 401:
-                challenge = resp.headers.get("WWW-Authenticate", "")
-                if challenge.lower().startswith("bearer"):
-                    token = self._token(challenge, scope)
-                    if token:
-                        self._tokens[scope] = token
-                        headers["Authorization"] = f"Bearer {token}"
-                elif challenge.lower().startswith("basic") and self._credentials:
-                    user, password = self._credentials
-                    raw = base64.b64encode(f"{user}:{password}".encode()).decode()
-                    headers["Authorization"] = f"Basic {raw}"
-                if "Authorization" in headers:
-                    data = kw.get("data")
-                    if hasattr(data, "seek"):
-                        data.seek(0)  # type: ignore[union-attr]
-                    resp = self._session.request(method, url, headers=headers, **kw)  # type: ignore[arg-type]
-        except requests.RequestException as exc:
-            raise SourceError(f"{method} {url}: {exc}") from exc
-        return resp
+            return self.client(repository).request(method, path, **kw)  # type: ignore[arg-type]
+        except StorageError as exc:
+            raise error(f"{method} {self.host}/{repository}: {exc}") from exc
 
     # -- pull -----------------------------------------------------------------------------
     def get_manifest(self, ref: ImageReference) -> Fetched:
-        scope = f"repository:{ref.repository}:pull"
-        resp = self.request("GET", f"/v2/{ref.repository}/manifests/{ref.reference}",
-                            scope=scope, headers={"Accept": MANIFEST_ACCEPT})
+        resp = self._request(ref.repository, "GET", f"/v2/{ref.repository}/manifests/{ref.reference}",
+                             SourceError, headers={"Accept": MANIFEST_ACCEPT})
         if resp.status_code != 200:
-            raise SourceError(f"manifest {ref}: HTTP {resp.status_code} {resp.text[:200]}")
+            resp.close()
+            raise SourceError(f"manifest {ref}: HTTP {resp.status_code}")
         data = resp.content
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if ref.digest and ref.digest != digest:
@@ -151,14 +102,13 @@ class Distribution:
         media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         try:
             declared = json.loads(data).get("mediaType")
-        except ValueError as exc:
-            raise SourceError(f"manifest {ref} is not JSON") from exc
+        except (ValueError, AttributeError) as exc:
+            raise SourceError(f"manifest {ref} is not a JSON object") from exc
         return Fetched(data, declared or media_type, digest)
 
     def open_blob(self, repository: str, digest: str) -> requests.Response:
         """A streaming response for the blob (caller closes it)."""
-        resp = self.request("GET", f"/v2/{repository}/blobs/{digest}",
-                            scope=f"repository:{repository}:pull", stream=True)
+        resp = self._request(repository, "GET", f"/v2/{repository}/blobs/{digest}", SourceError, stream=True)
         if resp.status_code != 200:
             resp.close()
             raise SourceError(f"blob {repository}@{digest}: HTTP {resp.status_code}")
@@ -166,8 +116,9 @@ class Distribution:
 
     def blob_size(self, repository: str, digest: str) -> int | None:
         """``HEAD`` the blob: its size, or None when the registry does not have it."""
-        resp = self.request("HEAD", f"/v2/{repository}/blobs/{digest}",
-                            scope=f"repository:{repository}:pull,push", allow_redirects=True)
+        resp = self._request(repository, "HEAD", f"/v2/{repository}/blobs/{digest}", PushError,
+                             scope=f"repository:{repository}:pull,push")
+        resp.close()
         if resp.status_code == 200:
             return int(resp.headers.get("Content-Length", "0"))
         if resp.status_code == 404:
@@ -182,11 +133,11 @@ class Distribution:
         ``chunk_size == 0`` uploads monolithically (``POST`` then one ``PUT`` with the body);
         otherwise ``PATCH`` requests of ``chunk_size`` bytes then a closing ``PUT``.
         """
-        scope = f"repository:{repository}:pull,push"
-        resp = self.request("POST", f"/v2/{repository}/blobs/uploads/", scope=scope,
-                            headers={"Content-Length": "0"})
+        resp = self._request(repository, "POST", f"/v2/{repository}/blobs/uploads/", PushError,
+                             headers={"Content-Length": "0"})
+        resp.close()
         if resp.status_code != 202 or "Location" not in resp.headers:
-            raise PushError(f"start upload to {repository}: HTTP {resp.status_code} {resp.text[:200]}")
+            raise PushError(f"start upload to {repository}: HTTP {resp.status_code}")
         location = self._absolute(resp.headers["Location"])
         if chunk_size > 0:
             offset = 0
@@ -197,38 +148,43 @@ class Distribution:
                 headers = {"Content-Type": "application/octet-stream",
                            "Content-Range": f"{offset}-{offset + len(data) - 1}",
                            "Content-Length": str(len(data))}
-                resp = self.request("PATCH", location, scope=scope, headers=headers, data=data)
+                resp = self._request(repository, "PATCH", location, PushError, headers=headers, data=data)
+                resp.close()
                 if resp.status_code != 202:
                     raise PushError(f"upload {digest} chunk at {offset}: HTTP {resp.status_code}")
                 location = self._absolute(resp.headers.get("Location", location))
                 offset += len(data)
                 if progress:
                     progress(len(data))
-            resp = self.request("PUT", _with_digest(location, digest), scope=scope,
-                                headers={"Content-Length": "0"})
+            resp = self._request(repository, "PUT", _with_digest(location, digest), PushError,
+                                 headers={"Content-Length": "0"})
         else:
             body = _ProgressReader(fh, size, progress)
-            resp = self.request("PUT", _with_digest(location, digest), scope=scope,
-                                headers={"Content-Type": "application/octet-stream",
-                                         "Content-Length": str(size)}, data=body)
+            resp = self._request(repository, "PUT", _with_digest(location, digest), PushError,
+                                 headers={"Content-Type": "application/octet-stream",
+                                          "Content-Length": str(size)}, data=body)
+        resp.close()
         if resp.status_code != 201:
-            raise PushError(f"finish upload {digest} to {repository}: HTTP {resp.status_code} "
-                            f"{resp.text[:200]}")
+            raise PushError(f"finish upload {digest} to {repository}: HTTP {resp.status_code}")
 
     def put_manifest(self, ref: ImageReference, data: bytes, media_type: str) -> str:
         """Upload a manifest or index under the reference's tag (or digest); return its digest."""
-        resp = self.request("PUT", f"/v2/{ref.repository}/manifests/{ref.reference}",
-                            scope=f"repository:{ref.repository}:pull,push",
-                            headers={"Content-Type": media_type}, data=data)
+        resp = self._request(ref.repository, "PUT", f"/v2/{ref.repository}/manifests/{ref.reference}",
+                             PushError, headers={"Content-Type": media_type}, data=data)
+        resp.close()
         if resp.status_code not in (200, 201):
-            raise PushError(f"put manifest {ref}: HTTP {resp.status_code} {resp.text[:300]}")
+            raise PushError(f"put manifest {ref}: HTTP {resp.status_code}")
         return "sha256:" + hashlib.sha256(data).hexdigest()
 
     def _absolute(self, location: str) -> str:
-        return location if location.startswith("http") else urljoin(self._base() + "/", location)
+        if "://" in location:
+            return location
+        return urljoin(f"{self._scheme or 'https'}://{self.host}/", location)
 
     def close(self) -> None:
-        self._session.close()
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
 
 
 def _with_digest(location: str, digest: str) -> str:
@@ -251,6 +207,9 @@ class _ProgressReader:
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._fh.seek(self._start + offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell() - self._start
 
     def __iter__(self) -> Iterator[bytes]:
         while True:
