@@ -62,6 +62,9 @@ def cmd_create(args: argparse.Namespace) -> int:
     if not args.bootstrap and not args.blob_dir:
         print("error: one of --bootstrap or --blob-dir is required", file=sys.stderr)
         return 2
+    if not args.blob and not args.blob_dir:
+        print("error: one of --blob or --blob-dir is required", file=sys.stderr)
+        return 2
     opts = BuildOptions(chunk_size=args.chunk_size, compressor=_COMPRESSORS[args.compressor],
                         digester=_DIGESTERS[args.digester], whiteout_spec=args.whiteout_spec,
                         blob_inline_meta=args.blob_inline_meta, blob_toc="blob-toc" in features,
