@@ -65,6 +65,16 @@ def test_oci_whiteouts_and_opaque(tmp_path):
     assert files[b"/keep"].chunks[0].blob_index == 0
 
 
+def test_whiteout_and_recreate_in_same_layer(tmp_path):
+    """``.wh.x`` plus a new ``x`` in one layer: the lower x is hidden, the upper x is kept."""
+    l1 = _layer(tmp_path, "l1", {"x/old": b"old", "y": b"lower y"})
+    l2 = _layer(tmp_path, "l2", {".wh.x": b"", "x/new": b"new", ".wh.y": b"", "y": b"upper y"})
+    res = merge([l1.bootstrap, l2.bootstrap], str(tmp_path / "m.boot"))
+    loaded, files = _files(res.bootstrap)
+    assert sorted(files) == [b"/", b"/x", b"/x/new", b"/y"]
+    assert res.blob_ids == [l2.blob.blob_id]  # nothing of l1 is visible any more
+
+
 def test_lower_blob_dropped_when_unreferenced(tmp_path):
     l1 = _layer(tmp_path, "l1", {"f": b"only in lower"})
     l2 = _layer(tmp_path, "l2", {".wh.f": b"", "g": b"upper"})
