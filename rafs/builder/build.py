@@ -6,6 +6,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO, Callable
 
@@ -56,6 +57,8 @@ class BuildResult:
     blob: BlobInfo | None
     blob_path: str | None
     bytes_in: int
+    #: seconds per phase (upstream's ``trace`` in the output JSON)
+    trace: dict[str, float] = field(default_factory=dict)
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -134,6 +137,8 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         raise BuildError(f"unsupported source type {source_type!r} (supported: {', '.join(SOURCE_TYPES)})")
     if bootstrap_out is None and blob_dir is None:
         raise BuildError("either a bootstrap path or a blob dir is required")
+    t0 = time.perf_counter()
+    trace: dict[str, float] = {}
     store = ChunkStore()
     if opts.chunk_dict:
         from rafs.builder.loader import load_chunk_dict
@@ -156,6 +161,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             if not isinstance(source, (str, os.PathLike)):
                 raise BuildError("dir-rafs needs a directory path")
             tree = walk_directory(source)
+            trace["load_from_directory"] = time.perf_counter() - t0
             apply_whiteouts_in_layer(tree, opts.whiteout_spec)
             bar = _progress_bar(opts.progress, _dir_total(tree))
             chunker = Chunker(store, writer, chunk_size=opts.chunk_size, digester=Digester(opts.digester),
@@ -197,6 +203,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             return write_bootstrap(tree, trial, bopts)
 
         writer.close()
+        trace["dump_blob"] = time.perf_counter() - t0 - sum(trace.values())
         has_blob = bool(writer.ci) or opts.blob_inline_meta
         info, _ = writer.finish(inline_meta=opts.blob_inline_meta, blob_toc=opts.blob_toc,
                                 make_bootstrap=bootstrap_with)
@@ -211,12 +218,16 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
                 blob_path = blob_out or os.path.join(blob_dir, info.blob_id)  # type: ignore[arg-type]
                 os.replace(tmp_path, blob_path)
                 tmp_path = None
+        t1 = time.perf_counter()
         boot = write_bootstrap(tree, store, bopts)
+        trace["dump_bootstrap"] = time.perf_counter() - t1
         if bootstrap_out is None:
             bootstrap_out = os.path.join(blob_dir, hashlib.sha256(boot).hexdigest())  # type: ignore[arg-type]
         _atomic_write(bootstrap_out, boot)
         used = _blob_ids_of(boot)
-        return BuildResult(bootstrap_out, used, info if has_blob else None, blob_path, chunker.bytes_in)
+        trace["total_build"] = time.perf_counter() - t0
+        return BuildResult(bootstrap_out, used, info if has_blob else None, blob_path, chunker.bytes_in,
+                           {k: round(v, 6) for k, v in trace.items()})
     finally:
         if writer is not None:
             try:

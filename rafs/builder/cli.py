@@ -39,11 +39,12 @@ def _csv(value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",")]
 
 
-def _write_json(path: str | None, bootstrap: str, blobs: list[str], compressor: str) -> None:
+def _write_json(path: str | None, bootstrap: str, blobs: list[str], compressor: str,
+                trace: dict[str, float] | None = None) -> None:
     if not path:
         return
     data = {"version": VERSION, "bootstrap": bootstrap, "blobs": blobs, "external_bootstrap": "",
-            "external_blobs": [], "trace": {}, "fs_version": "6", "compressor": compressor}
+            "external_blobs": [], "trace": trace or {}, "fs_version": "6", "compressor": compressor}
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
 
@@ -79,7 +80,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     except (RafsError, StorageError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    _write_json(args.output_json, result.bootstrap, result.blob_ids, args.compressor)
+    _write_json(args.output_json, result.bootstrap, result.blob_ids, args.compressor, result.trace)
     return 0
 
 
