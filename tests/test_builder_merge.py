@@ -168,3 +168,19 @@ def test_cli_merge(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rafs.cli", "merge", "-B", str(tmp_path / "x.boot"),
                            str(tmp_path / "l1.blob")], capture_output=True, cwd=ROOT)
     assert proc.returncode == 1 and b"error" in proc.stderr
+
+
+def test_create_with_parent_bootstrap(tmp_path):
+    """``create --parent-bootstrap``: same tree and blobs as building the layer alone and merging."""
+    l1 = _layer(tmp_path, "l1", {"etc/a": b"a1", "etc/b": b"b1" * 40000, "keep": b"k"})
+    src = tmp_path / "l2.src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / ".wh.a").write_bytes(b"")
+    (src / "etc" / "c").write_bytes(b"b1" * 40000)  # same content as lower etc/b: deduplicated
+    res = build(str(src), bootstrap_out=str(tmp_path / "p.boot"), blob_out=str(tmp_path / "p.blob"),
+                options=BuildOptions(chunk_size=CHUNK, parent_bootstrap=l1.bootstrap))
+    loaded, files = _files(res.bootstrap)
+    assert sorted(files) == [b"/", b"/etc", b"/etc/b", b"/etc/c", b"/keep"]
+    assert res.blob_ids == [l1.blob.blob_id]  # the new layer's only chunk deduplicated into l1's blob
+    assert res.blob is None or res.blob.chunk_count == 0
+    assert files[b"/etc/c"].chunks == files[b"/etc/b"].chunks

@@ -35,6 +35,8 @@ class BuildOptions:
     blob_toc: bool = False
     prefetch: list[str] = field(default_factory=list)
     chunk_dict: str | None = None
+    #: a lower layer's bootstrap: the output is that image with this layer on top
+    parent_bootstrap: str | None = None
     threads: int = 2
     progress: bool = False
 
@@ -140,6 +142,9 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
     t0 = time.perf_counter()
     trace: dict[str, float] = {}
     store = ChunkStore()
+    parent: Tree | None = None
+    if opts.parent_bootstrap:
+        parent = _load_parent(opts.parent_bootstrap, store, opts.chunk_size)
     if opts.chunk_dict:
         from rafs.builder.loader import load_chunk_dict
 
@@ -162,7 +167,6 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
                 raise BuildError("dir-rafs needs a directory path")
             tree = walk_directory(source)
             trace["load_from_directory"] = time.perf_counter() - t0
-            apply_whiteouts_in_layer(tree, opts.whiteout_spec)
             bar = _progress_bar(opts.progress, _dir_total(tree))
             chunker = Chunker(store, writer, chunk_size=opts.chunk_size, digester=Digester(opts.digester),
                               progress=bar.update if bar else None)
@@ -171,6 +175,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
                     node.chunks = []
                     continue
                 chunker.add_path(node, node.source, node.size)  # type: ignore[arg-type]
+            tree = _apply_layer(tree, parent, opts.whiteout_spec)
         else:
             bar = _progress_bar(opts.progress, None)
             chunker = Chunker(store, writer, chunk_size=opts.chunk_size, digester=Digester(opts.digester),
@@ -188,7 +193,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             finally:
                 if close:
                     stream.close()
-            apply_whiteouts_in_layer(tree, opts.whiteout_spec)
+            tree = _apply_layer(tree, parent, opts.whiteout_spec)
         if bar is not None:
             bar.close()
         bopts = BootstrapOptions(chunk_size=opts.chunk_size, compressor=Compressor(opts.compressor),
@@ -238,6 +243,32 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             f.close()
         if tmp_path is not None:
             _unlink(tmp_path)
+
+
+def _load_parent(path: str, store: ChunkStore, chunk_size: int) -> Tree:
+    """Add a parent bootstrap's blobs to ``store``; return its tree re-pointed at them."""
+    from rafs.builder.loader import load_bootstrap
+    from rafs.builder.tree import ChunkRef
+
+    loaded = load_bootstrap(path)
+    if loaded.blobs and loaded.chunk_size != chunk_size:
+        raise BuildError(f"parent bootstrap {path!r} has chunk size {loaded.chunk_size:#x}, build uses {chunk_size:#x}")
+    remap = {i: store.add_blob(rec) for i, rec in enumerate(loaded.blobs)}
+    seen: set[int] = set()
+    for _, node in loaded.tree.walk():
+        if node.is_reg and id(node) not in seen:
+            seen.add(id(node))
+            node.chunks = [ChunkRef(remap[r.blob_index], r.ci_index) for r in node.chunks]
+    return loaded.tree
+
+
+def _apply_layer(tree: Tree, parent: Tree | None, spec: str) -> Tree:
+    if parent is None:
+        apply_whiteouts_in_layer(tree, spec)
+        return tree
+    from rafs.builder.tree import overlay
+
+    return overlay(parent, tree, spec)
 
 
 def _blob_ids_of(boot: bytes) -> list[str]:
