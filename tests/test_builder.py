@@ -355,3 +355,14 @@ def test_fsck_erofs_extract(src_tree, tmp_path, compressor):
             rec.pop("nlink", None)
             rec["mode"] &= ~0o6000
     assert got == want
+
+
+def test_empty_layer_and_old_mtime(tmp_path):
+    """A layer without file data (inline meta) has an empty blob table; pre-1970 mtimes survive."""
+    src = tmp_path / "e"
+    (src / "d").mkdir(parents=True)
+    os.utime(src / "d", ns=(-86400 * 10**9 + 5, -86400 * 10**9 + 5))
+    res, boot, blob = _build(str(src), tmp_path, blob_inline_meta=True, blob_toc=True)
+    assert res.blob_ids == [] and os.path.exists(blob)
+    d = load_bootstrap(boot).tree.lookup("/d")
+    assert d.mtime * 10**9 + d.mtime_nsec == -86400 * 10**9 + 5

@@ -63,6 +63,7 @@ BLOCK_BITS = 12
 INODE_SIZE = RafsV6InodeExtended.SIZE
 DIRENT_SIZE = RafsV6Dirent.SIZE
 _FRAGMENT_MIN = 64
+_U64 = (1 << 64) - 1  # i_mtime is a signed time64 stored as __le64
 
 
 def _codec(cls, names: tuple[str, ...]):
@@ -218,9 +219,8 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
             by_id[id(node)] = slot
             slots.append(slot)
         slot.nlink += 1
-    used_blobs = sorted({ref.blob_index for s in slots if s.inode.is_reg for ref in s.inode.chunks}
-                        | {i for i, b in enumerate(store.blobs) if b.new and (b.info.chunk_count or
-                           b.info.features & BlobFeatures.INLINED_FS_META)})
+    # only blobs holding chunks of this tree (a blob without chunks cannot be an EROFS device)
+    used_blobs = sorted({ref.blob_index for s in slots if s.inode.is_reg for ref in s.inode.chunks})
     remap = {old: new for new, old in enumerate(used_blobs)}
     blobs: list[BlobRecord] = [store.blobs[i] for i in used_blobs]
     if len(blobs) > 254:
@@ -327,7 +327,7 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
         if slot.nlink > 0xFFFFFFFF:
             raise BuildError("too many links")
         _INODE.pack_into(buf, slot.offset, inode_format(EROFS_INODE_LAYOUT_EXTENDED, slot.layout), icount,
-                         node.mode & 0xFFFF, 0, size, i_u, slot.ino, node.uid, node.gid, node.mtime,
+                         node.mode & 0xFFFF, 0, size, i_u, slot.ino, node.uid, node.gid, node.mtime & _U64,
                          node.mtime_nsec, slot.nlink, b"")
         if slot.xattr_bytes:
             x = slot.offset + INODE_SIZE
