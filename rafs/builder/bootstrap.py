@@ -77,6 +77,7 @@ def _codec(cls, names: tuple[str, ...]):
 _INODE = _codec(RafsV6InodeExtended, ("i_format", "i_xattr_icount", "i_mode", "i_reserved", "i_size", "i_u",
                                       "i_ino", "i_uid", "i_gid", "i_mtime", "i_mtime_nsec", "i_nlink",
                                       "i_reserved2"))
+_CHUNK_INDEX = _codec(RafsV6InodeChunkAddr, ("advise", "device_id", "blkaddr"))
 _DIRENT = _codec(RafsV6Dirent, ("e_nid", "e_nameoff", "e_file_type", "e_reserved"))
 _CHUNK_INFO = _codec(RafsV6ChunkInfo, ("block_id", "blob_index", "flags", "compressed_size",
                                        "uncompressed_size", "compressed_offset", "uncompressed_offset",
@@ -291,7 +292,6 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
         return (s.offset - meta_addr) // 32
 
     has_xattr = False
-    index_cache: dict[tuple[int, int, int], bytes] = {}
     for slot in slots:
         node = slot.inode
         icount = (len(slot.xattr_bytes) - 12) // 4 + 1 if slot.xattr_bytes else 0
@@ -316,11 +316,10 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
             pos = slot.offset + round_up(INODE_SIZE + len(slot.xattr_bytes), 8)
             for ref in node.chunks:
                 c = store.chunk(ref)
-                key = (remap[ref.blob_index], c.index, c.uncompressed_offset // bs)
-                packed = index_cache.get(key)
-                if packed is None:
-                    packed = index_cache[key] = RafsV6InodeChunkAddr.encode(*key).pack()
-                buf[pos:pos + 8] = packed
+                blob_index, ci, blkaddr = remap[ref.blob_index], c.index, c.uncompressed_offset // bs
+                if blob_index >= 255 or ci >= 1 << 24 or blkaddr >= 1 << 32:
+                    RafsV6InodeChunkAddr.encode(blob_index, ci, blkaddr)  # raises the precise error
+                _CHUNK_INDEX.pack_into(buf, pos, ci & 0xFFFF, ((ci >> 16) << 8) | (blob_index + 1), blkaddr)
                 pos += 8
         elif ftype in (stat.S_IFCHR, stat.S_IFBLK):
             i_u = new_encode_dev(node.rdev)
