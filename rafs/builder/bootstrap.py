@@ -318,7 +318,10 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
                 c = store.chunk(ref)
                 blob_index, ci, blkaddr = remap[ref.blob_index], c.index, c.uncompressed_offset // bs
                 if blob_index >= 255 or ci >= 1 << 24 or blkaddr >= 1 << 32:
-                    RafsV6InodeChunkAddr.encode(blob_index, ci, blkaddr)  # raises the precise error
+                    try:
+                        RafsV6InodeChunkAddr.encode(blob_index, ci, blkaddr)
+                    except FormatError as exc:
+                        raise BuildError(f"chunk of a {node.size}-byte file cannot be addressed: {exc}") from exc
                 _CHUNK_INDEX.pack_into(buf, pos, ci & 0xFFFF, ((ci >> 16) << 8) | (blob_index + 1), blkaddr)
                 pos += 8
         elif ftype in (stat.S_IFCHR, stat.S_IFBLK):
