@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass, field
 
 from rafs.builder.blob import BlobRecord, ChunkStore, round_up
-from rafs.builder.tree import ChunkRef, Inode, Tree, split_path
+from rafs.builder.tree import ChunkRef, Inode, Tree
 from rafs.errors import BuildError, FormatError
 from rafs.layout import (
     EROFS_FT_FROM_MODE,

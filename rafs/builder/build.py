@@ -7,13 +7,13 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from rafs.builder.blob import BlobRecord, BlobWriter, Chunker, ChunkStore
 from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
 from rafs.builder.source import open_layer, walk_directory, walk_tar
-from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer, split_path
+from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer
 from rafs.errors import BuildError
 from storage.device import BlobInfo, Compressor, Digester
 
