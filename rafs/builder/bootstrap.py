@@ -101,6 +101,8 @@ def new_encode_dev(rdev: int) -> int:
     import os
 
     major, minor = os.major(rdev), os.minor(rdev)
+    if major > 0xFFF or minor > 0xF_FFFF:
+        raise BuildError(f"device number {major}:{minor} does not fit EROFS's 32-bit rdev")
     return (minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~0xFF) << 12)
 
 
