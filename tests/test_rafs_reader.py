@@ -248,8 +248,30 @@ def test_blob_id_hint(vectors_dir, tmp_path):
         assert fs.blobs[0].blob_id == "x" * 64
     with Rafs.open(boot, blob_id_hint=V6_BLOB) as fs:
         assert fs.blobs[0].blob_id == V6_BLOB
-    with Rafs.open(src, blob_id_hint="a" * 64) as fs:  # a real id is kept
+    with Rafs.open(src, blob_id_hint="a" * 64) as fs:  # a real id (CAP_TAR_TOC, not inline) is kept
         assert fs.blobs[0].blob_id == V6_BLOB
+
+
+def test_inline_bootstrap_from_toc_blob(vectors_dir, tmp_path):
+    """The 2022 blob with an inlined bootstrap: old placeholder id replaced by the blob's own id."""
+    import zstandard
+
+    blob_id = "2fa78cad554b75ac91a4a125ed148d0ddeb25efa4aaa8bd80e5dc292690a4dca"
+    blob_path = vectors_dir / TEXTURE / "toc" / blob_id
+    raw = blob_path.read_bytes()
+    boot = tmp_path / "toc.boot"
+    boot.write_bytes(zstandard.ZstdDecompressor().decompress(raw[7997 : 7997 + 501], max_output_size=1 << 20))
+    with Rafs.open(boot) as fs:
+        assert fs.blobs[0].blob_id.startswith("d788a0")
+    with Rafs.open(boot, blob_id_hint=blob_id) as fs:
+        assert fs.blobs[0].blob_id == blob_id
+        sizes = {}
+        for path, node in fs.walk():
+            if node.is_reg():
+                data = read_iovec(node.chunks(0, node.size), {blob_id: blob_path})
+                sizes[path] = len(data)
+                assert b"Copyright" in data[:300] or b"//" in data[:300]
+        assert sizes == {"/error.rs": 2816, "/lib.rs": 678, "/logger.rs": 3115}
 
 
 def test_bad_names_rejected(vectors_dir, tmp_path):
