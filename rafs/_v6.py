@@ -227,7 +227,8 @@ class RafsV6(Rafs):
         """The chunk-table entry for (blob, ci index); ``None`` if the image has no chunk table."""
         if self.chunk_table_count == 0:
             return None
-        self._build_chunk_index()
+        if self._chunk_keys is None:
+            self._build_chunk_index()
         key = (blob_index << 24) | ci_index
         keys = self._chunk_keys
         i = bisect.bisect_left(keys, key)  # type: ignore[arg-type]
