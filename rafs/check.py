@@ -11,7 +11,7 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass, field
 
-from rafs._blobfile import BlobFiles
+from rafs._blobfile import LocalBlobs
 from rafs.errors import RafsError
 from rafs.layout import constants as C
 from rafs.metadata import Rafs
@@ -58,7 +58,7 @@ class CheckReport:
         }
 
 
-def check(fs: Rafs, blobs: BlobFiles | None = None, *, verbose=None) -> CheckReport:
+def check(fs: Rafs, blobs: LocalBlobs | None = None, *, verbose=None) -> CheckReport:
     """Check ``fs``; ``verbose(msg)`` is called per checked entry when given."""
     report = CheckReport(version=fs.version)
     if blobs is not None:

@@ -314,10 +314,10 @@ def test_directory_cycle_rejected(boots, tmp_path):
 
 def _blob_data_file(fs, blob_dir, out):
     """Write the uncompressed chunk space of blob 0 (what fsck.erofs --device expects)."""
-    from rafs._blobfile import BlobFiles
+    from rafs._blobfile import LocalBlobs
 
     buf = bytearray(fs.blobs[0].uncompressed_size)
-    with BlobFiles(fs.blobs, blob_dir=str(blob_dir)) as bf:
+    with LocalBlobs(fs.blobs, blob_dir=str(blob_dir)) as bf:
         for c in fs.chunk_table():
             data = bf.read_chunk(fs.blobs[c.blob_index], c)
             buf[c.uncompressed_offset : c.uncompressed_offset + len(data)] = data
