@@ -99,6 +99,16 @@ def test_check_ok_and_failures(tex, tmp_path, vectors_dir):
     empty.mkdir()
     proc = run("check", tex / "bootstrap/rafs-v6-2.2.boot", "-D", empty, check_rc=1)
     assert "not found" in proc.stderr
+    # v5: a flipped chunk digest breaks the inode's Merkle digest
+    from rafs.metadata import Rafs
+
+    with Rafs.open(v5) as fs:
+        at = fs.lookup_path("/normal-file-test/holefiles/chsum")._chunk_offset
+    raw = bytearray(v5.read_bytes())
+    raw[at] ^= 1
+    (tmp_path / "v5bad.boot").write_bytes(bytes(raw))
+    proc = run("check", tmp_path / "v5bad.boot", check_rc=1)
+    assert "chsum: v5 inode digest does not match" in proc.stderr
     # not a bootstrap / a pre-v5 bootstrap
     proc = run("check", extract_boot(vectors_dir, "invalid-bootstrap-file-size-133513", tmp_path), check_rc=1)
     assert "not a RAFS bootstrap" in proc.stderr
