@@ -554,27 +554,19 @@ class InodeV6(Inode):
             f"inode nid {self.ino} chunk indexes",
         )
 
-    def chunks(self, offset: int, size: int) -> BlobIoVec:
-        vec = BlobIoVec()
-        if not self.is_reg():
-            return vec
-        fsize = self.size
-        if offset < 0 or size <= 0 or offset >= fsize:
-            return vec
-        end = min(offset + size, fsize)
-        cs = self.fs.chunk_size
-        first = offset // cs
-        last = (end - 1) // cs
-        bs = self.fs.block_size
+    @cached_property
+    def _chunk_list(self) -> tuple[ChunkInfo | None, ...]:
+        """Every chunk of the file in order (``None`` = hole), resolved and validated once."""
         fs = self.fs
-        for i, addr in enumerate(self.chunk_addrs(first, last - first + 1), start=first):
-            cstart = i * cs
-            clen = min(cs, fsize - cstart)
-            lo = max(offset, cstart) - cstart
-            hi = min(end, cstart + clen) - cstart
+        fsize = self.size
+        cs = fs.chunk_size
+        bs = fs.block_size
+        out: list[ChunkInfo | None] = []
+        for i, addr in enumerate(self.chunk_addrs()):
             if addr.blkaddr == EROFS_NULL_ADDR:
-                vec.append(BlobIoDesc(None, None, lo, hi - lo))
+                out.append(None)
                 continue
+            clen = min(cs, fsize - i * cs)
             where = f"inode nid {self.ino} chunk {i}"
             bi = addr.blob_index
             if bi < 0 or bi >= len(fs.blobs):
@@ -596,5 +588,29 @@ class InodeV6(Inode):
                     raise FormatError(
                         f"{where}: chunk uncompressed_size {info.uncompressed_size} < {clen} bytes of file data"
                     )
-            vec.append(BlobIoDesc(blob, info, lo, hi - lo))
+            out.append(info)
+        return tuple(out)
+
+    def chunks(self, offset: int, size: int) -> BlobIoVec:
+        vec = BlobIoVec()
+        if not self.is_reg():
+            return vec
+        fsize = self.size
+        if offset < 0 or size <= 0 or offset >= fsize:
+            return vec
+        end = min(offset + size, fsize)
+        cs = self.fs.chunk_size
+        first = offset // cs
+        last = (end - 1) // cs
+        infos = self._chunk_list
+        blobs = self.fs.blobs
+        for i in range(first, last + 1):
+            cstart = i * cs
+            lo = max(offset, cstart) - cstart
+            hi = min(end, cstart + cs) - cstart
+            info = infos[i]
+            if info is None:
+                vec.append(BlobIoDesc(None, None, lo, hi - lo))
+            else:
+                vec.append(BlobIoDesc(blobs[info.blob_index], info, lo, hi - lo))
         return vec
