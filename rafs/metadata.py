@@ -259,6 +259,8 @@ class Rafs(abc.ABC):
         yield top_s, start
         if not start.is_dir():
             return
+        if start.ino == self.root_ino and self.version == 6:
+            self._check_parent(start, start, "/")  # the root's '..' is the root itself
         on_path: set[int] = {start.ino}
         seen_dirs: set[int] = {start.ino}
         # stack of (path, dir inode, iterator over children)
