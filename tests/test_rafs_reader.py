@@ -439,3 +439,30 @@ def test_v6_compact_inodes_and_flat_plain(vectors_dir, tmp_path):
             a = node.attr()
             assert a.size == size and a.mtime == 0  # compact: superblock build time
             assert len(read_iovec(node.chunks(0, size), blobs)) == size
+
+
+def test_concurrent_readers_agree(boots):
+    """Many threads sharing one Rafs (as the FUSE daemon does) see the same tree and chunks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import rafs.metadata as md
+
+    def snapshot(fs):
+        out = []
+        for path, node in fs.walk():
+            a = node.attr()
+            chunks = tuple((d.chunk.index if d.chunk else None, d.size) for d in node.chunks(0, a.size))
+            out.append((path, a, chunks, node.readlink() if node.is_symlink() else None))
+        return out
+
+    for key in ("v6large", "v5large"):
+        with Rafs.open(boots[key]) as fs:
+            expected = snapshot(fs)
+        old = md.INODE_CACHE_SIZE
+        md.INODE_CACHE_SIZE = 64  # force evictions while threads race
+        try:
+            with Rafs.open(boots[key]) as fs, ThreadPoolExecutor(6) as pool:
+                results = list(pool.map(lambda _: snapshot(fs), range(6)))
+        finally:
+            md.INODE_CACHE_SIZE = old
+        assert all(r == expected for r in results), key
