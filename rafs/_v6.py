@@ -25,7 +25,7 @@ from rafs.layout.erofs import (
 )
 from rafs.layout.v6 import RafsV6Blob, RafsV6ChunkInfo, RafsV6SuperBlock, RafsV6SuperBlockExt
 from rafs.metadata import Inode, InodeAttr, Rafs, _Image, _LRU, check_name, substitute_blob_id
-from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo, Compressor, Digester
+from storage.device import BlobFeatures, BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo, Compressor, Digester
 from storage.structs import Scalar
 
 #: kernel EROFS "no block" marker in a chunk index: the chunk is a hole
@@ -577,7 +577,12 @@ class InodeV6(Inode):
                 raise FormatError(f"{where}: chunk index {ci} >= chunk_count {blob.chunk_count} of blob {bi}")
             info = fs.chunk_info(bi, ci)
             if info is None:
-                info = ChunkInfo(bi, ci, b"", 0, 0, 0, addr.blkaddr * bs, clen)
+                uoff = addr.blkaddr * bs
+                if blob.features & BlobFeatures.TARFS:
+                    # tarfs: the blob is the uncompressed tar, data sits at the same offset
+                    info = ChunkInfo(bi, ci, b"", 0, uoff, clen, uoff, clen)
+                else:
+                    info = ChunkInfo(bi, ci, b"", 0, 0, 0, uoff, clen)
             else:
                 if info.uncompressed_offset != addr.blkaddr * bs:
                     raise FormatError(
