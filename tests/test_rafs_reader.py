@@ -466,3 +466,19 @@ def test_concurrent_readers_agree(boots):
         finally:
             md.INODE_CACHE_SIZE = old
         assert all(r == expected for r in results), key
+
+
+def test_v6_without_chunk_table(vectors_dir, tmp_path):
+    """No bootstrap chunk table: descriptors still carry blob, ci index and uncompressed range."""
+    from rafs._blobfile import ChunkReadError, LocalBlobs
+
+    src = vectors_dir / TEXTURE / "bootstrap/rafs-v6-2.2.boot"
+    boot = _patched(src, tmp_path / "nct.boot", [(1184, bytes(8))])  # s_chunk_table_size = 0
+    with Rafs.open(boot) as fs:
+        (d,) = fs.lookup_path("/sync_io.rs").chunks(0, 20000)
+        assert (d.chunk.index, d.chunk.uncompressed_offset, d.chunk.uncompressed_size) == (1, 0x5000, 13400)
+        assert d.chunk.compressed_size == 0 and d.chunk.digest == b""
+        assert list(fs.chunk_table()) == []
+        with LocalBlobs(fs.blobs, blob_dir=str(vectors_dir / TEXTURE / "blobs")) as lb:
+            with pytest.raises(ChunkReadError, match="no compressed location"):
+                lb.read_chunk(d.blob, d.chunk)
