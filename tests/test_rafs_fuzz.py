@@ -3,7 +3,8 @@
 Every vector bootstrap is truncated, bit-flipped, byte-splatted and field-smashed (seeded, so
 failures reproduce), then opened and exercised: full walk (bounded for big images), attrs,
 xattrs, symlinks, chunk lists, lookups, readdir from offsets, inspect-style summaries.
-Default: >= 10,000 cases in well under a minute; ``NYDUS_SLOW=1`` runs 10x more plus hypothesis.
+Default: >= 10,000 random cases plus an exhaustive byte smash of the small images' metadata;
+``NYDUS_SLOW=1`` runs 10x more random cases plus hypothesis.
 """
 
 from __future__ import annotations
@@ -197,3 +198,31 @@ def test_fuzz_hypothesis(sources, tmp_path):
             pass
 
     run()
+
+
+@pytest.mark.parametrize("name,regions", [
+    # v6: superblock, ext SB, device slot, blob table, inodes + dirents + tails, chunk table
+    ("bootstrap/rafs-v6-2.2.boot", [(1024, 1408), (1408, 1536), (4096, 4352), (12288, 12672), (16384, 16544)]),
+    # v5: superblock fields, inode/blob/ext-blob tables, root and first child inodes
+    ("repeatable/sha256-nocompress-repeatable", [(0, 80), (8192, 8824)]),
+])
+def test_exhaustive_byte_smash(vectors_dir, tmp_path, name, regions):
+    """Every metadata byte of a small image set to 0xff and flipped in its low bit."""
+    data = (vectors_dir / TEXTURE / name).read_bytes()
+    path = str(tmp_path / "smash.boot")
+    outcomes = {"ok": 0, "rafs_error": 0}
+    for start, end in regions:
+        for off in range(start, end):
+            for val in {0xFF, data[off] ^ 1}:
+                buf = bytearray(data)
+                buf[off] = val
+                with open(path, "wb") as f:
+                    f.write(buf)
+                try:
+                    exercise(path)
+                    outcomes["ok"] += 1
+                except RafsError:
+                    outcomes["rafs_error"] += 1
+                except Exception as exc:  # pragma: no cover
+                    raise AssertionError(f"offset {off} value {val:#x}: {type(exc).__name__}: {exc}") from exc
+    assert outcomes["rafs_error"] > 200 and outcomes["ok"] > 200, outcomes
