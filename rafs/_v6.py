@@ -24,7 +24,7 @@ from rafs.layout.erofs import (
     xattr_ibody_size,
 )
 from rafs.layout.v6 import RafsV6Blob, RafsV6ChunkInfo, RafsV6SuperBlock, RafsV6SuperBlockExt
-from rafs.metadata import Inode, InodeAttr, Rafs, _Image, _LRU, check_name, substitute_blob_id
+from rafs.metadata import Inode, InodeAttr, Rafs, _Image, check_name, substitute_blob_id
 from storage.device import BlobFeatures, BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo, Compressor, Digester
 from storage.structs import Scalar
 
