@@ -482,3 +482,23 @@ def test_v6_without_chunk_table(vectors_dir, tmp_path):
         with LocalBlobs(fs.blobs, blob_dir=str(vectors_dir / TEXTURE / "blobs")) as lb:
             with pytest.raises(ChunkReadError, match="no compressed location"):
                 lb.read_chunk(d.blob, d.chunk)
+
+
+def test_open_is_lazy(boots):
+    """Opening parses only the superblocks, tables and root; a lookup touches only its path."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with Rafs.open(boots["v6large"]) as fs:
+            assert len(fs._inodes._data) == 1  # the root
+            assert fs._chunk_keys is None
+            perl = fs.lookup_path("/usr/bin/perl")
+            assert len(fs._inodes._data) == 4  # /, /usr, /usr/bin, perl
+            assert fs._chunk_keys is None
+            perl.chunks(0, 1)
+            assert fs._chunk_keys is not None and len(fs._chunk_keys) == 2515
+            _cur, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20  # the 643 KB bootstrap is mmapped, not copied
