@@ -81,8 +81,11 @@ class FileBlobCache(BlobCache):
             run.append(nxt)
             owned.append(nxt)
 
-    def ensure_ready(self, chunks: Sequence[ChunkInfo]) -> int:
-        """Fetch the chunks not yet cached (merged, once across threads); returns bytes fetched."""
+    def ensure_ready(self, chunks: Sequence[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None) -> int:
+        """Fetch the chunks not yet cached (merged, once across threads); returns bytes fetched.
+
+        Chunks this call fetched are also put in ``fresh`` (index → data) when given.
+        """
         self.last_access = time.monotonic()
         needed = {c.index: c for c in chunks}
         fetched = 0
@@ -100,13 +103,13 @@ class FileBlobCache(BlobCache):
                     self.metrics.cache_hits.inc()
             first = False
             if owned:
-                fetched += self._fetch_owned(owned)
+                fetched += self._fetch_owned(owned, fresh)
             for c in inflight:
                 self.chunk_map.wait_pending(c.index)
             needed = {c.index: c for c in inflight if not self.chunk_map.is_ready(c.index)}
         return fetched
 
-    def _fetch_owned(self, owned: list[ChunkInfo]) -> int:
+    def _fetch_owned(self, owned: list[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None) -> int:
         """Fetch chunks this thread owns; every owned chunk is released on every path."""
         error: StorageError | None = None
         fetched = 0
@@ -130,6 +133,8 @@ class FileBlobCache(BlobCache):
                     os.fdatasync(self._fd)
                 self.chunk_map.set_ready_and_clear_pending(good)
                 pending.difference_update(good)
+                if fresh is not None:
+                    fresh.update(good)
                 if bad:
                     self.chunk_map.clear_pending(bad)
                     pending.difference_update(bad)
@@ -145,21 +150,29 @@ class FileBlobCache(BlobCache):
 
     # -- reads ------------------------------------------------------------------------------------
     def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
-        self.ensure_ready([d.chunk for d in descs])  # type: ignore[misc]
-        out = bytearray()
-        pos = -1
-        length = 0
+        fresh: dict[int, bytes | memoryview] = {}
+        self.ensure_ready([d.chunk for d in descs], fresh)  # type: ignore[misc]
+        parts: list[bytes | memoryview] = []
+        pos = length = 0
         for d in descs:
-            off = d.chunk.uncompressed_offset + d.offset  # type: ignore[union-attr]
-            if off == pos + length and length:
+            c = d.chunk
+            data = fresh.get(c.index)  # type: ignore[union-attr]
+            if data is not None:  # fetched by this call: no need to read it back
+                if length:
+                    parts.append(self._pread(pos, length))
+                    length = 0
+                parts.append(memoryview(data)[d.offset : d.offset + d.size])
+                continue
+            off = c.uncompressed_offset + d.offset  # type: ignore[union-attr]
+            if length and off == pos + length:
                 length += d.size
                 continue
             if length:
-                out += self._pread(pos, length)
+                parts.append(self._pread(pos, length))
             pos, length = off, d.size
         if length:
-            out += self._pread(pos, length)
-        return bytes(out)
+            parts.append(self._pread(pos, length))
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
 
     def _pread(self, offset: int, size: int) -> bytes:
         data = os.pread(self._fd, size, offset)
