@@ -5,7 +5,11 @@ Per blob, in ``work_dir``:
 * ``<blob_id>.blob.data`` — uncompressed chunk data at each chunk's ``uncompressed_offset``
   (a sparse file of the blob's uncompressed size);
 * ``<blob_id>.chunk_map`` — an :class:`~storage.cache.state.IndexedChunkMap`;
-* ``<blob_id>.blob.meta`` — the blob's chunk-info table (when known).
+* ``<blob_id>.blob.meta`` — the blob's chunk-info (CI) table: loaded from this file when present
+  (the snapshotter copies it there), else fetched once from the blob (the blob-table
+  ``ci_offset``/``ci_compressed_size`` or the TOC's ``blob.meta`` section) and cached. When a
+  blob has a CI table, its compressed offsets/sizes are authoritative over the bootstrap's chunk
+  info; without one (v5, or no CI fields) the bootstrap's ``ChunkInfo`` is used as is.
 
 A chunk is marked ready only after its data is written and ``fdatasync``-ed, so a crash never
 leaves a ready bit over a torn write; a restarted process reuses every ready chunk. A corrupt
@@ -23,8 +27,9 @@ from collections.abc import Iterable, Sequence
 from storage.backend.base import BlobBackend, BlobReader
 from storage.cache.base import BlobCache, BlobCacheManager, CacheConfig, merge_runs
 from storage.cache.state import ChunkState, IndexedChunkMap
-from storage.device import BlobInfo, BlobIoDesc, ChunkInfo
-from storage.errors import CacheError, StorageError
+from storage.device import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
+from storage.errors import CacheError, MetaFormatError, StorageError
+from storage.meta.blob_meta import BlobMeta, load_blob_meta_file, load_from_blob, write_blob_meta_file
 from storage.metrics import StorageMetrics
 
 log = logging.getLogger(__name__)
@@ -55,7 +60,76 @@ class FileBlobCache(BlobCache):
             os.close(self._fd)
             raise
         self._chunk_table: list[ChunkInfo] | None = None
+        self.meta_path = os.path.join(work_dir, blob.blob_id + META_SUFFIX)
+        self._meta: BlobMeta | None = None
+        self._meta_state = "unloaded"  # unloaded | loaded | absent
+        self._meta_lock = threading.Lock()
         self.last_access = time.monotonic()
+
+    # -- CI table ---------------------------------------------------------------------------------
+    def _has_ci_table(self) -> bool:
+        b = self.blob
+        return b.ci_compressed_size > 0 or b.has(BlobFeatures.HAS_TOC)
+
+    def blob_meta(self) -> BlobMeta | None:
+        """The blob's CI table (cached file, else fetched from the blob once), or None."""
+        if self._meta_state != "unloaded":
+            return self._meta
+        with self._meta_lock:
+            if self._meta_state != "unloaded":
+                return self._meta
+            meta = None
+            if os.path.exists(self.meta_path):
+                try:
+                    meta = load_blob_meta_file(self.meta_path)
+                    self._check_meta(meta)
+                except (MetaFormatError, OSError) as exc:
+                    log.warning("discarding %s: %s", self.meta_path, exc)
+                    meta = None
+                    os.unlink(self.meta_path)
+            if meta is None and self._has_ci_table():
+                b = self.blob
+                try:
+                    if b.ci_compressed_size:
+                        meta = load_from_blob(self.reader.read, self.reader.blob_size(), ci_offset=b.ci_offset,
+                                              ci_compressed_size=b.ci_compressed_size,
+                                              ci_uncompressed_size=b.ci_uncompressed_size or None,
+                                              ci_compressor=int(b.ci_compressor), chunk_count=b.chunk_count)
+                    else:
+                        meta = load_from_blob(self.reader.read, self.reader.blob_size())
+                    self._check_meta(meta)
+                except MetaFormatError as exc:
+                    log.warning("blob %s: unusable CI table, using bootstrap chunk info: %s", b.blob_id, exc)
+                    meta = None
+                if meta is not None:
+                    write_blob_meta_file(self.meta_path, meta)
+            self._meta = meta
+            self._meta_state = "loaded" if meta is not None else "absent"
+            if meta is not None and self._chunk_table is None:
+                self._chunk_table = [self._from_ci(i, b"") for i in range(meta.chunk_count)]
+            return meta
+
+    def _check_meta(self, meta: BlobMeta) -> None:
+        if meta.chunk_count < self.blob.chunk_count:
+            raise MetaFormatError(f"CI table has {meta.chunk_count} entries, blob table says {self.blob.chunk_count}")
+        if meta.header.s_features & (BlobFeatures.ZRAN | BlobFeatures.BATCH | BlobFeatures.ENCRYPTED):
+            raise MetaFormatError(f"CI features {meta.header.s_features:#x} (zran/batch/encrypted) not supported")
+
+    def _from_ci(self, index: int, digest: bytes) -> ChunkInfo:
+        assert self._meta is not None
+        ci = self._meta.chunks[index]
+        return ChunkInfo(self.blob.blob_index, index, digest, int(ChunkFlags.COMPRESSED) if ci.is_compressed else 0,
+                         ci.compressed_offset, ci.compressed_size, ci.uncompressed_offset, ci.uncompressed_size)
+
+    def resolve(self, chunk: ChunkInfo) -> ChunkInfo:
+        """``chunk`` with the CI table's authoritative offsets and sizes (when the blob has one)."""
+        meta = self.blob_meta()
+        if meta is None:
+            return chunk
+        if not 0 <= chunk.index < meta.chunk_count:
+            raise MetaFormatError(f"blob {self.blob.blob_id}: chunk index {chunk.index} beyond CI table "
+                                  f"({meta.chunk_count} entries)")
+        return self._from_ci(chunk.index, chunk.digest)
 
     def set_chunk_table(self, chunks: Sequence[ChunkInfo]) -> None:
         """The blob's full chunk list by index (enables read amplification, whole-blob prefetch)."""
@@ -63,6 +137,7 @@ class FileBlobCache(BlobCache):
 
     # -- fetch ------------------------------------------------------------------------------------
     def _amplify(self, run: list[ChunkInfo], owned: list[ChunkInfo]) -> None:
+        self.blob_meta()
         table = self._chunk_table
         if not self.config.amplify_io or table is None:
             return
@@ -87,7 +162,7 @@ class FileBlobCache(BlobCache):
         Chunks this call fetched are also put in ``fresh`` (index → data) when given.
         """
         self.last_access = time.monotonic()
-        needed = {c.index: c for c in chunks}
+        needed = {c.index: c for c in map(self.resolve, chunks)}
         fetched = 0
         first = True
         while needed:
@@ -155,15 +230,15 @@ class FileBlobCache(BlobCache):
         parts: list[bytes | memoryview] = []
         pos = length = 0
         for d in descs:
-            c = d.chunk
-            data = fresh.get(c.index)  # type: ignore[union-attr]
+            c = self.resolve(d.chunk)  # type: ignore[arg-type]
+            data = fresh.get(c.index)
             if data is not None:  # fetched by this call: no need to read it back
                 if length:
                     parts.append(self._pread(pos, length))
                     length = 0
                 parts.append(memoryview(data)[d.offset : d.offset + d.size])
                 continue
-            off = c.uncompressed_offset + d.offset  # type: ignore[union-attr]
+            off = c.uncompressed_offset + d.offset
             if length and off == pos + length:
                 length += d.size
                 continue
@@ -184,6 +259,7 @@ class FileBlobCache(BlobCache):
         return self.ensure_ready(chunks)
 
     def whole_blob_chunks(self) -> list[ChunkInfo] | None:
+        self.blob_meta()
         return self._chunk_table
 
     def is_complete(self) -> bool:
