@@ -101,6 +101,26 @@ class TokenIssuer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_POST(self):  # OAuth2 refresh-token grant (docker "identitytoken")
+                length = int(self.headers.get("Content-Length", "0") or 0)
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                issuer_self.requests.append({"auth": "refresh_token:" + form.get("refresh_token", [""])[0],
+                                             "scope": " ".join(form.get("scope", []))})
+                if form.get("grant_type") != ["refresh_token"] or \
+                        form.get("refresh_token") != [issuer_self.refresh_token]:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                token = issuer_self.mint(form.get("scope", []), subject="refresh")
+                body = json.dumps({"access_token": token, "expires_in": issuer_self.expires_in}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.refresh_token = "identity-" + os.urandom(8).hex()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
         self.realm = f"http://127.0.0.1:{self.port}/token"
@@ -133,11 +153,38 @@ class TokenIssuer:
         self._server.server_close()
 
 
+def _self_signed(workdir: str, ip: str) -> tuple[str, str]:
+    """A self-signed server certificate for ``ip``; returns (cert.pem, key.pem) paths."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(workdir, "tls-cert.pem"), os.path.join(workdir, "tls-key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 class LocalRegistry:
     """``docker-registry`` on a free loopback port; ``auth`` is None, "htpasswd" or "token"."""
 
     def __init__(self, workdir: str, *, auth: str | None = None, users: dict[str, str] | None = None,
-                 token_issuer: TokenIssuer | None = None) -> None:
+                 token_issuer: TokenIssuer | None = None, tls: bool = False) -> None:
         if REGISTRY_BIN is None:
             raise RuntimeError("docker-registry not installed")
         self.workdir = workdir
@@ -146,7 +193,8 @@ class LocalRegistry:
         self.token_issuer = token_issuer
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
+        self.ca_path: str | None = None
         cfg: dict = {
             "version": 0.1,
             "log": {"level": "warn", "accesslog": {"disabled": True}},
@@ -154,6 +202,10 @@ class LocalRegistry:
                         "delete": {"enabled": True}},
             "http": {"addr": self.host},
         }
+        if tls:
+            cert, key = _self_signed(workdir, "127.0.0.1")
+            self.ca_path = cert
+            cfg["http"]["tls"] = {"certificate": cert, "key": key}
         if auth == "htpasswd":
             import bcrypt
 
@@ -176,7 +228,7 @@ class LocalRegistry:
         deadline = time.monotonic() + 15
         while True:
             try:
-                if requests.get(self.url + "/v2/", timeout=1).status_code in (200, 401):
+                if requests.get(self.url + "/v2/", timeout=1, verify=self.ca_path or True).status_code in (200, 401):
                     break
             except requests.RequestException:
                 pass
@@ -197,12 +249,14 @@ class LocalRegistry:
         """Monolithic upload (POST then PUT ?digest=); returns the hex digest (= blob id)."""
         digest = hashlib.sha256(data).hexdigest()
         headers = self._auth_headers(repo)
-        r = requests.post(f"{self.url}/v2/{repo}/blobs/uploads/", headers=headers, timeout=30)
+        verify = self.ca_path or True
+        r = requests.post(f"{self.url}/v2/{repo}/blobs/uploads/", headers=headers, timeout=30, verify=verify)
         assert r.status_code == 202, (r.status_code, r.text)
         loc = urllib.parse.urljoin(self.url, r.headers["Location"])
         sep = "&" if "?" in loc else "?"
         r = requests.put(f"{loc}{sep}digest=sha256:{digest}", data=data,
-                         headers={**headers, "Content-Type": "application/octet-stream"}, timeout=120)
+                         headers={**headers, "Content-Type": "application/octet-stream"}, timeout=120,
+                         verify=verify)
         assert r.status_code == 201, (r.status_code, r.text)
         return digest
 

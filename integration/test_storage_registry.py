@@ -14,7 +14,7 @@ from storage.backend.registry import RegistryClient, Credentials
 from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
 from storage.device import BlobDevice
-from storage.errors import AuthError, BlobNotFound, ChunkDigestMismatch, RegistryUnavailable
+from storage.errors import AuthError, BlobNotFound, ChunkDigestMismatch, RegistryError, RegistryUnavailable
 from tests.storage_blobs import make_blob
 
 pytestmark = pytest.mark.skipif(REGISTRY_BIN is None, reason="docker-registry (Debian package) not installed")
@@ -240,3 +240,33 @@ def test_32_concurrent_readers_fetch_each_chunk_once(tmp_path, blob, fault_proxy
                 counts[c.index] = counts.get(c.index, 0) + 1
     assert counts and max(counts.values()) == 1, counts
     _read_all(dev, blob)
+
+
+def test_identity_token_from_docker_config(tmp_path, token_registry, blob):
+    issuer = token_registry.token_issuer
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"auths": {token_registry.host: {
+        "auth": base64.b64encode(b"<token>:").decode(), "identitytoken": issuer.refresh_token}}}))
+    backend = _backend(token_registry.host, docker_config=str(cfg))
+    assert backend.reader(blob.blob_id).read(0, 100) == blob.data[:100]
+    assert issuer.requests[-1]["auth"] == "refresh_token:" + issuer.refresh_token
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory, blob):
+    reg = LocalRegistry(str(tmp_path_factory.mktemp("reg-tls")), tls=True)
+    reg.push_blob(REPO, blob.data)
+    yield reg
+    reg.stop()
+
+
+def test_https_with_custom_ca_and_skip_verify(tls_registry, blob):
+    def backend(**extra):
+        cfg = {"scheme": "https", "host": tls_registry.host, "repo": REPO, "retry_limit": 0,
+               "docker_config": "/nonexistent/config.json", **extra}
+        return backend_from_config({"type": "registry", "config": cfg})
+
+    assert backend(ca_cert_files=[tls_registry.ca_path]).reader(blob.blob_id).read(0, 50) == blob.data[:50]
+    assert backend(skip_verify=True).reader(blob.blob_id).read(50, 50) == blob.data[50:100]
+    with pytest.raises(RegistryError, match="TLS"):
+        backend().reader(blob.blob_id).read(0, 50)

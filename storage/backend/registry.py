@@ -301,6 +301,8 @@ class RegistryClient:
             try:
                 resp = self.session.request(method, url, headers=send, data=data, stream=stream, params=params,
                                             timeout=timeout or self.timeout, allow_redirects=False)
+            except requests.exceptions.SSLError as exc:  # not worth retrying: a config problem
+                raise RegistryError(f"{method} {url}: TLS: {exc}") from exc
             except _TRANSPORT_ERRORS as exc:
                 raise RegistryUnavailable(f"{method} {url}: {exc}") from exc
             if resp.status_code not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
