@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from storage.backend.base import BlobBackend, BlobReader
 from storage.cache.base import BlobCache, BlobCacheManager, CacheConfig, merge_runs
@@ -60,6 +60,7 @@ class FileBlobCache(BlobCache):
             os.close(self._fd)
             raise
         self._chunk_table: list[ChunkInfo] | None = None
+        self.after_fetch: Callable[[], None] | None = None  #: set by the manager (size limit)
         self.meta_path = os.path.join(work_dir, blob.blob_id + META_SUFFIX)
         self._meta: BlobMeta | None = None
         self._meta_state = "unloaded"  # unloaded | loaded | absent
@@ -219,6 +220,8 @@ class FileBlobCache(BlobCache):
         finally:
             if pending:
                 self.chunk_map.clear_pending(pending)
+        if fetched and self.after_fetch is not None:
+            self.after_fetch()
         if error is not None:
             raise error
         return fetched
@@ -313,6 +316,7 @@ class FileCacheManager(BlobCacheManager):
                     self.metrics.cache_corrupt_resets.inc()
                     self._remove_files(blob.blob_id)
                     cache = FileBlobCache(self.work_dir, blob, reader, self.config, self.metrics)
+                cache.after_fetch = self.maybe_enforce_limit
                 self._caches[blob.blob_id] = cache
             self._refs[blob.blob_id] = self._refs.get(blob.blob_id, 0) + 1
             return cache
