@@ -199,6 +199,7 @@ class LocalRegistry:
             "version": 0.1,
             "log": {"level": "warn", "accesslog": {"disabled": True}},
             "storage": {"filesystem": {"rootdirectory": os.path.join(workdir, "data")},
+                        "cache": {"blobdescriptor": "inmemory"},  # as Debian's stock config
                         "delete": {"enabled": True}},
             "http": {"addr": self.host},
         }

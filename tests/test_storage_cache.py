@@ -26,7 +26,8 @@ from tests.storage_blobs import make_blob
 
 def test_cache_config_defaults():
     c = CacheConfig()
-    assert (c.validate_digest, c.merging_size, c.amplify_io, c.limit_size, c.sync_data) == (True, 1 << 20, 0, 0, True)
+    assert (c.validate_digest, c.merging_size, c.amplify_io, c.limit_size, c.sync_data, c.fetch_threads) == (
+        True, 1 << 20, 0, 0, True, 4)
 
 
 def test_chunk_map_header_size():

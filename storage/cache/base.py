@@ -26,6 +26,7 @@ class CacheConfig:
     amplify_io: int = 0  #: extend small requests with following chunks up to this size (0 = off)
     limit_size: int = 0  #: cache size limit in bytes; 0 = unlimited (LRU eviction of unused blobs)
     sync_data: bool = True  #: fdatasync chunk data before marking it ready (crash safety)
+    fetch_threads: int = 4  #: runs of one request fetched in parallel (1 = sequential)
 
 
 def merge_runs(chunks: Sequence[ChunkInfo], merging_size: int) -> list[list[ChunkInfo]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -61,6 +62,7 @@ class FileBlobCache(BlobCache):
             raise
         self._chunk_table: list[ChunkInfo] | None = None
         self.after_fetch: Callable[[], None] | None = None  #: set by the manager (size limit)
+        self.fetch_pool: ThreadPoolExecutor | None = None  #: set by the manager (parallel runs)
         self.meta_path = os.path.join(work_dir, blob.blob_id + META_SUFFIX)
         self._meta: BlobMeta | None = None
         self._meta_state = "unloaded"  # unloaded | loaded | absent
@@ -137,7 +139,8 @@ class FileBlobCache(BlobCache):
         self._chunk_table = sorted(chunks, key=lambda c: c.index)
 
     # -- fetch ------------------------------------------------------------------------------------
-    def _amplify(self, run: list[ChunkInfo], owned: list[ChunkInfo]) -> None:
+    def _amplify(self, run: list[ChunkInfo]) -> None:
+        """Extend ``run`` with following chunks (claimed here) up to ``amplify_io`` bytes."""
         self.blob_meta()
         table = self._chunk_table
         if not self.config.amplify_io or table is None:
@@ -155,7 +158,6 @@ class FileBlobCache(BlobCache):
             if self.chunk_map.try_mark_pending(nxt.index) is not ChunkState.OWNED:
                 return
             run.append(nxt)
-            owned.append(nxt)
 
     def ensure_ready(self, chunks: Sequence[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None) -> int:
         """Fetch the chunks not yet cached (merged, once across threads); returns bytes fetched.
@@ -163,6 +165,9 @@ class FileBlobCache(BlobCache):
         Chunks this call fetched are also put in ``fresh`` (index → data) when given.
         """
         self.last_access = time.monotonic()
+        if self.chunk_map.all_ready():  # fast path: a complete blob
+            self.metrics.cache_hits.inc(len(chunks))
+            return 0
         needed = {c.index: c for c in map(self.resolve, chunks)}
         fetched = 0
         first = True
@@ -186,45 +191,62 @@ class FileBlobCache(BlobCache):
         return fetched
 
     def _fetch_owned(self, owned: list[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None) -> int:
-        """Fetch chunks this thread owns; every owned chunk is released on every path."""
-        error: StorageError | None = None
-        fetched = 0
-        pending = {c.index for c in owned}
+        """Fetch chunks this thread owns (runs in parallel on the manager's fetch pool);
+        every owned chunk is released on every path."""
+        runs = merge_runs(owned, self.config.merging_size)
+        owned_ids = {c.index for c in owned}
+        results: list[tuple[int, StorageError | None]] = []
+        pending = set(owned_ids)
         try:
-            for run in merge_runs(owned, self.config.merging_size):
-                extra: list[ChunkInfo] = []
-                self._amplify(run, extra)
-                pending.update(c.index for c in extra)
-                try:
-                    good, bad = self.fetch_run(run)
-                except StorageError as exc:
-                    error = error or exc
-                    continue
-                fetched += run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset
-                self.metrics.cache_misses.inc(len(run))
-                for c in run:
-                    if c.index in good:
-                        os.pwrite(self._fd, good[c.index], c.uncompressed_offset)
-                if good and self.config.sync_data:
-                    os.fdatasync(self._fd)
-                self.chunk_map.set_ready_and_clear_pending(good)
-                pending.difference_update(good)
-                if fresh is not None:
-                    fresh.update(good)
-                if bad:
-                    self.chunk_map.clear_pending(bad)
-                    pending.difference_update(bad)
-                    wanted = [i for i in bad if any(o.index == i for o in owned)]
-                    if wanted and error is None:
-                        error = bad[wanted[0]]
+            if len(runs) > 1 and self.fetch_pool is not None:
+                results = list(self.fetch_pool.map(lambda r: self._complete_run(r, owned_ids, fresh), runs))
+            else:
+                for run in runs:
+                    self._amplify(run)
+                    results.append(self._complete_run(run, owned_ids, fresh))
+            pending.clear()
         finally:
-            if pending:
-                self.chunk_map.clear_pending(pending)
+            if pending:  # interrupted (e.g. KeyboardInterrupt): release what we still own
+                self.chunk_map.clear_pending([i for i in pending if not self.chunk_map.is_ready(i)])
+        fetched = sum(n for n, _ in results)
         if fetched and self.after_fetch is not None:
             self.after_fetch()
-        if error is not None:
-            raise error
+        for _, err in results:
+            if err is not None:
+                raise err
         return fetched
+
+    def _complete_run(self, run: list[ChunkInfo], wanted: set[int],
+                      fresh: dict[int, bytes | memoryview] | None) -> tuple[int, StorageError | None]:
+        """Fetch, process, write, sync and mark one run; returns (bytes fetched, error for ``wanted``)."""
+        indices = [c.index for c in run]
+        try:
+            good, bad = self.fetch_run(run)
+        except StorageError as exc:
+            self.chunk_map.clear_pending(indices)
+            return 0, exc
+        except BaseException:
+            self.chunk_map.clear_pending(indices)
+            raise
+        try:
+            for c in run:
+                if c.index in good:
+                    os.pwrite(self._fd, good[c.index], c.uncompressed_offset)
+            if good and self.config.sync_data:
+                os.fdatasync(self._fd)
+        except OSError as exc:
+            self.chunk_map.clear_pending(indices)
+            return 0, CacheError(f"{self.path}: write: {exc}")
+        except BaseException:
+            self.chunk_map.clear_pending(indices)
+            raise
+        self.chunk_map.set_ready_and_clear_pending(good)
+        self.chunk_map.clear_pending(bad)
+        self.metrics.cache_misses.inc(len(run))
+        if fresh is not None:
+            fresh.update(good)
+        error = next((bad[i] for i in bad if i in wanted), None)
+        return run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset, error
 
     # -- reads ------------------------------------------------------------------------------------
     def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
@@ -303,6 +325,14 @@ class FileCacheManager(BlobCacheManager):
         self._caches: dict[str, FileBlobCache] = {}
         self._refs: dict[str, int] = {}
         self._last_evict_check = 0.0
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _fetch_pool(self) -> ThreadPoolExecutor | None:
+        if self.config.fetch_threads <= 1:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.config.fetch_threads, thread_name_prefix="blob-fetch")
+        return self._pool
 
     def get_blob_cache(self, blob: BlobInfo) -> FileBlobCache:
         with self._lock:
@@ -317,6 +347,7 @@ class FileCacheManager(BlobCacheManager):
                     self._remove_files(blob.blob_id)
                     cache = FileBlobCache(self.work_dir, blob, reader, self.config, self.metrics)
                 cache.after_fetch = self.maybe_enforce_limit
+                cache.fetch_pool = self._fetch_pool()
                 self._caches[blob.blob_id] = cache
             self._refs[blob.blob_id] = self._refs.get(blob.blob_id, 0) + 1
             return cache
@@ -412,3 +443,6 @@ class FileCacheManager(BlobCacheManager):
                 cache.close()
             self._caches.clear()
             self._refs.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
