@@ -116,7 +116,7 @@ def main() -> None:
                          compressor=Compressor.ZSTD, seed=5)
         print(f"blob: {len(blob.data) / 1e6:.0f} MB, {blob.info.chunk_count} chunks of {args.chunk_kb} KiB "
               f"(built in {time.monotonic() - t0:.1f}s)")
-        registry = LocalRegistry(tmp)
+        registry = LocalRegistry(tmp, quiet=True)
         try:
             registry.push_blob(REPO, blob.data)
             url = f"{registry.url}/v2/{REPO}/blobs/sha256:{blob.blob_id}"

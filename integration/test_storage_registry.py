@@ -212,7 +212,8 @@ def test_wrong_bytes_never_returned_or_cached(tmp_path, blob, fault_proxy):
     _read_all(dev, blob)
 
 
-def test_32_concurrent_readers_fetch_each_chunk_once(tmp_path, blob, fault_proxy):
+def test_32_concurrent_readers_fetch_each_chunk_once(tmp_path, registry, blob, fault_proxy):
+    mark = registry.registry.log_mark()
     backend = _backend(fault_proxy.host)
     _, dev = _device(tmp_path, backend, blob, merging_size=4 * 16384)
     errors: list[BaseException] = []
@@ -239,6 +240,9 @@ def test_32_concurrent_readers_fetch_each_chunk_once(tmp_path, blob, fault_proxy
             if lo <= c.compressed_offset <= hi:
                 counts[c.index] = counts.get(c.index, 0) + 1
     assert counts and max(counts.values()) == 1, counts
+    # the registry's own access log agrees: no byte was served twice
+    ranged = sum(hi - lo + 1 for lo, hi in (r.range_bounds for r in fault_proxy.blob_gets()))
+    assert registry.registry.bytes_fetched(since=mark) == ranged <= len(blob.data)
     _read_all(dev, blob)
 
 
