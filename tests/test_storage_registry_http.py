@@ -60,16 +60,28 @@ def _serve_range(h):
         _reply(h, 200, BLOB)
 
 
+EXPIRED: set[str] = set()
+
+
+def _storage(h):
+    sig = h.path.rpartition("sig=")[2]
+    if sig in EXPIRED:
+        return _reply(h, 403)
+    _serve_range(h)
+
+
 @pytest.fixture
 def servers():
-    storage = _Server(_serve_range)
+    EXPIRED.clear()
+    storage = _Server(_storage)
     expected = Credentials("u", "p").basic()
+    sigs = iter(range(1, 100))
 
     def registry(h):
         if h.headers.get("Authorization") != expected:
             return _reply(h, 401, headers=[("WWW-Authenticate", 'Basic realm="r"')])
         if h.path.startswith("/v2/r/blobs/"):
-            return _reply(h, 307, headers=[("Location", storage.url + "/data/blob?sig=1")])
+            return _reply(h, 307, headers=[("Location", f"{storage.url}/data/blob?sig={next(sigs)}")])
         return _reply(h, 404)
 
     reg = _Server(registry)
@@ -85,6 +97,14 @@ def test_redirect_drops_authorization_off_host(servers):
     assert client.blob_size(BLOB_ID) == len(BLOB)
     assert storage.seen and all(auth is None for _, _, auth in storage.seen)
     assert any(auth == Credentials("u", "p").basic() for _, _, auth in reg.seen)
+    # the redirected URL is reused: the registry is not asked again for this blob's data
+    n = len(reg.seen)
+    assert client.read_blob_range(BLOB_ID, 5, 5) == BLOB[5:10]
+    assert len(reg.seen) == n
+    assert all(auth is None for _, _, auth in storage.seen)
+    EXPIRED.update({"1", "2"})  # the presigned URLs expire: ask the registry again
+    assert client.read_blob_range(BLOB_ID, 7, 3) == BLOB[7:10]
+    assert len(reg.seen) > n
     client.close()
 
 
