@@ -298,3 +298,61 @@ def test_nocache_reads_every_time(tmp_path):
         assert dev.read(b.iovec(0, 3 * 4096)) == b.plain[: 3 * 4096]
     assert len(backend.requests) == 2
     assert dev.blob_data_path(0) is None
+
+
+def test_random_faults_never_yield_wrong_data(tmp_path):
+    """Threads read while the backend randomly corrupts, truncates, fails: every read returns the
+    right bytes or a StorageError, and no chunk is ever marked ready with wrong data."""
+    import random
+
+    from storage.errors import StorageError
+
+    b = make_blob(64, compressor=Compressor.LZ4_BLOCK)
+    rng = random.Random(11)
+    lock = threading.Lock()
+
+    def fault(blob_id, off, size):
+        with lock:
+            r = rng.random()
+        data = b.data[off : off + size]
+        if r < 0.15:
+            raise TransientBackendError("reset")
+        if r < 0.25:
+            return data[: size // 2]
+        if r < 0.4:
+            bad = bytearray(data)
+            bad[len(bad) // 3] ^= 0x55
+            return bytes(bad)
+        return None
+
+    backend = MemoryBackend({b.blob_id: b.data}, fault=fault, retry_limit=1)
+    mgr, dev = _device(tmp_path, [b], backend, merging_size=3 * 4096)
+    outcomes = {"ok": 0, "err": 0}
+    wrong = []
+
+    def reader(k):
+        r = random.Random(k)
+        for _ in range(20):
+            off = r.randrange(60) * 4096 + r.randrange(4096)
+            try:
+                data = dev.read(b.iovec(off, 8000))
+            except StorageError:
+                outcomes["err"] += 1
+                continue
+            outcomes["ok"] += 1
+            if data != b.plain[off : off + 8000]:
+                wrong.append(off)
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+    assert outcomes["ok"] and outcomes["err"]
+    cache = mgr.get_blob_cache(b.info)
+    data = open(cache.path, "rb").read()
+    for c in b.chunks:
+        if cache.chunk_map.is_ready(c.index):
+            assert data[c.uncompressed_offset : c.uncompressed_offset + c.uncompressed_size] == \
+                b.plain[c.uncompressed_offset : c.uncompressed_offset + c.uncompressed_size]
