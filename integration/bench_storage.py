@@ -1,7 +1,7 @@
 """Storage benchmark (not a test): ``python3 -m integration.bench_storage [--size-mb N]``.
 
 1. Cold read of a ≥200 MB blob from a real docker-registry through RegistryBackend + the file
-   cache (digest validation and fdatasync on), reading 16 MiB ranges with 1 or 4 readers, against
+   cache (digest validation and fdatasync on), reading 32 MiB ranges with 1 or 2 readers, merged into requests of 1-16 MiB, against
    ``curl -o`` downloading the same blob in the same run (best of 2).
    Goal: ≥ 0.8× curl's throughput.
 2. Warm cached random 4 KiB reads per second through BlobDevice.
@@ -37,7 +37,7 @@ def _curl(url: str, out: str) -> float:
 
 
 def _cold_read(tmp: str, registry: LocalRegistry, blob, *, threads: int, merging_size: int,
-               read_size: int = 16 << 20) -> float:
+               read_size: int = 32 << 20) -> float:
     cache_dir = os.path.join(tmp, f"cache-{threads}-{merging_size}")
     backend = backend_from_config({"type": "registry", "config": {
         "scheme": "http", "host": registry.host, "repo": REPO, "docker_config": "/nonexistent"}})
@@ -128,10 +128,12 @@ def main() -> None:
             mb = len(blob.data) / 1e6
             print(f"curl:                    {mb / curl_t:8.1f} MB/s")
             best = None
-            for threads, merging in ((1, 1 << 20), (1, 8 << 20), (4, 8 << 20)):
+            # docker-registry spends ~5 ms of CPU per blob GET whatever its size, so throughput
+            # follows the merged request size (merging_size), not the reader count
+            for threads, merging in ((1, 1 << 20), (1, 8 << 20), (1, 16 << 20), (2, 16 << 20)):
                 t = _cold_read(tmp, registry, blob, threads=threads, merging_size=merging)
                 ratio = curl_t / t
-                print(f"cold read, {threads} reader(s) of 16 MiB, merge {merging >> 20} MiB: {mb / t:8.1f} MB/s  "
+                print(f"cold read, {threads} reader(s) of 32 MiB, merge {merging >> 20} MiB: {mb / t:8.1f} MB/s  "
                       f"ratio vs curl {ratio:.2f}x")
                 best = max(best or 0, ratio)
             print(f"best cold ratio vs curl: {best:.2f}x (goal >= 0.80x)")
