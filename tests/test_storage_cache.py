@@ -356,3 +356,21 @@ def test_random_faults_never_yield_wrong_data(tmp_path):
         if cache.chunk_map.is_ready(c.index):
             assert data[c.uncompressed_offset : c.uncompressed_offset + c.uncompressed_size] == \
                 b.plain[c.uncompressed_offset : c.uncompressed_offset + c.uncompressed_size]
+
+
+def test_unknown_chunk_count_grows_the_map(tmp_path):
+    """v5 images without the extended blob table have chunk_count 0: the map grows."""
+    import dataclasses
+
+    b = make_blob(20)
+    info = dataclasses.replace(b.info, chunk_count=0, uncompressed_size=0)
+    backend = MemoryBackend({b.blob_id: b.data})
+    mgr = FileCacheManager(str(tmp_path), backend)
+    dev = BlobDevice([info], mgr)
+    descs = [dataclasses.replace(d, blob=info) for d in b.iovec(17 * 4096, 3 * 4096)]
+    assert dev.read(BlobIoVec(descs)) == b.plain[17 * 4096 : 20 * 4096]
+    assert dev.blob_data_path(0) is None
+    dev.close()
+    mgr.close()
+    m = IndexedChunkMap(str(tmp_path / f"{b.blob_id}.chunk_map"), 0)
+    assert m.ready_indices() == [17, 18, 19] and not m.all_ready()
