@@ -274,3 +274,24 @@ def test_https_with_custom_ca_and_skip_verify(tls_registry, blob):
     assert backend(skip_verify=True).reader(blob.blob_id).read(50, 50) == blob.data[50:100]
     with pytest.raises(RegistryError, match="TLS"):
         backend().reader(blob.blob_id).read(0, 50)
+
+
+def test_nocache_and_prefetch_over_registry(tmp_path, registry, blob):
+    from storage.cache.nocache import NoCacheManager
+    from storage.prefetch import PrefetchConfig
+
+    dev = BlobDevice([blob.info], NoCacheManager(None, _backend(registry.host)))
+    _read_all(dev, blob)
+    dev.close()
+    backend = _backend(registry.host)
+    mgr = FileCacheManager(str(tmp_path / "cache"), backend)
+    dev = BlobDevice([blob.info], mgr, prefetch_config=PrefetchConfig(bandwidth_rate=10 << 20))
+    assert dev.prefetch_blob(0, blob.chunks)
+    assert dev.prefetcher.wait(30)
+    assert dev.blob_data_path(0)
+    assert mgr.metrics.prefetch_bytes.value == len(blob.data)
+    before = mgr.metrics.backend_read_count.value
+    _read_all(dev, blob)
+    assert mgr.metrics.backend_read_count.value == before
+    assert "nydus_storage_prefetch_bytes_total" in mgr.metrics.render()
+    dev.close()
