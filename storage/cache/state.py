@@ -15,8 +15,8 @@
 Drivers: :class:`IndexedChunkMap` (a persisted bitmap by chunk index, the default),
 :class:`NoopChunkMap` (nothing is ever ready; no-cache mode).
 
-``<blob_id>.chunk_map`` layout: a 4096-byte :class:`ChunkMapHeader` {magic, version, magic2,
-all_ready}, then one bit per chunk, most significant bit first. A file of the wrong size or with
+``<blob_id>.chunk_map`` layout: a 4096-byte :class:`~storage.meta.chunk_map.ChunkMapHeader`
+{magic, version, magic2, all_ready}, then one bit per chunk, most significant bit first. A file of the wrong size or with
 a bad magic is corrupt (:class:`~storage.errors.CacheError`); an all-zero header (crash while
 creating) gets a fresh header.
 """
@@ -29,37 +29,15 @@ import threading
 from collections.abc import Iterable
 from typing import Protocol
 
-from storage.errors import CacheError
-from storage.structs import Struct
-
-CHUNK_MAP_MAGIC = 0x424D4150
-CHUNK_MAP_MAGIC2 = 0x434D4150
-CHUNK_MAP_ALL_READY = 0x4D4D4150
-CHUNK_MAP_VERSION = 1
-CHUNK_MAP_HEADER_SIZE = 4096
-
-
-class ChunkMapHeader(Struct):
-    """4096-byte header of a persisted chunk map (upstream ``persist_map.rs``)."""
-
-    FIELDS = (
-        ("magic", "u32"),
-        ("version", "u32"),
-        ("magic2", "u32"),
-        ("all_ready", "u32"),  #: ``CHUNK_MAP_ALL_READY`` once every chunk is ready
-        ("reserved", "4080s"),
-    )
-
-    def validate(self) -> None:
-        if self.magic != CHUNK_MAP_MAGIC:
-            raise CacheError(f"chunk map: bad magic {self.magic:#x}")
-        if self.magic2 != CHUNK_MAP_MAGIC2:
-            raise CacheError(f"chunk map: bad magic2 {self.magic2:#x}")
-        if self.version != CHUNK_MAP_VERSION:
-            raise CacheError(f"chunk map: unsupported version {self.version}")
-        if self.all_ready not in (0, CHUNK_MAP_ALL_READY):
-            raise CacheError(f"chunk map: bad all_ready {self.all_ready:#x}")
-
+from storage.errors import CacheError, MetaFormatError
+from storage.meta.chunk_map import (  # noqa: F401 - re-exported for callers of this module
+    CHUNK_MAP_ALL_READY,
+    CHUNK_MAP_HEADER_SIZE,
+    CHUNK_MAP_MAGIC,
+    CHUNK_MAP_MAGIC2,
+    CHUNK_MAP_VERSION,
+    ChunkMapHeader,
+)
 
 class ChunkState(enum.Enum):
     READY = "ready"
@@ -192,7 +170,7 @@ class IndexedChunkMap(_PendingMap):
             raw = os.pread(fd, expected, 0)
             header = ChunkMapHeader.parse(raw, 0)
             header.validate()
-        except CacheError as exc:
+        except MetaFormatError as exc:
             os.close(fd)
             raise CacheError(f"{path}: {exc}") from None
         self._bits = bytearray(raw[CHUNK_MAP_HEADER_SIZE:])
@@ -209,8 +187,7 @@ class IndexedChunkMap(_PendingMap):
 
     @staticmethod
     def _fresh(chunk_count: int) -> bytes:
-        header = ChunkMapHeader(magic=CHUNK_MAP_MAGIC, version=CHUNK_MAP_VERSION, magic2=CHUNK_MAP_MAGIC2)
-        return header.pack() + bytes((chunk_count + 7) // 8)
+        return ChunkMapHeader.new().pack() + bytes((chunk_count + 7) // 8)
 
     def _open_or_create(self, path: str, expected: int) -> int:
         try:
@@ -255,9 +232,7 @@ class IndexedChunkMap(_PendingMap):
         os.pwrite(self._fd, bytes(self._bits[lo : hi + 1]), CHUNK_MAP_HEADER_SIZE + lo)
         if not self.growable and self._ready == self.chunk_count and not self._all_ready_written:
             os.fdatasync(self._fd)
-            header = ChunkMapHeader(magic=CHUNK_MAP_MAGIC, version=CHUNK_MAP_VERSION,
-                                    magic2=CHUNK_MAP_MAGIC2, all_ready=CHUNK_MAP_ALL_READY)
-            os.pwrite(self._fd, header.pack(), 0)
+            os.pwrite(self._fd, ChunkMapHeader.new(all_ready=True).pack(), 0)
             self._all_ready_written = True
 
     def all_ready(self) -> bool:
