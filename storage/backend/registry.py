@@ -32,7 +32,6 @@ import urllib3.exceptions
 from storage.backend.base import DEFAULT_RETRY_LIMIT, BlobBackend, BlobReader
 from storage.errors import (
     AuthError,
-    BackendError,
     BlobNotFound,
     BlobRangeError,
     ConfigError,
@@ -558,5 +557,5 @@ class _RegistryReader(BlobReader):
 
 __all__ = [
     "Credentials", "MirrorConfig", "ProxyConfig", "RegistryBackend", "RegistryClient", "RegistryConfig",
-    "docker_config_credentials", "parse_www_authenticate", "BackendError",
+    "docker_config_credentials", "parse_www_authenticate",
 ]
