@@ -295,3 +295,20 @@ def test_nocache_and_prefetch_over_registry(tmp_path, registry, blob):
     assert mgr.metrics.backend_read_count.value == before
     assert "nydus_storage_prefetch_bytes_total" in mgr.metrics.render()
     dev.close()
+
+
+def test_mirror_health_check_recovers(registry, blob, fault_proxy):
+    import time
+
+    backend = _backend(registry.host, mirrors=[{"host": fault_proxy.url, "ping_url": fault_proxy.url + "/v2/",
+                                                "health_check_interval": 0.3}])
+    reader = backend.reader(blob.blob_id)
+    fault_proxy.faults.append("500")
+    assert reader.read(0, 10) == blob.data[:10]  # mirror failed -> origin
+    n = len(fault_proxy.blob_gets())
+    assert reader.read(10, 10) == blob.data[10:20]  # mirror skipped while unhealthy
+    assert len(fault_proxy.blob_gets()) == n
+    time.sleep(0.35)
+    assert reader.read(20, 10) == blob.data[20:30]  # pinged healthy -> used again
+    assert len(fault_proxy.blob_gets()) == n + 1
+    assert any(r.target == "/v2/" for r in fault_proxy.log)
