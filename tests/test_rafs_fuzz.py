@@ -147,7 +147,8 @@ def _run_cases(sources, tmp_path, count: int, seed: int) -> dict[str, int]:
             keep = tmp_path / f"crash-{seed}-{case}.boot"
             keep.write_bytes(data)
             raise AssertionError(f"case {case} ({name}, seed {seed}): {type(exc).__name__}: {exc}; saved {keep}") from exc
-        assert time.monotonic() - t0 < 5, f"case {case} ({name}) took too long"
+        # a hang guard, not a timing test: generous so a loaded CI machine never trips it
+        assert time.monotonic() - t0 < 30, f"case {case} ({name}) took too long (hang?)"
     return stats
 
 
@@ -160,12 +161,10 @@ def test_unmodified_vectors_exercise(sources, tmp_path):
 
 def test_fuzz_mutations(sources, tmp_path):
     count = 100_000 if SLOW else 10_000
-    t0 = time.monotonic()
     stats = _run_cases(sources, tmp_path, count, seed=int(os.environ.get("NYDUS_FUZZ_SEED", "1234")))
     assert stats["ok"] + stats["rafs_error"] == count
     # both outcomes must occur, otherwise the mutator is not reaching the reader
     assert stats["ok"] > count // 20 and stats["rafs_error"] > count // 20, stats
-    assert time.monotonic() - t0 < (1200 if SLOW else 90)
 
 
 @pytest.mark.slow
