@@ -30,6 +30,7 @@ def setup(vectors_dir, tmp_path):
     managers = []
 
     def make(**kw):
+        kw.setdefault("monitor_interval", None)
         m = DaemonManager(str(tmp_path / "root"), nydusd_config=cfg, **kw)
         managers.append(m)
         return m
