@@ -13,7 +13,6 @@ fs drivers:
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import threading
@@ -101,7 +100,6 @@ class Nydusd:
         self.started = time.time()
         self._fuse_mountpoint: str | None = None
         self._cancel: trio.CancelScope | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
         self._lock = trio.Lock()
         self._prefetch_threads: list[threading.Thread] = []
 
@@ -114,7 +112,6 @@ class Nydusd:
 
         from rafs.daemon import api
 
-        self._token = trio.lowlevel.current_trio_token()
         if self.thread_num:
             trio.to_thread.current_default_thread_limiter().total_tokens = self.thread_num
         self.shared = bootstrap is None
