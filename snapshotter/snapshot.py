@@ -44,7 +44,7 @@ log = logging.getLogger("snapshotter")
 BOOTSTRAP_PATHS = (os.path.join("image", "image.boot"), "image.boot")
 #: cache file suffixes of one blob (upstream naming)
 CACHE_SUFFIXES = ("", ".blob.data", ".chunk_map", ".blob.data.chunk_map", ".blob.meta", ".image.disk",
-                  ".layer.disk")
+                  ".layer.disk", ".blob.digest", ".blob.toc", ".image.boot")
 MAX_LABEL_SIZE = 4096
 V5_MAGIC = (0x52414653).to_bytes(4, "little")
 EROFS_MAGIC = (0xE0F5E1E2).to_bytes(4, "little")
@@ -544,6 +544,10 @@ class Snapshotter:
             boot = find_bootstrap(upper_path(self.root, meta_id))
             if boot is None:
                 raise FailedPrecondition(f"nydus meta layer {meta_info.name} has no bootstrap file")
+            try:
+                check_bootstrap(boot)  # it may have been damaged since Commit
+            except BootstrapError as exc:
+                raise FailedPrecondition(f"nydus meta layer {meta_info.name}: {exc}") from exc
             merged = {**meta_info.labels, **{k: v for k, v in labels.items() if k in (L.PULL_USERNAME, L.PULL_SECRET, L.CRI_IMAGE_REF)}}
             ref = L.image_ref(merged)
             if ref is None:
@@ -663,22 +667,31 @@ class Snapshotter:
         return total
 
     def gc_cache(self) -> list[str]:
-        """Delete cache files of blobs that no snapshot uses; returns the deleted paths."""
+        """Delete cache files of blobs that no snapshot uses; returns the deleted paths.
+
+        Uses storage's ``FileCacheManager.gc(in_use)`` when available, else deletes files named
+        ``<64 hex><known suffix>`` itself.
+        """
         cache_dir = self.config.cache_dir
         if not os.path.isdir(cache_dir):
             return []
         in_use = self.blobs_in_use()
-        deleted: list[str] = []
-        for name in sorted(os.listdir(cache_dir)):
+        before = set(os.listdir(cache_dir))
+        storage_gc = _storage_gc(cache_dir)
+        if storage_gc is not None:
+            try:
+                storage_gc(in_use)
+            except Exception:  # noqa: BLE001 - GC must never fail Cleanup
+                log.warning("cache GC through storage failed; falling back", exc_info=True)
+        for name in sorted(set(os.listdir(cache_dir))):
             blob_id = _cache_blob_id(name)
             if blob_id is None or blob_id in in_use:
                 continue
-            path = os.path.join(cache_dir, name)
             try:
-                os.unlink(path)
-                deleted.append(path)
+                os.unlink(os.path.join(cache_dir, name))
             except OSError:
-                log.warning("cache GC: cannot delete %s", path, exc_info=True)
+                log.warning("cache GC: cannot delete %s", name, exc_info=True)
+        deleted = sorted(os.path.join(cache_dir, n) for n in before - set(os.listdir(cache_dir)))
         if deleted:
             log.info("cache GC deleted %d files", len(deleted))
         return deleted
@@ -695,6 +708,15 @@ def _exists(tx: store.Transaction, key: str) -> bool:
         return True
     except NotFound:
         return False
+
+
+def _storage_gc(cache_dir: str) -> Callable[[set[str]], list[str]] | None:
+    try:
+        from storage.backend.memory import MemoryBackend  # noqa: PLC0415
+        from storage.cache.filecache import FileCacheManager  # noqa: PLC0415
+    except ImportError:
+        return None
+    return FileCacheManager(cache_dir, MemoryBackend()).gc
 
 
 def _cache_blob_id(name: str) -> str | None:

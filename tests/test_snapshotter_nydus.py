@@ -265,3 +265,13 @@ def test_cleanup_unmounts_instances_of_removed_images(h, bootstrap):
         h.remove(key)
     h.cleanup()
     assert os.listdir(os.path.join(h.root, "snapshots")) == []
+
+
+def test_bootstrap_damaged_after_commit_is_failed_precondition(h, bootstrap):
+    meta = pull_image(h, bootstrap)
+    boot = os.path.join(h.root, "snapshots", "3", "fs", "image", "image.boot")
+    with open(boot, "r+b") as f:
+        f.write(b"\0" * 2048)
+    code, msg = code_of(h.prepare, "ctr", meta)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "bootstrap" in msg
+    assert h.manager.ops("mount") == []
