@@ -336,11 +336,11 @@ class Snapshotter:
         validate_key(key)
         with self.ms.transaction(writable=False) as tx:
             try:
-                snap = store.get_snapshot(tx, key)
+                snap, chain = store.get_snapshot_chain(tx, key)
             except SnapshotterError as exc:
                 raise type(exc)(f"failed to get active mount: {exc}") from exc
-            _, info, _ = store.get_info(tx, key)
-            meta = self._meta_of(tx, info.parent)
+        info = chain[0][1]
+        meta = self._find_meta(chain[1:])
         if meta is None:
             return native_mounts(self.root, snap, self.overlay)
         meta_id, meta_info, between = meta
@@ -482,13 +482,10 @@ class Snapshotter:
         with self.ms.transaction(writable=True) as tx:
             meta = None
             if parent and target is None:
-                if kind == Kind.VIEW:
-                    _, pinfo, _ = store.get_info(tx, parent) if _exists(tx, parent) else (None, None, None)
-                    if pinfo is not None and L.is_nydus_data_layer(pinfo.labels) and \
-                            self._meta_of(tx, parent) is None:
-                        raise FailedPrecondition(
-                            f"cannot view nydus data layer {parent}: only the topmost (bootstrap) layer can be viewed")
                 meta = self._meta_of_checked(tx, parent)
+                if kind == Kind.VIEW and meta is None and self._is_data_layer(tx, parent):
+                    raise FailedPrecondition(
+                        f"cannot view nydus data layer {parent}: only the topmost (bootstrap) layer can be viewed")
             try:
                 snap = self._create_in_tx(tx, kind, key, parent, labels)
             except SnapshotterError as exc:
@@ -509,6 +506,13 @@ class Snapshotter:
             raise
         return remote_mounts(self.root, snap, mp, between=between, opts=self.overlay)
 
+    @staticmethod
+    def _is_data_layer(tx: store.Transaction, key: str) -> bool:
+        try:
+            return L.is_nydus_data_layer(store.get_info(tx, key)[1].labels)
+        except NotFound:
+            return False
+
     def _meta_of_checked(self, tx: store.Transaction, parent: str) -> tuple[str, Info, tuple[str, ...]] | None:
         try:
             return self._meta_of(tx, parent)
@@ -517,8 +521,12 @@ class Snapshotter:
 
     def _meta_of(self, tx: store.Transaction, parent: str) -> tuple[str, Info, tuple[str, ...]] | None:
         """The nearest nydus meta layer in ``parent``'s chain: ``(id, info, plain ids above it)``."""
+        return self._find_meta(store.parent_chain(tx, parent))
+
+    @staticmethod
+    def _find_meta(chain: list[tuple[str, Info]]) -> tuple[str, Info, tuple[str, ...]] | None:
         between: list[str] = []
-        for sid, info in store.parent_chain(tx, parent):
+        for sid, info in chain:
             if L.is_nydus_meta_layer(info.labels):
                 return sid, info, tuple(between)
             if L.is_nydus_data_layer(info.labels):
@@ -700,14 +708,6 @@ class Snapshotter:
         with self.ms.transaction(writable=False) as tx:
             by_kind = store.counts_by_kind(tx)
         return {k.name.lower(): by_kind.get(k, 0) for k in (Kind.ACTIVE, Kind.VIEW, Kind.COMMITTED)}
-
-
-def _exists(tx: store.Transaction, key: str) -> bool:
-    try:
-        store.get_info(tx, key)
-        return True
-    except NotFound:
-        return False
 
 
 def _storage_gc(cache_dir: str) -> Callable[[set[str]], list[str]] | None:
