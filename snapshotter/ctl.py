@@ -1,65 +1,313 @@
-"""``nydusctl``: inspect a running nydus-snapshotter over its gRPC socket (JSON output).
+"""``nydusctl``: pull and run images through containerd the way CRI/nerdctl do, and query a
+nydusd daemon's API.
 
-    nydusctl [--address SOCKET] list [FILTER ...] | stat KEY | usage KEY | mounts KEY | rm KEY | cleanup
+    nydusctl --address /run/containerd/containerd.sock pull IMAGE
+    nydusctl --address ... run [--snapshotter nydus] IMAGE [CMD...]
+    nydusctl --api-sock /run/nydus/xxx/api.sock info|metrics
+
+``pull`` goes through containerd's CRI ImageService (``runtime.v1.ImageService/PullImage``), the
+``client.Pull(..., WithPullUnpack)`` path that hands ``containerd.io/snapshot/*`` and ``cri.*``
+labels to the snapshotter (``ctr image pull`` passes none, so nydus layers could not be lazy).
+Exit codes: 0 ok, 1 the operation failed, 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import os
+import shutil
+import socket
+import subprocess
 import sys
-from typing import Sequence
+import time
+import uuid
+from typing import Any, Sequence
 
-import grpc
+from snapshotter.errors import SnapshotterError
 
-from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
-from protos.containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from snapshotter.config import DEFAULT_ADDRESS
-
-_KINDS = {0: "unknown", 1: "view", 2: "active", 3: "committed"}
+DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
+CRI_NAMESPACE = "k8s.io"
 
 
-def _info(i: pb.Info) -> dict:
-    return {"name": i.name, "parent": i.parent, "kind": _KINDS.get(i.kind, str(i.kind)),
-            "created": i.created_at.ToJsonString(), "updated": i.updated_at.ToJsonString(), "labels": dict(i.labels)}
+class CtlError(SnapshotterError):
+    """A ``nydusctl`` operation failed (containerd, CRI or the daemon API answered an error)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# CRI ImageService client
+# ---------------------------------------------------------------------------------------------
+class CriImageClient:
+    """Thin client of CRI ``runtime.v1.ImageService`` on containerd's gRPC socket."""
+
+    def __init__(self, address: str, timeout: float = 300.0) -> None:
+        import grpc
+
+        from protos.cri import api_pb2, api_pb2_grpc
+
+        if not os.path.exists(address):
+            raise CtlError(f"containerd socket {address} does not exist (is containerd running? "
+                           f"use --address)")
+        self._grpc = grpc
+        self._pb = api_pb2
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel("unix://" + os.path.abspath(address))
+        self._stub = api_pb2_grpc.ImageServiceStub(self._channel)
+
+    def _call(self, what: str, fn: Any, req: Any) -> Any:
+        try:
+            return fn(req, timeout=self.timeout)
+        except self._grpc.RpcError as e:  # type: ignore[attr-defined]
+            code = e.code().name if hasattr(e, "code") else "UNKNOWN"
+            detail = e.details() if hasattr(e, "details") else str(e)
+            raise CtlError(f"{what}: {code}: {detail}") from None
+
+    def pull_image(self, ref: str, *, username: str | None = None,
+                   password: str | None = None, annotations: dict[str, str] | None = None) -> str:
+        """Pull (and unpack with the CRI snapshotter); returns the image id (``sha256:...``)."""
+        auth = None
+        if username is not None:
+            auth = self._pb.AuthConfig(username=username, password=password or "")
+        req = self._pb.PullImageRequest(
+            image=self._pb.ImageSpec(image=ref, annotations=annotations or {}), auth=auth)
+        return str(self._call(f"pull {ref}", self._stub.PullImage, req).image_ref)
+
+    def image_status(self, ref: str) -> Any | None:
+        """The CRI ``Image`` record, or None if containerd does not have it."""
+        req = self._pb.ImageStatusRequest(image=self._pb.ImageSpec(image=ref))
+        resp = self._call(f"status of {ref}", self._stub.ImageStatus, req)
+        return resp.image if resp.HasField("image") and resp.image.id else None
+
+    def list_images(self) -> list[Any]:
+        return list(self._call("list images", self._stub.ListImages,
+                               self._pb.ListImagesRequest()).images)
+
+    def remove_image(self, ref: str) -> None:
+        req = self._pb.RemoveImageRequest(image=self._pb.ImageSpec(image=ref))
+        self._call(f"remove {ref}", self._stub.RemoveImage, req)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "CriImageClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# nydusd daemon API (HTTP over a unix socket)
+# ---------------------------------------------------------------------------------------------
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self._path)
+        self.sock = s
+
+
+def daemon_api_get(api_sock: str, path: str, timeout: float = 10.0) -> Any:
+    """GET ``path`` from a nydusd API socket; returns the decoded JSON body."""
+    if not os.path.exists(api_sock):
+        raise CtlError(f"daemon API socket {api_sock} does not exist")
+    conn = _UnixHTTPConnection(api_sock, timeout)
+    try:
+        conn.request("GET", path, headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        body = resp.read()
+    except OSError as e:
+        raise CtlError(f"daemon API {api_sock}: {e.strerror or e}") from None
+    finally:
+        conn.close()
+    if resp.status // 100 != 2:
+        raise CtlError(f"daemon API GET {path}: HTTP {resp.status} "
+                       f"{body.decode(errors='replace')[:500]}")
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise CtlError(f"daemon API GET {path}: not JSON: {body[:200]!r}") from None
+
+
+METRICS_PATHS = {"fs": "/api/v1/metrics", "backend": "/api/v1/metrics/backend",
+                 "blobcache": "/api/v1/metrics/blobcache"}
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+def _split_user(user: str | None) -> tuple[str | None, str | None]:
+    if user is None:
+        return None, None
+    name, sep, password = user.partition(":")
+    if not sep:
+        raise CtlError("--user must be USER:PASSWORD")
+    return name, password
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    username, password = _split_user(args.user)
+    t0 = time.monotonic()
+    with CriImageClient(args.address, timeout=args.timeout) as cri:
+        image_id = cri.pull_image(args.image, username=username, password=password)
+    if not args.quiet:
+        print(f"pulled {args.image} -> {image_id} in {time.monotonic() - t0:.2f}s "
+              f"(CRI ImageService, snapshotter from containerd's CRI config)", file=sys.stderr)
+    print(image_id)
+    return 0
+
+
+def _ctr() -> str:
+    ctr = shutil.which("ctr")
+    if ctr is None:
+        raise CtlError("ctr not found in PATH (Debian package containerd)")
+    return ctr
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    username, password = _split_user(args.user)
+    with CriImageClient(args.address, timeout=args.timeout) as cri:
+        if args.pull == "always" or (args.pull == "missing" and cri.image_status(args.image) is None):
+            t0 = time.monotonic()
+            image_id = cri.pull_image(args.image, username=username, password=password)
+            if not args.quiet:
+                print(f"pulled {args.image} -> {image_id} in {time.monotonic() - t0:.2f}s",
+                      file=sys.stderr)
+        elif cri.image_status(args.image) is None:
+            raise CtlError(f"image {args.image} is not present and --pull=never")
+    cid = args.id or f"nydusctl-{uuid.uuid4().hex[:12]}"
+    argv = [_ctr(), "--address", args.address, "-n", args.namespace, "run", "--rm",
+            "--snapshotter", args.snapshotter]
+    if args.cgroup is not None:
+        argv += ["--cgroup", args.cgroup]
+    if args.net_host:
+        argv.append("--net-host")
+    for env in args.env:
+        argv += ["--env", env]
+    argv += [args.image, cid, *args.command]
+    # ctr streams the container's stdio to ours; its exit status is the container's
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL if not args.interactive else None)
+    return proc.returncode
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    with CriImageClient(args.address, timeout=args.timeout) as cri:
+        for img in cri.list_images():
+            tags = ",".join(img.repo_tags) or "<none>"
+            print(f"{img.id}\t{tags}\t{img.size}")
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    with CriImageClient(args.address, timeout=args.timeout) as cri:
+        for image in args.images:
+            if cri.image_status(image) is None:
+                raise CtlError(f"image {image} not found")
+            cri.remove_image(image)
+            print(f"removed {image}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = daemon_api_get(args.api_sock, "/api/v1/daemon", args.timeout)
+    print(json.dumps(info, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    path = METRICS_PATHS[args.kind]
+    if args.id:
+        path += f"?id={args.id}"
+    print(json.dumps(daemon_api_get(args.api_sock, path, args.timeout), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    from snapshotter import snapctl
+
+    return snapctl.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nydusctl",
+        description="Pull/run images through containerd's CRI (so the nydus snapshotter gets the "
+                    "labels that make layers lazy) and query nydusd daemons.",
+        epilog="exit status: 0 ok, 1 the operation failed, 2 usage error; "
+               "'run' exits with the container's status.")
+    p.add_argument("--address", "-a", default=os.environ.get("CONTAINERD_ADDRESS", DEFAULT_ADDRESS),
+                   help="containerd socket (env CONTAINERD_ADDRESS; default %(default)s)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per API call")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    sp = sub.add_parser("pull", help="pull IMAGE through the CRI ImageService; prints the image id")
+    sp.add_argument("image")
+    sp.add_argument("--user", "-u", help="registry credentials USER:PASSWORD")
+    sp.set_defaults(func=cmd_pull)
+
+    sr = sub.add_parser("run", help="pull IMAGE if needed (CRI) and run CMD in a container "
+                                    "(ctr run --rm --snapshotter SNAPSHOTTER)")
+    sr.add_argument("--snapshotter", default="nydus", help="default %(default)s")
+    sr.add_argument("--namespace", "-n", default=CRI_NAMESPACE,
+                    help="containerd namespace; CRI pulls land in k8s.io (default)")
+    sr.add_argument("--pull", choices=("missing", "always", "never"), default="missing")
+    sr.add_argument("--user", "-u", help="registry credentials USER:PASSWORD")
+    sr.add_argument("--id", help="container id (default: random)")
+    sr.add_argument("--env", "-e", action="append", default=[], help="KEY=VALUE (repeatable)")
+    sr.add_argument("--net-host", action="store_true", help="use the host network")
+    sr.add_argument("--cgroup", help="cgroup path for the container (ctr --cgroup)")
+    sr.add_argument("--interactive", "-i", action="store_true", help="attach stdin")
+    sr.add_argument("image")
+    sr.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments")
+    sr.set_defaults(func=cmd_run)
+
+    ss = sub.add_parser("snapshots", add_help=False,
+                        help="inspect the nydus snapshotter itself: list/stat/usage/mounts/rm/cleanup "
+                             "(see 'nydusctl snapshots --help')")
+    ss.add_argument("rest", nargs=argparse.REMAINDER)
+    ss.set_defaults(func=cmd_snapshots)
+
+    si = sub.add_parser("images", help="list images known to CRI")
+    si.set_defaults(func=cmd_images)
+    sm = sub.add_parser("rmi", help="remove images through CRI")
+    sm.add_argument("images", nargs="+")
+    sm.set_defaults(func=cmd_rmi)
+
+    for name, func, hlp in (("info", cmd_info, "nydusd daemon info (GET /api/v1/daemon)"),
+                            ("metrics", cmd_metrics, "nydusd metrics (GET /api/v1/metrics...)")):
+        sd = sub.add_parser(name, help=hlp)
+        sd.add_argument("--api-sock", required=True, help="the daemon's API unix socket")
+        if name == "metrics":
+            sd.add_argument("--kind", choices=sorted(METRICS_PATHS), default="fs")
+            sd.add_argument("--id", help="RAFS instance id (shared daemons)")
+        sd.set_defaults(func=func)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="nydusctl", description="inspect a running nydus-snapshotter")
-    ap.add_argument("--address", default=DEFAULT_ADDRESS, help="snapshotter gRPC socket")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("list", help="snapshots matching containerd filters (OR of the arguments)")
-    p.add_argument("filters", nargs="*")
-    for name in ("stat", "usage", "mounts", "rm"):
-        sub.add_parser(name).add_argument("key")
-    sub.add_parser("cleanup", help="remove orphan directories, unused RAFS instances and cache")
-    args = ap.parse_args(argv)
-    with grpc.insecure_channel(f"unix:{args.address}") as ch:
-        stub = pb_grpc.SnapshotsStub(ch)
-        try:
-            if args.cmd == "list":
-                out: object = [_info(i) for r in stub.List(pb.ListSnapshotsRequest(filters=args.filters))
-                               for i in r.info]
-            elif args.cmd == "stat":
-                out = _info(stub.Stat(pb.StatSnapshotRequest(key=args.key)).info)
-            elif args.cmd == "usage":
-                u = stub.Usage(pb.UsageRequest(key=args.key))
-                out = {"size": u.size, "inodes": u.inodes}
-            elif args.cmd == "mounts":
-                out = [{"type": m.type, "source": m.source, "options": list(m.options)}
-                       for m in stub.Mounts(pb.MountsRequest(key=args.key)).mounts]
-            elif args.cmd == "rm":
-                stub.Remove(pb.RemoveSnapshotRequest(key=args.key))
-                out = {"removed": args.key}
-            else:
-                stub.Cleanup(pb.CleanupRequest())
-                out = {"cleanup": "done"}
-        except grpc.RpcError as exc:
-            print(f"nydusctl: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    json.dump(out, sys.stdout, indent=2)
-    print()
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["snapshots"]:  # argparse cannot pass leading options through REMAINDER
+        from snapshotter import snapctl
+
+        return snapctl.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)       # exits 2 on usage errors
+    try:
+        return int(args.func(args))
+    except CtlError as e:
+        print(f"nydusctl: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -161,7 +161,6 @@ def test_unmodified_vectors_exercise(sources, tmp_path):
 
 def test_fuzz_mutations(sources, tmp_path):
     count = 100_000 if SLOW else 10_000
-    t0 = time.monotonic()
     stats = _run_cases(sources, tmp_path, count, seed=int(os.environ.get("NYDUS_FUZZ_SEED", "1234")))
     assert stats["ok"] + stats["rafs_error"] == count
     # both outcomes must occur, otherwise the mutator is not reaching the reader

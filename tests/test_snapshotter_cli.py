@@ -127,14 +127,14 @@ def test_nydusctl(tmp_path, capsys):
     h = Harness(tmp_path)
     try:
         h.prepare("a", labels={"x": "1"})
-        assert ctl.main(["--address", h.address, "list", "labels.x"]) == 0
+        assert ctl.main(["snapshots", "--address", h.address, "list", "labels.x"]) == 0
         out = json.loads(capsys.readouterr().out)
         assert [(i["name"], i["kind"], i["labels"]) for i in out] == [("a", "active", {"x": "1"})]
-        assert ctl.main(["--address", h.address, "mounts", "a"]) == 0
+        assert ctl.main(["snapshots", "--address", h.address, "mounts", "a"]) == 0
         assert json.loads(capsys.readouterr().out)[0]["type"] == "bind"
-        assert ctl.main(["--address", h.address, "stat", "missing"]) == 1
+        assert ctl.main(["snapshots", "--address", h.address, "stat", "missing"]) == 1
         assert "NOT_FOUND" in capsys.readouterr().err
-        assert ctl.main(["--address", h.address, "rm", "a"]) == 0
-        assert ctl.main(["--address", h.address, "cleanup"]) == 0
+        assert ctl.main(["snapshots", "--address", h.address, "rm", "a"]) == 0
+        assert ctl.main(["snapshots", "--address", h.address, "cleanup"]) == 0
     finally:
         h.stop()

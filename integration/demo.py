@@ -1,0 +1,348 @@
+"""The end-to-end demo (``./run.sh demo`` -> ``python3 -m integration.demo``).
+
+Starts, in a private temp dir, a local docker-registry, containerd 1.6 and (when this checkout
+has it) the pynydus snapshotter; builds an image with no internet (busybox-static plus generated
+data files, or with ``--debian`` a Debian rootfs from apt's configured mirror), pushes it as OCI,
+converts it to nydus (when the converter is on this checkout), then runs a container from each
+variant and prints side by side the time to the container's first output and the bytes fetched
+from the registry. Steps that this checkout cannot do yet are reported as NOT AVAILABLE, never
+faked. Everything started is stopped (by PID) and removed at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Iterator
+
+from integration.harness import HarnessError
+from integration.harness.containerd import Containerd
+from integration.harness.images import Image, Layer, busybox_image, busybox_layer, generated_files
+from integration.harness.registry import Registry
+from integration.harness.snapshotter import REPO_ROOT, SnapshotterProcess, snapshotter_serve_available
+
+SNAPSHOTTER = "nydus"
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One way of running the workload container."""
+
+    label: str
+    pull_s: float = 0.0
+    first_output_s: float = 0.0      # from the start of the pull to the first output line
+    total_s: float = 0.0
+    bytes_fetched: int = 0
+    blob_gets: int = 0
+    output: str = ""
+    ok: bool = False
+    note: str = ""
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.t0 = time.monotonic()
+        self.step_no = 0
+        self.timings: list[tuple[str, float, str]] = []
+        self.results: list[RunResult] = []
+        self.cleanups: list[tuple[str, Callable[[], None]]] = []
+
+    # -- output ------------------------------------------------------------------------------
+    def say(self, msg: str = "") -> None:
+        print(msg, flush=True)
+
+    def step(self, title: str, fn: Callable[[], Any]) -> Any:
+        self.step_no += 1
+        self.say(f"[{self.step_no:2d}] {title} ...")
+        t = time.monotonic()
+        try:
+            res = fn()
+        except Exception as e:
+            dt = time.monotonic() - t
+            self.timings.append((title, dt, "FAILED"))
+            self.say(f"     FAILED after {dt:.2f}s: {e}")
+            raise
+        dt = time.monotonic() - t
+        self.timings.append((title, dt, "ok"))
+        self.say(f"     done in {dt:.2f}s")
+        return res
+
+    def not_available(self, title: str, why: str) -> None:
+        self.step_no += 1
+        self.timings.append((title, 0.0, "NOT AVAILABLE"))
+        self.say(f"[{self.step_no:2d}] {title}: NOT AVAILABLE — {why}")
+
+    # -- pieces ------------------------------------------------------------------------------
+    def build_image(self, workdir: str) -> Image:
+        a = self.args
+        app = {
+            "app/hello.txt": b"hello from the pynydus demo image\n",
+            "app/run.sh": b"#!/bin/sh\necho first-output\ncat /app/hello.txt\n"
+                          b"wc -c /data/file0000.bin\n",
+        }
+        if a.debian:
+            base = Layer.from_tar(self.debian_rootfs_tar(workdir))
+            data = Layer.from_tree(generated_files(a.files, a.file_kb * 1024, prefix="data"))
+            layers = (base, busybox_layer(), data, Layer.from_tree(app))
+            cmd = ("/bin/sh", "-c", "echo first-output; python3 -c 'import json, sys; "
+                   "print(\"python\", sys.version.split()[0])'; cat /app/hello.txt")
+            img = Image(layers=layers, cmd=cmd)
+        else:
+            data = Layer.from_tree(generated_files(a.files, a.file_kb * 1024, prefix="data"))
+            img = busybox_image(extra_layers=[data, Layer.from_tree(app)],
+                                cmd=("/bin/sh", "/app/run.sh"))
+        size = sum(la.size for la in img.layers)
+        self.say(f"     {len(img.layers)} layers, {size / 1e6:.1f} MB compressed")
+        return img
+
+    def debian_rootfs_tar(self, workdir: str) -> bytes:
+        if shutil.which("mmdebstrap") is None:
+            raise HarnessError("--debian needs mmdebstrap (apt-get install mmdebstrap)")
+        out = os.path.join(workdir, "debian.tar")
+        r = subprocess.run(["mmdebstrap", "--variant=minbase", "--include=python3",
+                            "--mode=root", "--quiet", self.args.suite, out],
+                           capture_output=True, text=True, timeout=1800)
+        if r.returncode != 0:
+            raise HarnessError(f"mmdebstrap failed: {r.stderr[-1500:]}")
+        with open(out, "rb") as f:
+            return f.read()
+
+    def timed_container(self, res: RunResult, registry: Registry, repo: str,
+                        pull: Callable[[], None], run_argv: list[str]) -> RunResult:
+        mark = registry.log_mark()
+        t = time.monotonic()
+        pull()
+        res.pull_s = time.monotonic() - t
+        # unbuffered: communicate() reads the fd directly and would miss buffered bytes
+        proc = subprocess.Popen(run_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        res.first_output_s = time.monotonic() - t
+        rest, err = proc.communicate(timeout=600)
+        res.total_s = time.monotonic() - t
+        res.output = (first + rest).decode(errors="replace")
+        res.ok = proc.returncode == 0 and bool(first)
+        if not res.ok:
+            res.note = f"rc={proc.returncode} {err.decode(errors='replace').strip()[-300:]}"
+        fetches = registry.blob_fetches(since=mark, repo=repo)
+        res.bytes_fetched = sum(e.size for e in fetches)
+        res.blob_gets = len(fetches)
+        for line in res.output.splitlines()[:6]:
+            self.say(f"     | {line}")
+        self.say(f"     first output after {res.first_output_s:.2f}s, "
+                 f"{res.bytes_fetched / 1e6:.2f} MB in {res.blob_gets} blob GETs")
+        if not res.ok:
+            raise HarnessError(f"container failed: {res.note}")
+        return res
+
+    def convert(self, registry: Registry, src: str, dst: str, workdir: str) -> None:
+        argv = [sys.executable, "-c", "import sys; from rafs.convert.cli import main; "
+                "sys.exit(main())", "convert", "--source", src, "--target", dst,
+                "--source-insecure", "--target-insecure", "--work-dir",
+                os.path.join(workdir, "convert"), "--no-progress"]
+        env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+        r = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                           timeout=1800)
+        if r.returncode != 0:
+            raise HarnessError(f"nydusify convert rc={r.returncode}: "
+                               f"{(r.stderr or r.stdout).strip()[-1500:]}")
+
+    # -- the whole demo ----------------------------------------------------------------------
+    def run(self) -> int:
+        a = self.args
+        have_snap = snapshotter_serve_available()
+        have_conv = _has_module("rafs.convert.cli") and _has_module("rafs.builder")
+        self.say("pynydus demo — local registry + containerd + pynydus snapshotter, no internet")
+        self.say(f"  snapshotter (python3 -m snapshotter serve): "
+                 f"{'available' if have_snap else 'NOT AVAILABLE on this checkout'}")
+        self.say(f"  converter (rafs.convert + rafs.builder):    "
+                 f"{'available' if have_conv else 'NOT AVAILABLE on this checkout'}")
+        self.say()
+        workdir = tempfile.mkdtemp(prefix="pyn-demo-")
+        self.cleanups.append(("work dir", lambda: shutil.rmtree(workdir, ignore_errors=True)))
+        failed = False
+        try:
+            registry = self.step("start docker-registry", lambda: self._start(Registry()))
+            self.say(f"     {registry.url}")
+            img = self.step("build image (busybox-static + generated files"
+                            + (", Debian rootfs" if a.debian else "") + ")",
+                            lambda: self.build_image(workdir))
+            pushed = self.step("push OCI image",
+                               lambda: img.push(registry, "demo/app", "oci"))
+            self.say(f"     {pushed.ref}")
+
+            snap = None
+            if have_snap:
+                snap = self.step("start pynydus snapshotter",
+                                 lambda: self._start(SnapshotterProcess(config=a.snapshotter_config or {
+                                     "version": 1,
+                                     "remote": {"insecure_registries": [registry.host]}})))
+                self.say(f"     socket {snap.address}")
+            else:
+                self.not_available("start pynydus snapshotter",
+                                   "python3 -m snapshotter serve is not on this checkout")
+            def fresh_containerd() -> Containerd:
+                # one containerd per container run: its content store starts empty, so every
+                # run fetches what it needs from the registry (a fair byte count)
+                for name, fn in list(self.cleanups):
+                    if name == "Containerd":
+                        fn()
+                        self.cleanups.remove((name, fn))
+                what = "CRI snapshotter 'nydus' (proxy plugin)" if snap else "CRI snapshotter overlayfs"
+                return self.step(f"start a fresh containerd ({what})",
+                                 lambda: self._start(Containerd(
+                                     snapshotters={SNAPSHOTTER: snap.address} if snap else {},
+                                     cri_snapshotter=SNAPSHOTTER if snap else "overlayfs",
+                                     registries=[registry])))
+
+            nydus_ref = f"{registry.host}/demo/app:nydus"
+            converted = False
+            if have_conv:
+                try:
+                    self.step("convert OCI -> nydus (nydusify convert)",
+                              lambda: self.convert(registry, pushed.ref, nydus_ref, workdir))
+                    converted = True
+                except Exception:
+                    failed = True
+            else:
+                self.not_available("convert OCI -> nydus",
+                                   "rafs.convert / rafs.builder are not on this checkout")
+
+            cmd: list[str] = []      # the image's own CMD
+            res = RunResult("OCI image, containerd overlayfs")
+            self.results.append(res)
+            try:
+                ctd = fresh_containerd()
+                self.step("run OCI image via stock overlayfs (ctr pull + ctr run)",
+                          lambda: self.timed_container(
+                              res, registry, "demo/app",
+                              lambda: ctd.pull(pushed.ref, snapshotter="overlayfs"),
+                              ctd.run_argv(pushed.ref, cmd, snapshotter="overlayfs")))
+            except Exception:
+                failed = True
+
+            if snap is not None:
+                res2 = RunResult("OCI image, pynydus snapshotter (CRI)")
+                self.results.append(res2)
+                try:
+                    ctd = fresh_containerd()
+                    self.step("run OCI image via pynydus snapshotter (CRI pull + ctr run)",
+                              lambda: self.timed_container(
+                                  res2, registry, "demo/app",
+                                  lambda: ctd.cri.pull_image(pushed.ref),
+                                  ctd.run_argv(pushed.ref, cmd, snapshotter=SNAPSHOTTER,
+                                               namespace="k8s.io")))
+                except Exception:
+                    failed = True
+            if snap is not None and converted:
+                res3 = RunResult("nydus image, pynydus snapshotter (lazy)")
+                self.results.append(res3)
+                try:
+                    ctd = fresh_containerd()
+                    self.step("run nydus image lazily (CRI pull + ctr run)",
+                              lambda: self.timed_container(
+                                  res3, registry, "demo/app",
+                                  lambda: ctd.cri.pull_image(nydus_ref),
+                                  ctd.run_argv(nydus_ref, cmd, snapshotter=SNAPSHOTTER,
+                                               namespace="k8s.io")))
+                except Exception:
+                    failed = True
+            elif converted:
+                self.not_available("run nydus image lazily", "no snapshotter on this checkout")
+            else:
+                self.not_available("run nydus image lazily",
+                                   "no converted image (converter not available or failed)")
+        except KeyboardInterrupt:
+            self.say("interrupted")
+            failed = True
+        except Exception as e:
+            failed = True
+            if a.verbose:
+                traceback.print_exc()
+            else:
+                self.say(f"stopped: {e}")
+        finally:
+            self.cleanup()
+        self.summary()
+        return 1 if failed else 0
+
+    def _start(self, obj: Any) -> Any:
+        obj.start()
+        self.cleanups.append((type(obj).__name__, obj.stop))
+        return obj
+
+    def cleanup(self) -> None:
+        self.say()
+        t = time.monotonic()
+        for name, fn in reversed(self.cleanups):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - keep cleaning up the rest
+                self.say(f"cleanup of {name} failed: {e}")
+        self.cleanups.clear()
+        self.say(f"cleaned up (processes stopped by PID, mounts and temp dirs removed) "
+                 f"in {time.monotonic() - t:.2f}s")
+
+    def summary(self) -> None:
+        self.say()
+        self.say("steps:")
+        for title, dt, status in self.timings:
+            self.say(f"  {dt:7.2f}s  {status:13s}  {title}")
+        if self.results:
+            self.say()
+            self.say(f"  {'container run':42s} {'pull':>7s} {'1st output':>11s} {'total':>7s} "
+                     f"{'registry bytes':>15s} {'blob GETs':>9s}")
+            for r in self.results:
+                if not r.ok:
+                    self.say(f"  {r.label:42s} FAILED {r.note}")
+                    continue
+                self.say(f"  {r.label:42s} {r.pull_s:6.2f}s {r.first_output_s:10.2f}s "
+                         f"{r.total_s:6.2f}s {r.bytes_fetched / 1e6:12.2f} MB {r.blob_gets:9d}")
+        self.say(f"\ntotal {time.monotonic() - self.t0:.2f}s")
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:      # a parent package is missing
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m integration.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--files", type=int, default=32, help="generated data files (default 32)")
+    p.add_argument("--file-kb", type=int, default=1024, help="size of each, KiB (default 1024)")
+    p.add_argument("--debian", action="store_true",
+                   help="add a Debian minbase+python3 rootfs layer (mmdebstrap, apt's mirror)")
+    p.add_argument("--suite", default="bookworm", help="Debian suite for --debian")
+    p.add_argument("--snapshotter-config", default=None,
+                   help="TOML config file for the snapshotter (default: built-in defaults "
+                        "plus plain HTTP to the demo registry)")
+    p.add_argument("--verbose", "-v", action="store_true")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the demo needs root (containerd, mounts)", file=sys.stderr)
+        return 2
+    missing = [b for b in ("docker-registry", "containerd", "ctr", "runc") if shutil.which(b) is None]
+    if missing or not os.path.exists("/bin/busybox"):
+        print(f"missing: {' '.join(missing + ([] if os.path.exists('/bin/busybox') else ['busybox-static']))}"
+              " (./run.sh setup installs them)", file=sys.stderr)
+        return 2
+    if args.snapshotter_config:
+        with open(args.snapshotter_config) as f:
+            args.snapshotter_config = f.read()
+    return Demo(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Our snapshotter as a real process: ``python3 -m snapshotter serve --root R --address S``.
+
+    with SnapshotterProcess() as snap:             # root/socket in a private temp dir
+        Containerd(snapshotters={"nydus": snap.address}, cri_snapshotter="nydus", ...)
+        snap.kill9(); snap.restart()               # crash/restart tests (same root and socket)
+
+``argv`` replaces the command (e.g. a probe snapshotter script); the strings ``{root}``,
+``{address}`` and ``{dir}`` in it are substituted. stop() stops the process by PID, unmounts
+whatever is left mounted under its temp dir and removes it (unless ``keep_dir``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Any, Mapping, Sequence
+
+from integration.harness import HarnessError
+from integration.harness.util import log_tail, stop_process, unmount_all, wait_until
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def snapshotter_serve_available() -> bool:
+    """True when ``python3 -m snapshotter serve`` exists on this checkout."""
+    return (importlib.util.find_spec("snapshotter.__main__") is not None
+            or os.path.exists(os.path.join(REPO_ROOT, "snapshotter", "__main__.py")))
+
+
+def _socket_accepts(path: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        s.connect(path)
+    return True
+
+
+class SnapshotterProcess:
+    """One snapshotter process with its own root dir and socket."""
+
+    def __init__(self, *, config: Mapping[str, Any] | str | None = None,
+                 argv: Sequence[str] | None = None, extra_args: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None, base_dir: str | None = None,
+                 start_timeout: float = 30.0, keep_dir: bool = False) -> None:
+        """``config``: a dict (written as TOML), a TOML string, or None (no ``--config``)."""
+        self._config = config
+        self._argv = list(argv) if argv is not None else None
+        self.extra_args = list(extra_args)
+        self.env = dict(env or {})
+        self._base_dir = base_dir
+        self.start_timeout = start_timeout
+        self.keep_dir = keep_dir
+        self.dir = ""
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def root(self) -> str:
+        return os.path.join(self.dir, "root")
+
+    @property
+    def address(self) -> str:
+        return os.path.join(self.dir, "snapshotter.sock")
+
+    @property
+    def config_path(self) -> str | None:
+        return os.path.join(self.dir, "config.toml") if self._config is not None else None
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.dir, "snapshotter.log")
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def command(self) -> list[str]:
+        if self._argv is not None:
+            subst = {"root": self.root, "address": self.address, "dir": self.dir}
+            return [a.format(**subst) for a in self._argv]
+        argv = [sys.executable, "-m", "snapshotter", "serve", "--root", self.root,
+                "--address", self.address]
+        if self.config_path:
+            argv += ["--config", self.config_path]
+        return argv + self.extra_args
+
+    def start(self) -> "SnapshotterProcess":
+        if self._argv is None and not snapshotter_serve_available():
+            raise HarnessError("python3 -m snapshotter serve is not available on this checkout")
+        if not self.dir:
+            self.dir = tempfile.mkdtemp(prefix="pyn-snap-", dir=self._base_dir)
+            os.makedirs(self.root, exist_ok=True)
+            if self._config is not None:
+                import toml
+
+                text = self._config if isinstance(self._config, str) else toml.dumps(dict(self._config))
+                with open(self.config_path, "w") as f:   # type: ignore[arg-type]
+                    f.write(text)
+        try:
+            self._spawn()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.update(self.env)
+        if os.path.exists(self.address):
+            os.unlink(self.address)   # a stale socket from a killed process
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT,
+                                         start_new_session=True)
+        wait_until(lambda: _socket_accepts(self.address), self.start_timeout, "snapshotter",
+                   self.proc, self.log_path)
+
+    def kill9(self) -> None:
+        """SIGKILL the process (no cleanup: mounts and daemons it made stay as they are)."""
+        if self.proc is not None:
+            stop_process(self.proc, sig=signal.SIGKILL)
+            self.proc = None
+
+    def terminate(self) -> None:
+        """SIGTERM and wait (graceful stop), keeping the root dir."""
+        if self.proc is not None:
+            stop_process(self.proc, timeout=15)
+            self.proc = None
+
+    def restart(self, *, kill: bool = False) -> "SnapshotterProcess":
+        """Stop (SIGTERM, or SIGKILL if ``kill``) and start again on the same root and socket."""
+        if kill:
+            self.kill9()
+        else:
+            self.terminate()
+        self._spawn()
+        return self
+
+    def log(self) -> str:
+        return log_tail(self.log_path, 200)
+
+    def stop(self) -> None:
+        self.terminate()
+        if self.dir and os.path.isdir(self.dir):
+            unmount_all(self.dir)
+            if not self.keep_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "SnapshotterProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def probe_snapshotter_argv(script: str) -> list[str]:
+    """argv for the lab's probe proxy snapshotter (``pysnap.py ROOT SOCKET LOG MODE``)."""
+    return [sys.executable, script, "{root}", "{address}", "{dir}/calls.jsonl", "{dir}/mode.json"]
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

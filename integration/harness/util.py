@@ -1,0 +1,106 @@
+"""Small process/port helpers shared by the harness components."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from typing import Callable
+
+from integration.harness import HarnessError
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind port 0, read, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str,
+               proc: subprocess.Popen | None = None, log_path: str | None = None) -> None:
+    """Poll ``pred`` until true; fail with the process log tail if ``proc`` dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        try:
+            if pred():
+                return
+        except Exception:  # noqa: BLE001 - readiness probes may fail in many ways while starting
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise HarnessError(f"{what}: process {proc.pid} exited with {proc.returncode}\n"
+                               f"{log_tail(log_path)}")
+        if time.monotonic() > deadline:
+            raise HarnessError(f"{what}: not ready after {timeout}s\n{log_tail(log_path)}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+
+
+def log_tail(path: str | None, lines: int = 30) -> str:
+    """Last lines of a log file, for error messages."""
+    if not path or not os.path.exists(path):
+        return ""
+    with open(path, "rb") as f:
+        data = f.read()[-16384:]
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """Stop one process we started, by its PID: ``sig``, wait, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.kill(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this PID exists (and is not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state != b"Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def mounts_under(prefix: str) -> list[str]:
+    """Mount points at or below ``prefix`` (from /proc/self/mounts), deepest first."""
+    prefix = os.path.realpath(prefix).rstrip("/")
+    found = []
+    with open("/proc/self/mounts", "rb") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 2:
+                continue
+            mnt = parts[1].decode().replace("\\040", " ")
+            if mnt == prefix or mnt.startswith(prefix + "/"):
+                found.append(mnt)
+    return sorted(found, key=len, reverse=True)
+
+
+def unmount_all(prefix: str) -> list[str]:
+    """Lazily unmount everything under ``prefix``; returns what was unmounted."""
+    done = []
+    for _ in range(3):
+        mnts = mounts_under(prefix)
+        if not mnts:
+            break
+        for m in mnts:
+            r = subprocess.run(["umount", m], capture_output=True)
+            if r.returncode != 0:
+                subprocess.run(["umount", "-l", m], capture_output=True)
+            done.append(m)
+    return done
