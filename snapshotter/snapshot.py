@@ -608,6 +608,8 @@ class Snapshotter:
                 self.manager.umount(iid)
                 self._mounted.pop(iid, None)
                 log.info("RAFS instance %s unmounted", iid)
+            except FileNotFoundError:  # the manager does not know it (rafs NotFound): gone already
+                self._mounted.pop(iid, None)
             except Exception:  # keep it listed; Cleanup retries
                 log.exception("failed to unmount RAFS instance %s", iid)
 
@@ -755,5 +757,10 @@ def default_manager_factory(config: Config) -> InstanceManager:
         from rafs.daemon.manager import DaemonManager  # noqa: PLC0415
     except ImportError as exc:
         raise Unavailable("RAFS daemon manager (rafs.daemon.manager) is not available in this build") from exc
-    return DaemonManager(os.path.join(config.root, "daemons"), mode=config.daemon.daemon_mode,
-                         fs_driver=config.daemon.fs_driver, nydusd_config=nydusd_config(config))
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    # same root as upstream: <root>/{daemons,socket,config,logs,mnt}; shared instances land at
+    # <root>/mnt/<instance id>, which is also the snapshotter's mountpoint hint
+    return DaemonManager(config.root, mode=config.daemon.daemon_mode,  # type: ignore[arg-type]
+                         fs_driver=config.daemon.fs_driver,  # type: ignore[arg-type]
+                         nydusd_config=nydusd_config(config),
+                         log_level=level if level in ("debug", "info", "warning", "error") else "info")
