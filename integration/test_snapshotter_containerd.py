@@ -282,3 +282,57 @@ def test_bad_input_precise_errors_and_service_keeps_serving(stack, busybox_image
 
 def image_of(layer: Layer) -> Image:
     return Image(layers=(layer,), cmd=("/bin/sh",))
+
+
+def _mounts_under(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(path.rstrip("/") + "/")]
+
+
+@pytest.mark.parametrize("daemon_mode,fs_driver", [("shared", "fusedev"), ("dedicated", "fusedev"),
+                                                   ("shared", "erofs")])
+def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, containerd_factory, tmp_path,
+                                               daemon_mode, fs_driver):
+    if not manager_available():
+        pytest.skip("rafs.daemon.manager (the RAFS daemon manager) is not on this checkout")
+    from integration.conftest import snapshotter_config_for
+
+    cfg = snapshotter_config_for(registry)
+    cfg["daemon"] = {"daemon_mode": daemon_mode, "fs_driver": fs_driver}
+    sn = snapshotter_factory(config=cfg)
+    cd = containerd_factory(snapshotters={SNAPSHOTTER: sn.address}, cri_snapshotter=SNAPSHOTTER,
+                            registries=[registry])
+    try:
+        img, blob = built_nydus_image(tmp_path, b"lifecycle\n")
+        image = img.push(registry, "test/life", "v1")
+        blob_id = hashlib.sha256(blob).hexdigest()
+        cd.cri.pull_image(image.ref)
+        assert not _mounts_under(sn.root), "nothing is mounted before a container needs it"
+        out = cd.run(image.ref, ["/bin/sh", "-c", "cat /etc/probe.txt; md5sum /bin/busybox"],
+                     snapshotter=SNAPSHOTTER, namespace="k8s.io").stdout
+        assert "lifecycle" in out
+        assert hashlib.md5(pathlib.Path("/bin/busybox").read_bytes()).hexdigest() in out
+        cache = pathlib.Path(sn.root, "cache")
+        assert any(p.name.startswith(blob_id) for p in cache.iterdir()), "no cache file for the blob"
+        # the container is gone (--rm; containerd's GC removes its snapshot): the RAFS instance
+        # is unmounted
+        def rafs_mounts() -> list[str]:
+            return [m for m in _mounts_under(sn.root) if "/snapshots/" in m or m.rsplit("/", 1)[-1].isdigit()]
+
+        try:
+            wait_for(lambda: rafs_mounts() == [], 20, "RAFS instance unmounted")
+        except AssertionError:
+            raise AssertionError(f"still mounted: {rafs_mounts()}\n{sn.log()[-3000:]}") from None
+        # Usage of the data layer = its cache bytes
+        with grpc.insecure_channel(f"unix:{sn.address}") as ch:
+            stub = pb_grpc.SnapshotsStub(ch)
+            (data,) = [i for i in snapshots(sn) if i.labels.get(BLOB_LABEL) == "true"]
+            assert stub.Usage(pb.UsageRequest(key=data.name)).size > 0
+        # removing the image: containerd's GC removes the snapshots and calls Cleanup → cache GC
+        cd.cri.remove_image(image.ref)  # all of CRI's references (tag, digest, id)
+        wait_for(lambda: snapshots(sn) == [], 20, "snapshots garbage-collected")
+        wait_for(lambda: not any(p.name.startswith(blob_id) for p in cache.iterdir()), 20, "blob cache GC")
+    finally:
+        cd.stop()
+        sn.terminate()
+        kill_recorded_daemons(sn.root)
