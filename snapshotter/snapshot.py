@@ -299,8 +299,11 @@ class Snapshotter:
 
     def start(self) -> None:
         """Recover RAFS instances left by a previous run (running containers keep their mounts)."""
-        if self._manager is None and self._manager_factory is None and not self._needed_instances():
-            return  # no nydus image in use: don't even import the manager
+        records = os.path.join(self.root, "daemons")
+        has_records = os.path.isdir(records) and any(n.endswith(".json") for n in os.listdir(records))
+        if self._manager is None and self._manager_factory is None and not has_records \
+                and not self._needed_instances():
+            return  # no nydus image in use and no daemons left: don't even import the manager
         mgr = self.manager
         if self.config.daemon.recover_policy != "none":
             mgr.recover()
@@ -313,7 +316,7 @@ class Snapshotter:
         """Stop serving; RAFS instances stay mounted unless ``cleanup_on_close``."""
         if self.config.cleanup_on_close and self._manager is not None:
             for iid in list(self._mounted):
-                self._umount_instance(iid)
+                self._umount_instance(iid, only_if_unneeded=False)
             self._manager.shutdown()
         self.ms.close()
 
@@ -420,7 +423,7 @@ class Snapshotter:
             stale = [d for d in os.listdir(snapdir) if d not in ids]
         for d in stale:
             if d in self._mounted:
-                self._umount_instance(d)
+                self._umount_instance(d, only_if_unneeded=False)
             if self._remove_dir(d):
                 removed.append(os.path.join(snapdir, d))
         if self.config.cache_manager.gc_on_cleanup and not self.config.cache_manager.disable:
@@ -600,9 +603,13 @@ class Snapshotter:
             if iid not in needed:
                 self._umount_instance(iid)
 
-    def _umount_instance(self, iid: str) -> None:
+    def _umount_instance(self, iid: str, *, only_if_unneeded: bool = True) -> None:
         with self._instance_lock(iid):
             if iid not in self._mounted:
+                return
+            # re-check under the instance lock: a Prepare that committed its snapshot after our
+            # caller looked must keep the instance (its _ensure_instance waits for this lock)
+            if only_if_unneeded and iid in self._needed_instances():
                 return
             try:
                 self.manager.umount(iid)

@@ -275,3 +275,40 @@ def test_bootstrap_damaged_after_commit_is_failed_precondition(h, bootstrap):
     code, msg = code_of(h.prepare, "ctr", meta)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "bootstrap" in msg
     assert h.manager.ops("mount") == []
+
+
+def test_restart_recovers_and_releases_leftover_instances(tmp_path, bootstrap):
+    mgr = FakeManager()
+    h = Harness(tmp_path, manager=mgr)
+    try:
+        meta = pull_image(h, bootstrap)
+        h.prepare("ctr", meta)
+        # the snapshotter dies before it could unmount; the container's snapshot goes away later
+        h.sn._mounted.clear()
+        h.remove("ctr")
+        assert mgr.ops("umount") == []
+        h.restart()  # recover() reports the instance; nobody needs it → released at next Remove/Cleanup
+        assert h.sn.instances() == {"3": os.path.join(h.root, "mnt", "3")}
+        h.cleanup()
+        assert mgr.ops("umount") == [("umount", "3")] and h.sn.instances() == {}
+    finally:
+        h.stop()
+
+
+def test_concurrent_prepare_and_remove_keep_instance_consistent(h, bootstrap):
+    import concurrent.futures
+
+    meta = pull_image(h, bootstrap)
+    h.prepare("base", meta)
+
+    def churn(i: int) -> None:
+        h.prepare(f"c{i}", meta)
+        h.remove(f"c{i}")
+
+    with concurrent.futures.ThreadPoolExecutor(6) as ex:
+        list(ex.map(churn, range(30)))
+    # "base" was alive throughout: its instance must never have been unmounted
+    assert h.manager.ops("umount") == []
+    assert h.sn.instances() == {"3": os.path.join(h.root, "mnt", "3")}
+    h.remove("base")
+    assert h.manager.ops("umount") == [("umount", "3")]
