@@ -309,6 +309,9 @@ class Snapshotter:
             mgr.recover()
         for iid, state in mgr.instances().items():
             mp = getattr(state, "mountpoint", None)
+            if getattr(state, "state", "RUNNING") == "DEAD":
+                log.warning("RAFS instance %s: daemon is dead; it is remounted on next use", iid)
+                continue
             if isinstance(mp, str) and mp:
                 self._mounted[str(iid)] = mp
 
@@ -551,7 +554,12 @@ class Snapshotter:
         with self._instance_lock(meta_id):
             mp = self._mounted.get(meta_id)
             if mp is not None:
-                return mp
+                try:
+                    os.stat(mp)
+                    return mp
+                except OSError as exc:  # ENOTCONN: its daemon died; the manager recovers it
+                    log.warning("RAFS instance %s at %s is broken (%s); remounting", meta_id, mp, exc)
+                    del self._mounted[meta_id]
             boot = find_bootstrap(upper_path(self.root, meta_id))
             if boot is None:
                 raise FailedPrecondition(f"nydus meta layer {meta_info.name} has no bootstrap file")

@@ -312,3 +312,11 @@ def test_concurrent_prepare_and_remove_keep_instance_consistent(h, bootstrap):
     assert h.sn.instances() == {"3": os.path.join(h.root, "mnt", "3")}
     h.remove("base")
     assert h.manager.ops("umount") == [("umount", "3")]
+
+
+def test_broken_instance_is_remounted(h, bootstrap):
+    meta = pull_image(h, bootstrap)
+    h.prepare("c1", meta)
+    os.rmdir(os.path.join(h.root, "mnt", "3"))  # stands in for a dead FUSE mount (stat fails)
+    h.prepare("c2", meta)
+    assert len(h.manager.ops("mount")) == 2
