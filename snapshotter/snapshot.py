@@ -636,11 +636,10 @@ class Snapshotter:
         path = snapshot_dir(self.root, sid)
         if not os.path.lexists(path):
             return False
-        for dirpath, dirnames, _ in os.walk(path):
-            for d in dirnames:
-                if os.path.ismount(os.path.join(dirpath, d)):
-                    log.warning("not removing %s: %s is still a mountpoint", path, os.path.join(dirpath, d))
-                    return False
+        for sub in ("mnt", "fs"):  # where a RAFS instance (dedicated mode) or a user could mount
+            if os.path.ismount(os.path.join(path, sub)):
+                log.warning("not removing %s: %s is still a mountpoint", path, os.path.join(path, sub))
+                return False
         try:
             shutil.rmtree(path)
             return True
