@@ -336,3 +336,34 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
         cd.stop()
         sn.terminate()
         kill_recorded_daemons(sn.root)
+
+
+@pytest.mark.parametrize("source", ["config", "docker_config"])
+def test_lazy_run_from_registry_with_auth(registry_factory, snapshotter_factory, containerd_factory, tmp_path,
+                                          source):
+    if not manager_available():
+        pytest.skip("rafs.daemon.manager (the RAFS daemon manager) is not on this checkout")
+    from integration.conftest import snapshotter_config_for
+
+    reg = registry_factory(users={"alice": "s3cret"})
+    cfg = snapshotter_config_for(reg)
+    if source == "config":
+        cfg["remote"]["auths"] = {reg.host: {"username": "alice", "password": "s3cret"}}
+    else:
+        docker = tmp_path / "docker-config.json"
+        docker.write_text(json.dumps({"auths": {reg.host: {"auth": "YWxpY2U6czNjcmV0"}}}))  # alice:s3cret
+        cfg["remote"]["docker_config"] = str(docker)
+    sn = snapshotter_factory(config=cfg)
+    cd = containerd_factory(snapshotters={SNAPSHOTTER: sn.address}, cri_snapshotter=SNAPSHOTTER, registries=[reg])
+    try:
+        img, blob = built_nydus_image(tmp_path, b"behind auth\n")
+        image = img.push(reg, "test/private", "v1", auth=reg.auth)
+        cd.cri.pull_image(image.ref)
+        out = cd.run(image.ref, ["/bin/cat", "/etc/probe.txt"], snapshotter=SNAPSHOTTER, namespace="k8s.io").stdout
+        assert "behind auth" in out
+        assert reg.blob_fetches("sha256:" + hashlib.sha256(blob).hexdigest()), "no authenticated lazy read"
+    finally:
+        cd.stop()
+        sn.terminate()
+        kill_recorded_daemons(sn.root)
+
