@@ -18,7 +18,6 @@ import pathlib
 import shutil
 import signal
 import time
-import uuid
 
 import grpc
 import pytest
