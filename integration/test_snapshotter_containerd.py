@@ -253,6 +253,12 @@ def test_bad_input_precise_errors_and_service_keeps_serving(stack, busybox_image
         stub.Prepare(pb.PrepareSnapshotRequest(key="k", labels={"x.example/\u2603": "\u2603"}))  # kept as is
         stub.Remove(pb.RemoveSnapshotRequest(key="k"))
 
+    # through containerd: a garbage nydus label on a container's snapshot (ctr --snapshotter-label)
+    cd.pull(busybox_image.ref, snapshotter=SNAPSHOTTER)
+    p = cd.run(busybox_image.ref, ["/bin/true"], snapshotter=SNAPSHOTTER, check=False,
+               extra_args=["--snapshotter-label", f"{BLOB_LABEL}=garbage"])
+    assert p.returncode != 0 and "nydus-blob" in p.stderr and "invalid argument" in p.stderr, p.stderr
+
     # through containerd: layers that claim to be a nydus bootstrap but are not
     fake = Layer.from_tree({"etc/not-a-bootstrap": b"hello"}).with_annotations({BOOTSTRAP_LABEL: "true"})
     bad = image_of(fake).push(reg, "test/badboot", "v1")
@@ -268,7 +274,6 @@ def test_bad_input_precise_errors_and_service_keeps_serving(stack, busybox_image
     # an unreachable registry: the container's Prepare fails with UNAVAILABLE, saying so
     image = nydus_image(vector_bootstrap(vectors_dir), [os.urandom(4096)]).push(reg, "test/nydus", "v9")
     cd.cri.pull_image(image.ref)
-    cd.pull(busybox_image.ref, snapshotter=SNAPSHOTTER)
     reg.stop()
     p = cd.run(image.ref, ["/bin/true"], snapshotter=SNAPSHOTTER, namespace="k8s.io", check=False)
     assert p.returncode != 0
