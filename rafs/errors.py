@@ -29,3 +29,7 @@ class BuildError(RafsError):
 
 class MountError(RafsError):
     """Mounting or serving a RAFS instance failed."""
+
+
+class ConfigError(RafsError, ValueError):
+    """A nydusd / daemon configuration is malformed; the message names the field."""

@@ -230,6 +230,12 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    from snapshotter import snapctl
+
+    return snapctl.main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nydusctl",
@@ -264,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments")
     sr.set_defaults(func=cmd_run)
 
+    ss = sub.add_parser("snapshots", add_help=False,
+                        help="inspect the nydus snapshotter itself: list/stat/usage/mounts/rm/cleanup "
+                             "(see 'nydusctl snapshots --help')")
+    ss.add_argument("rest", nargs=argparse.REMAINDER)
+    ss.set_defaults(func=cmd_snapshots)
+
     si = sub.add_parser("images", help="list images known to CRI")
     si.set_defaults(func=cmd_images)
     sm = sub.add_parser("rmi", help="remove images through CRI")
@@ -282,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["snapshots"]:  # argparse cannot pass leading options through REMAINDER
+        from snapshotter import snapctl
+
+        return snapctl.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)       # exits 2 on usage errors
     try:

@@ -25,3 +25,11 @@ class InvalidArgument(SnapshotterError):
 
 class ConfigError(SnapshotterError):
     """The configuration file is invalid (unknown key, wrong type)."""
+
+
+class Unavailable(SnapshotterError):
+    """gRPC UNAVAILABLE: a RAFS instance cannot be started (daemon failed, registry unreachable)."""
+
+
+class BootstrapError(InvalidArgument):
+    """A nydus bootstrap layer does not hold a valid RAFS bootstrap."""

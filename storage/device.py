@@ -1,4 +1,4 @@
-"""Blob device: the records describing blobs and chunk ranges, and (later) the device reading them.
+"""Blob device: the records describing blobs and chunk ranges, and the device reading them.
 
 ``rafs`` turns a file range into a :class:`BlobIoVec`; the device runs it through the cache.
 """
@@ -6,7 +6,17 @@
 from __future__ import annotations
 
 import enum
+import threading
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from storage.errors import StorageError
+
+if TYPE_CHECKING:
+    from storage.cache.base import BlobCache, BlobCacheManager
+    from storage.prefetch import PrefetchConfig
 
 
 class Compressor(enum.IntEnum):
@@ -119,3 +129,113 @@ class BlobIoVec(list):
     @property
     def size(self) -> int:
         return sum(desc.size for desc in self)
+
+
+class BlobDevice:
+    """Reads :class:`BlobIoVec` ranges spanning several blobs through their caches. Thread-safe.
+
+    Each run of consecutive descriptors in one blob is one cache request (the cache merges
+    adjacent missing chunks into backend requests); holes read as zeros. Prefetch runs in the
+    background below on-demand reads.
+    """
+
+    def __init__(self, blobs: "Sequence[BlobInfo]", factory: "BlobCacheManager", *,
+                 prefetch_config: "PrefetchConfig | None" = None) -> None:
+        from storage.prefetch import PrefetchConfig, Prefetcher
+
+        self.blobs = {b.blob_index: b for b in blobs}
+        self.factory = factory
+        self.metrics = factory.metrics
+        self._caches: dict[str, "BlobCache"] = {}
+        self._lock = threading.Lock()
+        self._demand = 0
+        self._closed = False
+        self.prefetcher = Prefetcher(prefetch_config or PrefetchConfig(), self.metrics, busy=lambda: self._demand > 0)
+
+    def _cache(self, blob: BlobInfo) -> "BlobCache":
+        with self._lock:
+            if self._closed:
+                raise StorageError("blob device is closed")
+            cache = self._caches.get(blob.blob_id)
+            if cache is None:
+                cache = self._caches[blob.blob_id] = self.factory.get_blob_cache(blob)
+            return cache
+
+    def _blob(self, blob_index: int) -> BlobInfo:
+        try:
+            return self.blobs[blob_index]
+        except KeyError:
+            raise StorageError(f"blob index {blob_index} not in this device ({sorted(self.blobs)})") from None
+
+    def read(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]") -> bytes:
+        """The bytes of ``iovec``, in order (holes as zeros)."""
+        start = time.monotonic()
+        with self._lock:
+            self._demand += 1
+        try:
+            parts: list[bytes] = []
+            i, n = 0, len(iovec)
+            while i < n:
+                desc = iovec[i]
+                if desc.is_hole or desc.blob is None:
+                    parts.append(bytes(desc.size))
+                    i += 1
+                    continue
+                j = i + 1
+                while j < n and iovec[j].blob is not None and not iovec[j].is_hole \
+                        and iovec[j].blob.blob_id == desc.blob.blob_id:
+                    j += 1
+                parts.append(self._cache(desc.blob).read_descs(iovec[i:j]))
+                i = j
+            return b"".join(parts)
+        finally:
+            with self._lock:
+                self._demand -= 1
+            self.metrics.read_latency.observe(time.monotonic() - start)
+
+    def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low") -> None:
+        """Make the chunks of ``iovecs`` ready in the background (one unit per blob per iovec)."""
+        for iovec in iovecs:
+            by_blob: dict[str, tuple[BlobInfo, list[ChunkInfo]]] = {}
+            for desc in iovec:
+                if desc.is_hole or desc.blob is None:
+                    continue
+                by_blob.setdefault(desc.blob.blob_id, (desc.blob, []))[1].append(desc.chunk)  # type: ignore[arg-type]
+            for blob, chunks in by_blob.values():
+                self.prefetcher.submit(self._cache(blob), chunks)
+
+    def prefetch_blob(self, blob_index: int, chunks: "Sequence[ChunkInfo] | None" = None) -> bool:
+        """Prefetch a whole blob: ``chunks`` (its chunk list) or the cache's own chunk table.
+
+        Returns False when the blob's chunk list is unknown (nothing queued).
+        """
+        cache = self._cache(self._blob(blob_index))
+        if chunks is None:
+            table = getattr(cache, "whole_blob_chunks", lambda: None)()
+            if table is None:
+                return False
+            chunks = table
+        self.prefetcher.submit(cache, chunks)
+        return True
+
+    def blob_data_path(self, blob_index: int) -> str | None:
+        """The complete uncompressed cache file of a blob (all chunks ready), else ``None``."""
+        return self._cache(self._blob(blob_index)).data_path()
+
+    def close(self) -> None:
+        """Cancel prefetch and release the blob caches (idempotent)."""
+        self.prefetcher.cancel()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            caches = list(self._caches)
+            self._caches.clear()
+        for blob_id in caches:
+            self.factory.release(blob_id)
+
+    def __enter__(self) -> "BlobDevice":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -28,7 +28,17 @@ class CacheError(StorageError):
 
 
 class ChunkDigestMismatch(StorageError):
-    """A chunk's data does not hash to its recorded digest."""
+    """A chunk's data does not hash to its recorded digest (never cached)."""
+
+    def __init__(self, blob_id: str, chunk_index: int, expected: bytes, actual: bytes) -> None:
+        self.blob_id = blob_id
+        self.chunk_index = chunk_index
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"blob {blob_id} chunk {chunk_index}: digest mismatch, "
+            f"expected {expected.hex()} got {actual.hex()}"
+        )
 
 
 class DecompressError(StorageError):
@@ -37,3 +47,27 @@ class DecompressError(StorageError):
 
 class MetaFormatError(StorageError, ValueError):
     """Blob metadata (chunk-info table, TOC, chunk-map header) is malformed."""
+
+
+class ConfigError(StorageError, ValueError):
+    """A backend or cache configuration is invalid (names the bad key and value)."""
+
+
+class TransientBackendError(BackendError):
+    """A backend failure worth retrying: connection reset, timeout, 5xx, truncated body."""
+
+
+class TruncatedRead(TransientBackendError):
+    """The backend returned fewer bytes than requested."""
+
+
+class BlobRangeError(BackendError, ValueError):
+    """A read outside the blob's size was requested."""
+
+
+class PrefetchCancelled(StorageError):
+    """A prefetch was cancelled (the device is closing)."""
+
+
+class RegistryUnavailable(RegistryError, TransientBackendError):
+    """The registry (or mirror/proxy) could not be reached or answered 5xx/429 (retried)."""

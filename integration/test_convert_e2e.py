@@ -1,0 +1,243 @@
+"""End to end: source images in a real docker-registry -> nydusify convert -> push -> check."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+
+import pytest
+import requests
+
+from integration import convert_images as ci
+from integration.convert_registry import running_registry
+from rafs.convert import layer as layer_mod
+from rafs.convert.check import check
+from rafs.convert.cli import main as nydusify
+from rafs.convert.converter import ConvertOptions, convert
+from rafs.convert.errors import CheckError
+from rafs.convert.layer import LayerOptions
+
+builder = pytest.importorskip("rafs.builder", reason="rafs.builder (the RAFS builder) has not landed")
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def _reader_available() -> bool:
+    try:
+        import rafs.metadata  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_reader = pytest.mark.skipif(not _reader_available(), reason="rafs.metadata (the reader) has not landed")
+
+
+@pytest.fixture
+def registry(tmp_path):
+    with running_registry(str(tmp_path / "registry")) as host:
+        yield host
+
+
+def get(host: str, repo: str, kind: str, ref: str, accept: str = OCI_MANIFEST) -> requests.Response:
+    resp = requests.get(f"http://{host}/v2/{repo}/{kind}/{ref}", headers={"Accept": accept}, timeout=30)
+    resp.raise_for_status()
+    return resp
+
+
+def head_blob(host: str, repo: str, digest: str) -> int:
+    return requests.head(f"http://{host}/v2/{repo}/blobs/{digest}", timeout=30).status_code
+
+
+def run_convert(source: str, target: str, work: str, *extra: str) -> dict:
+    out = os.path.join(work, "summary.json")
+    rc = nydusify(["convert", "--source", source, "--target", target, "--source-insecure",
+                   "--target-insecure", "--work-dir", work, "--no-progress", "--output-json", out, *extra])
+    assert rc == 0
+    with open(out) as fh:
+        return json.load(fh)
+
+
+def assert_nydus_manifest(host: str, repo: str, tag: str) -> tuple[dict, dict, bytes]:
+    manifest = get(host, repo, "manifests", tag).json()
+    assert manifest["mediaType"] == OCI_MANIFEST
+    *blobs, boot = manifest["layers"]
+    assert blobs, "a nydus image with file data has at least one blob"
+    for blob in blobs:
+        assert blob["mediaType"] == "application/vnd.oci.image.layer.nydus.blob.v1"
+        assert blob["annotations"] == {"containerd.io/snapshot/nydus-blob": "true"}
+        assert head_blob(host, repo, blob["digest"]) == 200
+    assert boot["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+    assert boot["annotations"] == {"containerd.io/snapshot/nydus-bootstrap": "true",
+                                   "containerd.io/snapshot/nydus-fs-version": "6"}
+    config = get(host, repo, "blobs", manifest["config"]["digest"]).json()
+    boot_bytes = get(host, repo, "blobs", boot["digest"]).content
+    raw = gzip.decompress(boot_bytes)
+    assert config["rootfs"]["diff_ids"] == [b["digest"] for b in blobs] + [
+        "sha256:" + hashlib.sha256(raw).hexdigest()]
+    assert config["history"][-1] == {"created_by": "Nydus Converter", "comment": "Nydus Bootstrap Layer"}
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert members["image"].isdir() and members["image"].mode == 0o755
+    assert members["image/image.boot"].mode == 0o444
+    return manifest, config, boot_bytes
+
+
+def test_convert_push_and_reconvert(registry, tmp_path):
+    image = ci.build_image()
+    ci.push_image(registry, "src/app", "v1", image)
+    work = str(tmp_path / "work")
+    first = run_convert(f"{registry}/src/app:v1", f"{registry}/dst/app:nydus", work)
+    manifest, config, _ = assert_nydus_manifest(registry, "dst/app", "nydus")
+    assert config["os"] == "linux" and config["config"]["Cmd"] == ["/bin/sh"]
+    pushed = {layer["digest"] for layer in manifest["layers"]} | {manifest["config"]["digest"]}
+    assert pushed <= set(first["uploaded"])
+    # a chunk shared by big.bin and copy.bin (3 MiB of random data) is stored once
+    sizes = [layer["size"] for layer in manifest["layers"][:-1]]
+    assert sum(sizes) < 2 * (3 << 20) + (2 << 20)
+    # converting again uploads nothing (HEAD finds every blob), even with a fresh work dir
+    again = run_convert(f"{registry}/src/app:v1", f"{registry}/dst/app:nydus2", str(tmp_path / "work2"))
+    assert again["uploaded"] == [] and set(again["skipped"]) == pushed
+    assert get(registry, "dst/app", "manifests", "nydus2").content == get(
+        registry, "dst/app", "manifests", "nydus").content
+
+
+def test_interrupted_conversion_resumes(registry, tmp_path, monkeypatch):
+    image = ci.build_image()
+    ci.push_image(registry, "src/app", "v1", image)
+    work = str(tmp_path / "work")
+    opts = ConvertOptions(source=f"{registry}/src/app:v1", target=f"{registry}/dst/app:v1", work_dir=work,
+                          source_insecure=True, target_insecure=True, progress=False)
+    real = layer_mod.build_layer
+    calls = []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(layer_mod, "build_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(opts)
+    assert not [n for n in os.listdir(os.path.join(work, "layers")) if n.startswith(".")]
+    monkeypatch.setattr(layer_mod, "build_layer", real)
+    result = convert(opts)
+    layers = [d["digest"] for d in json.loads(image[0].data)["layers"]]
+    assert result.layers_reused == layers[:1] and result.layers_built == layers[1:]
+    assert_nydus_manifest(registry, "dst/app", "v1")
+    result = convert(opts)
+    assert result.layers_reused == layers and result.layers_built == []
+    assert result.stats.uploaded == []
+
+
+def test_chunked_upload_and_lz4(registry, tmp_path):
+    image = ci.build_image()
+    ci.push_image(registry, "src/app", "v1", image)
+    summary = run_convert(f"{registry}/src/app:v1", f"{registry}/dst/lz4:v1", str(tmp_path / "w"),
+                          "--compressor", "lz4_block", "--push-chunk-size", "65536")
+    assert summary["uploaded"]
+    assert_nydus_manifest(registry, "dst/lz4", "v1")
+
+
+def test_multi_platform_index(registry, tmp_path):
+    amd = ci.build_image(arch="amd64")
+    arm = ci.build_image(ci.sample_layers()[:2], arch="arm64")
+    platforms = [{"os": "linux", "architecture": "amd64"}, {"os": "linux", "architecture": "arm64"}]
+    ci.push_index(registry, "src/multi", "v1", [amd, arm], platforms)
+    run_convert(f"{registry}/src/multi:v1", f"{registry}/dst/multi:all", str(tmp_path / "w"))
+    index = get(registry, "dst/multi", "manifests", "all", accept=OCI_INDEX).json()
+    assert index["mediaType"] == OCI_INDEX
+    assert [m["platform"] for m in index["manifests"]] == platforms
+    for entry in index["manifests"]:
+        assert_nydus_manifest(registry, "dst/multi", entry["digest"])
+    run_convert(f"{registry}/src/multi:v1", f"{registry}/dst/multi:arm", str(tmp_path / "w"),
+                "--platform", "linux/arm64")
+    manifest, config, _ = assert_nydus_manifest(registry, "dst/multi", "arm")
+    assert config["architecture"] == "arm64"
+
+
+@needs_reader
+def test_check_passes_for_all_source_kinds(registry, tmp_path):
+    image = ci.build_image()
+    ci.push_image(registry, "src/app", "v1", image)
+    ci.write_oci_layout(str(tmp_path / "layout"), [image], tag="v1")
+    ci.write_docker_archive(str(tmp_path / "img.tar"))
+    for i, source in enumerate([f"{registry}/src/app:v1", f"oci:{tmp_path / 'layout'}:v1",
+                                f"docker-archive:{tmp_path / 'img.tar'}"]):
+        target = f"{registry}/dst/check:{i}"
+        run_convert(source, target, str(tmp_path / f"w{i}"))
+        report = check(source, target, source_insecure=True, target_insecure=True)
+        assert report.files_compared > 15
+        assert nydusify(["check", "--source", source, "--target", target, "--source-insecure",
+                         "--target-insecure"]) == 0
+
+
+@needs_reader
+def test_check_finds_differences(registry, tmp_path):
+    ci.push_image(registry, "src/app", "v1", ci.build_image())
+    other = ci.sample_layers()
+    other[2] = (ci.tar_bytes([{"name": "etc/passwd", "data": b"different\n"}]), "none")
+    ci.push_image(registry, "src/other", "v1", ci.build_image(other))
+    run_convert(f"{registry}/src/app:v1", f"{registry}/dst/app:v1", str(tmp_path / "w"))
+    with pytest.raises(CheckError) as err:
+        check(f"{registry}/src/other:v1", f"{registry}/dst/app:v1", source_insecure=True, target_insecure=True)
+    text = str(err.value)
+    assert "/etc/passwd: content differs" in text and "/etc/gone" in text and "/opt/old/a" in text
+    # a plain OCI image is not a valid nydus image
+    with pytest.raises(CheckError, match="nydus-bootstrap"):
+        check(None, f"{registry}/src/app:v1", target_insecure=True)
+
+
+@needs_reader
+def test_bootstrap_tree_and_prefetch(registry, tmp_path):
+    from rafs.metadata import Rafs
+
+    ci.push_image(registry, "src/app", "v1", ci.build_image())
+    patterns = tmp_path / "prefetch.txt"
+    patterns.write_text("/bin/busybox\n/app\n")
+    work = str(tmp_path / "w")
+    run_convert(f"{registry}/src/app:v1", f"{registry}/dst/app:v1", work, "--prefetch-patterns", str(patterns))
+    manifest, _, boot_bytes = assert_nydus_manifest(registry, "dst/app", "v1")
+    from rafs.convert.bootstrap_layer import extract_bootstrap
+
+    path = tmp_path / "image.boot"
+    path.write_bytes(extract_bootstrap(boot_bytes))
+    with Rafs.open(str(path)) as rafs:
+        assert rafs.version == 6
+        assert sorted(b.blob_id for b in rafs.blobs) == sorted(b["digest"][7:] for b in manifest["layers"][:-1])
+        paths = {p for p, _ in rafs.walk()}
+        assert {"/bin/busybox", "/bin/sh", "/app/big.bin", "/opt/old/b", "/etc/passwd"} <= paths
+        assert "/etc/gone" not in paths and "/opt/old/a" not in paths
+        assert not any(".wh." in p for p in paths)
+        assert rafs.lookup_path("/bin/sh").readlink() == b"busybox"
+        prefetch = {rafs.inode(i).ino for i in rafs.prefetch_inos}
+        assert rafs.lookup_path("/bin/busybox").ino in prefetch
+
+
+@needs_reader
+def test_chunk_dict_reuses_blobs(registry, tmp_path):
+    ci.push_image(registry, "src/app", "v1", ci.build_image())
+    work = str(tmp_path / "w")
+    run_convert(f"{registry}/src/app:v1", f"{registry}/dst/app:base", work)
+    base, _, boot = assert_nydus_manifest(registry, "dst/app", "base")
+    from rafs.convert.bootstrap_layer import extract_bootstrap
+
+    dict_path = tmp_path / "dict.boot"
+    dict_path.write_bytes(extract_bootstrap(boot))
+    layers = ci.sample_layers()[:2]   # same busybox and big data: everything is in the dict
+    ci.push_image(registry, "src/app", "v2", ci.build_image(layers))
+    summary = run_convert(f"{registry}/src/app:v2", f"{registry}/dst/app:v2", str(tmp_path / "w2"),
+                          "--chunk-dict", f"bootstrap:local:{dict_path}")
+    manifest, _, _ = assert_nydus_manifest(registry, "dst/app", "v2")
+    base_blobs = {b["digest"] for b in base["layers"][:-1]}
+    new_blobs = {b["digest"] for b in manifest["layers"][:-1]}
+    assert new_blobs & base_blobs, "chunk-dict blobs are referenced, not stored again"
+    assert sum(b["size"] for b in manifest["layers"][:-1] if b["digest"] not in base_blobs) < (1 << 20)
+    assert not (set(summary["uploaded"]) & base_blobs)
+    check(f"{registry}/src/app:v2", f"{registry}/dst/app:v2", source_insecure=True, target_insecure=True)

@@ -1,0 +1,238 @@
+"""``build()``: a directory, tar stream or OCI layer -> RAFS v6 bootstrap + data blob."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field, replace
+from typing import BinaryIO, Callable
+
+from rafs.builder.blob import BlobRecord, BlobWriter, Chunker, ChunkStore
+from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
+from rafs.builder.source import open_layer, walk_directory, walk_tar
+from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer, split_path
+from rafs.errors import BuildError
+from storage.device import BlobInfo, Compressor, Digester
+
+SOURCE_TYPES = ("dir-rafs", "tar-rafs", "targz-rafs")
+#: upstream spellings accepted for --type/--source-type
+SOURCE_TYPE_ALIASES = {"directory": "dir-rafs", "dir": "dir-rafs", "tar": "tar-rafs", "targz": "targz-rafs"}
+
+
+@dataclass(slots=True)
+class BuildOptions:
+    """Builder options; defaults mirror ``nydus-image create``: 1 MiB chunks, zstd, blake3,
+    whiteout spec ``oci``, no inline meta, no blob TOC, no prefetch, no chunk dict."""
+
+    chunk_size: int = 0x100000
+    compressor: Compressor = Compressor.ZSTD
+    digester: Digester = Digester.BLAKE3
+    whiteout_spec: str = "oci"
+    blob_inline_meta: bool = False
+    blob_toc: bool = False
+    prefetch: list[str] = field(default_factory=list)
+    chunk_dict: str | None = None
+    threads: int = 2
+    progress: bool = False
+
+    def validate(self) -> None:
+        cs = self.chunk_size
+        if cs & (cs - 1) or not 0x1000 <= cs <= 0x100_0000:
+            raise BuildError(f"chunk size {cs:#x} must be a power of two in 0x1000..0x1000000")
+        if self.whiteout_spec not in ("oci", "overlayfs", "none"):
+            raise BuildError(f"unknown whiteout spec {self.whiteout_spec!r}")
+        if Compressor(self.compressor) == Compressor.GZIP:
+            raise BuildError("gzip is not a supported chunk compressor for create")
+
+
+@dataclass(frozen=True, slots=True)
+class BuildResult:
+    """What a build produced: the bootstrap path, the blob table (ids in order), the new blob."""
+
+    bootstrap: str
+    blob_ids: list[str]
+    blob: BlobInfo | None
+    blob_path: str | None
+    bytes_in: int
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-bootstrap.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _progress_bar(enabled: bool, total: int | None):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, file=sys.stderr, desc="nydus-image create")
+
+
+def _dir_total(tree: Tree) -> int:
+    seen: set[int] = set()
+    total = 0
+    for _, node in tree.walk():
+        if node.is_reg and id(node) not in seen:
+            seen.add(id(node))
+            total += node.size
+    return total
+
+
+def _prefetch_first(tree: Tree, patterns: list[str]) -> list[Inode]:
+    """Regular files in blob order: those under prefetch patterns first, then BFS order."""
+    seen: set[int] = set()
+    out: list[Inode] = []
+
+    def add(node: Inode) -> None:
+        if node.is_reg and id(node) not in seen:
+            seen.add(id(node))
+            out.append(node)
+
+    for pat in patterns:
+        pat = pat.strip()
+        if not pat:
+            continue
+        node = tree.lookup(pat)
+        if node is None:
+            continue
+        for _, n in Tree(node).bfs() if node.is_dir else [(b"", node)]:
+            add(n)
+    for _, n in tree.bfs():
+        add(n)
+    return out
+
+
+def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, blob_out: str | None = None,
+          blob_dir: str | None = None, source_type: str = "dir-rafs",
+          options: BuildOptions | None = None) -> BuildResult:
+    """Build one layer.  ``source`` is a directory path (dir-rafs) or a tar file path / binary
+    stream (tar-rafs, targz-rafs; gzip and zstd layers are detected by magic).
+
+    Writes the blob to ``blob_out`` or ``blob_dir/<blob_id>`` and the bootstrap to
+    ``bootstrap_out`` (or ``blob_dir/<sha256 of bootstrap>``); all via temp file + rename.
+    """
+    opts = options or BuildOptions()
+    opts.validate()
+    source_type = SOURCE_TYPE_ALIASES.get(source_type, source_type)
+    if source_type not in SOURCE_TYPES:
+        raise BuildError(f"unsupported source type {source_type!r} (supported: {', '.join(SOURCE_TYPES)})")
+    if bootstrap_out is None and blob_dir is None:
+        raise BuildError("either a bootstrap path or a blob dir is required")
+    store = ChunkStore()
+    if opts.chunk_dict:
+        from rafs.builder.loader import load_chunk_dict
+
+        for rec in load_chunk_dict(opts.chunk_dict, opts.chunk_size):
+            store.add_blob(rec)
+    out_dir = blob_dir or (os.path.dirname(os.path.abspath(blob_out)) if blob_out else None)
+    tmp_path = None
+    f = None
+    if out_dir is not None:
+        fd, tmp_path = tempfile.mkstemp(dir=out_dir, prefix=".tmp-blob.")
+        f = os.fdopen(fd, "wb", buffering=1 << 20)
+    try:
+        writer = BlobWriter(f, blob_index=len(store.blobs), chunk_size=opts.chunk_size,
+                            compressor=Compressor(opts.compressor), digester=Digester(opts.digester),
+                            threads=opts.threads)
+        bar = None
+        if source_type == "dir-rafs":
+            if not isinstance(source, (str, os.PathLike)):
+                raise BuildError("dir-rafs needs a directory path")
+            tree = walk_directory(source)
+            apply_whiteouts_in_layer(tree, opts.whiteout_spec)
+            bar = _progress_bar(opts.progress, _dir_total(tree))
+            chunker = Chunker(store, writer, chunk_size=opts.chunk_size, digester=Digester(opts.digester),
+                              progress=bar.update if bar else None)
+            for node in _prefetch_first(tree, opts.prefetch):
+                if node.size == 0:
+                    node.chunks = []
+                    continue
+                try:
+                    with open(node.source, "rb", buffering=0) as src:  # type: ignore[arg-type]
+                        chunker.add_file(node, src, node.size)
+                except OSError as exc:
+                    raise BuildError(f"cannot read {node.source!r}: {exc}") from exc
+        else:
+            bar = _progress_bar(opts.progress, None)
+            chunker = Chunker(store, writer, chunk_size=opts.chunk_size, digester=Digester(opts.digester),
+                              progress=bar.update if bar else None)
+            if isinstance(source, (str, os.PathLike)):
+                try:
+                    stream: BinaryIO = open(source, "rb")
+                except OSError as exc:
+                    raise BuildError(f"cannot open {source!r}: {exc}") from exc
+                close = True
+            else:
+                stream, close = source, False
+            try:
+                tree = walk_tar(open_layer(stream), chunker.add_file)
+            finally:
+                if close:
+                    stream.close()
+            apply_whiteouts_in_layer(tree, opts.whiteout_spec)
+        if bar is not None:
+            bar.close()
+        bopts = BootstrapOptions(chunk_size=opts.chunk_size, compressor=Compressor(opts.compressor),
+                                 digester=Digester(opts.digester), prefetch=list(opts.prefetch))
+        new_index = len(store.blobs)
+
+        def bootstrap_with(info: BlobInfo) -> bytes:
+            trial = ChunkStore()
+            trial.blobs = list(store.blobs)
+            trial.by_digest = store.by_digest
+            trial.blobs.append(BlobRecord(info, list(writer.chunk_infos), new=True))
+            return write_bootstrap(tree, trial, bopts)
+
+        writer.close()
+        has_blob = bool(writer.ci) or opts.blob_inline_meta
+        info, _ = writer.finish(inline_meta=opts.blob_inline_meta, blob_toc=opts.blob_toc,
+                                make_bootstrap=bootstrap_with)
+        if f is not None:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            f = None
+        blob_path = None
+        if has_blob:
+            store.blobs.append(BlobRecord(info, list(writer.chunk_infos), new=True))
+            assert len(store.blobs) - 1 == new_index
+            if tmp_path is not None:
+                blob_path = blob_out or os.path.join(blob_dir, info.blob_id)  # type: ignore[arg-type]
+                os.replace(tmp_path, blob_path)
+                tmp_path = None
+        boot = write_bootstrap(tree, store, bopts)
+        if bootstrap_out is None:
+            bootstrap_out = os.path.join(blob_dir, hashlib.sha256(boot).hexdigest())  # type: ignore[arg-type]
+        _atomic_write(bootstrap_out, boot)
+        used = _blob_ids_of(boot)
+        return BuildResult(bootstrap_out, used, info if has_blob else None, blob_path, chunker.bytes_in)
+    finally:
+        if f is not None:
+            f.close()
+        if tmp_path is not None:
+            _unlink(tmp_path)
+
+
+def _blob_ids_of(boot: bytes) -> list[str]:
+    from rafs.layout import RafsV6Blob, RafsV6SuperBlockExt
+    from rafs.layout.constants import RAFSV6_EXT_SUPER_OFFSET
+
+    ext = RafsV6SuperBlockExt.parse(boot, RAFSV6_EXT_SUPER_OFFSET)
+    n = ext.s_blob_table_size // RafsV6Blob.SIZE
+    return [b.blob_id_str for b in RafsV6Blob.parse_array(boot, ext.s_blob_table_offset, n)]

@@ -1,0 +1,189 @@
+"""Source walkers: a directory, a tar stream, or an OCI layer (tar, tar+gzip, tar+zstd).
+
+Each walker fills a :class:`~rafs.builder.tree.Tree`.  Regular-file content is handed to
+``on_file(inode, fileobj, size)`` — immediately for tar streams (the data is only readable
+while the walker is on that member), later (in layout order) for directories, where the
+inode just remembers its path in ``source``.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import io
+import os
+import stat
+import tarfile
+from typing import BinaryIO, Callable
+
+import zstandard
+
+from rafs.builder.tree import Inode, Tree, check_name, split_path
+from rafs.errors import BuildError
+
+OnFile = Callable[[Inode, BinaryIO, int], None]
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _read_xattrs(path: str) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return out
+        raise
+    for name in sorted(names):
+        try:
+            out[name.encode()] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                continue
+            raise
+    return out
+
+
+def _inode_from_stat(st: os.stat_result, xattrs: dict[bytes, bytes]) -> Inode:
+    return Inode(mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, mtime=st.st_mtime_ns // 1_000_000_000,
+                 mtime_nsec=st.st_mtime_ns % 1_000_000_000,
+                 rdev=st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0,
+                 size=st.st_size if stat.S_ISREG(st.st_mode) else 0, xattrs=xattrs)
+
+
+def walk_directory(root: str | os.PathLike) -> Tree:
+    """Build a tree from a directory (``lstat``; xattrs; hard links by (dev, ino))."""
+    root = os.fspath(root)
+    try:
+        st = os.lstat(root)
+    except OSError as exc:
+        raise BuildError(f"cannot read source {root!r}: {exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise BuildError(f"source {root!r} is not a directory")
+    tree = Tree(_inode_from_stat(st, _read_xattrs(root)))
+    links: dict[tuple[int, int], Inode] = {}
+    stack: list[tuple[str, Inode]] = [(root, tree.root)]
+    while stack:
+        dpath, dnode = stack.pop()
+        assert dnode.entries is not None
+        try:
+            names = sorted(os.listdir(os.fsencode(dpath)))
+        except OSError as exc:
+            raise BuildError(f"cannot list {dpath!r}: {exc}") from exc
+        for name in names:
+            check_name(name)
+            path = os.path.join(dpath, os.fsdecode(name))
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                if key in links:
+                    dnode.entries[name] = links[key]
+                    continue
+            inode = _inode_from_stat(st, _read_xattrs(path))
+            if stat.S_ISLNK(st.st_mode):
+                inode.symlink = os.fsencode(os.readlink(path))
+                inode.size = len(inode.symlink)
+            elif stat.S_ISREG(st.st_mode):
+                inode.source = path
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                links[(st.st_dev, st.st_ino)] = inode
+            dnode.entries[name] = inode
+            if inode.is_dir:
+                stack.append((path, inode))
+    return tree
+
+
+def open_layer(stream: BinaryIO) -> BinaryIO:
+    """Wrap an OCI layer stream: detects gzip and zstd by magic, else plain tar."""
+    if not isinstance(stream, io.BufferedReader) or not hasattr(stream, "peek"):
+        stream = io.BufferedReader(stream, 1 << 20)  # type: ignore[arg-type]
+    head = stream.peek(4)[:4]
+    if head[:2] == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[return-value]
+    if head == ZSTD_MAGIC:
+        return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)  # type: ignore[return-value]
+    return stream
+
+
+def _pax_bytes(value: str) -> bytes:
+    return value.encode("utf-8", "surrogateescape")
+
+
+def _tar_xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
+    """``SCHILY.xattr.*`` PAX records (``LIBARCHIVE.xattr.*`` duplicates are ignored, as upstream)."""
+    out: dict[bytes, bytes] = {}
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            out[_pax_bytes(key[len("SCHILY.xattr."):])] = _pax_bytes(value)
+    return out
+
+
+def _tar_mtime(member: tarfile.TarInfo) -> tuple[int, int]:
+    raw = member.pax_headers.get("mtime")
+    if raw is not None:
+        sec, _, frac = raw.partition(".")
+        nsec = int((frac + "000000000")[:9]) if frac else 0
+        sec_i = int(sec)
+        if sec.startswith("-") and nsec:
+            sec_i -= 1
+            nsec = 1_000_000_000 - nsec
+        return sec_i, nsec
+    return int(member.mtime), 0
+
+
+_TAR_TYPES = {
+    tarfile.DIRTYPE: stat.S_IFDIR,
+    tarfile.SYMTYPE: stat.S_IFLNK,
+    tarfile.CHRTYPE: stat.S_IFCHR,
+    tarfile.BLKTYPE: stat.S_IFBLK,
+    tarfile.FIFOTYPE: stat.S_IFIFO,
+}
+
+
+def walk_tar(stream: BinaryIO, on_file: OnFile) -> Tree:
+    """Build a tree from a tar stream (read once, in order).  Entries named later win;
+    hard links share the target's inode."""
+    tree = Tree()
+    try:
+        tf = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
+    except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as exc:
+        raise BuildError(f"not a tar stream: {exc}") from exc
+    try:
+        for member in tf:
+            parts = split_path(member.name)
+            sec, nsec = _tar_mtime(member)
+            xattrs = _tar_xattrs(member)
+            if member.islnk():
+                target = tree.lookup(member.linkname)
+                if target is None or target.is_dir:
+                    raise BuildError(f"{member.name}: hard link to missing {member.linkname!r}")
+                if not parts:
+                    raise BuildError("hard link as the layer root")
+                tree.parent_dir(parts).entries[parts[-1]] = target  # type: ignore[index]
+                continue
+            if member.isreg():
+                inode = Inode(mode=stat.S_IFREG | (member.mode & 0o7777), uid=member.uid, gid=member.gid,
+                              mtime=sec, mtime_nsec=nsec, size=member.size, xattrs=xattrs)
+                tree.insert(member.name, inode)
+                if member.size:
+                    fobj = tf.extractfile(member)
+                    assert fobj is not None
+                    on_file(inode, fobj, member.size)  # type: ignore[arg-type]
+                continue
+            ftype = _TAR_TYPES.get(member.type)
+            if ftype is None:
+                raise BuildError(f"{member.name}: unsupported tar entry type {member.type!r}")
+            inode = Inode(mode=ftype | (member.mode & 0o7777), uid=member.uid, gid=member.gid,
+                          mtime=sec, mtime_nsec=nsec, xattrs=xattrs)
+            if member.issym():
+                inode.symlink = _pax_bytes(member.linkname)
+                inode.size = len(inode.symlink)
+            elif member.ischr() or member.isblk():
+                inode.rdev = os.makedev(member.devmajor, member.devminor)
+            tree.insert(member.name, inode)
+    except (tarfile.TarError, EOFError, zstandard.ZstdError, gzip.BadGzipFile) as exc:
+        raise BuildError(f"bad tar stream: {exc}") from exc
+    finally:
+        tf.close()
+    return tree

@@ -1,0 +1,155 @@
+"""``nydusify``: convert an OCI image into a nydus image and push it; check a nydus image."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+
+from rafs.errors import RafsError
+from storage.errors import StorageError
+
+from .converter import ConvertOptions, convert
+from .errors import ConvertError
+from .layer import LayerOptions
+from .reference import parse_reference, parse_source
+
+COMPRESSORS = ("zstd", "lz4_block", "none")
+
+
+def _prefetch_patterns(arg: str | None) -> tuple[str, ...]:
+    """``--prefetch-patterns``: ``-`` (or no value) reads stdin, else a file; one path a line."""
+    if arg is None:
+        return ()
+    if arg == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(arg, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise ConvertError(f"--prefetch-patterns: {exc}") from exc
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if not line.startswith("/"):
+            raise ConvertError(f"prefetch pattern {line!r} must be an absolute path")
+        out.append(line)
+    return tuple(out)
+
+
+def _chunk_dict(arg: str | None) -> tuple[str | None, str | None]:
+    """``--chunk-dict``: a bootstrap path, also accepted as upstream's ``bootstrap:local:<path>``."""
+    if not arg:
+        return None, None
+    path = arg
+    if arg.startswith("bootstrap:local:"):
+        path = arg[len("bootstrap:local:"):]
+    elif arg.startswith("bootstrap:registry:"):
+        raise ConvertError("--chunk-dict bootstrap:registry:... is not supported; pass a local bootstrap")
+    try:
+        with open(path, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+    except OSError as exc:
+        raise ConvertError(f"--chunk-dict: {exc}") from exc
+    return path, digest
+
+
+def _suffixed(source: str, suffix: str) -> str:
+    """``--target-suffix``: ``host/repo:tag`` -> ``host/repo:tag<suffix>`` (registry sources only)."""
+    spec = parse_source(source)
+    if spec.kind != "registry":
+        raise ConvertError("--target-suffix needs a registry source; use --target")
+    ref = parse_reference(source)
+    if ref.digest and not ref.tag:
+        raise ConvertError("--target-suffix cannot be used with a digest-only source reference")
+    return str(ref.with_tag(f"{ref.tag}{suffix}"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nydusify", description=__doc__)
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert", help="convert a source image to a nydus image and push it")
+    conv.add_argument("--source", required=True,
+                      help="registry reference, oci:<layout dir>[:tag] or docker-archive:<file>")
+    target = conv.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target", help="target registry reference (a tag)")
+    target.add_argument("--target-suffix", help="target = source reference with this suffix on its tag")
+    conv.add_argument("--source-insecure", action="store_true", help="allow http / unverified TLS to the source")
+    conv.add_argument("--target-insecure", action="store_true", help="allow http / unverified TLS to the target")
+    conv.add_argument("--work-dir", default="./tmp", help="work directory (kept: reruns resume from it)")
+    conv.add_argument("--platform", default=None,
+                      help="os/arch[/variant] to convert from an index (default: every platform)")
+    conv.add_argument("--fs-version", type=int, default=6, choices=(6,), help="RAFS version (6)")
+    conv.add_argument("--compressor", default="zstd", choices=COMPRESSORS, help="chunk compressor")
+    conv.add_argument("--chunk-size", type=lambda s: int(s, 0), default=0x100000,
+                      help="chunk size, a power of two between 0x1000 and 0x1000000")
+    conv.add_argument("--chunk-dict", default=None,
+                      help="chunk-dict bootstrap (path or bootstrap:local:<path>) for dedup")
+    conv.add_argument("--prefetch-patterns", nargs="?", const="-", default=None,
+                      help="prefetch paths, one a line, from stdin (no value or '-') or a file")
+    conv.add_argument("--push-chunk-size", type=lambda s: int(s, 0), default=0,
+                      help="upload blobs in PATCH chunks of this size (0: monolithic)")
+    conv.add_argument("--no-progress", action="store_true", help="no progress bars")
+    conv.add_argument("--output-json", default=None, help="write a JSON summary here")
+
+    chk = sub.add_parser("check", help="validate a nydus image and compare it with its source")
+    chk.add_argument("--source", default=None, help="source image (omit to validate the target only)")
+    chk.add_argument("--target", required=True, help="nydus image reference")
+    chk.add_argument("--source-insecure", action="store_true")
+    chk.add_argument("--target-insecure", action="store_true")
+    chk.add_argument("--platform", default=None, help="check only this os/arch")
+    chk.add_argument("--work-dir", default=None, help="where to download blobs (default: a temp dir)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s")
+    try:
+        if args.command == "convert":
+            size = args.chunk_size
+            if size < 0x1000 or size > 0x1000000 or size & (size - 1):
+                raise ConvertError(f"--chunk-size {size:#x} must be a power of two in [0x1000, 0x1000000]")
+            chunk_dict, chunk_dict_digest = _chunk_dict(args.chunk_dict)
+            layer = LayerOptions(fs_version=args.fs_version, compressor=args.compressor, chunk_size=size,
+                                 chunk_dict=chunk_dict, chunk_dict_digest=chunk_dict_digest,
+                                 prefetch_patterns=_prefetch_patterns(args.prefetch_patterns))
+            target_ref = args.target or _suffixed(args.source, args.target_suffix)
+            opts = ConvertOptions(source=args.source, target=target_ref, work_dir=args.work_dir,
+                                  source_insecure=args.source_insecure, target_insecure=args.target_insecure,
+                                  platform=args.platform, layer=layer, push_chunk_size=args.push_chunk_size,
+                                  progress=False if args.no_progress else None)
+            result = convert(opts)
+            summary = {"target": result.target, "digest": result.digest, "mediaType": result.media_type,
+                       "platforms": [m.platform for m in result.manifests],
+                       "uploaded": result.stats.uploaded, "skipped": result.stats.skipped,
+                       "uploaded_bytes": result.stats.uploaded_bytes}
+            if args.output_json:
+                with open(args.output_json, "w", encoding="utf-8") as fh:
+                    json.dump(summary, fh, indent=1)
+            print(f"converted {args.source} -> {result.target}@{result.digest} "
+                  f"({len(result.stats.uploaded)} uploaded, {len(result.stats.skipped)} already present)")
+            return 0
+        from .check import check
+
+        report = check(args.source, args.target, source_insecure=args.source_insecure,
+                       target_insecure=args.target_insecure, work_dir=args.work_dir, platform=args.platform)
+        print(f"check passed: {', '.join(report.platforms)}; {report.files_compared} paths compared")
+        return 0
+    except (RafsError, StorageError) as exc:
+        print(f"nydusify: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nydusify: interrupted (rerun with the same --work-dir to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``nydusd`` daemon: FUSE / kernel EROFS mounts of RAFS images with a control API."""

@@ -1,0 +1,266 @@
+"""nydusd's HTTP+JSON control API on a unix socket (mode 0600), and a small client.
+
+Endpoints (upstream paths):
+
+* ``GET /api/v1/daemon`` — id, version, state (INIT/READY/RUNNING), instances
+* ``POST /api/v1/mount?mountpoint=/<id>`` body ``{"fs_type":"rafs","source":<bootstrap>,"config":<json>}``
+* ``DELETE /api/v1/mount?mountpoint=/<id>``
+* ``POST /api/v1/prefetch?mountpoint=/<id>`` body ``{"files": [...]}`` (optional) — start prefetch
+* ``GET /api/v1/metrics[?id=/<id>]`` — Prometheus text
+* ``PUT /api/v1/daemon/exit`` — unmount everything and exit
+
+Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import socket
+import urllib.parse
+from typing import Any
+
+import trio
+
+from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
+from storage.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1 << 20
+_EXIT = object()
+_REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request", 404: "Not Found",
+            405: "Method Not Allowed", 409: "Conflict", 422: "Unprocessable Entity",
+            500: "Internal Server Error"}
+
+
+class ApiError(RafsError):
+    """A control-API call failed; ``status`` and ``code`` are the daemon's answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"nydusd API {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _error_status(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, NotFound):
+        return 404, "NotFound"
+    if isinstance(exc, UnsupportedError):
+        return 422, "Unsupported"
+    if isinstance(exc, ConfigError):
+        return 400, "InvalidConfig"
+    if isinstance(exc, MountError):
+        return 409, "MountError"
+    if isinstance(exc, (RafsError, StorageError)):
+        return 500, type(exc).__name__
+    return 500, "InternalError"
+
+
+async def serve(daemon: Any, path: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on the unix socket ``path`` (0600) and answer requests until cancelled."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    await trio.serve_listeners(lambda stream: _handle(daemon, stream), [listener])
+
+
+async def _read_request(stream: trio.abc.Stream) -> tuple[str, str, dict[str, str], bytes]:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise ValueError("connection closed before the request headers ended")
+        buf += chunk
+        if len(buf) > MAX_BODY:
+            raise ValueError("request headers too large")
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    length = int(headers.get("content-length", "0") or 0)
+    if length > MAX_BODY:
+        raise ValueError(f"request body too large ({length} bytes)")
+    while len(body) < length:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise ValueError("connection closed in the request body")
+        body += chunk
+    return method, target, headers, body[:length]
+
+
+async def _handle(daemon: Any, stream: trio.abc.Stream) -> None:
+    try:
+        with trio.fail_after(60):
+            try:
+                method, target, _, body = await _read_request(stream)
+            except (ValueError, UnicodeDecodeError) as exc:
+                await _send(stream, 400, {"code": "BadRequest", "message": str(exc)})
+                return
+            try:
+                status, payload = await _dispatch(daemon, method, target, body)
+            except Exception as exc:  # every error becomes a JSON answer, the daemon keeps going
+                status, code = _error_status(exc)
+                if status == 500:
+                    log.error("API %s %s: %s: %s", method, target, type(exc).__name__, exc)
+                payload = {"code": code, "message": str(exc)}
+            if payload is _EXIT:
+                await _send(stream, status, None)
+                daemon.shutdown()  # after the answer went out
+                return
+            await _send(stream, status, payload)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+async def _send(stream: trio.abc.Stream, status: int, payload: Any) -> None:
+    if payload is None:
+        body, ctype = b"", "application/json"
+    elif isinstance(payload, str):
+        body, ctype = payload.encode(), "text/plain; version=0.0.4"
+    else:
+        body, ctype = json.dumps(payload).encode(), "application/json"
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    await stream.send_all(head.encode() + body)
+
+
+def _json_body(body: bytes) -> dict:
+    if not body:
+        return {}
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"request body is not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ConfigError("request body must be a JSON object")
+    return obj
+
+
+async def _dispatch(daemon: Any, method: str, target: str, body: bytes) -> tuple[int, Any]:
+    url = urllib.parse.urlsplit(target)
+    query = dict(urllib.parse.parse_qsl(url.query))
+    path = url.path.rstrip("/")
+    if path == "/api/v1/daemon" and method == "GET":
+        return 200, daemon.info()
+    if path == "/api/v1/mount":
+        mountpoint = query.get("mountpoint")
+        if not mountpoint:
+            raise ConfigError("query parameter 'mountpoint' is required")
+        if method == "POST":
+            req = _json_body(body)
+            if req.get("fs_type", "rafs") != "rafs":
+                raise ConfigError(f"fs_type: only 'rafs' is supported, got {req.get('fs_type')!r}")
+            source = req.get("source")
+            if not isinstance(source, str) or not source:
+                raise ConfigError("source: the bootstrap path is required")
+            await daemon.mount_instance(mountpoint, source, req.get("config") or {})
+            return 204, None
+        if method == "DELETE":
+            await daemon.umount_instance(mountpoint)
+            return 204, None
+    if path == "/api/v1/prefetch" and method in ("POST", "PUT"):
+        req = _json_body(body)
+        files = req.get("files")
+        if files is not None and not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+            raise ConfigError("files: expected a list of paths")
+        await daemon.prefetch(query.get("mountpoint", "/"), files)
+        return 202, None
+    if path == "/api/v1/metrics" and method == "GET":
+        return 200, daemon.metrics_text(query.get("id"))
+    if path == "/api/v1/daemon/exit" and method == "PUT":
+        return 204, _EXIT
+    return 404 if method in ("GET", "POST", "PUT", "DELETE") else 405, {
+        "code": "NotFound", "message": f"no endpoint {method} {url.path}"}
+
+
+# ---------------------------------------------------------------------- client
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class DaemonClient:
+    """Blocking client of one daemon's API socket (used by the DaemonManager)."""
+
+    def __init__(self, apisock: str, *, timeout: float = 30.0) -> None:
+        self.apisock = apisock
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: Any = None, *, raw: bool = False) -> Any:
+        """One call; raises :class:`ApiError` for an error answer, ``OSError`` if unreachable."""
+        conn = _UnixConnection(self.apisock, self.timeout)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            text = resp.read()
+        except http.client.HTTPException as exc:
+            raise ConnectionError(f"{self.apisock}: bad HTTP answer: {exc}") from exc
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            try:
+                err = json.loads(text)
+                raise ApiError(resp.status, err.get("code", ""), err.get("message", ""))
+            except (json.JSONDecodeError, AttributeError):
+                raise ApiError(resp.status, "", text.decode(errors="replace")) from None
+        if raw:
+            return text.decode()
+        return json.loads(text) if text else None
+
+    def info(self) -> dict:
+        return self.request("GET", "/api/v1/daemon")
+
+    def state(self) -> str | None:
+        """The daemon state, or None when the socket does not answer."""
+        try:
+            return self.info().get("state")
+        except (OSError, ApiError, ValueError):
+            return None
+
+    def mount(self, mountpoint: str, bootstrap: str, config: dict | str) -> None:
+        cfg = config if isinstance(config, str) else json.dumps(config)
+        q = urllib.parse.urlencode({"mountpoint": mountpoint})
+        self.request("POST", f"/api/v1/mount?{q}", {"fs_type": "rafs", "source": bootstrap, "config": cfg})
+
+    def umount(self, mountpoint: str) -> None:
+        q = urllib.parse.urlencode({"mountpoint": mountpoint})
+        self.request("DELETE", f"/api/v1/mount?{q}")
+
+    def prefetch(self, mountpoint: str, files: list[str] | None = None) -> None:
+        q = urllib.parse.urlencode({"mountpoint": mountpoint})
+        self.request("POST", f"/api/v1/prefetch?{q}", {"files": files} if files else {})
+
+    def metrics(self, instance: str | None = None) -> str:
+        q = "?" + urllib.parse.urlencode({"id": instance}) if instance else ""
+        return self.request("GET", f"/api/v1/metrics{q}", raw=True)
+
+    def exit(self) -> None:
+        self.request("PUT", "/api/v1/daemon/exit")

@@ -1,0 +1,122 @@
+"""``nydusd``: serve RAFS images over FUSE or kernel EROFS (drop-in for common upstream use).
+
+    nydusd [fuse] --config cfg.json --bootstrap image.boot --mountpoint /mnt --apisock api.sock
+    nydusd [fuse] --mountpoint /mnt --apisock api.sock        # shared: mount via the API
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import trio
+
+from rafs.daemon.config import DaemonConfig
+from rafs.daemon.service import FS_DRIVERS, Nydusd, Opener
+from rafs.errors import RafsError
+
+LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+              "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nydusd",
+        description="Nydus image service daemon: mounts RAFS images lazily over FUSE or kernel EROFS.",
+    )
+    p.add_argument("subcommand", nargs="?", choices=["fuse"], default="fuse",
+                   help="daemon kind; only 'fuse' (also the default) is supported")
+    p.add_argument("--config", "-C", help="nydusd JSON config (backend, cache, prefetch)")
+    p.add_argument("--bootstrap", "-B", help="RAFS bootstrap; omit to start a shared daemon")
+    p.add_argument("--mountpoint", "-M", required=True, help="where to mount")
+    p.add_argument("--apisock", "-A", help="unix socket of the HTTP control API")
+    p.add_argument("--id", default="", help="daemon id (reported by the API)")
+    p.add_argument("--log-level", "-l", default="info", choices=sorted(LOG_LEVELS))
+    p.add_argument("--log-file", "-L", help="log to this file instead of stderr")
+    p.add_argument("--thread-num", "-T", type=int, default=0, help="worker threads for blob IO")
+    p.add_argument("--fs-driver", default="fusedev", choices=FS_DRIVERS,
+                   help="fusedev (default, as upstream) or erofs (kernel EROFS, v6 4 KiB aligned images)")
+    p.add_argument("--blob-dir", help="erofs driver: where the FUSE blob files are served "
+                                      "(default <mountpoint>.blobs)")
+    p.add_argument("--prefetch-files", nargs="*", default=None, help="files to prefetch after mount")
+    p.add_argument("--daemon", "-D", action="store_true", help="detach once RUNNING")
+    p.add_argument("--supervisor", help=argparse.SUPPRESS)
+    p.add_argument("--failover-policy", help=argparse.SUPPRESS)
+    p.add_argument("--log-rotation-size", help=argparse.SUPPRESS)
+    return p
+
+
+def _setup_logging(level: str, log_file: str | None) -> None:
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LOG_LEVELS[level])
+
+
+def _detach(log_file: str | None) -> int | None:
+    """Fork; the parent waits for the child's ready byte and returns its exit status."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        ready = os.read(r, 1)
+        os.close(r)
+        if ready == b"1":
+            return 0
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) or 1
+    os.close(r)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    if log_file:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    os.environ["_NYDUSD_READY_FD"] = str(w)
+    return None
+
+
+def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
+    """Run nydusd; ``opener`` replaces the bootstrap/device opener (tests only)."""
+    args = build_parser().parse_args(argv)
+    if args.daemon:
+        code = _detach(args.log_file)
+        if code is not None:
+            return code
+    _setup_logging(args.log_level, args.log_file)
+    log = logging.getLogger("nydusd")
+    ready_fd = int(os.environ.pop("_NYDUSD_READY_FD", "-1"))
+    try:
+        config = DaemonConfig.load(args.config).raw if args.config else {}
+        if args.bootstrap is None and not args.apisock:
+            raise RafsError("a shared daemon (no --bootstrap) needs --apisock to receive mounts")
+        daemon = Nydusd(mountpoint=args.mountpoint, apisock=args.apisock, fs_driver=args.fs_driver,
+                        daemon_id=args.id, blob_dir=args.blob_dir, thread_num=args.thread_num,
+                        opener=opener)
+
+        async def run() -> None:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lambda task_status: daemon.run(args.bootstrap, config, task_status=task_status))
+                if args.prefetch_files and args.bootstrap:
+                    await daemon.prefetch("/", args.prefetch_files)
+                if ready_fd >= 0:
+                    os.write(ready_fd, b"1")
+                    os.close(ready_fd)
+
+        trio.run(run)
+    except RafsError as exc:
+        log.error("%s", exc)
+        print(f"nydusd: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        log.error("%s", exc)
+        print(f"nydusd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Upstream nydusd JSON configuration (the v1 "RafsConfig" schema the snapshotter writes).
+
+```json
+{"device": {"backend": {"type": "registry"|"localfs", "config": {...}},
+            "cache": {"type": "blobcache"|"filecache"|"dummycache", "compressed": false,
+                      "config": {"work_dir": "...", "disable_indexed_map": false}}},
+ "mode": "direct", "digest_validate": false, "iostats_files": false, "enable_xattr": true,
+ "amplify_io": 1048576,
+ "fs_prefetch": {"enable": false, "prefetch_all": true, "threads_count": 8,
+                 "merging_size": 1048576, "bandwidth_rate": 0}}
+```
+Unknown keys are kept in ``raw`` and ignored, as upstream does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from rafs.errors import ConfigError
+
+BACKEND_TYPES = ("registry", "localfs")
+CACHE_TYPES = ("blobcache", "filecache", "dummycache", "")
+
+
+def _get(obj: dict, key: str, kind: type | tuple[type, ...], default: Any, where: str) -> Any:
+    value = obj.get(key, default)
+    if value is None:
+        return default
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(f"{where}{key}: expected an integer, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchConfig:
+    """``fs_prefetch``; defaults: disabled, prefetch_all, 8 threads, 1 MiB merging, no rate limit."""
+
+    enable: bool = False
+    prefetch_all: bool = True
+    threads_count: int = 8
+    merging_size: int = 1 << 20
+    bandwidth_rate: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """A parsed nydusd config; defaults match upstream nydusd (direct mode, xattrs on)."""
+
+    backend_type: str = ""
+    backend_config: dict = field(default_factory=dict)
+    cache_type: str = ""
+    cache_work_dir: str | None = None
+    cache_compressed: bool = False
+    disable_indexed_map: bool = False
+    device_id: str = ""
+    mode: str = "direct"
+    digest_validate: bool = False
+    iostats_files: bool = False
+    enable_xattr: bool = True
+    amplify_io: int = 1 << 20
+    fs_prefetch: PrefetchConfig = PrefetchConfig()
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, obj: dict | str | bytes) -> "DaemonConfig":
+        """Parse a config object or its JSON text; :class:`ConfigError` names the bad field."""
+        if isinstance(obj, (str, bytes)):
+            try:
+                obj = json.loads(obj) if obj else {}
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"nydusd config is not valid JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise ConfigError(f"nydusd config must be a JSON object, got {type(obj).__name__}")
+        device = _get(obj, "device", dict, {}, "")
+        backend = _get(device, "backend", dict, {}, "device.")
+        btype = _get(backend, "type", str, "", "device.backend.")
+        if btype and btype not in BACKEND_TYPES:
+            raise ConfigError(
+                f"device.backend.type: unsupported backend {btype!r} (supported: {', '.join(BACKEND_TYPES)})"
+            )
+        bconf = _get(backend, "config", dict, {}, "device.backend.")
+        cache = _get(device, "cache", dict, {}, "device.")
+        ctype = _get(cache, "type", str, "", "device.cache.")
+        if ctype not in CACHE_TYPES:
+            raise ConfigError(
+                f"device.cache.type: unsupported cache {ctype!r} (supported: blobcache, filecache, dummycache)"
+            )
+        cconf = _get(cache, "config", dict, {}, "device.cache.")
+        mode = _get(obj, "mode", str, "direct", "")
+        if mode not in ("direct", "cached"):
+            raise ConfigError(f"mode: expected 'direct' or 'cached', got {mode!r}")
+        pf = _get(obj, "fs_prefetch", dict, {}, "")
+        prefetch = PrefetchConfig(
+            enable=_get(pf, "enable", bool, False, "fs_prefetch."),
+            prefetch_all=_get(pf, "prefetch_all", bool, True, "fs_prefetch."),
+            threads_count=_get(pf, "threads_count", int, 8, "fs_prefetch."),
+            merging_size=_get(pf, "merging_size", int, 1 << 20, "fs_prefetch."),
+            bandwidth_rate=_get(pf, "bandwidth_rate", int, 0, "fs_prefetch."),
+        )
+        if prefetch.threads_count < 0:
+            raise ConfigError(f"fs_prefetch.threads_count: must be >= 0, got {prefetch.threads_count}")
+        return cls(
+            backend_type=btype,
+            backend_config=bconf,
+            cache_type=ctype,
+            cache_work_dir=_get(cconf, "work_dir", str, None, "device.cache.config."),
+            cache_compressed=_get(cache, "compressed", bool, False, "device.cache."),
+            disable_indexed_map=_get(cconf, "disable_indexed_map", bool, False, "device.cache.config."),
+            device_id=_get(device, "id", str, "", "device."),
+            mode=mode,
+            digest_validate=_get(obj, "digest_validate", bool, False, ""),
+            iostats_files=_get(obj, "iostats_files", bool, False, ""),
+            enable_xattr=_get(obj, "enable_xattr", bool, True, ""),
+            amplify_io=_get(obj, "amplify_io", int, 1 << 20, ""),
+            fs_prefetch=prefetch,
+            raw=obj,
+        )
+
+    @classmethod
+    def load(cls, path: str) -> "DaemonConfig":
+        try:
+            with open(path, "rb") as f:
+                return cls.parse(f.read())
+        except OSError as exc:
+            raise ConfigError(f"cannot read nydusd config {path}: {exc}") from exc

@@ -1,0 +1,68 @@
+"""Build the storage layer's ``BlobDevice`` for an instance from a parsed nydusd config.
+
+``device.backend`` → ``storage.backend.config.backend_from_config``; ``device.cache`` type
+``blobcache``/``filecache`` (with ``config.work_dir``) → ``FileCacheManager``, ``dummycache``
+or none → ``NoCacheManager``; ``digest_validate``, ``amplify_io`` and ``fs_prefetch`` map to
+the cache and prefetch configs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from rafs.daemon.config import DaemonConfig
+from rafs.errors import ConfigError
+from storage.device import BlobInfo
+
+
+class OwnedDevice:
+    """A ``BlobDevice`` that also closes its cache manager (and so the backend) on close."""
+
+    def __init__(self, device: Any, factory: Any) -> None:
+        self._device = device
+        self._factory = factory
+        self.read = device.read
+        self.prefetch = device.prefetch
+
+    def blob_data_path(self, blob_index: int) -> str | None:
+        return self._device.blob_data_path(blob_index)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._device, name)
+
+    def close(self) -> None:
+        try:
+            self._device.close()
+        finally:
+            self._factory.close()
+
+
+def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
+    """The device reading ``blobs`` through the configured backend and cache."""
+    from storage.backend.config import backend_from_config
+    from storage.cache import CacheConfig, FileCacheManager, NoCacheManager
+    from storage.device import BlobDevice
+    from storage.errors import StorageError
+    from storage.prefetch import PrefetchConfig
+
+    if not cfg.backend_type:
+        raise ConfigError("device.backend.type: required (registry or localfs)")
+    try:
+        backend = backend_from_config({"type": cfg.backend_type, "config": cfg.backend_config})
+        cache_cfg = CacheConfig(validate_digest=cfg.digest_validate, amplify_io=cfg.amplify_io,
+                                merging_size=max(cfg.fs_prefetch.merging_size, 1 << 17))
+        if cfg.cache_type in ("blobcache", "filecache"):
+            if not cfg.cache_work_dir:
+                raise ConfigError(f"device.cache.config.work_dir: required for cache type {cfg.cache_type}")
+            factory = FileCacheManager(cfg.cache_work_dir, backend, cache_cfg)
+        else:
+            factory = NoCacheManager(None, backend, cache_cfg)
+        prefetch = PrefetchConfig(enable=cfg.fs_prefetch.enable,
+                                  threads_count=max(1, cfg.fs_prefetch.threads_count),
+                                  merging_size=cfg.fs_prefetch.merging_size,
+                                  bandwidth_rate=cfg.fs_prefetch.bandwidth_rate)
+        return OwnedDevice(BlobDevice(list(blobs), factory, prefetch_config=prefetch), factory)
+    except StorageError as exc:
+        if isinstance(exc, ValueError):
+            raise ConfigError(f"nydusd config: {exc}") from exc
+        raise

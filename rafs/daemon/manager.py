@@ -1,0 +1,477 @@
+"""DaemonManager: starts, tracks, recovers nydusd processes for the snapshotter.
+
+* shared mode — one daemon per fs driver, one mount (``<root>/mnt``); each image is an
+  instance in its own subdirectory ``<root>/mnt/<instance_id>``, mounted and unmounted at
+  runtime through the daemon's control API.
+* dedicated mode — one daemon process per image, mounted at the caller's mountpoint hint
+  (or ``<root>/instances/<instance_id>/mnt``).
+
+With ``fs_driver="erofs"`` images that kernel EROFS can mount (v6, 4 KiB aligned chunks, and
+a kernel with file-backed EROFS) use it; everything else falls back to ``fusedev`` with a log
+line naming why. Daemon records are JSON files under ``<root>/daemons`` (temp + rename), so
+a restarted manager reattaches to live daemons (``recover()``); a dead daemon's vestiges
+(stale FUSE mount → lazy unmount, socket) are cleaned and it is restarted with its instances.
+
+Files under ``root``: ``daemons/<id>.json``, ``socket/<id>/api.sock``,
+``config/<id>[/<instance>]/config.json``, ``logs/<id>/nydusd.log``, ``mnt``/``mnt-erofs``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from rafs import erofs
+from rafs.daemon.api import ApiError, DaemonClient
+from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
+from rafs.fs.session import is_stale_mount
+
+log = logging.getLogger(__name__)
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceState:
+    """One RAFS instance as the manager knows it."""
+
+    instance_id: str
+    daemon_id: str
+    bootstrap: str
+    mountpoint: str
+    fs_driver: str
+    state: str  #: the daemon's state ("RUNNING"), or "DEAD" when its daemon does not answer
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    instance_id: str
+    bootstrap: str
+    config_path: str
+    mountpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonRecord:
+    """A daemon as persisted in ``<root>/daemons/<daemon_id>.json``."""
+
+    daemon_id: str
+    fs_driver: str
+    shared: bool
+    mountpoint: str
+    apisock: str
+    log_file: str
+    pid: int = 0
+    blob_dir: str | None = None
+    instances: dict[str, InstanceRecord] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["instances"] = {k: asdict(v) for k, v in self.instances.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DaemonRecord":
+        inst = {k: InstanceRecord(**v) for k, v in d.get("instances", {}).items()}
+        return cls(**{**d, "instances": inst})
+
+
+def _write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _pid_is_nydusd(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return False
+    return b"rafs.daemon.cli" in cmd or b"nydusd" in cmd
+
+
+class DaemonManager:
+    """Runs nydusd daemons for the snapshotter (see the module docstring)."""
+
+    def __init__(self, root: str, *, mode: Literal["shared", "dedicated"] = "shared",
+                 fs_driver: Literal["fusedev", "erofs"] = "fusedev", nydusd_config: dict | None = None,
+                 nydusd_cmd: list[str] | None = None, log_level: str = "info",
+                 start_timeout: float = 30.0) -> None:
+        if mode not in ("shared", "dedicated"):
+            raise ConfigError(f"daemon mode: expected 'shared' or 'dedicated', got {mode!r}")
+        if fs_driver not in ("fusedev", "erofs"):
+            raise ConfigError(f"fs_driver: expected 'fusedev' or 'erofs', got {fs_driver!r}")
+        self.root = os.path.abspath(root)
+        self.mode = mode
+        self.fs_driver = fs_driver
+        self.nydusd_config = copy.deepcopy(nydusd_config or {})
+        self.nydusd_cmd = nydusd_cmd or [sys.executable, "-m", "rafs.daemon.cli"]
+        self.log_level = log_level
+        self.start_timeout = start_timeout
+        self._lock = threading.RLock()
+        self._records: dict[str, DaemonRecord] = {}
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._erofs_support: erofs.ErofsSupport | None = None
+        os.makedirs(os.path.join(self.root, "daemons"), exist_ok=True)
+        self._load_records()
+
+    # ------------------------------------------------------------------ records
+
+    def _record_path(self, daemon_id: str) -> str:
+        return os.path.join(self.root, "daemons", f"{daemon_id}.json")
+
+    def _save(self, rec: DaemonRecord) -> None:
+        self._records[rec.daemon_id] = rec
+        _write_json(self._record_path(rec.daemon_id), rec.to_json())
+
+    def _drop(self, daemon_id: str) -> None:
+        self._records.pop(daemon_id, None)
+        try:
+            os.unlink(self._record_path(daemon_id))
+        except FileNotFoundError:
+            pass
+
+    def _load_records(self) -> None:
+        d = os.path.join(self.root, "daemons")
+        for name in sorted(os.listdir(d)):
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(d, name), encoding="utf-8") as f:
+                    rec = DaemonRecord.from_json(json.load(f))
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("ignoring unreadable daemon record %s: %s", name, exc)
+                continue
+            self._records[rec.daemon_id] = rec
+
+    # ------------------------------------------------------------------ public API
+
+    def mount(self, instance_id: str, bootstrap: str, mountpoint_hint: str | None,
+              backend_config: dict | None) -> str:
+        """Mount ``bootstrap`` as instance ``instance_id``; return the ready RAFS mountpoint.
+
+        ``backend_config`` is merged into the nydusd config's ``device.backend``: a dict with a
+        ``type`` key replaces it, otherwise it is merged into ``device.backend.config``.
+        """
+        if not _ID_RE.match(instance_id):
+            raise ConfigError(f"instance id {instance_id!r}: use letters, digits, '.', '_', '-'")
+        if not os.path.isfile(bootstrap):
+            raise MountError(f"bootstrap {bootstrap} is not a regular file")
+        with self._lock:
+            existing = self._find_instance(instance_id)
+            if existing is not None:
+                rec, inst = existing
+                if self._alive(rec):
+                    return inst.mountpoint
+                self._recover_daemon(rec)
+                return self._find_instance(instance_id)[1].mountpoint
+            config = self._instance_config(backend_config)
+            driver = self._choose_driver(bootstrap)
+            if self.mode == "shared":
+                return self._mount_shared(instance_id, bootstrap, config, driver)
+            return self._mount_dedicated(instance_id, bootstrap, config, driver, mountpoint_hint)
+
+    def umount(self, instance_id: str) -> None:
+        """Unmount one instance; other instances (shared mode) keep serving."""
+        with self._lock:
+            found = self._find_instance(instance_id)
+            if found is None:
+                raise NotFound(f"no RAFS instance {instance_id!r}")
+            rec, inst = found
+            if rec.shared:
+                if self._alive(rec):
+                    DaemonClient(rec.apisock).umount("/" + instance_id)
+                else:
+                    self._lazy_umount(inst.mountpoint)
+                instances = dict(rec.instances)
+                del instances[instance_id]
+                self._save(replace(rec, instances=instances))
+            else:
+                self._stop_daemon(rec)
+                self._drop(rec.daemon_id)
+
+    def instances(self) -> dict[str, InstanceState]:
+        with self._lock:
+            out = {}
+            for rec in self._records.values():
+                state = DaemonClient(rec.apisock, timeout=5).state() or "DEAD"
+                for iid, inst in rec.instances.items():
+                    out[iid] = InstanceState(iid, rec.daemon_id, inst.bootstrap, inst.mountpoint,
+                                             rec.fs_driver, state)
+            return out
+
+    def recover(self) -> None:
+        """Reattach to live daemons; clean up and restart dead ones with their instances."""
+        with self._lock:
+            for rec in list(self._records.values()):
+                if self._alive(rec):
+                    log.info("daemon %s (pid %d) is alive, reattached", rec.daemon_id, rec.pid)
+                    continue
+                try:
+                    self._recover_daemon(rec)
+                except RafsError as exc:
+                    log.error("cannot recover daemon %s: %s", rec.daemon_id, exc)
+
+    def shutdown(self, *, keep_records: bool = True) -> None:
+        """Stop every daemon (unmounting its instances); records stay for a later ``recover()``."""
+        with self._lock:
+            for rec in list(self._records.values()):
+                self._stop_daemon(rec)
+                if keep_records:
+                    self._save(replace(rec, pid=0))
+                else:
+                    self._drop(rec.daemon_id)
+
+    def daemon_client(self, instance_id: str) -> DaemonClient:
+        """The API client of the daemon serving ``instance_id`` (metrics, prefetch)."""
+        found = self._find_instance(instance_id)
+        if found is None:
+            raise NotFound(f"no RAFS instance {instance_id!r}")
+        return DaemonClient(found[0].apisock)
+
+    # ------------------------------------------------------------------ internals
+
+    def _find_instance(self, instance_id: str) -> tuple[DaemonRecord, InstanceRecord] | None:
+        for rec in self._records.values():
+            if instance_id in rec.instances:
+                return rec, rec.instances[instance_id]
+        return None
+
+    def _instance_config(self, backend_config: dict | None) -> dict:
+        cfg = copy.deepcopy(self.nydusd_config)
+        if backend_config:
+            device = cfg.setdefault("device", {})
+            if "type" in backend_config:
+                device["backend"] = copy.deepcopy(backend_config)
+            else:
+                backend = device.setdefault("backend", {})
+                backend["config"] = _deep_merge(backend.get("config", {}), backend_config)
+        from rafs.daemon.config import DaemonConfig
+
+        DaemonConfig.parse(cfg)  # precise ConfigError before any process starts
+        return cfg
+
+    def _choose_driver(self, bootstrap: str) -> str:
+        if self.fs_driver != "erofs":
+            return "fusedev"
+        if self._erofs_support is None:
+            self._erofs_support = erofs.detect_support()
+        if not self._erofs_support.usable:
+            log.warning("fs_driver erofs unavailable, using fusedev: %s", self._erofs_support.reason)
+            return "fusedev"
+        reason = erofs_image_problem(bootstrap)
+        if reason:
+            log.warning("image %s cannot use kernel EROFS, using fusedev: %s", bootstrap, reason)
+            return "fusedev"
+        return "erofs"
+
+    def _write_config(self, daemon_id: str, instance_id: str | None, config: dict) -> str:
+        parts = [self.root, "config", daemon_id] + ([instance_id] if instance_id else [])
+        path = os.path.join(*parts, "config.json")
+        _write_json(path, config)
+        return path
+
+    def _new_record(self, daemon_id: str, driver: str, shared: bool, mountpoint: str) -> DaemonRecord:
+        sock = os.path.join(self.root, "socket", daemon_id, "api.sock")
+        logf = os.path.join(self.root, "logs", daemon_id, "nydusd.log")
+        blob_dir = os.path.join(self.root, "blobfs", daemon_id) if driver == "erofs" else None
+        return DaemonRecord(daemon_id, driver, shared, mountpoint, sock, logf, 0, blob_dir)
+
+    def _mount_shared(self, instance_id: str, bootstrap: str, config: dict, driver: str) -> str:
+        daemon_id = f"shared-{driver}"
+        rec = self._records.get(daemon_id)
+        if rec is None:
+            mnt = os.path.join(self.root, "mnt" if driver == "fusedev" else "mnt-erofs")
+            rec = self._new_record(daemon_id, driver, True, mnt)
+            rec = self._start_daemon(rec)
+        elif not self._alive(rec):
+            rec = self._recover_daemon(rec)
+        cfg_path = self._write_config(daemon_id, instance_id, config)
+        try:
+            DaemonClient(rec.apisock).mount("/" + instance_id, bootstrap, config)
+        except ApiError as exc:
+            if exc.status == 422 and driver == "erofs":
+                log.warning("kernel EROFS refused %s (%s), using fusedev", bootstrap, exc.message)
+                return self._mount_shared(instance_id, bootstrap, config, "fusedev")
+            raise MountError(f"mounting {instance_id} in daemon {daemon_id}: {exc.message}") from exc
+        mountpoint = os.path.join(rec.mountpoint, instance_id)
+        instances = {**rec.instances, instance_id: InstanceRecord(instance_id, bootstrap, cfg_path, mountpoint)}
+        self._save(replace(rec, instances=instances))
+        return mountpoint
+
+    def _mount_dedicated(self, instance_id: str, bootstrap: str, config: dict, driver: str,
+                         hint: str | None) -> str:
+        daemon_id = instance_id
+        mountpoint = os.path.abspath(hint) if hint else os.path.join(self.root, "instances", instance_id, "mnt")
+        cfg_path = self._write_config(daemon_id, None, config)
+        rec = self._new_record(daemon_id, driver, False, mountpoint)
+        rec = replace(rec, instances={instance_id: InstanceRecord(instance_id, bootstrap, cfg_path, mountpoint)})
+        rec = self._start_daemon(rec)
+        self._save(rec)
+        return mountpoint
+
+    def _alive(self, rec: DaemonRecord) -> bool:
+        return DaemonClient(rec.apisock, timeout=5).state() == "RUNNING"
+
+    def _start_daemon(self, rec: DaemonRecord) -> DaemonRecord:
+        """Spawn nydusd for ``rec`` and wait until it is RUNNING; clears vestiges first."""
+        self._clear_vestiges(rec)
+        os.makedirs(os.path.dirname(rec.apisock), exist_ok=True)
+        os.makedirs(os.path.dirname(rec.log_file), exist_ok=True)
+        os.makedirs(rec.mountpoint, exist_ok=True)
+        cmd = [*self.nydusd_cmd, "fuse", "--mountpoint", rec.mountpoint, "--apisock", rec.apisock,
+               "--id", rec.daemon_id, "--fs-driver", rec.fs_driver, "--log-level", self.log_level]
+        if rec.blob_dir:
+            cmd += ["--blob-dir", rec.blob_dir]
+        if not rec.shared:
+            inst = next(iter(rec.instances.values()))
+            cmd += ["--bootstrap", inst.bootstrap, "--config", inst.config_path]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        with open(rec.log_file, "ab") as logf:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                    env=env, start_new_session=True)
+        self._procs[rec.daemon_id] = proc
+        rec = replace(rec, pid=proc.pid)
+        deadline = time.monotonic() + self.start_timeout
+        client = DaemonClient(rec.apisock, timeout=5)
+        while client.state() != "RUNNING":
+            if proc.poll() is not None:
+                raise MountError(f"nydusd {rec.daemon_id} exited with {proc.returncode}: {self._log_tail(rec)}")
+            if time.monotonic() > deadline:
+                self._kill(rec)
+                raise MountError(f"nydusd {rec.daemon_id} not RUNNING after {self.start_timeout:.0f} s: "
+                                 f"{self._log_tail(rec)}")
+            time.sleep(0.05)
+        self._save(rec)
+        log.info("started nydusd %s (pid %d, %s) at %s", rec.daemon_id, rec.pid, rec.fs_driver, rec.mountpoint)
+        return rec
+
+    def _recover_daemon(self, rec: DaemonRecord) -> DaemonRecord:
+        """Clean a dead daemon's mounts and socket, restart it, remount its instances."""
+        log.warning("daemon %s (pid %d) is dead: cleaning up and restarting", rec.daemon_id, rec.pid)
+        self._kill(rec)
+        new = self._start_daemon(replace(rec, pid=0))
+        if rec.shared:
+            client = DaemonClient(new.apisock)
+            kept = {}
+            for iid, inst in rec.instances.items():
+                try:
+                    with open(inst.config_path, encoding="utf-8") as f:
+                        cfg = json.load(f)
+                    client.mount("/" + iid, inst.bootstrap, cfg)
+                    kept[iid] = inst
+                except (OSError, ValueError, ApiError) as exc:
+                    log.error("cannot remount %s: %s", iid, exc)
+            new = replace(new, instances=kept)
+            self._save(new)
+        return new
+
+    def _stop_daemon(self, rec: DaemonRecord) -> None:
+        client = DaemonClient(rec.apisock, timeout=10)
+        try:
+            client.exit()
+        except (OSError, ApiError):
+            pass
+        deadline = time.monotonic() + 10
+        while self._pid_alive(rec) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._kill(rec)
+
+    def _pid_alive(self, rec: DaemonRecord) -> bool:
+        proc = self._procs.get(rec.daemon_id)
+        if proc is not None and proc.pid == rec.pid:
+            return proc.poll() is None
+        return rec.pid > 0 and _pid_is_nydusd(rec.pid)
+
+    def _kill(self, rec: DaemonRecord) -> None:
+        """SIGKILL an unresponsive daemon (by its recorded pid) and clear its vestiges."""
+        if rec.pid > 0 and self._pid_alive(rec):
+            try:
+                os.kill(rec.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc = self._procs.pop(rec.daemon_id, None)
+        if proc is not None:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                log.error("nydusd %s (pid %d) did not exit after SIGKILL", rec.daemon_id, proc.pid)
+        self._clear_vestiges(rec)
+
+    def _clear_vestiges(self, rec: DaemonRecord) -> None:
+        """Lazy-unmount stale mounts (instances, blob files, the FUSE mount) and remove the socket."""
+        paths = [inst.mountpoint for inst in rec.instances.values()] + [rec.mountpoint]
+        if rec.blob_dir:
+            paths.append(rec.blob_dir)
+        for path in paths:
+            self._lazy_umount(path)
+        try:
+            os.unlink(rec.apisock)
+        except FileNotFoundError:
+            pass
+
+    @staticmethod
+    def _lazy_umount(path: str) -> None:
+        while erofs.mountinfo(path) is not None:
+            stale = is_stale_mount(path)
+            try:
+                erofs.umount(path, lazy=True)
+                log.info("unmounted %s%s", "stale " if stale else "", path)
+            except MountError as exc:
+                log.error("%s", exc)
+                return
+
+    @staticmethod
+    def _log_tail(rec: DaemonRecord) -> str:
+        try:
+            with open(rec.log_file, "rb") as f:
+                f.seek(max(0, os.path.getsize(rec.log_file) - 2000))
+                lines = f.read().decode(errors="replace").strip().splitlines()
+            return " | ".join(lines[-5:]) or "(empty log)"
+        except OSError:
+            return "(no log)"
+
+
+def erofs_image_problem(bootstrap: str) -> str | None:
+    """Why kernel EROFS cannot mount this image (None when it can)."""
+    try:
+        from rafs.metadata import Rafs
+    except ImportError as exc:
+        return f"RAFS reader unavailable: {exc}"
+    from rafs.fs.instance import BlobFiles
+
+    try:
+        with Rafs.open(bootstrap) as rafs:
+            BlobFiles(rafs)
+    except UnsupportedError as exc:
+        return str(exc)
+    except RafsError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -1,0 +1,425 @@
+"""The nydusd daemon core: one FUSE mount, RAFS instances, kernel EROFS mounts, lifecycle.
+
+fs drivers:
+
+* ``fusedev`` — the FUSE mount at ``mountpoint`` serves the image tree (dedicated: at the
+  root; shared: one ``/<id>`` subdirectory per instance).
+* ``erofs`` — kernel EROFS mounts each v6 bootstrap at ``mountpoint`` (dedicated) or
+  ``mountpoint/<id>`` (shared) with ``device=`` files; the daemon's FUSE mount (at
+  ``blob_dir``) serves one file per blob whose reads fill the cache lazily, unless the
+  cache already holds the blob's complete uncompressed data file.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyfuse3
+import trio
+
+from rafs import erofs
+from rafs.daemon.config import DaemonConfig
+from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
+from rafs.fs import session
+from rafs.fs.instance import BlobFiles, Instance
+from rafs.fs.ops import RafsFs
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0-py"
+FS_DRIVERS = ("fusedev", "erofs")
+
+
+class DaemonState(str, enum.Enum):
+    """Upstream nydusd states reported by ``GET /api/v1/daemon``."""
+
+    INIT = "INIT"
+    READY = "READY"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+
+
+class Opener(Protocol):
+    """How the daemon opens a bootstrap and builds a blob device (tests inject fakes)."""
+
+    def open_tree(self, bootstrap: str) -> Any: ...
+
+    def open_device(self, blobs: list[Any], config: DaemonConfig) -> Any: ...
+
+
+class StorageOpener:
+    """The real opener: :class:`rafs.metadata.Rafs` + the storage layer's ``BlobDevice``."""
+
+    def open_tree(self, bootstrap: str) -> Any:
+        from rafs.metadata import Rafs
+
+        return Rafs.open(bootstrap)
+
+    def open_device(self, blobs: list[Any], config: DaemonConfig) -> Any:
+        from rafs.daemon.device import build_device
+
+        return build_device(blobs, config)
+
+
+@dataclass(frozen=True, slots=True)
+class MountRecord:
+    """One mounted instance as reported by the API."""
+
+    name: str
+    bootstrap: str
+    fs_driver: str
+    mountpoint: str
+    blob_files: tuple[str, ...] = ()
+
+
+class Nydusd:
+    """A nydusd process: ``run()`` mounts, serves the API and FUSE until ``shutdown()``."""
+
+    def __init__(self, *, mountpoint: str, apisock: str | None = None, fs_driver: str = "fusedev",
+                 daemon_id: str = "", blob_dir: str | None = None, thread_num: int = 0,
+                 opener: Opener | None = None) -> None:
+        if fs_driver not in FS_DRIVERS:
+            raise ConfigError(f"--fs-driver: expected one of {FS_DRIVERS}, got {fs_driver!r}")
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.apisock = apisock
+        self.fs_driver = fs_driver
+        self.daemon_id = daemon_id or os.path.basename(self.mountpoint)
+        self.blob_dir = os.path.abspath(blob_dir) if blob_dir else None
+        self.thread_num = thread_num
+        self.opener = opener or StorageOpener()
+        self.state = DaemonState.INIT
+        self.shared = True
+        self.fs: RafsFs | None = None
+        self.records: dict[str, MountRecord] = {}
+        self.started = time.time()
+        self._fuse_mountpoint: str | None = None
+        self._cancel: trio.CancelScope | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._lock = trio.Lock()
+        self._prefetch_threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, bootstrap: str | None = None, config: dict | None = None,
+                  *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Mount, then serve until SIGTERM/SIGINT, ``PUT /api/v1/daemon/exit`` or shutdown()."""
+        import signal
+
+        from rafs.daemon import api
+
+        self._token = trio.lowlevel.current_trio_token()
+        if self.thread_num:
+            trio.to_thread.current_default_thread_limiter().total_tokens = self.thread_num
+        self.shared = bootstrap is None
+        if self.fs_driver == "erofs":
+            erofs.require_file_backed()
+            self.fs = RafsFs(shared=True)
+            if self.blob_dir is None:
+                self.blob_dir = self.mountpoint.rstrip("/") + ".blobs"
+            os.makedirs(self.blob_dir, exist_ok=True)
+            self._fuse_mountpoint = self.blob_dir
+        else:
+            self.fs = RafsFs(shared=self.shared)
+            self._fuse_mountpoint = self.mountpoint
+        os.makedirs(self.mountpoint, exist_ok=True)
+        session.mount(self.fs, self._fuse_mountpoint, fsname=f"nydusd-{self.daemon_id}")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel = nursery.cancel_scope
+                nursery.start_soon(self._fuse_main)
+                if self.apisock:
+                    await nursery.start(api.serve, self, self.apisock)
+                nursery.start_soon(self._signals, signal.SIGTERM, signal.SIGINT)
+                if bootstrap is not None:
+                    await self.mount_instance("/", bootstrap, config or {})
+                self.state = DaemonState.RUNNING
+                log.info("nydusd %s RUNNING (%s, %s) at %s", self.daemon_id, self.fs_driver,
+                         "shared" if self.shared else "dedicated", self.mountpoint)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._teardown()
+
+    async def _fuse_main(self) -> None:
+        await pyfuse3.main()
+        # the FUSE session ended (umount from outside): nothing left to serve
+        log.info("FUSE session on %s ended", self._fuse_mountpoint)
+        self.shutdown()
+
+    async def _signals(self, *signals: int) -> None:
+        with trio.open_signal_receiver(*signals) as receiver:
+            async for signum in receiver:
+                log.info("signal %d: unmounting and exiting", signum)
+                self.shutdown()
+                return
+
+    def shutdown(self) -> None:
+        """Stop serving (callable from the trio loop)."""
+        self.state = DaemonState.STOPPED
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    async def _teardown(self) -> None:
+        self.state = DaemonState.STOPPED
+        for name in list(self.records):
+            try:
+                await self._umount(name, lazy=True)
+            except RafsError as exc:
+                log.error("umount %s: %s", name, exc)
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception as exc:  # already unmounted from outside
+            log.warning("closing FUSE session: %s", exc)
+        if self.apisock:
+            try:
+                os.unlink(self.apisock)
+            except FileNotFoundError:
+                pass
+
+    # ------------------------------------------------------------------ instances
+
+    def _instance_name(self, mountpoint: str) -> str:
+        if not self.shared:
+            if mountpoint != "/":
+                raise MountError("a dedicated daemon serves only mountpoint '/'")
+            return "/"
+        name = mountpoint.strip("/")
+        if not name or "/" in name or name in (".", ".."):
+            raise MountError(f"mountpoint must be '/<id>' with one path component, got {mountpoint!r}")
+        return name
+
+    def _target(self, name: str) -> str:
+        return self.mountpoint if name == "/" else os.path.join(self.mountpoint, name)
+
+    async def mount_instance(self, mountpoint: str, bootstrap: str, config: dict | str) -> MountRecord:
+        """Mount one RAFS instance (``POST /api/v1/mount``)."""
+        name = self._instance_name(mountpoint)
+        async with self._lock:
+            if name in self.records:
+                raise MountError(f"instance {mountpoint} is already mounted")
+            cfg = DaemonConfig.parse(config)
+            if not os.path.isfile(bootstrap):
+                raise MountError(f"bootstrap {bootstrap} is not a regular file")
+            tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
+            try:
+                if self.fs_driver == "erofs":
+                    record = await self._mount_erofs(name, bootstrap, tree, cfg)
+                else:
+                    device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
+                    inst = Instance(name if name != "/" else "", tree, device, bootstrap=bootstrap,
+                                    config=cfg.raw, enable_xattr=cfg.enable_xattr)
+                    self.fs.add_instance(inst)
+                    record = MountRecord(name, bootstrap, "fusedev", self._target(name))
+                    if self.shared:
+                        await self._invalidate_root_entry(name)
+                    self._start_prefetch(inst, cfg)
+            except BaseException:
+                tree.close()
+                raise
+            self.records[name] = record
+            log.info("mounted %s (%s) at %s", bootstrap, record.fs_driver, record.mountpoint)
+            return record
+
+    async def _mount_erofs(self, name: str, bootstrap: str, tree: Any, cfg: DaemonConfig) -> MountRecord:
+        blob_files = await trio.to_thread.run_sync(BlobFiles, tree)  # UnsupportedError if unaligned
+        device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
+        key = "root" if name == "/" else name
+        inst = Instance(key, blob_files, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=False)
+        devices = []
+        for blob in blob_files.blobs:
+            complete = getattr(device, "blob_data_path", lambda i: None)(blob.blob_index)
+            if complete and _pad_to_blocks(complete, blob_files.data_end(blob.blob_index),
+                                           blob_files.data_size(blob.blob_index)):
+                devices.append(complete)
+            else:
+                devices.append(os.path.join(self.blob_dir, key, blob.blob_id))
+        self.fs.add_instance(inst)
+        target = self._target(name)
+        try:
+            os.makedirs(target, exist_ok=True)
+            await trio.to_thread.run_sync(erofs.mount_erofs, bootstrap, target, devices)
+        except BaseException:
+            self.fs.remove_instance(key)
+            inst.device.close()
+            raise
+        self._start_prefetch(inst, cfg)
+        return MountRecord(name, bootstrap, "erofs", target, tuple(devices))
+
+    async def umount_instance(self, mountpoint: str) -> None:
+        """Unmount one instance (``DELETE /api/v1/mount``); other instances are untouched."""
+        name = self._instance_name(mountpoint)
+        async with self._lock:
+            if name not in self.records:
+                raise NotFound(f"no instance mounted at {mountpoint}")
+            await self._umount(name, lazy=False)
+
+    async def _umount(self, name: str, *, lazy: bool) -> None:
+        record = self.records[name]
+        if record.fs_driver == "erofs":
+            try:
+                await trio.to_thread.run_sync(lambda: erofs.umount(record.mountpoint, lazy=lazy))
+            except MountError:
+                if not lazy:
+                    raise
+            inst = self.fs.remove_instance("root" if name == "/" else name)
+        else:
+            inst = self.fs.remove_instance(name if name != "/" else "")
+            if self.shared:
+                await self._invalidate_root_entry(name)
+        del self.records[name]
+        await trio.to_thread.run_sync(inst.close)
+        log.info("unmounted %s", record.mountpoint)
+
+    async def _invalidate_root_entry(self, name: str) -> None:
+        try:
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), ignore_enoent=True)
+        except Exception as exc:  # best effort: entries time out within a second anyway
+            log.debug("invalidate %s: %s", name, exc)
+
+    # ------------------------------------------------------------------ prefetch
+
+    def _start_prefetch(self, inst: Instance, cfg: DaemonConfig, paths: list[str] | None = None,
+                        force: bool = False) -> None:
+        if not (force or cfg.fs_prefetch.enable):
+            return
+        if not force and not cfg.fs_prefetch.prefetch_all and not getattr(inst.tree, "prefetch_inos", None):
+            return
+
+        def work() -> None:
+            try:
+                iovecs = inst.prefetch_iovecs(paths)
+                inst.metrics.prefetch_requests += len(iovecs)
+                prefetch = getattr(inst.device, "prefetch", None)
+                if prefetch is not None:
+                    prefetch(iovecs)
+                else:
+                    for iov in iovecs:
+                        inst.device.read(iov)
+            except Exception as exc:
+                log.warning("prefetch of %s failed: %s: %s", inst.name or "/", type(exc).__name__, exc)
+
+        t = threading.Thread(target=work, name=f"prefetch-{inst.name}", daemon=True)
+        t.start()
+        self._prefetch_threads.append(t)
+
+    async def prefetch(self, mountpoint: str, paths: list[str] | None) -> None:
+        name = self._instance_name(mountpoint)
+        record = self.records.get(name)
+        if record is None:
+            raise NotFound(f"no instance mounted at {mountpoint}")
+        key = ("root" if name == "/" else name) if record.fs_driver == "erofs" else (name if name != "/" else "")
+        inst = self.fs.instances()[key]
+        if record.fs_driver == "erofs":
+            paths = None  # blob files: prefetch whole blobs
+        self._start_prefetch(inst, DaemonConfig.parse(inst.config), paths, force=True)
+
+    # ------------------------------------------------------------------ reporting
+
+    def info(self) -> dict:
+        """The body of ``GET /api/v1/daemon``."""
+        return {
+            "id": self.daemon_id,
+            "version": {"package_ver": VERSION, "git_commit": "", "profile": "python"},
+            "state": self.state.value,
+            "fs_driver": self.fs_driver,
+            "mode": "shared" if self.shared else "dedicated",
+            "pid": os.getpid(),
+            "mountpoint": self.mountpoint,
+            "blob_dir": self.blob_dir,
+            "instances": {
+                ("/" if n == "/" else "/" + n): {
+                    "bootstrap": r.bootstrap, "fs_driver": r.fs_driver,
+                    "mountpoint": r.mountpoint, "blob_files": list(r.blob_files),
+                } for n, r in self.records.items()
+            },
+            "backend_collection": {},
+        }
+
+    def metrics_text(self, only: str | None = None) -> str:
+        """Prometheus text exposition of the daemon and per-instance counters."""
+        lines = [
+            "# HELP nydusd_up 1 while the daemon is RUNNING.",
+            "# TYPE nydusd_up gauge",
+            f'nydusd_up{{daemon="{self.daemon_id}"}} {int(self.state == DaemonState.RUNNING)}',
+            "# HELP nydusd_instances Mounted RAFS instances.",
+            "# TYPE nydusd_instances gauge",
+            f'nydusd_instances{{daemon="{self.daemon_id}"}} {len(self.records)}',
+        ]
+        series = [
+            ("nydusd_read_count", "counter", "FUSE reads that reached the daemon.", "read_count"),
+            ("nydusd_total_read_bytes", "counter", "Bytes returned by FUSE reads.", "read_bytes"),
+            ("nydusd_read_errors", "counter", "FUSE reads answered with EIO.", "read_errors"),
+            ("nydusd_read_seconds_total", "counter", "Time spent in reads.", "read_seconds"),
+            ("nydusd_prefetch_requests_count", "counter", "Prefetched file ranges.", "prefetch_requests"),
+        ]
+        insts = self.fs.instances() if self.fs else {}
+        for metric, kind, help_text, attr in series:
+            lines.append(f"# HELP {metric} {help_text}")
+            lines.append(f"# TYPE {metric} {kind}")
+            for key, inst in sorted(insts.items()):
+                label = "/" + key if key not in ("", "root") else "/"
+                if only and only != label:
+                    continue
+                value = getattr(inst.metrics, attr)
+                lines.append(f'{metric}{{id="{label}"}} {value}')
+        lines += _labelled_storage_metrics(insts, only)
+        return "\n".join(lines) + "\n"
+
+
+def _pad_to_blocks(path: str, data_end: int, size: int) -> bool:
+    """Make a complete cache file usable as an EROFS device: kernel EROFS fails (EIO) reading
+    a last block that ends past EOF, so extend the file with a zero tail to whole blocks.
+    False when the file does not hold all the data."""
+    try:
+        have = os.path.getsize(path)
+        if have < data_end:
+            return False
+        if have < size:
+            os.truncate(path, size)  # sparse zero tail after the last chunk; data unchanged
+        return True
+    except OSError as exc:
+        log.warning("cannot use cache file %s as EROFS device: %s", path, exc)
+        return False
+
+
+def _labelled_storage_metrics(insts: dict[str, Instance], only: str | None) -> list[str]:
+    """Each device's storage metrics (``metrics.render()``), merged per family with an id label."""
+    families: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for key, inst in sorted(insts.items()):
+        label = "/" + key if key not in ("", "root") else "/"
+        if only and only != label:
+            continue
+        metrics = getattr(inst.device, "metrics", None)
+        render = getattr(metrics, "render", None)
+        if render is None:
+            continue
+        text = render()
+        family = ""
+        for line in (text if isinstance(text, str) else "\n".join(text)).splitlines():
+            if line.startswith("# "):
+                parts = line.split(" ", 3)
+                family = parts[2] if len(parts) > 2 else family
+                families.setdefault(family, [])
+                if line not in families[family]:
+                    families[family].append(line)
+                continue
+            if not line.strip():
+                continue
+            name, _, rest = line.partition(" ")
+            if "{" in name:
+                name = name.replace("{", f'{{id="{label}",', 1)
+            else:
+                name = f'{name}{{id="{label}"}}'
+            samples.setdefault(family, []).append(f"{name} {rest}")
+    out = []
+    for family, head in families.items():
+        out += head + samples.get(family, [])
+    return out

@@ -1,0 +1,295 @@
+"""An image instance served by :class:`rafs.fs.RafsFs`: a metadata tree plus a blob device.
+
+The tree is anything with the :class:`rafs.metadata.Rafs` surface (``root_ino``, ``inode``,
+``blobs``...). :class:`BlobFiles` is such a tree too: a directory with one file per blob whose
+bytes are the blob's uncompressed data, used as the kernel EROFS ``device=`` files (lazy
+loading for the ``erofs`` fs driver).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from rafs.errors import NotADirectory, NotFound, UnsupportedError
+from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
+
+log = logging.getLogger(__name__)
+
+#: kernel EROFS addresses v6 chunk data in 4 KiB blocks of the device file
+EROFS_BLOCK_SIZE = 4096
+
+
+@dataclass
+class InstanceMetrics:
+    """Counters of one instance (exported as Prometheus text by the daemon)."""
+
+    read_count: int = 0
+    read_bytes: int = 0
+    read_errors: int = 0
+    read_seconds: float = 0.0
+    prefetch_requests: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_read(self, size: int, seconds: float, ok: bool) -> None:
+        with self.lock:
+            self.read_count += 1
+            self.read_seconds += seconds
+            if ok:
+                self.read_bytes += size
+            else:
+                self.read_errors += 1
+
+
+class Instance:
+    """One mounted image: ``tree`` (Rafs-like metadata) and ``device`` (a ``BlobDevice``)."""
+
+    def __init__(self, name: str, tree: Any, device: Any, *, bootstrap: str = "",
+                 config: dict | None = None, enable_xattr: bool = True) -> None:
+        self.name = name
+        self.tree = tree
+        self.device = device
+        self.bootstrap = bootstrap
+        self.config = config or {}
+        self.enable_xattr = enable_xattr
+        self.metrics = InstanceMetrics()
+        self.mounted_at = time.time()
+
+    def read(self, inode: Any, offset: int, size: int) -> bytes:
+        """Blocking read of a regular file range through the device (run in a worker thread)."""
+        iovec = inode.chunks(offset, size)
+        if not iovec:
+            return b""
+        start = time.monotonic()
+        try:
+            data = self.device.read(iovec)
+        except Exception:
+            self.metrics.add_read(0, time.monotonic() - start, False)
+            raise
+        self.metrics.add_read(len(data), time.monotonic() - start, True)
+        return data
+
+    def prefetch_iovecs(self, paths: list[str] | None = None) -> list[BlobIoVec]:
+        """Whole-file iovecs for ``paths``, else the image's prefetch table, else every file."""
+        inodes = []
+        if paths:
+            inodes = [self.tree.lookup_path(p) for p in paths]
+        elif getattr(self.tree, "prefetch_inos", None):
+            inodes = [self.tree.inode(i) for i in self.tree.prefetch_inos]
+        else:
+            inodes = [ino for _, ino in self.tree.walk()]
+        out: list[BlobIoVec] = []
+        seen: set[int] = set()
+        for node in _expand(self.tree, inodes):
+            if node.ino in seen:
+                continue
+            seen.add(node.ino)
+            size = node.attr().size
+            if size:
+                out.append(node.chunks(0, size))
+        return out
+
+    def close(self) -> None:
+        for obj in (self.device, self.tree):
+            close = getattr(obj, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception as exc:  # closing must not stop the others from closing
+                    log.warning("instance %s: close %r failed: %s", self.name, obj, exc)
+
+
+def _expand(tree: Any, inodes: list[Any]) -> Iterator[Any]:
+    stack = list(reversed(inodes))
+    while stack:
+        node = stack.pop()
+        if node.is_reg():
+            yield node
+        elif node.is_dir():
+            stack.extend(child for _, _, child in node.readdir(0))
+
+
+# ------------------------------------------------------------------ blob files (erofs)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobFileAttr:
+    """The attributes of a blob-files node (same fields as ``rafs.metadata.InodeAttr``)."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    nlink: int
+    rdev: int
+    mtime: int
+    mtime_nsec: int
+    blocks: int
+
+
+class _BlobNode:
+    def __init__(self, owner: "BlobFiles", ino: int, blob: BlobInfo | None) -> None:
+        self._owner = owner
+        self.ino = ino
+        self.blob = blob
+
+    def attr(self) -> BlobFileAttr:
+        if self.blob is None:
+            return BlobFileAttr(self.ino, stat.S_IFDIR | 0o555, 0, 0, 4096, 2, 0, 0, 0, 8)
+        size = self._owner.data_size(self.blob.blob_index)
+        return BlobFileAttr(self.ino, stat.S_IFREG | 0o444, 0, 0, size, 1, 0, 0, 0,
+                            (size + 511) // 512)
+
+    def is_dir(self) -> bool:
+        return self.blob is None
+
+    def is_reg(self) -> bool:
+        return self.blob is not None
+
+    def is_symlink(self) -> bool:
+        return False
+
+    def lookup(self, name: bytes) -> "_BlobNode":
+        if self.blob is not None:
+            raise NotADirectory(f"blob file {self.blob.blob_id} is not a directory")
+        for node in self._owner.files:
+            if node.blob.blob_id.encode() == name:
+                return node
+        raise NotFound(f"no blob {name!r}")
+
+    def readdir(self, offset: int = 0) -> Iterator[tuple[int, bytes, "_BlobNode"]]:
+        if self.blob is not None:
+            raise NotADirectory(f"blob file {self.blob.blob_id} is not a directory")
+        for i, node in enumerate(self._owner.files[offset:], start=offset):
+            yield i + 1, node.blob.blob_id.encode(), node
+
+    def readlink(self) -> bytes:
+        raise NotFound("not a symlink")
+
+    def xattrs(self) -> dict[bytes, bytes]:
+        return {}
+
+    def chunks(self, offset: int, size: int) -> BlobIoVec:
+        assert self.blob is not None
+        return self._owner.blob_range(self.blob.blob_index, offset, size)
+
+
+class BlobFiles:
+    """A Rafs-like tree: ``/`` holds one file per blob presenting its uncompressed data.
+
+    Built from a v6 image whose chunks are all 4 KiB aligned in their blob's uncompressed
+    address space (kernel EROFS reads chunk ``n`` of a file at ``blkaddr * 4096`` of the
+    device); anything else raises :class:`UnsupportedError` naming why.
+    """
+
+    root_ino = 1
+    prefetch_inos: list[int] = []
+
+    def __init__(self, rafs: Any) -> None:
+        self.rafs = rafs
+        self.version = rafs.version
+        self.blobs: list[BlobInfo] = list(rafs.blobs)
+        self.chunks_by_blob = blob_chunk_tables(rafs)
+        self._starts = {b: [c.uncompressed_offset for c in cs] for b, cs in self.chunks_by_blob.items()}
+        self.root = _BlobNode(self, 1, None)
+        self.files = [_BlobNode(self, i + 2, b) for i, b in enumerate(self.blobs)]
+        self.inode_count = 1 + len(self.files)
+
+    def data_end(self, blob_index: int) -> int:
+        """End of the last chunk's uncompressed data (the bytes a complete cache file holds)."""
+        chunks = self.chunks_by_blob.get(blob_index, [])
+        return max((c.uncompressed_offset + c.uncompressed_size for c in chunks), default=0)
+
+    def data_size(self, blob_index: int) -> int:
+        """Size of the blob file: the data rounded up to whole 4 KiB EROFS blocks."""
+        end = max(self.data_end(blob_index), self.blobs[blob_index].uncompressed_size)
+        return -(-end // EROFS_BLOCK_SIZE) * EROFS_BLOCK_SIZE
+
+    def inode(self, ino: int) -> _BlobNode:
+        if ino == 1:
+            return self.root
+        if 2 <= ino < 2 + len(self.files):
+            return self.files[ino - 2]
+        raise NotFound(f"no inode {ino}")
+
+    def lookup_path(self, path: str) -> _BlobNode:
+        name = path.strip("/")
+        return self.root if not name else self.root.lookup(name.encode())
+
+    def walk(self) -> Iterator[tuple[str, _BlobNode]]:
+        yield "/", self.root
+        for node in self.files:
+            yield "/" + node.blob.blob_id, node
+
+    def blob_range(self, blob_index: int, offset: int, size: int) -> BlobIoVec:
+        """The iovec of ``size`` bytes at ``offset`` of the blob's uncompressed data; gaps are holes."""
+        blob = self.blobs[blob_index]
+        chunks = self.chunks_by_blob.get(blob_index, [])
+        starts = self._starts.get(blob_index, [])
+        end = min(offset + size, self.data_size(blob_index))
+        out = BlobIoVec()
+        pos = offset
+        i = max(bisect.bisect_right(starts, pos) - 1, 0)
+        while pos < end:
+            chunk = chunks[i] if i < len(chunks) else None
+            if chunk is None or pos < chunk.uncompressed_offset:
+                gap_end = end if chunk is None else min(end, chunk.uncompressed_offset)
+                out.append(BlobIoDesc(None, None, 0, gap_end - pos))
+                pos = gap_end
+                continue
+            chunk_end = chunk.uncompressed_offset + chunk.uncompressed_size
+            if pos >= chunk_end:
+                i += 1
+                continue
+            n = min(end, chunk_end) - pos
+            out.append(BlobIoDesc(blob, chunk, pos - chunk.uncompressed_offset, n))
+            pos += n
+            i += 1
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def blob_chunk_tables(rafs: Any) -> dict[int, list[ChunkInfo]]:
+    """Every blob's chunks sorted by uncompressed offset, checked for EROFS-compatible layout.
+
+    Raises :class:`UnsupportedError` when the image is not v6 or a chunk is not 4 KiB aligned.
+    """
+    if rafs.version != 6:
+        raise UnsupportedError(f"kernel EROFS needs a RAFS v6 image, this bootstrap is v{rafs.version}")
+    seen: dict[tuple[int, int], ChunkInfo] = {}
+    for path, node in rafs.walk():
+        if not node.is_reg():
+            continue
+        size = node.attr().size
+        if not size:
+            continue
+        for desc in node.chunks(0, size):
+            c = desc.chunk
+            if c is None:
+                continue
+            if c.uncompressed_offset % EROFS_BLOCK_SIZE:
+                raise UnsupportedError(
+                    f"kernel EROFS needs 4 KiB aligned chunks: {path} chunk {c.index} of blob "
+                    f"{rafs.blobs[c.blob_index].blob_id} is at uncompressed offset "
+                    f"{c.uncompressed_offset:#x}"
+                )
+            seen[(c.blob_index, c.index)] = c
+    tables: dict[int, list[ChunkInfo]] = {}
+    for (blob_index, _), c in seen.items():
+        tables.setdefault(blob_index, []).append(c)
+    for cs in tables.values():
+        cs.sort(key=lambda c: c.uncompressed_offset)
+        for a, b in zip(cs, cs[1:]):
+            if a.uncompressed_offset + a.uncompressed_size > b.uncompressed_offset:
+                raise UnsupportedError(
+                    f"chunks {a.index} and {b.index} overlap in the uncompressed blob"
+                )
+    return tables

@@ -1,0 +1,343 @@
+"""pyfuse3 operations: a thin translation from FUSE requests to the RAFS metadata API.
+
+One FUSE mount serves one or more :class:`~rafs.fs.instance.Instance` objects:
+
+* *single* layout (dedicated daemon): the mount root is the one instance's root;
+* *shared* layout: the mount root is a small pseudo directory whose entries are instance
+  subdirectories, added and removed at runtime (``POST/DELETE /api/v1/mount``).
+
+FUSE inode numbers are ``slot << 40 | ino`` (``ino`` = the image's inode number / v6 nid), so
+instances never collide. The image is immutable: entries and attributes get a one-day
+timeout, ``open`` replies ``keep_cache`` so warm reads never reach Python, and readdir
+offsets are the image's dirent indexes. Only data reads block; they run in worker threads
+so a slow chunk never stalls other requests.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+import trio
+
+from rafs.errors import NotADirectory, NotFound, RafsError
+from rafs.fs.instance import Instance
+from storage.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+#: the image never changes: cache entries and attributes for a day
+IMMUTABLE_TIMEOUT = 86400.0
+#: pseudo-root entries come and go with the control API
+PSEUDO_TIMEOUT = 1.0
+SLOT_SHIFT = 40
+LOCAL_MASK = (1 << SLOT_SHIFT) - 1
+BLOCK_SIZE = 4096
+#: resolved inodes kept (cleared wholesale when full or when an instance goes away)
+NODE_CACHE_SIZE = 1 << 17
+
+T = TypeVar("T")
+
+
+def fuse_errors(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Map this project's errors to errno for the kernel (the only place doing so)."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await func(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except (NotFound, KeyError, FileNotFoundError) as exc:
+            raise pyfuse3.FUSEError(errno.ENOENT) from exc
+        except (NotADirectory, NotADirectoryError) as exc:
+            raise pyfuse3.FUSEError(errno.ENOTDIR) from exc
+        except (RafsError, StorageError, OSError) as exc:
+            log.error("%s: %s: %s", func.__name__, type(exc).__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+        except Exception as exc:  # a bug must not take the whole mount down
+            log.exception("%s: unexpected %s", func.__name__, type(exc).__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+
+    return wrapper
+
+
+class RafsFs(pyfuse3.Operations):
+    """Read-only RAFS over FUSE; ``shared=False`` puts the single instance at the mount root."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, *, shared: bool) -> None:
+        super().__init__()
+        self.shared = shared
+        self._slots: dict[int, Instance] = {}
+        self._by_name: dict[str, int] = {}
+        self._next_slot = 1
+        self._lookups: dict[int, int] = {}
+        self._nodes: dict[int, tuple[Instance, Any]] = {}  #: FUSE ino -> (instance, image inode)
+        self._started = time.time()
+
+    # ---------------------------------------------------------------- instance table
+
+    def add_instance(self, inst: Instance) -> None:
+        """Serve ``inst`` (shared: as ``/<inst.name>``; single: at the root)."""
+        if inst.name in self._by_name:
+            raise RafsError(f"instance {inst.name!r} is already mounted")
+        if not self.shared and self._slots:
+            raise RafsError("a non-shared mount serves exactly one instance")
+        slot = self._next_slot
+        self._next_slot += 1
+        self._slots[slot] = inst
+        self._by_name[inst.name] = slot
+
+    def remove_instance(self, name: str) -> Instance:
+        """Stop serving an instance; its inodes answer ENOENT from now on."""
+        slot = self._by_name.pop(name, None)
+        if slot is None:
+            raise NotFound(f"no instance {name!r}")
+        self._nodes.clear()
+        return self._slots.pop(slot)
+
+    def instances(self) -> dict[str, Instance]:
+        return {inst.name: inst for inst in self._slots.values()}
+
+    # ---------------------------------------------------------------- inode numbers
+
+    def _resolve(self, gino: int) -> tuple[Instance, Any]:
+        """The instance and image inode of a FUSE inode number (KeyError/NotFound if gone)."""
+        hit = self._nodes.get(gino)
+        if hit is not None:
+            return hit
+        found = self._resolve_uncached(gino)
+        if len(self._nodes) >= NODE_CACHE_SIZE:
+            self._nodes.clear()
+        self._nodes[gino] = found
+        return found
+
+    def _resolve_uncached(self, gino: int) -> tuple[Instance, Any]:
+        if gino == pyfuse3.ROOT_INODE:
+            if self.shared:
+                raise KeyError(gino)
+            inst = self._slots[1]
+            return inst, inst.tree.inode(inst.tree.root_ino)
+        inst = self._slots[gino >> SLOT_SHIFT]
+        return inst, inst.tree.inode(gino & LOCAL_MASK)
+
+    def _gino(self, slot: int, inst: Instance, ino: int) -> int:
+        if not self.shared and ino == inst.tree.root_ino:
+            return pyfuse3.ROOT_INODE
+        return slot << SLOT_SHIFT | ino
+
+    def _slot_of(self, gino: int) -> int:
+        return 1 if gino == pyfuse3.ROOT_INODE else gino >> SLOT_SHIFT
+
+    def _entry(self, gino: int, inode: Any, timeout: float = IMMUTABLE_TIMEOUT) -> pyfuse3.EntryAttributes:
+        """The one place building ``EntryAttributes`` (from an image inode's attr)."""
+        a = inode.attr()
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = gino
+        e.generation = 0
+        e.entry_timeout = timeout
+        e.attr_timeout = timeout
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = BLOCK_SIZE
+        e.st_blocks = a.blocks
+        ns = a.mtime * 1_000_000_000 + a.mtime_nsec
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = ns
+        return e
+
+    def _pseudo_root_entry(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = pyfuse3.ROOT_INODE
+        e.entry_timeout = e.attr_timeout = PSEUDO_TIMEOUT
+        e.st_mode = stat.S_IFDIR | 0o755
+        e.st_nlink = 2 + len(self._slots)
+        e.st_size = BLOCK_SIZE
+        e.st_blksize = BLOCK_SIZE
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = int(self._started * 1e9)
+        return e
+
+    def _instance_root_entry(self, slot: int) -> pyfuse3.EntryAttributes:
+        inst = self._slots[slot]
+        root = inst.tree.inode(inst.tree.root_ino)
+        return self._entry(self._gino(slot, inst, root.ino), root, PSEUDO_TIMEOUT)
+
+    def _counted(self, entry: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        self._lookups[entry.st_ino] = self._lookups.get(entry.st_ino, 0) + 1
+        return entry
+
+    # ---------------------------------------------------------------- metadata ops
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if self.shared and parent_inode == pyfuse3.ROOT_INODE:
+            if name == b".":
+                return self._counted(self._pseudo_root_entry())
+            slot = self._by_name.get(os.fsdecode(name))
+            if slot is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._counted(self._instance_root_entry(slot))
+        inst, parent = self._resolve(parent_inode)
+        child = parent.lookup(name)
+        slot = self._slot_of(parent_inode)
+        return self._counted(self._entry(self._gino(slot, inst, child.ino), child))
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for gino, nlookup in inode_list:
+            left = self._lookups.get(gino, 0) - nlookup
+            if left > 0:
+                self._lookups[gino] = left
+            else:
+                self._lookups.pop(gino, None)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if self.shared and inode == pyfuse3.ROOT_INODE:
+            return self._pseudo_root_entry()
+        inst, node = self._resolve(inode)
+        slot = self._slot_of(inode)
+        if self.shared and node.ino == inst.tree.root_ino:
+            return self._instance_root_entry(slot)
+        return self._entry(inode, node)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        _, node = self._resolve(inode)
+        if not node.is_symlink():
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.readlink()
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if self.shared and inode == pyfuse3.ROOT_INODE:
+            return inode
+        _, node = self._resolve(inode)
+        if not node.is_dir():
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if self.shared and fh == pyfuse3.ROOT_INODE:
+            # offsets are slot numbers: stable while instances come and go
+            for slot in sorted(s for s in self._slots if s > start_id):
+                entry = self._instance_root_entry(slot)
+                if not pyfuse3.readdir_reply(token, self._slots[slot].name.encode(), entry, slot):
+                    return
+                self._counted(entry)
+            return
+        inst, node = self._resolve(fh)
+        slot = self._slot_of(fh)
+        for next_offset, name, child in node.readdir(start_id):
+            entry = self._entry(self._gino(slot, inst, child.ino), child)
+            if not pyfuse3.readdir_reply(token, name, entry, next_offset):
+                return
+            self._counted(entry)
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if self.shared and inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        inst, node = self._resolve(inode)
+        if not inst.enable_xattr:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        value = node.xattrs().get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        if self.shared and inode == pyfuse3.ROOT_INODE:
+            return []
+        inst, node = self._resolve(inode)
+        return list(node.xattrs()) if inst.enable_xattr else []
+
+    @fuse_errors
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return True  # permission bits are checked by the kernel (default_permissions)
+
+    @fuse_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = BLOCK_SIZE
+        files = 1
+        blocks = 0
+        for inst in self._slots.values():
+            files += int(getattr(inst.tree, "inode_count", 0))
+            for blob in getattr(inst.tree, "blobs", []):
+                blocks += -(-blob.uncompressed_size // BLOCK_SIZE)
+        s.f_blocks = blocks
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = files
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # ---------------------------------------------------------------- data ops
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        _, node = self._resolve(inode)
+        if node.is_dir():
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        try:
+            inst, node = self._resolve(fh)
+        except (KeyError, RafsError) as exc:
+            raise pyfuse3.FUSEError(errno.ESTALE) from exc
+        try:
+            return await trio.to_thread.run_sync(inst.read, node, off, size)
+        except (StorageError, RafsError, OSError) as exc:
+            self._log_read_error(inst, node, off, size, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+        except Exception as exc:
+            log.exception("read %s ino %d @%d+%d: unexpected error", inst.name, node.ino, off, size)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+
+    @staticmethod
+    def _log_read_error(inst: Instance, node: Any, off: int, size: int, exc: BaseException) -> None:
+        try:
+            descs = [d for d in node.chunks(off, size) if d.chunk is not None]
+        except Exception:
+            descs = []
+        where = ", ".join(
+            f"blob {d.blob.blob_id} chunk {d.chunk.index}" for d in descs[:4]
+        ) or "no chunk"
+        if len(descs) > 4:
+            where += f" (+{len(descs) - 4} more)"
+        log.error(
+            "read failed: instance %r ino %d range %d+%d: %s: %s: %s",
+            inst.name, node.ino, off, size, where, type(exc).__name__, exc,
+        )
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    # ---------------------------------------------------------------- writes: read-only
+
+    async def _rofs(self, *args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _rofs
+    write = create = setxattr = removexattr = _rofs

@@ -1,0 +1,222 @@
+"""``nydus-image unpack``: write a RAFS image's tree to a directory or a tar file.
+
+Content, modes, ownership (when permitted), mtimes, xattrs, symlinks, hard links and device
+nodes are reproduced.  Output appears atomically: it is written to a temporary sibling and
+renamed into place, so a failed unpack leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+
+from rafs._blobfile import BlobFiles
+from rafs.errors import RafsError
+from rafs.metadata import Inode, Rafs
+
+
+@dataclass
+class UnpackReport:
+    entries: int = 0
+    files: int = 0
+    bytes: int = 0
+    hardlinks: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def _warn(report: UnpackReport, msg: str) -> None:
+    if len(report.warnings) < 1000:
+        report.warnings.append(msg)
+
+
+def unpack(fs: Rafs, blobs: BlobFiles, output: str) -> UnpackReport:
+    """Unpack to ``output``: a ``.tar`` path writes a tar archive, anything else a directory."""
+    if output.endswith(".tar"):
+        return unpack_tar(fs, blobs, output)
+    return unpack_dir(fs, blobs, output)
+
+
+def unpack_dir(fs: Rafs, blobs: BlobFiles, output: str) -> UnpackReport:
+    output = os.path.abspath(output)
+    if os.path.lexists(output):
+        if not os.path.isdir(output) or os.listdir(output):
+            raise RafsError(f"{output}: exists and is not an empty directory")
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".unpack-", dir=parent)
+    try:
+        report = _write_tree(fs, blobs, tmp)
+        if os.path.isdir(output):
+            os.rmdir(output)
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _write_tree(fs: Rafs, blobs: BlobFiles, root: str) -> UnpackReport:
+    report = UnpackReport()
+    is_root = os.geteuid() == 0
+    links: dict[int, str] = {}
+    dirs: list[tuple[str, Inode]] = []
+    for path, node in fs.walk():
+        report.entries += 1
+        a = node.attr()
+        dest = root if path == "/" else os.path.join(root, path.lstrip("/"))
+        mode = a.mode
+        fmt = stat.S_IFMT(mode)
+        if fmt == stat.S_IFDIR:
+            if path != "/":
+                os.mkdir(dest, 0o700)
+            dirs.append((dest, node))
+            continue
+        key = node.hardlink_key
+        if key is not None and key in links:
+            os.link(links[key], dest)
+            report.hardlinks += 1
+            continue
+        if fmt == stat.S_IFREG:
+            with open(dest, "wb") as f:
+                for piece in blobs.iter_file(node):
+                    f.write(piece)
+                    report.bytes += len(piece)
+            report.files += 1
+        elif fmt == stat.S_IFLNK:
+            os.symlink(node.readlink(), dest)
+        elif fmt == stat.S_IFIFO:
+            os.mkfifo(dest, 0o600)
+        else:  # chr, blk, sock
+            try:
+                os.mknod(dest, fmt | 0o600, a.rdev)
+            except PermissionError:
+                _warn(report, f"{path}: cannot create device node without privileges; skipped")
+                continue
+        if key is not None:
+            links[key] = dest
+        _apply_meta(dest, path, node, is_root, report)
+    # directories last and deepest first, so their mtimes/modes survive the writes into them
+    for dest, node in reversed(dirs):
+        _apply_meta(dest, "/" + os.path.relpath(dest, root).lstrip("."), node, is_root, report)
+    return report
+
+
+def _apply_meta(dest: str, path: str, node: Inode, is_root: bool, report: UnpackReport) -> None:
+    a = node.attr()
+    link = stat.S_ISLNK(a.mode)
+    for name, value in node.xattrs().items():
+        try:
+            os.setxattr(dest, name, value, follow_symlinks=False)
+        except OSError as exc:
+            _warn(report, f"{path}: xattr {name.decode(errors='replace')}: {exc.strerror}")
+    if is_root:
+        try:
+            os.chown(dest, a.uid, a.gid, follow_symlinks=False)
+        except OSError as exc:
+            _warn(report, f"{path}: chown: {exc.strerror}")
+    if not link:
+        os.chmod(dest, stat.S_IMODE(a.mode))
+    try:
+        os.utime(dest, ns=(a.mtime * 10**9 + a.mtime_nsec,) * 2, follow_symlinks=False)
+    except OSError as exc:
+        _warn(report, f"{path}: utime: {exc.strerror}")
+
+
+class _ChunkStream(io.RawIOBase):
+    """A read-only stream over a file's content (for tarfile.addfile)."""
+
+    def __init__(self, blobs: BlobFiles, node: Inode) -> None:
+        self._it = iter(blobs.iter_file(node))
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            try:
+                self._buf = next(self._it)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def unpack_tar(fs: Rafs, blobs: BlobFiles, output: str) -> UnpackReport:
+    output = os.path.abspath(output)
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".unpack-", suffix=".tar", dir=parent)
+    os.close(fd)
+    report = UnpackReport()
+    links: dict[int, str] = {}
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+            for path, node in fs.walk():
+                report.entries += 1
+                a = node.attr()
+                name = "." if path == "/" else "." + path
+                ti = tarfile.TarInfo(name)
+                ti.mode = stat.S_IMODE(a.mode)
+                ti.uid, ti.gid = a.uid, a.gid
+                ti.mtime = a.mtime + a.mtime_nsec / 1e9 if a.mtime_nsec else a.mtime
+                pax = {}
+                for k, v in node.xattrs().items():
+                    pax["SCHILY.xattr." + k.decode("utf-8", "surrogateescape")] = v.decode(
+                        "utf-8", "surrogateescape"
+                    )
+                if a.mtime_nsec:
+                    pax["mtime"] = f"{a.mtime}.{a.mtime_nsec:09d}"
+                ti.pax_headers = pax
+                fmt = stat.S_IFMT(a.mode)
+                data = None
+                key = node.hardlink_key
+                if key is not None and key in links:
+                    ti.type = tarfile.LNKTYPE
+                    ti.linkname = links[key]
+                    report.hardlinks += 1
+                elif fmt == stat.S_IFDIR:
+                    ti.type = tarfile.DIRTYPE
+                elif fmt == stat.S_IFREG:
+                    ti.type = tarfile.REGTYPE
+                    ti.size = a.size
+                    data = io.BufferedReader(_ChunkStream(blobs, node), 1 << 20)
+                    report.files += 1
+                    report.bytes += a.size
+                    if key is not None:
+                        links[key] = name
+                elif fmt == stat.S_IFLNK:
+                    ti.type = tarfile.SYMTYPE
+                    ti.linkname = os.fsdecode(node.readlink())
+                elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+                    ti.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
+                    ti.devmajor, ti.devminor = os.major(a.rdev), os.minor(a.rdev)
+                elif fmt == stat.S_IFIFO:
+                    ti.type = tarfile.FIFOTYPE
+                else:
+                    _warn(report, f"{path}: sockets cannot be stored in tar; skipped")
+                    continue
+                tf.addfile(ti, data)
+        os.rename(tmp, output)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return report
+
+
+def print_warnings(report: UnpackReport) -> None:
+    for w in report.warnings[:20]:
+        print(f"warning: {w}", file=sys.stderr)
+    if len(report.warnings) > 20:
+        print(f"warning: ... {len(report.warnings) - 20} more", file=sys.stderr)

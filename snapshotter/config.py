@@ -1,0 +1,303 @@
+"""The snapshotter configuration: a TOML file like upstream's ``config.toml`` (``version = 1``).
+
+Every key is a field of one of the frozen dataclasses below (defaults documented there and
+asserted by ``tests/test_snapshotter_config.py``). Unknown keys and wrong types are a
+:class:`ConfigError` naming the key, raised at start — never silently ignored.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import json
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import tomllib
+
+from snapshotter.errors import ConfigError
+
+DEFAULT_ROOT = "/var/lib/containerd/io.containerd.snapshotter.v1.nydus"
+DEFAULT_ADDRESS = "/run/containerd-nydus/containerd-nydus-grpc.sock"
+
+FS_DRIVERS = ("fusedev", "erofs", "fscache")
+DAEMON_MODES = ("shared", "dedicated")
+LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """``[daemon]``: how RAFS instances are served."""
+
+    fs_driver: str = "fusedev"          #: fusedev | erofs | fscache
+    daemon_mode: str = "shared"         #: shared (one daemon, many instances) | dedicated (one per image)
+    nydusd_config: str = ""             #: path of a nydusd JSON template; "" = built-in template
+    recover_policy: str = "restart"     #: none | restart (re-attach live daemons, restart dead ones)
+    threads_number: int = 4             #: FUSE worker threads per daemon
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryAuth:
+    """``[remote.auths."<host>"]``: static credentials for one registry host."""
+
+    username: str = ""
+    password: str = ""
+    auth: str = ""                       #: base64("user:password"), instead of username/password
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    """``[remote]``: how daemons reach registries."""
+
+    insecure_registries: tuple[str, ...] = ()   #: hosts spoken to over plain http
+    skip_ssl_verify: bool = False
+    mirrors: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: ``host = ["http://mirror:5000", ...]``: endpoints tried instead of the image's host
+    auths: Mapping[str, RegistryAuth] = field(default_factory=dict)
+    docker_config: str = ""             #: docker config.json with "auths"; "" = $DOCKER_CONFIG or ~/.docker
+    check_registry: bool = True         #: probe ``/v2/`` before mounting (fail fast when unreachable)
+    timeout: int = 5                    #: seconds, per backend request
+    connect_timeout: int = 5
+    retry_limit: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class CacheManagerConfig:
+    """``[cache_manager]``: the local blob cache shared by all instances."""
+
+    disable: bool = False               #: no cache (every read goes to the registry)
+    cache_dir: str = ""                 #: "" = <root>/cache
+    size_limit: int = 0                 #: bytes (or "10GiB" in the file); 0 = unlimited
+    gc_on_cleanup: bool = True          #: Cleanup deletes cache files of blobs no snapshot uses
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchConfig:
+    """``[prefetch]``: background fetch of image data after mount."""
+
+    enable: bool = True
+    prefetch_all: bool = False          #: whole blobs, not only the image's prefetch list
+    threads_count: int = 4
+    merging_size: int = 1048576         #: bytes merged into one backend request
+    bandwidth_rate: int = 0             #: bytes/s, 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``."""
+
+    level: str = "info"                 #: trace|debug|info|warn|error
+    format: str = "text"                #: text | json (one JSON object per line)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``."""
+
+    address: str = ""                   #: "host:port" for the Prometheus endpoint; "" = off
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotConfig:
+    """``[snapshot]``: overlay details."""
+
+    sync_remove: bool = True            #: delete a snapshot's directory in Remove (else in Cleanup)
+    enable_overlayfs_volatile: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole file."""
+
+    version: int = 1
+    root: str = DEFAULT_ROOT
+    address: str = DEFAULT_ADDRESS
+    cleanup_on_close: bool = False      #: unmount every RAFS instance on shutdown
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    cache_manager: CacheManagerConfig = field(default_factory=CacheManagerConfig)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+
+    @property
+    def cache_dir(self) -> str:
+        return self.cache_manager.cache_dir or os.path.join(self.root, "cache")
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KI": 1024, "KIB": 1024, "M": 1000**2, "MB": 1000**2,
+          "MI": 1024**2, "MIB": 1024**2, "G": 1000**3, "GB": 1000**3, "GI": 1024**3, "GIB": 1024**3,
+          "T": 1000**4, "TB": 1000**4, "TI": 1024**4, "TIB": 1024**4}
+
+
+def parse_size(value: object, where: str) -> int:
+    """``1048576`` or ``"10GiB"`` → bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{where}: size must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(m.group(1)) * _UNITS[(m.group(2) or "").upper()]
+    raise ConfigError(f"{where}: expected a size like 1048576 or \"10GiB\", got {value!r}")
+
+
+def _convert(tp: Any, value: object, where: str) -> object:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_convert(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp)
+        return {str(k): _convert(val_tp, v, f'{where}."{k}"') for k, v in value.items()}
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type, data: Mapping[str, object], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown configuration key {prefix}{unknown[0]!s}"
+                          f" (known: {', '.join(sorted(names))})")
+    kwargs: dict[str, object] = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        if cls is CacheManagerConfig and name == "size_limit":
+            kwargs[name] = parse_size(value, key)
+        else:
+            kwargs[name] = _convert(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> Config:
+    if cfg.version != 1:
+        raise ConfigError(f"version: unsupported configuration version {cfg.version} (want 1)")
+    if cfg.daemon.fs_driver not in FS_DRIVERS:
+        raise ConfigError(f"daemon.fs_driver: {cfg.daemon.fs_driver!r} is not one of {', '.join(FS_DRIVERS)}")
+    if cfg.daemon.daemon_mode not in DAEMON_MODES:
+        raise ConfigError(f"daemon.daemon_mode: {cfg.daemon.daemon_mode!r} is not one of {', '.join(DAEMON_MODES)}")
+    if cfg.daemon.recover_policy not in ("none", "restart"):
+        raise ConfigError(f"daemon.recover_policy: {cfg.daemon.recover_policy!r} is not one of none, restart")
+    if not 1 <= cfg.daemon.threads_number <= 1024:
+        raise ConfigError("daemon.threads_number: must be 1..1024")
+    if cfg.log.level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"log.level: {cfg.log.level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if cfg.log.format not in LOG_FORMATS:
+        raise ConfigError(f"log.format: {cfg.log.format!r} is not one of {', '.join(LOG_FORMATS)}")
+    if not cfg.root or not os.path.isabs(cfg.root):
+        raise ConfigError(f"root: must be an absolute path, got {cfg.root!r}")
+    if not cfg.address:
+        raise ConfigError("address: must not be empty")
+    if cfg.metrics.address and ":" not in cfg.metrics.address:
+        raise ConfigError(f"metrics.address: expected host:port, got {cfg.metrics.address!r}")
+    for host, endpoints in cfg.remote.mirrors.items():
+        for ep in endpoints:
+            if not ep.startswith(("http://", "https://")):
+                raise ConfigError(f'remote.mirrors."{host}": endpoint {ep!r} must start with http:// or https://')
+    for name in ("timeout", "connect_timeout", "retry_limit"):
+        if getattr(cfg.remote, name) < 0:
+            raise ConfigError(f"remote.{name}: must not be negative")
+    if cfg.prefetch.threads_count < 1 or cfg.prefetch.merging_size < 0 or cfg.prefetch.bandwidth_rate < 0:
+        raise ConfigError("prefetch: threads_count must be >= 1, sizes must not be negative")
+    return cfg
+
+
+def from_dict(data: Mapping[str, object]) -> Config:
+    """Build and validate a :class:`Config` from parsed TOML."""
+    if "version" not in data:
+        raise ConfigError("version: missing (the file must start with `version = 1`)")
+    return _validate(_build(Config, data, ""))
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} not found") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from exc
+    return from_dict(data)
+
+
+def validate(cfg: Config) -> Config:
+    """Check a programmatically built config (same rules as the file)."""
+    return _validate(cfg)
+
+
+#: nydusd configuration template used when ``[daemon] nydusd_config`` is empty (upstream schema)
+DEFAULT_NYDUSD_CONFIG: dict[str, object] = {
+    "device": {
+        "backend": {"type": "registry", "config": {}},
+        "cache": {"type": "blobcache", "compressed": False, "config": {"work_dir": ""}},
+    },
+    "mode": "direct",
+    "digest_validate": False,
+    "iostats_files": False,
+    "enable_xattr": True,
+    "amplify_io": 1048576,
+    "fs_prefetch": {"enable": True, "prefetch_all": False, "threads_count": 4,
+                    "merging_size": 1048576, "bandwidth_rate": 0},
+}
+
+
+def nydusd_config(cfg: Config) -> dict[str, Any]:
+    """The nydusd JSON template for this config: the file (or built-in), with cache and prefetch set."""
+    if cfg.daemon.nydusd_config:
+        try:
+            with open(cfg.daemon.nydusd_config, encoding="utf-8") as f:
+                tmpl = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"daemon.nydusd_config: cannot read {cfg.daemon.nydusd_config}: {exc}") from exc
+        if not isinstance(tmpl, dict):
+            raise ConfigError(f"daemon.nydusd_config: {cfg.daemon.nydusd_config} is not a JSON object")
+    else:
+        tmpl = json.loads(json.dumps(DEFAULT_NYDUSD_CONFIG))
+    device = tmpl.setdefault("device", {})
+    cache = device.setdefault("cache", {})
+    if cfg.cache_manager.disable:
+        cache.clear()
+        cache["type"] = "dummycache"
+    else:
+        cache.setdefault("type", "blobcache")
+        cache.setdefault("config", {})["work_dir"] = cfg.cache_dir
+    pf = cfg.prefetch
+    tmpl["fs_prefetch"] = {"enable": pf.enable, "prefetch_all": pf.prefetch_all,
+                           "threads_count": pf.threads_count, "merging_size": pf.merging_size,
+                           "bandwidth_rate": pf.bandwidth_rate}
+    return tmpl

@@ -1,0 +1,122 @@
+"""The backend interface: ``BlobBackend.reader(blob_id) -> BlobReader``.
+
+A driver implements ``_read_once(offset, size)`` and ``_blob_size()`` only. ``read`` holds
+the retry loop (exponential backoff on :class:`TransientBackendError`), the exact-size check
+(a short body is retried as :class:`TruncatedRead`) and the metrics, written once here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+
+from storage.errors import BackendError, BlobRangeError, TransientBackendError, TruncatedRead
+from storage.metrics import StorageMetrics
+
+log = logging.getLogger(__name__)
+
+#: default number of retries after the first attempt (upstream ``retry_limit``)
+DEFAULT_RETRY_LIMIT = 2
+#: first backoff delay in seconds; doubled per retry, capped at ``MAX_BACKOFF``
+BASE_BACKOFF = 0.05
+MAX_BACKOFF = 2.0
+
+
+class BlobReader(ABC):
+    """Reads byte ranges of one blob. Thread-safe."""
+
+    def __init__(self, blob_id: str, *, retry_limit: int = DEFAULT_RETRY_LIMIT,
+                 metrics: StorageMetrics | None = None) -> None:
+        self.blob_id = blob_id
+        self.retry_limit = retry_limit
+        self.metrics = metrics if metrics is not None else StorageMetrics()
+        self._size: int | None = None
+        self._size_lock = threading.Lock()
+
+    @abstractmethod
+    def _read_once(self, offset: int, size: int) -> bytes:
+        """One attempt at ``size`` bytes at ``offset``; may return fewer bytes (retried)."""
+
+    @abstractmethod
+    def _blob_size(self) -> int:
+        """The blob's size in bytes (one attempt)."""
+
+    def blob_size(self) -> int:
+        """The blob's size in bytes (retried, cached)."""
+        with self._size_lock:
+            if self._size is None:
+                self._size = self._retry(self._blob_size, "size")
+            return self._size
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Exactly ``size`` bytes at ``offset``, retried; raises a :class:`BackendError`."""
+        if offset < 0 or size < 0:
+            raise BlobRangeError(f"blob {self.blob_id}: bad range offset={offset} size={size}")
+        if size == 0:
+            return b""
+
+        def attempt() -> bytes:
+            data = self._read_once(offset, size)
+            if len(data) != size:
+                raise TruncatedRead(
+                    f"blob {self.blob_id}: got {len(data)} of {size} bytes at offset {offset}"
+                )
+            return data
+
+        start = time.monotonic()
+        data = self._retry(attempt, f"read {offset}+{size}")
+        self.metrics.backend_latency.observe(time.monotonic() - start)
+        self.metrics.backend_read_bytes.inc(size)
+        self.metrics.backend_read_count.inc()
+        return data
+
+    def _retry(self, fn, what: str):
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except TransientBackendError as exc:
+                if attempt >= self.retry_limit:
+                    self.metrics.backend_read_errors.inc()
+                    log.warning("blob %s: %s failed after %d attempts: %s", self.blob_id, what, attempt + 1, exc)
+                    raise
+                delay = min(MAX_BACKOFF, BASE_BACKOFF * (2 ** attempt))
+                log.info("blob %s: %s failed (%s), retry %d in %.2fs", self.blob_id, what, exc, attempt + 1, delay)
+                self.metrics.backend_retries.inc()
+                attempt += 1
+                time.sleep(delay)
+            except BackendError:
+                self.metrics.backend_read_errors.inc()
+                raise
+
+
+class BlobBackend(ABC):
+    """A source of blobs. ``reader`` returns one (shared) :class:`BlobReader` per blob id."""
+
+    def __init__(self, *, retry_limit: int = DEFAULT_RETRY_LIMIT, metrics: StorageMetrics | None = None) -> None:
+        self.retry_limit = retry_limit
+        self.metrics = metrics if metrics is not None else StorageMetrics()
+        self._readers: dict[str, BlobReader] = {}
+        self._lock = threading.Lock()
+
+    def reader(self, blob_id: str) -> BlobReader:
+        with self._lock:
+            r = self._readers.get(blob_id)
+            if r is None:
+                r = self._readers[blob_id] = self._new_reader(blob_id)
+            return r
+
+    @abstractmethod
+    def _new_reader(self, blob_id: str) -> BlobReader:
+        """Create the driver's reader for ``blob_id``."""
+
+    def close(self) -> None:
+        """Release connections and files."""
+
+    def __enter__(self) -> "BlobBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

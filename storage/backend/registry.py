@@ -1,0 +1,543 @@
+"""Registry backend: blobs from an OCI distribution registry, with mirrors and a P2P proxy.
+
+* :class:`RegistryClient` — one pooled ``requests.Session`` for one registry host and repo, with
+  auth handled: anonymous, Basic, Bearer (``WWW-Authenticate`` challenge → token endpoint with
+  scope, token reused until near expiry, refreshed on 401), docker ``config.json`` credentials,
+  redirects followed by hand so ``Authorization`` never leaves the registry host. The image
+  converter reuses it for pushes (``request("PUT", ...)``).
+* :class:`RegistryBackend` — range GETs of ``/v2/<repo>/blobs/sha256:<id>``; tries the proxy
+  (an HTTP proxy such as a P2P agent), then healthy mirrors in order, then the origin registry.
+  A failing proxy/mirror is marked unhealthy for ``check_interval`` seconds (re-checked with its
+  ``ping_url`` when given). Retries with backoff live in :class:`~storage.backend.base.BlobReader`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import requests
+import requests.adapters
+import urllib3.exceptions
+
+from storage.backend.base import DEFAULT_RETRY_LIMIT, BlobBackend, BlobReader
+from storage.errors import (
+    AuthError,
+    BackendError,
+    BlobNotFound,
+    BlobRangeError,
+    ConfigError,
+    RegistryError,
+    RegistryUnavailable,
+    TransientBackendError,
+)
+from storage.metrics import StorageMetrics
+
+log = logging.getLogger(__name__)
+
+#: a token is refreshed when fewer than this many seconds of its life remain
+TOKEN_REFRESH_MARGIN = 10.0
+#: lifetime assumed when the token endpoint gives no ``expires_in`` (distribution spec: 60 s)
+DEFAULT_TOKEN_LIFETIME = 60.0
+MAX_REDIRECTS = 10
+_TRANSPORT_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+    urllib3.exceptions.HTTPError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Registry credentials: user/password (Basic and token endpoint) or an identity token."""
+
+    username: str = ""
+    password: str = ""
+    identity_token: str = ""
+
+    @classmethod
+    def from_auth(cls, auth: str) -> "Credentials":
+        """Decode docker's ``auth`` field: base64 of ``user:password``."""
+        try:
+            user, _, password = base64.b64decode(auth, validate=False).decode().partition(":")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"registry: 'auth' is not base64 of user:password: {exc}") from exc
+        return cls(user, password)
+
+    def basic(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
+    def __bool__(self) -> bool:
+        return bool(self.username or self.password or self.identity_token)
+
+
+def docker_config_credentials(host: str, config_path: str | None = None) -> Credentials | None:
+    """Credentials for ``host`` from docker's ``config.json`` (``auths``: ``auth``/``identitytoken``).
+
+    ``config_path`` defaults to ``$DOCKER_CONFIG/config.json`` then ``~/.docker/config.json``.
+    """
+    if config_path is None:
+        base = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+        config_path = os.path.join(base, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"docker config {config_path}: {exc}") from exc
+    auths = doc.get("auths") or {}
+    keys = [host, f"https://{host}", f"http://{host}", f"https://{host}/v1/", f"https://{host}/v2/"]
+    if host in ("docker.io", "index.docker.io", "registry-1.docker.io"):
+        keys += ["https://index.docker.io/v1/", "docker.io", "index.docker.io"]
+    for key in keys:
+        entry = auths.get(key)
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("identitytoken"):
+            user = ""
+            if entry.get("auth"):
+                user = Credentials.from_auth(entry["auth"]).username
+            return Credentials(username=user, identity_token=entry["identitytoken"])
+        if entry.get("auth"):
+            return Credentials.from_auth(entry["auth"])
+        if entry.get("username"):
+            return Credentials(entry["username"], entry.get("password", ""))
+    return None
+
+
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+def parse_www_authenticate(value: str) -> tuple[str, dict[str, str]]:
+    """``'Bearer realm="x",service="y"'`` → ``("bearer", {"realm": "x", "service": "y"})``."""
+    scheme, _, rest = value.strip().partition(" ")
+    params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+              for m in _CHALLENGE_PARAM.finditer(rest)}
+    return scheme.lower(), params
+
+
+def split_host(host: str, default_scheme: str) -> tuple[str, str]:
+    """``"http://h:5000"`` → ``("http", "h:5000")``; ``"h"`` → ``(default_scheme, "h")``."""
+    if "://" in host:
+        parsed = urllib.parse.urlsplit(host)
+        return parsed.scheme, parsed.netloc
+    return default_scheme, host.rstrip("/")
+
+
+class RegistryClient:
+    """An authenticated session with one registry host for one repository. Thread-safe.
+
+    ``request(method, path)`` takes a path (``/v2/...``) or an absolute URL and returns the
+    ``requests.Response`` after auth and redirects; transport failures become
+    :class:`RegistryUnavailable`. The caller checks the status code (or uses :meth:`check`).
+    """
+
+    def __init__(self, host: str, repo: str, *, scheme: str = "https",
+                 credentials: Credentials | None = None, registry_token: str = "",
+                 skip_verify: bool = False, ca_cert_files: Sequence[str] = (),
+                 timeout: float = 5.0, connect_timeout: float = 5.0,
+                 proxy_url: str = "", headers: Mapping[str, str] | None = None,
+                 pool_size: int = 32) -> None:
+        if not host:
+            raise ConfigError("registry: 'host' is required")
+        self.scheme, self.host = split_host(host, scheme or "https")
+        if self.scheme not in ("http", "https"):
+            raise ConfigError(f"registry: scheme must be http or https, got {self.scheme!r}")
+        self.repo = repo.strip("/")
+        self.credentials = credentials or Credentials()
+        self.registry_token = registry_token
+        self.timeout = (connect_timeout, timeout)
+        self.headers = dict(headers or {})
+        self.session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.trust_env = False
+        if proxy_url:
+            self.session.proxies = {"http": proxy_url, "https": proxy_url}
+        self._ca_bundle: str | None = None
+        if skip_verify:
+            self.session.verify = False
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        elif ca_cert_files:
+            self.session.verify = self._bundle(ca_cert_files)
+        self._lock = threading.Lock()
+        self._challenge: tuple[str, dict[str, str]] | None = None
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self.token_requests = 0  #: token endpoint calls made (for tests and metrics)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
+    def blob_path(self, digest: str) -> str:
+        if ":" not in digest:
+            digest = "sha256:" + digest
+        return f"/v2/{self.repo}/blobs/{digest}"
+
+    def _bundle(self, files: Sequence[str]) -> str:
+        if len(files) == 1:
+            return files[0]
+        fd, path = tempfile.mkstemp(prefix="nydus-ca-", suffix=".pem")
+        with os.fdopen(fd, "wb") as out:
+            for name in files:
+                try:
+                    with open(name, "rb") as f:
+                        out.write(f.read() + b"\n")
+                except OSError as exc:
+                    raise ConfigError(f"registry: ca_cert_files: {name}: {exc}") from exc
+        self._ca_bundle = path
+        return path
+
+    # -- auth -----------------------------------------------------------------------------------
+    def _scope(self, method: str) -> str:
+        actions = "pull" if method in ("GET", "HEAD") else "pull,push"
+        return f"repository:{self.repo}:{actions}"
+
+    def _authorization(self, scope: str, *, force: bool = False) -> str | None:
+        with self._lock:
+            challenge = self._challenge
+            if challenge is None:
+                if self.registry_token:
+                    return "Bearer " + self.registry_token
+                return None
+            kind, params = challenge
+            if kind == "basic":
+                return self.credentials.basic() if self.credentials else None
+            if kind != "bearer":
+                raise AuthError(f"registry {self.host}: unsupported auth scheme {kind!r}")
+            cached = self._tokens.get(scope)
+            if cached and not force and cached[1] - time.monotonic() > TOKEN_REFRESH_MARGIN:
+                return "Bearer " + cached[0]
+            if self.registry_token and not params.get("realm"):
+                return "Bearer " + self.registry_token
+            token, lifetime = self._fetch_token(params, scope)
+            self._tokens[scope] = (token, time.monotonic() + lifetime)
+            return "Bearer " + token
+
+    def _fetch_token(self, params: dict[str, str], scope: str) -> tuple[str, float]:
+        realm = params.get("realm")
+        if not realm:
+            raise AuthError(f"registry {self.host}: Bearer challenge without realm")
+        query = {"service": params.get("service", "")} if params.get("service") else {}
+        scopes = [scope]
+        if params.get("scope") and params["scope"] != scope:
+            scopes.append(params["scope"])
+        self.token_requests += 1
+        try:
+            if self.credentials.identity_token:
+                form = {"grant_type": "refresh_token", "refresh_token": self.credentials.identity_token,
+                        "client_id": "pynydus", "scope": " ".join(scopes), **query}
+                resp = self.session.post(realm, data=form, timeout=self.timeout)
+            else:
+                headers = {"Authorization": self.credentials.basic()} if self.credentials else {}
+                q = list(query.items()) + [("scope", s) for s in scopes]
+                resp = self.session.get(realm, params=q, headers=headers, timeout=self.timeout)
+        except _TRANSPORT_ERRORS as exc:
+            raise RegistryUnavailable(f"token endpoint {realm}: {exc}") from exc
+        if resp.status_code in (401, 403):
+            raise AuthError(f"token endpoint {realm}: HTTP {resp.status_code} for scope {scope}")
+        if resp.status_code >= 500:
+            raise RegistryUnavailable(f"token endpoint {realm}: HTTP {resp.status_code}")
+        if resp.status_code != 200:
+            raise AuthError(f"token endpoint {realm}: HTTP {resp.status_code}")
+        try:
+            doc = resp.json()
+        except ValueError as exc:
+            raise AuthError(f"token endpoint {realm}: response is not JSON") from exc
+        token = doc.get("token") or doc.get("access_token")
+        if not token:
+            raise AuthError(f"token endpoint {realm}: no token in response")
+        lifetime = float(doc.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        return token, lifetime
+
+    # -- requests -------------------------------------------------------------------------------
+    def request(self, method: str, path: str, *, headers: Mapping[str, str] | None = None,
+                data: bytes | None = None, stream: bool = False, params: Mapping[str, str] | None = None,
+                timeout: tuple[float, float] | None = None, scope: str | None = None) -> requests.Response:
+        """Send ``method path`` with auth; follows redirects (dropping auth off-host)."""
+        method = method.upper()
+        url = path if "://" in path else self.base_url + path
+        scope = scope or self._scope(method)
+        for auth_attempt in range(2):
+            auth = self._authorization(scope, force=auth_attempt > 0)
+            resp = self._send_following(method, url, headers, data, stream, params, timeout, auth)
+            if resp.status_code != 401 or auth_attempt == 1:
+                return resp
+            challenge = resp.headers.get("WWW-Authenticate", "")
+            resp.close()
+            if not challenge:
+                return resp
+            parsed = parse_www_authenticate(challenge)
+            with self._lock:
+                self._challenge = parsed
+                self._tokens.pop(scope, None)
+            if parsed[0] == "basic" and not self.credentials:
+                raise AuthError(f"registry {self.host}: Basic auth required and no credentials configured")
+        return resp  # pragma: no cover
+
+    def _send_following(self, method, url, headers, data, stream, params, timeout, auth) -> requests.Response:
+        origin = urllib.parse.urlsplit(url).netloc
+        hdrs = dict(self.headers)
+        hdrs.update(headers or {})
+        for _ in range(MAX_REDIRECTS + 1):
+            send = dict(hdrs)
+            if auth and urllib.parse.urlsplit(url).netloc == origin:
+                send["Authorization"] = auth
+            try:
+                resp = self.session.request(method, url, headers=send, data=data, stream=stream, params=params,
+                                            timeout=timeout or self.timeout, allow_redirects=False)
+            except _TRANSPORT_ERRORS as exc:
+                raise RegistryUnavailable(f"{method} {url}: {exc}") from exc
+            if resp.status_code not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
+                return resp
+            url = urllib.parse.urljoin(url, resp.headers["Location"])
+            params = None
+            resp.close()
+            if resp.status_code == 303:
+                method, data = "GET", None
+        raise RegistryError(f"{method} {url}: more than {MAX_REDIRECTS} redirects")
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return self.request("GET", path, **kwargs)
+
+    def check(self, resp: requests.Response, what: str) -> requests.Response:
+        """Raise the precise :mod:`storage.errors` type for a non-2xx response."""
+        code = resp.status_code
+        if 200 <= code < 300:
+            return resp
+        resp.close()
+        msg = f"registry {self.host}: {what}: HTTP {code}"
+        if code == 404:
+            raise BlobNotFound(msg)
+        if code in (401, 403):
+            raise AuthError(msg)
+        if code == 416:
+            raise BlobRangeError(msg)
+        if code >= 500 or code == 429:
+            raise RegistryUnavailable(msg)
+        raise RegistryError(msg)
+
+    def read_blob_range(self, blob_id: str, offset: int, size: int) -> bytes:
+        """``size`` bytes of blob ``blob_id`` at ``offset`` (one attempt; may be short)."""
+        headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
+        resp = self.check(self.request("GET", self.blob_path(blob_id), headers=headers, stream=True),
+                          f"blob {blob_id} range {offset}+{size}")
+        try:
+            body = read_body(resp)
+        finally:
+            resp.close()
+        if resp.status_code == 200:  # range ignored: whole blob
+            body = body[offset : offset + size]
+        return body
+
+    def blob_size(self, blob_id: str) -> int:
+        resp = self.check(self.request("HEAD", self.blob_path(blob_id)), f"blob {blob_id} size")
+        length = resp.headers.get("Content-Length")
+        if length is None:
+            resp = self.check(self.request("GET", self.blob_path(blob_id), headers={"Range": "bytes=0-0"},
+                                           stream=True), f"blob {blob_id} size")
+            resp.close()
+            total = resp.headers.get("Content-Range", "").rpartition("/")[2]
+            if not total.isdigit():
+                raise RegistryError(f"registry {self.host}: blob {blob_id}: no size in response")
+            return int(total)
+        return int(length)
+
+    def close(self) -> None:
+        self.session.close()
+        if self._ca_bundle:
+            try:
+                os.unlink(self._ca_bundle)
+            except OSError:
+                pass
+            self._ca_bundle = None
+
+
+def read_body(resp: requests.Response) -> bytes:
+    """The whole body of a streamed response; a broken/short transfer is a transient error."""
+    try:
+        data = resp.raw.read(decode_content=True)
+    except _TRANSPORT_ERRORS as exc:
+        raise RegistryUnavailable(f"GET {resp.url}: body: {exc}") from exc
+    expected = resp.headers.get("Content-Length")
+    if expected is not None and expected.isdigit() and len(data) != int(expected):
+        raise RegistryUnavailable(f"GET {resp.url}: body truncated: {len(data)} of {expected} bytes")
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """nydusd ``proxy``: an HTTP proxy (e.g. a P2P agent) tried before the registry."""
+
+    url: str = ""
+    fallback: bool = True  #: fall back to the registry when the proxy fails
+    ping_url: str = ""  #: health check URL (200-399 = healthy); empty = retry after check_interval
+    check_interval: float = 5.0  #: seconds an unhealthy proxy is skipped
+    use_http: bool = False  #: talk plain HTTP through the proxy
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorConfig:
+    """nydusd ``mirrors[]`` entry, tried in order before the origin registry."""
+
+    host: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    ping_url: str = ""
+    health_check_interval: float = 5.0
+    auth_through: bool = False  #: send the registry credentials to this mirror
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    """nydusd ``device.backend.config`` for ``type: registry``; defaults are nydusd's."""
+
+    host: str
+    repo: str
+    scheme: str = "https"
+    auth: str = ""  #: base64 ``user:password``
+    registry_token: str = ""  #: a static bearer token
+    skip_verify: bool = False
+    ca_cert_files: tuple[str, ...] = ()
+    timeout: float = 5.0
+    connect_timeout: float = 5.0
+    retry_limit: int = DEFAULT_RETRY_LIMIT
+    proxy: ProxyConfig | None = None
+    mirrors: tuple[MirrorConfig, ...] = ()
+    docker_config: str | None = None  #: docker config.json path; None = the default locations
+    use_docker_config: bool = True  #: look up credentials in docker config.json when auth is empty
+
+    def credentials(self) -> Credentials:
+        if self.auth:
+            return Credentials.from_auth(self.auth)
+        if self.use_docker_config:
+            found = docker_config_credentials(split_host(self.host, self.scheme)[1], self.docker_config)
+            if found:
+                return found
+        return Credentials()
+
+
+class _Endpoint:
+    """A proxy or mirror with a health state."""
+
+    def __init__(self, name: str, client: RegistryClient, ping_url: str, check_interval: float) -> None:
+        self.name = name
+        self.client = client
+        self.ping_url = ping_url
+        self.check_interval = check_interval
+        self._failed_at: float | None = None
+        self._lock = threading.Lock()
+
+    def usable(self) -> bool:
+        with self._lock:
+            if self._failed_at is None:
+                return True
+            if time.monotonic() - self._failed_at < self.check_interval:
+                return False
+        if self.ping_url:
+            try:
+                ok = self.client.session.get(self.ping_url, timeout=self.client.timeout).status_code < 400
+            except _TRANSPORT_ERRORS:
+                ok = False
+            with self._lock:
+                self._failed_at = None if ok else time.monotonic()
+            return ok
+        return True
+
+    def mark_failed(self) -> None:
+        with self._lock:
+            self._failed_at = time.monotonic()
+
+    def mark_ok(self) -> None:
+        with self._lock:
+            self._failed_at = None
+
+
+class RegistryBackend(BlobBackend):
+    """Blobs of one repository; proxy → mirrors → origin, each request."""
+
+    def __init__(self, config: RegistryConfig, *, metrics: StorageMetrics | None = None) -> None:
+        super().__init__(retry_limit=config.retry_limit, metrics=metrics)
+        if not config.repo:
+            raise ConfigError("registry: 'repo' is required")
+        self.config = config
+        creds = config.credentials()
+        common = dict(skip_verify=config.skip_verify, ca_cert_files=config.ca_cert_files,
+                      timeout=config.timeout, connect_timeout=config.connect_timeout)
+        self.client = RegistryClient(config.host, config.repo, scheme=config.scheme, credentials=creds,
+                                     registry_token=config.registry_token, **common)
+        self.endpoints: list[tuple[_Endpoint, bool]] = []  # (endpoint, may fall back)
+        if config.proxy and config.proxy.url:
+            p = config.proxy
+            scheme = "http" if p.use_http else config.scheme
+            proxy_client = RegistryClient(config.host, config.repo, scheme=scheme, credentials=creds,
+                                          registry_token=config.registry_token, proxy_url=p.url, **common)
+            self.endpoints.append((_Endpoint(f"proxy {p.url}", proxy_client, p.ping_url, p.check_interval),
+                                   p.fallback))
+        for m in config.mirrors:
+            mirror_client = RegistryClient(m.host, config.repo, scheme=config.scheme,
+                                           credentials=creds if m.auth_through else None,
+                                           headers=m.headers, **common)
+            self.endpoints.append((_Endpoint(f"mirror {m.host}", mirror_client, m.ping_url,
+                                             m.health_check_interval), True))
+
+    def _new_reader(self, blob_id: str) -> BlobReader:
+        return _RegistryReader(self, blob_id)
+
+    def _call(self, what: str, fn):
+        """``fn(client)`` through the first healthy proxy/mirror that answers, else the origin."""
+        for ep, fallback in self.endpoints:
+            if not ep.usable():
+                continue
+            try:
+                result = fn(ep.client)
+            except (TransientBackendError, RegistryError) as exc:
+                if isinstance(exc, BlobNotFound) or not isinstance(exc, TransientBackendError):
+                    log.info("%s: %s: %s; trying next", ep.name, what, exc)
+                else:
+                    ep.mark_failed()
+                    log.warning("%s unhealthy: %s: %s", ep.name, what, exc)
+                if not fallback:
+                    raise
+                continue
+            ep.mark_ok()
+            return result
+        return fn(self.client)
+
+    def close(self) -> None:
+        self.client.close()
+        for ep, _ in self.endpoints:
+            ep.client.close()
+
+
+class _RegistryReader(BlobReader):
+    def __init__(self, backend: RegistryBackend, blob_id: str) -> None:
+        super().__init__(blob_id, retry_limit=backend.retry_limit, metrics=backend.metrics)
+        self._backend = backend
+
+    def _blob_size(self) -> int:
+        return self._backend._call(f"size of {self.blob_id}", lambda c: c.blob_size(self.blob_id))
+
+    def _read_once(self, offset: int, size: int) -> bytes:
+        return self._backend._call(f"read {self.blob_id} {offset}+{size}",
+                                   lambda c: c.read_blob_range(self.blob_id, offset, size))
+
+
+__all__ = [
+    "Credentials", "MirrorConfig", "ProxyConfig", "RegistryBackend", "RegistryClient", "RegistryConfig",
+    "docker_config_credentials", "parse_www_authenticate", "BackendError",
+]

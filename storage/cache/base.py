@@ -1,0 +1,139 @@
+"""What every cache driver shares: the manager/blob-cache interfaces, request merging and the
+one ``process_raw_chunk`` hook (decompress, check size, check digest) run after a backend read.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from storage.backend.base import BlobBackend, BlobReader
+from storage.compress import decompress
+from storage.device import BlobInfo, BlobIoDesc, ChunkInfo
+from storage.digest import digest
+from storage.errors import ChunkDigestMismatch, DecompressError, StorageError
+from storage.metrics import StorageMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Cache tuning; the defaults are the documented ones (a test asserts them)."""
+
+    validate_digest: bool = True  #: check each chunk's digest after decompression
+    merging_size: int = 1 << 20  #: max compressed bytes merged into one backend request
+    amplify_io: int = 0  #: extend small requests with following chunks up to this size (0 = off)
+    limit_size: int = 0  #: cache size limit in bytes; 0 = unlimited (LRU eviction of unused blobs)
+    sync_data: bool = True  #: fdatasync chunk data before marking it ready (crash safety)
+
+
+def merge_runs(chunks: Sequence[ChunkInfo], merging_size: int) -> list[list[ChunkInfo]]:
+    """Group chunks (any order) into runs contiguous in the compressed blob, each ≤ ``merging_size``
+    (a single larger chunk is a run of its own). Duplicate chunk indexes are dropped."""
+    seen: set[int] = set()
+    ordered = []
+    for c in sorted(chunks, key=lambda c: (c.compressed_offset, c.index)):
+        if c.index not in seen:
+            seen.add(c.index)
+            ordered.append(c)
+    runs: list[list[ChunkInfo]] = []
+    for c in ordered:
+        if runs:
+            run = runs[-1]
+            start = run[0].compressed_offset
+            end = run[-1].compressed_offset + run[-1].compressed_size
+            if c.compressed_offset == end and c.compressed_offset + c.compressed_size - start <= merging_size:
+                run.append(c)
+                continue
+        runs.append([c])
+    return runs
+
+
+def process_raw_chunk(blob: BlobInfo, chunk: ChunkInfo, raw: bytes | memoryview, validate: bool,
+                      metrics: StorageMetrics) -> bytes:
+    """Decompress one chunk, check its size and (if ``validate``) its digest."""
+    if chunk.is_compressed:
+        data = decompress(blob.compressor, raw, chunk.uncompressed_size)
+    else:
+        if len(raw) != chunk.uncompressed_size:
+            raise DecompressError(
+                f"blob {blob.blob_id} chunk {chunk.index}: raw chunk is {len(raw)} bytes, "
+                f"expected {chunk.uncompressed_size}"
+            )
+        data = bytes(raw)
+    if validate and chunk.digest:
+        actual = digest(blob.digester, data)
+        if actual != chunk.digest:
+            metrics.cache_digest_mismatches.inc()
+            raise ChunkDigestMismatch(blob.blob_id, chunk.index, chunk.digest, actual)
+    return data
+
+
+class BlobCache(ABC):
+    """The per-blob cache: all IO for one :class:`BlobInfo` goes through it. Thread-safe."""
+
+    def __init__(self, blob: BlobInfo, reader: BlobReader, config: CacheConfig, metrics: StorageMetrics) -> None:
+        self.blob = blob
+        self.reader = reader
+        self.config = config
+        self.metrics = metrics
+
+    def fetch_run(self, run: Sequence[ChunkInfo]) -> tuple[dict[int, bytes], dict[int, StorageError]]:
+        """One backend request for a contiguous run; per chunk either its data or its error."""
+        start = run[0].compressed_offset
+        end = run[-1].compressed_offset + run[-1].compressed_size
+        raw = memoryview(self.reader.read(start, end - start))
+        good: dict[int, bytes] = {}
+        bad: dict[int, StorageError] = {}
+        for c in run:
+            piece = raw[c.compressed_offset - start : c.compressed_offset - start + c.compressed_size]
+            try:
+                good[c.index] = process_raw_chunk(self.blob, c, piece, self.config.validate_digest, self.metrics)
+            except StorageError as exc:
+                bad[c.index] = exc
+        return good, bad
+
+    @abstractmethod
+    def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
+        """The bytes of ``descs`` (all in this blob, none a hole), concatenated in order."""
+
+    @abstractmethod
+    def prefetch_chunks(self, chunks: Sequence[ChunkInfo]) -> int:
+        """Make ``chunks`` ready without reading them back; returns bytes fetched."""
+
+    def data_path(self) -> str | None:
+        """The complete uncompressed blob file, when every chunk is cached."""
+        return None
+
+    def close(self) -> None:
+        """Release files."""
+
+
+class BlobCacheManager(ABC):
+    """Creates and owns the per-blob caches (``FileCacheManager``, ``NoCacheManager``)."""
+
+    def __init__(self, backend: BlobBackend, config: CacheConfig | None = None,
+                 metrics: StorageMetrics | None = None) -> None:
+        self.backend = backend
+        self.config = config or CacheConfig()
+        self.metrics = metrics if metrics is not None else backend.metrics
+        self._lock = threading.RLock()
+
+    @abstractmethod
+    def get_blob_cache(self, blob: BlobInfo) -> BlobCache:
+        """The cache of ``blob`` (shared; counted as in use until :meth:`release`)."""
+
+    def release(self, blob_id: str) -> None:
+        """One user of ``blob_id`` is done with it."""
+
+    def gc(self, in_use_blob_ids: Iterable[str]) -> list[str]:
+        """Delete cached blobs not in ``in_use_blob_ids`` and not open; returns their ids."""
+        return []
+
+    def usage(self) -> dict[str, int]:
+        """Disk bytes used, per blob id."""
+        return {}
+
+    def close(self) -> None:
+        """Close every blob cache."""

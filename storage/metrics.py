@@ -1,0 +1,136 @@
+"""Plain-Python storage metrics: counters and latency histograms, rendered as Prometheus text.
+
+One :class:`StorageMetrics` is shared by a backend, its caches and the prefetcher; the daemon
+exports it with :meth:`StorageMetrics.render` (Prometheus text exposition format 0.0.4).
+Everything here is thread-safe and dependency-free.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Iterable
+
+#: latency buckets in seconds (upper bounds, +Inf implied)
+LATENCY_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Counter:
+    """A monotonically increasing number."""
+
+    __slots__ = ("name", "help", "_value", "_lock")
+
+    def __init__(self, name: str, help: str) -> None:
+        self.name = name
+        self.help = help
+        self._value = 0
+        self._lock = threading.Lock()
+
+    def inc(self, amount: int = 1) -> None:
+        with self._lock:
+            self._value += amount
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    def render(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter", f"{self.name} {self._value}"]
+
+
+class Gauge(Counter):
+    """A number that goes up and down."""
+
+    __slots__ = ()
+
+    def set(self, value: int) -> None:
+        with self._lock:
+            self._value = value
+
+    def dec(self, amount: int = 1) -> None:
+        self.inc(-amount)
+
+    def render(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {self._value}"]
+
+
+class Histogram:
+    """Observations counted into fixed buckets (seconds for latencies)."""
+
+    __slots__ = ("name", "help", "buckets", "_counts", "_sum", "_count", "_lock")
+
+    def __init__(self, name: str, help: str, buckets: Iterable[float] = LATENCY_BUCKETS) -> None:
+        self.name = name
+        self.help = help
+        self.buckets = tuple(sorted(buckets))
+        self._counts = [0] * (len(self.buckets) + 1)
+        self._sum = 0.0
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        slot = bisect.bisect_left(self.buckets, value)
+        with self._lock:
+            self._counts[slot] += 1
+            self._sum += value
+            self._count += 1
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def sum(self) -> float:
+        return self._sum
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        with self._lock:
+            running = 0
+            for bound, n in zip(self.buckets, self._counts):
+                running += n
+                lines.append(f'{self.name}_bucket{{le="{bound}"}} {running}')
+            lines.append(f'{self.name}_bucket{{le="+Inf"}} {self._count}')
+            lines.append(f"{self.name}_sum {self._sum}")
+            lines.append(f"{self.name}_count {self._count}")
+        return lines
+
+
+class StorageMetrics:
+    """Every storage metric, by attribute. Names follow ``nydus_storage_*``."""
+
+    def __init__(self, prefix: str = "nydus_storage") -> None:
+        p = prefix
+        self.backend_read_bytes = Counter(f"{p}_backend_read_bytes_total", "Bytes read from the backend.")
+        self.backend_read_count = Counter(f"{p}_backend_read_requests_total", "Backend read requests (successful).")
+        self.backend_read_errors = Counter(f"{p}_backend_read_errors_total", "Backend reads that failed after retries.")
+        self.backend_retries = Counter(f"{p}_backend_retries_total", "Backend read attempts retried.")
+        self.backend_latency = Histogram(f"{p}_backend_read_latency_seconds", "Latency of one backend read.")
+        self.cache_hits = Counter(f"{p}_cache_hits_total", "Chunk reads served from the cache.")
+        self.cache_misses = Counter(f"{p}_cache_misses_total", "Chunks fetched from the backend.")
+        self.cache_evictions = Counter(f"{p}_cache_evictions_total", "Blobs evicted from the cache.")
+        self.cache_digest_mismatches = Counter(f"{p}_cache_digest_mismatches_total", "Chunks failing digest validation.")
+        self.cache_corrupt_resets = Counter(f"{p}_cache_corrupt_resets_total", "Corrupt chunk maps discarded.")
+        self.cache_usage_bytes = Gauge(f"{p}_cache_usage_bytes", "Disk bytes used by the cache.")
+        self.read_latency = Histogram(f"{p}_device_read_latency_seconds", "Latency of one BlobDevice.read.")
+        self.prefetch_requests = Counter(f"{p}_prefetch_requests_total", "Prefetch units completed.")
+        self.prefetch_bytes = Counter(f"{p}_prefetch_bytes_total", "Bytes made ready by prefetch.")
+        self.prefetch_errors = Counter(f"{p}_prefetch_errors_total", "Prefetch units that failed.")
+        self.prefetch_pending = Gauge(f"{p}_prefetch_pending", "Prefetch units queued, not yet done.")
+
+    def all(self) -> list[Counter | Histogram]:
+        return [v for v in vars(self).values() if isinstance(v, (Counter, Histogram))]
+
+    def snapshot(self) -> dict[str, float]:
+        """``{metric name: value}`` (histograms give their count) for tests and the API."""
+        out: dict[str, float] = {}
+        for m in self.all():
+            out[m.name] = m.count if isinstance(m, Histogram) else m.value
+        return out
+
+    def render(self) -> str:
+        """Prometheus text exposition of every metric."""
+        lines: list[str] = []
+        for m in self.all():
+            lines.extend(m.render())
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,152 @@
+"""Background prefetch: chunk lists (from iovecs or whole blobs) made ready by worker threads.
+
+Prefetch runs below on-demand reads: a worker waits while the device reports demand reads in
+flight. It is limited by a thread budget (``threads_count``) and a bandwidth limit
+(``bandwidth_rate`` bytes/s, 0 = unlimited) and is cancellable (``cancel()`` on unmount).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from storage.cache.base import BlobCache, merge_runs
+from storage.device import ChunkInfo
+from storage.errors import StorageError
+from storage.metrics import StorageMetrics
+
+log = logging.getLogger(__name__)
+
+#: how long a worker sleeps between checks while on-demand reads are busy
+BUSY_POLL = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchConfig:
+    """nydusd ``fs_prefetch``; defaults documented (a test asserts them)."""
+
+    enable: bool = True
+    threads_count: int = 2  #: worker threads (nydusd default 8; this machine is small)
+    merging_size: int = 1 << 20  #: bytes per prefetch backend request
+    bandwidth_rate: int = 0  #: bytes per second across workers; 0 = unlimited
+
+
+class Throttle:
+    """A token bucket over bytes per second (0 = unlimited)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int, cancelled: threading.Event) -> None:
+        if self.rate <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._next, now)
+            self._next = start + nbytes / self.rate
+        if start > now:
+            cancelled.wait(start - now)
+
+
+class Prefetcher:
+    """Worker threads draining a queue of ``(cache, chunks)`` units."""
+
+    def __init__(self, config: PrefetchConfig, metrics: StorageMetrics,
+                 busy: Callable[[], bool] = lambda: False) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._busy = busy
+        self._queue: queue.Queue[tuple[BlobCache, list[ChunkInfo]] | None] = queue.Queue()
+        self._cancelled = threading.Event()
+        self._throttle = Throttle(config.bandwidth_rate)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._idle = threading.Condition(self._lock)
+
+    def submit(self, cache: BlobCache, chunks: Sequence[ChunkInfo]) -> None:
+        if not self.config.enable or self._cancelled.is_set() or not chunks:
+            return
+        with self._lock:
+            self._outstanding += 1
+            self.metrics.prefetch_pending.inc()
+            if len(self._threads) < max(1, self.config.threads_count):
+                t = threading.Thread(target=self._worker, name=f"prefetch-{len(self._threads)}", daemon=True)
+                self._threads.append(t)
+                t.start()
+        self._queue.put((cache, list(chunks)))
+
+    def _worker(self) -> None:
+        while not self._cancelled.is_set():
+            try:
+                item = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if item is None:
+                break
+            cache, chunks = item
+            try:
+                self._run(cache, chunks)
+                self.metrics.prefetch_requests.inc()
+            except StorageError as exc:
+                self.metrics.prefetch_errors.inc()
+                log.warning("prefetch of blob %s failed: %s", cache.blob.blob_id, exc)
+            except Exception:  # a worker must not die silently
+                self.metrics.prefetch_errors.inc()
+                log.exception("prefetch of blob %s crashed", cache.blob.blob_id)
+            finally:
+                with self._lock:
+                    self._outstanding -= 1
+                    self.metrics.prefetch_pending.dec()
+                    self._idle.notify_all()
+
+    def _run(self, cache: BlobCache, chunks: list[ChunkInfo]) -> None:
+        for run in merge_runs(chunks, self.config.merging_size):
+            while self._busy() and not self._cancelled.is_set():
+                time.sleep(BUSY_POLL)
+            if self._cancelled.is_set():
+                return
+            size = run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset
+            self._throttle.acquire(size, self._cancelled)
+            if self._cancelled.is_set():
+                return
+            self.metrics.prefetch_bytes.inc(cache.prefetch_chunks(run))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every submitted unit is done (or cancelled); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._outstanding and not self._cancelled.is_set():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._idle.wait(left)
+            return True
+
+    def cancel(self) -> None:
+        """Stop: queued units are dropped, running ones stop at the next run boundary."""
+        self._cancelled.set()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                with self._lock:
+                    self._outstanding -= 1
+                    self.metrics.prefetch_pending.dec()
+        with self._lock:
+            self._idle.notify_all()
+            threads = list(self._threads)
+        for t in threads:
+            t.join(timeout=5)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()

@@ -1,0 +1,66 @@
+"""Build synthetic nydus-like data blobs (chunks back to back) with matching records, for tests."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+from storage.compress import compress
+from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkFlags, ChunkInfo, Compressor, Digester
+from storage.digest import digest
+
+
+@dataclass
+class SynthBlob:
+    blob_id: str
+    data: bytes  #: the compressed blob as the backend serves it
+    info: BlobInfo
+    chunks: list[ChunkInfo]
+    plain: bytes  #: the uncompressed content (chunks at their uncompressed offsets)
+
+    def iovec(self, offset: int, size: int) -> BlobIoVec:
+        """Descriptors covering ``[offset, offset+size)`` of the uncompressed content."""
+        vec = BlobIoVec()
+        for c in self.chunks:
+            lo = max(offset, c.uncompressed_offset)
+            hi = min(offset + size, c.uncompressed_offset + c.uncompressed_size)
+            if lo < hi:
+                vec.append(BlobIoDesc(self.info, c, lo - c.uncompressed_offset, hi - lo))
+        return vec
+
+
+def make_blob(chunk_count: int, chunk_size: int = 4096, *, compressor: Compressor = Compressor.ZSTD,
+              digester: Digester = Digester.BLAKE3, seed: int = 0, blob_index: int = 0,
+              compressible: bool = True, blob_id: str | None = None) -> SynthBlob:
+    rng = random.Random(seed)
+    blob = bytearray()
+    plain = bytearray()
+    pieces = []
+    for i in range(chunk_count):
+        if compressible:
+            word = rng.randbytes(16)
+            payload = (word * (chunk_size // 16 + 1))[:chunk_size]
+            payload = rng.randbytes(64) + payload[64:]
+        else:
+            payload = rng.randbytes(chunk_size)
+        comp = compress(compressor, payload) if compressor != Compressor.NONE else payload
+        flags = ChunkFlags.COMPRESSED
+        if len(comp) >= len(payload):
+            comp, flags = payload, 0
+        pieces.append((payload, comp, flags))
+    chunks = []
+    for i, (payload, comp, flags) in enumerate(pieces):
+        chunks.append(ChunkInfo(blob_index, i, digest(digester, payload), int(flags), len(blob), len(comp),
+                                len(plain), len(payload)))
+        blob += comp
+        plain += payload
+    blob_id = blob_id or digest(Digester.SHA256, bytes(blob)).hex()
+    info = BlobInfo(blob_index=blob_index, blob_id=blob_id, chunk_count=chunk_count, chunk_size=chunk_size,
+                    compressor=compressor, digester=digester, compressed_size=len(blob),
+                    uncompressed_size=len(plain))
+    return SynthBlob(blob_id, bytes(blob), info, chunks, bytes(plain))
+
+
+def random_blob_id() -> str:
+    return os.urandom(32).hex()

@@ -1,0 +1,163 @@
+"""The pyfuse3 filesystem over real FUSE, with a fake metadata tree and device."""
+
+from __future__ import annotations
+
+import errno
+import re
+import os
+import stat
+import threading
+
+import pytest
+
+from rafs import erofs
+from tests.fs_fakes import make_image
+from tests.fs_harness import require_fuse, running_daemon
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
+
+BIG = bytes(range(256)) * 64 * 5 + b"tail"  # 5 chunks + 4 bytes
+
+
+def _tree(tmp_path, name="image", marker=b"x"):
+    files = {
+        "/etc": {"mode": 0o750, "uid": 7, "gid": 8},
+        "/etc/hosts": {"data": b"127.0.0.1 localhost\n" + marker, "uid": 11, "gid": 12, "mode": 0o640,
+                       "xattrs": {"user.k": "v", "security.x": "y"}},
+        "/big": BIG,
+        "/empty": b"",
+        "/link": "->etc/hosts",
+        "/hard": "=>/big",
+        "/d": None,
+    }
+    for i in range(300):
+        files[f"/d/f{i:03d}"] = f"file {i}\n".encode()
+    return make_image(str(tmp_path), files, name=name)
+
+
+def test_tree_content_modes_xattrs(tmp_path):
+    require_fuse()
+    boot = _tree(tmp_path)
+    with running_daemon(tmp_path, bootstrap=boot) as (client, mnt, _):
+        assert erofs.mounted_fstype(mnt) == "fuse.rafs"
+        st = os.lstat(f"{mnt}/etc")
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o750
+        assert (st.st_uid, st.st_gid) == (7, 8)
+        st = os.lstat(f"{mnt}/etc/hosts")
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 11, 12)
+        assert open(f"{mnt}/etc/hosts", "rb").read() == b"127.0.0.1 localhost\nx"
+        assert open(f"{mnt}/big", "rb").read() == BIG
+        with open(f"{mnt}/big", "rb") as f:
+            f.seek(4090)
+            assert f.read(20) == BIG[4090:4110]
+        assert open(f"{mnt}/empty", "rb").read() == b""
+        assert os.readlink(f"{mnt}/link") == "etc/hosts"
+        assert os.stat(f"{mnt}/hard").st_ino == os.stat(f"{mnt}/big").st_ino
+        assert os.stat(f"{mnt}/big").st_nlink == 2
+        assert sorted(os.listxattr(f"{mnt}/etc/hosts")) == ["security.x", "user.k"]
+        assert os.getxattr(f"{mnt}/etc/hosts", "user.k") == b"v"
+        with pytest.raises(OSError) as ei:
+            os.getxattr(f"{mnt}/etc/hosts", "user.none")
+        assert ei.value.errno == errno.ENODATA
+        names = os.listdir(f"{mnt}/d")
+        assert names == [f"f{i:03d}" for i in range(300)]  # stable dirent order across readdir pages
+        assert sorted(os.listdir(mnt)) == ["big", "d", "empty", "etc", "hard", "link"]
+        with pytest.raises(FileNotFoundError):
+            os.stat(f"{mnt}/nope")
+        for op in (lambda: open(f"{mnt}/big", "wb"), lambda: os.mkdir(f"{mnt}/x"),
+                   lambda: os.unlink(f"{mnt}/big"), lambda: os.chmod(f"{mnt}/big", 0o600)):
+            with pytest.raises(OSError) as ei:
+                op()
+            assert ei.value.errno == errno.EROFS
+        sv = os.statvfs(mnt)
+        assert sv.f_bsize == 4096 and sv.f_files >= 300
+
+
+def test_lazy_reads_and_concurrency(tmp_path):
+    require_fuse()
+    boot = _tree(tmp_path)
+    reads = tmp_path / "image.blob.reads"
+    with running_daemon(tmp_path, bootstrap=boot) as (client, mnt, _):
+        os.listdir(f"{mnt}/d")
+        os.stat(f"{mnt}/big")
+        assert not reads.exists(), "metadata operations must not read blob data"
+        assert open(f"{mnt}/d/f007", "rb").read() == b"file 7\n"
+        assert len(reads.read_text().split()) == 1  # exactly the one chunk of that file
+        errors = []
+
+        def reader(i):
+            try:
+                for _ in range(5):
+                    assert open(f"{mnt}/d/f{i * 7 % 300:03d}", "rb").read() == f"file {i * 7 % 300}\n".encode()
+                    assert open(f"{mnt}/big", "rb").read() == BIG
+            except Exception as exc:  # collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        metrics = client.metrics()
+        assert "nydusd_read_count" in metrics and "nydusd_read_errors{id=\"/\"} 0" in metrics
+
+
+def test_backend_down_gives_eio_for_that_read_only(tmp_path, capfd):
+    require_fuse()
+    boot = _tree(tmp_path)
+    down = tmp_path / "image.blob.down"
+    with running_daemon(tmp_path, bootstrap=boot) as (client, mnt, proc):
+        assert open(f"{mnt}/d/f001", "rb").read() == b"file 1\n"
+        down.write_text("")
+        with pytest.raises(OSError) as ei:
+            open(f"{mnt}/d/f002", "rb").read()
+        assert ei.value.errno == errno.EIO
+        assert open(f"{mnt}/d/f001", "rb").read() == b"file 1\n"  # page cache still serves it
+        down.unlink()
+        assert open(f"{mnt}/d/f002", "rb").read() == b"file 2\n"  # the daemon kept serving
+        assert proc.is_alive()
+        m = re.search(r'nydusd_read_errors\{id="/"\} (\d+)', client.metrics())
+        assert m and int(m.group(1)) >= 1  # the kernel may retry the failed page once
+        err = capfd.readouterr().err
+        assert re.search(r"read failed: .*blob \S+ chunk \d+: BackendError: backend unreachable", err), err
+
+
+def test_shared_daemon_instances(tmp_path):
+    require_fuse()
+    a = _tree(tmp_path, "a", b"A")
+    b = _tree(tmp_path, "b", b"B")
+    with running_daemon(tmp_path) as (client, mnt, _):
+        assert client.info()["mode"] == "shared"
+        assert os.listdir(mnt) == []
+        client.mount("/img-a", a, {})
+        client.mount("/img-b", b, {})
+        assert sorted(os.listdir(mnt)) == ["img-a", "img-b"]
+        assert open(f"{mnt}/img-a/etc/hosts", "rb").read().endswith(b"A")
+        assert open(f"{mnt}/img-b/etc/hosts", "rb").read().endswith(b"B")
+        assert os.stat(f"{mnt}/img-a/big").st_ino != os.stat(f"{mnt}/img-b/big").st_ino
+        with pytest.raises(Exception) as ei:
+            client.mount("/img-a", a, {})
+        assert getattr(ei.value, "status", None) == 409
+        client.umount("/img-a")
+        assert os.listdir(mnt) == ["img-b"]
+        with pytest.raises(FileNotFoundError):
+            os.stat(f"{mnt}/img-a/etc/hosts")
+        assert open(f"{mnt}/img-b/etc/hosts", "rb").read().endswith(b"B")
+        assert set(client.info()["instances"]) == {"/img-b"}
+        with pytest.raises(Exception) as ei:
+            client.umount("/img-a")
+        assert getattr(ei.value, "status", None) == 404
+
+
+def test_sigterm_unmounts(tmp_path):
+    require_fuse()
+    boot = _tree(tmp_path)
+    import signal
+
+    with running_daemon(tmp_path, bootstrap=boot) as (client, mnt, proc):
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.join(15)
+        assert proc.exitcode == 0
+        assert erofs.mounted_fstype(mnt) is None
+        assert not os.path.exists(client.apisock)

@@ -1,0 +1,141 @@
+"""DaemonManager with real nydusd processes (fake tree/device opener) and real FUSE mounts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from rafs import erofs
+from rafs.daemon.manager import DaemonManager
+from rafs.errors import ConfigError, MountError, NotFound
+from tests.fs_fakes import make_image
+from tests.fs_harness import cleanup_mounts, require_fuse
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
+
+FAKE_CMD = [sys.executable, "-m", "tests.fake_nydusd"]
+
+
+@pytest.fixture
+def images(tmp_path):
+    out = {}
+    for name in ("a", "b", "c"):
+        out[name] = make_image(str(tmp_path), {"/id": name.encode() * 3, "/dir": None,
+                                                "/dir/f": b"data-" + name.encode()}, name=name)
+    return out
+
+
+@pytest.fixture
+def manager_factory(tmp_path):
+    made = []
+    root = tmp_path / "root"
+
+    def make(mode="shared", **kw):
+        m = DaemonManager(str(root), mode=mode, fs_driver="fusedev", nydusd_config={}, nydusd_cmd=FAKE_CMD, **kw)
+        made.append(m)
+        return m
+
+    require_fuse()
+    yield make
+    for m in made:
+        try:
+            m.shutdown(keep_records=False)
+        except Exception:
+            pass
+    for m in made:  # kill anything left by pid, then lazy-unmount
+        for rec in list(m._records.values()):
+            if rec.pid > 0:
+                try:
+                    os.kill(rec.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    cleanup_mounts(str(root))
+
+
+def test_shared_mode_instances(manager_factory, images):
+    m = manager_factory("shared")
+    ma = m.mount("a", images["a"], None, None)
+    mb = m.mount("b", images["b"], None, {"host": "example.invalid"})
+    assert os.path.dirname(ma) == os.path.dirname(mb)  # one FUSE mount, one daemon
+    assert open(f"{ma}/id", "rb").read() == b"aaa"
+    assert open(f"{mb}/dir/f", "rb").read() == b"data-b"
+    states = m.instances()
+    assert {s.daemon_id for s in states.values()} == {"shared-fusedev"}
+    assert all(s.state == "RUNNING" for s in states.values())
+    cfg = json.load(open(os.path.join(m.root, "config", "shared-fusedev", "b", "config.json")))
+    assert cfg["device"]["backend"]["config"]["host"] == "example.invalid"
+    assert m.mount("a", images["a"], None, None) == ma  # idempotent
+    m.umount("a")
+    assert not os.path.exists(ma)
+    assert open(f"{mb}/id", "rb").read() == b"bbb"
+    with pytest.raises(NotFound):
+        m.umount("a")
+    with pytest.raises(ConfigError):
+        m.mount("../x", images["a"], None, None)
+    with pytest.raises(MountError):
+        m.mount("z", "/nonexistent/boot", None, None)
+
+
+def test_dedicated_mode_and_reattach(manager_factory, images, tmp_path):
+    m = manager_factory("dedicated")
+    hint = str(tmp_path / "snap" / "mnt")
+    ma = m.mount("a", images["a"], hint, None)
+    mb = m.mount("b", images["b"], None, None)
+    assert ma == hint and erofs.mounted_fstype(ma) == "fuse.rafs"
+    pids = {r.daemon_id: r.pid for r in m._records.values()}
+    assert len(set(pids.values())) == 2  # one process per image
+    assert open(f"{ma}/id", "rb").read() == b"aaa"
+    # a restarted manager reattaches to the live daemons without restarting them
+    m2 = manager_factory("dedicated")
+    m2.recover()
+    assert {r.daemon_id: r.pid for r in m2._records.values()} == pids
+    assert open(f"{mb}/dir/f", "rb").read() == b"data-b"
+    m2.umount("a")
+    assert erofs.mounted_fstype(ma) is None
+    assert set(m2.instances()) == {"b"}
+
+
+@pytest.mark.parametrize("mode", ["shared", "dedicated"])
+def test_sigkill_daemon_then_remount_serves(manager_factory, images, mode):
+    m = manager_factory(mode)
+    ma = m.mount("a", images["a"], None, None)
+    if mode == "shared":
+        mb = m.mount("b", images["b"], None, None)
+    rec = next(iter(m._records.values()))
+    os.kill(rec.pid, signal.SIGKILL)
+    m._procs[rec.daemon_id].wait(10)
+    with pytest.raises(OSError):  # the stale FUSE mount answers ENOTCONN
+        os.stat(f"{ma}/id")
+    assert m.instances()["a"].state == "DEAD"
+    again = m.mount("a", images["a"], None, None)  # detects the dead daemon, cleans, restarts
+    assert again == ma
+    assert open(f"{ma}/id", "rb").read() == b"aaa"
+    new = next(iter(m._records.values()))
+    assert new.pid != rec.pid
+    if mode == "shared":
+        assert open(f"{mb}/id", "rb").read() == b"bbb"  # its instances were remounted too
+        with open("/proc/self/mountinfo") as f:
+            assert sum(1 for line in f if f" {new.mountpoint} " in line) == 1  # no stacked stale mount
+
+
+def test_shutdown_then_recover_remounts(manager_factory, images):
+    m = manager_factory("shared")
+    ma = m.mount("a", images["a"], None, None)
+    m.shutdown()
+    assert erofs.mounted_fstype(os.path.dirname(ma)) is None
+    m2 = manager_factory("shared")
+    m2.recover()
+    assert open(f"{ma}/id", "rb").read() == b"aaa"
+
+
+def test_start_failure_is_reported(manager_factory, images, tmp_path):
+    m = manager_factory("dedicated", start_timeout=10)
+    bad = tmp_path / "bad.boot"
+    bad.write_text("not json")
+    with pytest.raises(MountError, match="exited with"):
+        m.mount("bad", str(bad), None, None)

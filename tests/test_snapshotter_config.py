@@ -1,0 +1,137 @@
+"""Configuration: defaults, the example file, strict errors, CLI overrides, nydusd template."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from snapshotter import cli, config as C
+from snapshotter.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_dataclass_defaults():
+    c = C.Config()
+    assert (c.version, c.root, c.address, c.cleanup_on_close) == (
+        1, "/var/lib/containerd/io.containerd.snapshotter.v1.nydus",
+        "/run/containerd-nydus/containerd-nydus-grpc.sock", False)
+    assert c.daemon == C.DaemonConfig("fusedev", "shared", "", "restart", 4)
+    assert c.remote == C.RemoteConfig((), False, {}, {}, "", True, 5, 5, 2)
+    assert c.cache_manager == C.CacheManagerConfig(False, "", 0, True)
+    assert c.prefetch == C.PrefetchConfig(True, False, 4, 1048576, 0)
+    assert c.log == C.LogConfig("info", "text")
+    assert c.metrics == C.MetricsConfig("")
+    assert c.snapshot == C.SnapshotConfig(True, False)
+    assert c.cache_dir == c.root + "/cache"
+
+
+def test_example_file_is_the_defaults():
+    assert C.load(REPO / "config.toml.example") == C.Config()
+
+
+def test_example_documents_every_key():
+    text = (REPO / "config.toml.example").read_text()
+    import dataclasses
+
+    for section in ("daemon", "remote", "cache_manager", "prefetch", "log", "metrics", "snapshot"):
+        assert f"[{section}]" in text
+        for f in dataclasses.fields(getattr(C.Config(), section)):
+            assert f"\n{f.name} =" in text or f"[{section}.{f.name}]" in text, f"{section}.{f.name} undocumented"
+
+
+def write(tmp_path, text: str) -> pathlib.Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_full_file(tmp_path):
+    c = C.load(write(tmp_path, """
+version = 1
+root = "/x"
+address = "/x/s.sock"
+[daemon]
+fs_driver = "erofs"
+daemon_mode = "dedicated"
+[remote]
+insecure_registries = ["127.0.0.1:5000"]
+[remote.mirrors]
+"docker.io" = ["http://127.0.0.1:5001"]
+[remote.auths."r.example"]
+username = "u"
+password = "p"
+[cache_manager]
+size_limit = "10GiB"
+[log]
+format = "json"
+[metrics]
+address = "127.0.0.1:0"
+"""))
+    assert c.daemon.fs_driver == "erofs" and c.daemon.daemon_mode == "dedicated"
+    assert c.remote.insecure_registries == ("127.0.0.1:5000",)
+    assert c.remote.mirrors == {"docker.io": ("http://127.0.0.1:5001",)}
+    assert c.remote.auths["r.example"] == C.RegistryAuth("u", "p", "")
+    assert c.cache_manager.size_limit == 10 * 1024**3
+    assert c.log.format == "json" and c.metrics.address == "127.0.0.1:0"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("version = 1\nbogus = 1", "unknown configuration key bogus"),
+    ("version = 1\n[daemon]\nfs_drvier = 'fusedev'", "unknown configuration key daemon.fs_drvier"),
+    ("version = 1\n[daemon]\nfs_driver = 'nfs'", "daemon.fs_driver"),
+    ("version = 1\n[daemon]\nthreads_number = '4'", "daemon.threads_number: expected an integer"),
+    ("version = 1\n[snapshot]\nsync_remove = 1", "snapshot.sync_remove: expected true/false"),
+    ("version = 1\n[remote]\ninsecure_registries = 'x'", "remote.insecure_registries: expected a list"),
+    ("version = 1\n[remote.mirrors]\nx = ['ftp://a']", "must start with http"),
+    ("version = 1\n[cache_manager]\nsize_limit = 'lots'", "cache_manager.size_limit"),
+    ("version = 2", "unsupported configuration version 2"),
+    ("root = '/x'", "version: missing"),
+    ("version = 1\nroot = 'relative'", "root: must be an absolute path"),
+    ("version = 1\n[log]\nlevel = 'loud'", "log.level"),
+    ("version = 1\n[metrics]\naddress = 'nohostport'", "metrics.address"),
+    ("version = 1\ndaemon = 3", "daemon: expected a table"),
+    ("version = [", "invalid TOML"),
+])
+def test_bad_files(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as ei:
+        C.load(write(tmp_path, text))
+    assert needle in str(ei.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        C.load(tmp_path / "nope.toml")
+
+
+def test_cli_overrides_file(tmp_path):
+    p = write(tmp_path, "version = 1\nroot = '/from/file'\n[log]\nlevel = 'debug'")
+    args = cli.build_parser().parse_args(["--config", str(p), "--root", str(tmp_path / "r"),
+                                          "--address", str(tmp_path / "s.sock"), "--log-format", "json"])
+    c = cli.load_config(args)
+    assert c.root == str(tmp_path / "r") and c.address == str(tmp_path / "s.sock")
+    assert (c.log.level, c.log.format) == ("debug", "json")
+
+
+def test_cli_config_error_exit_code(tmp_path, capsys):
+    p = write(tmp_path, "version = 1\nnope = 1")
+    assert cli.main(["--config", str(p)]) == 2
+    assert "unknown configuration key nope" in capsys.readouterr().err
+
+
+def test_nydusd_template(tmp_path):
+    c = C.Config(root="/r")
+    t = C.nydusd_config(c)
+    assert t["device"]["cache"]["config"]["work_dir"] == "/r/cache"
+    assert t["fs_prefetch"]["threads_count"] == 4
+    tmpl = tmp_path / "n.json"
+    tmpl.write_text(json.dumps({"device": {"backend": {"type": "registry", "config": {}}}, "mode": "cached"}))
+    c2 = C.Config(root="/r", daemon=C.DaemonConfig(nydusd_config=str(tmpl)),
+                  cache_manager=C.CacheManagerConfig(disable=True))
+    t2 = C.nydusd_config(c2)
+    assert t2["mode"] == "cached" and t2["device"]["cache"] == {"type": "dummycache"}
+    tmpl.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        C.nydusd_config(c2)

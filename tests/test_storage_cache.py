@@ -1,0 +1,284 @@
+"""File cache, chunk map and no-cache mode over the MemoryBackend."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from storage.backend.memory import MemoryBackend
+from storage.cache.base import CacheConfig, merge_runs
+from storage.cache.filecache import FileCacheManager
+from storage.cache.nocache import NoCacheManager
+from storage.cache.state import (
+    CHUNK_MAP_ALL_READY,
+    CHUNK_MAP_HEADER_SIZE,
+    ChunkMapHeader,
+    ChunkState,
+    IndexedChunkMap,
+    NoopChunkMap,
+)
+from storage.device import BlobDevice, BlobIoDesc, BlobIoVec, Compressor, Digester
+from storage.errors import BackendError, CacheError, ChunkDigestMismatch, TransientBackendError
+from tests.storage_blobs import make_blob
+
+
+def test_cache_config_defaults():
+    c = CacheConfig()
+    assert (c.validate_digest, c.merging_size, c.amplify_io, c.limit_size, c.sync_data) == (True, 1 << 20, 0, 0, True)
+
+
+def test_chunk_map_header_size():
+    assert len(ChunkMapHeader) == CHUNK_MAP_HEADER_SIZE == 4096
+
+
+def test_indexed_chunk_map_persists_msb_first(tmp_path):
+    path = str(tmp_path / "b.chunk_map")
+    m = IndexedChunkMap(path, 10)
+    assert os.path.getsize(path) == 4096 + 2
+    assert not m.check_ready_and_mark_pending(0)
+    m.set_ready_and_clear_pending([0])
+    assert m.try_mark_pending(9) is ChunkState.OWNED
+    m.set_ready_and_clear_pending([9])
+    m.close()
+    raw = open(path, "rb").read()
+    assert raw[4096:] == bytes([0x80, 0x40])
+    m2 = IndexedChunkMap(path, 10)
+    assert m2.is_ready(0) and m2.is_ready(9) and not m2.is_ready(1)
+    assert m2.ready_count() == 2 and not m2.all_ready()
+    m2.set_ready_and_clear_pending(range(10))
+    assert m2.all_ready()
+    m2.close()
+    assert ChunkMapHeader.parse(open(path, "rb").read()).all_ready == CHUNK_MAP_ALL_READY
+    assert IndexedChunkMap(path, 10).all_ready()
+
+
+def test_chunk_map_corruption_detected(tmp_path):
+    path = str(tmp_path / "b.chunk_map")
+    IndexedChunkMap(path, 100).close()
+    with pytest.raises(CacheError, match="size"):
+        IndexedChunkMap(path, 200)
+    data = bytearray(open(path, "rb").read())
+    data[0] ^= 0xFF
+    open(path, "wb").write(data)
+    with pytest.raises(CacheError, match="magic"):
+        IndexedChunkMap(path, 100)
+    # an all-zero file (crash while creating) starts fresh
+    open(path, "wb").write(bytes(len(data)))
+    assert IndexedChunkMap(path, 100).ready_count() == 0
+    # all_ready set without all bits: corrupt
+    hdr = ChunkMapHeader.parse(open(path, "rb").read()).replace(all_ready=CHUNK_MAP_ALL_READY)
+    with open(path, "r+b") as f:
+        f.write(hdr.pack())
+    with pytest.raises(CacheError, match="all_ready"):
+        IndexedChunkMap(path, 100)
+
+
+def test_pending_contract_waits_for_owner():
+    m = NoopChunkMap(4)
+    assert m.try_mark_pending(1) is ChunkState.OWNED
+    assert m.try_mark_pending(1) is ChunkState.INFLIGHT
+    done = []
+
+    def waiter():
+        done.append(m.check_ready_and_mark_pending(1))
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    t.join(0.1)
+    assert t.is_alive()  # blocked on the owner
+    m.clear_pending([1])
+    t.join(2)
+    assert done == [False]  # the waiter became the owner
+
+
+def test_merge_runs_contiguous_and_capped():
+    b = make_blob(8, compressor=Compressor.NONE, compressible=False)
+    runs = merge_runs([b.chunks[i] for i in (5, 0, 1, 2, 6, 4)], merging_size=3 * 4096)
+    assert [[c.index for c in r] for r in runs] == [[0, 1, 2], [4, 5, 6]]
+    runs = merge_runs(b.chunks, merging_size=2 * 4096)
+    assert [len(r) for r in runs] == [2, 2, 2, 2]
+
+
+def _device(tmp_path, blobs, backend, **cfg):
+    mgr = FileCacheManager(str(tmp_path / "cache"), backend, CacheConfig(**cfg))
+    return mgr, BlobDevice([b.info for b in blobs], mgr)
+
+
+def test_read_merges_adjacent_chunks_into_one_request(tmp_path):
+    b = make_blob(16)
+    backend = MemoryBackend({b.blob_id: b.data})
+    mgr, dev = _device(tmp_path, [b], backend)
+    assert dev.read(b.iovec(100, 5 * 4096)) == b.plain[100 : 100 + 5 * 4096]
+    assert len(backend.requests) == 1  # chunks 0..5 in one range
+    assert backend.requests[0] == (b.blob_id, 0, b.chunks[5].compressed_offset + b.chunks[5].compressed_size)
+    # cached: no more backend traffic
+    assert dev.read(b.iovec(0, 4096 * 6)) == b.plain[: 4096 * 6]
+    assert len(backend.requests) == 1
+    assert mgr.metrics.cache_hits.value >= 6
+    dev.close()
+
+
+def test_merging_size_limits_requests(tmp_path):
+    b = make_blob(8, compressor=Compressor.NONE, compressible=False)
+    backend = MemoryBackend({b.blob_id: b.data})
+    _, dev = _device(tmp_path, [b], backend, merging_size=2 * 4096)
+    assert dev.read(b.iovec(0, 8 * 4096)) == b.plain
+    assert [s for _, _, s in backend.requests] == [8192] * 4
+
+
+def test_read_amplification_with_chunk_table(tmp_path):
+    b = make_blob(8, compressor=Compressor.NONE, compressible=False)
+    backend = MemoryBackend({b.blob_id: b.data})
+    mgr, dev = _device(tmp_path, [b], backend, amplify_io=4 * 4096)
+    mgr.get_blob_cache(b.info).set_chunk_table(b.chunks)
+    assert dev.read(b.iovec(0, 10)) == b.plain[:10]
+    assert backend.requests == [(b.blob_id, 0, 4 * 4096)]
+    assert dev.read(b.iovec(3 * 4096, 4096)) == b.plain[3 * 4096 : 4 * 4096]
+    assert len(backend.requests) == 1
+
+
+def test_concurrent_readers_fetch_each_chunk_once(tmp_path):
+    b = make_blob(64)
+    backend = MemoryBackend({b.blob_id: b.data}, delay=0.01)
+    _, dev = _device(tmp_path, [b], backend, merging_size=4 * 4096)
+    errors = []
+
+    def reader(k):
+        try:
+            for j in range(4):
+                off = ((k * 7 + j * 13) % 60) * 4096 + 123
+                assert dev.read(b.iovec(off, 3 * 4096)) == b.plain[off : off + 3 * 4096]
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    fetched = []
+    for _, off, size in backend.requests:
+        fetched += [c.index for c in b.chunks if off <= c.compressed_offset < off + size]
+    assert len(fetched) == len(set(fetched)), "a chunk was fetched twice"
+
+
+def test_digest_mismatch_is_an_error_never_cached(tmp_path):
+    b = make_blob(4, compressor=Compressor.NONE, compressible=False)
+    bad = bytearray(b.data)
+    bad[b.chunks[2].compressed_offset + 5] ^= 1
+    backend = MemoryBackend({b.blob_id: bytes(bad)})
+    mgr, dev = _device(tmp_path, [b], backend)
+    with pytest.raises(ChunkDigestMismatch) as ei:
+        dev.read(b.iovec(0, 4 * 4096))
+    err = ei.value
+    assert (err.blob_id, err.chunk_index, err.expected) == (b.blob_id, 2, b.chunks[2].digest)
+    assert err.actual != err.expected
+    cache = mgr.get_blob_cache(b.info)
+    assert [cache.chunk_map.is_ready(i) for i in range(4)] == [True, True, False, True]
+    assert mgr.metrics.cache_digest_mismatches.value == 1
+    # the backend heals: the chunk is fetched again and served correctly
+    backend.blobs[b.blob_id] = b.data
+    assert dev.read(b.iovec(0, 4 * 4096)) == b.plain
+
+
+def test_digest_validation_can_be_disabled(tmp_path):
+    b = make_blob(2, compressor=Compressor.NONE, compressible=False)
+    bad = bytearray(b.data)
+    bad[10] ^= 1
+    _, dev = _device(tmp_path, [b], MemoryBackend({b.blob_id: bytes(bad)}), validate_digest=False)
+    assert dev.read(b.iovec(0, 20))[10] != b.plain[10]
+
+
+def test_backend_error_releases_pending_chunks(tmp_path):
+    b = make_blob(4)
+    fail = {"n": 10}
+
+    def fault(blob_id, off, size):
+        if fail["n"]:
+            fail["n"] -= 1
+            raise TransientBackendError("injected")
+        return None
+
+    backend = MemoryBackend({b.blob_id: b.data}, fault=fault, retry_limit=1)
+    mgr, dev = _device(tmp_path, [b], backend)
+    with pytest.raises(BackendError):
+        dev.read(b.iovec(0, 4096))
+    cache = mgr.get_blob_cache(b.info)
+    assert cache.chunk_map.try_mark_pending(0) is ChunkState.OWNED  # not left pending
+    cache.chunk_map.clear_pending([0])
+    fail["n"] = 1  # one failure, then a successful retry
+    assert dev.read(b.iovec(0, 4096)) == b.plain[:4096]
+    assert mgr.metrics.backend_retries.value >= 1
+
+
+def test_restart_reuses_cache_and_resets_corrupt_map(tmp_path):
+    b = make_blob(8, digester=Digester.SHA256, compressor=Compressor.LZ4_BLOCK)
+    backend = MemoryBackend({b.blob_id: b.data})
+    mgr, dev = _device(tmp_path, [b], backend)
+    dev.read(b.iovec(0, 3 * 4096))
+    dev.close()
+    mgr.close()
+    backend.requests.clear()
+    mgr2, dev2 = _device(tmp_path, [b], backend)
+    assert dev2.read(b.iovec(0, 3 * 4096)) == b.plain[: 3 * 4096]
+    assert backend.requests == []
+    dev2.close()
+    mgr2.close()
+    with open(tmp_path / "cache" / f"{b.blob_id}.chunk_map", "ab") as f:
+        f.write(b"junk")
+    mgr3, dev3 = _device(tmp_path, [b], backend)
+    assert dev3.read(b.iovec(0, 3 * 4096)) == b.plain[: 3 * 4096]
+    assert backend.requests and mgr3.metrics.cache_corrupt_resets.value == 1
+
+
+def test_blob_data_path_when_complete(tmp_path):
+    b = make_blob(4)
+    _, dev = _device(tmp_path, [b], MemoryBackend({b.blob_id: b.data}))
+    assert dev.blob_data_path(0) is None
+    dev.read(b.iovec(0, len(b.plain)))
+    path = dev.blob_data_path(0)
+    assert path and open(path, "rb").read() == b.plain
+
+
+def test_gc_and_lru_eviction(tmp_path):
+    blobs = [make_blob(8, seed=i, compressible=False, compressor=Compressor.NONE) for i in range(3)]
+    backend = MemoryBackend({b.blob_id: b.data for b in blobs})
+    mgr = FileCacheManager(str(tmp_path / "c"), backend, CacheConfig(limit_size=2 * 8 * 4096 + 3 * 8192))
+    for b in blobs[:2]:
+        dev = BlobDevice([b.info], mgr)
+        dev.read(b.iovec(0, len(b.plain)))
+        dev.close()
+    assert set(mgr.usage()) == {blobs[0].blob_id, blobs[1].blob_id}
+    dev = BlobDevice([blobs[2].info], mgr)
+    dev.read(blobs[2].iovec(0, len(blobs[2].plain)))
+    assert mgr.enforce_limit() == [blobs[0].blob_id]  # oldest not-in-use blob goes
+    assert mgr.metrics.cache_evictions.value == 1
+    assert mgr.gc([blobs[1].blob_id]) == []  # blob 2 is open, blob 1 in use by an image
+    dev.close()
+    assert mgr.gc([blobs[1].blob_id]) == [blobs[2].blob_id]
+    assert set(mgr.usage()) == {blobs[1].blob_id}
+
+
+def test_multi_blob_iovec_with_holes(tmp_path):
+    a = make_blob(4, seed=1, blob_index=0)
+    b = make_blob(4, seed=2, blob_index=1, compressor=Compressor.LZ4_BLOCK)
+    backend = MemoryBackend({a.blob_id: a.data, b.blob_id: b.data})
+    for mgr in (FileCacheManager(str(tmp_path / "c"), backend), NoCacheManager(None, backend)):
+        dev = BlobDevice([a.info, b.info], mgr)
+        vec = BlobIoVec(a.iovec(4000, 200) + [BlobIoDesc(None, None, 0, 50)] + b.iovec(100, 5000))
+        assert vec.size == 5250
+        assert dev.read(vec) == a.plain[4000:4200] + bytes(50) + b.plain[100:5100]
+        dev.close()
+
+
+def test_nocache_reads_every_time(tmp_path):
+    b = make_blob(4)
+    backend = MemoryBackend({b.blob_id: b.data})
+    dev = BlobDevice([b.info], NoCacheManager(None, backend))
+    for _ in range(2):
+        assert dev.read(b.iovec(0, 3 * 4096)) == b.plain[: 3 * 4096]
+    assert len(backend.requests) == 2
+    assert dev.blob_data_path(0) is None
