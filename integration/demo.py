@@ -180,29 +180,33 @@ class Demo:
                                lambda: img.push(registry, "demo/app", "oci"))
             self.say(f"     {pushed.ref}")
 
-            snap = None
-            if have_snap:
-                snap = self.step("start pynydus snapshotter",
-                                 lambda: self._start(SnapshotterProcess(config=a.snapshotter_config or {
-                                     "version": 1,
-                                     "remote": {"insecure_registries": [registry.host]}})))
-                self.say(f"     socket {snap.address}")
-            else:
-                self.not_available("start pynydus snapshotter",
+            snap = True if have_snap else None
+            if not have_snap:
+                self.not_available("pynydus snapshotter",
                                    "python3 -m snapshotter serve is not on this checkout")
+            snap_config = a.snapshotter_config or {
+                "version": 1, "remote": {"insecure_registries": [registry.host]}}
+
             def fresh_containerd() -> Containerd:
-                # one containerd per container run: its content store starts empty, so every
-                # run fetches what it needs from the registry (a fair byte count)
+                # a fresh snapshotter + containerd pair per run: empty content store, snapshots
+                # and blob cache, so every run fetches what it needs from the registry (a fair
+                # byte count), and no run sees another containerd's snapshots
                 for name, fn in list(self.cleanups):
-                    if name == "Containerd":
+                    if name in ("Containerd", "SnapshotterProcess"):
                         fn()
                         self.cleanups.remove((name, fn))
-                what = "CRI snapshotter 'nydus' (proxy plugin)" if snap else "CRI snapshotter overlayfs"
-                return self.step(f"start a fresh containerd ({what})",
-                                 lambda: self._start(Containerd(
-                                     snapshotters={SNAPSHOTTER: snap.address} if snap else {},
-                                     cri_snapshotter=SNAPSHOTTER if snap else "overlayfs",
-                                     registries=[registry])))
+
+                def start() -> Containerd:
+                    sock = None
+                    if have_snap:
+                        sock = self._start(SnapshotterProcess(config=snap_config)).address
+                    return self._start(Containerd(
+                        snapshotters={SNAPSHOTTER: sock} if sock else {},
+                        cri_snapshotter=SNAPSHOTTER if sock else "overlayfs",
+                        registries=[registry]))
+                what = ("pynydus snapshotter + containerd (CRI snapshotter 'nydus')" if have_snap
+                        else "containerd (CRI snapshotter overlayfs)")
+                return self.step(f"start a fresh {what}", start)
 
             nydus_ref = f"{registry.host}/demo/app:nydus"
             converted = False
