@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import toml
 
 from integration.harness import HarnessError
-from integration.harness.util import (log_tail, pid_alive, stop_process, unmount_all,
-                                      wait_until)
+from integration.harness.util import (log_tail, pid_alive, set_pdeathsig, stop_process,
+                                      unmount_all, wait_until)
 
 if TYPE_CHECKING:
     from integration.harness.registry import Registry
@@ -188,7 +188,7 @@ class Containerd:
                 self.proc = subprocess.Popen(["containerd", "--config", self.config_path],
                                              stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, env=env,
-                                             start_new_session=True)
+                                             start_new_session=True, preexec_fn=set_pdeathsig)
             wait_until(self._ready, self.start_timeout, "containerd", self.proc, self.log_path)
         except BaseException:
             self.stop()
