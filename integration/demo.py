@@ -292,11 +292,15 @@ class Demo:
         if not _has_module("rafs.daemon.manager"):
             self.not_available(title, "rafs.daemon (nydusd) is not on this checkout")
             return
-        sys.path.insert(0, REPO_ROOT)
-        from conftest import find_shared_dir  # the root conftest: NYDUS_SHARED_DIR or beside
+        import pathlib
 
-        shared = find_shared_dir()
-        rep = shared / "vectors/dragonflyoss-nydus/tests/texture/repeatable" if shared else None
+        # where the root conftest looks: $NYDUS_SHARED_DIR, else shared/ beside the checkout
+        env = os.environ.get("NYDUS_SHARED_DIR")
+        root = pathlib.Path(REPO_ROOT)
+        cands = ([pathlib.Path(env)] if env else []) + [root.parent / "shared",
+                                                         root.parent.parent / "shared"]
+        rep = next((c / "vectors/dragonflyoss-nydus/tests/texture/repeatable" for c in cands
+                    if (c / "vectors").is_dir()), None)
         if rep is None or not rep.is_dir():
             self.not_available(title, "shared vectors not found (set NYDUS_SHARED_DIR)")
             return
