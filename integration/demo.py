@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from integration.harness import HarnessError
 from integration.harness.containerd import Containerd

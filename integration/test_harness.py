@@ -344,3 +344,25 @@ def test_snapshotter_with_nydus_image_leaves_nothing_behind(registry, vectors_di
     assert pids_mentioning(snap_dir) == []
     assert mounts_under(snap_dir) == []
     assert not os.path.exists(snap_dir)
+
+
+def test_registry_token_auth_via_config_hook(registry_factory) -> None:
+    """A token-auth registry (what a token-issuer fixture plugs in): 401 with a Bearer challenge."""
+    import shutil
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+
+    def hook(reg: Registry, cfg: dict) -> None:
+        key, crt = os.path.join(reg.dir, "token.key"), os.path.join(reg.dir, "token.crt")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                        "-out", crt, "-days", "1", "-subj", "/CN=token-issuer"],
+                       check=True, capture_output=True)
+        cfg["auth"] = {"token": {"realm": "http://127.0.0.1:1/token", "service": reg.host,
+                                 "issuer": "pynydus-test", "rootcertbundle": crt}}
+
+    reg = registry_factory(config_hook=hook)
+    r = requests.get(f"{reg.url}/v2/", timeout=5)
+    assert r.status_code == 401
+    challenge = r.headers.get("WWW-Authenticate", "")
+    assert challenge.startswith("Bearer ") and f'service="{reg.host}"' in challenge

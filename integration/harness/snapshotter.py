@@ -19,12 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from typing import Any, Mapping, Sequence
 
 from integration.harness import HarnessError
 from integration.harness.util import (kill_pids, log_tail, pids_mentioning, set_pdeathsig,
-                                      stop_process, unmount_all, wait_until)
+                                      short_tempdir, stop_process, unmount_all, wait_until)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -96,7 +95,7 @@ class SnapshotterProcess:
         if self._argv is None and not snapshotter_serve_available():
             raise HarnessError("python3 -m snapshotter serve is not available on this checkout")
         if not self.dir:
-            self.dir = tempfile.mkdtemp(prefix="pyn-snap-", dir=self._base_dir)
+            self.dir = short_tempdir("pyn-snap-", self._base_dir)
             os.makedirs(self.root, exist_ok=True)
             if self._config is not None:
                 import toml

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from typing import Callable
 
@@ -147,3 +148,13 @@ def set_pdeathsig() -> None:
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+
+
+def short_tempdir(prefix: str, base_dir: str | None, max_len: int = 40) -> str:
+    """mkdtemp under ``base_dir`` unless that path would be too long for the unix sockets that
+    live below it (108-byte limit, with room for nested daemon sockets); then under /tmp."""
+    d = tempfile.mkdtemp(prefix=prefix, dir=base_dir)
+    if len(d) <= max_len or base_dir is None:
+        return d
+    os.rmdir(d)
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
