@@ -105,6 +105,11 @@ class Demo:
         return img
 
     def debian_rootfs_tar(self, workdir: str) -> bytes:
+        cache = self.args.debian_cache
+        if cache and os.path.exists(cache):
+            self.say(f"     reusing Debian rootfs tar {cache}")
+            with open(cache, "rb") as f:
+                return f.read()
         if shutil.which("mmdebstrap") is None:
             raise HarnessError("--debian needs mmdebstrap (apt-get install mmdebstrap)")
         out = os.path.join(workdir, "debian.tar")
@@ -113,6 +118,9 @@ class Demo:
                            capture_output=True, text=True, timeout=1800)
         if r.returncode != 0:
             raise HarnessError(f"mmdebstrap failed: {r.stderr[-1500:]}")
+        if cache:
+            shutil.copyfile(out, cache + ".tmp")
+            os.rename(cache + ".tmp", cache)
         with open(out, "rb") as f:
             return f.read()
 
@@ -402,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debian", action="store_true",
                    help="add a Debian minbase+python3 rootfs layer (mmdebstrap, apt's mirror)")
     p.add_argument("--suite", default="bookworm", help="Debian suite for --debian")
+    p.add_argument("--debian-cache", metavar="FILE",
+                   help="reuse this Debian rootfs tar if it exists, else save it there")
     p.add_argument("--snapshotter-config", default=None,
                    help="TOML config file for the snapshotter (default: built-in defaults "
                         "plus plain HTTP to the demo registry)")
