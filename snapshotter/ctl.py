@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from typing import Any, Sequence
 
@@ -228,7 +229,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_metrics(args: argparse.Namespace) -> int:
     path = METRICS_PATHS[args.kind]
     if args.id:
-        path += f"?id={args.id}"
+        path += "?id=" + urllib.parse.quote(args.id, safe="/")
     res = daemon_api_get(args.api_sock, path, args.timeout)
     if isinstance(res, str):
         sys.stdout.write(res if res.endswith("\n") else res + "\n")
