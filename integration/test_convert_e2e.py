@@ -268,3 +268,39 @@ def test_chunk_dict_reuses_blobs(registry, tmp_path):
     assert sum(b["size"] for b in manifest["layers"][:-1] if b["digest"] not in base_blobs) < (1 << 20)
     assert not (set(summary["uploaded"]) & base_blobs)
     check(f"{registry.host}/src/app:v2", f"{registry.host}/dst/app:v2", source_insecure=True, target_insecure=True)
+
+
+def test_sigkill_mid_conversion_then_resume(registry, tmp_path):
+    """A real kill -9 of ``nydusify convert`` after its first layer: the rerun reuses that layer."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    layers = ci.sample_layers()
+    layers.append((ci.tar_bytes([{"name": "data/more.bin", "data": os.urandom(12 << 20)}]), "gzip"))
+    image = ci.build_image(layers)
+    ci.push_image(registry, "src/big", "v1", image)
+    work = tmp_path / "work"
+    argv = [sys.executable, "-m", "rafs.convert.cli", "convert", "--source", f"{registry.host}/src/big:v1",
+            "--target", f"{registry.host}/dst/big:v1", "--source-insecure", "--target-insecure",
+            "--work-dir", str(work), "--no-progress"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(work.glob("layers/*/result.json")):
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the conversion finished before it could be killed"
+    done = {p.parent.name for p in work.glob("layers/*/result.json")}
+    assert 1 <= len(done) < len(layers)
+    result = convert(ConvertOptions(source=f"{registry.host}/src/big:v1", target=f"{registry.host}/dst/big:v1",
+                                    work_dir=str(work), source_insecure=True, target_insecure=True,
+                                    progress=False))
+    assert len(result.layers_reused) == len(done) and len(result.layers_built) == len(layers) - len(done)
+    assert not [p for p in (work / "layers").iterdir() if p.name.startswith(".")]
+    assert_nydus_manifest(registry.host, "dst/big", "v1")
