@@ -11,7 +11,10 @@ Per (mode, workload, repeat) a fresh containerd + snapshotter (cold content stor
 runs: t0 = CRI pull start; t1 = first byte of the container's stdout (``ctr run``). Workloads:
 ``small-read`` (``cat /etc/hello.txt``) and ``read-most`` (read 90 % of ``/data`` then
 print). Modes: ``oci`` (containerd's overlayfs snapshotter, full layer download),
-``nydus-fusedev`` and ``nydus-erofs`` (this project's snapshotter). Bytes fetched are counted
+``nydus-fusedev`` and ``nydus-erofs`` (this project's snapshotter; the image converted with
+nydusify's default prefetch list ``/``, so the snapshotter prefetches it in the background),
+and ``nydus-fusedev-noprefetch`` (converted with an empty prefetch list: pure on-demand reads).
+Bytes fetched are counted
 from the registry's access log. Prints the times, ratios against ``oci`` measured in the same
 run, and writes ``integration/results/coldstart.json`` and ``coldstart.png``.
 Needs root, containerd, runc, docker-registry, /dev/fuse.
@@ -33,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / "integration" / "results"
-MODES = ("oci", "nydus-fusedev", "nydus-erofs")
+MODES = ("oci", "nydus-fusedev", "nydus-erofs", "nydus-fusedev-noprefetch")
 WORKLOADS = ("small-read", "read-most")
 
 
@@ -151,7 +154,7 @@ def _first_output(argv: list[str], timeout: float) -> tuple[float, str, str]:
 
 
 def run_trial(mode: str, workload: str, repeat: int, ref: str, registry, proxy_host: str,
-              commands: dict[str, list[str]]) -> Trial:
+              commands: dict[str, list[str]], prefetch: bool = True) -> Trial:
     from integration.harness.containerd import Containerd
     from integration.harness.snapshotter import SnapshotterProcess
     from snapshotter.ctl import CriImageClient
@@ -161,10 +164,10 @@ def run_trial(mode: str, workload: str, repeat: int, ref: str, registry, proxy_h
     try:
         snapshotters = {}
         if mode != "oci":
-            driver = mode.split("-", 1)[1]
+            driver = mode.split("-")[1]
             snap = SnapshotterProcess(config={"version": 1, "daemon": {"fs_driver": driver},
                                               "remote": {"insecure_registries": [proxy_host]},
-                                              "prefetch": {"enable": False}}).start()
+                                              "prefetch": {"enable": prefetch}}).start()
             snapshotters = {"nydus": snap.address}
         ctd = Containerd(snapshotters=snapshotters, cri_snapshotter="overlayfs" if mode == "oci" else "nydus",
                          mirrors=[proxy_host]).start()
@@ -200,14 +203,15 @@ def plot(trials: list[Trial], path: pathlib.Path, rate_mib: float) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((axes[0], "seconds", "seconds to first output"),
                            (axes[1], "bytes_fetched", "MiB fetched from the registry")):
-        width = 0.25
+        width = 0.8 / len(MODES)
         for i, mode in enumerate(MODES):
             vals = []
             for wl in WORKLOADS:
                 sel = [getattr(t, key) for t in trials if t.mode == mode and t.workload == wl and not t.error]
                 v = sum(sel) / len(sel) if sel else 0.0
                 vals.append(v / (1 << 20) if key == "bytes_fetched" else v)
-            ax.bar([x + (i - 1) * width for x in range(len(WORKLOADS))], vals, width, label=mode)
+            ax.bar([x + (i - (len(MODES) - 1) / 2) * width for x in range(len(WORKLOADS))], vals, width,
+                   label=mode)
         ax.set_xticks(range(len(WORKLOADS)), WORKLOADS)
         ax.set_ylabel(label)
         ax.legend()
@@ -222,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=160, help="files under /data")
     ap.add_argument("--file-kib", type=int, default=256, help="size of each /data file, KiB")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--no-prefetch", action="store_true",
+                    help="snapshotter prefetch off (default: on, the snapshotter's default)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -244,18 +250,23 @@ def main(argv: list[str] | None = None) -> int:
     with Registry() as registry, tempfile.TemporaryDirectory(prefix="bench-coldstart-") as tmp:
         image = build_image(args.files, args.file_kib)
         oci = image.push(registry, "bench/app", "oci")
-        nydus_ref = f"{registry.host}/bench/app:nydus"
-        if nydusify(["convert", "--source", oci.ref, "--target", nydus_ref, "--source-insecure",
-                     "--target-insecure", "--work-dir", os.path.join(tmp, "work"), "--no-progress"]) != 0:
-            raise SystemExit("nydusify convert failed")
+        empty = os.path.join(tmp, "no-prefetch.txt")
+        open(empty, "w").close()
+        for tag, extra in (("nydus", []), ("nydus-noprefetch", ["--prefetch-patterns", empty])):
+            if nydusify(["convert", "--source", oci.ref, "--target", f"{registry.host}/bench/app:{tag}",
+                         "--source-insecure", "--target-insecure", "--work-dir", os.path.join(tmp, tag),
+                         "--no-progress", *extra]) != 0:
+                raise SystemExit("nydusify convert failed")
         proxy = ThrottledProxy(("127.0.0.1", registry.port), args.rate_mib * (1 << 20))
         try:
-            refs = {"oci": f"{proxy.host}/bench/app:oci", "nydus": f"{proxy.host}/bench/app:nydus"}
+            refs = {m: f"{proxy.host}/bench/app:" + ("oci" if m == "oci" else
+                                                     "nydus-noprefetch" if m.endswith("noprefetch") else "nydus")
+                    for m in MODES}
             for r in range(args.repeat):
                 for workload in WORKLOADS:
                     for mode in modes:
-                        ref = refs["oci" if mode == "oci" else "nydus"]
-                        trial = run_trial(mode, workload, r, ref, registry, proxy.host, commands)
+                        trial = run_trial(mode, workload, r, refs[mode], registry, proxy.host, commands,
+                                          prefetch=not args.no_prefetch)
                         trials.append(trial)
                         status = f"ERROR {trial.error.strip()[-200:]}" if trial.error else repr(trial.output)
                         print(f"{mode:14s} {workload:10s} #{r}: {trial.seconds:7.2f} s  "
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     for workload, per in summary.items():
         print(f"  {workload}: " + ", ".join(f"{m} {v['speedup_vs_oci']}x ({v['bytes_fetched'] / (1 << 20):.1f} MiB)"
                                            for m, v in per.items()))
-    result = {"rate_mib_s": args.rate_mib, "files": args.files, "file_kib": args.file_kib,
+    result = {"rate_mib_s": args.rate_mib, "prefetch": not args.no_prefetch, "files": args.files, "file_kib": args.file_kib,
               "image_data_mib": args.files * args.file_kib / 1024, "read_most_files": read_count,
               "summary": summary, "trials": [asdict(t) for t in trials]}
     (out_dir / "coldstart.json").write_text(json.dumps(result, indent=1) + "\n")

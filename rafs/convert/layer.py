@@ -34,7 +34,8 @@ LAYOUT_VERSION = 1
 class LayerOptions:
     """Options that change a layer's output (all part of the resume key).
 
-    Defaults: RAFS v6, zstd chunks, 1 MiB chunks, no chunk dict, no prefetch patterns.
+    Defaults: RAFS v6, zstd chunks, 1 MiB chunks, no chunk dict, prefetch pattern ``/`` (the
+    whole image, in breadth-first order — what upstream's converters use when given none).
     """
 
     fs_version: int = 6
@@ -42,7 +43,7 @@ class LayerOptions:
     chunk_size: int = 0x100000
     chunk_dict: str | None = None          # path of a chunk-dict bootstrap
     chunk_dict_digest: str | None = None   # sha256 of that file (the key uses the content)
-    prefetch_patterns: tuple[str, ...] = ()
+    prefetch_patterns: tuple[str, ...] = ("/",)
 
     def key_material(self) -> dict[str, object]:
         out = asdict(self)
