@@ -223,7 +223,7 @@ def plot(trials: list[Trial], path: pathlib.Path, rate_mib: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate-mib", type=float, default=16.0, help="registry link rate, MiB/s")
-    ap.add_argument("--files", type=int, default=160, help="files under /data")
+    ap.add_argument("--files", type=int, default=512, help="files under /data")
     ap.add_argument("--file-kib", type=int, default=256, help="size of each /data file, KiB")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-prefetch", action="store_true",

@@ -18,7 +18,6 @@ from rafs.convert.check import check
 from rafs.convert.cli import main as nydusify
 from rafs.convert.converter import ConvertOptions, convert
 from rafs.convert.errors import CheckError
-from rafs.convert.layer import LayerOptions
 
 builder = pytest.importorskip("rafs.builder", reason="rafs.builder (the RAFS builder) has not landed")
 
@@ -186,6 +185,11 @@ def test_multi_platform_index(registry, tmp_path):
     run_convert(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:arm", str(tmp_path / "w"),
                 "--platform", "linux/arm64")
     manifest, config, _ = assert_nydus_manifest(registry.host, "dst/multi", "arm")
+    assert config["architecture"] == "arm64"
+    # an index with a single manifest collapses to that manifest
+    ci.push_index(registry, "src/one", "v1", [arm], platforms[1:])
+    run_convert(f"{registry.host}/src/one:v1", f"{registry.host}/dst/one:v1", str(tmp_path / "w"))
+    manifest, config, _ = assert_nydus_manifest(registry.host, "dst/one", "v1")
     assert config["architecture"] == "arm64"
 
 

@@ -10,7 +10,6 @@ finished layer.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -306,7 +305,6 @@ def add_implicit_dirs(tar_path: str, lower_bootstrap: str) -> int:
     the merge would let them win, so explicit directory entries (copied from the lower layers'
     merged bootstrap) are appended to the tar. Returns how many were added.
     """
-    import posixpath
     import tarfile
 
     from rafs.errors import NotFound
@@ -369,12 +367,6 @@ def write_blob_meta(blob_path: str, info: object, out: str) -> bool:
                               ci_compressor=info.ci_compressor)  # type: ignore[attr-defined]
     write_blob_meta_file(out, meta)
     return True
-
-
-def gunzip_size(path: str) -> int:
-    """Uncompressed size of a gzip file (used by tests and checks)."""
-    with gzip.open(path, "rb") as fh:
-        return sum(len(c) for c in iter(lambda: fh.read(1 << 20), b""))
 
 
 def merge_layers(results: Sequence[LayerResult], out: str, options: LayerOptions) -> list[str]:
