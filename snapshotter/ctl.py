@@ -294,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["snapshots"]:  # argparse cannot pass leading options through REMAINDER
+        from snapshotter import snapctl
+
+        return snapctl.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)       # exits 2 on usage errors
     try:
