@@ -171,6 +171,22 @@ def test_basic_auth_with_docker_config(registry_factory, tmp_path, monkeypatch):
     assert manifest["layers"][-1]["annotations"]["containerd.io/snapshot/nydus-bootstrap"] == "true"
 
 
+def test_docker_schema2_source(registry, tmp_path):
+    manifest, config, layers = ci.build_image(ci.sample_layers()[:1])
+    doc = json.loads(manifest.data)
+    doc["mediaType"] = "application/vnd.docker.distribution.manifest.v2+json"
+    doc["config"]["mediaType"] = "application/vnd.docker.container.image.v1+json"
+    doc["layers"][0]["mediaType"] = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    docker = ci.Blob(doc["mediaType"], json.dumps(doc).encode())
+    ci.push_image(registry, "src/docker", "v1", (docker, config, layers))
+    run_convert(f"{registry.host}/src/docker:v1", f"{registry.host}/dst/docker:v1", str(tmp_path / "w"))
+    manifest, config_doc, _ = assert_nydus_manifest(registry.host, "dst/docker", "v1")
+    assert manifest["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+    if _reader_available():
+        check(f"{registry.host}/src/docker:v1", f"{registry.host}/dst/docker:v1", source_insecure=True,
+              target_insecure=True)
+
+
 def test_multi_platform_index(registry, tmp_path):
     amd = ci.build_image(arch="amd64")
     arm = ci.build_image(ci.sample_layers()[:2], arch="arm64")
@@ -182,6 +198,13 @@ def test_multi_platform_index(registry, tmp_path):
     assert [m["platform"] for m in index["manifests"]] == platforms
     for entry in index["manifests"]:
         assert_nydus_manifest(registry.host, "dst/multi", entry["digest"])
+    if _reader_available():
+        report = check(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:all",
+                       source_insecure=True, target_insecure=True)
+        assert report.platforms == ["linux/amd64", "linux/arm64"]
+        report = check(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:all",
+                       source_insecure=True, target_insecure=True, platform="linux/arm64")
+        assert report.platforms == ["linux/arm64"]
     run_convert(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:arm", str(tmp_path / "w"),
                 "--platform", "linux/arm64")
     manifest, config, _ = assert_nydus_manifest(registry.host, "dst/multi", "arm")
