@@ -331,3 +331,12 @@ def test_sigkill_mid_conversion_then_resume(registry, tmp_path):
     assert len(result.layers_reused) == len(done) and len(result.layers_built) == len(layers) - len(done)
     assert not [p for p in (work / "layers").iterdir() if p.name.startswith(".")]
     assert_nydus_manifest(registry.host, "dst/big", "v1")
+
+
+def test_progress_bars_on_stderr(registry, tmp_path, capsys):
+    ci.push_image(registry, "src/app", "v1", ci.build_image(ci.sample_layers()[:2]))
+    convert(ConvertOptions(source=f"{registry.host}/src/app:v1", target=f"{registry.host}/dst/app:p",
+                           work_dir=str(tmp_path / "w"), source_insecure=True, target_insecure=True,
+                           progress=True))
+    err = capsys.readouterr().err
+    assert "pull " in err and "push " in err
