@@ -37,6 +37,8 @@ class BuildOptions:
     chunk_dict: str | None = None
     #: a lower layer's bootstrap: the output is that image with this layer on top
     parent_bootstrap: str | None = None
+    #: upstream's directory-builder compact-inode rule (see BootstrapOptions); default extended
+    compact_inodes: bool = False
     threads: int = 2
     progress: bool = False
 
@@ -197,7 +199,8 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         if bar is not None:
             bar.close()
         bopts = BootstrapOptions(chunk_size=opts.chunk_size, compressor=Compressor(opts.compressor),
-                                 digester=Digester(opts.digester), prefetch=list(opts.prefetch))
+                                 digester=Digester(opts.digester), prefetch=list(opts.prefetch),
+                                 compact_inodes=opts.compact_inodes)
         new_index = len(store.blobs)
 
         def bootstrap_with(info: BlobInfo) -> bytes:
