@@ -35,28 +35,36 @@ def blob():
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, blob):
     reg = LocalRegistry(str(tmp_path_factory.mktemp("reg-anon")))
-    reg.push_blob(REPO, blob.data)
-    yield reg
-    reg.stop()
+    try:
+        reg.push_blob(REPO, blob.data)
+        yield reg
+    finally:
+        reg.stop()
 
 
 @pytest.fixture(scope="module")
 def basic_registry(tmp_path_factory, blob):
     reg = LocalRegistry(str(tmp_path_factory.mktemp("reg-basic")), auth="htpasswd", users=USERS)
-    reg.push_blob(REPO, blob.data)
-    yield reg
-    reg.stop()
+    try:
+        reg.push_blob(REPO, blob.data)
+        yield reg
+    finally:
+        reg.stop()
 
 
 @pytest.fixture(scope="module")
 def token_registry(tmp_path_factory, blob):
     d = str(tmp_path_factory.mktemp("reg-token"))
     issuer = TokenIssuer(d, users=USERS)
-    reg = LocalRegistry(d, auth="token", token_issuer=issuer)
-    reg.push_blob(REPO, blob.data)
-    yield reg
-    reg.stop()
-    issuer.close()
+    try:
+        reg = LocalRegistry(d, auth="token", token_issuer=issuer)
+        try:
+            reg.push_blob(REPO, blob.data)
+            yield reg
+        finally:
+            reg.stop()
+    finally:
+        issuer.close()
 
 
 @pytest.fixture
@@ -259,9 +267,11 @@ def test_identity_token_from_docker_config(tmp_path, token_registry, blob):
 @pytest.fixture(scope="module")
 def tls_registry(tmp_path_factory, blob):
     reg = LocalRegistry(str(tmp_path_factory.mktemp("reg-tls")), tls=True)
-    reg.push_blob(REPO, blob.data)
-    yield reg
-    reg.stop()
+    try:
+        reg.push_blob(REPO, blob.data)
+        yield reg
+    finally:
+        reg.stop()
 
 
 def test_https_with_custom_ca_and_skip_verify(tls_registry, blob):
