@@ -133,6 +133,13 @@ def test_bearer_token_reused_and_refreshed(tmp_path, token_registry, blob):
         client._tokens[scope] = ("bogus", client._tokens[scope][1])
     assert backend.reader(blob.blob_id).read(10, 20) == blob.data[10:30]
     assert len(issuer.requests) - before == 2
+    # a token about to expire is refreshed before use (no 401 round trip needed)
+    import time
+
+    for scope in list(client._tokens):
+        client._tokens[scope] = (client._tokens[scope][0], time.monotonic() + 1)
+    assert backend.reader(blob.blob_id).read(30, 5) == blob.data[30:35]
+    assert len(issuer.requests) - before == 3
     with pytest.raises(AuthError):
         _backend(token_registry.host, auth=_auth(pw="nope")).reader(blob.blob_id).read(0, 1)
     with pytest.raises(AuthError):  # anonymous: the issuer refuses, so does the registry
