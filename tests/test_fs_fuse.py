@@ -7,6 +7,7 @@ import re
 import os
 import stat
 import threading
+import time
 
 import pytest
 
@@ -71,6 +72,12 @@ def test_tree_content_modes_xattrs(tmp_path):
             assert ei.value.errno == errno.EROFS
         sv = os.statvfs(mnt)
         assert sv.f_bsize == 4096 and sv.f_files >= 300
+        bdi = f"/sys/class/bdi/{erofs.mountinfo(mnt)[0]}/read_ahead_kb"
+        for _ in range(100):  # raised right after FUSE INIT (which resets it to 128)
+            if open(bdi).read().strip() == "1024":
+                break
+            time.sleep(0.05)
+        assert open(bdi).read().strip() == "1024"
 
 
 def test_lazy_reads_and_concurrency(tmp_path):
