@@ -168,3 +168,19 @@ def test_sigterm_unmounts(tmp_path):
         assert proc.exitcode == 0
         assert erofs.mounted_fstype(mnt) is None
         assert not os.path.exists(client.apisock)
+
+
+def test_complete_cache_file_fast_path(tmp_path):
+    """Once the device reports a complete cache file, reads pread it directly (no device.read)."""
+    import json
+
+    require_fuse()
+    boot = _tree(tmp_path)
+    spec = json.load(open(boot))
+    spec["complete"] = True
+    json.dump(spec, open(boot, "w"))
+    with running_daemon(tmp_path, bootstrap=boot) as (client, mnt, _):
+        assert open(f"{mnt}/big", "rb").read() == BIG
+        assert open(f"{mnt}/d/f123", "rb").read() == b"file 123\n"
+        assert not (tmp_path / "image.blob.reads").exists()
+        assert 'nydusd_read_errors{id="/"} 0' in client.metrics()
