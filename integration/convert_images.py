@@ -182,35 +182,18 @@ def write_docker_archive(path: str, layers: list[tuple[bytes, str]] | None = Non
             out.addfile(info, io.BytesIO(data))
 
 
-def push_image(host: str, repository: str, tag: str, image: tuple[Blob, Blob, list[Blob]]) -> str:
-    """Push with plain requests (independent of the converter's client); return manifest digest."""
-    import requests
-
+def push_image(registry: Any, repository: str, tag: str, image: tuple[Blob, Blob, list[Blob]]) -> str:
+    """Push through the harness :class:`Registry` helpers; return the manifest digest."""
     manifest, config, layers = image
-    base = f"http://{host}/v2/{repository}"
     for blob in [config, *layers]:
-        resp = requests.post(f"{base}/blobs/uploads/", timeout=30)
-        resp.raise_for_status()
-        loc = resp.headers["Location"]
-        loc = loc if loc.startswith("http") else f"http://{host}{loc}"
-        sep = "&" if "?" in loc else "?"
-        requests.put(f"{loc}{sep}digest={blob.digest}", data=blob.data, timeout=60).raise_for_status()
-    resp = requests.put(f"{base}/manifests/{tag}", data=manifest.data,
-                        headers={"Content-Type": manifest.media_type}, timeout=30)
-    resp.raise_for_status()
-    return manifest.digest
+        registry.push_blob(repository, blob.data)
+    return registry.put_manifest(repository, tag, manifest.data, manifest.media_type)
 
 
-def push_index(host: str, repository: str, tag: str, images: list[tuple[Blob, Blob, list[Blob]]],
+def push_index(registry: Any, repository: str, tag: str, images: list[tuple[Blob, Blob, list[Blob]]],
                platforms: list[dict[str, str]]) -> str:
-    import requests
-
     for image in images:
-        push_image(host, repository, image[0].digest, image)
+        push_image(registry, repository, image[0].digest, image)
     index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
              "manifests": [dict(m.descriptor(), platform=p) for (m, _, _), p in zip(images, platforms)]}
-    data = json.dumps(index).encode()
-    resp = requests.put(f"http://{host}/v2/{repository}/manifests/{tag}", data=data,
-                        headers={"Content-Type": index["mediaType"]}, timeout=30)
-    resp.raise_for_status()
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return registry.put_manifest(repository, tag, json.dumps(index).encode(), index["mediaType"])

@@ -13,13 +13,11 @@ import pytest
 import requests
 
 from integration import convert_images as ci
-from integration.convert_registry import running_registry
 from rafs.convert import layer as layer_mod
 from rafs.convert.check import check
 from rafs.convert.cli import main as nydusify
 from rafs.convert.converter import ConvertOptions, convert
 from rafs.convert.errors import CheckError
-from rafs.convert.layer import LayerOptions
 
 builder = pytest.importorskip("rafs.builder", reason="rafs.builder (the RAFS builder) has not landed")
 
@@ -37,11 +35,6 @@ def _reader_available() -> bool:
 
 needs_reader = pytest.mark.skipif(not _reader_available(), reason="rafs.metadata (the reader) has not landed")
 
-
-@pytest.fixture
-def registry(tmp_path):
-    with running_registry(str(tmp_path / "registry")) as host:
-        yield host
 
 
 def get(host: str, repo: str, kind: str, ref: str, accept: str = OCI_MANIFEST) -> requests.Response:
@@ -92,8 +85,8 @@ def test_convert_push_and_reconvert(registry, tmp_path):
     image = ci.build_image()
     ci.push_image(registry, "src/app", "v1", image)
     work = str(tmp_path / "work")
-    first = run_convert(f"{registry}/src/app:v1", f"{registry}/dst/app:nydus", work)
-    manifest, config, _ = assert_nydus_manifest(registry, "dst/app", "nydus")
+    first = run_convert(f"{registry.host}/src/app:v1", f"{registry.host}/dst/app:nydus", work)
+    manifest, config, _ = assert_nydus_manifest(registry.host, "dst/app", "nydus")
     assert config["os"] == "linux" and config["config"]["Cmd"] == ["/bin/sh"]
     pushed = {layer["digest"] for layer in manifest["layers"]} | {manifest["config"]["digest"]}
     assert pushed <= set(first["uploaded"])
@@ -101,17 +94,23 @@ def test_convert_push_and_reconvert(registry, tmp_path):
     sizes = [layer["size"] for layer in manifest["layers"][:-1]]
     assert sum(sizes) < 2 * (3 << 20) + (2 << 20)
     # converting again uploads nothing (HEAD finds every blob), even with a fresh work dir
-    again = run_convert(f"{registry}/src/app:v1", f"{registry}/dst/app:nydus2", str(tmp_path / "work2"))
+    again = run_convert(f"{registry.host}/src/app:v1", f"{registry.host}/dst/app:nydus2", str(tmp_path / "work2"))
     assert again["uploaded"] == [] and set(again["skipped"]) == pushed
-    assert get(registry, "dst/app", "manifests", "nydus2").content == get(
-        registry, "dst/app", "manifests", "nydus").content
+    assert get(registry.host, "dst/app", "manifests", "nydus2").content == get(
+        registry.host, "dst/app", "manifests", "nydus").content
+    # the registry's own access log agrees: the second run started no upload
+    mark = registry.log_mark()
+    run_convert(f"{registry.host}/src/app:v1", f"{registry.host}/dst/app:nydus3", str(tmp_path / "work3"))
+    writes = [e for e in registry.access_log()[mark:] if e.method in ("POST", "PATCH")
+              or (e.method == "PUT" and "/blobs/" in e.path)]
+    assert writes == []
 
 
 def test_interrupted_conversion_resumes(registry, tmp_path, monkeypatch):
     image = ci.build_image()
     ci.push_image(registry, "src/app", "v1", image)
     work = str(tmp_path / "work")
-    opts = ConvertOptions(source=f"{registry}/src/app:v1", target=f"{registry}/dst/app:v1", work_dir=work,
+    opts = ConvertOptions(source=f"{registry.host}/src/app:v1", target=f"{registry.host}/dst/app:v1", work_dir=work,
                           source_insecure=True, target_insecure=True, progress=False)
     real = layer_mod.build_layer
     calls = []
@@ -130,7 +129,7 @@ def test_interrupted_conversion_resumes(registry, tmp_path, monkeypatch):
     result = convert(opts)
     layers = [d["digest"] for d in json.loads(image[0].data)["layers"]]
     assert result.layers_reused == layers[:1] and result.layers_built == layers[1:]
-    assert_nydus_manifest(registry, "dst/app", "v1")
+    assert_nydus_manifest(registry.host, "dst/app", "v1")
     result = convert(opts)
     assert result.layers_reused == layers and result.layers_built == []
     assert result.stats.uploaded == []
@@ -139,10 +138,53 @@ def test_interrupted_conversion_resumes(registry, tmp_path, monkeypatch):
 def test_chunked_upload_and_lz4(registry, tmp_path):
     image = ci.build_image()
     ci.push_image(registry, "src/app", "v1", image)
-    summary = run_convert(f"{registry}/src/app:v1", f"{registry}/dst/lz4:v1", str(tmp_path / "w"),
+    mark = registry.log_mark()
+    summary = run_convert(f"{registry.host}/src/app:v1", f"{registry.host}/dst/lz4:v1", str(tmp_path / "w"),
                           "--compressor", "lz4_block", "--push-chunk-size", "65536")
     assert summary["uploaded"]
-    assert_nydus_manifest(registry, "dst/lz4", "v1")
+    manifest, _, _ = assert_nydus_manifest(registry.host, "dst/lz4", "v1")
+    patches = [e for e in registry.access_log()[mark:] if e.method == "PATCH"]
+    biggest = max(layer["size"] for layer in manifest["layers"])
+    assert len(patches) >= biggest // 65536
+
+
+def test_basic_auth_with_docker_config(registry_factory, tmp_path, monkeypatch):
+    import base64
+
+    from rafs.convert import distribution
+
+    reg = registry_factory(users={"alice": "s3cret"})
+    ci.push_image(reg, "src/app", "v1", ci.build_image(ci.sample_layers()[:1]))
+    monkeypatch.setattr(distribution, "_CLIENTS", {})
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "noconfig"))
+    rc = nydusify(["convert", "--source", f"{reg.host}/src/app:v1", "--target", f"{reg.host}/dst/app:v1",
+                   "--source-insecure", "--target-insecure", "--work-dir", str(tmp_path / "w0"), "--no-progress"])
+    assert rc == 1
+    cfg = tmp_path / "docker"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps(
+        {"auths": {reg.host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(cfg))
+    monkeypatch.setattr(distribution, "_CLIENTS", {})
+    run_convert(f"{reg.host}/src/app:v1", f"{reg.host}/dst/app:v1", str(tmp_path / "w"))
+    manifest = json.loads(reg.get_manifest("dst/app", "v1")[0])
+    assert manifest["layers"][-1]["annotations"]["containerd.io/snapshot/nydus-bootstrap"] == "true"
+
+
+def test_docker_schema2_source(registry, tmp_path):
+    manifest, config, layers = ci.build_image(ci.sample_layers()[:1])
+    doc = json.loads(manifest.data)
+    doc["mediaType"] = "application/vnd.docker.distribution.manifest.v2+json"
+    doc["config"]["mediaType"] = "application/vnd.docker.container.image.v1+json"
+    doc["layers"][0]["mediaType"] = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    docker = ci.Blob(doc["mediaType"], json.dumps(doc).encode())
+    ci.push_image(registry, "src/docker", "v1", (docker, config, layers))
+    run_convert(f"{registry.host}/src/docker:v1", f"{registry.host}/dst/docker:v1", str(tmp_path / "w"))
+    manifest, config_doc, _ = assert_nydus_manifest(registry.host, "dst/docker", "v1")
+    assert manifest["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+    if _reader_available():
+        check(f"{registry.host}/src/docker:v1", f"{registry.host}/dst/docker:v1", source_insecure=True,
+              target_insecure=True)
 
 
 def test_multi_platform_index(registry, tmp_path):
@@ -150,15 +192,27 @@ def test_multi_platform_index(registry, tmp_path):
     arm = ci.build_image(ci.sample_layers()[:2], arch="arm64")
     platforms = [{"os": "linux", "architecture": "amd64"}, {"os": "linux", "architecture": "arm64"}]
     ci.push_index(registry, "src/multi", "v1", [amd, arm], platforms)
-    run_convert(f"{registry}/src/multi:v1", f"{registry}/dst/multi:all", str(tmp_path / "w"))
-    index = get(registry, "dst/multi", "manifests", "all", accept=OCI_INDEX).json()
+    run_convert(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:all", str(tmp_path / "w"))
+    index = get(registry.host, "dst/multi", "manifests", "all", accept=OCI_INDEX).json()
     assert index["mediaType"] == OCI_INDEX
     assert [m["platform"] for m in index["manifests"]] == platforms
     for entry in index["manifests"]:
-        assert_nydus_manifest(registry, "dst/multi", entry["digest"])
-    run_convert(f"{registry}/src/multi:v1", f"{registry}/dst/multi:arm", str(tmp_path / "w"),
+        assert_nydus_manifest(registry.host, "dst/multi", entry["digest"])
+    if _reader_available():
+        report = check(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:all",
+                       source_insecure=True, target_insecure=True)
+        assert report.platforms == ["linux/amd64", "linux/arm64"]
+        report = check(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:all",
+                       source_insecure=True, target_insecure=True, platform="linux/arm64")
+        assert report.platforms == ["linux/arm64"]
+    run_convert(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:arm", str(tmp_path / "w"),
                 "--platform", "linux/arm64")
-    manifest, config, _ = assert_nydus_manifest(registry, "dst/multi", "arm")
+    manifest, config, _ = assert_nydus_manifest(registry.host, "dst/multi", "arm")
+    assert config["architecture"] == "arm64"
+    # an index with a single manifest collapses to that manifest
+    ci.push_index(registry, "src/one", "v1", [arm], platforms[1:])
+    run_convert(f"{registry.host}/src/one:v1", f"{registry.host}/dst/one:v1", str(tmp_path / "w"))
+    manifest, config, _ = assert_nydus_manifest(registry.host, "dst/one", "v1")
     assert config["architecture"] == "arm64"
 
 
@@ -168,9 +222,9 @@ def test_check_passes_for_all_source_kinds(registry, tmp_path):
     ci.push_image(registry, "src/app", "v1", image)
     ci.write_oci_layout(str(tmp_path / "layout"), [image], tag="v1")
     ci.write_docker_archive(str(tmp_path / "img.tar"))
-    for i, source in enumerate([f"{registry}/src/app:v1", f"oci:{tmp_path / 'layout'}:v1",
+    for i, source in enumerate([f"{registry.host}/src/app:v1", f"oci:{tmp_path / 'layout'}:v1",
                                 f"docker-archive:{tmp_path / 'img.tar'}"]):
-        target = f"{registry}/dst/check:{i}"
+        target = f"{registry.host}/dst/check:{i}"
         run_convert(source, target, str(tmp_path / f"w{i}"))
         report = check(source, target, source_insecure=True, target_insecure=True)
         assert report.files_compared > 15
@@ -184,14 +238,14 @@ def test_check_finds_differences(registry, tmp_path):
     other = ci.sample_layers()
     other[2] = (ci.tar_bytes([{"name": "etc/passwd", "data": b"different\n"}]), "none")
     ci.push_image(registry, "src/other", "v1", ci.build_image(other))
-    run_convert(f"{registry}/src/app:v1", f"{registry}/dst/app:v1", str(tmp_path / "w"))
+    run_convert(f"{registry.host}/src/app:v1", f"{registry.host}/dst/app:v1", str(tmp_path / "w"))
     with pytest.raises(CheckError) as err:
-        check(f"{registry}/src/other:v1", f"{registry}/dst/app:v1", source_insecure=True, target_insecure=True)
+        check(f"{registry.host}/src/other:v1", f"{registry.host}/dst/app:v1", source_insecure=True, target_insecure=True)
     text = str(err.value)
     assert "/etc/passwd: content differs" in text and "/etc/gone" in text and "/opt/old/a" in text
     # a plain OCI image is not a valid nydus image
     with pytest.raises(CheckError, match="nydus-bootstrap"):
-        check(None, f"{registry}/src/app:v1", target_insecure=True)
+        check(None, f"{registry.host}/src/app:v1", target_insecure=True)
 
 
 @needs_reader
@@ -202,8 +256,8 @@ def test_bootstrap_tree_and_prefetch(registry, tmp_path):
     patterns = tmp_path / "prefetch.txt"
     patterns.write_text("/bin/busybox\n/app\n")
     work = str(tmp_path / "w")
-    run_convert(f"{registry}/src/app:v1", f"{registry}/dst/app:v1", work, "--prefetch-patterns", str(patterns))
-    manifest, _, boot_bytes = assert_nydus_manifest(registry, "dst/app", "v1")
+    run_convert(f"{registry.host}/src/app:v1", f"{registry.host}/dst/app:v1", work, "--prefetch-patterns", str(patterns))
+    manifest, _, boot_bytes = assert_nydus_manifest(registry.host, "dst/app", "v1")
     from rafs.convert.bootstrap_layer import extract_bootstrap
 
     path = tmp_path / "image.boot"
@@ -224,20 +278,65 @@ def test_bootstrap_tree_and_prefetch(registry, tmp_path):
 def test_chunk_dict_reuses_blobs(registry, tmp_path):
     ci.push_image(registry, "src/app", "v1", ci.build_image())
     work = str(tmp_path / "w")
-    run_convert(f"{registry}/src/app:v1", f"{registry}/dst/app:base", work)
-    base, _, boot = assert_nydus_manifest(registry, "dst/app", "base")
+    run_convert(f"{registry.host}/src/app:v1", f"{registry.host}/dst/app:base", work)
+    base, _, boot = assert_nydus_manifest(registry.host, "dst/app", "base")
     from rafs.convert.bootstrap_layer import extract_bootstrap
 
     dict_path = tmp_path / "dict.boot"
     dict_path.write_bytes(extract_bootstrap(boot))
     layers = ci.sample_layers()[:2]   # same busybox and big data: everything is in the dict
     ci.push_image(registry, "src/app", "v2", ci.build_image(layers))
-    summary = run_convert(f"{registry}/src/app:v2", f"{registry}/dst/app:v2", str(tmp_path / "w2"),
+    summary = run_convert(f"{registry.host}/src/app:v2", f"{registry.host}/dst/app:v2", str(tmp_path / "w2"),
                           "--chunk-dict", f"bootstrap:local:{dict_path}")
-    manifest, _, _ = assert_nydus_manifest(registry, "dst/app", "v2")
+    manifest, _, _ = assert_nydus_manifest(registry.host, "dst/app", "v2")
     base_blobs = {b["digest"] for b in base["layers"][:-1]}
     new_blobs = {b["digest"] for b in manifest["layers"][:-1]}
     assert new_blobs & base_blobs, "chunk-dict blobs are referenced, not stored again"
     assert sum(b["size"] for b in manifest["layers"][:-1] if b["digest"] not in base_blobs) < (1 << 20)
     assert not (set(summary["uploaded"]) & base_blobs)
-    check(f"{registry}/src/app:v2", f"{registry}/dst/app:v2", source_insecure=True, target_insecure=True)
+    check(f"{registry.host}/src/app:v2", f"{registry.host}/dst/app:v2", source_insecure=True, target_insecure=True)
+
+
+def test_sigkill_mid_conversion_then_resume(registry, tmp_path):
+    """A real kill -9 of ``nydusify convert`` after its first layer: the rerun reuses that layer."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    layers = ci.sample_layers()
+    layers.append((ci.tar_bytes([{"name": "data/more.bin", "data": os.urandom(12 << 20)}]), "gzip"))
+    image = ci.build_image(layers)
+    ci.push_image(registry, "src/big", "v1", image)
+    work = tmp_path / "work"
+    argv = [sys.executable, "-m", "rafs.convert.cli", "convert", "--source", f"{registry.host}/src/big:v1",
+            "--target", f"{registry.host}/dst/big:v1", "--source-insecure", "--target-insecure",
+            "--work-dir", str(work), "--no-progress"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if [p for p in work.glob("layers/*/result.json") if not p.parent.name.startswith(".")]:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the conversion finished before it could be killed"
+    done = {p.parent.name for p in work.glob("layers/*/result.json") if not p.parent.name.startswith(".")}
+    assert 1 <= len(done) < len(layers)
+    result = convert(ConvertOptions(source=f"{registry.host}/src/big:v1", target=f"{registry.host}/dst/big:v1",
+                                    work_dir=str(work), source_insecure=True, target_insecure=True,
+                                    progress=False))
+    assert len(result.layers_reused) == len(done) and len(result.layers_built) == len(layers) - len(done)
+    assert not [p for p in (work / "layers").iterdir() if p.name.startswith(".")]
+    assert_nydus_manifest(registry.host, "dst/big", "v1")
+
+
+def test_progress_bars_on_stderr(registry, tmp_path, capsys):
+    ci.push_image(registry, "src/app", "v1", ci.build_image(ci.sample_layers()[:2]))
+    convert(ConvertOptions(source=f"{registry.host}/src/app:v1", target=f"{registry.host}/dst/app:p",
+                           work_dir=str(tmp_path / "w"), source_insecure=True, target_insecure=True,
+                           progress=True))
+    err = capsys.readouterr().err
+    assert "pull " in err and "push " in err

@@ -20,9 +20,10 @@ COMPRESSORS = ("zstd", "lz4_block", "none")
 
 
 def _prefetch_patterns(arg: str | None) -> tuple[str, ...]:
-    """``--prefetch-patterns``: ``-`` (or no value) reads stdin, else a file; one path a line."""
+    """``--prefetch-patterns``: ``-`` (or no value) reads stdin, else a file; one path a line.
+    Without the flag the pattern is ``/`` (upstream's default); an empty list means none."""
     if arg is None:
-        return ()
+        return ("/",)
     if arg == "-":
         text = sys.stdin.read()
     else:
@@ -93,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--chunk-dict", default=None,
                       help="chunk-dict bootstrap (path or bootstrap:local:<path>) for dedup")
     conv.add_argument("--prefetch-patterns", nargs="?", const="-", default=None,
-                      help="prefetch paths, one a line, from stdin (no value or '-') or a file")
+                      help="prefetch paths, one a line, from stdin (no value or '-') or a file "
+                           "(default without the flag: '/', the whole image; an empty file: none)")
     conv.add_argument("--push-chunk-size", type=lambda s: int(s, 0), default=0,
                       help="upload blobs in PATCH chunks of this size (0: monolithic)")
     conv.add_argument("--no-progress", action="store_true", help="no progress bars")

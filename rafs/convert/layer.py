@@ -10,7 +10,6 @@ finished layer.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -34,7 +33,8 @@ LAYOUT_VERSION = 1
 class LayerOptions:
     """Options that change a layer's output (all part of the resume key).
 
-    Defaults: RAFS v6, zstd chunks, 1 MiB chunks, no chunk dict, no prefetch patterns.
+    Defaults: RAFS v6, zstd chunks, 1 MiB chunks, no chunk dict, prefetch pattern ``/`` (the
+    whole image, in breadth-first order — what upstream's converters use when given none).
     """
 
     fs_version: int = 6
@@ -42,7 +42,7 @@ class LayerOptions:
     chunk_size: int = 0x100000
     chunk_dict: str | None = None          # path of a chunk-dict bootstrap
     chunk_dict_digest: str | None = None   # sha256 of that file (the key uses the content)
-    prefetch_patterns: tuple[str, ...] = ()
+    prefetch_patterns: tuple[str, ...] = ("/",)
 
     def key_material(self) -> dict[str, object]:
         out = asdict(self)
@@ -305,7 +305,6 @@ def add_implicit_dirs(tar_path: str, lower_bootstrap: str) -> int:
     the merge would let them win, so explicit directory entries (copied from the lower layers'
     merged bootstrap) are appended to the tar. Returns how many were added.
     """
-    import posixpath
     import tarfile
 
     from rafs.errors import NotFound
@@ -368,12 +367,6 @@ def write_blob_meta(blob_path: str, info: object, out: str) -> bool:
                               ci_compressor=info.ci_compressor)  # type: ignore[attr-defined]
     write_blob_meta_file(out, meta)
     return True
-
-
-def gunzip_size(path: str) -> int:
-    """Uncompressed size of a gzip file (used by tests and checks)."""
-    with gzip.open(path, "rb") as fh:
-        return sum(len(c) for c in iter(lambda: fh.read(1 << 20), b""))
 
 
 def merge_layers(results: Sequence[LayerResult], out: str, options: LayerOptions) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 from .distribution import client_for
 from .errors import SourceError
-from .manifest import (MEDIA_TYPE_DOCKER_CONFIG, MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_INDEX,
+from .manifest import (MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_INDEX,
                        MEDIA_TYPE_OCI_LAYER, MEDIA_TYPE_OCI_LAYER_GZIP, MEDIA_TYPE_OCI_LAYER_ZSTD,
                        MEDIA_TYPE_OCI_MANIFEST, canonical_json, parse_json, sha256_digest)
 from .reference import SourceSpec, parse_reference, parse_source
@@ -215,5 +215,4 @@ def open_source(text: str | SourceSpec, *, insecure: bool = False) -> ImageSourc
     return RegistrySource(spec.location, insecure=insecure)
 
 
-__all__ = ["ImageSource", "RegistrySource", "OciLayoutSource", "DockerArchiveSource", "open_source",
-           "MEDIA_TYPE_DOCKER_CONFIG"]
+__all__ = ["ImageSource", "RegistrySource", "OciLayoutSource", "DockerArchiveSource", "open_source"]

@@ -93,7 +93,6 @@ def apply_layer(tree: Tree, fileobj: BinaryIO) -> None:
     """Apply one uncompressed layer tar to ``tree`` (whiteouts hit only lower layers)."""
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r|")
-        members: list[tuple[tarfile.TarInfo, str]] = []
         added: dict[str, FileEntry] = {}
         removals: list[str] = []
         opaques: list[str] = []
@@ -115,7 +114,6 @@ def apply_layer(tree: Tree, fileobj: BinaryIO) -> None:
                     h.update(chunk)
                     size += len(chunk)
                 digest = h.hexdigest()
-            members.append((member, path))
             entry = FileEntry(
                 path=path, mode=_mode(member), uid=member.uid, gid=member.gid, mtime=int(member.mtime),
                 size=size, sha256=digest,
