@@ -19,7 +19,6 @@ Everything mounted is unmounted and the work directory removed, also on failure.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random

@@ -146,9 +146,11 @@ def nydusd(tmp_path, *, bootstrap: str | None, config: dict | None, fs_driver: s
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-        for p in sorted((p for p in _mounts() if p.startswith(mnt)), key=len, reverse=True):
+        left = [p for p in _mounts() if p.startswith(mnt)]
+        for p in sorted(left, key=len, reverse=True):
             with contextlib.suppress(Exception):
                 erofs.umount(p, lazy=True)
+    assert not left, f"nydusd left mounts behind after SIGTERM: {left}"
 
 
 def _mounts() -> list[str]:

@@ -1,7 +1,7 @@
 """A real ``docker-registry`` for the storage integration tests, plus the helpers around it.
 
-* :class:`LocalRegistry` — runs ``docker-registry serve`` on 127.0.0.1:<free port> with
-  filesystem storage under a temp dir; optional htpasswd (bcrypt) or token auth.
+* :class:`LocalRegistry` — the harness ``Registry`` (``docker-registry`` on 127.0.0.1:<free
+  port>), extended via its config hook: htpasswd (bcrypt) or token auth, TLS.
 * :class:`TokenIssuer` — a small token server signing ES256 JWTs (x5c header) that the
   registry trusts through ``auth.token.rootcertbundle``.
 * :class:`FaultProxy` — a loopback HTTP proxy the test controls: it forwards one request per
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
 import http.server
 import json
 import os
 import shutil
 import socket
 import struct
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -32,13 +30,10 @@ from dataclasses import dataclass
 
 import requests
 
+from integration.harness.registry import Registry
+from integration.harness.util import free_port
+
 REGISTRY_BIN = shutil.which("docker-registry")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _b64url(data: bytes) -> str:
@@ -101,6 +96,26 @@ class TokenIssuer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_POST(self):  # OAuth2 refresh-token grant (docker "identitytoken")
+                length = int(self.headers.get("Content-Length", "0") or 0)
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                issuer_self.requests.append({"auth": "refresh_token:" + form.get("refresh_token", [""])[0],
+                                             "scope": " ".join(form.get("scope", []))})
+                if form.get("grant_type") != ["refresh_token"] or \
+                        form.get("refresh_token") != [issuer_self.refresh_token]:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                token = issuer_self.mint(form.get("scope", []), subject="refresh")
+                body = json.dumps({"access_token": token, "expires_in": issuer_self.expires_in}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.refresh_token = "identity-" + os.urandom(8).hex()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
         self.realm = f"http://127.0.0.1:{self.port}/token"
@@ -133,88 +148,102 @@ class TokenIssuer:
         self._server.server_close()
 
 
+def _self_signed(workdir: str, ip: str) -> tuple[str, str]:
+    """A self-signed server certificate for ``ip``; returns (cert.pem, key.pem) paths."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(workdir, "tls-cert.pem"), os.path.join(workdir, "tls-key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class _BearerAuth:
+    """requests auth callable adding a fixed bearer token."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def __call__(self, req):
+        req.headers["Authorization"] = "Bearer " + self.token
+        return req
+
+
+class _TlsRegistry(Registry):
+    """The harness registry serving HTTPS with a self-signed certificate."""
+
+    ca_path: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}"
+
+    def _ping(self) -> bool:
+        return requests.get(f"{self.url}/v2/", timeout=2, verify=self.ca_path).status_code in (200, 401)
+
+
 class LocalRegistry:
-    """``docker-registry`` on a free loopback port; ``auth`` is None, "htpasswd" or "token"."""
+    """The harness :class:`~integration.harness.registry.Registry`, extended through its config
+    hook with token auth (``auth="token"``) and TLS; ``auth="htpasswd"`` uses its users."""
 
     def __init__(self, workdir: str, *, auth: str | None = None, users: dict[str, str] | None = None,
-                 token_issuer: TokenIssuer | None = None) -> None:
-        if REGISTRY_BIN is None:
-            raise RuntimeError("docker-registry not installed")
-        self.workdir = workdir
+                 token_issuer: TokenIssuer | None = None, tls: bool = False, quiet: bool = False) -> None:
         self.auth = auth
-        self.users = users or {}
         self.token_issuer = token_issuer
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
-        cfg: dict = {
-            "version": 0.1,
-            "log": {"level": "warn", "accesslog": {"disabled": True}},
-            "storage": {"filesystem": {"rootdirectory": os.path.join(workdir, "data")},
-                        "delete": {"enabled": True}},
-            "http": {"addr": self.host},
-        }
-        if auth == "htpasswd":
-            import bcrypt
+        self.ca_path: str | None = None
+        extra: dict = {"storage": {"cache": {"blobdescriptor": "inmemory"}}}  # as Debian's stock config
+        if quiet:
+            extra["log"] = {"level": "warn", "accesslog": {"disabled": True}}
+        cls = Registry
+        if tls:
+            cert, key = _self_signed(workdir, "127.0.0.1")
+            self.ca_path = cert
+            extra["http"] = {"tls": {"certificate": cert, "key": key}}
+            cls = _TlsRegistry
 
-            path = os.path.join(workdir, "htpasswd")
-            with open(path, "w") as f:
-                for user, pw in self.users.items():
-                    f.write(f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=5)).decode()}\n")
-            cfg["auth"] = {"htpasswd": {"realm": "storage-test", "path": path}}
-        elif auth == "token":
-            assert token_issuer is not None
-            cfg["auth"] = {"token": {"realm": token_issuer.realm, "service": token_issuer.service,
-                                     "issuer": token_issuer.issuer, "rootcertbundle": token_issuer.cert_path}}
-        self.config_path = os.path.join(workdir, "registry.yml")
-        with open(self.config_path, "w") as f:
-            json.dump(cfg, f)  # JSON is YAML
-        self.log_path = os.path.join(workdir, "registry.log")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([REGISTRY_BIN, "serve", self.config_path], stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if requests.get(self.url + "/v2/", timeout=1).status_code in (200, 401):
-                    break
-            except requests.RequestException:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"docker-registry did not start: {open(self.log_path).read()[-2000:]}")
-            time.sleep(0.05)
+        def hook(reg: Registry, cfg: dict) -> None:
+            if auth == "token":
+                assert token_issuer is not None
+                cfg["auth"] = {"token": {"realm": token_issuer.realm, "service": token_issuer.service,
+                                         "issuer": token_issuer.issuer,
+                                         "rootcertbundle": token_issuer.cert_path}}
 
-    def _auth_headers(self, repo: str) -> dict[str, str]:
-        if self.auth == "htpasswd":
-            user, pw = next(iter(self.users.items()))
-            return {"Authorization": "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()}
-        if self.auth == "token":
-            return {"Authorization": "Bearer " + self.token_issuer.mint([f"repository:{repo}:pull,push"])}
-        return {}
+        self.registry = cls(users=users if auth == "htpasswd" else None, extra_config=extra,
+                            config_hook=hook, base_dir=workdir)
+        if tls:
+            self.registry.ca_path = self.ca_path  # type: ignore[attr-defined]
+            self.registry.session.verify = self.ca_path
+            self.registry.session.trust_env = False  # REQUESTS_CA_BUNDLE would override verify
+        self.registry.start()
+        self.host = self.registry.host
+        self.url = self.registry.url
 
     def push_blob(self, repo: str, data: bytes) -> str:
-        """Monolithic upload (POST then PUT ?digest=); returns the hex digest (= blob id)."""
-        digest = hashlib.sha256(data).hexdigest()
-        headers = self._auth_headers(repo)
-        r = requests.post(f"{self.url}/v2/{repo}/blobs/uploads/", headers=headers, timeout=30)
-        assert r.status_code == 202, (r.status_code, r.text)
-        loc = urllib.parse.urljoin(self.url, r.headers["Location"])
-        sep = "&" if "?" in loc else "?"
-        r = requests.put(f"{loc}{sep}digest=sha256:{digest}", data=data,
-                         headers={**headers, "Content-Type": "application/octet-stream"}, timeout=120)
-        assert r.status_code == 201, (r.status_code, r.text)
-        return digest
+        """Upload a blob; returns the hex digest (= blob id)."""
+        auth = None
+        if self.auth == "token":
+            auth = _BearerAuth(self.token_issuer.mint([f"repository:{repo}:pull,push"]))
+        return self.registry.push_blob(repo, data, auth=auth).partition(":")[2]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
+        self.registry.stop()
 
 
 @dataclass

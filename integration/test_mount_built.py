@@ -107,3 +107,35 @@ def test_built_image_matches_source(built, tmp_path, driver):
     for rel in sorted(expect):
         assert got[rel] == expect[rel], rel
     assert set(meta) == set(expect)
+
+
+def test_digest_mismatch_gives_eio_and_log(tmp_path):
+    require_stack()
+    import errno
+
+    from rafs.builder import BuildOptions, build
+    from storage.device import Compressor
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good").write_bytes(b"g" * 5000)
+    (src / "bad").write_bytes(bytes(range(256)) * 40)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    res = build(str(src), bootstrap_out=str(tmp_path / "image.boot"), blob_dir=str(blobs),
+                options=BuildOptions(compressor=Compressor.NONE, chunk_size=0x1000))
+    blob = blobs / res.blob_ids[0]
+    data = bytearray(blob.read_bytes())
+    at = bytes(data).find(bytes(range(256)))
+    assert at >= 0
+    data[at + 10] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    cfg = localfs_config(str(blobs), str(tmp_path / "cache"), digest_validate=True)
+    with nydusd(tmp_path, bootstrap=res.bootstrap, config=cfg) as (client, mnt, proc):
+        with pytest.raises(OSError) as ei:
+            open(os.path.join(mnt, "bad"), "rb").read()
+        assert ei.value.errno == errno.EIO
+        assert open(os.path.join(mnt, "good"), "rb").read() == b"g" * 5000
+        assert proc.poll() is None
+    log = (tmp_path / "n.log").read_text()
+    assert "read failed" in log and "Digest" in log, log[-2000:]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import threading
 
 import pytest
@@ -162,3 +161,23 @@ def test_backend_down_mid_read_eio_then_recovers(v5, tmp_path, capfd):
         server.stop()
     log = (tmp_path / "n.log").read_text()
     assert "read failed" in log and "blob " in log and "chunk " in log
+
+
+def test_prefetch_fills_cache_before_reads(v5, tmp_path):
+    require_stack()
+    import time
+
+    boot, blob_dir, oracle = v5
+    cfg = localfs_config(blob_dir, str(tmp_path / "c"), fs_prefetch={"enable": True, "prefetch_all": True})
+    with nydusd(tmp_path, bootstrap=boot, config=cfg) as (client, mnt, _):
+        deadline = time.monotonic() + 30
+        while metric(client.metrics(), "nydus_storage_prefetch_pending") > 0 or \
+                metric(client.metrics(), "nydus_storage_prefetch_requests_total") == 0:
+            assert time.monotonic() < deadline, client.metrics()
+            time.sleep(0.1)
+        before = metric(client.metrics(), "nydus_storage_backend_read_requests_total")
+        assert before >= 1  # prefetch read the blob without any file being opened
+        assert metric(client.metrics(), "nydusd_read_count") == 0
+        for path, digest in oracle[1].items():
+            assert md5(mnt + path) == digest
+        assert metric(client.metrics(), "nydus_storage_backend_read_requests_total") == before

@@ -14,7 +14,7 @@ from storage.backend.registry import RegistryClient, Credentials
 from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
 from storage.device import BlobDevice
-from storage.errors import AuthError, BlobNotFound, ChunkDigestMismatch, RegistryUnavailable
+from storage.errors import AuthError, BlobNotFound, ChunkDigestMismatch, RegistryError, RegistryUnavailable
 from tests.storage_blobs import make_blob
 
 pytestmark = pytest.mark.skipif(REGISTRY_BIN is None, reason="docker-registry (Debian package) not installed")
@@ -212,7 +212,8 @@ def test_wrong_bytes_never_returned_or_cached(tmp_path, blob, fault_proxy):
     _read_all(dev, blob)
 
 
-def test_32_concurrent_readers_fetch_each_chunk_once(tmp_path, blob, fault_proxy):
+def test_32_concurrent_readers_fetch_each_chunk_once(tmp_path, registry, blob, fault_proxy):
+    mark = registry.registry.log_mark()
     backend = _backend(fault_proxy.host)
     _, dev = _device(tmp_path, backend, blob, merging_size=4 * 16384)
     errors: list[BaseException] = []
@@ -239,4 +240,75 @@ def test_32_concurrent_readers_fetch_each_chunk_once(tmp_path, blob, fault_proxy
             if lo <= c.compressed_offset <= hi:
                 counts[c.index] = counts.get(c.index, 0) + 1
     assert counts and max(counts.values()) == 1, counts
+    # the registry's own access log agrees: no byte was served twice
+    ranged = sum(hi - lo + 1 for lo, hi in (r.range_bounds for r in fault_proxy.blob_gets()))
+    assert registry.registry.bytes_fetched(since=mark) == ranged <= len(blob.data)
     _read_all(dev, blob)
+
+
+def test_identity_token_from_docker_config(tmp_path, token_registry, blob):
+    issuer = token_registry.token_issuer
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"auths": {token_registry.host: {
+        "auth": base64.b64encode(b"<token>:").decode(), "identitytoken": issuer.refresh_token}}}))
+    backend = _backend(token_registry.host, docker_config=str(cfg))
+    assert backend.reader(blob.blob_id).read(0, 100) == blob.data[:100]
+    assert issuer.requests[-1]["auth"] == "refresh_token:" + issuer.refresh_token
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory, blob):
+    reg = LocalRegistry(str(tmp_path_factory.mktemp("reg-tls")), tls=True)
+    reg.push_blob(REPO, blob.data)
+    yield reg
+    reg.stop()
+
+
+def test_https_with_custom_ca_and_skip_verify(tls_registry, blob):
+    def backend(**extra):
+        cfg = {"scheme": "https", "host": tls_registry.host, "repo": REPO, "retry_limit": 0,
+               "docker_config": "/nonexistent/config.json", **extra}
+        return backend_from_config({"type": "registry", "config": cfg})
+
+    assert backend(ca_cert_files=[tls_registry.ca_path]).reader(blob.blob_id).read(0, 50) == blob.data[:50]
+    assert backend(skip_verify=True).reader(blob.blob_id).read(50, 50) == blob.data[50:100]
+    with pytest.raises(RegistryError, match="TLS"):
+        backend().reader(blob.blob_id).read(0, 50)
+
+
+def test_nocache_and_prefetch_over_registry(tmp_path, registry, blob):
+    from storage.cache.nocache import NoCacheManager
+    from storage.prefetch import PrefetchConfig
+
+    dev = BlobDevice([blob.info], NoCacheManager(None, _backend(registry.host)))
+    _read_all(dev, blob)
+    dev.close()
+    backend = _backend(registry.host)
+    mgr = FileCacheManager(str(tmp_path / "cache"), backend)
+    dev = BlobDevice([blob.info], mgr, prefetch_config=PrefetchConfig(bandwidth_rate=10 << 20))
+    assert dev.prefetch_blob(0, blob.chunks)
+    assert dev.prefetcher.wait(30)
+    assert dev.blob_data_path(0)
+    assert mgr.metrics.prefetch_bytes.value == len(blob.data)
+    before = mgr.metrics.backend_read_count.value
+    _read_all(dev, blob)
+    assert mgr.metrics.backend_read_count.value == before
+    assert "nydus_storage_prefetch_bytes_total" in mgr.metrics.render()
+    dev.close()
+
+
+def test_mirror_health_check_recovers(registry, blob, fault_proxy):
+    import time
+
+    backend = _backend(registry.host, mirrors=[{"host": fault_proxy.url, "ping_url": fault_proxy.url + "/v2/",
+                                                "health_check_interval": 0.3}])
+    reader = backend.reader(blob.blob_id)
+    fault_proxy.faults.append("500")
+    assert reader.read(0, 10) == blob.data[:10]  # mirror failed -> origin
+    n = len(fault_proxy.blob_gets())
+    assert reader.read(10, 10) == blob.data[10:20]  # mirror skipped while unhealthy
+    assert len(fault_proxy.blob_gets()) == n
+    time.sleep(0.35)
+    assert reader.read(20, 10) == blob.data[20:30]  # pinged healthy -> used again
+    assert len(fault_proxy.blob_gets()) == n + 1
+    assert any(r.target == "/v2/" for r in fault_proxy.log)

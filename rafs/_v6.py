@@ -24,8 +24,8 @@ from rafs.layout.erofs import (
     xattr_ibody_size,
 )
 from rafs.layout.v6 import RafsV6Blob, RafsV6ChunkInfo, RafsV6SuperBlock, RafsV6SuperBlockExt
-from rafs.metadata import Inode, InodeAttr, Rafs, _Image, _LRU, check_name, substitute_blob_id
-from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo, Compressor, Digester
+from rafs.metadata import Inode, InodeAttr, Rafs, _Image, check_name, substitute_blob_id
+from storage.device import BlobFeatures, BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo, Compressor, Digester
 from storage.structs import Scalar
 
 #: kernel EROFS "no block" marker in a chunk index: the chunk is a hole
@@ -227,7 +227,8 @@ class RafsV6(Rafs):
         """The chunk-table entry for (blob, ci index); ``None`` if the image has no chunk table."""
         if self.chunk_table_count == 0:
             return None
-        self._build_chunk_index()
+        if self._chunk_keys is None:
+            self._build_chunk_index()
         key = (blob_index << 24) | ci_index
         keys = self._chunk_keys
         i = bisect.bisect_left(keys, key)  # type: ignore[arg-type]
@@ -553,6 +554,48 @@ class InodeV6(Inode):
             f"inode nid {self.ino} chunk indexes",
         )
 
+    @cached_property
+    def _chunk_list(self) -> tuple[ChunkInfo | None, ...]:
+        """Every chunk of the file in order (``None`` = hole), resolved and validated once."""
+        fs = self.fs
+        fsize = self.size
+        cs = fs.chunk_size
+        bs = fs.block_size
+        out: list[ChunkInfo | None] = []
+        for i, addr in enumerate(self.chunk_addrs()):
+            if addr.blkaddr == EROFS_NULL_ADDR:
+                out.append(None)
+                continue
+            clen = min(cs, fsize - i * cs)
+            where = f"inode nid {self.ino} chunk {i}"
+            bi = addr.blob_index
+            if bi < 0 or bi >= len(fs.blobs):
+                raise FormatError(f"{where}: blob index {bi} out of range ({len(fs.blobs)} blobs)")
+            blob = fs.blobs[bi]
+            ci = addr.ci_index
+            if ci >= blob.chunk_count:
+                raise FormatError(f"{where}: chunk index {ci} >= chunk_count {blob.chunk_count} of blob {bi}")
+            info = fs.chunk_info(bi, ci)
+            if info is None:
+                uoff = addr.blkaddr * bs
+                if blob.features & BlobFeatures.TARFS:
+                    # tarfs: the blob is the uncompressed tar, data sits at the same offset
+                    info = ChunkInfo(bi, ci, b"", 0, uoff, clen, uoff, clen)
+                else:
+                    info = ChunkInfo(bi, ci, b"", 0, 0, 0, uoff, clen)
+            else:
+                if info.uncompressed_offset != addr.blkaddr * bs:
+                    raise FormatError(
+                        f"{where}: blkaddr {addr.blkaddr} disagrees with chunk table uncompressed_offset "
+                        f"{info.uncompressed_offset}"
+                    )
+                if info.uncompressed_size < clen:
+                    raise FormatError(
+                        f"{where}: chunk uncompressed_size {info.uncompressed_size} < {clen} bytes of file data"
+                    )
+            out.append(info)
+        return tuple(out)
+
     def chunks(self, offset: int, size: int) -> BlobIoVec:
         vec = BlobIoVec()
         if not self.is_reg():
@@ -564,36 +607,15 @@ class InodeV6(Inode):
         cs = self.fs.chunk_size
         first = offset // cs
         last = (end - 1) // cs
-        bs = self.fs.block_size
-        fs = self.fs
-        for i, addr in enumerate(self.chunk_addrs(first, last - first + 1), start=first):
+        infos = self._chunk_list
+        blobs = self.fs.blobs
+        for i in range(first, last + 1):
             cstart = i * cs
-            clen = min(cs, fsize - cstart)
             lo = max(offset, cstart) - cstart
-            hi = min(end, cstart + clen) - cstart
-            if addr.blkaddr == EROFS_NULL_ADDR:
-                vec.append(BlobIoDesc(None, None, lo, hi - lo))
-                continue
-            where = f"inode nid {self.ino} chunk {i}"
-            bi = addr.blob_index
-            if bi < 0 or bi >= len(fs.blobs):
-                raise FormatError(f"{where}: blob index {bi} out of range ({len(fs.blobs)} blobs)")
-            blob = fs.blobs[bi]
-            ci = addr.ci_index
-            if ci >= blob.chunk_count:
-                raise FormatError(f"{where}: chunk index {ci} >= chunk_count {blob.chunk_count} of blob {bi}")
-            info = fs.chunk_info(bi, ci)
+            hi = min(end, cstart + cs) - cstart
+            info = infos[i]
             if info is None:
-                info = ChunkInfo(bi, ci, b"", 0, 0, 0, addr.blkaddr * bs, clen)
+                vec.append(BlobIoDesc(None, None, lo, hi - lo))
             else:
-                if info.uncompressed_offset != addr.blkaddr * bs:
-                    raise FormatError(
-                        f"{where}: blkaddr {addr.blkaddr} disagrees with chunk table uncompressed_offset "
-                        f"{info.uncompressed_offset}"
-                    )
-                if info.uncompressed_size < clen:
-                    raise FormatError(
-                        f"{where}: chunk uncompressed_size {info.uncompressed_size} < {clen} bytes of file data"
-                    )
-            vec.append(BlobIoDesc(blob, info, lo, hi - lo))
+                vec.append(BlobIoDesc(blobs[info.blob_index], info, lo, hi - lo))
         return vec

@@ -36,7 +36,7 @@ def _bootstrap(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str
 def _add_blob_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-b", "--blob", metavar="PATH", help="path to the RAFS data blob file")
     p.add_argument("-D", "--blob-dir", metavar="DIR",
-                   help="directory holding data blobs named by blob id (or <blob_id>.blob.data)")
+                   help="directory holding the data blobs, named by blob id")
 
 
 def _open(args, parser):
@@ -86,7 +86,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from rafs._blobfile import BlobFiles
+    from rafs._blobfile import LocalBlobs
     from rafs.check import CheckReport, check
 
     try:
@@ -98,7 +98,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     with fs:
         blobs = None
         if args.blob or args.blob_dir:
-            blobs = BlobFiles(fs.blobs, blob=args.blob, blob_dir=args.blob_dir)
+            blobs = LocalBlobs(fs.blobs, blob=args.blob, blob_dir=args.blob_dir)
         try:
             verbose = (lambda p: print(f"checking {p}", file=sys.stderr)) if args.verbose else None
             report = check(fs, blobs, verbose=verbose)
@@ -126,13 +126,13 @@ def _check_result(report, args) -> int:
 
 
 def cmd_unpack(args: argparse.Namespace) -> int:
-    from rafs._blobfile import BlobFiles
+    from rafs._blobfile import LocalBlobs
     from rafs.unpack import print_warnings, unpack
 
     with _open(args, args.parser) as fs:
         if not (args.blob or args.blob_dir) and any(True for _ in fs.blobs):
             args.parser.error("--blob or --blob-dir is required to unpack file data")
-        with BlobFiles(fs.blobs, blob=args.blob, blob_dir=args.blob_dir) as blobs:
+        with LocalBlobs(fs.blobs, blob=args.blob, blob_dir=args.blob_dir) as blobs:
             if blobs.missing:
                 raise RafsError(f"data blob {blobs.missing[0].blob_id} not found")
             report = unpack(fs, blobs, args.output)
@@ -175,7 +175,7 @@ def register(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nydus-image", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="nydus-image", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(sub)
     try:

@@ -152,14 +152,21 @@ def detect_version(head: bytes) -> int | None:
 
 
 def substitute_blob_id(blob_id: str, features: int, blob_count: int, hint: str | None) -> str:
-    """Replace an inline-bootstrap placeholder blob id with ``hint`` (the containing layer's id)."""
+    """Replace an inline-bootstrap placeholder blob id with ``hint`` (the containing layer's id).
+
+    Upstream writes a placeholder id into a bootstrap that is stored inside its own data blob
+    (current builders: 64 x ``x``; older ones: an unrelated digest) and nydusd substitutes the
+    id of the blob the bootstrap came from.  We substitute the literal placeholder always, and
+    for a single-blob image whose blob has ``INLINED_FS_META`` or lacks ``CAP_TAR_TOC`` (the
+    cases ``RafsSuper::set_blob_id_from_meta_path`` covers).
+    """
     from storage.device import BlobFeatures
 
     if not hint:
         return blob_id
     if blob_id == RAFS_INLINE_BLOB_ID_PLACEHOLDER:
         return hint
-    if blob_count == 1 and features & BlobFeatures.INLINED_FS_META:
+    if blob_count == 1 and (features & BlobFeatures.INLINED_FS_META or not features & BlobFeatures.CAP_TAR_TOC):
         return hint
     return blob_id
 
@@ -252,6 +259,8 @@ class Rafs(abc.ABC):
         yield top_s, start
         if not start.is_dir():
             return
+        if start.ino == self.root_ino and self.version == 6:
+            self._check_parent(start, start, "/")  # the root's '..' is the root itself
         on_path: set[int] = {start.ino}
         seen_dirs: set[int] = {start.ino}
         # stack of (path, dir inode, iterator over children)

@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, field
 
-from rafs._blobfile import BlobFiles
+from rafs._blobfile import LocalBlobs
 from rafs.errors import RafsError
 from rafs.metadata import Inode, Rafs
 
@@ -35,14 +35,14 @@ def _warn(report: UnpackReport, msg: str) -> None:
         report.warnings.append(msg)
 
 
-def unpack(fs: Rafs, blobs: BlobFiles, output: str) -> UnpackReport:
+def unpack(fs: Rafs, blobs: LocalBlobs, output: str) -> UnpackReport:
     """Unpack to ``output``: a ``.tar`` path writes a tar archive, anything else a directory."""
     if output.endswith(".tar"):
         return unpack_tar(fs, blobs, output)
     return unpack_dir(fs, blobs, output)
 
 
-def unpack_dir(fs: Rafs, blobs: BlobFiles, output: str) -> UnpackReport:
+def unpack_dir(fs: Rafs, blobs: LocalBlobs, output: str) -> UnpackReport:
     output = os.path.abspath(output)
     if os.path.lexists(output):
         if not os.path.isdir(output) or os.listdir(output):
@@ -61,7 +61,7 @@ def unpack_dir(fs: Rafs, blobs: BlobFiles, output: str) -> UnpackReport:
     return report
 
 
-def _write_tree(fs: Rafs, blobs: BlobFiles, root: str) -> UnpackReport:
+def _write_tree(fs: Rafs, blobs: LocalBlobs, root: str) -> UnpackReport:
     report = UnpackReport()
     is_root = os.geteuid() == 0
     links: dict[int, str] = {}
@@ -131,7 +131,7 @@ def _apply_meta(dest: str, path: str, node: Inode, is_root: bool, report: Unpack
 class _ChunkStream(io.RawIOBase):
     """A read-only stream over a file's content (for tarfile.addfile)."""
 
-    def __init__(self, blobs: BlobFiles, node: Inode) -> None:
+    def __init__(self, blobs: LocalBlobs, node: Inode) -> None:
         self._it = iter(blobs.iter_file(node))
         self._buf = b""
 
@@ -150,7 +150,7 @@ class _ChunkStream(io.RawIOBase):
         return n
 
 
-def unpack_tar(fs: Rafs, blobs: BlobFiles, output: str) -> UnpackReport:
+def unpack_tar(fs: Rafs, blobs: LocalBlobs, output: str) -> UnpackReport:
     output = os.path.abspath(output)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)

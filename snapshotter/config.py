@@ -295,7 +295,10 @@ def nydusd_config(cfg: Config) -> dict[str, Any]:
         cache["type"] = "dummycache"
     else:
         cache.setdefault("type", "blobcache")
-        cache.setdefault("config", {})["work_dir"] = cfg.cache_dir
+        cache_cfg = cache.setdefault("config", {})
+        cache_cfg["work_dir"] = cfg.cache_dir
+        if cfg.cache_manager.size_limit:
+            cache_cfg["limit_size"] = cfg.cache_manager.size_limit  # storage CacheConfig.limit_size
     pf = cfg.prefetch
     tmpl["fs_prefetch"] = {"enable": pf.enable, "prefetch_all": pf.prefetch_all,
                            "threads_count": pf.threads_count, "merging_size": pf.merging_size,

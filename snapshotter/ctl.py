@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from typing import Any, Sequence
 
@@ -131,10 +132,13 @@ def daemon_api_get(api_sock: str, path: str, timeout: float = 10.0) -> Any:
                        f"{body.decode(errors='replace')[:500]}")
     if not body:
         return None
+    ctype = resp.getheader("Content-Type", "") or ""
     try:
         return json.loads(body)
     except ValueError:
-        raise CtlError(f"daemon API GET {path}: not JSON: {body[:200]!r}") from None
+        if "json" in ctype:
+            raise CtlError(f"daemon API GET {path}: bad JSON: {body[:200]!r}") from None
+        return body.decode(errors="replace")   # e.g. Prometheus text metrics
 
 
 METRICS_PATHS = {"fs": "/api/v1/metrics", "backend": "/api/v1/metrics/backend",
@@ -225,8 +229,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_metrics(args: argparse.Namespace) -> int:
     path = METRICS_PATHS[args.kind]
     if args.id:
-        path += f"?id={args.id}"
-    print(json.dumps(daemon_api_get(args.api_sock, path, args.timeout), indent=2, sort_keys=True))
+        path += "?id=" + urllib.parse.quote(args.id, safe="/")
+    res = daemon_api_get(args.api_sock, path, args.timeout)
+    if isinstance(res, str):
+        sys.stdout.write(res if res.endswith("\n") else res + "\n")
+    else:
+        print(json.dumps(res, indent=2, sort_keys=True))
     return 0
 
 
@@ -283,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.set_defaults(func=cmd_rmi)
 
     for name, func, hlp in (("info", cmd_info, "nydusd daemon info (GET /api/v1/daemon)"),
-                            ("metrics", cmd_metrics, "nydusd metrics (GET /api/v1/metrics...)")):
+                            ("metrics", cmd_metrics, "nydusd metrics (GET /api/v1/metrics...; JSON or "
+                                                "Prometheus text, printed as served)")):
         sd = sub.add_parser(name, help=hlp)
         sd.add_argument("--api-sock", required=True, help="the daemon's API unix socket")
         if name == "metrics":

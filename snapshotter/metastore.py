@@ -175,45 +175,66 @@ def get_info(tx: Transaction, key: str) -> tuple[str, Info, Usage]:
     return str(sid), _row_info((k, parent, kind, created, updated, labels)), Usage(size, inodes)
 
 
+_LINEAGE = """
+WITH RECURSIVE chain(depth, id, key, parent, kind, created, updated, labels) AS (
+    SELECT 0, id, key, parent, kind, created, updated, labels FROM snapshots WHERE key = ?
+    UNION ALL
+    SELECT chain.depth + 1, s.id, s.key, s.parent, s.kind, s.created, s.updated, s.labels
+    FROM snapshots AS s JOIN chain ON s.key = chain.parent
+    WHERE chain.parent != '' AND chain.depth < 100000
+)
+SELECT id, key, parent, kind, created, updated, labels FROM chain ORDER BY depth
+"""
+
+
+def lineage(tx: Transaction, key: str) -> list[tuple[str, Info]]:
+    """``(id, info)`` of ``key`` and every ancestor, nearest first (one query); [] if missing.
+
+    NotFound if an ancestor is missing (a broken chain)."""
+    rows = tx.execute(_LINEAGE, (key,)).fetchall()
+    out = [(str(r[0]), _row_info(r[1:])) for r in rows]
+    if out and out[-1][1].parent:
+        raise NotFound("missing parent")
+    return out
+
+
 def parent_ids(tx: Transaction, parent: str) -> tuple[str, ...]:
     """Ids of ``parent`` and all its ancestors, nearest first."""
-    ids: list[str] = []
-    seen: set[str] = set()
-    while parent:
-        row = tx.execute("SELECT id, parent FROM snapshots WHERE key=?", (parent,)).fetchone()
-        if row is None:
-            raise NotFound("missing parent")
-        if parent in seen:
-            raise SnapshotterError(f"parent loop at {parent!r}")
-        seen.add(parent)
-        ids.append(str(row[0]))
-        parent = row[1]
-    return tuple(ids)
+    if not parent:
+        return ()
+    chain = lineage(tx, parent)
+    if not chain:
+        raise NotFound("missing parent")
+    return tuple(sid for sid, _ in chain)
 
 
 def parent_chain(tx: Transaction, parent: str) -> list[tuple[str, Info]]:
     """``(id, info)`` of ``parent`` and every ancestor, nearest first."""
-    chain: list[tuple[str, Info]] = []
-    while parent:
-        sid, info, _ = get_info(tx, parent)
-        chain.append((sid, info))
-        parent = info.parent
+    if not parent:
+        return []
+    chain = lineage(tx, parent)
+    if not chain:
+        raise NotFound(f"snapshot {parent}")
     return chain
+
+
+def get_snapshot_chain(tx: Transaction, key: str) -> tuple[Snapshot, list[tuple[str, Info]]]:
+    """The active or view snapshot ``key`` and its lineage (self first) — what Mounts needs."""
+    try:
+        chain = lineage(tx, key)
+    except NotFound as exc:
+        raise NotFound("parent does not exist") from exc
+    if not chain:
+        raise NotFound("snapshot does not exist")
+    sid, info = chain[0]
+    if info.kind not in (Kind.ACTIVE, Kind.VIEW):
+        raise FailedPrecondition(f"requested snapshot {key} not active or view")
+    return Snapshot(id=sid, kind=info.kind, parent_ids=tuple(i for i, _ in chain[1:])), chain
 
 
 def get_snapshot(tx: Transaction, key: str) -> Snapshot:
     """The active or view snapshot ``key`` with its parent ids (FailedPrecondition if committed)."""
-    row = tx.execute("SELECT id, kind, parent FROM snapshots WHERE key=?", (key,)).fetchone()
-    if row is None:
-        raise NotFound("snapshot does not exist")
-    kind = Kind(row[1])
-    if kind not in (Kind.ACTIVE, Kind.VIEW):
-        raise FailedPrecondition(f"requested snapshot {key} not active or view")
-    try:
-        pids = parent_ids(tx, row[2])
-    except NotFound as exc:
-        raise NotFound("parent does not exist") from exc
-    return Snapshot(id=str(row[0]), kind=kind, parent_ids=pids)
+    return get_snapshot_chain(tx, key)[0]
 
 
 def create_snapshot(tx: Transaction, kind: Kind, key: str, parent: str,

@@ -85,8 +85,11 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
                 log.info("%s: %s (%s)", op, message, code.name)
             context.abort(code, message)
         finally:
+            elapsed = time.perf_counter() - t0
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s in %.3fms", op, outcome, elapsed * 1e3)
             if self._observe is not None:
-                self._observe(op, time.perf_counter() - t0, outcome)
+                self._observe(op, elapsed, outcome)
 
     def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext) -> pb.PrepareSnapshotResponse:
         mounts = self._call("prepare", context,

@@ -44,7 +44,7 @@ log = logging.getLogger("snapshotter")
 BOOTSTRAP_PATHS = (os.path.join("image", "image.boot"), "image.boot")
 #: cache file suffixes of one blob (upstream naming)
 CACHE_SUFFIXES = ("", ".blob.data", ".chunk_map", ".blob.data.chunk_map", ".blob.meta", ".image.disk",
-                  ".layer.disk")
+                  ".layer.disk", ".blob.digest", ".blob.toc", ".image.boot")
 MAX_LABEL_SIZE = 4096
 V5_MAGIC = (0x52414653).to_bytes(4, "little")
 EROFS_MAGIC = (0xE0F5E1E2).to_bytes(4, "little")
@@ -299,13 +299,19 @@ class Snapshotter:
 
     def start(self) -> None:
         """Recover RAFS instances left by a previous run (running containers keep their mounts)."""
-        if self._manager is None and self._manager_factory is None and not self._needed_instances():
-            return  # no nydus image in use: don't even import the manager
+        records = os.path.join(self.root, "daemons")
+        has_records = os.path.isdir(records) and any(n.endswith(".json") for n in os.listdir(records))
+        if self._manager is None and self._manager_factory is None and not has_records \
+                and not self._needed_instances():
+            return  # no nydus image in use and no daemons left: don't even import the manager
         mgr = self.manager
         if self.config.daemon.recover_policy != "none":
             mgr.recover()
         for iid, state in mgr.instances().items():
             mp = getattr(state, "mountpoint", None)
+            if getattr(state, "state", "RUNNING") == "DEAD":
+                log.warning("RAFS instance %s: daemon is dead; it is remounted on next use", iid)
+                continue
             if isinstance(mp, str) and mp:
                 self._mounted[str(iid)] = mp
 
@@ -313,7 +319,7 @@ class Snapshotter:
         """Stop serving; RAFS instances stay mounted unless ``cleanup_on_close``."""
         if self.config.cleanup_on_close and self._manager is not None:
             for iid in list(self._mounted):
-                self._umount_instance(iid)
+                self._umount_instance(iid, only_if_unneeded=False)
             self._manager.shutdown()
         self.ms.close()
 
@@ -336,11 +342,11 @@ class Snapshotter:
         validate_key(key)
         with self.ms.transaction(writable=False) as tx:
             try:
-                snap = store.get_snapshot(tx, key)
+                snap, chain = store.get_snapshot_chain(tx, key)
             except SnapshotterError as exc:
                 raise type(exc)(f"failed to get active mount: {exc}") from exc
-            _, info, _ = store.get_info(tx, key)
-            meta = self._meta_of(tx, info.parent)
+        info = chain[0][1]
+        meta = self._find_meta(chain[1:])
         if meta is None:
             return native_mounts(self.root, snap, self.overlay)
         meta_id, meta_info, between = meta
@@ -420,7 +426,7 @@ class Snapshotter:
             stale = [d for d in os.listdir(snapdir) if d not in ids]
         for d in stale:
             if d in self._mounted:
-                self._umount_instance(d)
+                self._umount_instance(d, only_if_unneeded=False)
             if self._remove_dir(d):
                 removed.append(os.path.join(snapdir, d))
         if self.config.cache_manager.gc_on_cleanup and not self.config.cache_manager.disable:
@@ -482,13 +488,10 @@ class Snapshotter:
         with self.ms.transaction(writable=True) as tx:
             meta = None
             if parent and target is None:
-                if kind == Kind.VIEW:
-                    _, pinfo, _ = store.get_info(tx, parent) if _exists(tx, parent) else (None, None, None)
-                    if pinfo is not None and L.is_nydus_data_layer(pinfo.labels) and \
-                            self._meta_of(tx, parent) is None:
-                        raise FailedPrecondition(
-                            f"cannot view nydus data layer {parent}: only the topmost (bootstrap) layer can be viewed")
                 meta = self._meta_of_checked(tx, parent)
+                if kind == Kind.VIEW and meta is None and self._is_data_layer(tx, parent):
+                    raise FailedPrecondition(
+                        f"cannot view nydus data layer {parent}: only the topmost (bootstrap) layer can be viewed")
             try:
                 snap = self._create_in_tx(tx, kind, key, parent, labels)
             except SnapshotterError as exc:
@@ -509,6 +512,13 @@ class Snapshotter:
             raise
         return remote_mounts(self.root, snap, mp, between=between, opts=self.overlay)
 
+    @staticmethod
+    def _is_data_layer(tx: store.Transaction, key: str) -> bool:
+        try:
+            return L.is_nydus_data_layer(store.get_info(tx, key)[1].labels)
+        except NotFound:
+            return False
+
     def _meta_of_checked(self, tx: store.Transaction, parent: str) -> tuple[str, Info, tuple[str, ...]] | None:
         try:
             return self._meta_of(tx, parent)
@@ -517,8 +527,12 @@ class Snapshotter:
 
     def _meta_of(self, tx: store.Transaction, parent: str) -> tuple[str, Info, tuple[str, ...]] | None:
         """The nearest nydus meta layer in ``parent``'s chain: ``(id, info, plain ids above it)``."""
+        return self._find_meta(store.parent_chain(tx, parent))
+
+    @staticmethod
+    def _find_meta(chain: list[tuple[str, Info]]) -> tuple[str, Info, tuple[str, ...]] | None:
         between: list[str] = []
-        for sid, info in store.parent_chain(tx, parent):
+        for sid, info in chain:
             if L.is_nydus_meta_layer(info.labels):
                 return sid, info, tuple(between)
             if L.is_nydus_data_layer(info.labels):
@@ -540,10 +554,19 @@ class Snapshotter:
         with self._instance_lock(meta_id):
             mp = self._mounted.get(meta_id)
             if mp is not None:
-                return mp
+                try:
+                    os.stat(mp)
+                    return mp
+                except OSError as exc:  # ENOTCONN: its daemon died; the manager recovers it
+                    log.warning("RAFS instance %s at %s is broken (%s); remounting", meta_id, mp, exc)
+                    del self._mounted[meta_id]
             boot = find_bootstrap(upper_path(self.root, meta_id))
             if boot is None:
                 raise FailedPrecondition(f"nydus meta layer {meta_info.name} has no bootstrap file")
+            try:
+                check_bootstrap(boot)  # it may have been damaged since Commit
+            except BootstrapError as exc:
+                raise FailedPrecondition(f"nydus meta layer {meta_info.name}: {exc}") from exc
             merged = {**meta_info.labels, **{k: v for k, v in labels.items() if k in (L.PULL_USERNAME, L.PULL_SECRET, L.CRI_IMAGE_REF)}}
             ref = L.image_ref(merged)
             if ref is None:
@@ -588,14 +611,20 @@ class Snapshotter:
             if iid not in needed:
                 self._umount_instance(iid)
 
-    def _umount_instance(self, iid: str) -> None:
+    def _umount_instance(self, iid: str, *, only_if_unneeded: bool = True) -> None:
         with self._instance_lock(iid):
             if iid not in self._mounted:
+                return
+            # re-check under the instance lock: a Prepare that committed its snapshot after our
+            # caller looked must keep the instance (its _ensure_instance waits for this lock)
+            if only_if_unneeded and iid in self._needed_instances():
                 return
             try:
                 self.manager.umount(iid)
                 self._mounted.pop(iid, None)
                 log.info("RAFS instance %s unmounted", iid)
+            except FileNotFoundError:  # the manager does not know it (rafs NotFound): gone already
+                self._mounted.pop(iid, None)
             except Exception:  # keep it listed; Cleanup retries
                 log.exception("failed to unmount RAFS instance %s", iid)
 
@@ -607,11 +636,10 @@ class Snapshotter:
         path = snapshot_dir(self.root, sid)
         if not os.path.lexists(path):
             return False
-        for dirpath, dirnames, _ in os.walk(path):
-            for d in dirnames:
-                if os.path.ismount(os.path.join(dirpath, d)):
-                    log.warning("not removing %s: %s is still a mountpoint", path, os.path.join(dirpath, d))
-                    return False
+        for sub in ("mnt", "fs"):  # where a RAFS instance (dedicated mode) or a user could mount
+            if os.path.ismount(os.path.join(path, sub)):
+                log.warning("not removing %s: %s is still a mountpoint", path, os.path.join(path, sub))
+                return False
         try:
             shutil.rmtree(path)
             return True
@@ -663,22 +691,31 @@ class Snapshotter:
         return total
 
     def gc_cache(self) -> list[str]:
-        """Delete cache files of blobs that no snapshot uses; returns the deleted paths."""
+        """Delete cache files of blobs that no snapshot uses; returns the deleted paths.
+
+        Uses storage's ``FileCacheManager.gc(in_use)`` when available, else deletes files named
+        ``<64 hex><known suffix>`` itself.
+        """
         cache_dir = self.config.cache_dir
         if not os.path.isdir(cache_dir):
             return []
         in_use = self.blobs_in_use()
-        deleted: list[str] = []
-        for name in sorted(os.listdir(cache_dir)):
+        before = set(os.listdir(cache_dir))
+        storage_gc = _storage_gc(cache_dir)
+        if storage_gc is not None:
+            try:
+                storage_gc(in_use)
+            except Exception:  # noqa: BLE001 - GC must never fail Cleanup
+                log.warning("cache GC through storage failed; falling back", exc_info=True)
+        for name in sorted(set(os.listdir(cache_dir))):
             blob_id = _cache_blob_id(name)
             if blob_id is None or blob_id in in_use:
                 continue
-            path = os.path.join(cache_dir, name)
             try:
-                os.unlink(path)
-                deleted.append(path)
+                os.unlink(os.path.join(cache_dir, name))
             except OSError:
-                log.warning("cache GC: cannot delete %s", path, exc_info=True)
+                log.warning("cache GC: cannot delete %s", name, exc_info=True)
+        deleted = sorted(os.path.join(cache_dir, n) for n in before - set(os.listdir(cache_dir)))
         if deleted:
             log.info("cache GC deleted %d files", len(deleted))
         return deleted
@@ -689,12 +726,13 @@ class Snapshotter:
         return {k.name.lower(): by_kind.get(k, 0) for k in (Kind.ACTIVE, Kind.VIEW, Kind.COMMITTED)}
 
 
-def _exists(tx: store.Transaction, key: str) -> bool:
+def _storage_gc(cache_dir: str) -> Callable[[set[str]], list[str]] | None:
     try:
-        store.get_info(tx, key)
-        return True
-    except NotFound:
-        return False
+        from storage.backend.memory import MemoryBackend  # noqa: PLC0415
+        from storage.cache.filecache import FileCacheManager  # noqa: PLC0415
+    except ImportError:
+        return None
+    return FileCacheManager(cache_dir, MemoryBackend()).gc
 
 
 def _cache_blob_id(name: str) -> str | None:
@@ -733,5 +771,10 @@ def default_manager_factory(config: Config) -> InstanceManager:
         from rafs.daemon.manager import DaemonManager  # noqa: PLC0415
     except ImportError as exc:
         raise Unavailable("RAFS daemon manager (rafs.daemon.manager) is not available in this build") from exc
-    return DaemonManager(os.path.join(config.root, "daemons"), mode=config.daemon.daemon_mode,
-                         fs_driver=config.daemon.fs_driver, nydusd_config=nydusd_config(config))
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    # same root as upstream: <root>/{daemons,socket,config,logs,mnt}; shared instances land at
+    # <root>/mnt/<instance id>, which is also the snapshotter's mountpoint hint
+    return DaemonManager(config.root, mode=config.daemon.daemon_mode,  # type: ignore[arg-type]
+                         fs_driver=config.daemon.fs_driver,  # type: ignore[arg-type]
+                         nydusd_config=nydusd_config(config),
+                         log_level=level if level in ("debug", "info", "warning", "error") else "info")

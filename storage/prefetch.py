@@ -62,7 +62,7 @@ class Prefetcher:
         self.config = config
         self.metrics = metrics
         self._busy = busy
-        self._queue: queue.Queue[tuple[BlobCache, list[ChunkInfo]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[BlobCache, list[ChunkInfo], bool] | None] = queue.Queue()
         self._cancelled = threading.Event()
         self._throttle = Throttle(config.bandwidth_rate)
         self._threads: list[threading.Thread] = []
@@ -70,7 +70,8 @@ class Prefetcher:
         self._outstanding = 0
         self._idle = threading.Condition(self._lock)
 
-    def submit(self, cache: BlobCache, chunks: Sequence[ChunkInfo]) -> None:
+    def submit(self, cache: BlobCache, chunks: Sequence[ChunkInfo], *, yield_to_demand: bool = True) -> None:
+        """Queue ``chunks`` of ``cache``; ``yield_to_demand=False`` skips waiting for demand reads."""
         if not self.config.enable or self._cancelled.is_set() or not chunks:
             return
         with self._lock:
@@ -80,7 +81,7 @@ class Prefetcher:
                 t = threading.Thread(target=self._worker, name=f"prefetch-{len(self._threads)}", daemon=True)
                 self._threads.append(t)
                 t.start()
-        self._queue.put((cache, list(chunks)))
+        self._queue.put((cache, list(chunks), yield_to_demand))
 
     def _worker(self) -> None:
         while not self._cancelled.is_set():
@@ -90,9 +91,9 @@ class Prefetcher:
                 continue
             if item is None:
                 break
-            cache, chunks = item
+            cache, chunks, polite = item
             try:
-                self._run(cache, chunks)
+                self._run(cache, chunks, polite)
                 self.metrics.prefetch_requests.inc()
             except StorageError as exc:
                 self.metrics.prefetch_errors.inc()
@@ -106,9 +107,9 @@ class Prefetcher:
                     self.metrics.prefetch_pending.dec()
                     self._idle.notify_all()
 
-    def _run(self, cache: BlobCache, chunks: list[ChunkInfo]) -> None:
+    def _run(self, cache: BlobCache, chunks: list[ChunkInfo], polite: bool = True) -> None:
         for run in merge_runs(chunks, self.config.merging_size):
-            while self._busy() and not self._cancelled.is_set():
+            while polite and self._busy() and not self._cancelled.is_set():
                 time.sleep(BUSY_POLL)
             if self._cancelled.is_set():
                 return

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
+import stat
 import tarfile
 
 from storage.compress import decompress
@@ -77,3 +79,48 @@ def flatten_tree(tree: list) -> dict[str, tuple[str, str | None]]:
         if node.get("type") == "directory":
             rec(node, "")
     return out
+
+
+def rich_tree(root: pathlib.Path) -> None:
+    """A source tree exercising what the vectors lack: xattrs, big dirs, devices, odd sizes."""
+    (root / "big").mkdir()
+    for i in range(600):  # > one 4 KiB block of dirents: multi-block binary search
+        (root / "big" / f"entry-{i:04d}-{'x' * (i % 40)}").write_bytes(bytes([i % 251]) * (i % 7))
+    (root / "deep").mkdir()
+    d = root / "deep"
+    for i in range(30):
+        d = d / f"d{i}"
+        d.mkdir()
+    (d / "leaf").write_text("leaf")
+    data = os.urandom(3 * 8192 + 123)
+    (root / "multi").write_bytes(data)
+    (root / "empty").write_bytes(b"")
+    (root / "exact").write_bytes(b"z" * 8192)
+    os.link(root / "multi", root / "multi-link")
+    os.symlink("multi", root / "rel-link")
+    os.symlink("/" + "a" * 300, root / "long-link")
+    os.mkfifo(root / "fifo")
+    (root / "attrs").write_text("x")
+    os.setxattr(root / "attrs", b"user.one", b"1")
+    os.setxattr(root / "attrs", b"user.empty", b"")
+    os.setxattr(root / "attrs", b"trusted.t", b"\x00\x01\x02")
+    if os.geteuid() == 0:
+        os.mknod(root / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.mknod(root / "blk", stat.S_IFBLK | 0o600, os.makedev(259, 70000))
+        os.chown(root / "attrs", 70000, 80000)
+    os.chmod(root / "empty", 0o4755)
+    os.utime(root / "multi", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+
+
+def build_rich_image(dest: pathlib.Path) -> pathlib.Path | None:
+    """A v6 bootstrap of :func:`rich_tree` made by ``rafs.builder`` (``None`` if not available)."""
+    try:
+        from rafs.builder.build import BuildOptions, build
+    except ImportError:
+        return None
+    src = dest / "rich-src"
+    src.mkdir()
+    rich_tree(src)
+    boot = dest / "rich.boot"
+    build(str(src), bootstrap_out=str(boot), blob_out=str(dest / "rich.blob"), options=BuildOptions(chunk_size=0x2000))
+    return boot

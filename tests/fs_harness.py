@@ -63,13 +63,25 @@ def running_daemon(tmp_path, *, bootstrap: str | None = None, config: dict | Non
             time.sleep(0.05)
         yield client, mnt, proc
     finally:
+        clean_exit = True
         if proc.is_alive():
             os.kill(proc.pid, signal.SIGTERM)
             proc.join(15)
         if proc.is_alive():
+            clean_exit = False
             os.kill(proc.pid, signal.SIGKILL)
             proc.join(5)
+        left = mounts_under(mnt)
         cleanup_mounts(mnt)
+    # only reached when the body succeeded: a daemon must unmount everything on SIGTERM
+    assert clean_exit, "daemon did not exit within 15 s of SIGTERM"
+    assert not left, f"daemon left mounts behind after SIGTERM: {left}"
+
+
+def mounts_under(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        points = [erofs._unescape(line.split()[4]) for line in f]
+    return [p for p in points if p == path or p.startswith(path.rstrip("/") + "/") or p == path + ".blobs"]
 
 
 def cleanup_mounts(*paths: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import random
 from dataclasses import dataclass
@@ -19,10 +20,16 @@ class SynthBlob:
     chunks: list[ChunkInfo]
     plain: bytes  #: the uncompressed content (chunks at their uncompressed offsets)
 
+    def __post_init__(self) -> None:
+        self._starts = [c.uncompressed_offset for c in self.chunks]
+
     def iovec(self, offset: int, size: int) -> BlobIoVec:
         """Descriptors covering ``[offset, offset+size)`` of the uncompressed content."""
         vec = BlobIoVec()
-        for c in self.chunks:
+        first = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        for c in self.chunks[first:]:
+            if c.uncompressed_offset >= offset + size:
+                break
             lo = max(offset, c.uncompressed_offset)
             hi = min(offset + size, c.uncompressed_offset + c.uncompressed_size)
             if lo < hi:

@@ -282,7 +282,8 @@ def test_whiteouts_in_layer(tmp_path):
     assert {b"/d/.wh.gone", b"/.wh..wh..opq", b"/d/gone"} <= names
     _, boot_oci, _ = _build(str(layer), tmp_path, name="oci", whiteout_spec="oci")
     names = {p for p, _ in load_bootstrap(boot_oci).tree.walk()}
-    assert names == {b"/", b"/d", b"/d/keep"}
+    # markers dropped; a whiteout never hides an entry of its own layer (OCI image spec)
+    assert names == {b"/", b"/d", b"/d/keep", b"/d/gone"}
 
 
 def test_prefetch_table_and_blob_order(src_tree, tmp_path):
@@ -329,9 +330,12 @@ def test_cli_create_and_json(src_tree, tmp_path):
     assert doc["fs_version"] == "6" and doc["compressor"] == "lz4_block"
     assert os.path.exists(tmp_path / doc["blobs"][0])
     proc = subprocess.run([sys.executable, "-m", "rafs.cli", "create", "--source-type", "directory", "-B",
-                           str(tmp_path / "c"), "--chunk-size", "12345", src_tree], capture_output=True,
+                           str(tmp_path / "c"), "-b", str(tmp_path / "cb"), "--chunk-size", "12345", src_tree], capture_output=True,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 1 and b"chunk size" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "rafs.cli", "create", "-B", str(tmp_path / "c"), src_tree],
+                          capture_output=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 2 and b"--blob" in proc.stderr
 
 
 @pytest.mark.skipif(shutil.which("fsck.erofs") is None, reason="fsck.erofs (erofs-utils) not installed")
@@ -351,3 +355,14 @@ def test_fsck_erofs_extract(src_tree, tmp_path, compressor):
             rec.pop("nlink", None)
             rec["mode"] &= ~0o6000
     assert got == want
+
+
+def test_empty_layer_and_old_mtime(tmp_path):
+    """A layer without file data (inline meta) has an empty blob table; pre-1970 mtimes survive."""
+    src = tmp_path / "e"
+    (src / "d").mkdir(parents=True)
+    os.utime(src / "d", ns=(-86400 * 10**9 + 5, -86400 * 10**9 + 5))
+    res, boot, blob = _build(str(src), tmp_path, blob_inline_meta=True, blob_toc=True)
+    assert res.blob_ids == [] and os.path.exists(blob)
+    d = load_bootstrap(boot).tree.lookup("/d")
+    assert d.mtime * 10**9 + d.mtime_nsec == -86400 * 10**9 + 5

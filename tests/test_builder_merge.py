@@ -65,6 +65,16 @@ def test_oci_whiteouts_and_opaque(tmp_path):
     assert files[b"/keep"].chunks[0].blob_index == 0
 
 
+def test_whiteout_and_recreate_in_same_layer(tmp_path):
+    """``.wh.x`` plus a new ``x`` in one layer: the lower x is hidden, the upper x is kept."""
+    l1 = _layer(tmp_path, "l1", {"x/old": b"old", "y": b"lower y"})
+    l2 = _layer(tmp_path, "l2", {".wh.x": b"", "x/new": b"new", ".wh.y": b"", "y": b"upper y"})
+    res = merge([l1.bootstrap, l2.bootstrap], str(tmp_path / "m.boot"))
+    loaded, files = _files(res.bootstrap)
+    assert sorted(files) == [b"/", b"/x", b"/x/new", b"/y"]
+    assert res.blob_ids == [l2.blob.blob_id]  # nothing of l1 is visible any more
+
+
 def test_lower_blob_dropped_when_unreferenced(tmp_path):
     l1 = _layer(tmp_path, "l1", {"f": b"only in lower"})
     l2 = _layer(tmp_path, "l2", {".wh.f": b"", "g": b"upper"})
@@ -158,3 +168,19 @@ def test_cli_merge(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rafs.cli", "merge", "-B", str(tmp_path / "x.boot"),
                            str(tmp_path / "l1.blob")], capture_output=True, cwd=ROOT)
     assert proc.returncode == 1 and b"error" in proc.stderr
+
+
+def test_create_with_parent_bootstrap(tmp_path):
+    """``create --parent-bootstrap``: same tree and blobs as building the layer alone and merging."""
+    l1 = _layer(tmp_path, "l1", {"etc/a": b"a1", "etc/b": b"b1" * 40000, "keep": b"k"})
+    src = tmp_path / "l2.src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / ".wh.a").write_bytes(b"")
+    (src / "etc" / "c").write_bytes(b"b1" * 40000)  # same content as lower etc/b: deduplicated
+    res = build(str(src), bootstrap_out=str(tmp_path / "p.boot"), blob_out=str(tmp_path / "p.blob"),
+                options=BuildOptions(chunk_size=CHUNK, parent_bootstrap=l1.bootstrap))
+    loaded, files = _files(res.bootstrap)
+    assert sorted(files) == [b"/", b"/etc", b"/etc/b", b"/etc/c", b"/keep"]
+    assert res.blob_ids == [l1.blob.blob_id]  # the new layer's only chunk deduplicated into l1's blob
+    assert res.blob is None or res.blob.chunk_count == 0
+    assert files[b"/etc/c"].chunks == files[b"/etc/b"].chunks

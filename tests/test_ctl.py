@@ -48,7 +48,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.seen.append(self.path)
         status, body = self.routes.get(self.path, (404, b'{"code":"NotFound"}'))
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "application/json" if body[:1] in (b"{", b"[")
+                         else "text/plain; version=0.0.4")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -73,6 +74,7 @@ def fake_api(tmp_path):
         "/api/v1/metrics": (200, json.dumps({"data_read": 4096, "fop_hits": [1, 2]}).encode()),
         "/api/v1/metrics/backend?id=/m1": (200, b'{"read_count": 3}'),
         "/api/v1/metrics/blobcache": (500, b'{"code":"Internal","message":"boom"}'),
+        "/api/v1/metrics?id=/text": (200, b"# TYPE nydusd_data_read counter\nnydusd_data_read 7\n"),
     }
     _Handler.seen = []
     srv = _UnixServer(path, _Handler)
@@ -91,6 +93,12 @@ def test_info_and_metrics(fake_api, capsys) -> None:
     assert ctl.main(["metrics", "--api-sock", fake_api, "--kind", "backend", "--id", "/m1"]) == 0
     assert json.loads(capsys.readouterr().out) == {"read_count": 3}
     assert _Handler.seen == ["/api/v1/daemon", "/api/v1/metrics", "/api/v1/metrics/backend?id=/m1"]
+
+
+def test_metrics_prometheus_text_printed_as_served(fake_api, capsys) -> None:
+    _Handler.routes["/api/v1/metrics?id=/text"] = (200, b"nydusd_data_read 7\n")
+    assert ctl.main(["metrics", "--api-sock", fake_api, "--id", "/text"]) == 0
+    assert capsys.readouterr().out == "nydusd_data_read 7\n"
 
 
 def test_daemon_api_errors(fake_api, tmp_path, capsys) -> None:

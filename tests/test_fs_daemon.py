@@ -74,6 +74,11 @@ def test_cli_help_and_errors(tmp_path):
     assert r.returncode == 2 and "cannot read nydusd config" in r.stderr
     r = _nydusd("--mountpoint", str(tmp_path / "m"))
     assert r.returncode == 2 and "needs --apisock" in r.stderr
+    r = _nydusd("fuse")
+    assert r.returncode == 2 and "--mountpoint is required" in r.stderr
+    r = _nydusd("singleton", "--fscache", str(tmp_path / "fscache"))
+    assert r.returncode == 2 and "singleton/fscache mode unavailable" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_api_errors_and_state(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 
@@ -14,7 +13,7 @@ from rafs.fs.instance import BlobFiles
 from storage.compress import decompress
 from storage.device import Compressor
 from tests.fs_fakes import FakeOpener, FakeRafs
-from tests.fs_harness import cleanup_mounts, require_fuse, running_daemon
+from tests.fs_harness import require_fuse, running_daemon
 
 pytestmark = [pytest.mark.erofs, pytest.mark.root]
 

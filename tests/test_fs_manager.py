@@ -36,6 +36,7 @@ def manager_factory(tmp_path):
     root = tmp_path / "root"
 
     def make(mode="shared", **kw):
+        kw.setdefault("monitor_interval", None)
         m = DaemonManager(str(root), mode=mode, fs_driver="fusedev", nydusd_config={}, nydusd_cmd=FAKE_CMD, **kw)
         made.append(m)
         return m
@@ -139,3 +140,22 @@ def test_start_failure_is_reported(manager_factory, images, tmp_path):
     bad.write_text("not json")
     with pytest.raises(MountError, match="exited with"):
         m.mount("bad", str(bad), None, None)
+
+
+def test_liveness_monitor_restarts_dead_daemon(manager_factory, images):
+    m = manager_factory("shared", monitor_interval=0.2)
+    ma = m.mount("a", images["a"], None, None)
+    mb = m.mount("b", images["b"], None, None)
+    old = next(iter(m._records.values())).pid
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:  # no call into the manager: the monitor notices, cleans up, restarts, remounts
+        try:
+            if open(f"{ma}/id", "rb").read() == b"aaa":
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "daemon not restarted by the liveness monitor"
+        time.sleep(0.1)
+    assert open(f"{mb}/id", "rb").read() == b"bbb"
+    assert next(iter(m._records.values())).pid != old

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import stat
 import subprocess
 import sys
@@ -99,6 +98,16 @@ def test_check_ok_and_failures(tex, tmp_path, vectors_dir):
     empty.mkdir()
     proc = run("check", tex / "bootstrap/rafs-v6-2.2.boot", "-D", empty, check_rc=1)
     assert "not found" in proc.stderr
+    # v5: a flipped chunk digest breaks the inode's Merkle digest
+    from rafs.metadata import Rafs
+
+    with Rafs.open(v5) as fs:
+        at = fs.lookup_path("/normal-file-test/holefiles/chsum")._chunk_offset
+    raw = bytearray(v5.read_bytes())
+    raw[at] ^= 1
+    (tmp_path / "v5bad.boot").write_bytes(bytes(raw))
+    proc = run("check", tmp_path / "v5bad.boot", check_rc=1)
+    assert "chsum: v5 inode digest does not match" in proc.stderr
     # not a bootstrap / a pre-v5 bootstrap
     proc = run("check", extract_boot(vectors_dir, "invalid-bootstrap-file-size-133513", tmp_path), check_rc=1)
     assert "not a RAFS bootstrap" in proc.stderr
@@ -150,3 +159,75 @@ def test_unpack_tar_and_v6(tex, tmp_path):
     proc = run("unpack", tex / "bootstrap/rafs-v6-2.2.boot", "-D", empty, "--output", tmp_path / "y")
     assert proc.returncode == 1 and not (tmp_path / "y").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".unpack-")]
+
+
+def test_unpack_rich_image_restores_everything(tmp_path):
+    """Devices, fifos, xattrs, owners, setuid, ns mtimes, hard links: dir and tar output."""
+    from tests._rafs_util import build_rich_image
+
+    boot = build_rich_image(tmp_path)
+    if boot is None:
+        pytest.skip("rafs.builder not available")
+    src = tmp_path / "rich-src"
+    out = tmp_path / "out"
+    run("unpack", boot, "-b", tmp_path / "rich.blob", "--output", out, check_rc=0)
+    root = os.geteuid() == 0
+    for p in [src, *src.rglob("*")]:
+        q = out / p.relative_to(src)
+        a, b = p.lstat(), q.lstat()
+        rel = str(p.relative_to(src))
+        assert stat.S_IFMT(a.st_mode) == stat.S_IFMT(b.st_mode), rel
+        if not stat.S_ISLNK(a.st_mode):
+            assert stat.S_IMODE(a.st_mode) == stat.S_IMODE(b.st_mode), rel
+        assert a.st_mtime_ns == b.st_mtime_ns, rel
+        if root:
+            assert (a.st_uid, a.st_gid) == (b.st_uid, b.st_gid), rel
+            assert sorted(os.listxattr(p, follow_symlinks=False)) == sorted(os.listxattr(q, follow_symlinks=False)), rel
+        if stat.S_ISREG(a.st_mode):
+            assert p.read_bytes() == q.read_bytes(), rel
+        elif stat.S_ISLNK(a.st_mode):
+            assert os.readlink(p) == os.readlink(q), rel
+        elif stat.S_ISCHR(a.st_mode) or stat.S_ISBLK(a.st_mode):
+            assert a.st_rdev == b.st_rdev, rel
+    assert os.getxattr(out / "attrs", "user.one") == b"1"
+    assert (out / "multi").stat().st_ino == (out / "multi-link").stat().st_ino
+    # the same as a tar: PAX xattrs, devices, links
+    tar_path = tmp_path / "rich.tar"
+    run("unpack", boot, "-b", tmp_path / "rich.blob", "--output", tar_path, check_rc=0)
+    with tarfile.open(tar_path) as tf:
+        m = {x.name: x for x in tf.getmembers()}
+        assert m["./attrs"].pax_headers["SCHILY.xattr.user.one"] == "1"
+        assert m["./multi-link"].islnk() or m["./multi"].islnk()
+        assert m["./fifo"].isfifo()
+        assert tf.extractfile(m["./exact"]).read() == b"z" * 8192
+        if root:
+            assert m["./null"].ischr() and (m["./null"].devmajor, m["./null"].devminor) == (1, 3)
+            assert m["./attrs"].uid == 70000
+
+
+def test_create_check_inspect_unpack_pipeline(tex, tmp_path):
+    """nydus-image create (builder) -> check -> unpack on the upstream all-entry-type tar."""
+    if "create" not in run("--help").stdout:
+        pytest.skip("nydus-image create (rafs.builder) not available")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    boot = tmp_path / "b.boot"
+    run("create", "-t", "tar-rafs", "-B", boot, "-D", blobs, "--compressor", "lz4_block",
+        "--features", "blob-toc", "--blob-inline-meta", tex / "tar/all-entry-type.tar", check_rc=0)
+    proc = run("check", boot, "-D", blobs, check_rc=0)
+    assert "1 chunks (15 bytes) verified" in proc.stdout
+    data = json.loads(run("inspect", boot, "--json", "--tree", check_rc=0).stdout)
+    paths = {e["path"]: e for e in data["tree"]}
+    assert paths["/tar/dir2/symlink1.txt"]["target"] == "../dir1/dir3/file1.txt"
+    assert paths["/tar/dir1/hardlink2.txt"]["nlink"] == 4
+    out = tmp_path / "out"
+    run("unpack", boot, "-D", blobs, "--output", out, check_rc=0)
+    with tarfile.open(tex / "tar/all-entry-type.tar") as tf:
+        for m in tf.getmembers():
+            q = out / m.name.rstrip("/")
+            assert q.is_symlink() if m.issym() else q.exists(), m.name
+            assert int(q.lstat().st_mtime) == m.mtime, m.name
+            if m.isfile():
+                assert q.read_bytes() == tf.extractfile(m).read()
+            if m.islnk():
+                assert q.stat().st_ino == (out / m.linkname).stat().st_ino

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import random
 import tarfile
 
@@ -232,3 +231,16 @@ def test_validation_names_field(vectors_dir):
         L.RafsV5ChunkInfo(flags=0x100, uncompressed_size=1).validate()
     with pytest.raises(FormatError, match=r"s_fs_version"):
         L.RafsV5SuperBlock(s_magic=L.RAFSV5_SUPER_MAGIC, s_fs_version=0x400).validate()
+
+
+def test_blob_entry_feature_rules(vectors_dir):
+    blob = L.RafsV6Blob.parse(_v6_boot(vectors_dir), 4096)
+    blob.validate(0, 1 << 20)
+    for features, field in ((0x70000020, "ALIGNED"), (0x70000061, "ALIGNED"), (0x00100001, "unknown"),
+                            (0x70000029, "CHUNK_INFO_V2"), (0x70000025, "ci_uncompressed_size")):
+        with pytest.raises(FormatError, match=field):
+            blob.replace(features=features).validate()
+    blob.replace(features=0x70000025, ci_uncompressed_size=48, ci_compressed_size=48).validate()
+    with pytest.raises(FormatError, match="ci_uncompressed_size"):
+        blob.replace(ci_uncompressed_size=33).validate()
+    blob.replace(features=0x70000221, ci_uncompressed_size=0, ci_compressed_size=0).validate()  # chunk dict

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pathlib
 import shutil
 import stat
 
@@ -12,7 +13,7 @@ import pytest
 from rafs.errors import FormatError, NotADirectory, NotFound, RafsError
 from rafs.metadata import InodeAttr, Rafs
 from storage.device import BlobIoVec, Compressor, Digester
-from tests._rafs_util import SNAP, TEXTURE, extract_boot, flatten_tree, parse_result, read_iovec
+from tests._rafs_util import TEXTURE, extract_boot, flatten_tree, parse_result, read_iovec, rich_tree
 
 V5_BLOB = "7334a2594e133cf8ae364189c2276b090fc490c627bcc3fb1077f0419a538e00"
 V6_BLOB = "be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
@@ -248,8 +249,30 @@ def test_blob_id_hint(vectors_dir, tmp_path):
         assert fs.blobs[0].blob_id == "x" * 64
     with Rafs.open(boot, blob_id_hint=V6_BLOB) as fs:
         assert fs.blobs[0].blob_id == V6_BLOB
-    with Rafs.open(src, blob_id_hint="a" * 64) as fs:  # a real id is kept
+    with Rafs.open(src, blob_id_hint="a" * 64) as fs:  # a real id (CAP_TAR_TOC, not inline) is kept
         assert fs.blobs[0].blob_id == V6_BLOB
+
+
+def test_inline_bootstrap_from_toc_blob(vectors_dir, tmp_path):
+    """The 2022 blob with an inlined bootstrap: old placeholder id replaced by the blob's own id."""
+    import zstandard
+
+    blob_id = "2fa78cad554b75ac91a4a125ed148d0ddeb25efa4aaa8bd80e5dc292690a4dca"
+    blob_path = vectors_dir / TEXTURE / "toc" / blob_id
+    raw = blob_path.read_bytes()
+    boot = tmp_path / "toc.boot"
+    boot.write_bytes(zstandard.ZstdDecompressor().decompress(raw[7997 : 7997 + 501], max_output_size=1 << 20))
+    with Rafs.open(boot) as fs:
+        assert fs.blobs[0].blob_id.startswith("d788a0")
+    with Rafs.open(boot, blob_id_hint=blob_id) as fs:
+        assert fs.blobs[0].blob_id == blob_id
+        sizes = {}
+        for path, node in fs.walk():
+            if node.is_reg():
+                data = read_iovec(node.chunks(0, node.size), {blob_id: blob_path})
+                sizes[path] = len(data)
+                assert b"Copyright" in data[:300] or b"//" in data[:300]
+        assert sizes == {"/error.rs": 2816, "/lib.rs": 678, "/logger.rs": 3115}
 
 
 def test_bad_names_rejected(vectors_dir, tmp_path):
@@ -287,3 +310,195 @@ def test_directory_cycle_rejected(boots, tmp_path):
     with Rafs.open(boot) as fs:
         with pytest.raises(FormatError, match="cycle|two paths|'..'"):
             list(fs.walk())
+
+
+def _blob_data_file(fs, blob_dir, out):
+    """Write the uncompressed chunk space of blob 0 (what fsck.erofs --device expects)."""
+    from rafs._blobfile import LocalBlobs
+
+    buf = bytearray(fs.blobs[0].uncompressed_size)
+    with LocalBlobs(fs.blobs, blob_dir=str(blob_dir)) as bf:
+        for c in fs.chunk_table():
+            data = bf.read_chunk(fs.blobs[c.blob_index], c)
+            buf[c.uncompressed_offset : c.uncompressed_offset + len(data)] = data
+    out.write_bytes(bytes(buf))
+    return out
+
+
+def test_v6_agrees_with_fsck_erofs(vectors_dir, tmp_path):
+    """Kernel-format cross-check: erofs-utils' own extraction equals what our reader reads."""
+    import subprocess
+
+    if shutil.which("fsck.erofs") is None:
+        pytest.skip("fsck.erofs (erofs-utils) not installed")
+    boot = vectors_dir / TEXTURE / "bootstrap/rafs-v6-2.2.boot"
+    blobs = {V6_BLOB: vectors_dir / TEXTURE / "blobs" / V6_BLOB}
+    with Rafs.open(boot) as fs:
+        dev = _blob_data_file(fs, vectors_dir / TEXTURE / "blobs", tmp_path / "blob.data")
+        out = tmp_path / "x"
+        subprocess.run(["fsck.erofs", f"--device={dev}", f"--extract={out}", str(boot)], check=True,
+                       capture_output=True, timeout=60)
+        extracted = {}
+        for path, node in fs.walk():
+            p = out / path.lstrip("/") if path != "/" else out
+            st = p.lstat()
+            a = node.attr()
+            assert stat.S_IFMT(st.st_mode) == stat.S_IFMT(a.mode), path
+            if node.is_reg():
+                assert p.read_bytes() == read_iovec(node.chunks(0, a.size), blobs), path
+                assert int(st.st_mtime) == a.mtime and stat.S_IMODE(st.st_mode) == stat.S_IMODE(a.mode)
+                extracted[path] = a.size
+        assert extracted == {"/lib.rs": 16931, "/sync_io.rs": 13400}
+
+
+# --- round trip through the builder (runs once rafs.builder is on the branch) -------------------
+
+
+def test_roundtrip_builder_image(tmp_path):
+    """Build a rich directory with rafs.builder and read every attribute and byte back."""
+    builder = pytest.importorskip("rafs.builder.build", reason="rafs.builder not on this branch yet")
+    src = tmp_path / "src"
+    src.mkdir()
+    rich_tree(src)
+    boot, blob = tmp_path / "image.boot", tmp_path / "image.blob"
+    opts = builder.BuildOptions(chunk_size=0x2000)
+    result = builder.build(str(src), bootstrap_out=str(boot), blob_out=str(blob), options=opts)
+    with Rafs.open(boot) as fs:
+        assert fs.version == 6 and fs.chunk_size == 0x2000
+        blob_paths = {fs.blobs[0].blob_id: pathlib.Path(result.blob_path or blob)}
+        seen = set()
+        for path, node in fs.walk():
+            seen.add(path)
+            p = src / path.lstrip("/") if path != "/" else src
+            st = p.lstat()
+            a = node.attr()
+            assert a.mode == st.st_mode, path
+            assert (a.uid, a.gid) == (st.st_uid, st.st_gid), path
+            if not node.is_dir():
+                assert a.size == st.st_size, path
+                assert a.nlink == st.st_nlink, path
+            if node.is_reg():
+                assert read_iovec(node.chunks(0, a.size), blob_paths) == p.read_bytes(), path
+                if a.size > 8192:
+                    assert read_iovec(node.chunks(8000, 500), blob_paths) == p.read_bytes()[8000:8500]
+            elif node.is_symlink():
+                assert node.readlink() == os.fsencode(os.readlink(p)), path
+            elif stat.S_ISCHR(a.mode) or stat.S_ISBLK(a.mode):
+                assert a.rdev == st.st_rdev, path
+            want = {k.encode(): os.getxattr(p, k, follow_symlinks=False) for k in os.listxattr(p, follow_symlinks=False)}
+            want.pop(b"security.selinux", None)
+            assert node.xattrs() == want, path
+        expected = {"/"} | {"/" + str(q.relative_to(src)) for q in src.rglob("*")}
+        assert seen == expected
+        multi = fs.lookup_path("/multi")
+        assert multi.attr().mtime == 1_600_000_000 and multi.attr().mtime_nsec == 123_456_789
+        assert multi.hardlink_key == fs.lookup_path("/multi-link").hardlink_key is not None
+        big = fs.lookup_path("/big")
+        assert big.size > 4096
+        for i in (0, 299, 599):
+            name = f"entry-{i:04d}-{'x' * (i % 40)}".encode()
+            assert big.lookup(name).size == i % 7
+        with pytest.raises(NotFound):
+            big.lookup(b"entry-0300")
+        assert [n for _, n, _ in big.readdir(0)] == sorted(os.fsencode(x) for x in os.listdir(src / "big"))
+
+
+def test_v6_compact_inodes_and_flat_plain(vectors_dir, tmp_path):
+    """Rewrite the 2.2 image with compact inodes and a FLAT_PLAIN root: same tree, same data."""
+    from rafs.layout import RafsV6InodeCompact, RafsV6InodeExtended, inode_format
+
+    src = vectors_dir / TEXTURE / "bootstrap/rafs-v6-2.2.boot"
+    blobs = {V6_BLOB: vectors_dir / TEXTURE / "blobs" / V6_BLOB}
+    raw = bytearray(src.read_bytes())
+    with Rafs.open(src) as fs:
+        nodes = {p: (n.offset, n.layout, n.size) for p, n in fs.walk()}
+    for path, (off, layout, size) in nodes.items():
+        ext = RafsV6InodeExtended.parse(raw, off)
+        if path == "/":
+            # root: FLAT_PLAIN with its 67 data bytes moved to the unused block 2
+            tail = bytes(raw[off + 64 : off + 64 + size])
+            raw[8192 : 8192 + size] = tail
+            layout, i_u = 0, 2
+        else:
+            # files: compact inode, the chunk index array follows at +32
+            idx = bytes(raw[off + 64 : off + 72])
+            raw[off + 32 : off + 40] = idx
+            i_u = ext.i_u
+        compact = RafsV6InodeCompact(
+            i_format=inode_format(0, layout), i_mode=ext.i_mode, i_nlink=ext.i_nlink,
+            i_size=ext.i_size, i_u=i_u, i_ino=ext.i_ino, i_uid=ext.i_uid, i_gid=ext.i_gid,
+        )
+        raw[off : off + 32] = compact.pack()
+    (tmp_path / "c.boot").write_bytes(bytes(raw))
+    with Rafs.open(tmp_path / "c.boot") as fs:
+        assert not fs.root.extended and fs.root.layout == 0
+        assert [n for _, n, _ in fs.root.readdir()] == [b"lib.rs", b"sync_io.rs"]
+        for name, size in ((b"lib.rs", 16931), (b"sync_io.rs", 13400)):
+            node = fs.root.lookup(name)
+            assert not node.extended
+            a = node.attr()
+            assert a.size == size and a.mtime == 0  # compact: superblock build time
+            assert len(read_iovec(node.chunks(0, size), blobs)) == size
+
+
+def test_concurrent_readers_agree(boots):
+    """Many threads sharing one Rafs (as the FUSE daemon does) see the same tree and chunks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import rafs.metadata as md
+
+    def snapshot(fs):
+        out = []
+        for path, node in fs.walk():
+            a = node.attr()
+            chunks = tuple((d.chunk.index if d.chunk else None, d.size) for d in node.chunks(0, a.size))
+            out.append((path, a, chunks, node.readlink() if node.is_symlink() else None))
+        return out
+
+    for key in ("v6large", "v5large"):
+        with Rafs.open(boots[key]) as fs:
+            expected = snapshot(fs)
+        old = md.INODE_CACHE_SIZE
+        md.INODE_CACHE_SIZE = 64  # force evictions while threads race
+        try:
+            with Rafs.open(boots[key]) as fs, ThreadPoolExecutor(6) as pool:
+                results = list(pool.map(lambda _: snapshot(fs), range(6)))
+        finally:
+            md.INODE_CACHE_SIZE = old
+        assert all(r == expected for r in results), key
+
+
+def test_v6_without_chunk_table(vectors_dir, tmp_path):
+    """No bootstrap chunk table: descriptors still carry blob, ci index and uncompressed range."""
+    from rafs._blobfile import ChunkReadError, LocalBlobs
+
+    src = vectors_dir / TEXTURE / "bootstrap/rafs-v6-2.2.boot"
+    boot = _patched(src, tmp_path / "nct.boot", [(1184, bytes(8))])  # s_chunk_table_size = 0
+    with Rafs.open(boot) as fs:
+        (d,) = fs.lookup_path("/sync_io.rs").chunks(0, 20000)
+        assert (d.chunk.index, d.chunk.uncompressed_offset, d.chunk.uncompressed_size) == (1, 0x5000, 13400)
+        assert d.chunk.compressed_size == 0 and d.chunk.digest == b""
+        assert list(fs.chunk_table()) == []
+        with LocalBlobs(fs.blobs, blob_dir=str(vectors_dir / TEXTURE / "blobs")) as lb:
+            with pytest.raises(ChunkReadError, match="no compressed location"):
+                lb.read_chunk(d.blob, d.chunk)
+
+
+def test_open_is_lazy(boots):
+    """Opening parses only the superblocks, tables and root; a lookup touches only its path."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with Rafs.open(boots["v6large"]) as fs:
+            assert len(fs._inodes._data) == 1  # the root
+            assert fs._chunk_keys is None
+            perl = fs.lookup_path("/usr/bin/perl")
+            assert len(fs._inodes._data) == 4  # /, /usr, /usr/bin, perl
+            assert fs._chunk_keys is None
+            perl.chunks(0, 1)
+            assert fs._chunk_keys is not None and len(fs._chunk_keys) == 2515
+            _cur, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20  # the 643 KB bootstrap is mmapped, not copied

@@ -126,6 +126,9 @@ def test_nydusd_template(tmp_path):
     t = C.nydusd_config(c)
     assert t["device"]["cache"]["config"]["work_dir"] == "/r/cache"
     assert t["fs_prefetch"]["threads_count"] == 4
+    assert "limit_size" not in t["device"]["cache"]["config"]
+    t_limited = C.nydusd_config(C.Config(root="/r", cache_manager=C.CacheManagerConfig(size_limit=1 << 30)))
+    assert t_limited["device"]["cache"]["config"]["limit_size"] == 1 << 30
     tmpl = tmp_path / "n.json"
     tmpl.write_text(json.dumps({"device": {"backend": {"type": "registry", "config": {}}}, "mode": "cached"}))
     c2 = C.Config(root="/r", daemon=C.DaemonConfig(nydusd_config=str(tmpl)),

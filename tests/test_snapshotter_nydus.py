@@ -265,3 +265,58 @@ def test_cleanup_unmounts_instances_of_removed_images(h, bootstrap):
         h.remove(key)
     h.cleanup()
     assert os.listdir(os.path.join(h.root, "snapshots")) == []
+
+
+def test_bootstrap_damaged_after_commit_is_failed_precondition(h, bootstrap):
+    meta = pull_image(h, bootstrap)
+    boot = os.path.join(h.root, "snapshots", "3", "fs", "image", "image.boot")
+    with open(boot, "r+b") as f:
+        f.write(b"\0" * 2048)
+    code, msg = code_of(h.prepare, "ctr", meta)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "bootstrap" in msg
+    assert h.manager.ops("mount") == []
+
+
+def test_restart_recovers_and_releases_leftover_instances(tmp_path, bootstrap):
+    mgr = FakeManager()
+    h = Harness(tmp_path, manager=mgr)
+    try:
+        meta = pull_image(h, bootstrap)
+        h.prepare("ctr", meta)
+        # the snapshotter dies before it could unmount; the container's snapshot goes away later
+        h.sn._mounted.clear()
+        h.remove("ctr")
+        assert mgr.ops("umount") == []
+        h.restart()  # recover() reports the instance; nobody needs it → released at next Remove/Cleanup
+        assert h.sn.instances() == {"3": os.path.join(h.root, "mnt", "3")}
+        h.cleanup()
+        assert mgr.ops("umount") == [("umount", "3")] and h.sn.instances() == {}
+    finally:
+        h.stop()
+
+
+def test_concurrent_prepare_and_remove_keep_instance_consistent(h, bootstrap):
+    import concurrent.futures
+
+    meta = pull_image(h, bootstrap)
+    h.prepare("base", meta)
+
+    def churn(i: int) -> None:
+        h.prepare(f"c{i}", meta)
+        h.remove(f"c{i}")
+
+    with concurrent.futures.ThreadPoolExecutor(6) as ex:
+        list(ex.map(churn, range(30)))
+    # "base" was alive throughout: its instance must never have been unmounted
+    assert h.manager.ops("umount") == []
+    assert h.sn.instances() == {"3": os.path.join(h.root, "mnt", "3")}
+    h.remove("base")
+    assert h.manager.ops("umount") == [("umount", "3")]
+
+
+def test_broken_instance_is_remounted(h, bootstrap):
+    meta = pull_image(h, bootstrap)
+    h.prepare("c1", meta)
+    os.rmdir(os.path.join(h.root, "mnt", "3"))  # stands in for a dead FUSE mount (stat fails)
+    h.prepare("c2", meta)
+    assert len(h.manager.ops("mount")) == 2

@@ -252,3 +252,23 @@ def test_concurrent_prepares(h):
     assert len(h.list()) == 40
     ids = sorted(int(d) for d in os.listdir(os.path.join(h.root, "snapshots")))
     assert ids == list(range(1, 41))
+
+
+def test_remove_never_deletes_through_a_mountpoint(h):
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    (m,) = h.prepare("a")
+    mnt = os.path.join(os.path.dirname(m.source), "mnt")
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", mnt], check=True)
+    try:
+        with open(os.path.join(mnt, "precious"), "w") as f:
+            f.write("x")
+        h.remove("a")
+        assert os.path.exists(os.path.join(mnt, "precious"))  # kept: still mounted
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+    h.cleanup()
+    assert not os.path.exists(os.path.dirname(m.source))

@@ -55,11 +55,16 @@ def test_prefetch_yields_to_demand_reads_and_cancels(tmp_path):
     b = make_blob(64, compressor=Compressor.NONE, compressible=False)
     backend = MemoryBackend({b.blob_id: b.data}, delay=0.02)
     mgr = FileCacheManager(str(tmp_path), backend)
-    dev = BlobDevice([b.info], mgr, prefetch_config=PrefetchConfig(merging_size=4096, threads_count=1))
+    dev = BlobDevice([b.info], mgr, prefetch_config=PrefetchConfig(merging_size=4096, threads_count=2))
     dev._demand += 1  # an on-demand read in flight: prefetch must wait
     dev.prefetch([b.iovec(0, 64 * 4096)])
     time.sleep(0.1)
     assert backend.requests == []
+    dev.prefetch([b.iovec(63 * 4096, 4096)], priority="high")  # does not wait for demand reads
+    deadline = time.monotonic() + 5
+    while not mgr.get_blob_cache(b.info).chunk_map.is_ready(63) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert mgr.get_blob_cache(b.info).chunk_map.is_ready(63)
     dev._demand -= 1
     time.sleep(0.1)
     dev.close()  # cancel mid-way

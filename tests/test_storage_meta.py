@@ -158,3 +158,10 @@ def test_blob_meta_build_and_negative(tmp_path):
         hdr = bytearray(tar_header("x", 1))
         hdr[0] = ord("y")
         parse_tar_header(bytes(hdr))
+
+
+def test_tar_header_large_size():
+    big = (10 << 30) + 7
+    name, size = parse_tar_header(tar_header("image.blob", big))
+    assert (name, size) == ("image.blob", big)
+    assert parse_tar_header(tar_header("x", 512)) == ("x", 512)

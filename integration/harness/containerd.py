@@ -18,15 +18,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import uuid
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import toml
 
 from integration.harness import HarnessError
-from integration.harness.util import (log_tail, pid_alive, stop_process, unmount_all,
-                                      wait_until)
+from integration.harness.util import (log_tail, pid_alive, set_pdeathsig, short_tempdir,
+                                      stop_process, unmount_all, wait_until)
 
 if TYPE_CHECKING:
     from integration.harness.registry import Registry
@@ -168,7 +167,7 @@ class Containerd:
             if shutil.which(binary) is None:
                 raise HarnessError(f"{binary} not found (Debian packages containerd, runc)")
         # short path: unix socket paths must stay under 108 bytes
-        self.dir = tempfile.mkdtemp(prefix="pyn-ctd-", dir=self._base_dir)
+        self.dir = short_tempdir("pyn-ctd-", self._base_dir)
         for d in ("root", "state", "opt", "cni"):
             os.makedirs(os.path.join(self.dir, d))
         self._cgroup_dirs_before = set(self._ns_cgroup_dirs(CRI_NAMESPACE))
@@ -188,7 +187,7 @@ class Containerd:
                 self.proc = subprocess.Popen(["containerd", "--config", self.config_path],
                                              stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, env=env,
-                                             start_new_session=True)
+                                             start_new_session=True, preexec_fn=set_pdeathsig)
             wait_until(self._ready, self.start_timeout, "containerd", self.proc, self.log_path)
         except BaseException:
             self.stop()
@@ -226,7 +225,10 @@ class Containerd:
             self._cri = None
         if self.proc is not None and self.proc.poll() is None:
             for ns in sorted(self._namespaces_used | {CRI_NAMESPACE}):
-                self._kill_tasks(ns)
+                try:
+                    self._kill_tasks(ns)
+                except HarnessError:
+                    pass   # a hung ctr call: stopping containerd and the shims below still works
         if self.proc is not None:
             stop_process(self.proc, timeout=15)
             self.proc = None

@@ -32,7 +32,8 @@ from typing import Any, Callable, Mapping
 import requests
 
 from integration.harness import HarnessError
-from integration.harness.util import free_port, log_tail, stop_process, wait_until
+from integration.harness.util import (free_port, log_tail, set_pdeathsig, stop_process,
+                                      wait_until)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -185,7 +186,7 @@ class Registry:
                 try:
                     self.proc = subprocess.Popen([REGISTRY_BIN, "serve", cfg_path], stdout=log,
                                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                 start_new_session=True)
+                                                 start_new_session=True, preexec_fn=set_pdeathsig)
                 finally:
                     log.close()
                 try:

@@ -19,11 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from typing import Any, Mapping, Sequence
 
 from integration.harness import HarnessError
-from integration.harness.util import log_tail, stop_process, unmount_all, wait_until
+from integration.harness.util import (kill_pids, log_tail, pids_mentioning, set_pdeathsig,
+                                      short_tempdir, stop_process, unmount_all, wait_until)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -95,7 +95,7 @@ class SnapshotterProcess:
         if self._argv is None and not snapshotter_serve_available():
             raise HarnessError("python3 -m snapshotter serve is not available on this checkout")
         if not self.dir:
-            self.dir = tempfile.mkdtemp(prefix="pyn-snap-", dir=self._base_dir)
+            self.dir = short_tempdir("pyn-snap-", self._base_dir)
             os.makedirs(self.root, exist_ok=True)
             if self._config is not None:
                 import toml
@@ -119,7 +119,7 @@ class SnapshotterProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=set_pdeathsig)
         wait_until(lambda: _socket_accepts(self.address), self.start_timeout, "snapshotter",
                    self.proc, self.log_path)
 
@@ -147,9 +147,16 @@ class SnapshotterProcess:
     def log(self) -> str:
         return log_tail(self.log_path, 200)
 
+    def daemon_pids(self) -> list[int]:
+        """Processes (e.g. nydusd) still running with our dir on their command line."""
+        return pids_mentioning(self.dir) if self.dir else []
+
     def stop(self) -> None:
+        """Stop the snapshotter, then the daemons it left running (they outlive it by design),
+        unmount what is left under its dir and remove the dir."""
         self.terminate()
         if self.dir and os.path.isdir(self.dir):
+            kill_pids(self.daemon_pids())
             unmount_all(self.dir)
             if not self.keep_dir:
                 shutil.rmtree(self.dir, ignore_errors=True)

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from typing import Callable
 
@@ -104,3 +105,56 @@ def unmount_all(prefix: str) -> list[str]:
                 subprocess.run(["umount", "-l", m], capture_output=True)
             done.append(m)
     return done
+
+
+def pids_mentioning(text: str, exclude: int | None = None) -> list[int]:
+    """PIDs of live processes whose command line contains ``text`` (e.g. our temp dir)."""
+    needle = text.encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in (os.getpid(), exclude):
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if needle in cmd and pid_alive(int(entry)):
+            out.append(int(entry))
+    return out
+
+
+def kill_pids(pids: list[int], timeout: float = 5.0) -> None:
+    """SIGTERM these PIDs, wait, SIGKILL the survivors (only for processes we caused)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def set_pdeathsig() -> None:
+    """preexec_fn: the child gets SIGTERM if the test process dies (no orphans after a crash)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+
+
+def short_tempdir(prefix: str, base_dir: str | None, max_len: int = 40) -> str:
+    """mkdtemp under ``base_dir`` unless that path would be too long for the unix sockets that
+    live below it (108-byte limit, with room for nested daemon sockets); then under /tmp."""
+    d = tempfile.mkdtemp(prefix=prefix, dir=base_dir)
+    if len(d) <= max_len or base_dir is None:
+        return d
+    os.rmdir(d)
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")

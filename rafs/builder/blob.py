@@ -13,17 +13,17 @@ with inline meta).  The blob id is the sha256 of every byte written.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import hashlib
 import os
-import tempfile
+import queue
+import threading
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO, Callable
 
 import zstandard
 
-from storage.compress import compress
+from storage.compress import ZSTD_LEVEL, compress
 from storage.device import BlobFeatures, BlobInfo, ChunkFlags, ChunkInfo, Compressor, Digester
 from storage.digest import digest as compute_digest
 from storage.meta.blob_meta import BlobMeta
@@ -47,7 +47,10 @@ INLINE_BLOB_ID_PLACEHOLDER = "x" * 64
 #: most blobs an image may reference (chunk index stores blob_index+1 in a byte)
 MAX_BLOBS = 254
 MAX_CHUNKS_PER_BLOB = 0xFF_FFFF
-_PIPELINE_DEPTH = 8
+_PIPELINE_DEPTH = 6
+#: a batch goes to the pool/writer at this many bytes or chunks
+_BATCH_BYTES = 4 << 20
+_BATCH_COUNT = 256
 
 
 def round_up(n: int, align: int) -> int:
@@ -91,7 +94,12 @@ class ChunkStore:
 
 
 class BlobWriter:
-    """Writes the chunk data of one new blob and its trailing sections."""
+    """Writes the chunk data of one new blob and its trailing sections.
+
+    Chunks flow main thread (digest, dedup) -> compression pool -> one writer thread (write +
+    sha256 of the blob), so reading, compressing and writing overlap; a bounded queue keeps
+    memory at a few dozen chunks.
+    """
 
     def __init__(self, fileobj: BinaryIO | None, *, blob_index: int, chunk_size: int,
                  compressor: Compressor, digester: Digester, threads: int = 2) -> None:
@@ -106,9 +114,15 @@ class BlobWriter:
         self.ci: list[BlobChunk] = []
         self.digests: list[bytes] = []
         self.chunk_infos: list[ChunkInfo] = []
-        self._pending: collections.deque = collections.deque()
         self._pool = (concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="nydus-compress")
-                      if compressor != Compressor.NONE and threads > 1 else None)
+                      if compressor != Compressor.NONE and threads > 0 else None)
+        self._queue: queue.Queue = queue.Queue(maxsize=_PIPELINE_DEPTH)
+        self._error: BaseException | None = None
+        self._batch: list[tuple[bytes, bytes]] = []
+        self._batch_size = 0
+        self._thread: threading.Thread | None = threading.Thread(target=self._drain, name="nydus-blob-writer",
+                                                                 daemon=True)
+        self._thread.start()
 
     # -- raw output ---------------------------------------------------------------------------
     def _write(self, data: bytes | memoryview) -> None:
@@ -124,26 +138,44 @@ class BlobWriter:
 
     # -- chunks -------------------------------------------------------------------------------
     def add_chunk(self, data: bytes, chunk_digest: bytes) -> int:
-        """Queue one new chunk; returns its ci index.  Offsets are final after ``flush``."""
+        """Queue one new chunk; returns its ci index.  Offsets are final after ``close``."""
+        if self._error is not None:
+            raise BuildError(f"writing the blob failed: {self._error}") from self._error
         index = len(self.digests)
         if index >= MAX_CHUNKS_PER_BLOB:
             raise BuildError(f"blob has more than {MAX_CHUNKS_PER_BLOB} chunks")
         self.digests.append(chunk_digest)
-        if self._pool is not None:
-            self._pending.append((data, chunk_digest, self._pool.submit(compress, self.compressor, data)))
-            while len(self._pending) > _PIPELINE_DEPTH:
-                self._write_chunk(*self._pending.popleft())
-        else:
-            self._write_chunk(data, chunk_digest, None)
+        self._batch.append((data, chunk_digest))
+        self._batch_size += len(data)
+        if self._batch_size >= _BATCH_BYTES or len(self._batch) >= _BATCH_COUNT:
+            self._submit_batch()
         return index
 
-    def _write_chunk(self, data: bytes, chunk_digest: bytes, fut) -> None:
-        if fut is not None:
-            packed = fut.result()
-        elif self.compressor != Compressor.NONE:
-            packed = compress(self.compressor, data)
-        else:
-            packed = data
+    def _submit_batch(self) -> None:
+        """Hand the pending chunks to the pool and the writer as one unit (few thread handoffs)."""
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_size = self._batch, [], 0
+        fut = (self._pool.submit(_compress_batch, self.compressor, [d for d, _ in batch])
+               if self._pool is not None else None)
+        self._queue.put((batch, fut))
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            batch, fut = item
+            try:
+                packed = fut.result() if fut is not None else [d for d, _ in batch]
+                for (data, chunk_digest), out in zip(batch, packed):
+                    self._write_chunk(data, chunk_digest, out)
+            except BaseException as exc:  # reported to the producer
+                self._error = exc
+
+    def _write_chunk(self, data: bytes, chunk_digest: bytes, packed: bytes) -> None:
         compressed = self.compressor != Compressor.NONE and len(packed) < len(data)
         if not compressed:
             packed = data
@@ -158,15 +190,18 @@ class BlobWriter:
         self._write(packed)
         self.uncompressed_offset += round_up(len(data), 4096)
 
-    def flush(self) -> None:
-        while self._pending:
-            self._write_chunk(*self._pending.popleft())
-
     def close(self) -> None:
-        self.flush()
+        """Wait until every queued chunk is written (idempotent)."""
+        if self._thread is not None:
+            self._submit_batch()
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        if self._error is not None:
+            raise BuildError(f"writing the blob failed: {self._error}") from self._error
 
     # -- trailing sections ----------------------------------------------------------------------
     def finish(self, *, inline_meta: bool, blob_toc: bool,
@@ -255,6 +290,23 @@ class BlobWriter:
         return final, boot
 
 
+_local = threading.local()
+
+
+def _compress(algo: Compressor, data: bytes) -> bytes:
+    """:func:`storage.compress.compress` with one reusable zstd context per thread."""
+    if algo == Compressor.ZSTD:
+        cctx = getattr(_local, "zstd", None)
+        if cctx is None:
+            cctx = _local.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        return cctx.compress(data)
+    return compress(algo, data)
+
+
+def _compress_batch(algo: Compressor, chunks: list[bytes]) -> list[bytes]:
+    return [_compress(algo, c) for c in chunks]
+
+
 def _toc_flags(c: Compressor) -> TocFlags:
     return {Compressor.NONE: TocFlags.COMPRESSION_NONE, Compressor.ZSTD: TocFlags.COMPRESSION_ZSTD,
             Compressor.LZ4_BLOCK: TocFlags.COMPRESSION_LZ4_BLOCK}[c]
@@ -289,6 +341,40 @@ class Chunker:
             refs.append(self._chunk(data))
             if self.progress is not None:
                 self.progress(want)
+        inode.chunks = refs
+        inode.size = size
+        self.bytes_in += size
+
+    def add_path(self, inode: Inode, path: str, size: int) -> None:
+        """Chunk a file of the source directory (plain ``os.read`` of whole chunks)."""
+        flags = os.O_RDONLY | getattr(os, "O_NOATIME", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            try:
+                fd = os.open(path, flags)
+            except PermissionError:
+                fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise BuildError(f"cannot read {path!r}: {exc}") from exc
+        try:
+            refs: list[ChunkRef] = []
+            remaining = size
+            cs = self.chunk_size
+            while remaining > 0:
+                want = min(cs, remaining)
+                data = os.read(fd, want)
+                while len(data) < want:
+                    more = os.read(fd, want - len(data))
+                    if not more:
+                        raise BuildError(f"{path!r} shrank while reading (expected {size} bytes)")
+                    data += more
+                remaining -= want
+                refs.append(self._chunk(data))
+                if self.progress is not None:
+                    self.progress(want)
+        except OSError as exc:
+            raise BuildError(f"cannot read {path!r}: {exc}") from exc
+        finally:
+            os.close(fd)
         inode.chunks = refs
         inode.size = size
         self.bytes_in += size

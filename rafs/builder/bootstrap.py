@@ -63,6 +63,25 @@ BLOCK_BITS = 12
 INODE_SIZE = RafsV6InodeExtended.SIZE
 DIRENT_SIZE = RafsV6Dirent.SIZE
 _FRAGMENT_MIN = 64
+_U64 = (1 << 64) - 1  # i_mtime is a signed time64 stored as __le64
+
+
+def _codec(cls, names: tuple[str, ...]):
+    """The declared codec of a hot struct, for positional packing in the field order checked
+    here (a change of the declaration in rafs.layout trips this at import)."""
+    if tuple(n for n, _ in cls.FIELDS) != names:
+        raise AssertionError(f"{cls.__name__} field order changed: {cls.FIELDS}")
+    return cls._codec
+
+
+_INODE = _codec(RafsV6InodeExtended, ("i_format", "i_xattr_icount", "i_mode", "i_reserved", "i_size", "i_u",
+                                      "i_ino", "i_uid", "i_gid", "i_mtime", "i_mtime_nsec", "i_nlink",
+                                      "i_reserved2"))
+_CHUNK_INDEX = _codec(RafsV6InodeChunkAddr, ("advise", "device_id", "blkaddr"))
+_DIRENT = _codec(RafsV6Dirent, ("e_nid", "e_nameoff", "e_file_type", "e_reserved"))
+_CHUNK_INFO = _codec(RafsV6ChunkInfo, ("block_id", "blob_index", "flags", "compressed_size",
+                                       "uncompressed_size", "compressed_offset", "uncompressed_offset",
+                                       "file_offset", "index", "crc32"))
 
 
 @dataclass(slots=True)
@@ -201,9 +220,8 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
             by_id[id(node)] = slot
             slots.append(slot)
         slot.nlink += 1
-    used_blobs = sorted({ref.blob_index for s in slots if s.inode.is_reg for ref in s.inode.chunks}
-                        | {i for i, b in enumerate(store.blobs) if b.new and (b.info.chunk_count or
-                           b.info.features & BlobFeatures.INLINED_FS_META)})
+    # only blobs holding chunks of this tree (a blob without chunks cannot be an EROFS device)
+    used_blobs = sorted({ref.blob_index for s in slots if s.inode.is_reg for ref in s.inode.chunks})
     remap = {old: new for new, old in enumerate(used_blobs)}
     blobs: list[BlobRecord] = [store.blobs[i] for i in used_blobs]
     if len(blobs) > 254:
@@ -298,18 +316,21 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
             pos = slot.offset + round_up(INODE_SIZE + len(slot.xattr_bytes), 8)
             for ref in node.chunks:
                 c = store.chunk(ref)
-                RafsV6InodeChunkAddr.encode(remap[ref.blob_index], c.index,
-                                            c.uncompressed_offset // bs).pack_into(buf, pos)
+                blob_index, ci, blkaddr = remap[ref.blob_index], c.index, c.uncompressed_offset // bs
+                if blob_index >= 255 or ci >= 1 << 24 or blkaddr >= 1 << 32:
+                    try:
+                        RafsV6InodeChunkAddr.encode(blob_index, ci, blkaddr)
+                    except FormatError as exc:
+                        raise BuildError(f"chunk of a {node.size}-byte file cannot be addressed: {exc}") from exc
+                _CHUNK_INDEX.pack_into(buf, pos, ci & 0xFFFF, ((ci >> 16) << 8) | (blob_index + 1), blkaddr)
                 pos += 8
         elif ftype in (stat.S_IFCHR, stat.S_IFBLK):
             i_u = new_encode_dev(node.rdev)
         if slot.nlink > 0xFFFFFFFF:
             raise BuildError("too many links")
-        RafsV6InodeExtended(
-            i_format=inode_format(EROFS_INODE_LAYOUT_EXTENDED, slot.layout), i_xattr_icount=icount,
-            i_mode=node.mode & 0xFFFF, i_size=size, i_u=i_u, i_ino=slot.ino, i_uid=node.uid, i_gid=node.gid,
-            i_mtime=node.mtime, i_mtime_nsec=node.mtime_nsec, i_nlink=slot.nlink,
-        ).pack_into(buf, slot.offset)
+        _INODE.pack_into(buf, slot.offset, inode_format(EROFS_INODE_LAYOUT_EXTENDED, slot.layout), icount,
+                         node.mode & 0xFFFF, 0, size, i_u, slot.ino, node.uid, node.gid, node.mtime & _U64,
+                         node.mtime_nsec, slot.nlink, b"")
         if slot.xattr_bytes:
             x = slot.offset + INODE_SIZE
             buf[x:x + len(slot.xattr_bytes)] = slot.xattr_bytes
@@ -318,10 +339,8 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
     pos = chunk_table_offset
     for (digest, blob_index), (ref, file_offset) in sorted(table.items()):
         c = store.chunk(ref)
-        RafsV6ChunkInfo(block_id=c.digest, blob_index=blob_index, flags=c.flags,
-                        compressed_size=c.compressed_size, uncompressed_size=c.uncompressed_size,
-                        compressed_offset=c.compressed_offset, uncompressed_offset=c.uncompressed_offset,
-                        file_offset=file_offset, index=c.index).pack_into(buf, pos)
+        _CHUNK_INFO.pack_into(buf, pos, c.digest, blob_index, c.flags, c.compressed_size, c.uncompressed_size,
+                              c.compressed_offset, c.uncompressed_offset, file_offset, c.index, 0)
         pos += RafsV6ChunkInfo.SIZE
 
     # -- devices, blob table, prefetch ----------------------------------------------------------
@@ -413,7 +432,7 @@ def _dir_bytes(node: Inode, slot: _Slot, parent_nid: int, by_id: dict[int, _Slot
         heads = bytearray()
         names = bytearray()
         for name, n, ft in block:
-            heads += RafsV6Dirent(e_nid=n, e_nameoff=nameoff, e_file_type=ft).pack()
+            heads += _DIRENT.pack(n, nameoff, ft, 0)
             names += name
             nameoff += len(name)
         out += heads + names

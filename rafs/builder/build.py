@@ -6,6 +6,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO, Callable
 
@@ -34,6 +35,8 @@ class BuildOptions:
     blob_toc: bool = False
     prefetch: list[str] = field(default_factory=list)
     chunk_dict: str | None = None
+    #: a lower layer's bootstrap: the output is that image with this layer on top
+    parent_bootstrap: str | None = None
     threads: int = 2
     progress: bool = False
 
@@ -56,6 +59,8 @@ class BuildResult:
     blob: BlobInfo | None
     blob_path: str | None
     bytes_in: int
+    #: seconds per phase (upstream's ``trace`` in the output JSON)
+    trace: dict[str, float] = field(default_factory=dict)
 
 
 def _atomic_write(path: str, data: bytes) -> None:
@@ -134,7 +139,12 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         raise BuildError(f"unsupported source type {source_type!r} (supported: {', '.join(SOURCE_TYPES)})")
     if bootstrap_out is None and blob_dir is None:
         raise BuildError("either a bootstrap path or a blob dir is required")
+    t0 = time.perf_counter()
+    trace: dict[str, float] = {}
     store = ChunkStore()
+    parent: Tree | None = None
+    if opts.parent_bootstrap:
+        parent = _load_parent(opts.parent_bootstrap, store, opts.chunk_size)
     if opts.chunk_dict:
         from rafs.builder.loader import load_chunk_dict
 
@@ -143,6 +153,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
     out_dir = blob_dir or (os.path.dirname(os.path.abspath(blob_out)) if blob_out else None)
     tmp_path = None
     f = None
+    writer = None
     if out_dir is not None:
         fd, tmp_path = tempfile.mkstemp(dir=out_dir, prefix=".tmp-blob.")
         f = os.fdopen(fd, "wb", buffering=1 << 20)
@@ -155,7 +166,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             if not isinstance(source, (str, os.PathLike)):
                 raise BuildError("dir-rafs needs a directory path")
             tree = walk_directory(source)
-            apply_whiteouts_in_layer(tree, opts.whiteout_spec)
+            trace["load_from_directory"] = time.perf_counter() - t0
             bar = _progress_bar(opts.progress, _dir_total(tree))
             chunker = Chunker(store, writer, chunk_size=opts.chunk_size, digester=Digester(opts.digester),
                               progress=bar.update if bar else None)
@@ -163,11 +174,8 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
                 if node.size == 0:
                     node.chunks = []
                     continue
-                try:
-                    with open(node.source, "rb", buffering=0) as src:  # type: ignore[arg-type]
-                        chunker.add_file(node, src, node.size)
-                except OSError as exc:
-                    raise BuildError(f"cannot read {node.source!r}: {exc}") from exc
+                chunker.add_path(node, node.source, node.size)  # type: ignore[arg-type]
+            tree = _apply_layer(tree, parent, opts.whiteout_spec)
         else:
             bar = _progress_bar(opts.progress, None)
             chunker = Chunker(store, writer, chunk_size=opts.chunk_size, digester=Digester(opts.digester),
@@ -185,7 +193,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             finally:
                 if close:
                     stream.close()
-            apply_whiteouts_in_layer(tree, opts.whiteout_spec)
+            tree = _apply_layer(tree, parent, opts.whiteout_spec)
         if bar is not None:
             bar.close()
         bopts = BootstrapOptions(chunk_size=opts.chunk_size, compressor=Compressor(opts.compressor),
@@ -200,12 +208,11 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             return write_bootstrap(tree, trial, bopts)
 
         writer.close()
+        trace["dump_blob"] = time.perf_counter() - t0 - sum(trace.values())
         has_blob = bool(writer.ci) or opts.blob_inline_meta
         info, _ = writer.finish(inline_meta=opts.blob_inline_meta, blob_toc=opts.blob_toc,
                                 make_bootstrap=bootstrap_with)
         if f is not None:
-            f.flush()
-            os.fsync(f.fileno())
             f.close()
             f = None
         blob_path = None
@@ -216,17 +223,52 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
                 blob_path = blob_out or os.path.join(blob_dir, info.blob_id)  # type: ignore[arg-type]
                 os.replace(tmp_path, blob_path)
                 tmp_path = None
+        t1 = time.perf_counter()
         boot = write_bootstrap(tree, store, bopts)
+        trace["dump_bootstrap"] = time.perf_counter() - t1
         if bootstrap_out is None:
             bootstrap_out = os.path.join(blob_dir, hashlib.sha256(boot).hexdigest())  # type: ignore[arg-type]
         _atomic_write(bootstrap_out, boot)
         used = _blob_ids_of(boot)
-        return BuildResult(bootstrap_out, used, info if has_blob else None, blob_path, chunker.bytes_in)
+        trace["total_build"] = time.perf_counter() - t0
+        return BuildResult(bootstrap_out, used, info if has_blob else None, blob_path, chunker.bytes_in,
+                           {k: round(v, 6) for k, v in trace.items()})
     finally:
+        if writer is not None:
+            try:
+                writer.close()
+            except BuildError:
+                pass
         if f is not None:
             f.close()
         if tmp_path is not None:
             _unlink(tmp_path)
+
+
+def _load_parent(path: str, store: ChunkStore, chunk_size: int) -> Tree:
+    """Add a parent bootstrap's blobs to ``store``; return its tree re-pointed at them."""
+    from rafs.builder.loader import load_bootstrap
+    from rafs.builder.tree import ChunkRef
+
+    loaded = load_bootstrap(path)
+    if loaded.blobs and loaded.chunk_size != chunk_size:
+        raise BuildError(f"parent bootstrap {path!r} has chunk size {loaded.chunk_size:#x}, build uses {chunk_size:#x}")
+    remap = {i: store.add_blob(rec) for i, rec in enumerate(loaded.blobs)}
+    seen: set[int] = set()
+    for _, node in loaded.tree.walk():
+        if node.is_reg and id(node) not in seen:
+            seen.add(id(node))
+            node.chunks = [ChunkRef(remap[r.blob_index], r.ci_index) for r in node.chunks]
+    return loaded.tree
+
+
+def _apply_layer(tree: Tree, parent: Tree | None, spec: str) -> Tree:
+    if parent is None:
+        apply_whiteouts_in_layer(tree, spec)
+        return tree
+    from rafs.builder.tree import overlay
+
+    return overlay(parent, tree, spec)
 
 
 def _blob_ids_of(boot: bytes) -> list[str]:

@@ -39,11 +39,12 @@ def _csv(value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",")]
 
 
-def _write_json(path: str | None, bootstrap: str, blobs: list[str], compressor: str) -> None:
+def _write_json(path: str | None, bootstrap: str, blobs: list[str], compressor: str,
+                trace: dict[str, float] | None = None) -> None:
     if not path:
         return
     data = {"version": VERSION, "bootstrap": bootstrap, "blobs": blobs, "external_bootstrap": "",
-            "external_blobs": [], "trace": {}, "fs_version": "6", "compressor": compressor}
+            "external_blobs": [], "trace": trace or {}, "fs_version": "6", "compressor": compressor}
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
 
@@ -62,11 +63,14 @@ def cmd_create(args: argparse.Namespace) -> int:
     if not args.bootstrap and not args.blob_dir:
         print("error: one of --bootstrap or --blob-dir is required", file=sys.stderr)
         return 2
+    if not args.blob and not args.blob_dir:
+        print("error: one of --blob or --blob-dir is required", file=sys.stderr)
+        return 2
     opts = BuildOptions(chunk_size=args.chunk_size, compressor=_COMPRESSORS[args.compressor],
                         digester=_DIGESTERS[args.digester], whiteout_spec=args.whiteout_spec,
                         blob_inline_meta=args.blob_inline_meta, blob_toc="blob-toc" in features,
                         prefetch=_read_prefetch(args.prefetch_policy), chunk_dict=args.chunk_dict,
-                        progress=True)
+                        parent_bootstrap=args.parent_bootstrap, progress=True)
     source = args.SOURCE
     if source == "-":
         source = sys.stdin.buffer
@@ -76,7 +80,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     except (RafsError, StorageError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    _write_json(args.output_json, result.bootstrap, result.blob_ids, args.compressor)
+    _write_json(args.output_json, result.bootstrap, result.blob_ids, args.compressor, result.trace)
     return 0
 
 
@@ -122,6 +126,7 @@ def register(subparsers) -> None:
     p.add_argument("--whiteout-spec", choices=["oci", "overlayfs", "none"], default="oci")
     p.add_argument("--prefetch-policy", choices=["fs", "blob", "none"], default="none")
     p.add_argument("--chunk-dict", help="bootstrap=<path> of a chunk dictionary")
+    p.add_argument("--parent-bootstrap", help="bootstrap of the lower layers; output = parent + this layer")
     p.add_argument("-J", "--output-json")
     p.add_argument("-l", "--log-level", default="info")
     p.add_argument("--repeatable", action="store_true", help="accepted; builds are always repeatable")

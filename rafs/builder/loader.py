@@ -121,7 +121,7 @@ def _load(buf: bytes) -> LoadedBootstrap:
         if inode_version(fmt):
             ino = RafsV6InodeExtended.parse(buf, off)
             isize = RafsV6InodeExtended.SIZE
-            mtime, nsec = ino.i_mtime, ino.i_mtime_nsec
+            mtime, nsec = ino.i_mtime - (1 << 64) if ino.i_mtime >> 63 else ino.i_mtime, ino.i_mtime_nsec
         else:
             ino = RafsV6InodeCompact.parse(buf, off)
             isize = RafsV6InodeCompact.SIZE

@@ -39,6 +39,22 @@ def _digest_hex(value: str) -> str:
     return value
 
 
+def _own_blob(blobs: list[BlobRecord], store: ChunkStore, is_layer: bool, have_digests: bool) -> int | None:
+    """Index of the layer's own data blob: the one with the inline placeholder id, else (when
+    digests are given) the last blob not already known from lower layers / the chunk dict."""
+    if not is_layer:
+        return None
+    for i, rec in enumerate(blobs):
+        if rec.info.blob_id == INLINE_BLOB_ID_PLACEHOLDER or not _HEX64.match(rec.info.blob_id):
+            return i
+    if have_digests:
+        known = {b.info.blob_id for b in store.blobs}
+        for i in range(len(blobs) - 1, -1, -1):
+            if blobs[i].info.blob_id not in known:
+                return i
+    return None
+
+
 def merge(bootstraps: list[str], out: str, *, blob_digests: list[str] | None = None,
           blob_sizes: list[int] | None = None, blob_toc_digests: list[str] | None = None,
           blob_toc_sizes: list[int] | None = None, prefetch: list[str] | None = None,
@@ -63,9 +79,10 @@ def merge(bootstraps: list[str], out: str, *, blob_digests: list[str] | None = N
         elif loaded.blobs and params[0] != loaded.chunk_size:
             raise BuildError(f"{path}: chunk size {loaded.chunk_size:#x} differs from {params[0]:#x}")
         remap: dict[int, int] = {}
+        own_index = _own_blob(loaded.blobs, store, li >= 0, blob_digests is not None)
         for i, rec in enumerate(loaded.blobs):
             info = rec.info
-            own = i == len(loaded.blobs) - 1 and li >= 0
+            own = i == own_index
             if own:
                 if blob_digests is not None:
                     info = replace(info, blob_id=_digest_hex(blob_digests[li]))

@@ -178,9 +178,11 @@ def is_overlay_opaque(inode: Inode) -> bool:
 
 
 def apply_whiteouts_in_layer(tree: Tree, spec: str) -> None:
-    """``--whiteout-spec oci|overlayfs`` on a single layer: drop whiteout entries and their targets.
+    """``--whiteout-spec oci|overlayfs`` on a single layer: drop the whiteout markers.
 
-    ``none`` keeps everything verbatim (for a later merge).
+    Per the OCI image spec a whiteout only hides entries of *lower* layers, so entries of the
+    same layer stay; with no lower layer the markers have nothing to hide.  ``none`` keeps
+    everything verbatim (for a later merge).
     """
     if spec == "none":
         return
@@ -190,12 +192,8 @@ def apply_whiteouts_in_layer(tree: Tree, spec: str) -> None:
     def visit(node: Inode) -> None:
         assert node.entries is not None
         for name, child in list(node.entries.items()):
-            if spec == "oci" and is_oci_whiteout(name):
-                node.entries.pop(name, None)
-                if name != OPAQUE_WHITEOUT:
-                    node.entries.pop(name[len(WHITEOUT_PREFIX):], None)
-            elif spec == "overlayfs" and is_overlay_whiteout(child):
-                node.entries.pop(name, None)
+            if (spec == "oci" and is_oci_whiteout(name)) or (spec == "overlayfs" and is_overlay_whiteout(child)):
+                del node.entries[name]
         for child in node.entries.values():
             if child.is_dir:
                 if spec == "overlayfs":
@@ -214,14 +212,17 @@ def overlay(lower: Tree, upper: Tree, spec: str = "oci") -> Tree:
         opaque = (spec == "oci" and OPAQUE_WHITEOUT in up.entries) or (spec == "overlayfs" and is_overlay_opaque(up))
         if opaque:
             low.entries.clear()
-        for name, child in up.entries.items():
+        # whiteouts hide lower entries first; entries of this layer are added afterwards
+        regular: list[tuple[bytes, Inode]] = []
+        for name, child in sorted(up.entries.items()):
             if spec == "oci" and is_oci_whiteout(name):
                 if name != OPAQUE_WHITEOUT:
                     low.entries.pop(name[len(WHITEOUT_PREFIX):], None)
-                continue
-            if spec == "overlayfs" and is_overlay_whiteout(child):
+            elif spec == "overlayfs" and is_overlay_whiteout(child):
                 low.entries.pop(name, None)
-                continue
+            else:
+                regular.append((name, child))
+        for name, child in regular:
             old = low.entries.get(name)
             if old is not None and old.is_dir and child.is_dir:
                 merged = _copy_attrs(child, old.entries)

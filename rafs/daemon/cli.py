@@ -26,11 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nydusd",
         description="Nydus image service daemon: mounts RAFS images lazily over FUSE or kernel EROFS.",
     )
-    p.add_argument("subcommand", nargs="?", choices=["fuse"], default="fuse",
-                   help="daemon kind; only 'fuse' (also the default) is supported")
+    p.add_argument("subcommand", nargs="?", choices=["fuse", "singleton"], default="fuse",
+                   help="daemon kind: 'fuse' (default); 'singleton' (fscache) is refused with the reason")
     p.add_argument("--config", "-C", help="nydusd JSON config (backend, cache, prefetch)")
     p.add_argument("--bootstrap", "-B", help="RAFS bootstrap; omit to start a shared daemon")
-    p.add_argument("--mountpoint", "-M", required=True, help="where to mount")
+    p.add_argument("--mountpoint", "-M", help="where to mount (required for fuse)")
+    p.add_argument("--fscache", help=argparse.SUPPRESS)
     p.add_argument("--apisock", "-A", help="unix socket of the HTTP control API")
     p.add_argument("--id", default="", help="daemon id (reported by the API)")
     p.add_argument("--log-level", "-l", default="info", choices=sorted(LOG_LEVELS))
@@ -81,7 +82,17 @@ def _detach(log_file: str | None) -> int | None:
 
 def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
     """Run nydusd; ``opener`` replaces the bootstrap/device opener (tests only)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.subcommand == "singleton":
+        from rafs.erofs import detect_support
+
+        sup = detect_support()
+        reason = sup.reason if not sup.ondemand else "the fscache daemon mode is not implemented by this nydusd"
+        print(f"nydusd: singleton/fscache mode unavailable: {reason}", file=sys.stderr)
+        return 2
+    if not args.mountpoint:
+        parser.error("--mountpoint is required")
     if args.daemon:
         code = _detach(args.log_file)
         if code is not None:

@@ -122,7 +122,7 @@ class DaemonManager:
     def __init__(self, root: str, *, mode: Literal["shared", "dedicated"] = "shared",
                  fs_driver: Literal["fusedev", "erofs"] = "fusedev", nydusd_config: dict | None = None,
                  nydusd_cmd: list[str] | None = None, log_level: str = "info",
-                 start_timeout: float = 30.0) -> None:
+                 start_timeout: float = 30.0, monitor_interval: float | None = 2.0) -> None:
         if mode not in ("shared", "dedicated"):
             raise ConfigError(f"daemon mode: expected 'shared' or 'dedicated', got {mode!r}")
         if fs_driver not in ("fusedev", "erofs"):
@@ -140,6 +140,27 @@ class DaemonManager:
         self._erofs_support: erofs.ErofsSupport | None = None
         os.makedirs(os.path.join(self.root, "daemons"), exist_ok=True)
         self._load_records()
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        if monitor_interval:
+            self._monitor = threading.Thread(target=self._watch, args=(monitor_interval,),
+                                             name="nydusd-liveness", daemon=True)
+            self._monitor.start()
+
+    def _watch(self, interval: float) -> None:
+        """Liveness monitor: a daemon that died is cleaned up and restarted with its instances."""
+        while not self._stop.wait(interval):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                self._records.clear()
+                self._load_records()  # the files are the truth (another manager may have acted)
+                for rec in list(self._records.values()):
+                    if rec.pid > 0 and not self._pid_alive(rec) and not self._alive(rec):
+                        try:
+                            self._recover_daemon(rec)
+                        except RafsError as exc:
+                            log.error("liveness monitor: cannot restart daemon %s: %s", rec.daemon_id, exc)
 
     # ------------------------------------------------------------------ records
 
@@ -240,6 +261,7 @@ class DaemonManager:
 
     def shutdown(self, *, keep_records: bool = True) -> None:
         """Stop every daemon (unmounting its instances); records stay for a later ``recover()``."""
+        self._stop.set()
         with self._lock:
             for rec in list(self._records.values()):
                 self._stop_daemon(rec)

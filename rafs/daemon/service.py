@@ -13,7 +13,6 @@ fs drivers:
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import threading
@@ -101,7 +100,6 @@ class Nydusd:
         self.started = time.time()
         self._fuse_mountpoint: str | None = None
         self._cancel: trio.CancelScope | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
         self._lock = trio.Lock()
         self._prefetch_threads: list[threading.Thread] = []
 
@@ -114,7 +112,6 @@ class Nydusd:
 
         from rafs.daemon import api
 
-        self._token = trio.lowlevel.current_trio_token()
         if self.thread_num:
             trio.to_thread.current_default_thread_limiter().total_tokens = self.thread_num
         self.shared = bootstrap is None
@@ -129,23 +126,26 @@ class Nydusd:
             self.fs = RafsFs(shared=self.shared)
             self._fuse_mountpoint = self.mountpoint
         os.makedirs(self.mountpoint, exist_ok=True)
-        session.mount(self.fs, self._fuse_mountpoint, fsname=f"nydusd-{self.daemon_id}")
-        try:
-            async with trio.open_nursery() as nursery:
-                self._cancel = nursery.cancel_scope
-                nursery.start_soon(self._fuse_main)
-                if self.apisock:
-                    await nursery.start(api.serve, self, self.apisock)
-                nursery.start_soon(self._signals, signal.SIGTERM, signal.SIGINT)
-                if bootstrap is not None:
-                    await self.mount_instance("/", bootstrap, config or {})
-                self.state = DaemonState.RUNNING
-                log.info("nydusd %s RUNNING (%s, %s) at %s", self.daemon_id, self.fs_driver,
-                         "shared" if self.shared else "dedicated", self.mountpoint)
-                task_status.started()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._teardown()
+        # SIGTERM/SIGINT are caught from before the mount until after the teardown, so a
+        # signal can never kill the process half-way and leave a stale mount behind
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            session.mount(self.fs, self._fuse_mountpoint, fsname=f"nydusd-{self.daemon_id}")
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._cancel = nursery.cancel_scope
+                    nursery.start_soon(self._fuse_main)
+                    nursery.start_soon(self._signals, signals)
+                    if self.apisock:
+                        await nursery.start(api.serve, self, self.apisock)
+                    if bootstrap is not None:
+                        await self.mount_instance("/", bootstrap, config or {})
+                    self.state = DaemonState.RUNNING
+                    log.info("nydusd %s RUNNING (%s, %s) at %s", self.daemon_id, self.fs_driver,
+                             "shared" if self.shared else "dedicated", self.mountpoint)
+                    task_status.started()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._teardown()
 
     async def _fuse_main(self) -> None:
         await pyfuse3.main()
@@ -153,12 +153,11 @@ class Nydusd:
         log.info("FUSE session on %s ended", self._fuse_mountpoint)
         self.shutdown()
 
-    async def _signals(self, *signals: int) -> None:
-        with trio.open_signal_receiver(*signals) as receiver:
-            async for signum in receiver:
-                log.info("signal %d: unmounting and exiting", signum)
-                self.shutdown()
-                return
+    async def _signals(self, receiver: Any) -> None:
+        async for signum in receiver:
+            log.info("signal %d: unmounting and exiting", signum)
+            self.shutdown()
+            return
 
     def shutdown(self) -> None:
         """Stop serving (callable from the trio loop)."""

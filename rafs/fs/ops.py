@@ -328,7 +328,7 @@ class RafsFs(pyfuse3.Operations):
             where += f" (+{len(descs) - 4} more)"
         log.error(
             "read failed: instance %r ino %d range %d+%d: %s: %s: %s",
-            inst.name, node.ino, off, size, where, type(exc).__name__, exc,
+            inst.name or "/", node.ino, off, size, where, type(exc).__name__, exc,
         )
 
     async def release(self, fh: int) -> None:

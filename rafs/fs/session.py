@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
@@ -57,4 +58,4 @@ def is_stale_mount(path: str) -> bool:
         os.stat(path)
         return False
     except OSError as exc:
-        return exc.errno in (107, 103)  # ENOTCONN, ECONNABORTED
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)

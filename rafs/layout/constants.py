@@ -192,6 +192,8 @@ RAFSV5_INODE_FLAGS_ALL = 0xF
 
 #: BlobFeatures bits that must never be set on disk (mask 0xf000 and the in-memory v5 marker)
 BLOB_FEATURE_INCOMPAT_MASK = 0x0000_F000
+#: every BlobFeatures bit an on-disk v6 blob table entry may carry
+BLOB_FEATURES_ON_DISK = 0x0000_0FFF | 0x7000_0000
 BLOB_FEATURE_V5_NO_EXT_BLOB_TABLE = 0x8000_0000
 #: chunk flags known to the reader
 BLOB_CHUNK_FLAGS_ALL = 0x1F

@@ -21,7 +21,7 @@ from rafs.layout.constants import (
     BLOB_CHUNK_FLAGS_ALL,
     validate_super_flags,
 )
-from storage.structs import Scalar, Struct, StructTooShort
+from storage.structs import Scalar, Struct
 
 
 def _bad(struct: str, field: str, value: object, why: str = "") -> FormatError:
@@ -271,5 +271,4 @@ __all__ = [
     "parse_v5_xattrs",
     "pack_v5_xattrs",
     "rafsv5_align",
-    "StructTooShort",
 ]

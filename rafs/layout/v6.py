@@ -15,6 +15,7 @@ from __future__ import annotations
 from rafs.errors import FormatError
 from rafs.layout.constants import (
     BLOB_FEATURE_INCOMPAT_MASK,
+    BLOB_FEATURES_ON_DISK,
     BLOB_FEATURE_V5_NO_EXT_BLOB_TABLE,
     EROFS_BLOCK_BITS_9,
     EROFS_BLOCK_BITS_12,
@@ -40,6 +41,7 @@ from rafs.layout.erofs import (  # noqa: F401  (re-exported)
     ErofsXattrIbodyHeader,
 )
 from rafs.layout.v5 import RafsV5ChunkInfo
+from storage.device import BlobFeatures
 from storage.structs import Struct
 
 RafsV6InodeCompact = ErofsInodeCompact
@@ -203,6 +205,24 @@ class RafsV6Blob(Struct):
             raise _bad(n, "digest_algo", self.digest_algo, "unknown digester")
         if self.features & (BLOB_FEATURE_INCOMPAT_MASK | BLOB_FEATURE_V5_NO_EXT_BLOB_TABLE):
             raise _bad(n, "features", hex(self.features), "illegal feature bits")
+        if self.features & ~BLOB_FEATURES_ON_DISK:
+            raise _bad(n, "features", hex(self.features), f"unknown bits {self.features & ~BLOB_FEATURES_ON_DISK:#x}")
+        f = BlobFeatures(self.features)
+        tarfs = bool(f & BlobFeatures.TARFS)
+        if tarfs == bool(f & BlobFeatures.ALIGNED):
+            raise _bad(n, "features", hex(self.features), "ALIGNED is required (and forbidden for TARFS)")
+        special = f & (BlobFeatures.ZRAN | BlobFeatures.BATCH | BlobFeatures.ENCRYPTED)
+        if f & BlobFeatures.CHUNK_INFO_V2:
+            want = self.chunk_count * 24
+            if (self.ci_uncompressed_size < want) if special else (self.ci_uncompressed_size != want):
+                raise _bad(n, "ci_uncompressed_size", self.ci_uncompressed_size,
+                           f"CHUNK_INFO_V2 with {self.chunk_count} chunks needs {want}")
+        elif special:
+            raise _bad(n, "features", hex(self.features), "ZRAN/BATCH/ENCRYPTED require CHUNK_INFO_V2")
+        elif not tarfs and not f & BlobFeatures.IS_CHUNKDICT_GENERATED \
+                and self.ci_uncompressed_size != self.chunk_count * 16:
+            raise _bad(n, "ci_uncompressed_size", self.ci_uncompressed_size,
+                       f"v1 chunk info with {self.chunk_count} chunks needs {self.chunk_count * 16}")
         if self.compressed_size > 1 << 40:
             raise _bad(n, "compressed_size", self.compressed_size, "above 1 TiB")
         if self.uncompressed_size > 1 << 44:

@@ -32,7 +32,6 @@ import urllib3.exceptions
 from storage.backend.base import DEFAULT_RETRY_LIMIT, BlobBackend, BlobReader
 from storage.errors import (
     AuthError,
-    BackendError,
     BlobNotFound,
     BlobRangeError,
     ConfigError,
@@ -179,6 +178,7 @@ class RegistryClient:
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._tokens: dict[str, tuple[str, float]] = {}
         self.token_requests = 0  #: token endpoint calls made (for tests and metrics)
+        self._redirects: dict[str, str] = {}  #: blob id -> redirected blob URL
 
     @property
     def base_url(self) -> str:
@@ -291,7 +291,7 @@ class RegistryClient:
         return resp  # pragma: no cover
 
     def _send_following(self, method, url, headers, data, stream, params, timeout, auth) -> requests.Response:
-        origin = urllib.parse.urlsplit(url).netloc
+        origin = self.host  # Authorization goes to the registry host only
         hdrs = dict(self.headers)
         hdrs.update(headers or {})
         for _ in range(MAX_REDIRECTS + 1):
@@ -301,6 +301,8 @@ class RegistryClient:
             try:
                 resp = self.session.request(method, url, headers=send, data=data, stream=stream, params=params,
                                             timeout=timeout or self.timeout, allow_redirects=False)
+            except requests.exceptions.SSLError as exc:  # not worth retrying: a config problem
+                raise RegistryError(f"{method} {url}: TLS: {exc}") from exc
             except _TRANSPORT_ERRORS as exc:
                 raise RegistryUnavailable(f"{method} {url}: {exc}") from exc
             if resp.status_code not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
@@ -333,10 +335,26 @@ class RegistryClient:
         raise RegistryError(msg)
 
     def read_blob_range(self, blob_id: str, offset: int, size: int) -> bytes:
-        """``size`` bytes of blob ``blob_id`` at ``offset`` (one attempt; may be short)."""
+        """``size`` bytes of blob ``blob_id`` at ``offset`` (one attempt; may be short).
+
+        A redirect to another host (blob storage) is remembered per blob and used directly
+        next time; when it stops working (expired: 401/403/404/410) the registry is asked again.
+        """
         headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
-        resp = self.check(self.request("GET", self.blob_path(blob_id), headers=headers, stream=True),
-                          f"blob {blob_id} range {offset}+{size}")
+        cached = self._redirects.get(blob_id)
+        resp = None
+        if cached:
+            resp = self.request("GET", cached, headers=headers, stream=True)
+            if resp.status_code in (401, 403, 404, 410):
+                resp.close()
+                self._redirects.pop(blob_id, None)
+                resp = None
+        if resp is None:
+            resp = self.request("GET", self.blob_path(blob_id), headers=headers, stream=True)
+            final = urllib.parse.urlsplit(resp.url)
+            if 200 <= resp.status_code < 300 and final.netloc != self.host:
+                self._redirects[blob_id] = resp.url
+        resp = self.check(resp, f"blob {blob_id} range {offset}+{size}")
         try:
             body = read_body(resp)
         finally:
@@ -539,5 +557,5 @@ class _RegistryReader(BlobReader):
 
 __all__ = [
     "Credentials", "MirrorConfig", "ProxyConfig", "RegistryBackend", "RegistryClient", "RegistryConfig",
-    "docker_config_credentials", "parse_www_authenticate", "BackendError",
+    "docker_config_credentials", "parse_www_authenticate",
 ]

@@ -26,6 +26,7 @@ class CacheConfig:
     amplify_io: int = 0  #: extend small requests with following chunks up to this size (0 = off)
     limit_size: int = 0  #: cache size limit in bytes; 0 = unlimited (LRU eviction of unused blobs)
     sync_data: bool = True  #: fdatasync chunk data before marking it ready (crash safety)
+    fetch_threads: int = 4  #: runs of one request fetched in parallel (1 = sequential)
 
 
 def merge_runs(chunks: Sequence[ChunkInfo], merging_size: int) -> list[list[ChunkInfo]]:
@@ -51,7 +52,7 @@ def merge_runs(chunks: Sequence[ChunkInfo], merging_size: int) -> list[list[Chun
 
 
 def process_raw_chunk(blob: BlobInfo, chunk: ChunkInfo, raw: bytes | memoryview, validate: bool,
-                      metrics: StorageMetrics) -> bytes:
+                      metrics: StorageMetrics) -> bytes | memoryview:
     """Decompress one chunk, check its size and (if ``validate``) its digest."""
     if chunk.is_compressed:
         data = decompress(blob.compressor, raw, chunk.uncompressed_size)
@@ -61,7 +62,7 @@ def process_raw_chunk(blob: BlobInfo, chunk: ChunkInfo, raw: bytes | memoryview,
                 f"blob {blob.blob_id} chunk {chunk.index}: raw chunk is {len(raw)} bytes, "
                 f"expected {chunk.uncompressed_size}"
             )
-        data = bytes(raw)
+        data = raw  # a view of the backend buffer: no copy
     if validate and chunk.digest:
         actual = digest(blob.digester, data)
         if actual != chunk.digest:
@@ -79,12 +80,12 @@ class BlobCache(ABC):
         self.config = config
         self.metrics = metrics
 
-    def fetch_run(self, run: Sequence[ChunkInfo]) -> tuple[dict[int, bytes], dict[int, StorageError]]:
+    def fetch_run(self, run: Sequence[ChunkInfo]) -> tuple[dict[int, bytes | memoryview], dict[int, StorageError]]:
         """One backend request for a contiguous run; per chunk either its data or its error."""
         start = run[0].compressed_offset
         end = run[-1].compressed_offset + run[-1].compressed_size
         raw = memoryview(self.reader.read(start, end - start))
-        good: dict[int, bytes] = {}
+        good: dict[int, bytes | memoryview] = {}
         bad: dict[int, StorageError] = {}
         for c in run:
             piece = raw[c.compressed_offset - start : c.compressed_offset - start + c.compressed_size]

@@ -5,7 +5,11 @@ Per blob, in ``work_dir``:
 * ``<blob_id>.blob.data`` — uncompressed chunk data at each chunk's ``uncompressed_offset``
   (a sparse file of the blob's uncompressed size);
 * ``<blob_id>.chunk_map`` — an :class:`~storage.cache.state.IndexedChunkMap`;
-* ``<blob_id>.blob.meta`` — the blob's chunk-info table (when known).
+* ``<blob_id>.blob.meta`` — the blob's chunk-info (CI) table: loaded from this file when present
+  (the snapshotter copies it there), else fetched once from the blob (the blob-table
+  ``ci_offset``/``ci_compressed_size`` or the TOC's ``blob.meta`` section) and cached. When a
+  blob has a CI table, its compressed offsets/sizes are authoritative over the bootstrap's chunk
+  info; without one (v5, or no CI fields) the bootstrap's ``ChunkInfo`` is used as is.
 
 A chunk is marked ready only after its data is written and ``fdatasync``-ed, so a crash never
 leaves a ready bit over a torn write; a restarted process reuses every ready chunk. A corrupt
@@ -16,15 +20,17 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from storage.backend.base import BlobBackend, BlobReader
 from storage.cache.base import BlobCache, BlobCacheManager, CacheConfig, merge_runs
 from storage.cache.state import ChunkState, IndexedChunkMap
-from storage.device import BlobInfo, BlobIoDesc, ChunkInfo
-from storage.errors import CacheError, StorageError
+from storage.device import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
+from storage.errors import CacheError, MetaFormatError, StorageError
+from storage.meta.blob_meta import BlobMeta, load_blob_meta_file, load_from_blob, write_blob_meta_file
 from storage.metrics import StorageMetrics
 
 log = logging.getLogger(__name__)
@@ -55,14 +61,87 @@ class FileBlobCache(BlobCache):
             os.close(self._fd)
             raise
         self._chunk_table: list[ChunkInfo] | None = None
+        self.after_fetch: Callable[[], None] | None = None  #: set by the manager (size limit)
+        self.fetch_pool: ThreadPoolExecutor | None = None  #: set by the manager (parallel runs)
+        self.meta_path = os.path.join(work_dir, blob.blob_id + META_SUFFIX)
+        self._meta: BlobMeta | None = None
+        self._meta_state = "unloaded"  # unloaded | loaded | absent
+        self._meta_lock = threading.Lock()
         self.last_access = time.monotonic()
+
+    # -- CI table ---------------------------------------------------------------------------------
+    def _has_ci_table(self) -> bool:
+        b = self.blob
+        return b.ci_compressed_size > 0 or b.has(BlobFeatures.HAS_TOC)
+
+    def blob_meta(self) -> BlobMeta | None:
+        """The blob's CI table (cached file, else fetched from the blob once), or None."""
+        if self._meta_state != "unloaded":
+            return self._meta
+        with self._meta_lock:
+            if self._meta_state != "unloaded":
+                return self._meta
+            meta = None
+            if os.path.exists(self.meta_path):
+                try:
+                    meta = load_blob_meta_file(self.meta_path)
+                    self._check_meta(meta)
+                except (MetaFormatError, OSError) as exc:
+                    log.warning("discarding %s: %s", self.meta_path, exc)
+                    meta = None
+                    os.unlink(self.meta_path)
+            if meta is None and self._has_ci_table():
+                b = self.blob
+                try:
+                    if b.ci_compressed_size:
+                        meta = load_from_blob(self.reader.read, self.reader.blob_size(), ci_offset=b.ci_offset,
+                                              ci_compressed_size=b.ci_compressed_size,
+                                              ci_uncompressed_size=b.ci_uncompressed_size or None,
+                                              ci_compressor=int(b.ci_compressor), chunk_count=b.chunk_count)
+                    else:
+                        meta = load_from_blob(self.reader.read, self.reader.blob_size())
+                    self._check_meta(meta)
+                except MetaFormatError as exc:
+                    log.warning("blob %s: unusable CI table, using bootstrap chunk info: %s", b.blob_id, exc)
+                    meta = None
+                if meta is not None:
+                    write_blob_meta_file(self.meta_path, meta)
+            self._meta = meta
+            self._meta_state = "loaded" if meta is not None else "absent"
+            if meta is not None and self._chunk_table is None:
+                self._chunk_table = [self._from_ci(i, b"") for i in range(meta.chunk_count)]
+            return meta
+
+    def _check_meta(self, meta: BlobMeta) -> None:
+        if meta.chunk_count < self.blob.chunk_count:
+            raise MetaFormatError(f"CI table has {meta.chunk_count} entries, blob table says {self.blob.chunk_count}")
+        if meta.header.s_features & (BlobFeatures.ZRAN | BlobFeatures.BATCH | BlobFeatures.ENCRYPTED):
+            raise MetaFormatError(f"CI features {meta.header.s_features:#x} (zran/batch/encrypted) not supported")
+
+    def _from_ci(self, index: int, digest: bytes) -> ChunkInfo:
+        assert self._meta is not None
+        ci = self._meta.chunks[index]
+        return ChunkInfo(self.blob.blob_index, index, digest, int(ChunkFlags.COMPRESSED) if ci.is_compressed else 0,
+                         ci.compressed_offset, ci.compressed_size, ci.uncompressed_offset, ci.uncompressed_size)
+
+    def resolve(self, chunk: ChunkInfo) -> ChunkInfo:
+        """``chunk`` with the CI table's authoritative offsets and sizes (when the blob has one)."""
+        meta = self.blob_meta()
+        if meta is None:
+            return chunk
+        if not 0 <= chunk.index < meta.chunk_count:
+            raise MetaFormatError(f"blob {self.blob.blob_id}: chunk index {chunk.index} beyond CI table "
+                                  f"({meta.chunk_count} entries)")
+        return self._from_ci(chunk.index, chunk.digest)
 
     def set_chunk_table(self, chunks: Sequence[ChunkInfo]) -> None:
         """The blob's full chunk list by index (enables read amplification, whole-blob prefetch)."""
         self._chunk_table = sorted(chunks, key=lambda c: c.index)
 
     # -- fetch ------------------------------------------------------------------------------------
-    def _amplify(self, run: list[ChunkInfo], owned: list[ChunkInfo]) -> None:
+    def _amplify(self, run: list[ChunkInfo]) -> None:
+        """Extend ``run`` with following chunks (claimed here) up to ``amplify_io`` bytes."""
+        self.blob_meta()
         table = self._chunk_table
         if not self.config.amplify_io or table is None:
             return
@@ -79,12 +158,17 @@ class FileBlobCache(BlobCache):
             if self.chunk_map.try_mark_pending(nxt.index) is not ChunkState.OWNED:
                 return
             run.append(nxt)
-            owned.append(nxt)
 
-    def ensure_ready(self, chunks: Sequence[ChunkInfo]) -> int:
-        """Fetch the chunks not yet cached (merged, once across threads); returns bytes fetched."""
+    def ensure_ready(self, chunks: Sequence[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None) -> int:
+        """Fetch the chunks not yet cached (merged, once across threads); returns bytes fetched.
+
+        Chunks this call fetched are also put in ``fresh`` (index → data) when given.
+        """
         self.last_access = time.monotonic()
-        needed = {c.index: c for c in chunks}
+        if self.chunk_map.all_ready():  # fast path: a complete blob
+            self.metrics.cache_hits.inc(len(chunks))
+            return 0
+        needed = {c.index: c for c in map(self.resolve, chunks)}
         fetched = 0
         first = True
         while needed:
@@ -100,66 +184,95 @@ class FileBlobCache(BlobCache):
                     self.metrics.cache_hits.inc()
             first = False
             if owned:
-                fetched += self._fetch_owned(owned)
+                fetched += self._fetch_owned(owned, fresh)
             for c in inflight:
                 self.chunk_map.wait_pending(c.index)
             needed = {c.index: c for c in inflight if not self.chunk_map.is_ready(c.index)}
         return fetched
 
-    def _fetch_owned(self, owned: list[ChunkInfo]) -> int:
-        """Fetch chunks this thread owns; every owned chunk is released on every path."""
-        error: StorageError | None = None
-        fetched = 0
-        pending = {c.index for c in owned}
+    def _fetch_owned(self, owned: list[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None) -> int:
+        """Fetch chunks this thread owns (runs in parallel on the manager's fetch pool);
+        every owned chunk is released on every path."""
+        runs = merge_runs(owned, self.config.merging_size)
+        owned_ids = {c.index for c in owned}
+        results: list[tuple[int, StorageError | None]] = []
+        pending = set(owned_ids)
         try:
-            for run in merge_runs(owned, self.config.merging_size):
-                extra: list[ChunkInfo] = []
-                self._amplify(run, extra)
-                pending.update(c.index for c in extra)
-                try:
-                    good, bad = self.fetch_run(run)
-                except StorageError as exc:
-                    error = error or exc
-                    continue
-                fetched += run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset
-                self.metrics.cache_misses.inc(len(run))
-                for c in run:
-                    if c.index in good:
-                        os.pwrite(self._fd, good[c.index], c.uncompressed_offset)
-                if good and self.config.sync_data:
-                    os.fdatasync(self._fd)
-                self.chunk_map.set_ready_and_clear_pending(good)
-                pending.difference_update(good)
-                if bad:
-                    self.chunk_map.clear_pending(bad)
-                    pending.difference_update(bad)
-                    wanted = [i for i in bad if any(o.index == i for o in owned)]
-                    if wanted and error is None:
-                        error = bad[wanted[0]]
+            if len(runs) > 1 and self.fetch_pool is not None:
+                results = list(self.fetch_pool.map(lambda r: self._complete_run(r, owned_ids, fresh), runs))
+            else:
+                for run in runs:
+                    self._amplify(run)
+                    results.append(self._complete_run(run, owned_ids, fresh))
+            pending.clear()
         finally:
-            if pending:
-                self.chunk_map.clear_pending(pending)
-        if error is not None:
-            raise error
+            if pending:  # interrupted (e.g. KeyboardInterrupt): release what we still own
+                self.chunk_map.clear_pending([i for i in pending if not self.chunk_map.is_ready(i)])
+        fetched = sum(n for n, _ in results)
+        if fetched and self.after_fetch is not None:
+            self.after_fetch()
+        for _, err in results:
+            if err is not None:
+                raise err
         return fetched
+
+    def _complete_run(self, run: list[ChunkInfo], wanted: set[int],
+                      fresh: dict[int, bytes | memoryview] | None) -> tuple[int, StorageError | None]:
+        """Fetch, process, write, sync and mark one run; returns (bytes fetched, error for ``wanted``)."""
+        indices = [c.index for c in run]
+        try:
+            good, bad = self.fetch_run(run)
+        except StorageError as exc:
+            self.chunk_map.clear_pending(indices)
+            return 0, exc
+        except BaseException:
+            self.chunk_map.clear_pending(indices)
+            raise
+        try:
+            for c in run:
+                if c.index in good:
+                    os.pwrite(self._fd, good[c.index], c.uncompressed_offset)
+            if good and self.config.sync_data:
+                os.fdatasync(self._fd)
+        except OSError as exc:
+            self.chunk_map.clear_pending(indices)
+            return 0, CacheError(f"{self.path}: write: {exc}")
+        except BaseException:
+            self.chunk_map.clear_pending(indices)
+            raise
+        self.chunk_map.set_ready_and_clear_pending(good)
+        self.chunk_map.clear_pending(bad)
+        self.metrics.cache_misses.inc(len(run))
+        if fresh is not None:
+            fresh.update(good)
+        error = next((bad[i] for i in bad if i in wanted), None)
+        return run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset, error
 
     # -- reads ------------------------------------------------------------------------------------
     def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
-        self.ensure_ready([d.chunk for d in descs])  # type: ignore[misc]
-        out = bytearray()
-        pos = -1
-        length = 0
+        fresh: dict[int, bytes | memoryview] = {}
+        self.ensure_ready([d.chunk for d in descs], fresh)  # type: ignore[misc]
+        parts: list[bytes | memoryview] = []
+        pos = length = 0
         for d in descs:
-            off = d.chunk.uncompressed_offset + d.offset  # type: ignore[union-attr]
-            if off == pos + length and length:
+            c = self.resolve(d.chunk)  # type: ignore[arg-type]
+            data = fresh.get(c.index)
+            if data is not None:  # fetched by this call: no need to read it back
+                if length:
+                    parts.append(self._pread(pos, length))
+                    length = 0
+                parts.append(memoryview(data)[d.offset : d.offset + d.size])
+                continue
+            off = c.uncompressed_offset + d.offset
+            if length and off == pos + length:
                 length += d.size
                 continue
             if length:
-                out += self._pread(pos, length)
+                parts.append(self._pread(pos, length))
             pos, length = off, d.size
         if length:
-            out += self._pread(pos, length)
-        return bytes(out)
+            parts.append(self._pread(pos, length))
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
 
     def _pread(self, offset: int, size: int) -> bytes:
         data = os.pread(self._fd, size, offset)
@@ -171,6 +284,7 @@ class FileBlobCache(BlobCache):
         return self.ensure_ready(chunks)
 
     def whole_blob_chunks(self) -> list[ChunkInfo] | None:
+        self.blob_meta()
         return self._chunk_table
 
     def is_complete(self) -> bool:
@@ -211,6 +325,14 @@ class FileCacheManager(BlobCacheManager):
         self._caches: dict[str, FileBlobCache] = {}
         self._refs: dict[str, int] = {}
         self._last_evict_check = 0.0
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _fetch_pool(self) -> ThreadPoolExecutor | None:
+        if self.config.fetch_threads <= 1:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.config.fetch_threads, thread_name_prefix="blob-fetch")
+        return self._pool
 
     def get_blob_cache(self, blob: BlobInfo) -> FileBlobCache:
         with self._lock:
@@ -224,6 +346,8 @@ class FileCacheManager(BlobCacheManager):
                     self.metrics.cache_corrupt_resets.inc()
                     self._remove_files(blob.blob_id)
                     cache = FileBlobCache(self.work_dir, blob, reader, self.config, self.metrics)
+                cache.after_fetch = self.maybe_enforce_limit
+                cache.fetch_pool = self._fetch_pool()
                 self._caches[blob.blob_id] = cache
             self._refs[blob.blob_id] = self._refs.get(blob.blob_id, 0) + 1
             return cache
@@ -319,3 +443,6 @@ class FileCacheManager(BlobCacheManager):
                 cache.close()
             self._caches.clear()
             self._refs.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None

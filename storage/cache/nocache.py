@@ -17,8 +17,8 @@ from storage.metrics import StorageMetrics
 class NoCacheBlobCache(BlobCache):
     """Reads straight from the backend; decompresses and validates like the file cache."""
 
-    def _fetch(self, chunks: Sequence[ChunkInfo]) -> dict[int, bytes]:
-        data: dict[int, bytes] = {}
+    def _fetch(self, chunks: Sequence[ChunkInfo]) -> dict[int, bytes | memoryview]:
+        data: dict[int, bytes | memoryview] = {}
         for run in merge_runs(chunks, self.config.merging_size):
             good, bad = self.fetch_run(run)
             if bad:

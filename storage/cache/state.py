@@ -15,8 +15,8 @@
 Drivers: :class:`IndexedChunkMap` (a persisted bitmap by chunk index, the default),
 :class:`NoopChunkMap` (nothing is ever ready; no-cache mode).
 
-``<blob_id>.chunk_map`` layout: a 4096-byte :class:`ChunkMapHeader` {magic, version, magic2,
-all_ready}, then one bit per chunk, most significant bit first. A file of the wrong size or with
+``<blob_id>.chunk_map`` layout: a 4096-byte :class:`~storage.meta.chunk_map.ChunkMapHeader`
+{magic, version, magic2, all_ready}, then one bit per chunk, most significant bit first. A file of the wrong size or with
 a bad magic is corrupt (:class:`~storage.errors.CacheError`); an all-zero header (crash while
 creating) gets a fresh header.
 """
@@ -29,37 +29,15 @@ import threading
 from collections.abc import Iterable
 from typing import Protocol
 
-from storage.errors import CacheError
-from storage.structs import Struct
-
-CHUNK_MAP_MAGIC = 0x424D4150
-CHUNK_MAP_MAGIC2 = 0x434D4150
-CHUNK_MAP_ALL_READY = 0x4D4D4150
-CHUNK_MAP_VERSION = 1
-CHUNK_MAP_HEADER_SIZE = 4096
-
-
-class ChunkMapHeader(Struct):
-    """4096-byte header of a persisted chunk map (upstream ``persist_map.rs``)."""
-
-    FIELDS = (
-        ("magic", "u32"),
-        ("version", "u32"),
-        ("magic2", "u32"),
-        ("all_ready", "u32"),  #: ``CHUNK_MAP_ALL_READY`` once every chunk is ready
-        ("reserved", "4080s"),
-    )
-
-    def validate(self) -> None:
-        if self.magic != CHUNK_MAP_MAGIC:
-            raise CacheError(f"chunk map: bad magic {self.magic:#x}")
-        if self.magic2 != CHUNK_MAP_MAGIC2:
-            raise CacheError(f"chunk map: bad magic2 {self.magic2:#x}")
-        if self.version != CHUNK_MAP_VERSION:
-            raise CacheError(f"chunk map: unsupported version {self.version}")
-        if self.all_ready not in (0, CHUNK_MAP_ALL_READY):
-            raise CacheError(f"chunk map: bad all_ready {self.all_ready:#x}")
-
+from storage.errors import CacheError, MetaFormatError
+from storage.meta.chunk_map import (  # noqa: F401 - re-exported for callers of this module
+    CHUNK_MAP_ALL_READY,
+    CHUNK_MAP_HEADER_SIZE,
+    CHUNK_MAP_MAGIC,
+    CHUNK_MAP_MAGIC2,
+    CHUNK_MAP_VERSION,
+    ChunkMapHeader,
+)
 
 class ChunkState(enum.Enum):
     READY = "ready"
@@ -95,7 +73,11 @@ class _PendingMap:
     def _set_ready(self, indices: list[int]) -> None:
         raise NotImplementedError
 
+    growable = False
+
     def _check(self, index: int) -> None:
+        if self.growable and index >= 0:
+            return
         if not 0 <= index < self.chunk_count:
             raise CacheError(f"chunk index {index} out of range (chunk_count {self.chunk_count})")
 
@@ -169,19 +151,26 @@ def chunk_map_size(chunk_count: int) -> int:
 
 
 class IndexedChunkMap(_PendingMap):
-    """A bitmap by chunk index persisted in ``path`` (see the module docstring for the layout)."""
+    """A bitmap by chunk index persisted in ``path`` (see the module docstring for the layout).
+
+    ``chunk_count=0`` means unknown (v5 images without the extended blob table): the bitmap
+    then grows with the highest index marked, any size is accepted, and it is never "all ready".
+    """
 
     def __init__(self, path: str, chunk_count: int) -> None:
         super().__init__(chunk_count)
         self.path = path
+        self.growable = chunk_count == 0
         expected = chunk_map_size(chunk_count)
         fd = self._open_or_create(path, expected)
         self._fd = fd
+        if self.growable:
+            expected = max(expected, os.fstat(fd).st_size)
         try:
             raw = os.pread(fd, expected, 0)
             header = ChunkMapHeader.parse(raw, 0)
             header.validate()
-        except CacheError as exc:
+        except MetaFormatError as exc:
             os.close(fd)
             raise CacheError(f"{path}: {exc}") from None
         self._bits = bytearray(raw[CHUNK_MAP_HEADER_SIZE:])
@@ -191,15 +180,14 @@ class IndexedChunkMap(_PendingMap):
         if tail and self._bits and self._bits[-1] & (0xFF >> tail):
             os.close(fd)
             raise CacheError(f"{path}: bits set beyond chunk_count {chunk_count}")
-        if header.all_ready == CHUNK_MAP_ALL_READY and self._ready != chunk_count:
+        if header.all_ready == CHUNK_MAP_ALL_READY and (self._ready != chunk_count or self.growable):
             os.close(fd)
             raise CacheError(f"{path}: all_ready set but {self._ready}/{chunk_count} chunks ready")
         self._all_ready_written = header.all_ready == CHUNK_MAP_ALL_READY
 
     @staticmethod
     def _fresh(chunk_count: int) -> bytes:
-        header = ChunkMapHeader(magic=CHUNK_MAP_MAGIC, version=CHUNK_MAP_VERSION, magic2=CHUNK_MAP_MAGIC2)
-        return header.pack() + bytes((chunk_count + 7) // 8)
+        return ChunkMapHeader.new().pack() + bytes((chunk_count + 7) // 8)
 
     def _open_or_create(self, path: str, expected: int) -> int:
         try:
@@ -210,7 +198,7 @@ class IndexedChunkMap(_PendingMap):
             size = os.fstat(fd).st_size
             head = os.pread(fd, 16, 0)
             if size != 0 and head.strip(b"\0"):
-                if size != expected:
+                if size != expected and not (self.growable and size >= expected):
                     os.close(fd)
                     raise CacheError(f"{path}: corrupt chunk map: size {size}, expected {expected}")
                 return fd
@@ -224,12 +212,15 @@ class IndexedChunkMap(_PendingMap):
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
 
     def _is_ready(self, index: int) -> bool:
-        return bool(self._bits[index >> 3] & (0x80 >> (index & 7)))
+        byte = index >> 3
+        return byte < len(self._bits) and bool(self._bits[byte] & (0x80 >> (index & 7)))
 
     def _set_ready(self, indices: list[int]) -> None:
         touched: set[int] = set()
         for i in indices:
             self._check(i)
+            if (i >> 3) >= len(self._bits):
+                self._bits.extend(bytes((i >> 3) + 1 - len(self._bits)))
             byte, mask = i >> 3, 0x80 >> (i & 7)
             if not self._bits[byte] & mask:
                 self._bits[byte] |= mask
@@ -239,21 +230,19 @@ class IndexedChunkMap(_PendingMap):
             return
         lo, hi = min(touched), max(touched)
         os.pwrite(self._fd, bytes(self._bits[lo : hi + 1]), CHUNK_MAP_HEADER_SIZE + lo)
-        if self._ready == self.chunk_count and not self._all_ready_written:
+        if not self.growable and self._ready == self.chunk_count and not self._all_ready_written:
             os.fdatasync(self._fd)
-            header = ChunkMapHeader(magic=CHUNK_MAP_MAGIC, version=CHUNK_MAP_VERSION,
-                                    magic2=CHUNK_MAP_MAGIC2, all_ready=CHUNK_MAP_ALL_READY)
-            os.pwrite(self._fd, header.pack(), 0)
+            os.pwrite(self._fd, ChunkMapHeader.new(all_ready=True).pack(), 0)
             self._all_ready_written = True
 
     def all_ready(self) -> bool:
-        return self._ready == self.chunk_count
+        return not self.growable and self._ready == self.chunk_count
 
     def ready_count(self) -> int:
         return self._ready
 
     def ready_indices(self) -> list[int]:
-        return [i for i in range(self.chunk_count) if self._is_ready(i)]
+        return [i for i in range(len(self._bits) * 8) if self._is_ready(i)]
 
     def close(self) -> None:
         with self._lock:

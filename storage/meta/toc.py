@@ -123,7 +123,8 @@ def tar_header(name: str, size: int) -> bytes:
     raw = name.encode()
     if len(raw) > 100:
         raise MetaFormatError(f"tar entry name {name!r} too long")
-    hdr = TarHeader(name=raw, size=_octal(size, 12), mtime=_octal(0, 12), chksum=b" " * 8,
+    size_field = _octal(size, 12) if size < 8 << 30 else b"\x80" + size.to_bytes(11, "big")  # GNU base-256
+    hdr = TarHeader(name=raw, size=size_field, mtime=_octal(0, 12), chksum=b" " * 8,
                     typeflag=b"0", magic=b"ustar  \0")
     packed = hdr.pack()
     hdr.chksum = _octal(sum(packed), 8)
@@ -137,7 +138,10 @@ def parse_tar_header(buf: bytes, where: int = 0) -> tuple[str, int]:
     hdr = TarHeader.parse(buf)
     try:
         want = int(hdr.chksum.replace(b"\0", b" ").strip() or b"-1", 8)
-        size = int(hdr.size.replace(b"\0", b" ").strip() or b"0", 8)
+        if hdr.size[0] & 0x80:  # GNU base-256 (sizes >= 8 GiB)
+            size = int.from_bytes(hdr.size[1:], "big")
+        else:
+            size = int(hdr.size.replace(b"\0", b" ").strip() or b"0", 8)
     except ValueError as exc:
         raise MetaFormatError(f"tar header at {where}: bad number field ({exc})") from exc
     got = sum(buf[:148]) + 8 * 32 + sum(buf[156:])
