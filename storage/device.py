@@ -150,6 +150,7 @@ class BlobDevice:
         self._lock = threading.Lock()
         self._demand = 0
         self._closed = False
+        self._readahead: dict[str, tuple[int, int]] = {}  # blob id -> (last chunk read, read-ahead end)
         self.prefetcher = Prefetcher(prefetch_config or PrefetchConfig(), self.metrics, busy=lambda: self._demand > 0)
 
     def _cache(self, blob: BlobInfo) -> "BlobCache":
@@ -185,13 +186,47 @@ class BlobDevice:
                 while j < n and iovec[j].blob is not None and not iovec[j].is_hole \
                         and iovec[j].blob.blob_id == desc.blob.blob_id:
                     j += 1
-                parts.append(self._cache(desc.blob).read_descs(iovec[i:j]))
+                cache = self._cache(desc.blob)
+                parts.append(cache.read_descs(iovec[i:j]))
+                if self.prefetcher.config.readahead > 0:
+                    self._read_ahead(cache, iovec[i].chunk.index, iovec[j - 1].chunk.index)  # type: ignore[union-attr]
                 i = j
             return b"".join(parts)
         finally:
             with self._lock:
                 self._demand -= 1
             self.metrics.read_latency.observe(time.monotonic() - start)
+
+    def _read_ahead(self, cache: "BlobCache", first: int, last: int) -> None:
+        """Sequential on-demand reads (one moved on to the chunk after the previous read's last,
+        then reads continuing from there) keep the next ``readahead`` bytes of the blob in flight
+        as high-priority prefetch, so a reader streaming through neighbouring files finds them
+        fetched or arriving instead of waiting for one request after another."""
+        table = getattr(cache, "whole_blob_chunks", None)
+        table = table() if table is not None else None
+        if not table or last >= len(table):
+            return
+        blob_id = cache.blob.blob_id
+        window = self.prefetcher.config.readahead
+        todo: list[ChunkInfo] = []
+        with self._lock:
+            prev_last, ra_end = self._readahead.get(blob_id, (-2, -1))
+            if first == prev_last + 1 or (first == prev_last and ra_end > last + 1):
+                end_of = lambda c: c.compressed_offset + c.compressed_size  # noqa: E731
+                ahead = end_of(table[ra_end - 1]) - end_of(table[last]) if ra_end > last + 1 else 0
+                if ahead < window // 2:  # the reader passed the middle of what is in flight
+                    start = max(ra_end, last + 1)
+                    k, size = start, 0
+                    while k < len(table) and size < window:
+                        size += table[k].compressed_size
+                        k += 1
+                    todo = list(table[start:k])
+                    ra_end = max(ra_end, k)
+            else:
+                ra_end = -1
+            self._readahead[blob_id] = (last, ra_end)
+        if todo:
+            self.prefetcher.submit(cache, todo, yield_to_demand=False, readahead=True)
 
     def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low") -> None:
         """Make the chunks of ``iovecs`` ready in the background: one unit per blob, its chunks

@@ -33,6 +33,7 @@ class PrefetchConfig:
     threads_count: int = 2  #: worker threads (nydusd default 8; this machine is small)
     merging_size: int = 1 << 20  #: bytes per prefetch backend request
     bandwidth_rate: int = 0  #: bytes per second across workers; 0 = unlimited
+    readahead: int = 4 << 20  #: sequential on-demand reads fetch this many bytes ahead; 0 = off
 
 
 class Throttle:
@@ -86,9 +87,13 @@ class Prefetcher:
         self._outstanding = 0
         self._idle = threading.Condition(self._lock)
 
-    def submit(self, cache: BlobCache, chunks: Sequence[ChunkInfo], *, yield_to_demand: bool = True) -> None:
-        """Queue ``chunks`` of ``cache``; ``yield_to_demand=False`` skips waiting for demand reads."""
-        if not self.config.enable or self._cancelled.is_set() or not chunks:
+    def submit(self, cache: BlobCache, chunks: Sequence[ChunkInfo], *, yield_to_demand: bool = True,
+               readahead: bool = False) -> None:
+        """Queue ``chunks`` of ``cache``; ``yield_to_demand=False`` skips waiting for demand reads.
+
+        ``readahead=True`` (on-demand read-ahead) is queued even when prefetch is disabled.
+        """
+        if not (self.config.enable or readahead) or self._cancelled.is_set() or not chunks:
             return
         runs = merge_runs(chunks, self.config.merging_size)
         unit = _Unit(cache, yield_to_demand, len(runs))
