@@ -181,8 +181,15 @@ def run_trial(mode: str, workload: str, repeat: int, ref: str, registry, proxy_h
                             namespace="k8s.io")
         t1, out, err = _first_output(argv, 600)
         time.sleep(0.5)   # let the access log catch up
-        if log_dir and snap is not None:
-            _keep_logs(snap, os.path.join(log_dir, f"{mode}-{workload}-{repeat}"))
+        if log_dir:
+            dest = os.path.join(log_dir, f"{mode}-{workload}-{repeat}")
+            if snap is not None:
+                _keep_logs(snap, dest)
+            os.makedirs(dest, exist_ok=True)
+            with open(os.path.join(dest, "timeline.txt"), "w") as f:
+                f.write(f"t0 {time.time() - (time.monotonic() - t0):.3f} pull {t_pull - t0:.3f} first-output {t1 - t0:.3f}\n")
+            with open(os.path.join(dest, "registry.log"), "w") as f:
+                f.write(registry.log_text())
         return Trial(mode, workload, repeat, t1 - t0, registry.bytes_fetched(since=mark), out.strip()[:80], err[-500:],
                      t_pull - t0)
     finally:

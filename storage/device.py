@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from storage.errors import StorageError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from storage.cache.base import BlobCache, BlobCacheManager
@@ -259,6 +262,23 @@ class BlobDevice:
             chunks = table
         self.prefetcher.submit(cache, chunks)
         return True
+
+    def load_chunk_tables(self) -> list[threading.Thread]:
+        """Load every blob's CI table now, in background threads (one per blob), so the first
+        on-demand read of each blob does not wait for that extra backend round trip."""
+        def load(blob: BlobInfo) -> None:
+            try:
+                loader = getattr(self._cache(blob), "blob_meta", None)
+                if loader is not None:
+                    loader()
+            except Exception as exc:  # the read that needs it reports (and retries) the failure
+                log.debug("preloading the CI table of blob %s: %s", blob.blob_id, exc)
+
+        threads = [threading.Thread(target=load, args=(b,), name=f"ci-{b.blob_index}", daemon=True)
+                   for b in self.blobs.values()]
+        for t in threads:
+            t.start()
+        return threads
 
     def blob_data_path(self, blob_index: int) -> str | None:
         """The complete uncompressed cache file of a blob (all chunks ready), else ``None``."""

@@ -1,12 +1,15 @@
 """Prefetch as a stream: neighbouring files merged into one backend request, runs of one unit
-fetched concurrently (bounded by ``threads_count``), high-priority runs ahead of polite ones."""
+fetched concurrently (bounded by ``threads_count``), high-priority runs ahead of polite ones;
+read-ahead of sequential on-demand reads; CI tables loaded without a blob-size round trip."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 from storage.backend.memory import MemoryBackend
+from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
 from storage.device import BlobDevice, Compressor
 from storage.prefetch import PrefetchConfig
@@ -106,3 +109,81 @@ def test_cancel_drops_queued_runs_and_wait_returns(tmp_path):
     done = mgr.get_blob_cache(b.info).chunk_map.ready_count()
     assert done < 64
     assert mgr.metrics.prefetch_pending.value == 0
+
+
+def _built_image(tmp_path, files: int = 24, size: int = 8192):
+    """A real RAFS v6 image (builder): ``files`` small files laid out back to back in one blob."""
+    import random
+
+    from rafs.builder.build import BuildOptions, build
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(5)
+    content = {}
+    for i in range(files):
+        content[f"f{i:03d}"] = rnd.randbytes(size)
+        (src / f"f{i:03d}").write_bytes(content[f"f{i:03d}"])
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    res = build(str(src), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(blobs),
+                options=BuildOptions(chunk_size=65536, compressor=Compressor.NONE))
+    return res, content, str(blobs)
+
+
+class _NoSizeBackend(MemoryBackend):
+    """Refuses blob-size requests (a HEAD on registries) to prove they are not needed."""
+
+    def _new_reader(self, blob_id):
+        reader = super()._new_reader(blob_id)
+
+        def refuse():
+            raise AssertionError("blob size requested")
+
+        reader._blob_size = refuse
+        return reader
+
+
+def test_ci_table_loaded_without_blob_size_request_and_preloaded(tmp_path):
+    from rafs.metadata import Rafs
+
+    res, _, blob_dir = _built_image(tmp_path)
+    rafs = Rafs.open(res.bootstrap)
+    blob = rafs.blobs[0]
+    assert blob.ci_compressed_size > 0
+    backend = _NoSizeBackend({blob.blob_id: open(os.path.join(blob_dir, blob.blob_id), "rb").read()})
+    mgr = FileCacheManager(str(tmp_path / "cache"), backend)
+    dev = BlobDevice(rafs.blobs, mgr)
+    for t in dev.load_chunk_tables():
+        t.join(10)
+    assert len(backend.requests) == 1  # the CI table, before any read
+    assert os.path.exists(os.path.join(str(tmp_path / "cache"), blob.blob_id + ".blob.meta"))
+    dev.close()
+
+
+def test_sequential_reads_trigger_read_ahead_random_ones_do_not(tmp_path):
+    from rafs.metadata import Rafs
+
+    res, content, blob_dir = _built_image(tmp_path, files=64)
+    rafs = Rafs.open(res.bootstrap)
+    blob = rafs.blobs[0]
+    backend = MemoryBackend({blob.blob_id: open(os.path.join(blob_dir, blob.blob_id), "rb").read()})
+    mgr = FileCacheManager(str(tmp_path / "cache"), backend, CacheConfig(amplify_io=0))
+    window = 8 * 8192
+    dev = BlobDevice(rafs.blobs, mgr, prefetch_config=PrefetchConfig(enable=False, readahead=window))
+    cache = mgr.get_blob_cache(blob)
+
+    def read(name):
+        ino = rafs.lookup_path("/" + name)
+        assert dev.read(ino.chunks(0, 8192)) == content[name]
+        return ino.chunks(0, 8192)[0].chunk.index
+
+    first = read("f040")
+    read("f010")  # random: no read-ahead
+    assert dev.prefetcher.wait(10)
+    assert cache.chunk_map.ready_count() == 2
+    idx = read("f011")  # the next file: sequential, so the next `window` bytes are fetched
+    assert dev.prefetcher.wait(10)
+    ready = [i for i in range(blob.chunk_count) if cache.chunk_map.is_ready(i)]
+    assert ready == sorted({first, idx - 1, *range(idx, idx + 1 + window // 8192)})
+    dev.close()

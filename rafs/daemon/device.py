@@ -61,7 +61,9 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
                                   threads_count=max(1, cfg.fs_prefetch.threads_count),
                                   merging_size=cfg.fs_prefetch.merging_size,
                                   bandwidth_rate=cfg.fs_prefetch.bandwidth_rate)
-        return OwnedDevice(BlobDevice(list(blobs), factory, prefetch_config=prefetch), factory)
+        device = BlobDevice(list(blobs), factory, prefetch_config=prefetch)
+        device.load_chunk_tables()  # in the background: first reads skip that round trip
+        return OwnedDevice(device, factory)
     except StorageError as exc:
         if isinstance(exc, ValueError):
             raise ConfigError(f"nydusd config: {exc}") from exc

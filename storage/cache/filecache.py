@@ -29,8 +29,9 @@ from storage.backend.base import BlobBackend, BlobReader
 from storage.cache.base import BlobCache, BlobCacheManager, CacheConfig, merge_runs
 from storage.cache.state import ChunkState, IndexedChunkMap
 from storage.device import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
-from storage.errors import CacheError, MetaFormatError, StorageError
+from storage.errors import BlobRangeError, CacheError, MetaFormatError, StorageError
 from storage.meta.blob_meta import BlobMeta, load_blob_meta_file, load_from_blob, write_blob_meta_file
+from storage.meta.header import BLOB_CCT_HEADER_SIZE
 from storage.metrics import StorageMetrics
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,17 @@ class FileBlobCache(BlobCache):
                 b = self.blob
                 try:
                     if b.ci_compressed_size:
-                        meta = load_from_blob(self.reader.read, self.reader.blob_size(), ci_offset=b.ci_offset,
-                                              ci_compressed_size=b.ci_compressed_size,
-                                              ci_uncompressed_size=b.ci_uncompressed_size or None,
-                                              ci_compressor=int(b.ci_compressor), chunk_count=b.chunk_count)
+                        # the blob table gives the CI table's extent: no blob-size request (a HEAD
+                        # round trip on registries) first; a blob too short fails the range read
+                        extent = b.ci_offset + b.ci_compressed_size + BLOB_CCT_HEADER_SIZE
+                        try:
+                            meta = load_from_blob(self.reader.read, extent, ci_offset=b.ci_offset,
+                                                  ci_compressed_size=b.ci_compressed_size,
+                                                  ci_uncompressed_size=b.ci_uncompressed_size or None,
+                                                  ci_compressor=int(b.ci_compressor), chunk_count=b.chunk_count)
+                        except BlobRangeError as exc:
+                            raise MetaFormatError(f"CI table {b.ci_offset}+{b.ci_compressed_size} "
+                                                  f"beyond the blob: {exc}") from exc
                     else:
                         meta = load_from_blob(self.reader.read, self.reader.blob_size())
                     self._check_meta(meta)
