@@ -1,6 +1,6 @@
 """Benchmark (not a test): container cold start, plain OCI (overlayfs) vs nydus (fusedev, erofs).
 
-    python3 -m integration.bench_coldstart [--rate-mib 16] [--files 160] [--file-kib 256] [--repeat 1]
+    python3 -m integration.bench_coldstart [--rate-mib 16] [--files 1280] [--file-kib 256] [--repeat 3]
 
 One realistic image (busybox + ``--files`` poorly compressible files under ``/data``, plus a
 small ``/etc/hello.txt``) is pushed as plain OCI and converted with ``nydusify``. Every pull
@@ -15,7 +15,7 @@ print). Modes: ``oci`` (containerd's overlayfs snapshotter, full layer download)
 nydusify's default prefetch list ``/``, so the snapshotter prefetches it in the background),
 and ``nydus-fusedev-noprefetch`` (converted with an empty prefetch list: pure on-demand reads).
 Bytes fetched are counted
-from the registry's access log. Prints the times, ratios against ``oci`` measured in the same
+from the registry's access log. Prints the times (medians over ``--repeat``), ratios against ``oci`` measured in the same
 run, and writes ``integration/results/coldstart.json`` and ``coldstart.png``.
 Needs root, containerd, runc, docker-registry, /dev/fuse.
 """
@@ -27,6 +27,7 @@ import json
 import os
 import pathlib
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -231,7 +232,7 @@ def plot(trials: list[Trial], path: pathlib.Path, rate_mib: float) -> None:
             vals = []
             for wl in WORKLOADS:
                 sel = [getattr(t, key) for t in trials if t.mode == mode and t.workload == wl and not t.error]
-                v = sum(sel) / len(sel) if sel else 0.0
+                v = statistics.median(sel) if sel else 0.0
                 vals.append(v / (1 << 20) if key == "bytes_fetched" else v)
             ax.bar([x + (i - (len(MODES) - 1) / 2) * width for x in range(len(WORKLOADS))], vals, width,
                    label=mode)
@@ -246,7 +247,7 @@ def plot(trials: list[Trial], path: pathlib.Path, rate_mib: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate-mib", type=float, default=16.0, help="registry link rate, MiB/s")
-    ap.add_argument("--files", type=int, default=512, help="files under /data")
+    ap.add_argument("--files", type=int, default=1280, help="files under /data (default: 320 MiB)")
     ap.add_argument("--file-kib", type=int, default=256, help="size of each /data file, KiB")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--no-prefetch", action="store_true",
@@ -301,15 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for workload in WORKLOADS:
         base = [t.seconds for t in trials if t.mode == "oci" and t.workload == workload and not t.error]
-        base_s = sum(base) / len(base) if base else 0.0
+        base_s = statistics.median(base) if base else 0.0
         for mode in modes:
             sel = [t for t in trials if t.mode == mode and t.workload == workload and not t.error]
             if not sel:
                 continue
-            secs = sum(t.seconds for t in sel) / len(sel)
-            fetched = sum(t.bytes_fetched for t in sel) / len(sel)
+            secs = statistics.median(t.seconds for t in sel)
+            fetched = statistics.median(t.bytes_fetched for t in sel)
             summary.setdefault(workload, {})[mode] = {
-                "seconds": round(secs, 3), "bytes_fetched": int(fetched),
+                "seconds": round(secs, 3), "bytes_fetched": int(fetched), "trials": len(sel),
+                "pull_seconds": round(statistics.median(t.pull_seconds for t in sel), 3),
                 "speedup_vs_oci": round(base_s / secs, 2) if base_s and secs else 0.0}
     print("\nspeed-up vs plain OCI (same run):")
     for workload, per in summary.items():
