@@ -134,8 +134,11 @@ class Nydusd:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
                     nursery.start_soon(self._fuse_main)
-                    nursery.start_soon(trio.to_thread.run_sync, session.tune_after_init,
-                                       self._fuse_mountpoint)
+                    if self.fs_driver == "fusedev":
+                        # (the erofs blob files keep the default 128 KiB: kernel EROFS does its own
+                        # readahead, and more here would fetch neighbouring chunks of the blob)
+                        nursery.start_soon(trio.to_thread.run_sync, session.tune_after_init,
+                                           self._fuse_mountpoint)
                     nursery.start_soon(self._signals, signals)
                     if self.apisock:
                         await nursery.start(api.serve, self, self.apisock)
