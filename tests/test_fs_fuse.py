@@ -7,6 +7,7 @@ import re
 import os
 import stat
 import threading
+import time
 
 import pytest
 
@@ -71,6 +72,12 @@ def test_tree_content_modes_xattrs(tmp_path):
             assert ei.value.errno == errno.EROFS
         sv = os.statvfs(mnt)
         assert sv.f_bsize == 4096 and sv.f_files >= 300
+        bdi = f"/sys/class/bdi/{erofs.mountinfo(mnt)[0]}/read_ahead_kb"
+        for _ in range(100):  # raised right after FUSE INIT (which resets it to 128)
+            if open(bdi).read().strip() == "1024":
+                break
+            time.sleep(0.05)
+        assert open(bdi).read().strip() == "1024"
 
 
 def test_lazy_reads_and_concurrency(tmp_path):
@@ -161,3 +168,19 @@ def test_sigterm_unmounts(tmp_path):
         assert proc.exitcode == 0
         assert erofs.mounted_fstype(mnt) is None
         assert not os.path.exists(client.apisock)
+
+
+def test_complete_cache_file_fast_path(tmp_path):
+    """Once the device reports a complete cache file, reads pread it directly (no device.read)."""
+    import json
+
+    require_fuse()
+    boot = _tree(tmp_path)
+    spec = json.load(open(boot))
+    spec["complete"] = True
+    json.dump(spec, open(boot, "w"))
+    with running_daemon(tmp_path, bootstrap=boot) as (client, mnt, _):
+        assert open(f"{mnt}/big", "rb").read() == BIG
+        assert open(f"{mnt}/d/f123", "rb").read() == b"file 123\n"
+        assert not (tmp_path / "image.blob.reads").exists()
+        assert 'nydusd_read_errors{id="/"} 0' in client.metrics()

@@ -134,6 +134,8 @@ class Nydusd:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
                     nursery.start_soon(self._fuse_main)
+                    nursery.start_soon(trio.to_thread.run_sync, session.tune_after_init,
+                                       self._fuse_mountpoint)
                     nursery.start_soon(self._signals, signals)
                     if self.apisock:
                         await nursery.start(api.serve, self, self.apisock)

@@ -26,15 +26,25 @@ def fuse_options(fsname: str, *, allow_other: bool = True) -> set[str]:
     return opts
 
 
-def mount(fs: RafsFs, mountpoint: str, *, fsname: str = "nydusd",
-          read_ahead_kb: int = DEFAULT_READ_AHEAD_KB) -> None:
-    """Mount ``fs`` (pyfuse3.init) and raise the mount's bdi ``read_ahead_kb``."""
+def mount(fs: RafsFs, mountpoint: str, *, fsname: str = "nydusd") -> None:
+    """Mount ``fs`` (pyfuse3.init); then run :func:`tune_after_init` beside the session."""
     try:
         pyfuse3.init(fs, mountpoint, fuse_options(fsname, allow_other=os.geteuid() == 0))
     except RuntimeError as exc:
         raise MountError(f"FUSE mount on {mountpoint} failed: {exc}") from exc
-    if read_ahead_kb:
-        set_read_ahead(mountpoint, read_ahead_kb)
+
+
+def tune_after_init(mountpoint: str, read_ahead_kb: int = DEFAULT_READ_AHEAD_KB) -> bool:
+    """Raise the bdi readahead once the kernel has processed FUSE INIT (which resets it).
+
+    Blocking: ``statvfs`` waits for INIT, so run it in a worker thread while the session runs.
+    """
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        log.warning("statvfs %s: %s", mountpoint, exc)
+        return False
+    return set_read_ahead(mountpoint, read_ahead_kb)
 
 
 def set_read_ahead(mountpoint: str, read_ahead_kb: int) -> bool:
