@@ -372,3 +372,23 @@ def test_registry_token_auth_via_config_hook(registry_factory) -> None:
     assert r.status_code == 401
     challenge = r.headers.get("WWW-Authenticate", "")
     assert challenge.startswith("Bearer ") and f'service="{reg.host}"' in challenge
+
+
+def test_real_snapshotter_kill9_and_restart(registry, busybox_image, nydus_snapshotter,
+                                            nydus_containerd) -> None:
+    """kill9()/restart() on our snapshotter: containerd reconnects and the pulled image runs."""
+    from integration.conftest import HELLO
+    ctd = nydus_containerd
+    ctd.cri.pull_image(busybox_image.ref)
+    old_pid = nydus_snapshotter.pid
+    nydus_snapshotter.kill9()
+    assert not pid_alive(old_pid)
+    r = ctd.run(busybox_image.ref, ["/bin/true"], snapshotter="nydus", namespace="k8s.io",
+                check=False)
+    assert r.returncode != 0                      # nobody serves the socket now
+    nydus_snapshotter.restart()
+    assert nydus_snapshotter.pid != old_pid
+    ctd.wait_snapshotter("nydus")
+    r = ctd.run(busybox_image.ref, ["/bin/cat", "/etc/hello.txt"], snapshotter="nydus",
+                namespace="k8s.io")
+    assert r.stdout == HELLO.decode()
