@@ -18,6 +18,8 @@ also when the test fails.
                           (``snapshotter_config_for(*registries)`` builds that config).
 * ``nydus_containerd``    Containerd with proxy plugin ``nydus`` -> ``nydus_snapshotter``, CRI
                           snapshotter ``nydus``, mirror for ``registry``.
+* ``lazy_containerd``     the same with background prefetch off (exact on-demand byte counts);
+                          its snapshotter is ``lazy_containerd.snapshotter``.
 """
 
 from __future__ import annotations
@@ -122,9 +124,28 @@ def snapshotter_factory() -> Iterator[Callable[..., SnapshotterProcess]]:
             snap.stop()
 
 
-def snapshotter_config_for(*registries: Registry) -> dict[str, Any]:
-    """Snapshotter config (TOML as a dict) that reaches these local registries over plain HTTP."""
-    return {"version": 1, "remote": {"insecure_registries": [r.host for r in registries]}}
+def snapshotter_config_for(*registries: Registry, prefetch: bool | None = None) -> dict[str, Any]:
+    """Snapshotter config (TOML as a dict) that reaches these local registries over plain HTTP.
+
+    ``prefetch=False`` turns background prefetch off, so only data that is read gets fetched
+    (for exact byte counts); None keeps the snapshotter's default."""
+    cfg: dict[str, Any] = {"version": 1,
+                           "remote": {"insecure_registries": [r.host for r in registries]}}
+    if prefetch is not None:
+        cfg["prefetch"] = {"enable": prefetch}
+    return cfg
+
+
+@pytest.fixture
+def lazy_containerd(registry: Registry, snapshotter_factory: Callable[..., SnapshotterProcess],
+                    containerd_factory: Callable[..., Containerd]) -> Containerd:
+    """Like ``nydus_containerd`` but background prefetch off: registry bytes = bytes read.
+    The snapshotter is ``lazy_containerd.snapshotter``."""
+    snap = snapshotter_factory(config=snapshotter_config_for(registry, prefetch=False))
+    ctd = containerd_factory(snapshotters={"nydus": snap.address}, cri_snapshotter="nydus",
+                             registries=[registry])
+    ctd.snapshotter = snap  # type: ignore[attr-defined]
+    return ctd
 
 
 @pytest.fixture

@@ -193,7 +193,13 @@ class Demo:
                 self.not_available("pynydus snapshotter",
                                    "python3 -m snapshotter serve is not on this checkout")
             snap_config = a.snapshotter_config or {
-                "version": 1, "remote": {"insecure_registries": [registry.host]}}
+                "version": 1, "remote": {"insecure_registries": [registry.host]},
+                # off by default so the byte counts show what the container actually read; with
+                # it on, nydusd keeps fetching the rest of the image in the background
+                "prefetch": {"enable": bool(a.prefetch)}}
+            if have_snap and not a.snapshotter_config:
+                self.say(f"     snapshotter background prefetch: {'on' if a.prefetch else 'off'}"
+                         f"{'' if a.prefetch else ' (--prefetch turns it on)'}")
 
             def fresh_containerd() -> Containerd:
                 # a fresh snapshotter + containerd pair per run: empty content store, snapshots
@@ -415,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snapshotter-config", default=None,
                    help="TOML config file for the snapshotter (default: built-in defaults "
                         "plus plain HTTP to the demo registry)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="let nydusd prefetch image data in the background (default off, so the "
+                        "byte counts show only what was read)")
     p.add_argument("--verbose", "-v", action="store_true")
     args = p.parse_args(argv)
     if os.geteuid() != 0:

@@ -28,8 +28,13 @@ def test_containerd_conformance_suite(shared_dir: pathlib.Path, tmp_path: pathli
         pytest.skip("containerd Go sources missing (apt-get install golang-github-containerd-containerd-dev)")
     cmd = (f"env PYTHONPATH={shlex.quote(str(REPO))} {shlex.quote(sys.executable)} -m snapshotter serve"
            " --root {root} --address {socket}")
+    # private build dir (parallel runs by other checkouts must not share the binary); the Go
+    # build cache is the user's standard one, which go keeps safe for concurrent use
+    gocache = subprocess.run(["go", "env", "GOCACHE"], capture_output=True, text=True).stdout.strip()
     env = dict(os.environ, SNAPSHOTTER_CMD=cmd, SNAPSHOTTER_LOG_DIR=str(tmp_path / "logs"),
-               SNAPSHOTTER_OUTPUT=str(tmp_path / "run.log"))
+               SNAPSHOTTER_OUTPUT=str(tmp_path / "run.log"), SNAPSHOTTER_BUILD_DIR=str(tmp_path / "build"))
+    if gocache and gocache != "off":
+        env["GOCACHE"] = gocache
     proc = subprocess.run([str(runner)], cwd=REPO, env=env, capture_output=True, text=True, timeout=850)
     lines = proc.stdout.strip().splitlines()
     assert lines, f"no output from run.sh (rc {proc.returncode}): {proc.stderr[-2000:]}"

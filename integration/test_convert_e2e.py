@@ -74,10 +74,16 @@ def assert_nydus_manifest(host: str, repo: str, tag: str) -> tuple[dict, dict, b
     assert config["rootfs"]["diff_ids"] == [b["digest"] for b in blobs] + [
         "sha256:" + hashlib.sha256(raw).hexdigest()]
     assert config["history"][-1] == {"created_by": "Nydus Converter", "comment": "Nydus Bootstrap Layer"}
+    from storage.meta.blob_meta import parse_blob_meta_file
+
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
         members = {m.name: m for m in tar.getmembers()}
-    assert members["image"].isdir() and members["image"].mode == 0o755
-    assert members["image/image.boot"].mode == 0o444
+        assert members["image"].isdir() and members["image"].mode == 0o755
+        assert members["image/image.boot"].mode == 0o444
+        metas = {n for n in members if n.endswith(".blob.meta")}
+        for name in metas:   # cache-format CI tables of blobs this image lists
+            assert name[len("image/"):-len(".blob.meta")] in {b["digest"][7:] for b in blobs}
+            assert parse_blob_meta_file(tar.extractfile(name).read()).chunk_count > 0
     return manifest, config, boot_bytes
 
 
@@ -86,8 +92,10 @@ def test_convert_push_and_reconvert(registry, tmp_path):
     ci.push_image(registry, "src/app", "v1", image)
     work = str(tmp_path / "work")
     first = run_convert(f"{registry.host}/src/app:v1", f"{registry.host}/dst/app:nydus", work)
-    manifest, config, _ = assert_nydus_manifest(registry.host, "dst/app", "nydus")
+    manifest, config, boot = assert_nydus_manifest(registry.host, "dst/app", "nydus")
     assert config["os"] == "linux" and config["config"]["Cmd"] == ["/bin/sh"]
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(boot))) as tar:
+        assert {f"image/{b['digest'][7:]}.blob.meta" for b in manifest["layers"][:-1]} <= set(tar.getnames())
     pushed = {layer["digest"] for layer in manifest["layers"]} | {manifest["config"]["digest"]}
     assert pushed <= set(first["uploaded"])
     # a chunk shared by big.bin and copy.bin (3 MiB of random data) is stored once

@@ -84,8 +84,8 @@ def _has_module(name: str) -> bool:
         return False
 
 
-def test_upstream_nydus_image_is_pulled_lazily(registry, vectors_dir, nydus_snapshotter,
-                                               nydus_containerd, tmp_path) -> None:
+def test_upstream_nydus_image_is_pulled_lazily(registry, vectors_dir, lazy_containerd,
+                                               tmp_path) -> None:
     """An upstream-built nydus image (RAFS v5 vector) via nydusctl pull: the data blob is not
     downloaded at pull time, and a view of the image reads back the right file contents."""
     import hashlib
@@ -103,8 +103,9 @@ def test_upstream_nydus_image_is_pulled_lazily(registry, vectors_dir, nydus_snap
     pushed = img.push(registry, "vec/v5", "nydus")
     blob_digest = "sha256:" + blob_path.name
     mark = registry.log_mark()
-    r = nydusctl("--address", nydus_containerd.address, "pull", pushed.ref)
-    assert r.returncode == 0, r.stderr + nydus_containerd.log()
+    ctd = lazy_containerd
+    r = nydusctl("--address", ctd.address, "pull", pushed.ref)
+    assert r.returncode == 0, r.stderr + ctd.log()
     full = [e for e in registry.blob_fetches(blob_digest, since=mark) if e.status == 200]
     assert full == [], "the nydus data blob was downloaded whole at pull time"
 
@@ -114,7 +115,7 @@ def test_upstream_nydus_image_is_pulled_lazily(registry, vectors_dir, nydus_snap
         if len(parts) == 2 and len(parts[0]) == 32 and parts[1].startswith("/"):
             expected[parts[1]] = parts[0]
     top = chain_ids(_json.loads(img.config_json())["rootfs"]["diff_ids"])[-1]
-    mounts = nydus_containerd.view_mounts("pyn-view-1", top, snapshotter="nydus")
+    mounts = ctd.view_mounts("pyn-view-1", top, snapshotter="nydus")
     target = tmp_path / "view"
     target.mkdir()
     mount_all(mounts, str(target))
@@ -125,7 +126,7 @@ def test_upstream_nydus_image_is_pulled_lazily(registry, vectors_dir, nydus_snap
     finally:
         unmount_all(str(target))
     # nydusctl info/metrics against the real nydusd the snapshotter started for this image
-    api_socks = sorted(pathlib.Path(nydus_snapshotter.root).rglob("api.sock"))
+    api_socks = sorted(pathlib.Path(ctd.snapshotter.root).rglob("api.sock"))
     assert api_socks, "no nydusd API socket under the snapshotter root"
     r = nydusctl("info", "--api-sock", str(api_socks[0]))
     assert r.returncode == 0, r.stderr
@@ -138,9 +139,9 @@ def test_upstream_nydus_image_is_pulled_lazily(registry, vectors_dir, nydus_snap
     assert 0 < fetched < len(img.layers[0].data)   # only what the two reads needed
 
 
-def test_nydusctl_runs_converted_image_lazily(registry, nydus_containerd, tmp_path) -> None:
+def test_nydusctl_runs_converted_image_lazily(registry, lazy_containerd, tmp_path) -> None:
     """OCI image -> nydusify convert -> nydusctl run: right output, fewer bytes than the OCI
-    image (the container reads one of several large files)."""
+    image (the container reads one of several large files; background prefetch is off)."""
     from integration.harness.images import Layer, busybox_image, generated_files
     if not (_has_module("rafs.convert.cli") and _has_module("rafs.daemon.manager")):
         pytest.skip("converter (rafs.convert) or nydusd (rafs.daemon) not on this checkout yet")
@@ -156,10 +157,10 @@ def test_nydusctl_runs_converted_image_lazily(registry, nydus_containerd, tmp_pa
                        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     mark = registry.log_mark()
-    r = nydusctl("--address", nydus_containerd.address, "run",
-                 "--cgroup", f"/{nydus_containerd.cgroup_prefix}/conv1", target,
+    r = nydusctl("--address", lazy_containerd.address, "run",
+                 "--cgroup", f"/{lazy_containerd.cgroup_prefix}/conv1", target,
                  "/bin/sh", "-c", "cat /etc/hello.txt; wc -c < /data/file0002.bin")
-    assert r.returncode == 0, r.stderr + nydus_containerd.log()
+    assert r.returncode == 0, r.stderr + lazy_containerd.log()
     assert r.stdout == HELLO.decode() + f"{512 * 1024}\n"
     fetched = registry.bytes_fetched(since=mark, repo="conv/app")
     oci_size = sum(la.size for la in pushed.layers)

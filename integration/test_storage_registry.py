@@ -35,28 +35,36 @@ def blob():
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, blob):
     reg = LocalRegistry(str(tmp_path_factory.mktemp("reg-anon")))
-    reg.push_blob(REPO, blob.data)
-    yield reg
-    reg.stop()
+    try:
+        reg.push_blob(REPO, blob.data)
+        yield reg
+    finally:
+        reg.stop()
 
 
 @pytest.fixture(scope="module")
 def basic_registry(tmp_path_factory, blob):
     reg = LocalRegistry(str(tmp_path_factory.mktemp("reg-basic")), auth="htpasswd", users=USERS)
-    reg.push_blob(REPO, blob.data)
-    yield reg
-    reg.stop()
+    try:
+        reg.push_blob(REPO, blob.data)
+        yield reg
+    finally:
+        reg.stop()
 
 
 @pytest.fixture(scope="module")
 def token_registry(tmp_path_factory, blob):
     d = str(tmp_path_factory.mktemp("reg-token"))
     issuer = TokenIssuer(d, users=USERS)
-    reg = LocalRegistry(d, auth="token", token_issuer=issuer)
-    reg.push_blob(REPO, blob.data)
-    yield reg
-    reg.stop()
-    issuer.close()
+    try:
+        reg = LocalRegistry(d, auth="token", token_issuer=issuer)
+        try:
+            reg.push_blob(REPO, blob.data)
+            yield reg
+        finally:
+            reg.stop()
+    finally:
+        issuer.close()
 
 
 @pytest.fixture
@@ -125,6 +133,13 @@ def test_bearer_token_reused_and_refreshed(tmp_path, token_registry, blob):
         client._tokens[scope] = ("bogus", client._tokens[scope][1])
     assert backend.reader(blob.blob_id).read(10, 20) == blob.data[10:30]
     assert len(issuer.requests) - before == 2
+    # a token about to expire is refreshed before use (no 401 round trip needed)
+    import time
+
+    for scope in list(client._tokens):
+        client._tokens[scope] = (client._tokens[scope][0], time.monotonic() + 1)
+    assert backend.reader(blob.blob_id).read(30, 5) == blob.data[30:35]
+    assert len(issuer.requests) - before == 3
     with pytest.raises(AuthError):
         _backend(token_registry.host, auth=_auth(pw="nope")).reader(blob.blob_id).read(0, 1)
     with pytest.raises(AuthError):  # anonymous: the issuer refuses, so does the registry
@@ -259,9 +274,11 @@ def test_identity_token_from_docker_config(tmp_path, token_registry, blob):
 @pytest.fixture(scope="module")
 def tls_registry(tmp_path_factory, blob):
     reg = LocalRegistry(str(tmp_path_factory.mktemp("reg-tls")), tls=True)
-    reg.push_blob(REPO, blob.data)
-    yield reg
-    reg.stop()
+    try:
+        reg.push_blob(REPO, blob.data)
+        yield reg
+    finally:
+        reg.stop()
 
 
 def test_https_with_custom_ca_and_skip_verify(tls_registry, blob):

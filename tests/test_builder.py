@@ -333,6 +333,15 @@ def test_cli_create_and_json(src_tree, tmp_path):
                            str(tmp_path / "c"), "-b", str(tmp_path / "cb"), "--chunk-size", "12345", src_tree], capture_output=True,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 1 and b"chunk size" in proc.stderr
+    # a gzip'd layer on stdin, upstream's --source-type spelling
+    tar = tmp_path / "l.tar.gz"
+    _tar_of(src_tree, tar, "gz")
+    proc = subprocess.run([sys.executable, "-m", "rafs.cli", "create", "--source-type", "targz-rafs", "-B",
+                           str(tmp_path / "s.boot"), "-b", str(tmp_path / "s.blob"), "--chunk-size", "0x10000",
+                           "--whiteout-spec", "none", "-"], input=tar.read_bytes(), capture_output=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr
+    assert load_bootstrap(str(tmp_path / "s.boot")).tree.lookup("/a/multi").size == 5 * CHUNK + 123
     proc = subprocess.run([sys.executable, "-m", "rafs.cli", "create", "-B", str(tmp_path / "c"), src_tree],
                           capture_output=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 2 and b"--blob" in proc.stderr

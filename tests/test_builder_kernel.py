@@ -97,3 +97,28 @@ def test_kernel_mount_merged_layers(tmp_path, mnt):
             p = os.path.join(dirpath, n)
             got[os.path.relpath(p, mnt)] = open(p, "rb").read()
     assert got == {"etc/a": b"a3", "etc/c": b"c2", "opq/y": b"y2", "big": big}
+
+
+def test_kernel_mount_compact_inodes(tmp_path, mnt):
+    """``compact_inodes``: upstream's rule; the kernel reads the mixed image back (compact
+    inodes have no mtime: they show the build time 0, extended ones keep theirs)."""
+    mnt, mounted = mnt
+    src = tmp_path / "src"
+    make_tree(str(src))
+    (src / "mod.pyc").write_bytes(b"bytecode")
+    os.utime(src / "mod.pyc", ns=(1_650_000_000_000_000_001,) * 2)
+    os.utime(src, ns=(1_500_000_000_123_456_789,) * 2)
+    boot, blob = str(tmp_path / "boot"), str(tmp_path / "blob")
+    res = build(str(src), bootstrap_out=boot, blob_out=blob,
+                options=BuildOptions(chunk_size=CHUNK, compact_inodes=True))
+    ext_boot = str(tmp_path / "ext.boot")
+    build(str(src), bootstrap_out=ext_boot, blob_out=str(tmp_path / "ext.blob"), options=BuildOptions(chunk_size=CHUNK))
+    assert os.path.getsize(boot) < os.path.getsize(ext_boot)
+    data = str(tmp_path / "blob.data")
+    expand(blob, data, res.blob)
+    _mount(mnt, mounted, boot, [data])
+    assert snapshot(str(mnt), times=False) == snapshot(str(src), times=False)
+    assert os.lstat(mnt / "one").st_mtime_ns == 0                       # compact
+    assert os.lstat(mnt / "mod.pyc").st_mtime_ns == 1_650_000_000_000_000_001  # .pyc: extended
+    assert os.lstat(mnt / "a" / "multi").st_mtime_ns == os.lstat(src / "a" / "multi").st_mtime_ns  # uid > 65535
+    assert os.lstat(mnt / "bdev").st_rdev == os.lstat(src / "bdev").st_rdev  # rdev != 0: extended

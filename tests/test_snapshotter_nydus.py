@@ -320,3 +320,16 @@ def test_broken_instance_is_remounted(h, bootstrap):
     os.rmdir(os.path.join(h.root, "mnt", "3"))  # stands in for a dead FUSE mount (stat fails)
     h.prepare("c2", meta)
     assert len(h.manager.ops("mount")) == 2
+
+
+def test_data_layer_with_missing_or_other_parent(h):
+    code, msg = code_of(h.prepare, "x", "sha256:nope", data_labels("sha256:c9", BLOB1))
+    assert code == grpc.StatusCode.NOT_FOUND and "sha256:nope" in msg
+    assert h.list() == []
+    code_of(h.prepare, "a", "", data_labels("sha256:c1", BLOB1))
+    code_of(h.prepare, "b", "", data_labels("sha256:c2", BLOB2))
+    # the same chain id again but on another parent: refused, and the adoption filter finds nothing
+    code, msg = code_of(h.prepare, "c", "sha256:c2", data_labels("sha256:c1", BLOB1))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and 'parent ""' in msg
+    assert h.list('labels."containerd.io/snapshot.ref"==sha256:c1,parent=="sha256:c2"') == []
+    assert h.list() == ["sha256:c1", "sha256:c2"]

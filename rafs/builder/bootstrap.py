@@ -21,13 +21,14 @@ import stat
 from dataclasses import dataclass, field
 
 from rafs.builder.blob import BlobRecord, ChunkStore, round_up
-from rafs.builder.tree import ChunkRef, Inode, Tree, split_path
+from rafs.builder.tree import ChunkRef, Inode, Tree
 from rafs.errors import BuildError, FormatError
 from rafs.layout import (
     EROFS_FT_FROM_MODE,
     EROFS_INODE_CHUNK_BASED,
     EROFS_INODE_FLAT_INLINE,
     EROFS_INODE_FLAT_PLAIN,
+    EROFS_INODE_LAYOUT_COMPACT,
     EROFS_INODE_LAYOUT_EXTENDED,
     RafsSuperFlags,
     RafsV6Blob,
@@ -35,6 +36,7 @@ from rafs.layout import (
     RafsV6Device,
     RafsV6Dirent,
     RafsV6InodeChunkAddr,
+    RafsV6InodeCompact,
     RafsV6InodeExtended,
     RafsV6SuperBlock,
     RafsV6SuperBlockExt,
@@ -60,7 +62,6 @@ from storage.device import BlobFeatures, Compressor, Digester
 
 BLOCK_SIZE = 4096
 BLOCK_BITS = 12
-INODE_SIZE = RafsV6InodeExtended.SIZE
 DIRENT_SIZE = RafsV6Dirent.SIZE
 _FRAGMENT_MIN = 64
 _U64 = (1 << 64) - 1  # i_mtime is a signed time64 stored as __le64
@@ -78,6 +79,8 @@ _INODE = _codec(RafsV6InodeExtended, ("i_format", "i_xattr_icount", "i_mode", "i
                                       "i_ino", "i_uid", "i_gid", "i_mtime", "i_mtime_nsec", "i_nlink",
                                       "i_reserved2"))
 _CHUNK_INDEX = _codec(RafsV6InodeChunkAddr, ("advise", "device_id", "blkaddr"))
+_INODE_COMPACT = _codec(RafsV6InodeCompact, ("i_format", "i_xattr_icount", "i_mode", "i_nlink", "i_size",
+                                             "i_reserved", "i_u", "i_ino", "i_uid", "i_gid", "i_reserved2"))
 _DIRENT = _codec(RafsV6Dirent, ("e_nid", "e_nameoff", "e_file_type", "e_reserved"))
 _CHUNK_INFO = _codec(RafsV6ChunkInfo, ("block_id", "blob_index", "flags", "compressed_size",
                                        "uncompressed_size", "compressed_offset", "uncompressed_offset",
@@ -94,6 +97,10 @@ class BootstrapOptions:
     explicit_uidgid: bool = True
     #: paths (``/usr/bin``) whose inodes go to the prefetch table
     prefetch: list[str] = field(default_factory=list)
+    #: upstream's directory-builder rule: 32-byte compact inodes unless uid/gid/nlink > 0xFFFF,
+    #: size > 4 GiB, rdev != 0 or a ``.pyc`` name (compact inodes carry no mtime).  Off by
+    #: default: every inode is extended, as upstream's tar builders and merge write them.
+    compact_inodes: bool = False
 
 
 def new_encode_dev(rdev: int) -> int:
@@ -101,6 +108,8 @@ def new_encode_dev(rdev: int) -> int:
     import os
 
     major, minor = os.major(rdev), os.minor(rdev)
+    if major > 0xFFF or minor > 0xF_FFFF:
+        raise BuildError(f"device number {major}:{minor} does not fit EROFS's 32-bit rdev")
     return (minor & 0xFF) | ((major & 0xFFF) << 8) | ((minor & ~0xFF) << 12)
 
 
@@ -152,6 +161,8 @@ class _Slot:
     data_offset: int = 0  # first full data block (dir/symlink), absolute
     xattr_bytes: bytes = b""
     data_size: int = 0   # dir i_size / symlink length
+    name: bytes = b""    # first name (for the .pyc rule)
+    isize: int = RafsV6InodeExtended.SIZE
 
 
 class _Allocator:
@@ -216,7 +227,7 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
                     parents[id(child)] = node
         slot = by_id.get(id(node))
         if slot is None:
-            slot = _Slot(node, len(slots) + 1)
+            slot = _Slot(node, len(slots) + 1, name=path.rsplit(b"/", 1)[-1])
             by_id[id(node)] = slot
             slots.append(slot)
         slot.nlink += 1
@@ -241,16 +252,18 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
     for slot in slots:
         node = slot.inode
         slot.xattr_bytes = encode_xattrs(node.xattrs)
-        isize = INODE_SIZE + len(slot.xattr_bytes)
+        if node.is_dir:
+            # dirs: nlink = 2 + subdirectories
+            slot.nlink = 2 + sum(1 for c in node.entries.values() if c.is_dir)  # type: ignore[union-attr]
+            slot.data_size = dir_size(_dirent_names(node), bs)
+        elif node.is_symlink:
+            if len(node.symlink) >= RAFS_MAX_SYMLINK or not node.symlink:
+                raise BuildError(f"symlink target of {len(node.symlink)} bytes is not supported")
+            slot.data_size = len(node.symlink)
+        if opts.compact_inodes and _compact_ok(slot):
+            slot.isize = RafsV6InodeCompact.SIZE
+        isize = slot.isize + len(slot.xattr_bytes)
         if node.is_dir or node.is_symlink:
-            if node.is_dir:
-                # dirs: nlink = 2 + subdirectories
-                slot.nlink = 2 + sum(1 for c in node.entries.values() if c.is_dir)  # type: ignore[union-attr]
-                slot.data_size = dir_size(_dirent_names(node), bs)
-            else:
-                if len(node.symlink) >= RAFS_MAX_SYMLINK or not node.symlink:
-                    raise BuildError(f"symlink target of {len(node.symlink)} bytes is not supported")
-                slot.data_size = len(node.symlink)
             tail = slot.data_size % bs
             if tail and isize + tail <= bs:
                 slot.layout = EROFS_INODE_FLAT_INLINE
@@ -308,12 +321,12 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
                 buf[slot.data_offset:slot.data_offset + full] = data[:full]
             i_u = slot.data_offset // bs if full else 0
             if tail:
-                t = slot.offset + INODE_SIZE + len(slot.xattr_bytes)
+                t = slot.offset + slot.isize + len(slot.xattr_bytes)
                 buf[t:t + tail] = data[full:]
         elif node.is_reg:
             size = node.size
             i_u = _chunk_format(node, store, opts.chunk_size)
-            pos = slot.offset + round_up(INODE_SIZE + len(slot.xattr_bytes), 8)
+            pos = slot.offset + round_up(slot.isize + len(slot.xattr_bytes), 8)
             for ref in node.chunks:
                 c = store.chunk(ref)
                 blob_index, ci, blkaddr = remap[ref.blob_index], c.index, c.uncompressed_offset // bs
@@ -328,11 +341,15 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
             i_u = new_encode_dev(node.rdev)
         if slot.nlink > 0xFFFFFFFF:
             raise BuildError("too many links")
-        _INODE.pack_into(buf, slot.offset, inode_format(EROFS_INODE_LAYOUT_EXTENDED, slot.layout), icount,
-                         node.mode & 0xFFFF, 0, size, i_u, slot.ino, node.uid, node.gid, node.mtime & _U64,
-                         node.mtime_nsec, slot.nlink, b"")
+        if slot.isize == RafsV6InodeCompact.SIZE:
+            _INODE_COMPACT.pack_into(buf, slot.offset, inode_format(EROFS_INODE_LAYOUT_COMPACT, slot.layout), icount,
+                                     node.mode & 0xFFFF, slot.nlink, size, 0, i_u, slot.ino, node.uid, node.gid, b"")
+        else:
+            _INODE.pack_into(buf, slot.offset, inode_format(EROFS_INODE_LAYOUT_EXTENDED, slot.layout), icount,
+                             node.mode & 0xFFFF, 0, size, i_u, slot.ino, node.uid, node.gid, node.mtime & _U64,
+                             node.mtime_nsec, slot.nlink, b"")
         if slot.xattr_bytes:
-            x = slot.offset + INODE_SIZE
+            x = slot.offset + slot.isize
             buf[x:x + len(slot.xattr_bytes)] = slot.xattr_bytes
 
     # -- chunk table (digest order) ----------------------------------------------------------
@@ -392,6 +409,13 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
     if nid(root) > 0xFFFF:
         raise BuildError("root nid does not fit the superblock")
     return bytes(buf)
+
+
+def _compact_ok(slot: _Slot) -> bool:
+    node = slot.inode
+    size = node.size if node.is_reg else slot.data_size
+    return not (node.force_extended or node.uid > 0xFFFF or node.gid > 0xFFFF or slot.nlink > 0xFFFF
+                or size > 0xFFFF_FFFF or node.rdev or slot.name.endswith(b".pyc"))
 
 
 def _chunk_format(node: Inode, store: ChunkStore, chunk_size: int) -> int:

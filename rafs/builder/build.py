@@ -7,13 +7,13 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
-from typing import BinaryIO, Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from rafs.builder.blob import BlobRecord, BlobWriter, Chunker, ChunkStore
 from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
 from rafs.builder.source import open_layer, walk_directory, walk_tar
-from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer, split_path
+from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer
 from rafs.errors import BuildError
 from storage.device import BlobInfo, Compressor, Digester
 
@@ -37,6 +37,8 @@ class BuildOptions:
     chunk_dict: str | None = None
     #: a lower layer's bootstrap: the output is that image with this layer on top
     parent_bootstrap: str | None = None
+    #: upstream's directory-builder compact-inode rule (see BootstrapOptions); default extended
+    compact_inodes: bool = False
     threads: int = 2
     progress: bool = False
 
@@ -197,7 +199,8 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         if bar is not None:
             bar.close()
         bopts = BootstrapOptions(chunk_size=opts.chunk_size, compressor=Compressor(opts.compressor),
-                                 digester=Digester(opts.digester), prefetch=list(opts.prefetch))
+                                 digester=Digester(opts.digester), prefetch=list(opts.prefetch),
+                                 compact_inodes=opts.compact_inodes)
         new_index = len(store.blobs)
 
         def bootstrap_with(info: BlobInfo) -> bytes:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from rafs.errors import RafsError
@@ -70,7 +69,8 @@ def cmd_create(args: argparse.Namespace) -> int:
                         digester=_DIGESTERS[args.digester], whiteout_spec=args.whiteout_spec,
                         blob_inline_meta=args.blob_inline_meta, blob_toc="blob-toc" in features,
                         prefetch=_read_prefetch(args.prefetch_policy), chunk_dict=args.chunk_dict,
-                        parent_bootstrap=args.parent_bootstrap, progress=True)
+                        parent_bootstrap=args.parent_bootstrap, compact_inodes=args.compact_inodes,
+                        progress=True)
     source = args.SOURCE
     if source == "-":
         source = sys.stdin.buffer
@@ -127,6 +127,8 @@ def register(subparsers) -> None:
     p.add_argument("--prefetch-policy", choices=["fs", "blob", "none"], default="none")
     p.add_argument("--chunk-dict", help="bootstrap=<path> of a chunk dictionary")
     p.add_argument("--parent-bootstrap", help="bootstrap of the lower layers; output = parent + this layer")
+    p.add_argument("--compact-inodes", action="store_true",
+                   help="32-byte inodes where upstream's directory builder uses them (no mtime)")
     p.add_argument("-J", "--output-json")
     p.add_argument("-l", "--log-level", default="info")
     p.add_argument("--repeatable", action="store_true", help="accepted; builds are always repeatable")

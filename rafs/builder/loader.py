@@ -35,7 +35,6 @@ from rafs.layout.constants import (
     EROFS_SUPER_OFFSET,
     EROFS_XATTR_PREFIXES,
     RAFSV6_EXT_SUPER_OFFSET,
-    RafsSuperFlags,
     compressor_from_flags,
     digester_from_flags,
 )

@@ -340,7 +340,7 @@ class RegistryClient:
         A redirect to another host (blob storage) is remembered per blob and used directly
         next time; when it stops working (expired: 401/403/404/410) the registry is asked again.
         """
-        headers = {"Range": f"bytes={offset}-{offset + size - 1}"}
+        headers = {"Range": f"bytes={offset}-{offset + size - 1}", "Accept-Encoding": "identity"}
         cached = self._redirects.get(blob_id)
         resp = None
         if cached:
@@ -389,7 +389,7 @@ class RegistryClient:
 def read_body(resp: requests.Response) -> bytes:
     """The whole body of a streamed response; a broken/short transfer is a transient error."""
     try:
-        data = resp.raw.read(decode_content=True)
+        data = resp.raw.read(decode_content=False)  # blob bytes as stored (identity requested)
     except _TRANSPORT_ERRORS as exc:
         raise RegistryUnavailable(f"GET {resp.url}: body: {exc}") from exc
     expected = resp.headers.get("Content-Length")
