@@ -181,6 +181,11 @@ class Nydusd:
             pyfuse3.close(unmount=True)
         except Exception as exc:  # already unmounted from outside
             log.warning("closing FUSE session: %s", exc)
+        if self.fs_driver == "erofs" and self.blob_dir:
+            try:
+                os.rmdir(self.blob_dir)  # only when empty (it is once unmounted)
+            except OSError:
+                pass
         if self.apisock:
             try:
                 os.unlink(self.apisock)
