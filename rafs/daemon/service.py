@@ -351,8 +351,22 @@ class Nydusd:
             "backend_collection": {},
         }
 
-    def metrics_text(self, only: str | None = None) -> str:
-        """Prometheus text exposition of the daemon and per-instance counters."""
+    def metrics_text(self, only: str | None = None, kind: str = "fs") -> str:
+        """Prometheus text of the daemon and per-instance counters.
+
+        ``kind``: ``fs`` (everything), ``backend`` / ``blobcache`` (only those storage families).
+        """
+        if kind != "fs":
+            insts = self.fs.instances() if self.fs else {}
+            words = ("backend",) if kind == "backend" else ("cache", "prefetch")
+            lines = _labelled_storage_metrics(insts, only)
+            keep, out = False, []
+            for line in lines:
+                name = line.split(" ", 3)[2] if line.startswith("# ") else line.split("{", 1)[0]
+                keep = any(w in name for w in words)
+                if keep:
+                    out.append(line)
+            return "\n".join(out) + "\n"
         lines = [
             "# HELP nydusd_up 1 while the daemon is RUNNING.",
             "# TYPE nydusd_up gauge",
