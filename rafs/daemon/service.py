@@ -217,6 +217,7 @@ class Nydusd:
             if not os.path.isfile(bootstrap):
                 raise MountError(f"bootstrap {bootstrap} is not a regular file")
             tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
+            device = None
             try:
                 if self.fs_driver == "erofs":
                     record = await self._mount_erofs(name, bootstrap, tree, cfg)
@@ -230,6 +231,8 @@ class Nydusd:
                         await self._invalidate_root_entry(name)
                     self._start_prefetch(inst, cfg)
             except BaseException:
+                if device is not None:
+                    device.close()
                 tree.close()
                 raise
             self.records[name] = record
