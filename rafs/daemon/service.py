@@ -301,7 +301,8 @@ class Nydusd:
                         force: bool = False) -> None:
         if not (force or cfg.fs_prefetch.enable):
             return
-        if not force and not cfg.fs_prefetch.prefetch_all and not getattr(inst.tree, "prefetch_inos", None):
+        tree = getattr(inst.tree, "rafs", inst.tree)  # erofs blob files: the RAFS image they present
+        if not force and not cfg.fs_prefetch.prefetch_all and not getattr(tree, "prefetch_inos", None):
             return
 
         def work() -> None:
@@ -328,8 +329,6 @@ class Nydusd:
             raise NotFound(f"no instance mounted at {mountpoint}")
         key = ("root" if name == "/" else name) if record.fs_driver == "erofs" else (name if name != "/" else "")
         inst = self.fs.instances()[key]
-        if record.fs_driver == "erofs":
-            paths = None  # blob files: prefetch whole blobs
         self._start_prefetch(inst, DaemonConfig.parse(inst.config), paths, force=True)
 
     # ------------------------------------------------------------------ reporting
