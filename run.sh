@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The project's front door (see README.md).
 #
-#   ./run.sh demo          install what is missing, then run the lazy-pull demo
+#   ./run.sh demo [ARGS]   install what is missing, then run the lazy-pull demo; without ARGS it
+#                          builds a Debian+python3 image (mmdebstrap, cached in .cache/);
+#                          ARGS go to `python3 -m integration.demo` (see --help there)
 #   ./run.sh test [ARGS]   install what is missing, then run the whole test suite (ARGS go to pytest)
 #   ./run.sh setup         only install (Debian packages + a virtualenv in .venv)
 #
@@ -15,13 +17,14 @@ APT_PACKAGES=(
   skopeo umoci fio busybox-static curl iproute2 gcc python3-dev python3-venv
   golang-go golang-github-containerd-containerd-dev
 )
+DEMO_APT_PACKAGES=(mmdebstrap)
 VENV=${NYDUS_VENV:-.venv}
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }
 
 install_debian() {
   local missing=() p
-  for p in "${APT_PACKAGES[@]}"; do
+  for p in "${APT_PACKAGES[@]}" "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if ((${#missing[@]})); then
@@ -50,7 +53,7 @@ setup() {
   if [ "$(id -u)" != 0 ]; then
     log "not root: skipping Debian packages (tests needing root will skip)"
   else
-    install_debian
+    install_debian "$@"
   fi
   install_python
 }
@@ -59,7 +62,13 @@ cmd=${1:-help}
 shift || true
 case "$cmd" in
   setup) setup ;;
-  demo) setup; exec "$VENV/bin/python" -m integration.demo "$@" ;;
+  demo)
+    setup "${DEMO_APT_PACKAGES[@]}"
+    if (($# == 0)); then
+      mkdir -p .cache
+      set -- --debian --debian-cache .cache/demo-debian-rootfs.tar
+    fi
+    exec "$VENV/bin/python" -m integration.demo "$@" ;;
   test) setup; exec "$VENV/bin/python" -m pytest -q -rs "$@" ;;
-  *) sed -n '2,10p' "$0"; exit 2 ;;
+  *) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 2 ;;
 esac

@@ -263,8 +263,8 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     need_containerd_stack()
     tmp = tempfile.mkdtemp(prefix="pyn-t-")     # short: unix socket paths live below it
     try:
-        r = subprocess.run([sys.executable, "-m", "integration.demo", "--files", "3",
-                            "--file-kb", "256"], capture_output=True, text=True, timeout=600,
+        r = subprocess.run([sys.executable, "-m", "integration.demo", "--files", "8",
+                            "--file-kb", "512"], capture_output=True, text=True, timeout=600,
                            cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT, TMPDIR=tmp))
         left = os.listdir(tmp)
     finally:
@@ -278,6 +278,12 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     assert statuses and set(statuses) <= {"ok", "NOT", "FAILED"}, steps
     assert r.returncode == (1 if "FAILED" in statuses else 0), out + r.stderr
     assert left == []
+    # when the nydus run happened, it fetched less than the OCI image (prefetch is off)
+    rows = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(
+        r"^  (\S.{40}) +[\d.]+s +[\d.]+s +[\d.]+s +([\d.]+) MB", out, re.M)}
+    lazy = [v for k, v in rows.items() if k.startswith("nydus image")]
+    if "ok             run nydus image lazily" in out:
+        assert lazy and lazy[0] < rows["OCI image, containerd overlayfs"], rows
 
 
 def test_nydus_image_from_upstream_vector(registry: Registry, vectors_dir) -> None:
@@ -366,3 +372,23 @@ def test_registry_token_auth_via_config_hook(registry_factory) -> None:
     assert r.status_code == 401
     challenge = r.headers.get("WWW-Authenticate", "")
     assert challenge.startswith("Bearer ") and f'service="{reg.host}"' in challenge
+
+
+def test_real_snapshotter_kill9_and_restart(registry, busybox_image, nydus_snapshotter,
+                                            nydus_containerd) -> None:
+    """kill9()/restart() on our snapshotter: containerd reconnects and the pulled image runs."""
+    from integration.conftest import HELLO
+    ctd = nydus_containerd
+    ctd.cri.pull_image(busybox_image.ref)
+    old_pid = nydus_snapshotter.pid
+    nydus_snapshotter.kill9()
+    assert not pid_alive(old_pid)
+    r = ctd.run(busybox_image.ref, ["/bin/true"], snapshotter="nydus", namespace="k8s.io",
+                check=False)
+    assert r.returncode != 0                      # nobody serves the socket now
+    nydus_snapshotter.restart()
+    assert nydus_snapshotter.pid != old_pid
+    ctd.wait_snapshotter("nydus")
+    r = ctd.run(busybox_image.ref, ["/bin/cat", "/etc/hello.txt"], snapshotter="nydus",
+                namespace="k8s.io")
+    assert r.stdout == HELLO.decode()

@@ -64,8 +64,8 @@ def _materialize(path: bytes, node, counter: list[int]) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="trusted.* xattrs and kernel mounts need root")
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.dictionaries(name_st, tree_st, max_size=30))
-def test_random_trees(entries):
+@given(st.dictionaries(name_st, tree_st, max_size=30), st.booleans())
+def test_random_trees(entries, compact):
     work = tempfile.mkdtemp(prefix="builder-fuzz-")
     mounted = None
     try:
@@ -73,7 +73,8 @@ def test_random_trees(entries):
         _materialize(src, ("dir", entries, {}), [0])
         boot, blob = os.path.join(work, "boot"), os.path.join(work, "blob")
         res = build(os.fsdecode(src), bootstrap_out=boot, blob_out=blob,
-                    options=BuildOptions(chunk_size=0x1000, compressor=Compressor.LZ4_BLOCK, whiteout_spec="none"))
+                    options=BuildOptions(chunk_size=0x1000, compressor=Compressor.LZ4_BLOCK, whiteout_spec="none",
+                                         compact_inodes=compact))
         loaded = load_bootstrap(boot)
         assert {p for p, _ in loaded.tree.walk()} == {b"/" + os.path.relpath(os.path.join(d, n), src)
                                                      for d, ds, fs in os.walk(src) for n in ds + fs} | {b"/"}
@@ -91,7 +92,7 @@ def test_random_trees(entries):
             os.mkdir(mnt)
             kernel_erofs_mount(boot, mnt, devices)
             mounted = mnt
-            assert snapshot(mnt) == snapshot(os.fsdecode(src))
+            assert snapshot(mnt, times=not compact) == snapshot(os.fsdecode(src), times=not compact)
     finally:
         if mounted:
             kernel_umount(mounted)

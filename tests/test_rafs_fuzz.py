@@ -165,6 +165,7 @@ def test_unmodified_vectors_exercise(sources, tmp_path):
         assert exercise(str(p), walk_limit=10**9) > 0
 
 
+@pytest.mark.timeout(3600 if SLOW else 600)
 def test_fuzz_mutations(sources, tmp_path):
     count = 100_000 if SLOW else 10_000
     stats = _run_cases(sources, tmp_path, count, seed=int(os.environ.get("NYDUS_FUZZ_SEED", "1234")))
@@ -174,6 +175,7 @@ def test_fuzz_mutations(sources, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.skipif(not SLOW, reason="set NYDUS_SLOW=1 for hypothesis-driven fuzzing")
 def test_fuzz_hypothesis(sources, tmp_path):
     from hypothesis import HealthCheck, given, settings

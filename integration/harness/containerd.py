@@ -292,9 +292,13 @@ class Containerd:
         return dirs
 
     def _remove_cgroup_dirs(self) -> None:
-        # runc (cgroupfs driver) leaves empty parent dirs; rmdir fails (safely) on non-empty ones
+        # runc (cgroupfs driver) leaves empty parent dirs; rmdir fails (safely) on non-empty
+        # ones. Below our own prefix/namespace every dir is ours; of a shared "k8s.io" dir only
+        # the (empty) top is removed, never other containerds' container dirs inside it.
+        shared = set(self._ns_cgroup_dirs(CRI_NAMESPACE))
         for d in self.cgroup_dirs():
-            for sub, dirnames, _ in sorted(os.walk(d, topdown=False), reverse=False):
+            subs = [d] if d in shared else [p for p, _, _ in os.walk(d, topdown=False)]
+            for sub in subs:
                 try:
                     os.rmdir(sub)
                 except OSError:

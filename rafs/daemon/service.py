@@ -134,8 +134,11 @@ class Nydusd:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
                     nursery.start_soon(self._fuse_main)
-                    nursery.start_soon(trio.to_thread.run_sync, session.tune_after_init,
-                                       self._fuse_mountpoint)
+                    if self.fs_driver == "fusedev":
+                        # (the erofs blob files keep the default 128 KiB: kernel EROFS does its own
+                        # readahead, and more here would fetch neighbouring chunks of the blob)
+                        nursery.start_soon(trio.to_thread.run_sync, session.tune_after_init,
+                                           self._fuse_mountpoint)
                     nursery.start_soon(self._signals, signals)
                     if self.apisock:
                         await nursery.start(api.serve, self, self.apisock)
@@ -178,6 +181,11 @@ class Nydusd:
             pyfuse3.close(unmount=True)
         except Exception as exc:  # already unmounted from outside
             log.warning("closing FUSE session: %s", exc)
+        if self.fs_driver == "erofs" and self.blob_dir:
+            try:
+                os.rmdir(self.blob_dir)  # only when empty (it is once unmounted)
+            except OSError:
+                pass
         if self.apisock:
             try:
                 os.unlink(self.apisock)
@@ -209,6 +217,7 @@ class Nydusd:
             if not os.path.isfile(bootstrap):
                 raise MountError(f"bootstrap {bootstrap} is not a regular file")
             tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
+            device = None
             try:
                 if self.fs_driver == "erofs":
                     record = await self._mount_erofs(name, bootstrap, tree, cfg)
@@ -222,6 +231,8 @@ class Nydusd:
                         await self._invalidate_root_entry(name)
                     self._start_prefetch(inst, cfg)
             except BaseException:
+                if device is not None:
+                    device.close()
                 tree.close()
                 raise
             self.records[name] = record
@@ -342,8 +353,22 @@ class Nydusd:
             "backend_collection": {},
         }
 
-    def metrics_text(self, only: str | None = None) -> str:
-        """Prometheus text exposition of the daemon and per-instance counters."""
+    def metrics_text(self, only: str | None = None, kind: str = "fs") -> str:
+        """Prometheus text of the daemon and per-instance counters.
+
+        ``kind``: ``fs`` (everything), ``backend`` / ``blobcache`` (only those storage families).
+        """
+        if kind != "fs":
+            insts = self.fs.instances() if self.fs else {}
+            words = ("backend",) if kind == "backend" else ("cache", "prefetch")
+            lines = _labelled_storage_metrics(insts, only)
+            keep, out = False, []
+            for line in lines:
+                name = line.split(" ", 3)[2] if line.startswith("# ") else line.split("{", 1)[0]
+                keep = any(w in name for w in words)
+                if keep:
+                    out.append(line)
+            return "\n".join(out) + "\n"
         lines = [
             "# HELP nydusd_up 1 while the daemon is RUNNING.",
             "# TYPE nydusd_up gauge",

@@ -316,7 +316,7 @@ class BlobFiles:
         return out
 
     def close(self) -> None:
-        pass
+        self.rafs.close()
 
 
 def blob_chunk_tables(rafs: Any) -> dict[int, list[ChunkInfo]]:
