@@ -154,6 +154,9 @@ class BlobDevice:
         self._demand = 0
         self._closed = False
         self._readahead: dict[str, tuple[int, int]] = {}  # blob id -> (last chunk read, read-ahead end)
+        #: on the first read, load every blob's CI table in the background (load_chunk_tables);
+        #: nothing touches the backend before a read (metadata comes from the bootstrap)
+        self.preload_on_first_read = False
         self.prefetcher = Prefetcher(prefetch_config or PrefetchConfig(), self.metrics, busy=lambda: self._demand > 0)
 
     def _cache(self, blob: BlobInfo) -> "BlobCache":
@@ -176,6 +179,9 @@ class BlobDevice:
         start = time.monotonic()
         with self._lock:
             self._demand += 1
+            preload, self.preload_on_first_read = self.preload_on_first_read, False
+        if preload:
+            self.load_chunk_tables()
         try:
             parts: list[bytes] = []
             i, n = 0, len(iovec)

@@ -4,6 +4,7 @@ read-ahead of sequential on-demand reads; CI tables loaded without a blob-size r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -118,14 +119,14 @@ def _built_image(tmp_path, files: int = 24, size: int = 8192):
     from rafs.builder.build import BuildOptions, build
 
     src = tmp_path / "src"
-    src.mkdir()
+    src.mkdir(parents=True)
     rnd = random.Random(5)
     content = {}
     for i in range(files):
         content[f"f{i:03d}"] = rnd.randbytes(size)
         (src / f"f{i:03d}").write_bytes(content[f"f{i:03d}"])
     blobs = tmp_path / "blobs"
-    blobs.mkdir()
+    blobs.mkdir(parents=True)
     res = build(str(src), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(blobs),
                 options=BuildOptions(chunk_size=65536, compressor=Compressor.NONE))
     return res, content, str(blobs)
@@ -186,4 +187,29 @@ def test_sequential_reads_trigger_read_ahead_random_ones_do_not(tmp_path):
     assert dev.prefetcher.wait(10)
     ready = [i for i in range(blob.chunk_count) if cache.chunk_map.is_ready(i)]
     assert ready == sorted({first, idx - 1, *range(idx, idx + 1 + window // 8192)})
+    dev.close()
+
+
+def test_chunk_tables_preloaded_on_the_first_read_only(tmp_path):
+    from rafs.metadata import Rafs
+
+    a, _, dir_a = _built_image(tmp_path / "a")
+    b, content_b, dir_b = _built_image(tmp_path / "b", files=4)
+    ra, rb = Rafs.open(a.bootstrap), Rafs.open(b.bootstrap)
+    blob_a, blob_b = ra.blobs[0], rb.blobs[0]
+    blob_b = dataclasses.replace(blob_b, blob_index=1)
+    backend = MemoryBackend({blob_a.blob_id: open(os.path.join(dir_a, blob_a.blob_id), "rb").read(),
+                             blob_b.blob_id: open(os.path.join(dir_b, blob_b.blob_id), "rb").read()})
+    cache_dir = str(tmp_path / "cache")
+    dev = BlobDevice([blob_a, blob_b], FileCacheManager(cache_dir, backend))
+    dev.preload_on_first_read = True
+    assert backend.requests == []  # nothing before a read
+    ino = ra.lookup_path("/f000")
+    dev.read(ino.chunks(0, 100))
+    meta_b = os.path.join(cache_dir, blob_b.blob_id + ".blob.meta")
+    deadline = time.monotonic() + 10
+    while not os.path.exists(meta_b) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.path.exists(meta_b)  # the other blob's CI table, without reading from it
+    assert {r[0] for r in backend.requests} == {blob_a.blob_id, blob_b.blob_id}
     dev.close()

@@ -63,7 +63,7 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
                                   merging_size=cfg.fs_prefetch.merging_size,
                                   bandwidth_rate=cfg.fs_prefetch.bandwidth_rate)
         device = BlobDevice(list(blobs), factory, prefetch_config=prefetch)
-        device.load_chunk_tables()  # in the background: first reads skip that round trip
+        device.preload_on_first_read = True  # the first read loads all CI tables in the background
         return OwnedDevice(device, factory)
     except StorageError as exc:
         if isinstance(exc, ValueError):
