@@ -127,7 +127,7 @@ class Prefetcher:
                 break
             unit, run = item
             try:
-                self._run(unit.cache, run, unit.polite)
+                self._run(unit.cache, run)
             except StorageError as exc:
                 self.metrics.prefetch_errors.inc()
                 log.warning("prefetch of blob %s failed: %s", unit.cache.blob.blob_id, exc)
@@ -146,7 +146,7 @@ class Prefetcher:
                 self.metrics.prefetch_pending.dec()
                 self._idle.notify_all()
 
-    def _run(self, cache: BlobCache, run: list[ChunkInfo], polite: bool = True) -> None:
+    def _run(self, cache: BlobCache, run: list[ChunkInfo]) -> None:
         if self._cancelled.is_set():
             return
         size = run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset
