@@ -374,3 +374,30 @@ def test_unknown_chunk_count_grows_the_map(tmp_path):
     mgr.close()
     m = IndexedChunkMap(str(tmp_path / f"{b.blob_id}.chunk_map"), 0)
     assert m.ready_indices() == [17, 18, 19] and not m.all_ready()
+
+
+def test_eviction_skips_blobs_open_in_another_manager(tmp_path):
+    """Two instances (or daemons) share one cache dir: a blob one of them has open is never
+    evicted or GC-ed by the other (shared flock on the data file); unused blobs are."""
+    blobs = [make_blob(8, seed=20 + i, compressible=False, compressor=Compressor.NONE) for i in range(3)]
+    backend = MemoryBackend({b.blob_id: b.data for b in blobs})
+    work = str(tmp_path / "c")
+    other = FileCacheManager(work, backend)
+    held = BlobDevice([blobs[0].info], other)
+    held.read(blobs[0].iovec(0, len(blobs[0].plain)))  # oldest, but open in `other`
+    mgr = FileCacheManager(work, backend, CacheConfig(limit_size=8 * 4096 + 3 * 8192))
+    for b in blobs[1:]:
+        dev = BlobDevice([b.info], mgr)
+        assert dev.read(b.iovec(0, len(b.plain))) == b.plain
+        dev.close()
+    mgr.enforce_limit()
+    assert blobs[0].blob_id in mgr.usage()  # still there: in use elsewhere
+    # the held blob alone keeps the cache over the limit: every free blob goes, oldest first
+    assert set(mgr.usage()) == {blobs[0].blob_id}
+    assert mgr.metrics.cache_evictions.value == 2
+    assert mgr.gc([]) == []  # GC also skips the held blob
+    assert held.read(blobs[0].iovec(0, 4096)) == blobs[0].plain[:4096]
+    held.close()
+    other.close()
+    assert mgr.gc([]) == [blobs[0].blob_id]
+    assert mgr.usage() == {}

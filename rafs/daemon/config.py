@@ -3,7 +3,8 @@
 ```json
 {"device": {"backend": {"type": "registry"|"localfs", "config": {...}},
             "cache": {"type": "blobcache"|"filecache"|"dummycache", "compressed": false,
-                      "config": {"work_dir": "...", "disable_indexed_map": false}}},
+                      "config": {"work_dir": "...", "disable_indexed_map": false,
+                                 "limit_size": 0}}},
  "mode": "direct", "digest_validate": false, "iostats_files": false, "enable_xattr": true,
  "amplify_io": 1048576,
  "fs_prefetch": {"enable": false, "prefetch_all": true, "threads_count": 8,
@@ -56,6 +57,7 @@ class DaemonConfig:
     cache_work_dir: str | None = None
     cache_compressed: bool = False
     disable_indexed_map: bool = False
+    cache_limit_size: int = 0  #: ``device.cache.config.limit_size`` bytes; 0 = unlimited (LRU eviction)
     device_id: str = ""
     mode: str = "direct"
     digest_validate: bool = False
@@ -90,6 +92,9 @@ class DaemonConfig:
                 f"device.cache.type: unsupported cache {ctype!r} (supported: blobcache, filecache, dummycache)"
             )
         cconf = _get(cache, "config", dict, {}, "device.cache.")
+        limit = _get(cconf, "limit_size", int, 0, "device.cache.config.")
+        if limit < 0:
+            raise ConfigError(f"device.cache.config.limit_size: must be >= 0, got {limit}")
         mode = _get(obj, "mode", str, "direct", "")
         if mode not in ("direct", "cached"):
             raise ConfigError(f"mode: expected 'direct' or 'cached', got {mode!r}")
@@ -110,6 +115,7 @@ class DaemonConfig:
             cache_work_dir=_get(cconf, "work_dir", str, None, "device.cache.config."),
             cache_compressed=_get(cache, "compressed", bool, False, "device.cache."),
             disable_indexed_map=_get(cconf, "disable_indexed_map", bool, False, "device.cache.config."),
+            cache_limit_size=limit,
             device_id=_get(device, "id", str, "", "device."),
             mode=mode,
             digest_validate=_get(obj, "digest_validate", bool, False, ""),

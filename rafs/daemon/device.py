@@ -2,7 +2,7 @@
 
 ``device.backend`` → ``storage.backend.config.backend_from_config``; ``device.cache`` type
 ``blobcache``/``filecache`` (with ``config.work_dir``) → ``FileCacheManager``, ``dummycache``
-or none → ``NoCacheManager``; ``digest_validate``, ``amplify_io`` and ``fs_prefetch`` map to
+or none → ``NoCacheManager``; ``digest_validate``, ``amplify_io``, ``device.cache.config.limit_size`` and ``fs_prefetch`` map to
 the cache and prefetch configs.
 """
 
@@ -50,6 +50,7 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
     try:
         backend = backend_from_config({"type": cfg.backend_type, "config": cfg.backend_config})
         cache_cfg = CacheConfig(validate_digest=cfg.digest_validate, amplify_io=cfg.amplify_io,
+                                limit_size=cfg.cache_limit_size,
                                 merging_size=max(cfg.fs_prefetch.merging_size, 1 << 17))
         if cfg.cache_type in ("blobcache", "filecache"):
             if not cfg.cache_work_dir:

@@ -18,6 +18,7 @@ chunk map discards that blob's cache (counted in ``cache_corrupt_resets``).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,9 @@ class FileBlobCache(BlobCache):
             os.unlink(self.map_path)  # a map without its data describes nothing
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            # "in use" marker seen by every cache manager, in this or another process: eviction
+            # and GC take LOCK_EX without waiting and skip blobs someone holds open
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
             if blob.uncompressed_size and os.fstat(self._fd).st_size < blob.uncompressed_size:
                 os.ftruncate(self._fd, blob.uncompressed_size)
             self.chunk_map = IndexedChunkMap(self.map_path, blob.chunk_count)
@@ -368,11 +372,27 @@ class FileCacheManager(BlobCacheManager):
             except FileNotFoundError:
                 pass
 
-    def _drop(self, blob_id: str) -> None:
+    def _drop(self, blob_id: str) -> bool:
+        """Close our unreferenced cache of ``blob_id`` and delete its files, unless another cache
+        (another instance or daemon) holds the blob open; True when the files were deleted."""
         cache = self._caches.pop(blob_id, None)
         if cache is not None:
             cache.close()
-        self._remove_files(blob_id)
+        try:
+            fd = os.open(os.path.join(self.work_dir, blob_id + DATA_SUFFIX), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = -1
+        try:
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+            self._remove_files(blob_id)
+            return True
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def cached_blob_ids(self) -> set[str]:
         ids = set()
@@ -392,8 +412,8 @@ class FileCacheManager(BlobCacheManager):
             for blob_id in sorted(self.cached_blob_ids()):
                 if blob_id in keep or self._refs.get(blob_id):
                     continue
-                self._drop(blob_id)
-                removed.append(blob_id)
+                if self._drop(blob_id):
+                    removed.append(blob_id)
         return removed
 
     def _last_access(self, blob_id: str) -> float:
@@ -422,8 +442,9 @@ class FileCacheManager(BlobCacheManager):
             for blob_id in candidates:
                 if total <= limit:
                     break
+                if not self._drop(blob_id):
+                    continue  # open in another instance or daemon
                 total -= usage[blob_id]
-                self._drop(blob_id)
                 evicted.append(blob_id)
                 self.metrics.cache_evictions.inc()
             self.metrics.cache_usage_bytes.set(total)
