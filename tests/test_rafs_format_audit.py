@@ -62,3 +62,43 @@ def test_v5_and_v6_of_one_image_agree(pair):
     assert t5 == t6
     assert c5.keys() == c6.keys()
     assert c5 == c6  # same chunk digests, sizes and file ranges for every file
+
+
+# --- out-of-range references in the v6 2.2 bootstrap: precise FormatErrors, never a crash -----
+
+V62 = "dragonflyoss-nydus/tests/texture/bootstrap/rafs-v6-2.2.boot"
+_META = 2 * 4096          # s_meta_blkaddr 2
+_ROOT = _META + 128 * 32  # root nid 128, extended inode, FLAT_INLINE dirents follow
+_LIB = _META + 133 * 32   # /lib.rs, extended inode without xattrs: chunk index at +64
+
+
+def _patched(vectors_dir, tmp_path, patch):
+    from storage.structs import Scalar
+
+    raw = bytearray((vectors_dir / V62).read_bytes())
+    for off, kind, value in patch:
+        getattr(Scalar, kind).pack_into(raw, off, value)
+    out = tmp_path / "patched.boot"
+    out.write_bytes(bytes(raw))
+    return out
+
+
+def _lib_chunks(path):
+    with Rafs.open(path) as fs:
+        node = fs.lookup_path("/lib.rs")
+        return list(node.chunks(0, node.attr().size))
+
+
+@pytest.mark.parametrize("patch,match", [
+    ([(_ROOT + 64 + 24, "U64", 10**9)], "nid"),                    # dirent nid beyond the file
+    ([(_LIB + 64 + 2, "U16", 9)], "blob"),                          # chunk index: blob 8 of 1
+    ([(_LIB + 64 + 2, "U16", 0)], "blob"),                          # chunk index: blob byte 0
+    ([(_LIB + 64, "U16", 5)], "ci|chunk"),                          # ci index 5 of 2 chunks
+])
+def test_out_of_range_references_rejected(vectors_dir, tmp_path, patch, match):
+    from rafs.errors import FormatError
+
+    assert len(_lib_chunks(vectors_dir / V62)) == 1  # the unpatched image is fine
+    path = _patched(vectors_dir, tmp_path, patch)
+    with pytest.raises(FormatError, match=match):
+        _lib_chunks(path)
