@@ -407,3 +407,40 @@ def test_chunk_size_range_ends(tmp_path, chunk_size):
     for bad in (0x800, 0x2000000, 0x3000):
         with pytest.raises(BuildError):
             _build(str(src), tmp_path, name="bad", chunk_size=bad)
+
+
+def test_cli_create_progress_bar_on_a_terminal(src_tree, tmp_path):
+    """``create`` draws a progress bar on stderr when it is a terminal, and none otherwise."""
+    import fcntl
+    import pty
+    import struct
+    import sys
+    import termios
+
+    cmd = [sys.executable, "-m", "rafs.cli", "create", "--bootstrap", str(tmp_path / "b"), "--blob",
+           str(tmp_path / "blob"), "--chunk-size", "0x10000", src_tree]
+    cwd = os.path.dirname(os.path.dirname(__file__))
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=slave, cwd=cwd)
+        os.close(slave)
+        slave = -1
+        seen = bytearray()
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(timeout=120) == 0, bytes(seen)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert b"nydus-image create" in seen and b"100%" in seen, bytes(seen)
+    proc = subprocess.run(cmd[:5] + [str(tmp_path / "b2"), "--blob", str(tmp_path / "blob2")] + cmd[8:],
+                          capture_output=True, cwd=cwd)
+    assert proc.returncode == 0 and b"100%" not in proc.stderr, proc.stderr
