@@ -444,3 +444,27 @@ def test_cli_create_progress_bar_on_a_terminal(src_tree, tmp_path):
     proc = subprocess.run(cmd[:5] + [str(tmp_path / "b2"), "--blob", str(tmp_path / "blob2")] + cmd[8:],
                           capture_output=True, cwd=cwd)
     assert proc.returncode == 0 and b"100%" not in proc.stderr, proc.stderr
+
+
+def test_cli_create_and_merge_help():
+    """``create --help`` / ``merge --help`` list upstream's flag names; bad usage exits 2."""
+    import sys
+
+    cwd = os.path.dirname(os.path.dirname(__file__))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "rafs.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+    out = run("create", "--help")
+    assert out.returncode == 0 and out.stdout.startswith("usage: nydus-image create")
+    for flag in ("--bootstrap", "--blob", "--blob-dir", "--blob-inline-meta", "--chunk-size", "--compressor",
+                 "--digester", "--fs-version", "--features", "--whiteout-spec", "--prefetch-policy", "--chunk-dict",
+                 "--parent-bootstrap", "--output-json", "--source-type"):
+        assert flag in out.stdout, flag
+    out = run("merge", "--help")
+    assert out.returncode == 0 and out.stdout.startswith("usage: nydus-image merge")
+    for flag in ("--bootstrap", "--parent-bootstrap", "--blob-digests", "--blob-sizes", "--blob-toc-digests",
+                 "--blob-toc-sizes", "--prefetch-policy", "--output-json"):
+        assert flag in out.stdout, flag
+    assert run("create").returncode == 2   # no SOURCE
+    assert run("merge", "-B", "x").returncode == 2
