@@ -102,3 +102,41 @@ def test_out_of_range_references_rejected(vectors_dir, tmp_path, patch, match):
     path = _patched(vectors_dir, tmp_path, patch)
     with pytest.raises(FormatError, match=match):
         _lib_chunks(path)
+
+
+# --- v5 xattrs: no upstream v5 vector carries any, so give one inode an xattr table ------------
+
+V5R = "dragonflyoss-nydus/tests/texture/repeatable/sha256-nocompress-repeatable"
+
+
+def test_v5_inode_with_xattr_table(vectors_dir, tmp_path):
+    """Relocate a v5 file inode to the end of the bootstrap with XATTR set and an xattr table
+    between symlink and chunk infos: the reader returns the xattrs and the same chunks."""
+    from rafs.layout import RafsV5Inode, RafsV5SuperBlock, pack_v5_xattrs, rafsv5_align
+    from rafs.layout.constants import RafsV5InodeFlags
+    from storage.structs import Scalar
+
+    raw = bytearray((vectors_dir / V5R).read_bytes())
+    with Rafs.open(vectors_dir / V5R) as fs:
+        path, node = next((p, n) for p, n in fs.walk() if n.is_reg() and n.attr().size > 0 and not n.xattrs())
+        want_chunks = [(d.chunk.digest, d.offset, d.size) for d in node.chunks(0, node.attr().size)]
+        ino = node.ino
+    sb = RafsV5SuperBlock.parse(raw, 0)
+    slot = sb.s_inode_table_offset + (ino - 1) * 4
+    off = Scalar.U32.unpack_from(raw, slot)[0] << 3
+    inode = RafsV5Inode.parse(raw, off)
+    assert inode.i_ino == ino and not inode.i_flags & RafsV5InodeFlags.XATTR
+    head = 128 + rafsv5_align(inode.i_name_size) + rafsv5_align(inode.i_symlink_size)
+    chunk_infos = bytes(raw[off + head:off + head + 80 * inode.i_child_count])
+    pairs = {b"user.audit": b"v5 xattr", b"security.capability": b"\x01\x00\x00\x02" + bytes(16), b"user.empty": b""}
+    patched = bytearray(raw[off:off + head])
+    patched[:128] = inode.replace(i_flags=inode.i_flags | RafsV5InodeFlags.XATTR).pack()
+    new_off = rafsv5_align(len(raw))
+    raw += bytes(new_off - len(raw)) + patched + pack_v5_xattrs(pairs) + chunk_infos
+    Scalar.U32.pack_into(raw, slot, new_off >> 3)
+    out = tmp_path / "xattr.v5"
+    out.write_bytes(bytes(raw))
+    with Rafs.open(out) as fs:
+        node = fs.lookup_path(path)
+        assert node.xattrs() == pairs
+        assert [(d.chunk.digest, d.offset, d.size) for d in node.chunks(0, node.attr().size)] == want_chunks
