@@ -134,6 +134,7 @@ class Trial:
     bytes_fetched: int
     output: str
     error: str = ""
+    pull_seconds: float = 0.0  #: t0 -> CRI pull done (the rest: Prepare, mount, container start, reads)
 
 
 def _first_output(argv: list[str], timeout: float) -> tuple[float, str, str]:
@@ -154,7 +155,7 @@ def _first_output(argv: list[str], timeout: float) -> tuple[float, str, str]:
 
 
 def run_trial(mode: str, workload: str, repeat: int, ref: str, registry, proxy_host: str,
-              commands: dict[str, list[str]], prefetch: bool = True) -> Trial:
+              commands: dict[str, list[str]], prefetch: bool = True, log_dir: str = "") -> Trial:
     from integration.harness.containerd import Containerd
     from integration.harness.snapshotter import SnapshotterProcess
     from snapshotter.ctl import CriImageClient
@@ -175,16 +176,31 @@ def run_trial(mode: str, workload: str, repeat: int, ref: str, registry, proxy_h
         t0 = time.monotonic()
         with CriImageClient(ctd.address, timeout=600) as cri:
             cri.pull_image(ref)
+        t_pull = time.monotonic()
         argv = ctd.run_argv(ref, commands[workload], snapshotter="overlayfs" if mode == "oci" else "nydus",
                             namespace="k8s.io")
         t1, out, err = _first_output(argv, 600)
         time.sleep(0.5)   # let the access log catch up
-        return Trial(mode, workload, repeat, t1 - t0, registry.bytes_fetched(since=mark), out.strip()[:80], err[-500:])
+        if log_dir and snap is not None:
+            _keep_logs(snap, os.path.join(log_dir, f"{mode}-{workload}-{repeat}"))
+        return Trial(mode, workload, repeat, t1 - t0, registry.bytes_fetched(since=mark), out.strip()[:80], err[-500:],
+                     t_pull - t0)
     finally:
         if ctd is not None:
             ctd.stop()
         if snap is not None:
             snap.stop()
+
+
+def _keep_logs(snap, dest: str) -> None:
+    """Copy the snapshotter's and its daemons' logs (profiling the cold path)."""
+    import shutil
+
+    os.makedirs(dest, exist_ok=True)
+    shutil.copy(snap.log_path, dest)
+    logs = os.path.join(snap.root, "logs")
+    if os.path.isdir(logs):
+        shutil.copytree(logs, os.path.join(dest, "logs"), dirs_exist_ok=True)
 
 
 def build_image(files: int, file_kib: int):
@@ -229,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-prefetch", action="store_true",
                     help="snapshotter prefetch off (default: on, the snapshotter's default)")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--keep-logs", default="", help="copy snapshotter/nydusd logs of each trial here")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("needs root (containerd, mounts)")
@@ -263,14 +281,14 @@ def main(argv: list[str] | None = None) -> int:
                                                      "nydus-noprefetch" if m.endswith("noprefetch") else "nydus")
                     for m in MODES}
             for r in range(args.repeat):
-                for workload in WORKLOADS:
+                for workload in [w for w in args.workloads.split(",") if w]:
                     for mode in modes:
                         trial = run_trial(mode, workload, r, refs[mode], registry, proxy.host, commands,
-                                          prefetch=not args.no_prefetch)
+                                          prefetch=not args.no_prefetch, log_dir=args.keep_logs)
                         trials.append(trial)
                         status = f"ERROR {trial.error.strip()[-200:]}" if trial.error else repr(trial.output)
                         print(f"{mode:14s} {workload:10s} #{r}: {trial.seconds:7.2f} s  "
-                              f"{trial.bytes_fetched / (1 << 20):7.1f} MiB  {status}", flush=True)
+                              f"{trial.bytes_fetched / (1 << 20):7.1f} MiB  (pull {trial.pull_seconds:.2f} s)  {status}", flush=True)
         finally:
             proxy.close()
     summary: dict[str, dict[str, dict[str, float]]] = {}

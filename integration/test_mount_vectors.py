@@ -68,6 +68,10 @@ def test_v5_vector_fusedev_content_and_lazy(v5, tmp_path):
         assert md5(mnt + one) == oracle[1][one]
         m = client.metrics()
         assert 1 <= metric(m, "nydus_storage_backend_read_requests_total") <= 2
+        backend = client.request("GET", "/api/v1/metrics/backend", raw=True)
+        assert metric(backend, "nydus_storage_backend_read_requests_total") >= 1 and "cache_hits" not in backend
+        cache = client.request("GET", "/api/v1/metrics/blobcache?id=/", raw=True)
+        assert "nydus_storage_cache_misses_total" in cache and "backend_read" not in cache
         _check_v5_tree(mnt, oracle)
         # hardlinks share an inode
         hl = [p for p, t in oracle[0].items() if p.startswith("/hardlink-test/") and t == "file"]

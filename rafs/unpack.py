@@ -108,13 +108,14 @@ def _write_tree(fs: Rafs, blobs: LocalBlobs, root: str) -> UnpackReport:
 
 
 def _apply_meta(dest: str, path: str, node: Inode, is_root: bool, report: UnpackReport) -> None:
+    """Apply ownership, mode, xattrs and mtime, in that order.
+
+    chown(2) clears ``security.capability`` (and set-id bits), and chmod can too, so xattrs
+    are set only after both; utime comes last because setxattr does not touch mtime but
+    must not be undone by later writes either.
+    """
     a = node.attr()
     link = stat.S_ISLNK(a.mode)
-    for name, value in node.xattrs().items():
-        try:
-            os.setxattr(dest, name, value, follow_symlinks=False)
-        except OSError as exc:
-            _warn(report, f"{path}: xattr {name.decode(errors='replace')}: {exc.strerror}")
     if is_root:
         try:
             os.chown(dest, a.uid, a.gid, follow_symlinks=False)
@@ -122,6 +123,11 @@ def _apply_meta(dest: str, path: str, node: Inode, is_root: bool, report: Unpack
             _warn(report, f"{path}: chown: {exc.strerror}")
     if not link:
         os.chmod(dest, stat.S_IMODE(a.mode))
+    for name, value in node.xattrs().items():
+        try:
+            os.setxattr(dest, name, value, follow_symlinks=False)
+        except OSError as exc:
+            _warn(report, f"{path}: xattr {name.decode(errors='replace')}: {exc.strerror}")
     try:
         os.utime(dest, ns=(a.mtime * 10**9 + a.mtime_nsec,) * 2, follow_symlinks=False)
     except OSError as exc:

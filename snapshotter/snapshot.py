@@ -283,6 +283,7 @@ class Snapshotter:
         self._manager_factory = manager_factory
         self._ping = ping
         self._mounted: dict[str, str] = {}          # instance id (meta snapshot id) -> mountpoint
+        self._prestarted = False                    # shared daemon start requested (first nydus pull)
         self._instance_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
@@ -455,9 +456,28 @@ class Snapshotter:
                 snap = self._create_in_tx(tx, Kind.ACTIVE, key, parent, labels)
                 store.commit_active(tx, key, target, Usage(), labels)
                 log.info("nydus data layer %s committed as remote snapshot %s (id %s)", key, target, snap.id)
+                self._prestart_daemon()
             elif existing.kind != Kind.COMMITTED or existing.parent != parent:
                 raise AlreadyExists(f'target snapshot "{target}" exists with parent "{existing.parent}"')
         raise AlreadyExists(f'target snapshot "{target}"')
+
+    def _prestart_daemon(self) -> None:
+        """A nydus image is being pulled: start the shared daemon in the background (once), so
+        the container's Prepare does not wait for the daemon process to come up."""
+        with self._lock:
+            if self._prestarted:
+                return
+            self._prestarted = True
+
+        def work() -> None:
+            try:
+                prestart = getattr(self.manager, "prestart", None)
+                if prestart is not None:
+                    prestart()
+            except Exception as exc:  # the mount itself reports (and retries) a failed start
+                log.warning("starting the shared nydusd early failed: %s", exc)
+
+        threading.Thread(target=work, name="nydusd-prestart", daemon=True).start()
 
     def _create_in_tx(self, tx: store.Transaction, kind: Kind, key: str, parent: str,
                       labels: Mapping[str, str]) -> Snapshot:

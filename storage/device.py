@@ -194,20 +194,22 @@ class BlobDevice:
             self.metrics.read_latency.observe(time.monotonic() - start)
 
     def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low") -> None:
-        """Make the chunks of ``iovecs`` ready in the background (one unit per blob per iovec).
+        """Make the chunks of ``iovecs`` ready in the background: one unit per blob, its chunks
+        (of all ``iovecs``) merged into runs in blob layout order, so neighbouring small files
+        come in one backend request and several runs are fetched at once.
 
         ``priority="low"`` (default) waits while on-demand reads are in flight; ``"high"`` does not.
         """
         if priority not in ("low", "high"):
             raise StorageError(f"prefetch priority must be 'low' or 'high', got {priority!r}")
+        by_blob: dict[str, tuple[BlobInfo, list[ChunkInfo]]] = {}
         for iovec in iovecs:
-            by_blob: dict[str, tuple[BlobInfo, list[ChunkInfo]]] = {}
             for desc in iovec:
                 if desc.is_hole or desc.blob is None:
                     continue
                 by_blob.setdefault(desc.blob.blob_id, (desc.blob, []))[1].append(desc.chunk)  # type: ignore[arg-type]
-            for blob, chunks in by_blob.values():
-                self.prefetcher.submit(self._cache(blob), chunks, yield_to_demand=priority == "low")
+        for blob, chunks in by_blob.values():
+            self.prefetcher.submit(self._cache(blob), chunks, yield_to_demand=priority == "low")
 
     def prefetch_blob(self, blob_index: int, chunks: "Sequence[ChunkInfo] | None" = None) -> bool:
         """Prefetch a whole blob: ``chunks`` (its chunk list) or the cache's own chunk table.

@@ -8,9 +8,9 @@ flight. It is limited by a thread budget (``threads_count``) and a bandwidth lim
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -54,15 +54,31 @@ class Throttle:
             cancelled.wait(start - now)
 
 
+class _Unit:
+    """One submitted chunk list: its runs are fetched by any worker, in layout order."""
+
+    __slots__ = ("cache", "polite", "left")
+
+    def __init__(self, cache: BlobCache, polite: bool, runs: int) -> None:
+        self.cache, self.polite, self.left = cache, polite, runs
+
+
 class Prefetcher:
-    """Worker threads draining a queue of ``(cache, chunks)`` units."""
+    """Worker threads draining a queue of runs (``merging_size`` ranges of submitted chunk lists).
+
+    A submitted unit is split into runs contiguous in the compressed blob, in blob order; every
+    worker takes the next run, so up to ``threads_count`` backend requests of one unit are in
+    flight at once (a blob is streamed in layout order, not one request at a time).
+    """
 
     def __init__(self, config: PrefetchConfig, metrics: StorageMetrics,
                  busy: Callable[[], bool] = lambda: False) -> None:
         self.config = config
         self.metrics = metrics
         self._busy = busy
-        self._queue: queue.Queue[tuple[BlobCache, list[ChunkInfo], bool] | None] = queue.Queue()
+        self._high: deque[tuple[_Unit, list[ChunkInfo]]] = deque()  # runs that ignore demand reads
+        self._low: deque[tuple[_Unit, list[ChunkInfo]]] = deque()  # runs that wait for demand reads
+        self._work = threading.Condition(threading.Lock())
         self._cancelled = threading.Event()
         self._throttle = Throttle(config.bandwidth_rate)
         self._threads: list[threading.Thread] = []
@@ -74,50 +90,65 @@ class Prefetcher:
         """Queue ``chunks`` of ``cache``; ``yield_to_demand=False`` skips waiting for demand reads."""
         if not self.config.enable or self._cancelled.is_set() or not chunks:
             return
+        runs = merge_runs(chunks, self.config.merging_size)
+        unit = _Unit(cache, yield_to_demand, len(runs))
         with self._lock:
             self._outstanding += 1
             self.metrics.prefetch_pending.inc()
-            if len(self._threads) < max(1, self.config.threads_count):
+            want = min(max(1, self.config.threads_count), max(len(runs), len(self._threads)))
+            while len(self._threads) < want:
                 t = threading.Thread(target=self._worker, name=f"prefetch-{len(self._threads)}", daemon=True)
                 self._threads.append(t)
                 t.start()
-        self._queue.put((cache, list(chunks), yield_to_demand))
+        with self._work:
+            (self._low if yield_to_demand else self._high).extend((unit, run) for run in runs)
+            self._work.notify_all()
+
+    def _next(self) -> tuple[_Unit, list[ChunkInfo]] | None:
+        """The next run: high-priority first; low-priority only while no demand read is in flight."""
+        with self._work:
+            while not self._cancelled.is_set():
+                if self._high:
+                    return self._high.popleft()
+                if self._low and not self._busy():
+                    return self._low.popleft()
+                self._work.wait(BUSY_POLL if self._low else 0.2)
+            return None
 
     def _worker(self) -> None:
         while not self._cancelled.is_set():
-            try:
-                item = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
+            item = self._next()
             if item is None:
                 break
-            cache, chunks, polite = item
+            unit, run = item
             try:
-                self._run(cache, chunks, polite)
-                self.metrics.prefetch_requests.inc()
+                self._run(unit.cache, run, unit.polite)
             except StorageError as exc:
                 self.metrics.prefetch_errors.inc()
-                log.warning("prefetch of blob %s failed: %s", cache.blob.blob_id, exc)
+                log.warning("prefetch of blob %s failed: %s", unit.cache.blob.blob_id, exc)
             except Exception:  # a worker must not die silently
                 self.metrics.prefetch_errors.inc()
-                log.exception("prefetch of blob %s crashed", cache.blob.blob_id)
+                log.exception("prefetch of blob %s crashed", unit.cache.blob.blob_id)
             finally:
-                with self._lock:
-                    self._outstanding -= 1
-                    self.metrics.prefetch_pending.dec()
-                    self._idle.notify_all()
+                self._run_done(unit)
 
-    def _run(self, cache: BlobCache, chunks: list[ChunkInfo], polite: bool = True) -> None:
-        for run in merge_runs(chunks, self.config.merging_size):
-            while polite and self._busy() and not self._cancelled.is_set():
-                time.sleep(BUSY_POLL)
-            if self._cancelled.is_set():
-                return
-            size = run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset
-            self._throttle.acquire(size, self._cancelled)
-            if self._cancelled.is_set():
-                return
-            self.metrics.prefetch_bytes.inc(cache.prefetch_chunks(run))
+    def _run_done(self, unit: _Unit) -> None:
+        with self._lock:
+            unit.left -= 1
+            if unit.left == 0:
+                self.metrics.prefetch_requests.inc()
+                self._outstanding -= 1
+                self.metrics.prefetch_pending.dec()
+                self._idle.notify_all()
+
+    def _run(self, cache: BlobCache, run: list[ChunkInfo], polite: bool = True) -> None:
+        if self._cancelled.is_set():
+            return
+        size = run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset
+        self._throttle.acquire(size, self._cancelled)
+        if self._cancelled.is_set():
+            return
+        self.metrics.prefetch_bytes.inc(cache.prefetch_chunks(run))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every submitted unit is done (or cancelled); False on timeout."""
@@ -133,13 +164,15 @@ class Prefetcher:
     def cancel(self) -> None:
         """Stop: queued units are dropped, running ones stop at the next run boundary."""
         self._cancelled.set()
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                with self._lock:
+        with self._work:
+            dropped = list(self._high) + list(self._low)
+            self._high.clear()
+            self._low.clear()
+            self._work.notify_all()
+        for unit, _ in dropped:
+            with self._lock:
+                unit.left -= 1
+                if unit.left == 0:
                     self._outstanding -= 1
                     self.metrics.prefetch_pending.dec()
         with self._lock:

@@ -9,7 +9,8 @@ The "bootstrap" of the fake world is a JSON file::
         {"path": "/h", "type": "link", "target": "/a/f"}]}
 
 Regular file data lives in ``blob_file`` (uncompressed, chunks 4 KiB aligned).
-The device counts reads in ``<blob_file>.reads`` and fails while ``<blob_file>.down`` exists.
+The device counts reads in ``<blob_file>.reads``, fails while ``<blob_file>.down`` exists and
+sleeps on the chunk named in ``<blob_file>.slow`` ("<index> <seconds>").
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 from rafs.errors import NotADirectory, NotFound
@@ -171,6 +173,10 @@ class FakeDevice:
     def read(self, iovec: BlobIoVec) -> bytes:
         if os.path.exists(self.blob_file + ".down"):
             raise BackendError("backend unreachable (test: .down exists)")
+        if os.path.exists(self.blob_file + ".slow"):  # "<chunk index> <seconds>": a slow chunk
+            index, seconds = open(self.blob_file + ".slow").read().split()
+            if any(d.chunk is not None and d.chunk.index == int(index) for d in iovec):
+                time.sleep(float(seconds))
         out = []
         for d in iovec:
             if d.chunk is None:

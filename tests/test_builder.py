@@ -375,3 +375,32 @@ def test_empty_layer_and_old_mtime(tmp_path):
     assert res.blob_ids == [] and os.path.exists(blob)
     d = load_bootstrap(boot).tree.lookup("/d")
     assert d.mtime * 10**9 + d.mtime_nsec == -86400 * 10**9 + 5
+
+
+@pytest.mark.parametrize("chunk_size", [0x1000, 0x1000000])
+def test_chunk_size_range_ends(tmp_path, chunk_size):
+    """The smallest (4 KiB) and largest (16 MiB) chunk sizes build images whose files read back
+    byte for byte through the reader; sizes outside the range or not a power of two fail."""
+    from rafs._blobfile import LocalBlobs
+    from rafs.metadata import Rafs
+
+    src = tmp_path / "src"
+    src.mkdir()
+    import random
+
+    rnd = random.Random(chunk_size)
+    files = {"empty": b"", "one": b"x", "b4095": rnd.randbytes(4095), "b4097": rnd.randbytes(4097),
+             "over": rnd.randbytes(1 << 16) * ((chunk_size >> 16) + 1) + b"tail"}  # > one chunk
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    res, boot, blob = _build(str(src), tmp_path, chunk_size=chunk_size, compressor=Compressor.LZ4_BLOCK)
+    with Rafs.open(boot) as fs:
+        assert fs.chunk_size == chunk_size
+        blobs = LocalBlobs(fs.blobs, blob=blob)
+        for name, data in files.items():
+            node = fs.lookup_path("/" + name)
+            assert b"".join(blobs.iter_file(node)) == data, name
+        assert len(fs.lookup_path("/over").chunks(0, len(files["over"]))) >= 2
+    for bad in (0x800, 0x2000000, 0x3000):
+        with pytest.raises(BuildError):
+            _build(str(src), tmp_path, name="bad", chunk_size=bad)

@@ -184,3 +184,82 @@ def test_create_with_parent_bootstrap(tmp_path):
     assert res.blob_ids == [l1.blob.blob_id]  # the new layer's only chunk deduplicated into l1's blob
     assert res.blob is None or res.blob.chunk_count == 0
     assert files[b"/etc/c"].chunks == files[b"/etc/b"].chunks
+
+
+def _tar_layer(tmp_path, name, members):
+    """members: (name, kind, attrs) with kind "dir" | bytes (a file); attrs: TarInfo fields."""
+    import io
+    import tarfile
+
+    path = tmp_path / f"{name}.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for mname, kind, attrs in members:
+            ti = tarfile.TarInfo(mname)
+            pax = attrs.pop("pax", None)
+            for k, v in attrs.items():
+                setattr(ti, k, v)
+            if pax:
+                ti.pax_headers = pax
+            if kind == "dir":
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+            else:
+                ti.size = len(kind)
+                tf.addfile(ti, io.BytesIO(kind))
+    return build(str(path), bootstrap_out=str(tmp_path / f"{name}.boot"), blob_out=str(tmp_path / f"{name}.blob"),
+                 source_type="tar-rafs", options=BuildOptions(whiteout_spec="none", chunk_size=CHUNK))
+
+
+def test_implicit_dirs_keep_lower_attributes(tmp_path):
+    """A layer listing ``a/b/f2`` without ``a/`` (common in OCI layers) must not reset the lower
+    ``a``'s attributes in merge; an implicit directory with nothing below keeps the defaults,
+    and an explicit upper directory still wins."""
+    d = dict(mode=0o750, uid=1234, gid=56, mtime=1_600_000_000, pax={"SCHILY.xattr.user.k": "v"})
+    l1 = _tar_layer(tmp_path, "l1", [
+        ("./", "dir", dict(mode=0o711, uid=7, gid=8, mtime=1_500_000_000)),
+        ("a/", "dir", dict(d)),
+        ("a/b/", "dir", dict(mode=0o700, uid=99, gid=98, mtime=1_600_000_001)),
+        ("a/b/f1", b"one", dict(mode=0o644)),
+        ("x", b"file", dict(mode=0o644)),
+        ("e/", "dir", dict(mode=0o705, uid=3, gid=3, mtime=1_600_000_002)),
+    ])
+    l2 = _tar_layer(tmp_path, "l2", [
+        ("a/b/f2", b"two", dict(mode=0o600)),   # no ./, a/, a/b/ entries
+        ("c/d/f3", b"three", dict(mode=0o644)),  # nothing below: defaults
+        ("x/y", b"under a former file", dict(mode=0o644)),
+        ("e/", "dir", dict(mode=0o755, uid=0, gid=0, mtime=1_700_000_000)),  # explicit: wins
+    ])
+    # the per-layer bootstrap records which directories are implicit
+    _, layer2 = _files(l2.bootstrap)
+    assert {p for p, n in layer2.items() if n.implicit} == {b"/", b"/a", b"/a/b", b"/c", b"/c/d", b"/x"}
+    assert not layer2[b"/e"].implicit
+    out = str(tmp_path / "m.boot")
+    merge([l1.bootstrap, l2.bootstrap], out)
+    _, files = _files(out)
+
+    def attrs(p):
+        n = files[p]
+        return stat.S_IMODE(n.mode), n.uid, n.gid, n.mtime, n.xattrs
+
+    assert attrs(b"/") == (0o711, 7, 8, 1_500_000_000, {})
+    assert attrs(b"/a") == (0o750, 1234, 56, 1_600_000_000, {b"user.k": b"v"})
+    assert attrs(b"/a/b") == (0o700, 99, 98, 1_600_000_001, {})
+    assert sorted(files[b"/a/b"].entries) == [b"f1", b"f2"]
+    assert attrs(b"/c") == attrs(b"/c/d") == (0o755, 0, 0, 0, {})
+    assert files[b"/x"].is_dir and attrs(b"/x") == (0o755, 0, 0, 0, {})
+    assert attrs(b"/e") == (0o755, 0, 0, 1_700_000_000, {})
+    assert not files[b"/a"].implicit and files[b"/c"].implicit
+    # the same through the reader and through create --parent-bootstrap
+    metadata = pytest.importorskip("rafs.metadata")
+    with metadata.Rafs.open(out) as fs:
+        a = fs.lookup_path("/a").attr()
+        assert (stat.S_IMODE(a.mode), a.uid, a.gid, a.mtime) == (0o750, 1234, 56, 1_600_000_000)
+    res = build(str(tmp_path / "l2.tar"), bootstrap_out=str(tmp_path / "p.boot"), blob_out=str(tmp_path / "p.blob"),
+                source_type="tar-rafs", options=BuildOptions(chunk_size=CHUNK, parent_bootstrap=l1.bootstrap))
+    _, viaparent = _files(res.bootstrap)
+    assert (stat.S_IMODE(viaparent[b"/a"].mode), viaparent[b"/a"].uid) == (0o750, 1234)
+    # three layers: an implicit a/ over an implicit a/ over the real one still keeps it
+    l3 = _tar_layer(tmp_path, "l3", [("a/g", b"g", dict(mode=0o644))])
+    merge([l1.bootstrap, l2.bootstrap, l3.bootstrap], out)
+    _, files = _files(out)
+    assert attrs(b"/a") == (0o750, 1234, 56, 1_600_000_000, {b"user.k": b"v"})

@@ -82,21 +82,41 @@ def test_nydus_image_check_and_unpack(built, tmp_path):
     want, got = snapshot(str(src)), snapshot(str(out))
     if os.geteuid() != 0:  # unprivileged unpack cannot chown or set trusted.* xattrs
         pytest.skip("exact unpack comparison needs root")
-    # known unpack limitation (rafs.unpack): security.capability is dropped (chown after setxattr);
-    # checked separately below as a strict xfail
-    for snap in (want, got):
-        snap[b"exec"]["xattrs"].pop("security.capability", None)
     assert got == want
 
 
-@pytest.mark.xfail(strict=True, reason="rafs.unpack drops security.capability (chown after setxattr)")
 def test_unpack_keeps_capability(built, tmp_path):
+    """chown(2) clears security.capability and set-id bits: unpack must chown before it sets
+    xattrs and the mode."""
     src, d, res = built
     if os.geteuid() != 0:
-        pytest.skip("needs root")
+        pytest.skip("setting security.capability and chown need root")
     out = tmp_path / "out"
     assert _cli("unpack", "-B", str(d / "boot"), "--blob", str(d / "blob"), "--output", str(out)).returncode == 0
-    assert os.getxattr(out / "exec", "security.capability") == os.getxattr(os.path.join(src, "exec"), "security.capability")
+    want = os.getxattr(os.path.join(src, "exec"), "security.capability")
+    assert want and os.getxattr(out / "exec", "security.capability") == want
+    assert os.stat(out / "exec").st_mode == os.stat(os.path.join(src, "exec")).st_mode  # setuid kept
+    assert os.stat(out / "one").st_uid == 1000
+
+
+def test_unpack_tar_keeps_xattrs(built, tmp_path):
+    """The tar output carries every xattr (incl. security.capability) as PAX SCHILY.xattr.*."""
+    import tarfile
+
+    src, d, res = built
+    out = tmp_path / "out.tar"
+    proc = _cli("unpack", "-B", str(d / "boot"), "--blob", str(d / "blob"), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    with tarfile.open(out) as tf:
+        members = {m.name: m for m in tf.getmembers()}
+    for rel in ("exec", "one", "a", "a/b"):
+        p = os.path.join(src, rel)
+        want = {k: os.getxattr(p, k) for k in os.listxattr(p)}
+        got = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
+               for k, v in members["./" + rel].pax_headers.items() if k.startswith("SCHILY.xattr.")}
+        assert got == want, rel
+    assert "SCHILY.xattr.security.capability" in members["./exec"].pax_headers
+    assert members["./exec"].mode == 0o4755
 
 
 def test_reader_on_merged_image_with_inline_layers(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import re
 import os
 import stat
@@ -172,8 +173,6 @@ def test_sigterm_unmounts(tmp_path):
 
 def test_complete_cache_file_fast_path(tmp_path):
     """Once the device reports a complete cache file, reads pread it directly (no device.read)."""
-    import json
-
     require_fuse()
     boot = _tree(tmp_path)
     spec = json.load(open(boot))
@@ -184,3 +183,28 @@ def test_complete_cache_file_fast_path(tmp_path):
         assert open(f"{mnt}/d/f123", "rb").read() == b"file 123\n"
         assert not (tmp_path / "image.blob.reads").exists()
         assert 'nydusd_read_errors{id="/"} 0' in client.metrics()
+
+
+def test_slow_chunk_does_not_block_other_reads(tmp_path):
+    require_fuse()
+    boot = _tree(tmp_path)
+    spec = json.load(open(boot))
+    slow_entry = next(e for e in spec["entries"] if e["path"] == "/d/f100")
+    (tmp_path / "image.blob.slow").write_text(f"{slow_entry['data_off'] // 4096} 4")
+    with running_daemon(tmp_path, bootstrap=boot) as (client, mnt, _):
+        done = {}
+
+        def slow_reader():
+            done["slow_data"] = open(f"{mnt}/d/f100", "rb").read()
+            done["slow"] = time.monotonic()
+
+        t = threading.Thread(target=slow_reader)
+        start = time.monotonic()
+        t.start()
+        time.sleep(0.3)
+        for i in range(20):  # other files are served while that chunk is still being fetched
+            assert open(f"{mnt}/d/f{i:03d}", "rb").read() == f"file {i}\n".encode()
+        fast = time.monotonic()
+        t.join(30)
+        assert done["slow_data"] == b"file 100\n"
+        assert fast - start < 3 < done["slow"] - start

@@ -65,6 +65,10 @@ BLOCK_BITS = 12
 DIRENT_SIZE = RafsV6Dirent.SIZE
 _FRAGMENT_MIN = 64
 _U64 = (1 << 64) - 1  # i_mtime is a signed time64 stored as __le64
+#: first bytes of ``i_reserved2`` of an implicit directory (see :attr:`Inode.implicit`): a
+#: builder-private mark that readers and the kernel ignore; ``merge`` reads it back so a
+#: layer's implicit directories never override a lower layer's attributes
+IMPLICIT_DIR_MARK = b"nyI\x01"
 
 
 def _codec(cls, names: tuple[str, ...]):
@@ -341,13 +345,14 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
             i_u = new_encode_dev(node.rdev)
         if slot.nlink > 0xFFFFFFFF:
             raise BuildError("too many links")
+        mark = IMPLICIT_DIR_MARK if node.implicit and node.is_dir else b""
         if slot.isize == RafsV6InodeCompact.SIZE:
             _INODE_COMPACT.pack_into(buf, slot.offset, inode_format(EROFS_INODE_LAYOUT_COMPACT, slot.layout), icount,
-                                     node.mode & 0xFFFF, slot.nlink, size, 0, i_u, slot.ino, node.uid, node.gid, b"")
+                                     node.mode & 0xFFFF, slot.nlink, size, 0, i_u, slot.ino, node.uid, node.gid, mark)
         else:
             _INODE.pack_into(buf, slot.offset, inode_format(EROFS_INODE_LAYOUT_EXTENDED, slot.layout), icount,
                              node.mode & 0xFFFF, 0, size, i_u, slot.ino, node.uid, node.gid, node.mtime & _U64,
-                             node.mtime_nsec, slot.nlink, b"")
+                             node.mtime_nsec, slot.nlink, mark)
         if slot.xattr_bytes:
             x = slot.offset + slot.isize
             buf[x:x + len(slot.xattr_bytes)] = slot.xattr_bytes

@@ -13,6 +13,7 @@ import stat
 from dataclasses import dataclass
 
 from rafs.builder.blob import BlobRecord
+from rafs.builder.bootstrap import IMPLICIT_DIR_MARK
 from rafs.builder.tree import ChunkRef, Inode, Tree
 from rafs.errors import BuildError, FormatError
 from rafs.layout import (
@@ -142,7 +143,8 @@ def _load(buf: bytes) -> LoadedBootstrap:
                 pos += e.e_value_size
                 pos += -(pos - off) % 4
         node = Inode(mode=ino.i_mode, uid=ino.i_uid, gid=ino.i_gid, mtime=mtime, mtime_nsec=nsec,
-                     size=ino.i_size, xattrs=xattrs)
+                     size=ino.i_size, xattrs=xattrs,
+                     implicit=stat.S_ISDIR(ino.i_mode) and ino.i_reserved2[:4] == IMPLICIT_DIR_MARK)
         cache[nid] = node
         ibody = isize + xsize
         if stat.S_ISDIR(ino.i_mode):

@@ -50,6 +50,9 @@ class Inode:
     source: str | None = None
     #: force an extended (64-byte) v6 inode
     force_extended: bool = False
+    #: a directory the layer never listed (parent of a listed path, or a tar without ``./``):
+    #: default attributes that never override a lower layer's in :func:`overlay`
+    implicit: bool = False
 
     def __post_init__(self) -> None:
         if stat.S_ISDIR(self.mode) and self.entries is None:
@@ -94,7 +97,7 @@ class Tree:
     """A root directory plus path helpers."""
 
     def __init__(self, root: Inode | None = None) -> None:
-        self.root = root if root is not None else Inode(mode=stat.S_IFDIR | 0o755)
+        self.root = root if root is not None else Inode(mode=stat.S_IFDIR | 0o755, implicit=True)
 
     def lookup(self, path: str | bytes) -> Inode | None:
         node = self.root
@@ -108,7 +111,8 @@ class Tree:
         return node
 
     def parent_dir(self, parts: list[bytes], *, create: bool = True) -> Inode:
-        """The directory holding ``parts[-1]``, creating missing parents (mode 0755)."""
+        """The directory holding ``parts[-1]``, creating missing parents as implicit
+        directories (mode 0755, owner 0, mtime 0)."""
         node = self.root
         for part in parts[:-1]:
             assert node.entries is not None
@@ -116,11 +120,11 @@ class Tree:
             if nxt is None:
                 if not create:
                     raise BuildError(f"missing parent directory {b'/'.join(parts)!r}")
-                nxt = Inode(mode=stat.S_IFDIR | 0o755, mtime=0)
+                nxt = Inode(mode=stat.S_IFDIR | 0o755, mtime=0, implicit=True)
                 node.entries[part] = nxt
             elif not nxt.is_dir:
                 # a later entry turns a non-directory into a directory (tar semantics: replace)
-                nxt = Inode(mode=stat.S_IFDIR | 0o755)
+                nxt = Inode(mode=stat.S_IFDIR | 0o755, implicit=True)
                 node.entries[part] = nxt
             node = nxt
         return node
@@ -205,7 +209,9 @@ def apply_whiteouts_in_layer(tree: Tree, spec: str) -> None:
 
 def overlay(lower: Tree, upper: Tree, spec: str = "oci") -> Tree:
     """Apply ``upper`` on ``lower`` with overlay semantics (upper wins, whiteouts delete,
-    opaque hides lower); returns ``lower``, modified.  Whiteout entries are dropped."""
+    opaque hides lower); returns the merged tree.  Whiteout entries are dropped.  An implicit
+    upper directory over a lower directory keeps the lower one's attributes (as applying an
+    OCI layer to a rootfs does); over nothing or a non-directory it keeps its defaults."""
 
     def merge_dir(low: Inode, up: Inode) -> None:
         assert low.entries is not None and up.entries is not None
@@ -225,7 +231,7 @@ def overlay(lower: Tree, upper: Tree, spec: str = "oci") -> Tree:
         for name, child in regular:
             old = low.entries.get(name)
             if old is not None and old.is_dir and child.is_dir:
-                merged = _copy_attrs(child, old.entries)
+                merged = _copy_attrs(old if child.implicit else child, old.entries)
                 merge_dir(merged, child)
                 low.entries[name] = merged
             else:
@@ -233,7 +239,7 @@ def overlay(lower: Tree, upper: Tree, spec: str = "oci") -> Tree:
         if spec == "overlayfs":
             low.xattrs.pop(OVERLAY_OPAQUE_XATTR, None)
 
-    root = _copy_attrs(upper.root, lower.root.entries)
+    root = _copy_attrs(lower.root if upper.root.implicit else upper.root, lower.root.entries)
     merge_dir(root, upper.root)
     return Tree(root)
 
@@ -242,7 +248,7 @@ def _copy_attrs(src: Inode, entries: dict[bytes, Inode] | None) -> Inode:
     xattrs = dict(src.xattrs)
     return Inode(mode=src.mode, uid=src.uid, gid=src.gid, mtime=src.mtime, mtime_nsec=src.mtime_nsec,
                  rdev=src.rdev, size=src.size, xattrs=xattrs, entries=dict(entries or {}),
-                 force_extended=src.force_extended)
+                 force_extended=src.force_extended, implicit=src.implicit)
 
 
 def _strip(node: Inode, spec: str) -> Inode:

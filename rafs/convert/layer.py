@@ -261,7 +261,6 @@ def build_layer(tar_path: str, out_dir: str, options: LayerOptions,
             lower = os.path.join(out_dir, "lower.boot")
             temp.append(lower)
             builder.merge([p.bootstrap for p in parents], lower, whiteout_spec="oci")
-            add_implicit_dirs(tar_path, lower)
             dedup = lower
             if options.chunk_dict:
                 dedup = os.path.join(out_dir, "dedup.boot")
@@ -295,57 +294,6 @@ def build_layer(tar_path: str, out_dir: str, options: LayerOptions,
         if write_blob_meta(os.path.join(out_dir, name), result.blob, os.path.join(out_dir, meta_name)):
             out["blob_meta"] = meta_name
     return out
-
-
-def add_implicit_dirs(tar_path: str, lower_bootstrap: str) -> int:
-    """Give this layer's implicit parent directories the attributes they have below.
-
-    A layer tar may hold ``a/b/file`` without an ``a/`` entry; applying it to a rootfs keeps
-    the existing ``a`` untouched. The builder would create ``a`` with default attributes and
-    the merge would let them win, so explicit directory entries (copied from the lower layers'
-    merged bootstrap) are appended to the tar. Returns how many were added.
-    """
-    import tarfile
-
-    from rafs.errors import NotFound
-    from rafs.metadata import Rafs
-
-    listed: set[str] = set()
-    parents: set[str] = set()
-    with tarfile.open(tar_path, "r:") as tar:
-        for member in tar:
-            parts = [p for p in member.name.split("/") if p not in ("", ".")]
-            path = "/" + "/".join(parts)
-            listed.add(path)
-            for i in range(len(parts)):
-                parents.add("/" + "/".join(parts[:i]))
-    missing = sorted(parents - listed)
-    if not missing:
-        return 0
-    entries = []
-    with Rafs.open(lower_bootstrap) as rafs:
-        for path in missing:
-            try:
-                inode = rafs.lookup_path(path)
-            except (NotFound, OSError):
-                continue
-            if not inode.is_dir():
-                continue
-            attr = inode.attr()
-            info = tarfile.TarInfo("./" if path == "/" else "." + path + "/")
-            info.type = tarfile.DIRTYPE
-            info.mode = attr.mode & 0o7777
-            info.uid, info.gid, info.mtime = attr.uid, attr.gid, attr.mtime
-            xattrs = inode.xattrs()
-            if xattrs:
-                info.pax_headers = {"SCHILY.xattr." + k.decode("utf-8", "surrogateescape"):
-                                    v.decode("utf-8", "surrogateescape") for k, v in xattrs.items()}
-            entries.append(info)
-    if entries:
-        with tarfile.open(tar_path, "a:", format=tarfile.PAX_FORMAT) as tar:
-            for info in entries:
-                tar.addfile(info)
-    return len(entries)
 
 
 def write_blob_meta(blob_path: str, info: object, out: str) -> bool:

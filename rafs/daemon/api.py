@@ -6,7 +6,8 @@ Endpoints (upstream paths):
 * ``POST /api/v1/mount?mountpoint=/<id>`` body ``{"fs_type":"rafs","source":<bootstrap>,"config":<json>}``
 * ``DELETE /api/v1/mount?mountpoint=/<id>``
 * ``POST /api/v1/prefetch?mountpoint=/<id>`` body ``{"files": [...]}`` (optional) — start prefetch
-* ``GET /api/v1/metrics[?id=/<id>]`` — Prometheus text
+* ``GET /api/v1/metrics[?id=/<id>]`` — Prometheus text (``/metrics/backend``, ``/metrics/blobcache``:
+  only the storage backend / cache + prefetch families)
 * ``PUT /api/v1/daemon/exit`` — unmount everything and exit
 
 Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500.
@@ -184,6 +185,8 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes) -> tuple
         return 202, None
     if path == "/api/v1/metrics" and method == "GET":
         return 200, daemon.metrics_text(query.get("id"))
+    if path in ("/api/v1/metrics/backend", "/api/v1/metrics/blobcache") and method == "GET":
+        return 200, daemon.metrics_text(query.get("id"), kind=path.rsplit("/", 1)[1])
     if path == "/api/v1/daemon/exit" and method == "PUT":
         return 204, _EXIT
     return 404 if method in ("GET", "POST", "PUT", "DELETE") else 405, {

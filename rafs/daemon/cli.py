@@ -80,6 +80,13 @@ def _detach(log_file: str | None) -> int | None:
     return None
 
 
+def _fail(log: logging.Logger, log_file: str | None, exc: BaseException) -> None:
+    """One line: into the log, and on stderr too when the log goes to a file."""
+    log.error("%s", exc)
+    if log_file:
+        print(f"nydusd: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
     """Run nydusd; ``opener`` replaces the bootstrap/device opener (tests only)."""
     parser = build_parser()
@@ -119,12 +126,10 @@ def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
 
         trio.run(run)
     except RafsError as exc:
-        log.error("%s", exc)
-        print(f"nydusd: {exc}", file=sys.stderr)
+        _fail(log, args.log_file, exc)
         return 2
     except OSError as exc:
-        log.error("%s", exc)
-        print(f"nydusd: {exc}", file=sys.stderr)
+        _fail(log, args.log_file, exc)
         return 1
     return 0
 

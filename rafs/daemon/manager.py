@@ -218,6 +218,31 @@ class DaemonManager:
                 return self._mount_shared(instance_id, bootstrap, config, driver)
             return self._mount_dedicated(instance_id, bootstrap, config, driver, mountpoint_hint)
 
+    def prestart(self) -> str | None:
+        """Shared mode: start the shared daemon of the configured driver now (idempotent), so a
+        later :meth:`mount` only sends the mount request; returns its daemon id, else None.
+
+        The snapshotter calls this when a nydus image starts being pulled, overlapping the
+        daemon's start (interpreter + imports, ~0.5 s) with the rest of the pull.
+        """
+        if self.mode != "shared":
+            return None
+        driver = self.fs_driver
+        with self._lock:
+            if driver == "erofs":
+                if self._erofs_support is None:
+                    self._erofs_support = erofs.detect_support()
+                if not self._erofs_support.usable:
+                    driver = "fusedev"
+            daemon_id = f"shared-{driver}"
+            rec = self._records.get(daemon_id)
+            if rec is None:
+                mnt = os.path.join(self.root, "mnt" if driver == "fusedev" else "mnt-erofs")
+                self._start_daemon(self._new_record(daemon_id, driver, True, mnt))
+            elif not self._alive(rec):
+                self._recover_daemon(rec)
+            return daemon_id
+
     def umount(self, instance_id: str) -> None:
         """Unmount one instance; other instances (shared mode) keep serving."""
         with self._lock:

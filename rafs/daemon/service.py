@@ -181,6 +181,11 @@ class Nydusd:
             pyfuse3.close(unmount=True)
         except Exception as exc:  # already unmounted from outside
             log.warning("closing FUSE session: %s", exc)
+        if self.fs_driver == "erofs" and self.blob_dir:
+            try:
+                os.rmdir(self.blob_dir)  # only when empty (it is once unmounted)
+            except OSError:
+                pass
         if self.apisock:
             try:
                 os.unlink(self.apisock)
@@ -212,6 +217,7 @@ class Nydusd:
             if not os.path.isfile(bootstrap):
                 raise MountError(f"bootstrap {bootstrap} is not a regular file")
             tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
+            device = None
             try:
                 if self.fs_driver == "erofs":
                     record = await self._mount_erofs(name, bootstrap, tree, cfg)
@@ -225,6 +231,8 @@ class Nydusd:
                         await self._invalidate_root_entry(name)
                     self._start_prefetch(inst, cfg)
             except BaseException:
+                if device is not None:
+                    device.close()
                 tree.close()
                 raise
             self.records[name] = record
@@ -293,7 +301,8 @@ class Nydusd:
                         force: bool = False) -> None:
         if not (force or cfg.fs_prefetch.enable):
             return
-        if not force and not cfg.fs_prefetch.prefetch_all and not getattr(inst.tree, "prefetch_inos", None):
+        tree = getattr(inst.tree, "rafs", inst.tree)  # erofs blob files: the RAFS image they present
+        if not force and not cfg.fs_prefetch.prefetch_all and not getattr(tree, "prefetch_inos", None):
             return
 
         def work() -> None:
@@ -320,8 +329,6 @@ class Nydusd:
             raise NotFound(f"no instance mounted at {mountpoint}")
         key = ("root" if name == "/" else name) if record.fs_driver == "erofs" else (name if name != "/" else "")
         inst = self.fs.instances()[key]
-        if record.fs_driver == "erofs":
-            paths = None  # blob files: prefetch whole blobs
         self._start_prefetch(inst, DaemonConfig.parse(inst.config), paths, force=True)
 
     # ------------------------------------------------------------------ reporting
@@ -346,8 +353,22 @@ class Nydusd:
             "backend_collection": {},
         }
 
-    def metrics_text(self, only: str | None = None) -> str:
-        """Prometheus text exposition of the daemon and per-instance counters."""
+    def metrics_text(self, only: str | None = None, kind: str = "fs") -> str:
+        """Prometheus text of the daemon and per-instance counters.
+
+        ``kind``: ``fs`` (everything), ``backend`` / ``blobcache`` (only those storage families).
+        """
+        if kind != "fs":
+            insts = self.fs.instances() if self.fs else {}
+            words = ("backend",) if kind == "backend" else ("cache", "prefetch")
+            lines = _labelled_storage_metrics(insts, only)
+            keep, out = False, []
+            for line in lines:
+                name = line.split(" ", 3)[2] if line.startswith("# ") else line.split("{", 1)[0]
+                keep = any(w in name for w in words)
+                if keep:
+                    out.append(line)
+            return "\n".join(out) + "\n"
         lines = [
             "# HELP nydusd_up 1 while the daemon is RUNNING.",
             "# TYPE nydusd_up gauge",

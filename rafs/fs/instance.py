@@ -129,17 +129,21 @@ class Instance:
         return fd
 
     def prefetch_iovecs(self, paths: list[str] | None = None) -> list[BlobIoVec]:
-        """Whole-file iovecs for ``paths``, else the image's prefetch table, else every file."""
+        """Whole-file iovecs for ``paths``, else the image's prefetch table, else every file.
+
+        Blob files (the erofs driver) answer with the files of the RAFS image they present.
+        """
+        tree = getattr(self.tree, "rafs", self.tree)
         inodes = []
         if paths:
-            inodes = [self.tree.lookup_path(p) for p in paths]
-        elif getattr(self.tree, "prefetch_inos", None):
-            inodes = [self.tree.inode(i) for i in self.tree.prefetch_inos]
+            inodes = [tree.lookup_path(p) for p in paths]
+        elif getattr(tree, "prefetch_inos", None):
+            inodes = [tree.inode(i) for i in tree.prefetch_inos]
         else:
-            inodes = [ino for _, ino in self.tree.walk()]
+            inodes = [ino for _, ino in tree.walk()]
         out: list[BlobIoVec] = []
         seen: set[int] = set()
-        for node in _expand(self.tree, inodes):
+        for node in _expand(tree, inodes):
             if node.ino in seen:
                 continue
             seen.add(node.ino)
@@ -312,7 +316,7 @@ class BlobFiles:
         return out
 
     def close(self) -> None:
-        pass
+        self.rafs.close()
 
 
 def blob_chunk_tables(rafs: Any) -> dict[int, list[ChunkInfo]]:
