@@ -10,7 +10,6 @@ there with the same labels, and at the end no mount is left behind.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pathlib
 import shutil
@@ -22,6 +21,7 @@ import pytest
 
 from integration.conftest import need_containerd_stack, snapshotter_config_for
 from integration.harness.images import generated_files, nydus_image
+from integration.snapshotter_support import assert_no_stale_mount, live_daemons
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
@@ -50,46 +50,6 @@ def list_snapshots(address: str) -> list[pb.Info]:
     with grpc.insecure_channel(f"unix:{address}") as ch:
         stub = pb_grpc.SnapshotsStub(ch)
         return [i for r in stub.List(pb.ListSnapshotsRequest(snapshotter=SNAPSHOTTER)) for i in r.info]
-
-
-def mounts_under(*dirs: str) -> list[str]:
-    prefixes = tuple(d.rstrip("/") + "/" for d in dirs)
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(prefixes)]
-
-
-def live_daemons(root: str) -> dict[str, dict]:
-    """``{mountpoint: GET /api/v1/daemon}`` of every RAFS daemon this snapshotter recorded that
-    is alive and answers on its API socket."""
-    from rafs.daemon.api import DaemonClient  # noqa: PLC0415
-
-    out = {}
-    for rec in pathlib.Path(root, "daemons").glob("*.json"):
-        d = json.loads(rec.read_text())
-        if not d.get("pid") or not os.path.exists(f"/proc/{d['pid']}"):
-            continue
-        try:
-            out[d["mountpoint"]] = DaemonClient(d["apisock"], timeout=5).info()
-        except Exception:  # noqa: BLE001 - a daemon that does not answer is not live
-            continue
-    return out
-
-
-def assert_no_stale_mount(sn, *dirs: str) -> None:
-    """Nothing mounted under ``dirs`` except the mountpoint of a live shared daemon that serves
-    no instance any more (a shared daemon outlives its instances, as upstream's does)."""
-    daemons = live_daemons(sn.root)
-
-    def leftovers() -> list[str]:
-        return [m for m in mounts_under(sn.dir, *dirs)
-                if not (m in daemons and not daemons[m].get("instances"))]
-
-    try:
-        wait_for(lambda: leftovers() == [], 30, "no mount left")
-    except AssertionError:
-        raise AssertionError(f"mounts left: {leftovers()}\n{sn.log()[-3000:]}") from None
-    for mp in mounts_under(sn.dir, *dirs):
-        os.stat(mp)  # a live FUSE mount answers; a dead one would raise ENOTCONN
 
 
 def build_image(tmp: pathlib.Path, name: str, files: dict[str, bytes]) -> tuple[bytes, bytes]:
