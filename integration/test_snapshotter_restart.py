@@ -13,8 +13,10 @@ import hashlib
 import os
 import pathlib
 import shutil
+import socket
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -73,7 +75,12 @@ def test_kill9_under_load_with_ten_readers_and_a_pull(registry, snapshotter_fact
                                                      tmp_path):
     need_containerd_stack()
     pytest.importorskip("rafs.daemon.manager", reason="rafs.daemon.manager not available")
-    sn = snapshotter_factory(config=snapshotter_config_for(registry, prefetch=False))
+    cfg = snapshotter_config_for(registry, prefetch=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    cfg["metrics"] = {"address": f"127.0.0.1:{metrics_port}"}
+    sn = snapshotter_factory(config=cfg)
     cd = containerd_factory(snapshotters={SNAPSHOTTER: sn.address}, cri_snapshotter=SNAPSHOTTER,
                             registries=[registry])
 
@@ -147,6 +154,16 @@ def test_kill9_under_load_with_ten_readers_and_a_pull(registry, snapshotter_fact
         wait_for(lambda: rounds(cid) >= start + 2, 60, f"{cid} reading after the restart", interval=0.3)
         assert exec_out(cid, "/bin/sh", "-c", "cat /tmp/bad 2>/dev/null; echo end") == "end\n", \
             f"{cid} read wrong data"
+
+    # metrics of the restarted service: one instance on a running daemon, cache and backend bytes
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=20).read().decode()
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+              if line and not line.startswith("#")}
+    assert values["snapshotter_rafs_instances"] == 1
+    assert values.get('snapshotter_daemon_states{state="RUNNING"}') == 1, body
+    assert values["snapshotter_cache_usage_bytes"] > 0
+    backend = [v for k, v in values.items() if k.startswith("snapshotter_backend_read_bytes{")]
+    assert backend and sum(backend) > 0, body
 
     # the interrupted pull is retried and succeeds, and the image runs. (When containerd's Commit
     # of the bootstrap layer reaches the restarted snapshotter, the first pull already succeeds:
