@@ -23,7 +23,7 @@ import pytest
 
 from integration.conftest import need_containerd_stack, snapshotter_config_for
 from integration.harness.images import generated_files, nydus_image
-from integration.snapshotter_support import assert_no_stale_mount, live_daemons
+from integration.snapshotter_support import assert_no_stale_mount, live_daemons, mounts_under
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
@@ -194,3 +194,42 @@ def test_kill9_under_load_with_ten_readers_and_a_pull(registry, snapshotter_fact
 def _mount_options(address: str, key: str) -> list[str]:
     with grpc.insecure_channel(f"unix:{address}") as ch:
         return list(pb_grpc.SnapshotsStub(ch).Mounts(pb.MountsRequest(key=key)).mounts[0].options)
+
+
+def test_restart_remounts_instances_whose_daemon_died(registry, snapshotter_factory, containerd_factory, tmp_path):
+    """kill -9 of the snapshotter *and* its RAFS daemon: the restarted service starts a new
+    daemon, remounts the instance (no dead FUSE mount stays behind) and new containers run."""
+    need_containerd_stack()
+    pytest.importorskip("rafs.daemon.manager", reason="rafs.daemon.manager not available")
+    sn = snapshotter_factory(config=snapshotter_config_for(registry, prefetch=False))
+    cd = containerd_factory(snapshotters={SNAPSHOTTER: sn.address}, cri_snapshotter=SNAPSHOTTER,
+                            registries=[registry])
+    boot, blob = build_image(tmp_path, "d", {"etc/probe.txt": b"phoenix\n"})
+    image = nydus_image(boot, [blob]).push(registry, "test/phoenix", "v1")
+    cd.cri.pull_image(image.ref)
+    ns = cd.use_namespace(NS)
+    cd.ctr("-n", ns, "run", "-d", "--cgroup", f"/{cd.cgroup_prefix}/holder", "--snapshotter", SNAPSHOTTER,
+           image.ref, "holder", "/bin/sleep", "120")
+    before = live_daemons(sn.root)
+    assert len(before) == 1
+    (old_pid,) = [d["pid"] for d in before.values()]
+
+    sn.kill9()
+    os.kill(old_pid, 9)
+    wait_for(lambda: not os.path.exists(f"/proc/{old_pid}"), 10, "the daemon gone")
+    sn.restart()
+    cd.wait_snapshotter(SNAPSHOTTER)
+    after = live_daemons(sn.root)
+    assert len(after) == 1 and [d["pid"] for d in after.values()] != [old_pid]
+    mp = next(iter(after))
+    assert sum(1 for m in mounts_under(os.path.dirname(mp)) if m == mp) == 1, "dead FUSE mount left below"
+    os.stat(mp)
+    out = cd.run(image.ref, ["/bin/cat", "/etc/probe.txt"], snapshotter=SNAPSHOTTER, namespace=NS).stdout
+    assert "phoenix" in out
+    cd.ctr("-n", ns, "tasks", "kill", "-s", "SIGKILL", "holder", check=False)
+    wait_for(lambda: cd.ctr("-n", ns, "tasks", "rm", "holder", check=False).returncode == 0
+             or "holder" not in cd.ctr("-n", ns, "tasks", "ls").stdout, 30, "task holder removed")
+    cd.ctr("-n", ns, "containers", "rm", "holder", check=False)
+    cd.cri.remove_image(image.ref)
+    wait_for(lambda: list_snapshots(sn.address) == [], 30, "every snapshot garbage-collected")
+    assert_no_stale_mount(sn, cd.dir)
