@@ -162,3 +162,13 @@ def test_socket_group(proc_factory, tmp_path):
                      str(tmp_path / "x.sock"))
     assert p.wait(30) == 2
     assert "socket_group: no such group 'no-such-group-pyn'" in p.stderr.read()
+
+
+def test_help_lists_the_flags(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "-m", "snapshotter", "--help"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("usage: nydus-snapshotter")
+    for flag in ("--config", "--root", "--address", "--log-level", "--log-format", "--metrics-address"):
+        assert flag in p.stdout
