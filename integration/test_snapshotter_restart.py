@@ -117,6 +117,9 @@ def test_kill9_under_load_with_ten_readers_and_a_pull(registry, snapshotter_fact
                    for o in _mount_options(sn.address, i.name) if o.startswith("lowerdir=")}
     assert len(rafs_lowers) == 1, rafs_lowers  # ten containers, one RAFS instance
 
+    daemon_pids = sorted(d["pid"] for d in live_daemons(sn.root).values())
+    assert len(daemon_pids) == 1
+
     # the second pull runs in a thread; kill -9 once its bootstrap layer is being unpacked
     pull_result: list[object] = []
 
@@ -138,6 +141,9 @@ def test_kill9_under_load_with_ten_readers_and_a_pull(registry, snapshotter_fact
     puller.join(120)
     assert not puller.is_alive() and pull_result
     cd.wait_snapshotter(SNAPSHOTTER)
+
+    # the live daemon was reattached, not replaced
+    assert sorted(d["pid"] for d in live_daemons(sn.root).values()) == daemon_pids
 
     # no committed snapshot lost or changed; each one still Stat-able with the same labels
     after = {i.name: i for i in list_snapshots(sn.address)}
