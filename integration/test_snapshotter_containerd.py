@@ -24,6 +24,7 @@ import pytest
 
 from integration.conftest import HELLO
 from integration.harness.images import Image, Layer, nydus_image
+from integration.snapshotter_support import daemon_instance_count
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
@@ -312,6 +313,47 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
         blob_id = hashlib.sha256(blob).hexdigest()
         cd.cri.pull_image(image.ref)
         assert not _mounts_under(sn.root), "nothing is mounted before a container needs it"
+
+        def rafs_mounts() -> list[str]:
+            return [m for m in _mounts_under(sn.root) if "/snapshots/" in m or m.rsplit("/", 1)[-1].isdigit()]
+
+        # two containers of the image share one RAFS instance; removing both unmounts it.
+        # fusedev: instances served by the live daemons (a shared daemon has one FUSE mount and
+        # its instances are directories below it); erofs: one kernel mount per instance.
+        def instances() -> int:
+            return daemon_instance_count(sn.root) if fs_driver == "fusedev" else len(rafs_mounts())
+
+        for cid in ("twin1", "twin2"):
+            run_detached(cd, image.ref, cid, "/bin/sh", "-c", "cat /etc/probe.txt; sleep 60", namespace="k8s.io")
+        wait_for(lambda: instances() >= 1, 20, "the RAFS instance mounted")
+        assert instances() == 1  # mounted once, not once per container
+        if daemon_mode == "dedicated":
+            assert len(rafs_mounts()) == 1
+        with grpc.insecure_channel(f"unix:{sn.address}") as ch:
+            stub = pb_grpc.SnapshotsStub(ch)
+            actives = [i.name for i in snapshots(sn) if i.kind == pb.ACTIVE]
+            lowers = {o for k in actives for o in stub.Mounts(pb.MountsRequest(key=k)).mounts[0].options
+                      if o.startswith("lowerdir=")}
+        assert len(actives) == 2 and len(lowers) == 1, (actives, lowers)
+        for n, cid in enumerate(("twin1", "twin2")):
+            cd.ctr("-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", cid)
+            wait_for(lambda: cd.ctr("-n", "k8s.io", "tasks", "rm", cid, check=False).returncode == 0
+                     or cid not in cd.ctr("-n", "k8s.io", "tasks", "ls").stdout, 20, f"task {cid} gone")
+            cd.ctr("-n", "k8s.io", "containers", "rm", cid)  # containerd's GC then removes its snapshot
+            if n == 0:
+                wait_for(lambda: len([i for i in snapshots(sn) if i.kind == pb.ACTIVE]) == 1, 20,
+                         "the first container's snapshot removed")
+                assert instances() == 1, "unmounted while a container still uses the instance"
+        try:
+            wait_for(lambda: instances() == 0 and rafs_mounts() == [], 20,
+                     "RAFS instance unmounted after both containers")
+        except AssertionError:
+            raise AssertionError(f"still mounted: {rafs_mounts()}, {instances()} instances\n"
+                                 f"{sn.log()[-3000:]}") from None
+        with grpc.insecure_channel(f"unix:{sn.address}") as ch:
+            pb_grpc.SnapshotsStub(ch).Cleanup(pb.CleanupRequest())
+        assert rafs_mounts() == [] and instances() == 0
+
         out = cd.run(image.ref, ["/bin/sh", "-c", "cat /etc/probe.txt; md5sum /bin/busybox"],
                      snapshotter=SNAPSHOTTER, namespace="k8s.io").stdout
         assert "lifecycle" in out
@@ -320,11 +362,8 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
         assert any(p.name.startswith(blob_id) for p in cache.iterdir()), "no cache file for the blob"
         # the container is gone (--rm; containerd's GC removes its snapshot): the RAFS instance
         # is unmounted
-        def rafs_mounts() -> list[str]:
-            return [m for m in _mounts_under(sn.root) if "/snapshots/" in m or m.rsplit("/", 1)[-1].isdigit()]
-
         try:
-            wait_for(lambda: rafs_mounts() == [], 20, "RAFS instance unmounted")
+            wait_for(lambda: rafs_mounts() == [] and instances() == 0, 20, "RAFS instance unmounted")
         except AssertionError:
             raise AssertionError(f"still mounted: {rafs_mounts()}\n{sn.log()[-3000:]}") from None
         # Usage of the data layer = its cache bytes

@@ -99,7 +99,8 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
         sn.start()
     except SnapshotterError:
         log.exception("recovering RAFS instances failed; serving anyway")
-    server = serve(sn, cfg.address, observe=metrics.observe)
+    group = cfgmod.socket_gid(cfg.socket_group) if cfg.socket_group else None
+    server = serve(sn, cfg.address, observe=metrics.observe, group=group)
     if cfg.metrics.address:
         host, port = metrics.serve(cfg.metrics.address)
         log.info("metrics on http://%s:%d/metrics", host, port)

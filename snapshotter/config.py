@@ -116,6 +116,7 @@ class Config:
     version: int = 1
     root: str = DEFAULT_ROOT
     address: str = DEFAULT_ADDRESS
+    socket_group: str = ""              #: group (name or gid) allowed on the socket (0660); "" = 0600
     cleanup_on_close: bool = False      #: unmount every RAFS instance on shutdown
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
@@ -222,6 +223,8 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"root: must be an absolute path, got {cfg.root!r}")
     if not cfg.address:
         raise ConfigError("address: must not be empty")
+    if cfg.socket_group:
+        socket_gid(cfg.socket_group)
     if cfg.metrics.address and ":" not in cfg.metrics.address:
         raise ConfigError(f"metrics.address: expected host:port, got {cfg.metrics.address!r}")
     for host, endpoints in cfg.remote.mirrors.items():
@@ -234,6 +237,16 @@ def _validate(cfg: Config) -> Config:
     if cfg.prefetch.threads_count < 1 or cfg.prefetch.merging_size < 0 or cfg.prefetch.bandwidth_rate < 0:
         raise ConfigError("prefetch: threads_count must be >= 1, sizes must not be negative")
     return cfg
+
+
+def socket_gid(group: str) -> int:
+    """The gid of ``socket_group`` (a group name or a numeric gid); ConfigError if unknown."""
+    import grp  # noqa: PLC0415
+
+    try:
+        return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+    except (KeyError, OverflowError):
+        raise ConfigError(f"socket_group: no such group {group!r}") from None
 
 
 def from_dict(data: Mapping[str, object]) -> Config:

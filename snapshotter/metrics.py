@@ -4,7 +4,9 @@
 * ``snapshotter_snapshot_operations_total{op,outcome}`` — calls by result (ok / gRPC code name);
 * ``snapshotter_snapshots{kind}`` — snapshots in the metastore;
 * ``snapshotter_rafs_instances`` — mounted RAFS instances; ``snapshotter_daemon_states{state}``;
-* ``snapshotter_cache_usage_bytes`` — allocated bytes in the blob cache dir.
+* ``snapshotter_cache_usage_bytes`` — allocated bytes in the blob cache dir;
+* ``snapshotter_backend_read_bytes{daemon}`` — bytes the RAFS daemons' mounted instances read
+  from the registry (``nydus_storage_backend_read_bytes_total`` of each live daemon).
 """
 
 from __future__ import annotations
@@ -33,20 +35,47 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("snapshotter_rafs_instances", "Mounted RAFS instances",
                                 value=len(self.sn.instances()))
         states = GaugeMetricFamily("snapshotter_daemon_states", "RAFS instances by daemon state", labels=["state"])
+        backend = GaugeMetricFamily("snapshotter_backend_read_bytes",
+                                    "Bytes read from the backend by the mounted RAFS instances, per daemon",
+                                    labels=["daemon"])
         mgr = self.sn._manager
         if mgr is not None:
             counts: dict[str, int] = {}
+            daemons: dict[str, str] = {}  # daemon id -> one of its instance ids
             try:
-                for st in mgr.instances().values():
+                for iid, st in mgr.instances().items():
                     name = str(getattr(st, "state", st))
                     counts[name] = counts.get(name, 0) + 1
+                    if name != "DEAD" and hasattr(st, "daemon_id"):
+                        daemons.setdefault(st.daemon_id, iid)
             except Exception:  # noqa: BLE001 - metrics must never fail the scrape
                 counts = {"unknown": len(self.sn.instances())}
             for name, n in counts.items():
                 states.add_metric([name], n)
+            for daemon_id, iid in sorted(daemons.items()):
+                n = _backend_bytes(mgr, iid)
+                if n is not None:
+                    backend.add_metric([daemon_id], n)
         yield states
+        yield backend
         yield GaugeMetricFamily("snapshotter_cache_usage_bytes", "Allocated bytes of the blob cache",
                                 value=self.sn.cache_size())
+
+
+def _backend_bytes(mgr: object, instance_id: str) -> float | None:
+    """``nydus_storage_backend_read_bytes_total`` summed over the daemon serving ``instance_id``."""
+    try:
+        text = mgr.daemon_client(instance_id).metrics()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a daemon that does not answer has no figure
+        return None
+    total = 0.0
+    for line in str(text).splitlines():
+        if line.startswith("nydus_storage_backend_read_bytes_total"):
+            try:
+                total += float(line.rsplit(None, 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return total
 
 
 class Metrics:

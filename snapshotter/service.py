@@ -140,8 +140,9 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
 
 def serve(snapshotter: Snapshotter, address: str, *, max_workers: int = 16,
-          observe: Callable[[str, float, str], None] | None = None) -> grpc.Server:
-    """Start a gRPC server for ``snapshotter`` on unix socket ``address`` (mode 0600)."""
+          observe: Callable[[str, float, str], None] | None = None, group: int | None = None) -> grpc.Server:
+    """Start a gRPC server for ``snapshotter`` on unix socket ``address``: mode 0600, or 0660
+    owned by gid ``group`` when given."""
     parent = os.path.dirname(os.path.abspath(address))
     os.makedirs(parent, mode=0o700, exist_ok=True)
     if os.path.lexists(address):
@@ -158,5 +159,9 @@ def serve(snapshotter: Snapshotter, address: str, *, max_workers: int = 16,
     if port == 0:
         raise errors.ConfigError(f"cannot listen on unix socket {address}")
     server.start()
-    os.chmod(address, 0o600)
+    if group is None:
+        os.chmod(address, 0o600)
+    else:
+        os.chown(address, -1, group)
+        os.chmod(address, 0o660)
     return server

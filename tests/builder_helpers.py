@@ -18,7 +18,7 @@ def make_tree(root: str, *, seed: int = 1, with_devices: bool = True) -> None:
     """Regular files (empty, tiny, block and chunk boundaries, multi-chunk, duplicates, sparse),
     nested and large directories, symlinks (short and long), hard links, devices, fifo,
     socket, xattrs incl. security.capability, odd modes/ids, nsec mtimes, 255-byte and
-    non-UTF-8 names."""
+    non-UTF-8 names.  Without root: no devices, security.*/trusted.* xattrs or foreign owners."""
     rnd = random.Random(seed)
     os.makedirs(root, exist_ok=True)
 
@@ -72,12 +72,13 @@ def make_tree(root: str, *, seed: int = 1, with_devices: bool = True) -> None:
     os.setxattr(os.path.join(root, "one"), "user.comment", b"first")
     os.setxattr(os.path.join(root, "one"), "user.empty", b"")
     os.setxattr(os.path.join(root, "a"), "user.dir", b"d" * 300)
-    os.setxattr(os.path.join(root, "exec"), "security.capability",
-                bytes.fromhex("0100000200200000000000000000000000000000"))
-    os.setxattr(os.path.join(root, "a/b"), "trusted.overlay.opaque", b"y")
-    os.chown(os.path.join(root, "one"), 1000, 1001)
-    os.chown(os.path.join(root, "a/multi"), 70000, 80000)
-    os.chown(os.path.join(root, "links/short"), 5, 6, follow_symlinks=False)
+    if os.geteuid() == 0:  # security.*/trusted.* xattrs and foreign owners need root
+        os.setxattr(os.path.join(root, "exec"), "security.capability",
+                    bytes.fromhex("0100000200200000000000000000000000000000"))
+        os.setxattr(os.path.join(root, "a/b"), "trusted.overlay.opaque", b"y")
+        os.chown(os.path.join(root, "one"), 1000, 1001)
+        os.chown(os.path.join(root, "a/multi"), 70000, 80000)
+        os.chown(os.path.join(root, "links/short"), 5, 6, follow_symlinks=False)
     # fixed, distinct timestamps with nanoseconds (directories last)
     paths = []
     for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):

@@ -138,3 +138,37 @@ def test_nydusctl(tmp_path, capsys):
         assert ctl.main(["snapshots", "--address", h.address, "cleanup"]) == 0
     finally:
         h.stop()
+
+
+def test_socket_group(proc_factory, tmp_path):
+    """``socket_group``: the socket gets that group and mode 0660; an unknown group exits 2."""
+    import grp  # noqa: PLC0415
+
+    group = grp.getgrgid(os.getgid() if os.getgid() != 0 else 0)
+    for value in (group.gr_name, str(group.gr_gid)):
+        sock = tmp_path / f"g-{value}.sock"
+        conf = tmp_path / f"g-{value}.toml"
+        conf.write_text(f'version = 1\nsocket_group = "{value}"\n')
+        p = proc_factory("serve", "--config", str(conf), "--root", str(tmp_path / f"root-{value}"),
+                         "--address", str(sock))
+        wait_socket(sock, p)
+        st = os.stat(sock)
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == group.gr_gid
+        p.terminate()
+        assert p.wait(20) == 0
+    conf = tmp_path / "bad.toml"
+    conf.write_text('version = 1\nsocket_group = "no-such-group-pyn"\n')
+    p = proc_factory("serve", "--config", str(conf), "--root", str(tmp_path / "r2"), "--address",
+                     str(tmp_path / "x.sock"))
+    assert p.wait(30) == 2
+    assert "socket_group: no such group 'no-such-group-pyn'" in p.stderr.read()
+
+
+def test_help_lists_the_flags(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "-m", "snapshotter", "--help"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("usage: nydus-snapshotter")
+    for flag in ("--config", "--root", "--address", "--log-level", "--log-format", "--metrics-address"):
+        assert flag in p.stdout

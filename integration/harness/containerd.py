@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import toml
 
 from integration.harness import HarnessError
-from integration.harness.util import (log_tail, pid_alive, set_pdeathsig, short_tempdir,
+from integration.harness.util import (log_tail, pid_alive, with_pdeathsig, short_tempdir,
                                       stop_process, unmount_all, wait_until)
 
 if TYPE_CHECKING:
@@ -184,10 +184,10 @@ class Containerd:
         env.update(self.env)
         try:
             with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(["containerd", "--config", self.config_path],
+                self.proc = subprocess.Popen(with_pdeathsig(["containerd", "--config", self.config_path]),
                                              stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, env=env,
-                                             start_new_session=True, preexec_fn=set_pdeathsig)
+                                             start_new_session=True)
             wait_until(self._ready, self.start_timeout, "containerd", self.proc, self.log_path)
         except BaseException:
             self.stop()

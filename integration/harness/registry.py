@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 import requests
 
 from integration.harness import HarnessError
-from integration.harness.util import (free_port, log_tail, set_pdeathsig, stop_process,
+from integration.harness.util import (free_port, log_tail, with_pdeathsig, stop_process,
                                       wait_until)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -184,9 +184,9 @@ class Registry:
                     json.dump(self.config, f, indent=1)
                 log = open(self.log_path, "ab")
                 try:
-                    self.proc = subprocess.Popen([REGISTRY_BIN, "serve", cfg_path], stdout=log,
+                    self.proc = subprocess.Popen(with_pdeathsig([REGISTRY_BIN, "serve", cfg_path]), stdout=log,
                                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                 start_new_session=True, preexec_fn=set_pdeathsig)
+                                                 start_new_session=True)
                 finally:
                     log.close()
                 try:

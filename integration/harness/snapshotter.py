@@ -22,7 +22,7 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from integration.harness import HarnessError
-from integration.harness.util import (kill_pids, log_tail, pids_mentioning, set_pdeathsig,
+from integration.harness.util import (kill_pids, log_tail, pids_mentioning, with_pdeathsig,
                                       short_tempdir, stop_process, unmount_all, wait_until)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -117,9 +117,9 @@ class SnapshotterProcess:
         if os.path.exists(self.address):
             os.unlink(self.address)   # a stale socket from a killed process
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(with_pdeathsig(self.command()), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, cwd=REPO_ROOT,
-                                         start_new_session=True, preexec_fn=set_pdeathsig)
+                                         start_new_session=True)
         wait_until(lambda: _socket_accepts(self.address), self.start_timeout, "snapshotter",
                    self.proc, self.log_path)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,12 +143,16 @@ def kill_pids(pids: list[int], timeout: float = 5.0) -> None:
                 pass
 
 
-def set_pdeathsig() -> None:
-    """preexec_fn: the child gets SIGTERM if the test process dies (no orphans after a crash)."""
-    import ctypes
+def with_pdeathsig(argv: list[str]) -> list[str]:
+    """``argv`` run so that the child gets SIGTERM if the test process dies (no orphans after a
+    crash), via util-linux ``setpriv --pdeathsig`` (which then execs ``argv``: same pid).
 
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    Not a ``preexec_fn``: that forces a plain fork(), and the fork handlers of the gRPC core
+    loaded in the test process can abort the child before it execs (seen as a registry dying
+    with SIGABRT and a gRPC epoll error in its log).
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else list(argv)
 
 
 def short_tempdir(prefix: str, base_dir: str | None, max_len: int = 40) -> str:

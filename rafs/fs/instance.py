@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from rafs.errors import NotADirectory, NotFound, UnsupportedError
+from rafs.metadata import InodeAttr
 from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
 
 log = logging.getLogger(__name__)
@@ -179,33 +180,17 @@ def _expand(tree: Any, inodes: list[Any]) -> Iterator[Any]:
 # ------------------------------------------------------------------ blob files (erofs)
 
 
-@dataclass(frozen=True, slots=True)
-class BlobFileAttr:
-    """The attributes of a blob-files node (same fields as ``rafs.metadata.InodeAttr``)."""
-
-    ino: int
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    nlink: int
-    rdev: int
-    mtime: int
-    mtime_nsec: int
-    blocks: int
-
-
 class _BlobNode:
     def __init__(self, owner: "BlobFiles", ino: int, blob: BlobInfo | None) -> None:
         self._owner = owner
         self.ino = ino
         self.blob = blob
 
-    def attr(self) -> BlobFileAttr:
+    def attr(self) -> InodeAttr:
         if self.blob is None:
-            return BlobFileAttr(self.ino, stat.S_IFDIR | 0o555, 0, 0, 4096, 2, 0, 0, 0, 8)
+            return InodeAttr(self.ino, stat.S_IFDIR | 0o555, 0, 0, 4096, 2, 0, 0, 0, 8)
         size = self._owner.data_size(self.blob.blob_index)
-        return BlobFileAttr(self.ino, stat.S_IFREG | 0o444, 0, 0, size, 1, 0, 0, 0,
+        return InodeAttr(self.ino, stat.S_IFREG | 0o444, 0, 0, size, 1, 0, 0, 0,
                             (size + 511) // 512)
 
     def is_dir(self) -> bool:

@@ -1,0 +1,65 @@
+"""Helpers shared by the snapshotter's real-stack tests: live RAFS daemons and leftover mounts."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except Exception:  # noqa: BLE001 - keep polling
+            pass
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def mounts_under(*dirs: str) -> list[str]:
+    prefixes = tuple(d.rstrip("/") + "/" for d in dirs)
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(prefixes)]
+
+
+def live_daemons(root: str) -> dict[str, dict]:
+    """``{mountpoint: GET /api/v1/daemon}`` of every RAFS daemon this snapshotter recorded that
+    is alive and answers on its API socket."""
+    from rafs.daemon.api import DaemonClient  # noqa: PLC0415
+
+    out = {}
+    for rec in pathlib.Path(root, "daemons").glob("*.json"):
+        d = json.loads(rec.read_text())
+        if not d.get("pid") or not os.path.exists(f"/proc/{d['pid']}"):
+            continue
+        try:
+            out[d["mountpoint"]] = DaemonClient(d["apisock"], timeout=5).info()
+        except Exception:  # noqa: BLE001 - a daemon that does not answer is not live
+            continue
+    return out
+
+
+def assert_no_stale_mount(sn, *dirs: str) -> None:
+    """Nothing mounted under ``dirs`` except the mountpoint of a live shared daemon that serves
+    no instance any more (a shared daemon outlives its instances, as upstream's does)."""
+    daemons = live_daemons(sn.root)
+
+    def leftovers() -> list[str]:
+        return [m for m in mounts_under(sn.dir, *dirs)
+                if not (m in daemons and not daemons[m].get("instances"))]
+
+    try:
+        wait_for(lambda: leftovers() == [], 30, "no mount left")
+    except AssertionError:
+        raise AssertionError(f"mounts left: {leftovers()}\n{sn.log()[-3000:]}") from None
+    for mp in mounts_under(sn.dir, *dirs):
+        os.stat(mp)  # a live FUSE mount answers; a dead one would raise ENOTCONN
+
+
+def daemon_instance_count(root: str) -> int:
+    """RAFS instances served by the live daemons of the snapshotter with this root."""
+    return sum(len(d.get("instances") or {}) for d in live_daemons(root).values())
