@@ -15,7 +15,6 @@ import pathlib
 import shutil
 import socket
 import threading
-import time
 import urllib.request
 
 import grpc
@@ -23,7 +22,7 @@ import pytest
 
 from integration.conftest import need_containerd_stack, snapshotter_config_for
 from integration.harness.images import generated_files, nydus_image
-from integration.snapshotter_support import assert_no_stale_mount, live_daemons, mounts_under
+from integration.snapshotter_support import assert_no_stale_mount, live_daemons, mounts_under, wait_for
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
@@ -34,18 +33,6 @@ NS = "k8s.io"
 CONTAINERS = 10
 
 pytestmark = [pytest.mark.containerd, pytest.mark.root, pytest.mark.timeout(240)]
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except Exception:  # noqa: BLE001 - keep polling
-            pass
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def list_snapshots(address: str) -> list[pb.Info]:
