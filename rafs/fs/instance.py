@@ -83,6 +83,29 @@ class Instance:
         self.metrics.add_read(len(data), time.monotonic() - start, True)
         return data
 
+    def read_ready(self, inode: Any, offset: int, size: int) -> bytes | None:
+        """Read from the event loop without a thread hop when every chunk of the range lies in a
+        blob whose complete cache file is already open (one ``pread`` per contiguous range, never
+        a fetch); None = not known complete yet, use :meth:`read` in a worker thread."""
+        if not self._complete:
+            return None
+        iovec = inode.chunks(offset, size)
+        if not iovec:
+            return b""
+        complete = self._complete
+        for d in iovec:
+            if d.chunk is not None and d.blob.blob_index not in complete:
+                return None
+        start = time.monotonic()
+        try:
+            data = self._read_complete(iovec)
+        except Exception:
+            self.metrics.add_read(0, time.monotonic() - start, False)
+            raise
+        if data is not None:
+            self.metrics.add_read(len(data), time.monotonic() - start, True)
+        return data
+
     def _read_complete(self, iovec: BlobIoVec) -> bytes | None:
         """Fast path once a blob's cache file is complete (``BlobDevice.blob_data_path``): one
         ``pread`` per contiguous range of that file, no chunk-map work. None = use the device."""

@@ -307,6 +307,11 @@ class RafsFs(pyfuse3.Operations):
         except (KeyError, RafsError) as exc:
             raise pyfuse3.FUSEError(errno.ESTALE) from exc
         try:
+            # blob complete in the local cache: pread it right here (a thread hop costs more
+            # than the read); anything that may fetch runs in a worker thread
+            data = inst.read_ready(node, off, size)
+            if data is not None:
+                return data
             return await trio.to_thread.run_sync(inst.read, node, off, size)
         except (StorageError, RafsError, OSError) as exc:
             self._log_read_error(inst, node, off, size, exc)
