@@ -43,14 +43,19 @@ def live_daemons(root: str) -> dict[str, dict]:
     return out
 
 
-def assert_no_stale_mount(sn, *dirs: str) -> None:
-    """Nothing mounted under ``dirs`` except the mountpoint of a live shared daemon that serves
-    no instance any more (a shared daemon outlives its instances, as upstream's does)."""
-    daemons = live_daemons(sn.root)
+def daemon_fuse_mount(info: dict) -> str:
+    """Where a daemon's own FUSE session is mounted (``GET /api/v1/daemon`` answer): its
+    mountpoint under fusedev; its blob-file directory under erofs, where the image mounts are
+    kernel EROFS mounts of their own and nothing is mounted at the daemon's mountpoint."""
+    return info["blob_dir"] if info.get("fs_driver") == "erofs" and info.get("blob_dir") else info["mountpoint"]
 
+
+def assert_no_stale_mount(sn, *dirs: str) -> None:
+    """Nothing mounted under ``dirs`` except the FUSE mount of a live shared daemon that serves
+    no instance any more (a shared daemon outlives its instances, as upstream's does)."""
     def leftovers() -> list[str]:
-        return [m for m in mounts_under(sn.dir, *dirs)
-                if not (m in daemons and not daemons[m].get("instances"))]
+        idle = {daemon_fuse_mount(d) for d in live_daemons(sn.root).values() if not d.get("instances")}
+        return [m for m in mounts_under(sn.dir, *dirs) if m not in idle]
 
     try:
         wait_for(lambda: leftovers() == [], 30, "no mount left")

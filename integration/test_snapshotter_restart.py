@@ -22,7 +22,8 @@ import pytest
 
 from integration.conftest import need_containerd_stack, snapshotter_config_for
 from integration.harness.images import generated_files, nydus_image
-from integration.snapshotter_support import assert_no_stale_mount, live_daemons, mounts_under, wait_for
+from integration.snapshotter_support import (assert_no_stale_mount, daemon_fuse_mount, live_daemons, mounts_under,
+                                            wait_for)
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
@@ -214,9 +215,16 @@ def test_restart_remounts_instances_whose_daemon_died(registry, snapshotter_fact
     cd.wait_snapshotter(SNAPSHOTTER)
     after = live_daemons(sn.root)
     assert len(after) == 1 and [d["pid"] for d in after.values()] != [old_pid]
-    mp = next(iter(after))
-    assert sum(1 for m in mounts_under(os.path.dirname(mp)) if m == mp) == 1, "dead FUSE mount left below"
-    os.stat(mp)
+    (info,) = after.values()
+    fuse_mp = daemon_fuse_mount(info)
+    mounted = mounts_under(sn.root)
+    assert mounted.count(fuse_mp) == 1, f"dead FUSE mount left below: {mounted}"
+    os.stat(fuse_mp)
+    # the instance is served again: under erofs it is a kernel EROFS mount of its own
+    (inst,) = info["instances"].values()
+    if inst["fs_driver"] == "erofs":
+        assert mounted.count(inst["mountpoint"]) == 1, f"instance not remounted once: {mounted}"
+    assert os.listdir(inst["mountpoint"]), "the remounted instance is empty"
     out = cd.run(image.ref, ["/bin/cat", "/etc/probe.txt"], snapshotter=SNAPSHOTTER, namespace=NS).stdout
     assert "phoenix" in out
     cd.ctr("-n", ns, "tasks", "kill", "-s", "SIGKILL", "holder", check=False)

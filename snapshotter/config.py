@@ -33,7 +33,7 @@ LOG_FORMATS = ("text", "json")
 class DaemonConfig:
     """``[daemon]``: how RAFS instances are served."""
 
-    fs_driver: str = "fusedev"          #: fusedev | erofs | fscache
+    fs_driver: str = "erofs"            #: fusedev | erofs | fscache
     daemon_mode: str = "shared"         #: shared (one daemon, many instances) | dedicated (one per image)
     nydusd_config: str = ""             #: path of a nydusd JSON template; "" = built-in template
     recover_policy: str = "restart"     #: none | restart (re-attach live daemons, restart dead ones)

@@ -165,3 +165,21 @@ def test_erofs_driver_uses_complete_cache_file(v6, tmp_path):
         for name, content in contents.items():
             assert open(os.path.join(mnt, name), "rb").read() == content
         assert not os.path.exists(str(unpadded) + ".reads")
+
+
+def test_erofs_shared_remount_of_same_instance_right_away(v6, tmp_path):
+    """Unmount and remount the same instance id at once: the blob file of the new instance must
+    be found (the kernel's cached entry of the old ``<blob_dir>/<id>`` is invalidated)."""
+    require_erofs()
+    require_fuse()
+    boot, data, contents = v6
+    opener = FakeOpener({boot: _vector_tree(data)})
+    with running_daemon(tmp_path, bootstrap=None, fs_driver="erofs", opener=opener, name="r") as (client, mnt, _):
+        target = os.path.join(mnt, "img")
+        for _ in range(3):
+            client.mount("/img", boot, {})
+            blob_file = client.info()["instances"]["/img"]["blob_files"][0]
+            os.stat(blob_file)  # the kernel caches the entry of <blob_dir>/img
+            assert open(os.path.join(target, "sync_io.rs"), "rb").read() == contents["sync_io.rs"]
+            client.umount("/img")
+            assert erofs.mounted_fstype(target) is None

@@ -253,6 +253,9 @@ class Nydusd:
             else:
                 devices.append(os.path.join(self.blob_dir, key, blob.blob_id))
         self.fs.add_instance(inst)
+        # the kernel may still hold the entry of <blob_dir>/<key> of an earlier instance with the
+        # same id (unmounted < 1 s ago): drop it before mount(2) resolves device= through it
+        await self._invalidate_root_entry(key, wait=True)
         target = self._target(name)
         try:
             os.makedirs(target, exist_ok=True)
@@ -281,6 +284,7 @@ class Nydusd:
                 if not lazy:
                     raise
             inst = self.fs.remove_instance("root" if name == "/" else name)
+            await self._invalidate_root_entry("root" if name == "/" else name)
         else:
             inst = self.fs.remove_instance(name if name != "/" else "")
             if self.shared:
@@ -289,9 +293,15 @@ class Nydusd:
         await trio.to_thread.run_sync(inst.close)
         log.info("unmounted %s", record.mountpoint)
 
-    async def _invalidate_root_entry(self, name: str) -> None:
+    async def _invalidate_root_entry(self, name: str, *, wait: bool = False) -> None:
+        """Drop the kernel's entry of ``/<name>`` in the FUSE mount; ``wait``: done on return."""
         try:
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), ignore_enoent=True)
+            if wait:  # from a worker thread: the trio loop keeps answering the kernel meanwhile
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE, name.encode())
+            else:
+                pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), ignore_enoent=True)
+        except FileNotFoundError:
+            pass  # the kernel holds no such entry
         except Exception as exc:  # best effort: entries time out within a second anyway
             log.debug("invalidate %s: %s", name, exc)
 
