@@ -24,7 +24,7 @@ import pytest
 
 from integration.conftest import HELLO
 from integration.harness.images import Image, Layer, nydus_image
-from integration.snapshotter_support import daemon_instance_count
+from integration.snapshotter_support import daemon_instance_count, wait_for
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
@@ -33,18 +33,6 @@ BLOB_LABEL = "containerd.io/snapshot/nydus-blob"
 BOOTSTRAP_LABEL = "containerd.io/snapshot/nydus-bootstrap"
 
 pytestmark = [pytest.mark.containerd, pytest.mark.root, pytest.mark.timeout(300)]
-
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except Exception:  # noqa: BLE001 - keep polling
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def kill_recorded_daemons(root: str) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import toml
 
 from integration.harness import HarnessError
-from integration.harness.util import (log_tail, pid_alive, with_pdeathsig, short_tempdir,
+from integration.harness.util import (log_tail, pids_mentioning, with_pdeathsig, short_tempdir,
                                       stop_process, unmount_all, wait_until)
 
 if TYPE_CHECKING:
@@ -257,19 +257,7 @@ class Containerd:
         """PIDs of containerd-shim-runc-v2 processes serving this containerd."""
         if not self.dir:
             return []
-        pids = []
-        needle = self.address.encode()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                continue
-            if b"containerd-shim" in cmd and needle in cmd and pid_alive(int(entry)):
-                pids.append(int(entry))
-        return pids
+        return pids_mentioning("containerd-shim", self.address)
 
     @staticmethod
     def _ns_cgroup_dirs(name: str) -> list[str]:

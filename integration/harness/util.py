@@ -108,9 +108,9 @@ def unmount_all(prefix: str) -> list[str]:
     return done
 
 
-def pids_mentioning(text: str, exclude: int | None = None) -> list[int]:
-    """PIDs of live processes whose command line contains ``text`` (e.g. our temp dir)."""
-    needle = text.encode()
+def pids_mentioning(*texts: str, exclude: int | None = None) -> list[int]:
+    """PIDs of live processes whose command line contains every one of ``texts`` (e.g. our temp dir)."""
+    needles = [t.encode() for t in texts]
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in (os.getpid(), exclude):
@@ -120,7 +120,7 @@ def pids_mentioning(text: str, exclude: int | None = None) -> list[int]:
                 cmd = f.read()
         except OSError:
             continue
-        if needle in cmd and pid_alive(int(entry)):
+        if all(n in cmd for n in needles) and pid_alive(int(entry)):
             out.append(int(entry))
     return out
 

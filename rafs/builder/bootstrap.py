@@ -484,13 +484,7 @@ def _dir_bytes(node: Inode, slot: _Slot, parent_nid: int, by_id: dict[int, _Slot
 def _prefetch_slots(tree: Tree, patterns: list[str], by_id: dict[int, _Slot]) -> list[_Slot]:
     out: list[_Slot] = []
     seen: set[int] = set()
-    for pat in patterns:
-        pat = pat.strip()
-        if not pat:
-            continue
-        node = tree.lookup(pat)
-        if node is None:
-            continue
+    for node in tree.prefetch_matches(patterns):
         slot = by_id[id(node)]
         if id(slot) not in seen:
             seen.add(id(slot))

@@ -111,13 +111,7 @@ def _prefetch_first(tree: Tree, patterns: list[str]) -> list[Inode]:
             seen.add(id(node))
             out.append(node)
 
-    for pat in patterns:
-        pat = pat.strip()
-        if not pat:
-            continue
-        node = tree.lookup(pat)
-        if node is None:
-            continue
+    for node in tree.prefetch_matches(patterns):
         for _, n in Tree(node).bfs() if node.is_dir else [(b"", node)]:
             add(n)
     for _, n in tree.bfs():

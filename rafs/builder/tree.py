@@ -110,6 +110,16 @@ class Tree:
             node = nxt
         return node
 
+    def prefetch_matches(self, patterns: list[str]) -> Iterator[Inode]:
+        """The nodes named by prefetch patterns (one path per pattern; blank and missing skipped)."""
+        for pat in patterns:
+            pat = pat.strip()
+            if not pat:
+                continue
+            node = self.lookup(pat)
+            if node is not None:
+                yield node
+
     def parent_dir(self, parts: list[bytes], *, create: bool = True) -> Inode:
         """The directory holding ``parts[-1]``, creating missing parents as implicit
         directories (mode 0755, owner 0, mtime 0)."""
