@@ -15,7 +15,7 @@ cd "$(dirname "$0")"
 APT_PACKAGES=(
   containerd runc docker-registry erofs-utils fuse3 libfuse3-dev pkg-config
   skopeo umoci fio busybox-static curl iproute2 gcc python3-dev python3-venv
-  golang-go golang-github-containerd-containerd-dev
+  golang-go golang-github-containerd-containerd-dev patch
 )
 DEMO_APT_PACKAGES=(mmdebstrap)
 VENV=${NYDUS_VENV:-.venv}
@@ -40,11 +40,13 @@ install_python() {
     python3 -m venv "$VENV"
   fi
   local stamp="$VENV/.pynydus-installed" want
-  want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+  want=$(cat pyproject.toml misc/pyfuse3/* | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing Python dependencies into $VENV"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
     "$VENV/bin/pip" install -q -e '.[test,bench]'
+    # pyfuse3 rebuilt with a 3-line patch so FUSE no_open works (see misc/pyfuse3/install.sh)
+    misc/pyfuse3/install.sh "$VENV/bin/python"
     echo "$want" > "$stamp"
   fi
 }

@@ -11,7 +11,9 @@ directories) with this project's builder, then for native and each driver runs
 
 in two modes: *warm* (page cache warm) and *cached* (blob data complete in the local cache,
 page cache dropped before every run). Ratios are speed ratios against native from the same run
-(>1 = faster). For fusedev the per-request overhead is (t - t_native) / daemon read requests.
+(>1 = faster); every configuration runs once per repetition in turn, so drift in the machine's
+state hits all of them alike. ``--mkfs-reference`` adds a ``mkfs.erofs`` image of the same tree
+mounted file-backed: what kernel EROFS does on its own layout, to tell our layout from the kernel.
 Goals (docs/mounts.md): erofs >= 0.95 warm; fusedev warm seq >= 0.45, rand >= 0.65, tar >= 0.12.
 Everything mounted is unmounted and the work directory removed, also on failure.
 """
@@ -19,6 +21,7 @@ Everything mounted is unmounted and the work directory removed, also on failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -92,29 +95,49 @@ def build_image(src: str, out: str) -> str:
     return res.bootstrap
 
 
-def run_suite(root: str, size_mib: int, reps: int, rand_s: int, cold: bool,
-              counter=None) -> dict[str, tuple[float, float]]:
-    """{test: (median value, median daemon read requests)}"""
-    out = {}
-    big = os.path.join(root, "big.bin")
+def run_suite(configs: dict[str, tuple[str, object]], size_mib: int, reps: int, rand_s: int,
+              cold: bool) -> dict[str, dict[str, tuple[float, float]]]:
+    """{config: {test: (median value, median daemon read requests)}}.
+
+    Configurations are interleaved run by run (native, fusedev, erofs, native, ...) so a change
+    in the machine's state during the benchmark hits every column alike."""
+    out: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in configs}
     tests = {
-        "seq": lambda: fio(big, "read", "1M", size_mib, None)["MiB/s"],
-        "rand": lambda: fio(big, "randread", "4k", size_mib, rand_s)["IOPS"],
-        "tar": lambda: tar_full(root),
+        "seq": lambda big: fio(big, "read", "1M", size_mib, None)["MiB/s"],
+        "rand": lambda big: fio(big, "randread", "4k", size_mib, rand_s)["IOPS"],
+        "tar": lambda big: tar_full(os.path.dirname(big)),
     }
     if not cold:  # prewarm the page cache
-        fio(big, "read", "1M", size_mib, None)
-        tar_full(root)
-    for name, fn in tests.items():
-        vals, reqs = [], []
+        for root, _ in configs.values():
+            fio(os.path.join(root, "big.bin"), "read", "1M", size_mib, None)
+            tar_full(root)
+    for test, fn in tests.items():
+        vals: dict[str, list[float]] = {name: [] for name in configs}
+        reqs: dict[str, list[float]] = {name: [] for name in configs}
         for _ in range(reps):
-            if cold:
-                drop_caches()
-            before = counter() if counter else 0
-            vals.append(fn())
-            reqs.append((counter() if counter else 0) - before)
-        out[name] = (statistics.median(vals), statistics.median(reqs))
+            for name, (root, counter) in configs.items():
+                if cold:
+                    drop_caches()
+                before = counter() if counter else 0
+                vals[name].append(fn(os.path.join(root, "big.bin")))
+                reqs[name].append((counter() if counter else 0) - before)
+        for name in configs:
+            out[name][test] = (statistics.median(vals[name]), statistics.median(reqs[name]))
     return out
+
+
+def mkfs_reference(src: str, work: str) -> str | None:
+    """``mkfs.erofs`` image of the same tree, mounted file-backed: kernel EROFS on its own layout."""
+    from rafs import erofs
+
+    if shutil.which("mkfs.erofs") is None:
+        print("bench_fs: mkfs.erofs not installed: no erofs-mkfs reference", file=sys.stderr)
+        return None
+    img, mnt = os.path.join(work, "mkfs.erofs.img"), os.path.join(work, "mnt-erofs-mkfs")
+    subprocess.run(["mkfs.erofs", "--quiet", "-T0", "--all-root", img, src], check=True)
+    os.makedirs(mnt)
+    erofs.mount(img, mnt, "erofs", erofs.MS_RDONLY)
+    return mnt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rand-seconds", type=int, default=10)
     p.add_argument("--drivers", default="fusedev,erofs")
+    p.add_argument("--mkfs-reference", action="store_true",
+                   help="add a column for a mkfs.erofs image of the same tree (kernel EROFS alone)")
     p.add_argument("--workdir", default=None, help="parent of the temporary work directory")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -133,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"bench_fs: {tool} not installed", file=sys.stderr)
             return 2
-    results: dict[str, dict[str, dict[str, tuple[float, float]]]] = {}
     work = tempfile.mkdtemp(prefix="bench-fs-", dir=args.workdir)
     try:
         src = os.path.join(work, "src")
@@ -141,24 +165,34 @@ def main(argv: list[str] | None = None) -> int:
         make_data(src, args.size_mib, args.files)
         boot = build_image(src, os.path.join(work, "image"))
         print(f"data + image built in {time.monotonic() - t0:.1f} s", flush=True)
-        results["native"] = {mode: run_suite(src, args.size_mib, args.reps, args.rand_seconds, mode == "cached")
-                             for mode in ("warm", "cached")}
-        for driver in args.drivers.split(","):
-            cache = os.path.join(work, f"cache-{driver}")
-            cfg = localfs_config(os.path.join(work, "image"), cache)
-            tmp = _Tmp(work)
-            # populate the cache (lazy loading), then remount: erofs then uses the complete .blob.data
-            with nydusd(tmp, bootstrap=boot, config=cfg, fs_driver=driver, name=f"{driver}-fill") as (_, mnt, _):
-                subprocess.run(f"cat '{mnt}/big.bin' >/dev/null && tar -C '{mnt}' -cf - tree | cat >/dev/null",
-                               shell=True, check=True)
-            with nydusd(tmp, bootstrap=boot, config=cfg, fs_driver=driver, name=driver) as (client, mnt, _):
-                def counter() -> float:
+        configs: dict[str, tuple[str, object]] = {"native": (src, None)}
+        if args.mkfs_reference:
+            ref = mkfs_reference(src, work)
+            if ref:
+                configs["erofs-mkfs"] = (ref, None)
+        with contextlib.ExitStack() as stack:
+            for driver in args.drivers.split(","):
+                cache = os.path.join(work, f"cache-{driver}")
+                cfg = localfs_config(os.path.join(work, "image"), cache)
+                tmp = _Tmp(work)
+                # populate the cache (lazy loading), then remount: erofs then uses the complete .blob.data
+                with nydusd(tmp, bootstrap=boot, config=cfg, fs_driver=driver, name=f"{driver}-fill") as (_, mnt, _):
+                    subprocess.run(f"cat '{mnt}/big.bin' >/dev/null && tar -C '{mnt}' -cf - tree | cat >/dev/null",
+                                   shell=True, check=True)
+                client, mnt, _ = stack.enter_context(
+                    nydusd(tmp, bootstrap=boot, config=cfg, fs_driver=driver, name=driver))
+
+                def counter(client=client) -> float:
                     return metric(client.metrics(), "nydusd_read_count")
 
-                info = client.info()["instances"]["/"]
-                print(f"{driver}: mounted ({info['fs_driver']}, devices {info['blob_files']})", flush=True)
-                results[driver] = {mode: run_suite(mnt, args.size_mib, args.reps, args.rand_seconds,
-                                                   mode == "cached", counter) for mode in ("warm", "cached")}
+                info = client.info()
+                print(f"{driver}: mounted ({info['instances']['/']['fs_driver']}, devices "
+                      f"{info['instances']['/']['blob_files']}, FUSE no_open {info.get('fuse_no_open')})",
+                      flush=True)
+                configs[driver] = (mnt, counter)
+            per_mode = {mode: run_suite(configs, args.size_mib, args.reps, args.rand_seconds, mode == "cached")
+                        for mode in ("warm", "cached")}
+        results = {name: {mode: per_mode[mode][name] for mode in per_mode} for name in configs}
         report(results, args.files)
     finally:
         with open("/proc/self/mountinfo") as f:

@@ -208,3 +208,81 @@ def test_slow_chunk_does_not_block_other_reads(tmp_path):
         t.join(30)
         assert done["slow_data"] == b"file 100\n"
         assert fast - start < 3 < done["slow"] - start
+
+
+def _fuse_requests(client) -> dict[str, int]:
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r'nydusd_fuse_requests_total\{daemon="[^"]*",op="(\w+)"\} (\d+)', client.metrics())}
+
+
+def _require_no_open():
+    from rafs.fs.ops import no_open_unsupported_reason
+
+    why = no_open_unsupported_reason()
+    if why:
+        pytest.skip(f"FUSE no_open unavailable: {why}")
+
+
+def test_no_open_reads_every_file_without_open_or_release(tmp_path):
+    """no_open: one ENOSYS answer, then the kernel opens files itself; reads name the inode."""
+    require_fuse()
+    _require_no_open()
+    boot = _tree(tmp_path)
+    with running_daemon(tmp_path, bootstrap=boot, fuse_no_open=True) as (client, mnt, _):
+        assert client.info()["fuse_no_open"] is True
+        for _ in range(2):
+            for i in range(300):
+                assert open(f"{mnt}/d/f{i:03d}", "rb").read() == f"file {i}\n".encode()
+            assert open(f"{mnt}/big", "rb").read() == BIG
+            assert open(f"{mnt}/hard", "rb").read() == BIG
+            assert open(f"{mnt}/link", "rb").read().startswith(b"127.0.0.1")
+        with open(f"{mnt}/big", "rb") as f:  # reads at offsets inside one kept-open file
+            assert os.pread(f.fileno(), 10, len(BIG) - 4) == b"tail"
+            assert os.pread(f.fileno(), 3, 4097) == BIG[4097:4100]
+        with pytest.raises(OSError) as ei:
+            open(f"{mnt}/big", "r+b")
+        assert ei.value.errno == errno.EROFS
+        reqs = _fuse_requests(client)
+        assert reqs["open"] == 1 and reqs["release"] == 0, reqs  # the one ENOSYS, then none
+        # the second pass came from the page cache (no_open implies keep_cache)
+        reads = int(re.search(r'nydusd_read_count\{id="/"\} (\d+)', client.metrics()).group(1))
+        assert 301 <= reads < 320, reads
+
+
+def test_no_open_in_a_shared_daemon(tmp_path):
+    require_fuse()
+    _require_no_open()
+    a = _tree(tmp_path, "a", b"A")
+    b = _tree(tmp_path, "b", b"B")
+    with running_daemon(tmp_path, fuse_no_open=True) as (client, mnt, _):
+        client.mount("/img-a", a, {})
+        client.mount("/img-b", b, {})
+        assert open(f"{mnt}/img-a/etc/hosts", "rb").read().endswith(b"A")
+        assert open(f"{mnt}/img-b/etc/hosts", "rb").read().endswith(b"B")
+        client.umount("/img-a")
+        client.mount("/img-c", a, {})  # a new slot: never the old instance's cached pages
+        assert open(f"{mnt}/img-c/etc/hosts", "rb").read().endswith(b"A")
+        assert open(f"{mnt}/img-b/d/f042", "rb").read() == b"file 42\n"
+        assert _fuse_requests(client)["release"] == 0
+
+
+def test_classic_open_release_path(tmp_path):
+    """With no_open off every open and release reaches the daemon (stock pyfuse3's only mode)."""
+    require_fuse()
+    boot = _tree(tmp_path)
+    with running_daemon(tmp_path, bootstrap=boot, fuse_no_open=False) as (client, mnt, _):
+        assert client.info()["fuse_no_open"] is False
+        for i in range(50):
+            assert open(f"{mnt}/d/f{i:03d}", "rb").read() == f"file {i}\n".encode()
+        deadline = time.monotonic() + 5
+        while (reqs := _fuse_requests(client))["release"] < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)  # release is sent after close() returns
+        assert reqs["open"] == 50 and reqs["release"] == 50, reqs
+
+
+@pytest.mark.parametrize("release, ok", [("4.19.300", False), ("4.20.0", True), ("6.18.44-fc-v445", True),
+                                         ("3.10.0-1160.el7", False), ("weird", False)])
+def test_kernel_no_open_version_gate(release, ok):
+    from rafs.fs.ops import _kernel_has_no_open
+
+    assert _kernel_has_no_open(release) is ok

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fusedev (default, as upstream) or erofs (kernel EROFS, v6 4 KiB aligned images)")
     p.add_argument("--blob-dir", help="erofs driver: where the FUSE blob files are served "
                                       "(default <mountpoint>.blobs)")
+    p.add_argument("--fuse-no-open", choices=["auto", "on", "off"], default="auto",
+                   help="answer FUSE open with ENOSYS so the kernel stops sending open/release "
+                        "(auto: when pyfuse3 carries misc/pyfuse3/read-ino.patch and the kernel "
+                        "is 4.20+)")
     p.add_argument("--prefetch-files", nargs="*", default=None, help="files to prefetch after mount")
     p.add_argument("--daemon", "-D", action="store_true", help="detach once RUNNING")
     p.add_argument("--supervisor", help=argparse.SUPPRESS)
@@ -123,7 +127,8 @@ def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
             raise RafsError("a shared daemon (no --bootstrap) needs --apisock to receive mounts")
         daemon = Nydusd(mountpoint=args.mountpoint, apisock=args.apisock, fs_driver=args.fs_driver,
                         daemon_id=args.id, blob_dir=args.blob_dir, thread_num=args.thread_num,
-                        opener=opener)
+                        opener=opener,
+                        fuse_no_open={"auto": None, "on": True, "off": False}[args.fuse_no_open])
 
         async def run() -> None:
             async with trio.open_nursery() as nursery:

@@ -28,7 +28,7 @@ from rafs.daemon.config import DaemonConfig
 from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
 from rafs.fs import session
 from rafs.fs.instance import BlobFiles, Instance
-from rafs.fs.ops import RafsFs
+from rafs.fs.ops import RafsFs, no_open_unsupported_reason
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Nydusd:
 
     def __init__(self, *, mountpoint: str, apisock: str | None = None, fs_driver: str = "fusedev",
                  daemon_id: str = "", blob_dir: str | None = None, thread_num: int = 0,
-                 opener: Opener | None = None) -> None:
+                 opener: Opener | None = None, fuse_no_open: bool | None = None) -> None:
         if fs_driver not in FS_DRIVERS:
             raise ConfigError(f"--fs-driver: expected one of {FS_DRIVERS}, got {fs_driver!r}")
         self.mountpoint = os.path.abspath(mountpoint)
@@ -92,6 +92,8 @@ class Nydusd:
         self.daemon_id = daemon_id or os.path.basename(self.mountpoint)
         self.blob_dir = os.path.abspath(blob_dir) if blob_dir else None
         self.thread_num = thread_num
+        #: None = use FUSE no_open where pyfuse3 and the kernel allow it (see RafsFs)
+        self.fuse_no_open = fuse_no_open
         self.opener = opener or StorageOpener()
         self.state = DaemonState.INIT
         self.shared = True
@@ -117,13 +119,13 @@ class Nydusd:
         self.shared = bootstrap is None
         if self.fs_driver == "erofs":
             erofs.require_file_backed()
-            self.fs = RafsFs(shared=True)
+            self.fs = RafsFs(shared=True, no_open=self.fuse_no_open)
             if self.blob_dir is None:
                 self.blob_dir = self.mountpoint.rstrip("/") + ".blobs"
             os.makedirs(self.blob_dir, exist_ok=True)
             self._fuse_mountpoint = self.blob_dir
         else:
-            self.fs = RafsFs(shared=self.shared)
+            self.fs = RafsFs(shared=self.shared, no_open=self.fuse_no_open)
             self._fuse_mountpoint = self.mountpoint
         os.makedirs(self.mountpoint, exist_ok=True)
         # SIGTERM/SIGINT are caught from before the mount until after the teardown, so a
@@ -145,8 +147,9 @@ class Nydusd:
                     if bootstrap is not None:
                         await self.mount_instance("/", bootstrap, config or {})
                     self.state = DaemonState.RUNNING
-                    log.info("nydusd %s RUNNING (%s, %s) at %s", self.daemon_id, self.fs_driver,
-                             "shared" if self.shared else "dedicated", self.mountpoint)
+                    log.info("nydusd %s RUNNING (%s, %s) at %s; FUSE no_open %s", self.daemon_id,
+                             self.fs_driver, "shared" if self.shared else "dedicated", self.mountpoint,
+                             "on" if self.fs.no_open else f"off ({no_open_unsupported_reason() or 'disabled'})")
                     task_status.started()
             finally:
                 with trio.CancelScope(shield=True):
@@ -354,6 +357,7 @@ class Nydusd:
             "pid": os.getpid(),
             "mountpoint": self.mountpoint,
             "blob_dir": self.blob_dir,
+            "fuse_no_open": self.fs.no_open if self.fs else None,
             "instances": {
                 ("/" if n == "/" else "/" + n): {
                     "bootstrap": r.bootstrap, "fs_driver": r.fs_driver,
@@ -387,6 +391,11 @@ class Nydusd:
             "# TYPE nydusd_instances gauge",
             f'nydusd_instances{{daemon="{self.daemon_id}"}} {len(self.records)}',
         ]
+        if self.fs is not None:
+            lines += ["# HELP nydusd_fuse_requests_total FUSE requests that reached the daemon, by operation.",
+                      "# TYPE nydusd_fuse_requests_total counter"]
+            lines += [f'nydusd_fuse_requests_total{{daemon="{self.daemon_id}",op="{op}"}} {n}'
+                      for op, n in self.fs.requests.items()]
         series = [
             ("nydusd_read_count", "counter", "FUSE reads that reached the daemon.", "read_count"),
             ("nydusd_total_read_bytes", "counter", "Bytes returned by FUSE reads.", "read_bytes"),

@@ -8,7 +8,9 @@ One FUSE mount serves one or more :class:`~rafs.fs.instance.Instance` objects:
 
 FUSE inode numbers are ``slot << 40 | ino`` (``ino`` = the image's inode number / v6 nid), so
 instances never collide. The image is immutable: entries and attributes get a one-day
-timeout, ``open`` replies ``keep_cache`` so warm reads never reach Python, and readdir
+timeout, ``open`` replies ``keep_cache`` so warm reads never reach Python (or, with a pyfuse3
+built with misc/pyfuse3/read-ino.patch, ENOSYS: the kernel's no_open mode, where opening a
+file costs no request at all and ``read`` gets the inode as its handle), and readdir
 offsets are the image's dirent indexes. Only data reads block; they run in worker threads
 so a slow chunk never stalls other requests.
 """
@@ -19,6 +21,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import stat
 import time
 from typing import Any, Awaitable, Callable, TypeVar
@@ -39,6 +42,26 @@ PSEUDO_TIMEOUT = 1.0
 SLOT_SHIFT = 40
 LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 BLOCK_SIZE = 4096
+#: FUSE requests counted per operation (``nydusd_fuse_requests_total``)
+COUNTED_OPS = ("lookup", "getattr", "open", "release", "opendir", "readdir", "readlink")
+
+
+def _kernel_has_no_open(release: str | None = None) -> bool:
+    """FUSE no_open (ENOSYS from open = never send open/release) came with Linux 4.20."""
+    m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (4, 20)
+
+
+def no_open_unsupported_reason() -> str | None:
+    """Why FUSE no_open cannot be used here, or None when it can."""
+    if not getattr(pyfuse3, "READ_INO_WITHOUT_FH", False):
+        return ("stock pyfuse3 drops the inode in read() when a file has no handle "
+                "(install misc/pyfuse3/install.sh)")
+    if not _kernel_has_no_open():
+        return f"kernel {os.uname().release} predates FUSE no_open (4.20)"
+    return None
+
+
 #: resolved inodes kept (cleared wholesale when full or when an instance goes away)
 NODE_CACHE_SIZE = 1 << 17
 
@@ -73,9 +96,17 @@ class RafsFs(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, *, shared: bool) -> None:
+    def __init__(self, *, shared: bool, no_open: bool | None = None) -> None:
         super().__init__()
         self.shared = shared
+        #: answer ``open`` with ENOSYS once, so the kernel stops sending open/release (its
+        #: "no_open" mode keeps the page cache as ``keep_cache`` does); needs a pyfuse3 whose
+        #: ``read`` gets the inode when there is no handle (misc/pyfuse3/read-ino.patch)
+        why_not = no_open_unsupported_reason()
+        if no_open and why_not:
+            raise RafsError(f"FUSE no_open unavailable: {why_not}")
+        self.no_open = why_not is None if no_open is None else no_open
+        self.requests = dict.fromkeys(COUNTED_OPS, 0)
         self._slots: dict[int, Instance] = {}
         self._by_name: dict[str, int] = {}
         self._next_slot = 1
@@ -181,6 +212,7 @@ class RafsFs(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self.requests["lookup"] += 1
         if self.shared and parent_inode == pyfuse3.ROOT_INODE:
             if name == b".":
                 return self._counted(self._pseudo_root_entry())
@@ -203,6 +235,7 @@ class RafsFs(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self.requests["getattr"] += 1
         if self.shared and inode == pyfuse3.ROOT_INODE:
             return self._pseudo_root_entry()
         inst, node = self._resolve(inode)
@@ -213,6 +246,7 @@ class RafsFs(pyfuse3.Operations):
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: Any) -> bytes:
+        self.requests["readlink"] += 1
         _, node = self._resolve(inode)
         if not node.is_symlink():
             raise pyfuse3.FUSEError(errno.EINVAL)
@@ -220,6 +254,7 @@ class RafsFs(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
+        self.requests["opendir"] += 1
         if self.shared and inode == pyfuse3.ROOT_INODE:
             return inode
         _, node = self._resolve(inode)
@@ -229,6 +264,7 @@ class RafsFs(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        self.requests["readdir"] += 1
         if self.shared and fh == pyfuse3.ROOT_INODE:
             # offsets are slot numbers: stable while instances come and go
             for slot in sorted(s for s in self._slots if s > start_id):
@@ -294,6 +330,11 @@ class RafsFs(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        self.requests["open"] += 1
+        if self.no_open:
+            # the kernel takes ENOSYS as "never send open/release again" and opens every file
+            # with keep_cache and fh 0; writes are refused by the read-only mount itself
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
         _, node = self._resolve(inode)
@@ -337,6 +378,7 @@ class RafsFs(pyfuse3.Operations):
         )
 
     async def release(self, fh: int) -> None:
+        self.requests["release"] += 1
         return None
 
     # ---------------------------------------------------------------- writes: read-only
