@@ -6,6 +6,7 @@ v6: ``bootstrap/rafs-v6-2.2.boot`` + blob ``be7d77…`` (two zstd chunks).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -139,30 +140,38 @@ def test_shared_daemon_v5_and_v6_instances(v5, v6, tmp_path):
         _check_v5_tree(os.path.join(mnt, "v5"), oracle)
 
 
-def test_backend_down_mid_read_eio_then_recovers(v5, tmp_path, capfd):
-    require_stack()
+@contextlib.contextmanager
+def _v5_over_blob_server(v5, tmp_path):
+    """nydusd on the v5 vector, its blob served over HTTP by a BlobServer that tests can take down
+    (no read amplification); yields ``(server, client, mountpoint, process, file sizes)``."""
     boot, blob_dir, oracle = v5
     server = BlobServer(blob_dir)
     try:
         cfg = registry_config(server.host, str(tmp_path / "c"), amplify_io=0)
         with nydusd(tmp_path, bootstrap=boot, config=cfg) as (client, mnt, proc):
-            sizes = {p: os.stat(mnt + p).st_size for p in oracle[1]}
-            paths = sorted((p for p in sizes if sizes[p] > 0), key=lambda p: sizes[p])
-            first, second = paths[0], paths[-1]
-            assert md5(mnt + first) == oracle[1][first]
-            server.down = True
-            asked = len(server.requests)
-            with pytest.raises(OSError) as ei:
-                md5(mnt + second)
-            assert ei.value.errno == errno.EIO
-            assert len(server.requests) > asked  # the failure came from the backend
-            assert md5(mnt + first) == oracle[1][first]  # already read data keeps serving
-            server.down = False
-            assert md5(mnt + second) == oracle[1][second]
-            assert proc.poll() is None
-            assert metric(client.metrics(), "nydusd_read_errors") >= 1
+            yield server, client, mnt, proc, {p: os.stat(mnt + p).st_size for p in oracle[1]}
     finally:
         server.stop()
+
+
+def test_backend_down_mid_read_eio_then_recovers(v5, tmp_path, capfd):
+    require_stack()
+    oracle = v5[2]
+    with _v5_over_blob_server(v5, tmp_path) as (server, client, mnt, proc, sizes):
+        paths = sorted((p for p in sizes if sizes[p] > 0), key=lambda p: sizes[p])
+        first, second = paths[0], paths[-1]
+        assert md5(mnt + first) == oracle[1][first]
+        server.down = True
+        asked = len(server.requests)
+        with pytest.raises(OSError) as ei:
+            md5(mnt + second)
+        assert ei.value.errno == errno.EIO
+        assert len(server.requests) > asked  # the failure came from the backend
+        assert md5(mnt + first) == oracle[1][first]  # already read data keeps serving
+        server.down = False
+        assert md5(mnt + second) == oracle[1][second]
+        assert proc.poll() is None
+        assert metric(client.metrics(), "nydusd_read_errors") >= 1
     log = (tmp_path / "n.log").read_text()
     assert "read failed" in log and "blob " in log and "chunk " in log
 
@@ -185,3 +194,30 @@ def test_prefetch_fills_cache_before_reads(v5, tmp_path):
         for path, digest in oracle[1].items():
             assert md5(mnt + path) == digest
         assert metric(client.metrics(), "nydus_storage_backend_read_requests_total") == before
+
+
+def test_partly_cached_blob_serves_cached_chunks_with_backend_down(v5, tmp_path):
+    """Chunks already in a partly cached blob are served locally (on the daemon's event loop,
+    see Instance.read_ready): the page cache dropped and the backend down, a file read before
+    still reads, one never read answers EIO."""
+    require_stack()
+    oracle = v5[2]
+    with _v5_over_blob_server(v5, tmp_path) as (server, client, mnt, proc, sizes):
+        paths = sorted((p for p in sizes if sizes[p] > 8192), key=lambda p: sizes[p])
+        read_before, never_read = paths[-1], paths[0]
+        assert md5(mnt + read_before) == oracle[1][read_before]
+        server.down = True
+        asked = len(server.requests)
+        fd = os.open(mnt + read_before, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the next read reaches the daemon
+        finally:
+            os.close(fd)
+        reads = metric(client.metrics(), "nydusd_read_count")
+        assert md5(mnt + read_before) == oracle[1][read_before]
+        assert metric(client.metrics(), "nydusd_read_count") > reads
+        assert len(server.requests) == asked  # nothing went to the (down) backend
+        with pytest.raises(OSError) as ei:
+            md5(mnt + never_read)
+        assert ei.value.errno == errno.EIO
+        assert proc.poll() is None

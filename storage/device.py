@@ -9,7 +9,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -134,6 +134,24 @@ class BlobIoVec(list):
         return sum(desc.size for desc in self)
 
 
+def _runs(iovec: "Sequence[BlobIoDesc]") -> "Iterator[tuple[BlobInfo | None, Sequence[BlobIoDesc]]]":
+    """Split ``iovec`` into runs of consecutive descriptors in one blob; a hole is a run of its
+    own with blob None."""
+    i, n = 0, len(iovec)
+    while i < n:
+        desc = iovec[i]
+        if desc.is_hole or desc.blob is None:
+            yield None, iovec[i:i + 1]
+            i += 1
+            continue
+        j = i + 1
+        while j < n and iovec[j].blob is not None and not iovec[j].is_hole \
+                and iovec[j].blob.blob_id == desc.blob.blob_id:
+            j += 1
+        yield desc.blob, iovec[i:j]
+        i = j
+
+
 class BlobDevice:
     """Reads :class:`BlobIoVec` ranges spanning several blobs through their caches. Thread-safe.
 
@@ -184,27 +202,48 @@ class BlobDevice:
             self.load_chunk_tables()
         try:
             parts: list[bytes] = []
-            i, n = 0, len(iovec)
-            while i < n:
-                desc = iovec[i]
-                if desc.is_hole or desc.blob is None:
-                    parts.append(bytes(desc.size))
-                    i += 1
+            for blob, run in _runs(iovec):
+                if blob is None:
+                    parts.append(bytes(run[0].size))
                     continue
-                j = i + 1
-                while j < n and iovec[j].blob is not None and not iovec[j].is_hole \
-                        and iovec[j].blob.blob_id == desc.blob.blob_id:
-                    j += 1
-                cache = self._cache(desc.blob)
-                parts.append(cache.read_descs(iovec[i:j]))
-                if self.prefetcher.config.readahead > 0:
-                    self._read_ahead(cache, iovec[i].chunk.index, iovec[j - 1].chunk.index)  # type: ignore[union-attr]
-                i = j
+                cache = self._cache(blob)
+                parts.append(cache.read_descs(run))
+                self._after_read(cache, run)
             return b"".join(parts)
         finally:
             with self._lock:
                 self._demand -= 1
             self.metrics.read_latency.observe(time.monotonic() - start)
+
+    def read_ready(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]") -> bytes | None:
+        """The bytes of ``iovec`` if every chunk is already in the local cache, else None.
+
+        Never fetches, never waits for another reader's fetch and never opens a cache: a caller
+        on an event loop can try this first and fall back to :meth:`read` in a worker thread.
+        """
+        if self._closed:
+            return None
+        start = time.monotonic()
+        parts: list[bytes] = []
+        todo = []
+        for blob, run in _runs(iovec):
+            if blob is None:
+                parts.append(bytes(run[0].size))
+                continue
+            cache = self._caches.get(blob.blob_id)
+            data = cache.read_ready_descs(run) if cache is not None else None
+            if data is None:
+                return None
+            parts.append(data)
+            todo.append((cache, run))
+        for cache, run in todo:
+            self._after_read(cache, run)
+        self.metrics.read_latency.observe(time.monotonic() - start)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _after_read(self, cache: "BlobCache", run: "Sequence[BlobIoDesc]") -> None:
+        if self.prefetcher.config.readahead > 0:
+            self._read_ahead(cache, run[0].chunk.index, run[-1].chunk.index)  # type: ignore[union-attr]
 
     def _read_ahead(self, cache: "BlobCache", first: int, last: int) -> None:
         """Sequential on-demand reads (one moved on to the chunk after the previous read's last,

@@ -112,3 +112,50 @@ def test_torn_write_in_data_file_is_never_served(tmp_path):
     mgr = FileCacheManager(str(tmp_path), backend)
     dev = BlobDevice([b.info], mgr)
     assert dev.read(b.iovec(0, len(b.plain))) == b.plain
+
+
+def test_read_ready_serves_only_what_is_cached(tmp_path):
+    """read_ready: bytes when every chunk is local, None otherwise; never a backend request."""
+    a = make_blob(8, seed=3)
+    b = make_blob(4, seed=4, blob_index=1)
+    backend = MemoryBackend({a.blob_id: a.data, b.blob_id: b.data})
+    mgr = FileCacheManager(str(tmp_path), backend)
+    dev = BlobDevice([a.info, b.info], mgr)
+    assert dev.read_ready(a.iovec(0, 4096)) is None  # no cache opened yet: not even a file
+    assert backend.requests == []
+    assert dev.read(a.iovec(4096, 2 * 4096)) == a.plain[4096:3 * 4096]  # chunks 1, 2
+    n = len(backend.requests)
+    assert dev.read_ready(a.iovec(4096 + 10, 2 * 4096 - 20)) == a.plain[4096 + 10:3 * 4096 - 10]
+    assert dev.read_ready(a.iovec(0, 2 * 4096)) is None  # chunk 0 is not cached
+    assert dev.read_ready(a.iovec(2 * 4096, 2 * 4096)) is None  # chunk 3 is not cached
+    mixed = a.iovec(4096, 4096)
+    mixed.extend(b.iovec(0, 100))
+    assert dev.read_ready(mixed) is None  # blob b not opened
+    dev.read(b.iovec(0, 100))
+    assert dev.read_ready(mixed) == a.plain[4096:2 * 4096] + b.plain[:100]
+    assert len(backend.requests) == n + 1  # only the read() of blob b went to the backend
+    hits = mgr.metrics.cache_hits.value
+    assert dev.read_ready(a.iovec(4096, 4096)) is not None
+    assert mgr.metrics.cache_hits.value == hits + 1
+    dev.close()
+    assert dev.read_ready(a.iovec(4096, 4096)) is None  # closed: the caller falls back to read()
+
+
+def test_read_ready_waits_for_the_ci_table(tmp_path):
+    """A blob whose chunk offsets come from a CI table not loaded yet is never read inline."""
+    from storage.cache.filecache import FileBlobCache
+
+    a = make_blob(4, seed=5)
+    backend = MemoryBackend({a.blob_id: a.data})
+    mgr = FileCacheManager(str(tmp_path), backend)
+    dev = BlobDevice([a.info], mgr)
+    dev.read(a.iovec(0, 4096))
+    n = len(backend.requests)
+    cache = mgr.get_blob_cache(a.info)
+    assert isinstance(cache, FileBlobCache)
+    cache._meta_state = "unloaded"
+    cache._has_ci_table = lambda: True  # type: ignore[method-assign]
+    assert cache.read_ready_descs(a.iovec(0, 4096)) is None
+    assert dev.read_ready(a.iovec(0, 4096)) is None
+    assert len(backend.requests) == n
+    dev.close()

@@ -84,21 +84,25 @@ class Instance:
         return data
 
     def read_ready(self, inode: Any, offset: int, size: int) -> bytes | None:
-        """Read from the event loop without a thread hop when every chunk of the range lies in a
-        blob whose complete cache file is already open (one ``pread`` per contiguous range, never
-        a fetch); None = not known complete yet, use :meth:`read` in a worker thread."""
-        if not self._complete:
+        """Read from the event loop without a thread hop when the data is local: every chunk of
+        the range lies in a blob whose complete cache file is already open (one ``pread`` per
+        contiguous range), or the device says every chunk is cached (``BlobDevice.read_ready``).
+        Never fetches and never waits; None = use :meth:`read` in a worker thread."""
+        device_ready = getattr(self.device, "read_ready", None)
+        if not self._complete and device_ready is None:
             return None
         iovec = inode.chunks(offset, size)
         if not iovec:
             return b""
         complete = self._complete
-        for d in iovec:
-            if d.chunk is not None and d.blob.blob_index not in complete:
-                return None
         start = time.monotonic()
         try:
-            data = self._read_complete(iovec)
+            if complete and all(d.chunk is None or d.blob.blob_index in complete for d in iovec):
+                data = self._read_complete(iovec)
+            else:
+                data = None
+            if data is None and device_ready is not None:
+                data = device_ready(iovec)
         except Exception:
             self.metrics.add_read(0, time.monotonic() - start, False)
             raise

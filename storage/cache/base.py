@@ -99,6 +99,11 @@ class BlobCache(ABC):
     def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
         """The bytes of ``descs`` (all in this blob, none a hole), concatenated in order."""
 
+    def read_ready_descs(self, descs: Sequence[BlobIoDesc]) -> bytes | None:
+        """The bytes of ``descs`` if every chunk is already in the local cache, read without
+        fetching or waiting on anything but the local file; None when that cannot be promised."""
+        return None
+
     @abstractmethod
     def prefetch_chunks(self, chunks: Sequence[ChunkInfo]) -> int:
         """Make ``chunks`` ready without reading them back; returns bytes fetched."""

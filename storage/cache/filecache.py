@@ -286,6 +286,25 @@ class FileBlobCache(BlobCache):
             parts.append(self._pread(pos, length))
         return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
 
+    def read_ready_descs(self, descs: Sequence[BlobIoDesc]) -> bytes | None:
+        if self._meta_state == "unloaded" and self._has_ci_table():
+            return None  # offsets come from the CI table, which may still have to be fetched
+        is_ready = self.chunk_map.is_ready
+        ranges: list[tuple[int, int]] = []
+        for d in descs:
+            c = self.resolve(d.chunk)  # type: ignore[arg-type]
+            if not is_ready(c.index):
+                return None
+            off = c.uncompressed_offset + d.offset
+            if ranges and ranges[-1][0] + ranges[-1][1] == off:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + d.size)
+            else:
+                ranges.append((off, d.size))
+        self.last_access = time.monotonic()
+        self.metrics.cache_hits.inc(len(descs))
+        parts = [self._pread(off, size) for off, size in ranges]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def _pread(self, offset: int, size: int) -> bytes:
         data = os.pread(self._fd, size, offset)
         if len(data) != size:
