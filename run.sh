@@ -42,11 +42,18 @@ install_python() {
   local stamp="$VENV/.pynydus-installed" want
   want=$(cat pyproject.toml misc/pyfuse3/* | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    log "installing Python dependencies into $VENV"
-    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-    "$VENV/bin/pip" install -q -e '.[test,bench]'
-    # pyfuse3 rebuilt with a 3-line patch so FUSE no_open works (see misc/pyfuse3/install.sh)
-    misc/pyfuse3/install.sh "$VENV/bin/python"
+    local pip_log="$VENV/pip-install.log"
+    log "installing Python dependencies into $VENV (log: $pip_log)"
+    if ! {
+      "$VENV/bin/pip" install -q --upgrade pip &&
+      "$VENV/bin/pip" install -q -e '.[test,bench]' &&
+      # pyfuse3 rebuilt with a 3-line patch so FUSE no_open works (see misc/pyfuse3/install.sh)
+      misc/pyfuse3/install.sh "$VENV/bin/python"
+    } >"$pip_log" 2>&1; then
+      cat "$pip_log" >&2
+      log "installing Python dependencies failed (above)"
+      exit 1
+    fi
     echo "$want" > "$stamp"
   fi
 }
