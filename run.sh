@@ -46,15 +46,21 @@ install_python() {
     log "installing Python dependencies into $VENV (log: $pip_log)"
     if ! {
       "$VENV/bin/pip" install -q --upgrade pip &&
-      "$VENV/bin/pip" install -q -e '.[test,bench]' &&
-      # pyfuse3 rebuilt with a 3-line patch so FUSE no_open works (see misc/pyfuse3/install.sh)
-      misc/pyfuse3/install.sh "$VENV/bin/python"
+      "$VENV/bin/pip" install -q -e '.[test,bench]'
     } >"$pip_log" 2>&1; then
       cat "$pip_log" >&2
       log "installing Python dependencies failed (above)"
       exit 1
     fi
-    echo "$want" > "$stamp"
+    # pyfuse3 rebuilt with a 3-line patch so FUSE no_open works (misc/pyfuse3/install.sh); stock
+    # pyfuse3 works too (an open/release round trip per file), so a failed build only warns and
+    # is retried on the next run
+    if misc/pyfuse3/install.sh "$VENV/bin/python" >>"$pip_log" 2>&1; then
+      echo "$want" > "$stamp"
+    else
+      tail -n 20 "$pip_log" >&2
+      log "WARNING: building the patched pyfuse3 failed (above); FUSE no_open stays off"
+    fi
   fi
 }
 
