@@ -7,6 +7,7 @@ end the way containerd's ``errdefs`` renders them (``...: not found``) so that a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -151,17 +152,29 @@ def serve(snapshotter: Snapshotter, address: str, *, max_workers: int = 16,
                          options=[("grpc.max_receive_message_length", 16 << 20),
                                   ("grpc.max_send_message_length", 16 << 20)])
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter, observe), server)
+    # bind at a private name, set owner and mode, then rename into place: a client never sees
+    # the socket at ``address`` with anything but its final permissions
+    tmp = os.path.join(parent, f".{os.path.basename(address)}.{os.getpid()}.tmp")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
     old_umask = os.umask(0o177)
     try:
-        port = server.add_insecure_port(f"unix:{os.path.abspath(address)}")
+        port = server.add_insecure_port(f"unix:{tmp}")
     finally:
         os.umask(old_umask)
     if port == 0:
         raise errors.ConfigError(f"cannot listen on unix socket {address}")
+    try:
+        if group is None:
+            os.chmod(tmp, 0o600)
+        else:
+            os.chown(tmp, -1, group)
+            os.chmod(tmp, 0o660)
+        os.rename(tmp, address)
+    except OSError:
+        server.stop(None)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     server.start()
-    if group is None:
-        os.chmod(address, 0o600)
-    else:
-        os.chown(address, -1, group)
-        os.chmod(address, 0o660)
     return server

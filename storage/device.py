@@ -224,19 +224,21 @@ class BlobDevice:
         if self._closed:
             return None
         start = time.monotonic()
-        parts: list[bytes] = []
-        todo = []
+        runs = []
         for blob, run in _runs(iovec):
-            if blob is None:
+            cache = self._caches.get(blob.blob_id) if blob is not None else None
+            if blob is not None and (cache is None or not cache.descs_ready(run)):
+                return None
+            runs.append((cache, run))
+        parts: list[bytes] = []
+        for cache, run in runs:
+            if cache is None:  # a hole
                 parts.append(bytes(run[0].size))
                 continue
-            cache = self._caches.get(blob.blob_id)
-            data = cache.read_ready_descs(run) if cache is not None else None
-            if data is None:
+            data = cache.read_ready_descs(run)
+            if data is None:  # defensive: ready bits of an open cache are only ever set
                 return None
             parts.append(data)
-            todo.append((cache, run))
-        for cache, run in todo:
             self._after_read(cache, run)
         self.metrics.read_latency.observe(time.monotonic() - start)
         return parts[0] if len(parts) == 1 else b"".join(parts)

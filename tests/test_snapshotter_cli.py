@@ -153,7 +153,9 @@ def test_socket_group(proc_factory, tmp_path):
                          "--address", str(sock))
         wait_socket(sock, p)
         st = os.stat(sock)
+        # checked as soon as the socket exists: it appears with its final owner and mode
         assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == group.gr_gid
+        assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # the bind name is gone
         p.terminate()
         assert p.wait(20) == 0
     conf = tmp_path / "bad.toml"

@@ -99,9 +99,13 @@ class BlobCache(ABC):
     def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
         """The bytes of ``descs`` (all in this blob, none a hole), concatenated in order."""
 
+    def descs_ready(self, descs: Sequence[BlobIoDesc]) -> bool:
+        """True when every chunk of ``descs`` is in the local cache and can be read without
+        fetching anything (chunk data or CI table); answers at once, never waits."""
+        return False
+
     def read_ready_descs(self, descs: Sequence[BlobIoDesc]) -> bytes | None:
-        """The bytes of ``descs`` if every chunk is already in the local cache, read without
-        fetching or waiting on anything but the local file; None when that cannot be promised."""
+        """The bytes of ``descs`` if :meth:`descs_ready`, read from the local file only; else None."""
         return None
 
     @abstractmethod

@@ -264,6 +264,24 @@ class FileBlobCache(BlobCache):
     def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
         fresh: dict[int, bytes | memoryview] = {}
         self.ensure_ready([d.chunk for d in descs], fresh)  # type: ignore[misc]
+        return self._assemble(descs, fresh)
+
+    def descs_ready(self, descs: Sequence[BlobIoDesc]) -> bool:
+        if self._meta_state == "unloaded" and self._has_ci_table():
+            return False  # offsets come from the CI table, which may still have to be fetched
+        is_ready = self.chunk_map.is_ready
+        return all(is_ready(d.chunk.index) for d in descs)  # type: ignore[union-attr]
+
+    def read_ready_descs(self, descs: Sequence[BlobIoDesc]) -> bytes | None:
+        if not self.descs_ready(descs):
+            return None
+        self.last_access = time.monotonic()
+        self.metrics.cache_hits.inc(len(descs))
+        return self._assemble(descs, {})
+
+    def _assemble(self, descs: Sequence[BlobIoDesc], fresh: dict[int, bytes | memoryview]) -> bytes:
+        """The bytes of ready ``descs``: from ``fresh`` (chunks just fetched) or one ``pread`` of
+        the cache file per contiguous range."""
         parts: list[bytes | memoryview] = []
         pos = length = 0
         for d in descs:
@@ -285,25 +303,6 @@ class FileBlobCache(BlobCache):
         if length:
             parts.append(self._pread(pos, length))
         return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
-
-    def read_ready_descs(self, descs: Sequence[BlobIoDesc]) -> bytes | None:
-        if self._meta_state == "unloaded" and self._has_ci_table():
-            return None  # offsets come from the CI table, which may still have to be fetched
-        is_ready = self.chunk_map.is_ready
-        ranges: list[tuple[int, int]] = []
-        for d in descs:
-            c = self.resolve(d.chunk)  # type: ignore[arg-type]
-            if not is_ready(c.index):
-                return None
-            off = c.uncompressed_offset + d.offset
-            if ranges and ranges[-1][0] + ranges[-1][1] == off:
-                ranges[-1] = (ranges[-1][0], ranges[-1][1] + d.size)
-            else:
-                ranges.append((off, d.size))
-        self.last_access = time.monotonic()
-        self.metrics.cache_hits.inc(len(descs))
-        parts = [self._pread(off, size) for off, size in ranges]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _pread(self, offset: int, size: int) -> bytes:
         data = os.pread(self._fd, size, offset)
