@@ -67,9 +67,11 @@ class Instance:
         self._complete_next_check: dict[int, float] = {}
         self._complete_lock = threading.Lock()
 
-    def read(self, inode: Any, offset: int, size: int) -> bytes:
-        """Blocking read of a regular file range through the device (run in a worker thread)."""
-        iovec = inode.chunks(offset, size)
+    def read(self, inode: Any, offset: int, size: int, iovec: BlobIoVec | None = None) -> bytes:
+        """Blocking read of a regular file range through the device (run in a worker thread);
+        ``iovec``: ``inode.chunks(offset, size)`` when the caller has it already."""
+        if iovec is None:
+            iovec = inode.chunks(offset, size)
         if not iovec:
             return b""
         start = time.monotonic()
@@ -83,15 +85,17 @@ class Instance:
         self.metrics.add_read(len(data), time.monotonic() - start, True)
         return data
 
-    def read_ready(self, inode: Any, offset: int, size: int) -> bytes | None:
+    def read_ready(self, inode: Any, offset: int, size: int, iovec: BlobIoVec | None = None) -> bytes | None:
         """Read from the event loop without a thread hop when the data is local: every chunk of
         the range lies in a blob whose complete cache file is already open (one ``pread`` per
         contiguous range), or the device says every chunk is cached (``BlobDevice.read_ready``).
-        Never fetches and never waits; None = use :meth:`read` in a worker thread."""
+        Never fetches and never waits; None = use :meth:`read` (with the same ``iovec``) in a
+        worker thread."""
         device_ready = getattr(self.device, "read_ready", None)
         if not self._complete and device_ready is None:
             return None
-        iovec = inode.chunks(offset, size)
+        if iovec is None:
+            iovec = inode.chunks(offset, size)
         if not iovec:
             return b""
         complete = self._complete

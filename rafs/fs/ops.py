@@ -11,8 +11,9 @@ instances never collide. The image is immutable: entries and attributes get a on
 timeout, ``open`` replies ``keep_cache`` so warm reads never reach Python (or, with a pyfuse3
 built with misc/pyfuse3/read-ino.patch, ENOSYS: the kernel's no_open mode, where opening a
 file costs no request at all and ``read`` gets the inode as its handle), and readdir
-offsets are the image's dirent indexes. Only data reads block; they run in worker threads
-so a slow chunk never stalls other requests.
+offsets are the image's dirent indexes. Reads of data already in the local cache are answered
+on the event loop; reads that may fetch run in worker threads, so a slow chunk never stalls
+other requests.
 """
 
 from __future__ import annotations
@@ -348,12 +349,13 @@ class RafsFs(pyfuse3.Operations):
         except (KeyError, RafsError) as exc:
             raise pyfuse3.FUSEError(errno.ESTALE) from exc
         try:
-            # blob complete in the local cache: pread it right here (a thread hop costs more
+            # data already in the local cache: pread it right here (a thread hop costs more
             # than the read); anything that may fetch runs in a worker thread
-            data = inst.read_ready(node, off, size)
+            iovec = node.chunks(off, size)  # metadata only: computed once, here on the loop
+            data = inst.read_ready(node, off, size, iovec)
             if data is not None:
                 return data
-            return await trio.to_thread.run_sync(inst.read, node, off, size)
+            return await trio.to_thread.run_sync(inst.read, node, off, size, iovec)
         except (StorageError, RafsError, OSError) as exc:
             self._log_read_error(inst, node, off, size, exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc
