@@ -38,10 +38,11 @@ def _tree(tmp_path, name="image", marker=b"x"):
     return make_image(str(tmp_path), files, name=name)
 
 
-def test_tree_content_modes_xattrs(tmp_path):
+@pytest.mark.parametrize("no_open", [None, False], ids=["auto", "open-release"])
+def test_tree_content_modes_xattrs(tmp_path, no_open):
     require_fuse()
     boot = _tree(tmp_path)
-    with running_daemon(tmp_path, bootstrap=boot) as (client, mnt, _):
+    with running_daemon(tmp_path, bootstrap=boot, fuse_no_open=no_open) as (client, mnt, _):
         assert erofs.mounted_fstype(mnt) == "fuse.rafs"
         st = os.lstat(f"{mnt}/etc")
         assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o750
@@ -82,11 +83,12 @@ def test_tree_content_modes_xattrs(tmp_path):
         assert open(bdi).read().strip() == "1024"
 
 
-def test_lazy_reads_and_concurrency(tmp_path):
+@pytest.mark.parametrize("no_open", [None, False], ids=["auto", "open-release"])
+def test_lazy_reads_and_concurrency(tmp_path, no_open):
     require_fuse()
     boot = _tree(tmp_path)
     reads = tmp_path / "image.blob.reads"
-    with running_daemon(tmp_path, bootstrap=boot) as (client, mnt, _):
+    with running_daemon(tmp_path, bootstrap=boot, fuse_no_open=no_open) as (client, mnt, _):
         os.listdir(f"{mnt}/d")
         os.stat(f"{mnt}/big")
         assert not reads.exists(), "metadata operations must not read blob data"
