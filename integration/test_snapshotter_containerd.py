@@ -24,7 +24,7 @@ import pytest
 
 from integration.conftest import HELLO
 from integration.harness.images import Image, Layer, nydus_image
-from integration.snapshotter_support import daemon_instance_count, wait_for
+from integration.snapshotter_support import daemon_instance_count, live_daemons, wait_for
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
@@ -315,6 +315,11 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
             run_detached(cd, image.ref, cid, "/bin/sh", "-c", "cat /etc/probe.txt; sleep 60", namespace="k8s.io")
         wait_for(lambda: instances() >= 1, 20, "the RAFS instance mounted")
         assert instances() == 1  # mounted once, not once per container
+        if fs_driver == "fusedev":  # the containers' files came through FUSE no_open where it works
+            from rafs.fs.ops import no_open_unsupported_reason  # noqa: PLC0415
+
+            want = no_open_unsupported_reason() is None
+            assert [d.get("fuse_no_open") for d in live_daemons(sn.root).values()] == [want]
         if daemon_mode == "dedicated":
             assert len(rafs_mounts()) == 1
         with grpc.insecure_channel(f"unix:{sn.address}") as ch:
