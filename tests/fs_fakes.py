@@ -20,27 +20,13 @@ import json
 import os
 import stat
 import time
-from dataclasses import dataclass
 
 from rafs.errors import NotADirectory, NotFound
+from rafs.metadata import InodeAttr
 from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo, Compressor, Digester
 from storage.errors import BackendError
 
 KIND = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK}
-
-
-@dataclass(frozen=True, slots=True)
-class Attr:
-    ino: int
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    nlink: int
-    rdev: int
-    mtime: int
-    mtime_nsec: int
-    blocks: int
 
 
 class FakeInode:
@@ -51,12 +37,12 @@ class FakeInode:
         self.children: list[tuple[bytes, "FakeInode"]] = []
         self.nlink = 1
 
-    def attr(self) -> Attr:
+    def attr(self) -> InodeAttr:
         s = self.spec
         size = s.get("size", 0) if s["type"] == "reg" else len(s.get("target", "")) if s["type"] == "symlink" else 4096
         nlink = 2 + sum(c.is_dir() for _, c in self.children) if self.is_dir() else self.nlink
-        return Attr(self.ino, KIND[s["type"]] | s.get("mode", 0o644), s.get("uid", 0), s.get("gid", 0),
-                    size, nlink, 0, s.get("mtime", 1_700_000_000), 0, (size + 511) // 512)
+        return InodeAttr(self.ino, KIND[s["type"]] | s.get("mode", 0o644), s.get("uid", 0), s.get("gid", 0),
+                         size, nlink, 0, s.get("mtime", 1_700_000_000), 0, (size + 511) // 512)
 
     def is_dir(self) -> bool:
         return self.spec["type"] == "dir"
