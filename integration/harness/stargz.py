@@ -14,6 +14,7 @@ unmounts whatever is left under its temp dir and removes it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -46,7 +47,8 @@ def build_stargz_snapshotter(*, timeout: float = 1200.0) -> str:
     out = r.stdout.strip().splitlines()
     if r.returncode != 0 or not out or not os.access(out[-1], os.X_OK):
         tail = "\n".join(r.stderr.strip().splitlines()[-15:])
-        raise HarnessError(f"cannot build stargz-snapshotter (build.sh exit {r.returncode}):\n{tail}")
+        raise HarnessError(f"cannot build stargz-snapshotter (build.sh exit {r.returncode}):\n"
+                           f"{tail}")
     return out[-1]
 
 
@@ -97,10 +99,11 @@ def _ctr_remote(containerd: "Containerd", *args: str, timeout: float) -> str:
     argv = ["ctr-remote", "--address", containerd.address, "--namespace", containerd.namespace,
             *args]
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
+        # errors="replace": the workload of ``optimize`` writes its own output to our stdout
+        r = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                           timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
-        raise HarnessError(f"{' '.join(argv[5:7])}: no answer after {timeout:.0f}s") from e
+        raise HarnessError(f"ctr-remote {' '.join(args[:2])}: no answer after {timeout:.0f}s") from e
     if r.returncode != 0:
         raise HarnessError(f"ctr-remote {' '.join(args)} failed ({r.returncode}):\n"
                            f"{(r.stderr or r.stdout).strip()[-3000:]}")
@@ -109,7 +112,8 @@ def _ctr_remote(containerd: "Containerd", *args: str, timeout: float) -> str:
 
 def convert_to_estargz(src_ref: str, dst_ref: str, *, optimize: bool = False,
                        workload_argv: Sequence[str] | None = None,
-                       containerd: "Containerd | None" = None, timeout: float = 600.0) -> None:
+                       containerd: "Containerd | None" = None, linger: float = 1.0,
+                       timeout: float = 600.0) -> None:
     """Convert the image ``src_ref`` to eStargz and push it as ``dst_ref`` (both in loopback
     registries, plain HTTP).
 
@@ -119,6 +123,11 @@ def convert_to_estargz(src_ref: str, dst_ref: str, *, optimize: bool = False,
     or, with ``optimize``, ``ctr-remote image optimize --oci`` that runs ``workload_argv`` (the
     image's own entrypoint/cmd if None) in a container under runc and puts the files it read first,
     then pushed with ``--plain-http``.
+
+    ``linger``: ctr-remote 0.12 stops its fanotify recorder as soon as the workload exits and
+    drops the accesses still queued (the last files a short workload reads are then missing from
+    the prefetch list), so ``workload_argv`` runs as ``/bin/sh -c '"$@"; sleep LINGER'`` (exit
+    status kept; needs ``/bin/sh`` in the image). ``linger=0`` runs it unwrapped.
     """
     if shutil.which("ctr-remote") is None:
         raise HarnessError("ctr-remote not found (Debian package stargz-snapshotter)")
@@ -135,10 +144,10 @@ def convert_to_estargz(src_ref: str, dst_ref: str, *, optimize: bool = False,
     if optimize:
         args = ["image", "optimize", "--oci"]
         if workload_argv is not None:
-            import json
-
-            args += ["--entrypoint", json.dumps(list(workload_argv[:1])),
-                     "--args", json.dumps(list(workload_argv[1:]))]
+            argv = list(workload_argv)
+            if linger > 0:
+                argv = ["/bin/sh", "-c", f'"$@"; s=$?; sleep {linger:g}; exit $s', "sh", *argv]
+            args += ["--entrypoint", json.dumps(argv[:1]), "--args", json.dumps(argv[1:])]
         _ctr_remote(containerd, *args, src_ref, dst_ref, timeout=timeout)
     else:
         _ctr_remote(containerd, "image", "convert", "--estargz", "--oci", src_ref, dst_ref,
