@@ -103,7 +103,8 @@ def _ctr_remote(containerd: "Containerd", *args: str, timeout: float) -> str:
         r = subprocess.run(argv, capture_output=True, text=True, errors="replace",
                            timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
-        raise HarnessError(f"ctr-remote {' '.join(args[:2])}: no answer after {timeout:.0f}s") from e
+        raise HarnessError(f"ctr-remote {' '.join(args[:2])}: no answer after {timeout:.0f}s"
+                           ) from e
     if r.returncode != 0:
         raise HarnessError(f"ctr-remote {' '.join(args)} failed ({r.returncode}):\n"
                            f"{(r.stderr or r.stdout).strip()[-3000:]}")
