@@ -32,15 +32,17 @@ CACHE_DIR = os.path.join(REPO_ROOT, ".cache", "stargz")
 BINARY = os.path.join(CACHE_DIR, "stargz-snapshotter")
 
 
-def build_stargz_snapshotter(*, timeout: float = 1200.0) -> str:
+def build_stargz_snapshotter(*, install: bool = False, timeout: float = 1200.0) -> str:
     """Build (or reuse) the stargz-snapshotter binary and return its path.
 
     Runs ``integration/stargz/build.sh`` (idempotent: a cached build returns at once; the first
-    one takes minutes). Raises :class:`HarnessError` with the script's reason when it cannot
-    be built (missing Debian packages without root, a failed ``go build``).
+    one takes minutes). ``install``: apt-get install missing Debian packages first (root).
+    Raises :class:`HarnessError` with the script's reason when it cannot be built (missing
+    Debian packages, a failed ``go build``).
     """
+    argv = ["bash", BUILD_SCRIPT, *(["--install"] if install else []), CACHE_DIR]
     try:
-        r = subprocess.run(["bash", BUILD_SCRIPT, CACHE_DIR], capture_output=True, text=True,
+        r = subprocess.run(argv, capture_output=True, text=True,
                            timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
         raise HarnessError(f"building stargz-snapshotter took longer than {timeout:.0f}s") from e
