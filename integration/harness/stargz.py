@@ -54,11 +54,6 @@ def build_stargz_snapshotter(*, install: bool = False, timeout: float = 1200.0) 
     return out[-1]
 
 
-def stargz_snapshotter_built() -> bool:
-    """True when a cached build is present (the next build is then quick)."""
-    return os.access(BINARY, os.X_OK) and os.path.exists(BINARY + ".stamp")
-
-
 class StargzSnapshotter(SnapshotterProcess):
     """One stargz-snapshotter process with its own root dir and socket (in a private temp dir).
 
