@@ -7,8 +7,8 @@ import zlib
 import lz4.block
 import zstandard
 
-from storage.device import Compressor
 from storage.errors import DecompressError
+from storage.records import Compressor
 
 #: zstd level used by the builder (upstream uses the zstd default, 3)
 ZSTD_LEVEL = 3

@@ -23,8 +23,8 @@ import time
 
 from rafs.errors import NotADirectory, NotFound
 from rafs.metadata import InodeAttr
-from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo, Compressor, Digester
 from storage.errors import BackendError
+from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo, Compressor, Digester
 
 KIND = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK}
 

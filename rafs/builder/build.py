@@ -15,7 +15,7 @@ from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
 from rafs.builder.source import open_layer, walk_directory, walk_tar
 from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer
 from rafs.errors import BuildError
-from storage.device import BlobInfo, Compressor, Digester
+from storage.records import BlobInfo, Compressor, Digester
 
 SOURCE_TYPES = ("dir-rafs", "tar-rafs", "targz-rafs")
 #: upstream spellings accepted for --type/--source-type

@@ -213,7 +213,7 @@ def convert_layer(work_dir: str, source_digest: str, open_stream: Callable[[], B
 
 def _build_options(options: LayerOptions, chunk_dict: str | None, whiteout_spec: str):  # noqa: ANN202
     from rafs.builder import BuildOptions
-    from storage.device import Compressor
+    from storage.records import Compressor
 
     compressors = {"zstd": Compressor.ZSTD, "lz4_block": Compressor.LZ4_BLOCK, "none": Compressor.NONE}
     if options.compressor not in compressors:

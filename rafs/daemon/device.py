@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from rafs.daemon.config import DaemonConfig
 from rafs.errors import ConfigError
-from storage.device import BlobInfo
+from storage.records import BlobInfo
 
 
 class OwnedDevice:

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from rafs.errors import NotADirectory, NotFound, UnsupportedError
 from rafs.metadata import InodeAttr
-from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
+from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from storage.compress import compress, decompress
-from storage.device import BlobFeatures, Compressor
 from storage.errors import DecompressError, MetaFormatError
 from storage.meta.chunk_info import BlobChunk, decode_ci_array, encode_ci_array
 from storage.meta.header import BLOB_CCT_HEADER_SIZE, BlobCompressionContextHeader
 from storage.meta.toc import ENTRY_BLOB_META, ReadAt, walk_sections
+from storage.records import BlobFeatures, Compressor
 from storage.structs import Struct, StructTooShort
 
 CI_V1_SIZE = 16
