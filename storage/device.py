@@ -9,13 +9,41 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 from storage.cache.base import BlobCache, BlobCacheManager
 from storage.errors import StorageError
+from storage.metrics import StorageMetrics
 from storage.prefetch import PrefetchConfig, Prefetcher
 from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
 
 log = logging.getLogger(__name__)
+
+
+class BlobReadDevice(Protocol):
+    """What a filesystem needs from a blob device: :class:`BlobDevice` is the implementation,
+    ``rafs`` codes against this (and tests put small fakes in its place)."""
+
+    metrics: StorageMetrics
+
+    def read(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]") -> bytes:
+        """The bytes of ``iovec`` in order, holes as zeros; may fetch; blocking, thread-safe.
+        Raises :class:`~storage.errors.StorageError` (or ``OSError``) when the data cannot be read."""
+        ...
+
+    def read_ready(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]") -> bytes | None:
+        """The bytes of ``iovec`` if all of it is local, else None; never fetches or waits."""
+        ...
+
+    def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low") -> None:
+        """Make the chunks of ``iovecs`` local in the background."""
+        ...
+
+    def blob_data_path(self, blob_index: int) -> str | None:
+        """The complete uncompressed data file of a blob, if there is one yet."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def _runs(iovec: "Sequence[BlobIoDesc]") -> "Iterator[tuple[BlobInfo | None, Sequence[BlobIoDesc]]]":
