@@ -251,7 +251,7 @@ def build_layer(tar_path: str, out_dir: str, options: LayerOptions,
                 dedup = os.path.join(out_dir, "dedup.boot")
                 temp.append(dedup)
                 merge([options.chunk_dict] + [p.bootstrap for p in parents], dedup,
-                              whiteout_spec="none")
+                      whiteout_spec="none")
     except BuildError as exc:
         for path in temp:
             if os.path.exists(path):
@@ -261,7 +261,7 @@ def build_layer(tar_path: str, out_dir: str, options: LayerOptions,
     blob_tmp = os.path.join(out_dir, "layer.blob")
     try:
         result = build(tar_path, bootstrap_out=bootstrap, blob_out=blob_tmp, source_type="tar-rafs",
-                               options=_build_options(options, dedup, "none"))
+                       options=_build_options(options, dedup, "none"))
     except BuildError as exc:
         raise ConvertError(f"building the layer failed: {exc}") from exc
     finally:
@@ -309,7 +309,7 @@ def merge_layers(results: Sequence[LayerResult], out: str, options: LayerOptions
         raise ConvertError("an image needs at least one layer")
     try:
         merged = merge([r.bootstrap for r in results], out, whiteout_spec="oci",
-                               prefetch=list(options.prefetch_patterns))
+                       prefetch=list(options.prefetch_patterns))
     except BuildError as exc:
         raise ConvertError(f"merging the layer bootstraps failed: {exc}") from exc
     return list(merged.blob_ids)
