@@ -317,9 +317,6 @@ class FileBlobCache(BlobCache):
         self.blob_meta()
         return self._chunk_table
 
-    def is_complete(self) -> bool:
-        return self.chunk_map.all_ready()
-
     def data_path(self) -> str | None:
         return self.path if self.chunk_map.all_ready() else None
 
