@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from storage.backend.registry import Credentials, RegistryBackend, RegistryClient, RegistryConfig
+from storage.backend.credentials import Credentials
+from storage.backend.registry import RegistryBackend, RegistryClient, RegistryConfig
 from storage.errors import AuthError, BlobNotFound, RegistryError
 
 BLOB = bytes(range(256)) * 64
