@@ -3,12 +3,14 @@
 * :class:`RegistryClient` — one pooled ``requests.Session`` for one registry host and repo, with
   auth handled: anonymous, Basic, Bearer (``WWW-Authenticate`` challenge → token endpoint with
   scope, token reused until near expiry, refreshed on 401), credentials from
-  :mod:`storage.backend.credentials` (docker ``config.json``, credential helpers), redirects followed by hand so ``Authorization`` never leaves the registry host. The image
-  converter reuses it for pushes (``request("PUT", ...)``).
+  :mod:`storage.backend.credentials` (docker ``config.json``, credential helpers), redirects
+  followed by hand so ``Authorization`` never leaves the registry host. The image converter
+  reuses it for pushes (``request("PUT", ...)``).
 * :class:`RegistryBackend` — range GETs of ``/v2/<repo>/blobs/sha256:<id>``; tries the proxy
   (an HTTP proxy such as a P2P agent), then healthy mirrors in order, then the origin registry.
   A failing proxy/mirror is marked unhealthy for ``check_interval`` seconds (re-checked with its
   ``ping_url`` when given). Retries with backoff live in :class:`~storage.backend.base.BlobReader`.
+  ``ping()`` asks the same order whether any endpoint answers at all.
 """
 
 from __future__ import annotations
