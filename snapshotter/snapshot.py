@@ -395,9 +395,6 @@ class Snapshotter:
 
         return self.rafs.ensure(meta_id, meta_info.name, prepare)
 
-    def mountpoint_hint(self, meta_id: str) -> str:
-        return self.rafs.mountpoint_hint(meta_id)
-
     def _needed_instances(self) -> set[str]:
         """Meta snapshot ids that some active/view snapshot sits on."""
         with self.ms.transaction(writable=False) as tx:
