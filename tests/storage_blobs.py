@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from storage.compress import compress
-from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkFlags, ChunkInfo, Compressor, Digester
 from storage.digest import digest
+from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkFlags, ChunkInfo, Compressor, Digester
 
 
 @dataclass
