@@ -13,7 +13,7 @@ import pytest
 
 from integration.conftest import HELLO, snapshotter_config_for
 from integration.harness.images import busybox_image
-from integration.test_snapshotter_containerd import kill_recorded_daemons, manager_available
+from integration.test_snapshotter_containerd import kill_recorded_daemons
 from rafs.convert.cli import main as nydusify
 
 pytestmark = [pytest.mark.containerd, pytest.mark.root, pytest.mark.timeout(300)]
@@ -46,8 +46,6 @@ def test_private_registry_through_credential_helper(registry_factory, snapshotte
                                                     tmp_path, monkeypatch):
     if not os.path.exists("/bin/busybox"):
         pytest.skip("/bin/busybox missing (Debian package busybox-static)")
-    if not manager_available():
-        pytest.skip("rafs.daemon.manager is not on this checkout")
     reg = registry_factory(users={USER: SECRET})
     bindir, confdir, calls = install_helper(tmp_path, reg.host)
     source = busybox_image({"etc/hello.txt": HELLO}).push(reg, "test/busybox", "v1", auth=reg.auth)
