@@ -69,8 +69,7 @@ class StargzSnapshotter(SnapshotterProcess):
         self.binary = binary
         self.log_level = log_level
         self.plain_http = [r.host for r in registries] + list(plain_http)
-        # argv=[]: not ``python3 -m snapshotter serve``; command() below builds the real one
-        super().__init__(config=config, argv=[], base_dir=base_dir, start_timeout=start_timeout,
+        super().__init__(config=config, base_dir=base_dir, start_timeout=start_timeout,
                          keep_dir=keep_dir)
 
     def command(self) -> list[str]:
