@@ -118,7 +118,8 @@ class FileBlobCache(BlobCache):
                     log.warning("discarding %s: %s", self.meta_path, exc)
                     meta = None
                     os.unlink(self.meta_path)
-            if meta is None and self._has_ci_table():
+            if meta is None and self._has_ci_table() and not self.blob.has(BlobFeatures.ZRAN):
+                # a ZRAN blob is the original gzip layer: its blob.meta only comes as a file
                 b = self.blob
                 try:
                     if b.ci_compressed_size:
@@ -150,14 +151,20 @@ class FileBlobCache(BlobCache):
     def _check_meta(self, meta: BlobMeta) -> None:
         if meta.chunk_count < self.blob.chunk_count:
             raise MetaFormatError(f"CI table has {meta.chunk_count} entries, blob table says {self.blob.chunk_count}")
-        if meta.header.s_features & (BlobFeatures.ZRAN | BlobFeatures.BATCH | BlobFeatures.ENCRYPTED):
-            raise MetaFormatError(f"CI features {meta.header.s_features:#x} (zran/batch/encrypted) not supported")
+        if meta.header.s_features & (BlobFeatures.BATCH | BlobFeatures.ENCRYPTED):
+            raise MetaFormatError(f"CI features {meta.header.s_features:#x} (batch/encrypted) not supported")
+        if bool(meta.header.s_features & BlobFeatures.ZRAN) != self.blob.has(BlobFeatures.ZRAN):
+            raise MetaFormatError(f"blob.meta ZRAN feature ({meta.header.s_features:#x}) differs from the "
+                                  f"blob table's ({self.blob.features:#x})")
 
     def _from_ci(self, index: int, digest: bytes) -> ChunkInfo:
         assert self._meta is not None
         ci = self._meta.chunks[index]
         return ChunkInfo(self.blob.blob_index, index, digest, int(ChunkFlags.COMPRESSED) if ci.is_compressed else 0,
                          ci.compressed_offset, ci.compressed_size, ci.uncompressed_offset, ci.uncompressed_size)
+
+    def zran_meta(self) -> BlobMeta | None:
+        return self.blob_meta()
 
     def resolve(self, chunk: ChunkInfo) -> ChunkInfo:
         """``chunk`` with the CI table's authoritative offsets and sizes (when the blob has one)."""
