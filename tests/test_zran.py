@@ -188,3 +188,67 @@ def test_cache_without_zran_blob_meta_fails_clearly(tmp_path, vectors_dir):
     with pytest.raises(StorageError, match="blob.meta"):
         dev.read([BlobIoDesc(info, chunks[0], 0, 10)])
     dev.close()
+
+
+# -- nydus-image create --type targz-ref ----------------------------------------------------------
+
+def _tar_files(gz: bytes) -> dict[str, bytes]:
+    import io
+    import tarfile
+
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(gz)) as tf:
+        for m in tf:
+            if m.isreg():
+                out["/" + m.name.strip("/").removeprefix("./")] = tf.extractfile(m).read()
+    return out
+
+
+@pytest.mark.parametrize("name,spacing", [("bgzip.tar.gz", 64 << 10), ("bgzip.tar.gz", 1 << 20),
+                                          ("zran-two-streams.tar.gz", 0), ("zran-zero-file.tar.gz", 0),
+                                          ("zran-single-stream.tar.gz", 0)])
+def test_targz_ref_build_reads_every_file_from_the_gzip_layer(tmp_path, vectors_dir, name, spacing):
+    import os
+
+    from rafs import metadata
+    from rafs.builder import BuildOptions, build
+
+    src = vectors_dir / ZRAN_DIR / name
+    gz = src.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    res = build(str(src), bootstrap_out=str(out / "boot"), blob_dir=str(out), source_type="targz-ref",
+                options=BuildOptions(chunk_size=0x10000, zran_spacing=spacing))
+    files = _tar_files(gz)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if res.blob is not None:
+        assert res.blob.blob_id == hashlib.sha256(gz).hexdigest() and res.blob.has(BlobFeatures.ZRAN)
+        assert sorted(os.listdir(out)) == sorted(["boot", f"{res.blob.blob_id}.blob.meta"])  # no data copied
+        meta = load_blob_meta_file(res.blob_meta_path)
+        assert meta.header.s_features & BlobFeatures.ZRAN and meta.zran_contexts()
+        os.replace(res.blob_meta_path, cache / os.path.basename(res.blob_meta_path))
+    backend = MemoryBackend({res.blob.blob_id: gz} if res.blob else {})
+    mgr = FileCacheManager(str(cache), backend, CacheConfig())
+    seen = {}
+    with metadata.Rafs.open(str(out / "boot")) as fs:
+        dev = BlobDevice(fs.blobs, mgr)
+        for path, inode in fs.walk():
+            attr = inode.attr()
+            if path in files:
+                seen[path] = dev.read(inode.chunks(0, attr.size)) if attr.size else b""
+        dev.close()
+    assert seen == files
+    if res.blob is not None and len(gz) > 1 << 20:
+        assert sum(s for _, _, s in backend.requests) < 3 * len(gz)  # ranges, each context once-ish
+
+
+def test_targz_ref_refuses_a_non_gzip_layer(tmp_path, vectors_dir):
+    from rafs.builder import BuildOptions, build
+    from rafs.errors import BuildError
+
+    tar = vectors_dir / "dragonflyoss-nydus/tests/texture/tar/all-entry-type.tar"
+    with pytest.raises(BuildError, match="gzip"):
+        build(str(tar), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(tmp_path), source_type="targz-ref",
+              options=BuildOptions())
+    assert list(tmp_path.iterdir()) == []

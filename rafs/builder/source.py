@@ -141,9 +141,10 @@ _TAR_TYPES = {
 }
 
 
-def walk_tar(stream: BinaryIO, on_file: OnFile) -> Tree:
+def walk_tar(stream: BinaryIO, on_file: OnFile, *, with_offsets: bool = False) -> Tree:
     """Build a tree from a tar stream (read once, in order).  Entries named later win;
-    hard links share the target's inode."""
+    hard links share the target's inode. ``with_offsets``: ``on_file`` also gets the offset of
+    the member's data in the (uncompressed) tar stream."""
     tree = Tree()
     try:
         tf = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
@@ -169,7 +170,12 @@ def walk_tar(stream: BinaryIO, on_file: OnFile) -> Tree:
                 if member.size:
                     fobj = tf.extractfile(member)
                     assert fobj is not None
-                    on_file(inode, fobj, member.size)  # type: ignore[arg-type]
+                    if with_offsets and member.sparse is not None:
+                        raise BuildError(f"{member.name}: sparse tar members cannot be referenced in place")
+                    if with_offsets:
+                        on_file(inode, fobj, member.size, member.offset_data)  # type: ignore[call-arg]
+                    else:
+                        on_file(inode, fobj, member.size)  # type: ignore[arg-type]
                 continue
             ftype = _TAR_TYPES.get(member.type)
             if ftype is None:

@@ -89,6 +89,7 @@ class FileBlobCache(BlobCache):
             os.close(self._fd)
             raise
         self._chunk_table: list[ChunkInfo] | None = None
+        self._zran_groups: dict[int, list[int]] | None = None  # ZRAN context -> its chunk indexes
         self.after_fetch: Callable[[], None] | None = None  #: set by the manager (size limit)
         self.fetch_pool: ThreadPoolExecutor | None = None  #: set by the manager (parallel runs)
         self.meta_path = os.path.join(work_dir, blob.blob_id + META_SUFFIX)
@@ -201,6 +202,43 @@ class FileBlobCache(BlobCache):
                 return
             run.append(nxt)
 
+    def _zran_runs(self, owned: list[ChunkInfo]) -> list[list[ChunkInfo]]:
+        """ZRAN: a context is inflated whole, so every chunk of the owned chunks' contexts that
+        nobody else is fetching is claimed and cached too; runs are groups of consecutive
+        contexts up to ``merging_size`` compressed bytes."""
+        meta = self.blob_meta()
+        table = self._chunk_table
+        if meta is None or table is None:
+            return [[c] for c in owned]
+        if self._zran_groups is None:
+            groups: dict[int, list[int]] = {}
+            for ci in meta.chunks:
+                if ci.is_zran:
+                    groups.setdefault(ci.context_index, []).append(ci.index)
+            self._zran_groups = groups
+        by_ctx: dict[int, list[ChunkInfo]] = {}
+        for c in owned:
+            by_ctx.setdefault(meta.chunks[c.index].context_index if c.index < meta.chunk_count else -1, []).append(c)
+        taken = {c.index for c in owned}
+        for k, chunks in by_ctx.items():
+            for i in self._zran_groups.get(k, ()):
+                if i not in taken and i < len(table) and self.chunk_map.try_mark_pending(i) is ChunkState.OWNED:
+                    taken.add(i)
+                    chunks.append(table[i])
+        runs: list[list[ChunkInfo]] = []
+        size = 0
+        last = None
+        for k in sorted(by_ctx):
+            span = sum(c.compressed_size for c in by_ctx[k])
+            if runs and last is not None and k == last + 1 and size + span <= self.config.merging_size:
+                runs[-1].extend(by_ctx[k])
+                size += span
+            else:
+                runs.append(list(by_ctx[k]))
+                size = span
+            last = k
+        return runs
+
     def ensure_ready(self, chunks: Sequence[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None) -> int:
         """Fetch the chunks not yet cached (merged, once across threads); returns bytes fetched.
 
@@ -235,8 +273,11 @@ class FileBlobCache(BlobCache):
     def _fetch_owned(self, owned: list[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None) -> int:
         """Fetch chunks this thread owns (runs in parallel on the manager's fetch pool);
         every owned chunk is released on every path."""
-        runs = merge_runs(owned, self.config.merging_size)
         owned_ids = {c.index for c in owned}
+        if self.blob.has(BlobFeatures.ZRAN):
+            runs = self._zran_runs(owned)
+        else:
+            runs = merge_runs(owned, self.config.merging_size)
         results: list[tuple[int, StorageError | None]] = []
         pending = set(owned_ids)
         try:
