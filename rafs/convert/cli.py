@@ -96,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--prefetch-patterns", nargs="?", const="-", default=None,
                       help="prefetch paths, one a line, from stdin (no value or '-') or a file "
                            "(default without the flag: '/', the whole image; an empty file: none)")
+    conv.add_argument("--oci-ref", action="store_true",
+                      help="OCI-ref (zran) image: the gzip layers stay the data blobs; only the bootstrap "
+                           "layer, config and manifest are pushed (gzip layers only)")
+    conv.add_argument("--zran-spacing", type=lambda s: int(s, 0), default=1 << 20,
+                      help="--oci-ref: uncompressed bytes between gzip checkpoints (default 1 MiB)")
     conv.add_argument("--push-chunk-size", type=lambda s: int(s, 0), default=0,
                       help="upload blobs in PATCH chunks of this size (0: monolithic)")
     conv.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             chunk_dict, chunk_dict_digest = _chunk_dict(args.chunk_dict)
             layer = LayerOptions(fs_version=args.fs_version, compressor=args.compressor, chunk_size=size,
                                  chunk_dict=chunk_dict, chunk_dict_digest=chunk_dict_digest,
-                                 prefetch_patterns=_prefetch_patterns(args.prefetch_patterns))
+                                 prefetch_patterns=_prefetch_patterns(args.prefetch_patterns),
+                                 oci_ref=args.oci_ref, zran_spacing=args.zran_spacing)
             target_ref = args.target or _suffixed(args.source, args.target_suffix)
             opts = ConvertOptions(source=args.source, target=target_ref, work_dir=args.work_dir,
                                   source_insecure=args.source_insecure, target_insecure=args.target_insecure,

@@ -186,6 +186,15 @@ class Converter:
         metas: list[tuple[str, str]] = []
         for blob_id in blob_ids:
             local = blob_files.get(blob_id)
+            if local is not None and local.blob and local.extra.get("oci_ref"):
+                # the original gzip layer is the blob: push it only if the target lacks it
+                if self.pusher.exists(f"sha256:{blob_id}") is None:
+                    self.pusher.push_file(f"sha256:{blob_id}", local.blob)
+                size = local.blob_size
+                if local.blob_meta:
+                    metas.append((blob_id, local.blob_meta))
+                blob_descs.append(blob_descriptor(blob_id, size, ref_layer=True))
+                continue
             if local is not None and local.blob:
                 self.pusher.push_file(f"sha256:{blob_id}", local.blob)
                 size = local.blob_size
