@@ -222,6 +222,9 @@ class Nydusd:
                 raise MountError(f"bootstrap {bootstrap} is not a regular file")
             tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
             device = None
+            from rafs.daemon.device import seed_blob_metas
+
+            await trio.to_thread.run_sync(seed_blob_metas, bootstrap, list(tree.blobs), cfg)
             try:
                 if self.fs_driver == "erofs":
                     record = await self._mount_erofs(name, bootstrap, tree, cfg)
