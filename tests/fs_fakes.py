@@ -173,7 +173,7 @@ class FakeDevice:
                 f.write(f"{d.chunk.index}\n")
         return b"".join(out)
 
-    def blob_data_path(self, blob_index: int) -> str | None:
+    def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
         return self.blob_file if self.complete else None
 
     def close(self) -> None:

@@ -10,7 +10,10 @@
  "fs_prefetch": {"enable": false, "prefetch_all": true, "threads_count": 8,
                  "merging_size": 1048576, "bandwidth_rate": 0}}
 ```
-Unknown keys are kept in ``raw`` and ignored, as upstream does.
+Unknown keys are kept in ``raw`` and ignored, as upstream does. ``digest_validate`` keeps
+upstream's meaning, checking every read against the chunk digest; whatever it says, chunks are
+checked when they enter the cache from the backend and cached chunks once per daemon before
+their first use (``storage.cache.CacheConfig.validate_digest``).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class DaemonConfig:
     cache_limit_size: int = 0  #: ``device.cache.config.limit_size`` bytes; 0 = unlimited (LRU eviction)
     device_id: str = ""
     mode: str = "direct"
-    digest_validate: bool = False
+    digest_validate: bool = False  #: re-check chunk digests on every read (always checked on entering the cache)
     iostats_files: bool = False
     enable_xattr: bool = True
     amplify_io: int = 1 << 20

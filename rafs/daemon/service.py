@@ -53,6 +53,15 @@ class Opener(Protocol):
     def open_device(self, blobs: list[Any], config: DaemonConfig) -> Any: ...
 
 
+def _give_chunk_source(device: Any, tree: Any) -> None:
+    """Let the device find chunk digests in the bootstrap (whole-blob prefetch, amplification,
+    checking a complete cache file)."""
+    setter = getattr(device, "set_chunk_source", None)
+    source = getattr(tree, "chunk_table", None)
+    if setter is not None and source is not None:
+        setter(source)
+
+
 class StorageOpener:
     """The real opener: :class:`rafs.metadata.Rafs` + the storage layer's ``BlobDevice``."""
 
@@ -226,6 +235,7 @@ class Nydusd:
                     record = await self._mount_erofs(name, bootstrap, tree, cfg)
                 else:
                     device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
+                    _give_chunk_source(device, tree)
                     inst = Instance(name if name != "/" else "", tree, device, bootstrap=bootstrap,
                                     config=cfg.raw, enable_xattr=cfg.enable_xattr)
                     self.fs.add_instance(inst)
@@ -245,11 +255,16 @@ class Nydusd:
     async def _mount_erofs(self, name: str, bootstrap: str, tree: Any, cfg: DaemonConfig) -> MountRecord:
         blob_files = await trio.to_thread.run_sync(BlobFiles, tree)  # UnsupportedError if unaligned
         device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
+        _give_chunk_source(device, tree)
         key = "root" if name == "/" else name
         inst = Instance(key, blob_files, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=False)
         devices = []
         for blob in blob_files.blobs:
-            complete = getattr(device, "blob_data_path", lambda i: None)(blob.blob_index)
+            # the kernel reads a complete cache file directly: every chunk is checked against its
+            # digest first (once per daemon); a wrong one is reset and the FUSE blob file is used
+            data_path = getattr(device, "blob_data_path", None)
+            complete = None if data_path is None else await trio.to_thread.run_sync(
+                lambda i=blob.blob_index: data_path(i, True))
             if complete and _pad_to_blocks(complete, blob_files.data_end(blob.blob_index),
                                            blob_files.data_size(blob.blob_index)):
                 devices.append(complete)
