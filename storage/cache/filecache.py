@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from storage.backend.base import BlobBackend, BlobReader
 from storage.cache.base import BlobCache, BlobCacheManager, CacheConfig, merge_runs
+from storage.cache.nocache import NoCacheBlobCache
 from storage.cache.state import ChunkState, IndexedChunkMap
 from storage.device import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
 from storage.digest import digest
@@ -136,7 +137,10 @@ class FileBlobCache(BlobCache):
                     log.warning("blob %s: unusable CI table, using bootstrap chunk info: %s", b.blob_id, exc)
                     meta = None
                 if meta is not None:
-                    write_blob_meta_file(self.meta_path, meta)
+                    try:
+                        write_blob_meta_file(self.meta_path, meta)
+                    except OSError as exc:  # e.g. a full cache disk: keep it in memory only
+                        log.warning("blob %s: cannot store the CI table in %s: %s", b.blob_id, self.meta_path, exc)
             self._meta = meta
             self._meta_state = "loaded" if meta is not None else "absent"
             if meta is not None and self._chunk_table is None:
@@ -290,7 +294,9 @@ class FileBlobCache(BlobCache):
         try:
             for c in run:
                 if c.index in good:
-                    os.pwrite(self._fd, good[c.index], c.uncompressed_offset)
+                    n = os.pwrite(self._fd, good[c.index], c.uncompressed_offset)
+                    if n != len(good[c.index]):  # a short write: the disk filled up
+                        raise OSError(errno.ENOSPC, f"short write {n} of {len(good[c.index])}")
             if good and self.config.sync_data:
                 os.fdatasync(self._fd)
         except OSError as exc:
@@ -466,6 +472,10 @@ class FileBlobCache(BlobCache):
         (digest unknown while validating) are left out."""
         self.blob_meta()
         table = self._chunk_table
+        if table is None and self.chunk_source is not None:  # no CI table: the bootstrap's chunks
+            by_index = {c.index: c for c in self.chunk_source()}
+            if self.blob.chunk_count and len(by_index) == self.blob.chunk_count:
+                table = self._chunk_table = [by_index[i] for i in sorted(by_index)]
         if table is None:
             return None
         if table and not table[-1].digest:
@@ -535,12 +545,21 @@ class FileCacheManager(BlobCacheManager):
             if cache is None:
                 reader = self.backend.reader(blob.blob_id)
                 try:
-                    cache = FileBlobCache(self.work_dir, blob, reader, self.config, self.metrics)
-                except CacheError as exc:
-                    log.warning("discarding cache of blob %s: %s", blob.blob_id, exc)
-                    self.metrics.cache_corrupt_resets.inc()
-                    self._remove_files(blob.blob_id)
-                    cache = FileBlobCache(self.work_dir, blob, reader, self.config, self.metrics)
+                    try:
+                        cache = FileBlobCache(self.work_dir, blob, reader, self.config, self.metrics)
+                    except CacheError as exc:
+                        log.warning("discarding cache of blob %s: %s", blob.blob_id, exc)
+                        self.metrics.cache_corrupt_resets.inc()
+                        self._remove_files(blob.blob_id)
+                        cache = FileBlobCache(self.work_dir, blob, reader, self.config, self.metrics)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise CacheError(f"cache of blob {blob.blob_id} in {self.work_dir}: {exc}") from exc
+                    # cache disk full: this blob is read from the backend without caching
+                    log.warning("cache disk full (%s): blob %s is read without caching", exc, blob.blob_id)
+                    self.metrics.cache_write_failures.inc()
+                    self._refs[blob.blob_id] = self._refs.get(blob.blob_id, 0) + 1
+                    return NoCacheBlobCache(blob, reader, self.config, self.metrics)  # type: ignore[return-value]
                 cache.after_fetch = self.maybe_enforce_limit
                 cache.fetch_pool = self._fetch_pool()
                 self._caches[blob.blob_id] = cache
