@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from snapshotter import labels as L
+from snapshotter.credentials import CredentialStore
 from snapshotter import metastore as store
 from snapshotter.config import Config, nydusd_config
 from snapshotter.errors import (AlreadyExists, BootstrapError, ConfigError, FailedPrecondition, InvalidArgument, NotFound,
@@ -278,6 +279,7 @@ class Snapshotter:
         os.makedirs(os.path.join(self.root, "snapshots"), mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.ms = MetaStore(os.path.join(self.root, "metadata.db"))
+        self.credentials = CredentialStore(self.root)
         self.overlay = _host_overlay_options(config.snapshot.enable_overlayfs_volatile)
         self._manager = manager
         self._manager_factory = manager_factory
@@ -359,6 +361,7 @@ class Snapshotter:
         validate_key(name, "name")
         validate_key(key)
         validate_labels(labels)
+        self.credentials.remember(labels)
         with self.ms.transaction(writable=True) as tx:
             sid, info, _ = store.get_info(tx, key)
             fs_dir = upper_path(self.root, sid)
@@ -441,6 +444,7 @@ class Snapshotter:
         if parent:
             validate_key(parent, "parent")
         validate_labels(labels)
+        self.credentials.remember(labels)
 
     def _commit_remote_layer(self, key: str, parent: str, target: str, labels: dict[str, str]) -> None:
         """Record a committed snapshot ``target`` for a lazily-loaded nydus data layer, then
@@ -592,6 +596,8 @@ class Snapshotter:
             if ref is None:
                 raise FailedPrecondition(
                     f"failed to find image ref of snapshot {meta_info.name}: label {L.CRI_IMAGE_REF} missing")
+            if L.PULL_SECRET not in merged:  # credentials of the pull, kept out of the metastore
+                merged.update(self.credentials.labels_for(ref))
             backend = backend_config(ref, merged, self.config, self._ping)
             hint = self.mountpoint_hint(meta_id)
             t0 = time.monotonic()
