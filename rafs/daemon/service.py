@@ -24,8 +24,8 @@ import pyfuse3
 import trio
 
 from rafs import erofs
-from rafs.daemon.config import DaemonConfig
-from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
+from rafs.daemon.config import DaemonConfig, check_instance_name
+from rafs.errors import ConfigError, FormatError, MountError, NotFound, RafsError, UnsupportedError
 from rafs.fs import session
 from rafs.fs.instance import BlobFiles, Instance
 from rafs.fs.ops import RafsFs, no_open_unsupported_reason
@@ -211,10 +211,9 @@ class Nydusd:
             if mountpoint != "/":
                 raise MountError("a dedicated daemon serves only mountpoint '/'")
             return "/"
-        name = mountpoint.strip("/")
-        if not name or "/" in name or name in (".", ".."):
-            raise MountError(f"mountpoint must be '/<id>' with one path component, got {mountpoint!r}")
-        return name
+        if not mountpoint.startswith("/"):
+            raise ConfigError(f"mountpoint must be '/<name>', got {mountpoint[:64]!r}")
+        return check_instance_name(mountpoint[1:].rstrip("/"), "mountpoint name")
 
     def _target(self, name: str) -> str:
         return self.mountpoint if name == "/" else os.path.join(self.mountpoint, name)
@@ -227,8 +226,11 @@ class Nydusd:
                 raise MountError(f"instance {mountpoint} is already mounted")
             cfg = DaemonConfig.parse(config)
             if not os.path.isfile(bootstrap):
-                raise MountError(f"bootstrap {bootstrap} is not a regular file")
-            tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
+                raise ConfigError(f"source {bootstrap[:256]!r} is not a regular file")
+            try:
+                tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
+            except (FormatError, OSError) as exc:  # the caller's source is not a usable bootstrap
+                raise ConfigError(f"source {bootstrap[:256]!r} is not a RAFS bootstrap: {exc}") from exc
             device = None
             try:
                 if self.fs_driver == "erofs":
