@@ -84,6 +84,7 @@ class FileBlobCache(BlobCache):
         self.chunk_source: Callable[[], Iterable[ChunkInfo]] | None = None
         self._digests_loaded = False
         self._digest_lock = threading.Lock()
+        self._verified_lock = threading.Lock()
         self._chunk_table: list[ChunkInfo] | None = None
         self.after_fetch: Callable[[], None] | None = None  #: set by the manager (size limit)
         self.fetch_pool: ThreadPoolExecutor | None = None  #: set by the manager (parallel runs)
@@ -340,11 +341,12 @@ class FileBlobCache(BlobCache):
 
     def _set_verified(self, index: int) -> None:
         byte, mask = index >> 3, 0x80 >> (index & 7)
-        if byte >= len(self._verified):
-            self._verified.extend(bytes(byte + 1 - len(self._verified)))
-        if not self._verified[byte] & mask:
-            self._verified[byte] |= mask
-            self._verified_count += 1
+        with self._verified_lock:
+            if byte >= len(self._verified):
+                self._verified.extend(bytes(byte + 1 - len(self._verified)))
+            if not self._verified[byte] & mask:
+                self._verified[byte] |= mask
+                self._verified_count += 1
 
     def _checks_cache(self) -> bool:
         return self.config.validate_digest or self.config.verify_every_read
