@@ -143,3 +143,22 @@ def test_cache_changed_between_mounts_is_detected_and_refetched(image, proxy, tm
         else:
             assert metric(text, "nydus_storage_cache_corrupt_resets_total") >= 1
     assert len(proxy.blob_gets()) > gets  # the damaged chunks were fetched again
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_full_cache_disk_serves_files_uncached(image, proxy, tmp_path, driver):
+    import subprocess
+
+    _skip_unless(driver)
+    boot, _, files, _ = image
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        cfg = registry_config(proxy.host, str(small / "cache"))
+        with nydusd(tmp_path, bootstrap=boot, config=cfg, fs_driver=driver) as (client, mnt, _):
+            assert sum(map(len, files.values())) > 4 << 20  # far more than the 1 MiB cache disk
+            assert _read_all(mnt, files) == (len(files), 0)
+            assert metric(client.metrics(), "nydus_storage_cache_write_failures_total") > 0
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
