@@ -11,9 +11,12 @@ Per blob, in ``work_dir``:
   blob has a CI table, its compressed offsets/sizes are authoritative over the bootstrap's chunk
   info; without one (v5, or no CI fields) the bootstrap's ``ChunkInfo`` is used as is.
 
-A chunk is marked ready only after its data is written and ``fdatasync``-ed, so a crash never
-leaves a ready bit over a torn write; a restarted process reuses every ready chunk. A corrupt
-chunk map discards that blob's cache (counted in ``cache_corrupt_resets``).
+A chunk is marked ready only after its data matched its digest and is written and
+``fdatasync``-ed, so a crash never leaves a ready bit over a torn write; a restarted process
+reuses every ready chunk after checking it once against its digest (before its first byte is
+served; a wrong one is reset and fetched again). A corrupt chunk map, or a data file truncated
+behind our back, discards that blob's ready bits (counted in ``cache_corrupt_resets``). A full
+cache disk serves reads without caching (``cache_write_failures``).
 """
 
 from __future__ import annotations
@@ -377,11 +380,10 @@ class FileBlobCache(BlobCache):
             bad.append(c)
         if not bad:
             return
-        cleared = self.chunk_map.reset(c.index for c in bad)
+        self.chunk_map.reset(c.index for c in bad)
         self.metrics.cache_verify_failures.inc(len(bad))
         log.warning("blob %s: cached data of chunk(s) %s does not match the digest (changed on disk); "
                     "fetching again", self.blob.blob_id, ",".join(str(c.index) for c in bad))
-        del cleared
         self.ensure_ready(bad, fresh)
         missing = [c.index for c in bad if c.index not in fresh]
         if missing:  # another reader refetched them meanwhile: check what it wrote
