@@ -47,9 +47,6 @@ BOOTSTRAP_PATHS = (os.path.join("image", "image.boot"), "image.boot")
 CACHE_SUFFIXES = ("", ".blob.data", ".chunk_map", ".blob.data.chunk_map", ".blob.meta", ".image.disk",
                   ".layer.disk", ".blob.digest", ".blob.toc", ".image.boot")
 MAX_LABEL_SIZE = 4096
-V5_MAGIC = (0x52414653).to_bytes(4, "little")
-EROFS_MAGIC = (0xE0F5E1E2).to_bytes(4, "little")
-EROFS_SUPER_OFFSET = 1024
 
 
 class InstanceManager(Protocol):
@@ -120,29 +117,15 @@ def find_bootstrap(fs_dir: str) -> str | None:
 def check_bootstrap(path: str) -> int:
     """Check that ``path`` is a RAFS bootstrap; returns its version (5 or 6).
 
-    Uses ``rafs.metadata.Rafs.open`` when available (full superblock validation), else checks the
-    v5 / v6 (EROFS) magic.
+    Opens it with ``rafs.metadata.Rafs.open`` (full superblock validation).
     """
+    from rafs.metadata import Rafs  # noqa: PLC0415
+
     try:
-        from rafs.metadata import Rafs  # noqa: PLC0415 - optional until rafs lands
-    except ImportError:
-        Rafs = None  # type: ignore[assignment]
-    if Rafs is not None:
-        try:
-            with Rafs.open(path) as rafs:
-                return int(rafs.version)
-        except Exception as exc:  # rafs errors of any kind mean "not a usable bootstrap"
-            raise BootstrapError(f"{path} is not a valid RAFS bootstrap: {exc}") from exc
-    try:
-        with open(path, "rb") as f:
-            head = f.read(EROFS_SUPER_OFFSET + 4)
-    except OSError as exc:
-        raise BootstrapError(f"cannot read bootstrap {path}: {exc}") from exc
-    if head[:4] == V5_MAGIC:
-        return 5
-    if head[EROFS_SUPER_OFFSET:EROFS_SUPER_OFFSET + 4] == EROFS_MAGIC:
-        return 6
-    raise BootstrapError(f"{path} is not a RAFS bootstrap (no v5 or v6 superblock magic)")
+        with Rafs.open(path) as rafs:
+            return int(rafs.version)
+    except Exception as exc:  # rafs errors of any kind mean "not a usable bootstrap"
+        raise BootstrapError(f"{path} is not a valid RAFS bootstrap: {exc}") from exc
 
 
 def disk_usage(path: str) -> Usage:
@@ -385,7 +368,7 @@ class Snapshotter:
             except SnapshotterError as exc:
                 raise type(exc)(f"failed to remove: {exc}") from exc
         # after commit: the metadata already says it is gone; failures are only logged
-        self._release_instances(removed={sid})
+        self._release_instances()
         if self.config.snapshot.sync_remove:
             self._remove_dir(sid)
 
@@ -422,7 +405,7 @@ class Snapshotter:
 
         Returns the removed directories.
         """
-        self._release_instances(removed=set())
+        self._release_instances()
         removed: list[str] = []
         snapdir = os.path.join(self.root, "snapshots")
         with self.ms.transaction(writable=True) as tx:  # writers hold the lock: no temp dir in flight
@@ -629,7 +612,7 @@ class Snapshotter:
                 parent = pinfo.parent
         return needed
 
-    def _release_instances(self, removed: set[str]) -> None:
+    def _release_instances(self) -> None:
         if not self._mounted:
             return
         needed = self._needed_instances()
@@ -727,12 +710,10 @@ class Snapshotter:
             return []
         in_use = self.blobs_in_use()
         before = set(os.listdir(cache_dir))
-        storage_gc = _storage_gc(cache_dir)
-        if storage_gc is not None:
-            try:
-                storage_gc(in_use)
-            except Exception:  # noqa: BLE001 - GC must never fail Cleanup
-                log.warning("cache GC through storage failed; falling back", exc_info=True)
+        try:
+            _storage_gc(cache_dir)(in_use)
+        except Exception:  # noqa: BLE001 - GC must never fail Cleanup
+            log.warning("cache GC through storage failed; falling back", exc_info=True)
         for name in sorted(set(os.listdir(cache_dir))):
             blob_id = _cache_blob_id(name)
             if blob_id is None or blob_id in in_use:
@@ -752,12 +733,10 @@ class Snapshotter:
         return {k.name.lower(): by_kind.get(k, 0) for k in (Kind.ACTIVE, Kind.VIEW, Kind.COMMITTED)}
 
 
-def _storage_gc(cache_dir: str) -> Callable[[set[str]], list[str]] | None:
-    try:
-        from storage.backend.memory import MemoryBackend  # noqa: PLC0415
-        from storage.cache.filecache import FileCacheManager  # noqa: PLC0415
-    except ImportError:
-        return None
+def _storage_gc(cache_dir: str) -> Callable[[set[str]], list[str]]:
+    from storage.backend.memory import MemoryBackend  # noqa: PLC0415
+    from storage.cache.filecache import FileCacheManager  # noqa: PLC0415
+
     return FileCacheManager(cache_dir, MemoryBackend()).gc
 
 
@@ -770,10 +749,8 @@ def _cache_blob_id(name: str) -> str | None:
 
 
 def _bootstrap_blob_ids(boot: str) -> set[str]:
-    try:
-        from rafs.metadata import Rafs  # noqa: PLC0415
-    except ImportError:
-        return set()
+    from rafs.metadata import Rafs  # noqa: PLC0415
+
     try:
         with Rafs.open(boot) as rafs:
             return {b.blob_id for b in rafs.blobs}
@@ -793,10 +770,8 @@ def check_fs_driver(config: Config, cachefiles_dev: str = "/dev/cachefiles") -> 
 
 def default_manager_factory(config: Config) -> InstanceManager:
     """A ``rafs.daemon.manager.DaemonManager`` for this config (contract in docs/contracts.md)."""
-    try:
-        from rafs.daemon.manager import DaemonManager  # noqa: PLC0415
-    except ImportError as exc:
-        raise Unavailable("RAFS daemon manager (rafs.daemon.manager) is not available in this build") from exc
+    from rafs.daemon.manager import DaemonManager  # noqa: PLC0415
+
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     # same root as upstream: <root>/{daemons,socket,config,logs,mnt}; shared instances land at
     # <root>/mnt/<instance id>, which is also the snapshotter's mountpoint hint

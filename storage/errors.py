@@ -65,9 +65,5 @@ class BlobRangeError(BackendError, ValueError):
     """A read outside the blob's size was requested."""
 
 
-class PrefetchCancelled(StorageError):
-    """A prefetch was cancelled (the device is closing)."""
-
-
 class RegistryUnavailable(RegistryError, TransientBackendError):
     """The registry (or mirror/proxy) could not be reached or answered 5xx/429 (retried)."""

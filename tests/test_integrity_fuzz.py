@@ -16,7 +16,7 @@ from rafs.daemon.config import DaemonConfig
 from rafs.daemon.device import build_device
 from rafs.errors import RafsError
 from rafs.metadata import Rafs
-from storage.device import Compressor, Digester
+from storage.records import Compressor, Digester
 from storage.errors import StorageError
 
 SLOW = os.environ.get("NYDUS_SLOW") == "1"

@@ -13,7 +13,8 @@ import pytest
 from storage.backend.memory import MemoryBackend
 from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
-from storage.device import BlobDevice, Compressor, Digester
+from storage.device import BlobDevice
+from storage.records import Compressor, Digester
 from storage.errors import ChunkDigestMismatch, StorageError
 from tests.storage_blobs import make_blob
 
@@ -148,7 +149,7 @@ def test_amplification_and_whole_blob_prefetch_only_take_chunks_with_known_diges
     mgr, dev = _device(tmp_path / "c", [b], backend, amplify_io=1 << 20)
     cache = mgr.get_blob_cache(b.info)
     # a chunk table without digests (like a CI table): nothing may enter the cache unchecked
-    from storage.device import ChunkInfo
+    from storage.records import ChunkInfo
 
     cache.set_chunk_table([ChunkInfo(c.blob_index, c.index, b"", c.flags, c.compressed_offset, c.compressed_size,
                                      c.uncompressed_offset, c.uncompressed_size) for c in b.chunks])
@@ -232,3 +233,19 @@ def test_cache_disk_already_full_serves_reads_uncached(tmp_path):
         finally:
             dev.close()
             mgr.close()
+
+
+def test_complete_file_with_unknown_digests_is_not_handed_out(tmp_path):
+    from storage.records import ChunkInfo
+
+    b = make_blob(3, compressor=Compressor.NONE, compressible=False)
+    backend = MemoryBackend({b.blob_id: b.data})
+    _fill(tmp_path, b, backend)
+    mgr, dev = _device(tmp_path / "c", [b], backend)
+    cache = mgr.get_blob_cache(b.info)
+    cache.set_chunk_table([ChunkInfo(c.blob_index, c.index, b"", c.flags, c.compressed_offset, c.compressed_size,
+                                     c.uncompressed_offset, c.uncompressed_size) for c in b.chunks])
+    assert dev.blob_data_path(0, verify=True) is None  # nothing to check against: not trusted
+    assert dev.read(b.iovec(0, len(b.plain))) == b.plain  # reads bring the digests and check
+    assert dev.blob_data_path(0, verify=True) is not None
+    dev.close()

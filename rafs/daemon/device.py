@@ -9,27 +9,33 @@ always checked when they enter the cache), ``amplify_io``, ``device.cache.config
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from rafs.daemon.config import DaemonConfig
 from rafs.errors import ConfigError
-from storage.device import BlobInfo
+from storage.cache.base import BlobCacheManager
+from storage.device import BlobDevice, BlobReadDevice
+from storage.records import BlobInfo, BlobIoDesc, ChunkInfo
 
 
-class OwnedDevice:
+class OwnedDevice(BlobReadDevice):
     """A ``BlobDevice`` that also closes its cache manager (and so the backend) on close."""
 
-    def __init__(self, device: Any, factory: Any) -> None:
+    def __init__(self, device: BlobDevice, factory: BlobCacheManager) -> None:
         self._device = device
         self._factory = factory
-        self.read = device.read
-        self.prefetch = device.prefetch
+        self.metrics = device.metrics
+        self.read = device.read  # type: ignore[method-assign]  # bound once: the hot path
+        self.read_ready = device.read_ready  # type: ignore[method-assign]
+
+    def prefetch(self, iovecs: Iterable[Sequence[BlobIoDesc]], *, priority: str = "low") -> None:
+        self._device.prefetch(iovecs, priority=priority)
 
     def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
         return self._device.blob_data_path(blob_index, verify)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._device, name)
+    def set_chunk_source(self, source: Callable[[], Iterable[ChunkInfo]]) -> None:
+        self._device.set_chunk_source(source)
 
     def close(self) -> None:
         try:
@@ -42,7 +48,6 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
     """The device reading ``blobs`` through the configured backend and cache."""
     from storage.backend.config import backend_from_config
     from storage.cache import CacheConfig, FileCacheManager, NoCacheManager
-    from storage.device import BlobDevice
     from storage.errors import StorageError
     from storage.prefetch import PrefetchConfig
 

@@ -29,6 +29,7 @@ from rafs.errors import ConfigError, FormatError, MountError, NotFound, RafsErro
 from rafs.fs import session
 from rafs.fs.instance import BlobFiles, Instance
 from rafs.fs.ops import RafsFs, no_open_unsupported_reason
+from storage.device import BlobReadDevice
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,15 @@ class Opener(Protocol):
 
     def open_tree(self, bootstrap: str) -> Any: ...
 
-    def open_device(self, blobs: list[Any], config: DaemonConfig) -> Any: ...
+    def open_device(self, blobs: list[Any], config: DaemonConfig) -> BlobReadDevice: ...
 
 
 def _give_chunk_source(device: Any, tree: Any) -> None:
     """Let the device find chunk digests in the bootstrap (whole-blob prefetch, amplification,
     checking a complete cache file)."""
-    setter = getattr(device, "set_chunk_source", None)
-    source = getattr(tree, "chunk_table", None)
-    if setter is not None and source is not None:
-        setter(source)
+    source = getattr(tree, "chunk_table", None)  # test trees may have none
+    if source is not None:
+        device.set_chunk_source(source)
 
 
 class StorageOpener:
@@ -70,7 +70,7 @@ class StorageOpener:
 
         return Rafs.open(bootstrap)
 
-    def open_device(self, blobs: list[Any], config: DaemonConfig) -> Any:
+    def open_device(self, blobs: list[Any], config: DaemonConfig) -> BlobReadDevice:
         from rafs.daemon.device import build_device
 
         return build_device(blobs, config)
@@ -264,9 +264,7 @@ class Nydusd:
         for blob in blob_files.blobs:
             # the kernel reads a complete cache file directly: every chunk is checked against its
             # digest first (once per daemon); a wrong one is reset and the FUSE blob file is used
-            data_path = getattr(device, "blob_data_path", None)
-            complete = None if data_path is None else await trio.to_thread.run_sync(
-                lambda i=blob.blob_index: data_path(i, True))
+            complete = await trio.to_thread.run_sync(lambda i=blob.blob_index: device.blob_data_path(i, True))
             if complete and _pad_to_blocks(complete, blob_files.data_end(blob.blob_index),
                                            blob_files.data_size(blob.blob_index)):
                 devices.append(complete)
@@ -339,12 +337,7 @@ class Nydusd:
             try:
                 iovecs = inst.prefetch_iovecs(paths)
                 inst.metrics.prefetch_requests += len(iovecs)
-                prefetch = getattr(inst.device, "prefetch", None)
-                if prefetch is not None:
-                    prefetch(iovecs)
-                else:
-                    for iov in iovecs:
-                        inst.device.read(iov)
+                inst.device.prefetch(iovecs)
             except Exception as exc:
                 log.warning("prefetch of %s failed: %s: %s", inst.name or "/", type(exc).__name__, exc)
 
@@ -458,11 +451,7 @@ def _labelled_storage_metrics(insts: dict[str, Instance], only: str | None) -> l
         label = "/" + key if key not in ("", "root") else "/"
         if only and only != label:
             continue
-        metrics = getattr(inst.device, "metrics", None)
-        render = getattr(metrics, "render", None)
-        if render is None:
-            continue
-        text = render()
+        text = inst.device.metrics.render()
         family = ""
         for line in (text if isinstance(text, str) else "\n".join(text)).splitlines():
             if line.startswith("# "):

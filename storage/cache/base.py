@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 from storage.backend.base import BlobBackend, BlobReader
 from storage.compress import decompress
-from storage.device import BlobInfo, BlobIoDesc, ChunkInfo
 from storage.digest import digest
 from storage.errors import ChunkDigestMismatch, DecompressError, StorageError
 
 log = logging.getLogger(__name__)
 from storage.metrics import StorageMetrics
+from storage.records import BlobInfo, BlobIoDesc, ChunkInfo
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,12 +34,12 @@ from storage.backend.base import BlobBackend, BlobReader
 from storage.cache.base import BlobCache, BlobCacheManager, CacheConfig, merge_runs
 from storage.cache.nocache import NoCacheBlobCache
 from storage.cache.state import ChunkState, IndexedChunkMap
-from storage.device import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
 from storage.digest import digest
 from storage.errors import BlobRangeError, CacheError, MetaFormatError, StorageError
 from storage.meta.blob_meta import BlobMeta, load_blob_meta_file, load_from_blob, write_blob_meta_file
 from storage.meta.header import BLOB_CCT_HEADER_SIZE
 from storage.metrics import StorageMetrics
+from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ class FileBlobCache(BlobCache):
             log.warning("blob %s: cached data of %d chunk(s) does not match the digest (first %d); "
                         "they will be fetched again", self.blob.blob_id, len(bad), bad[0])
             return False
-        return True
+        return self._verified_count >= self.blob.chunk_count  # chunks without a known digest stay unchecked
 
     def descs_ready(self, descs: Sequence[BlobIoDesc]) -> bool:
         if self._meta_state == "unloaded" and self._has_ci_table():
@@ -487,9 +487,6 @@ class FileBlobCache(BlobCache):
             if all(c.digest for c in table):
                 self._chunk_table = table
         return [c for c in table if self._checkable(c)]
-
-    def is_complete(self) -> bool:
-        return self.chunk_map.all_ready()
 
     def data_path(self, verify: bool = False) -> str | None:
         """The complete cache file once every chunk is ready and checked by this process;
