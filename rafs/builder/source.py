@@ -206,6 +206,11 @@ def walk_tar(stream: BinaryIO, on_file: OnFile, limits: LayerLimits | None = Non
                 if member.size:
                     fobj = tf.extractfile(member)
                     assert fobj is not None
+                    if member.sparse is not None:
+                        # holes are not read (Chunker.add_file): the unbuffered member file
+                        # seeks forward over them, reading only the data regions
+                        fobj = fobj.raw  # type: ignore[attr-defined]
+                        fobj.data_regions = sorted((o, n) for o, n in member.sparse if n)
                     on_file(inode, fobj, member.size)  # type: ignore[arg-type]
                 continue
             ftype = _TAR_TYPES.get(member.type)
