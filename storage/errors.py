@@ -19,6 +19,10 @@ class AuthError(RegistryError):
     """Authentication with the registry failed."""
 
 
+class CredentialError(AuthError):
+    """Credentials could not be obtained (a docker credential helper missing or failing)."""
+
+
 class BlobNotFound(BackendError, FileNotFoundError):
     """The backend has no blob with that id."""
 

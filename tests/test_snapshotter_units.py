@@ -9,7 +9,8 @@ from snapshotter import filters, labels as L, metastore as store
 from snapshotter.errors import FailedPrecondition, InvalidArgument, NotFound, SnapshotterError
 from snapshotter.metastore import Info, Kind, MetaStore, Snapshot, Usage
 from snapshotter.mounts import Mount, OverlayOptions, native_mounts, remote_mounts
-from snapshotter.snapshot import check_bootstrap, validate_key
+from snapshotter.bootstrap import check_bootstrap
+from snapshotter.snapshot import validate_key
 
 R = "/r"
 
