@@ -233,6 +233,7 @@ def test_targz_ref_build_reads_every_file_from_the_gzip_layer(tmp_path, vectors_
     seen = {}
     with metadata.Rafs.open(str(out / "boot")) as fs:
         dev = BlobDevice(fs.blobs, mgr)
+        dev.set_chunk_source(fs.chunk_table)  # as nydusd does: digests of a context's other chunks
         for path, inode in fs.walk():
             attr = inode.attr()
             if path in files:
@@ -240,7 +241,8 @@ def test_targz_ref_build_reads_every_file_from_the_gzip_layer(tmp_path, vectors_
         dev.close()
     assert seen == files
     if res.blob is not None and len(gz) > 1 << 20:
-        assert sum(s for _, _, s in backend.requests) < 3 * len(gz)  # ranges, each context once-ish
+        # a context's chunks are cached together: each context is fetched about once
+        assert sum(s for _, _, s in backend.requests) < 1.5 * len(gz)
 
 
 def test_targz_ref_refuses_a_non_gzip_layer(tmp_path, vectors_dir):

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 from rafs.builder.blob import BlobRecord, BlobWriter, Chunker, ChunkStore
 from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
-from rafs.builder.source import open_layer, walk_directory, walk_tar
+from rafs.builder.source import LayerLimits, open_layer, walk_directory, walk_tar
 from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer
 from rafs.errors import BuildError
 from storage.atomic import atomic_write
@@ -42,6 +42,8 @@ class BuildOptions:
     compact_inodes: bool = False
     threads: int = 2
     progress: bool = False
+    #: caps on declared file size, total size and entry count of the layer (hostile input)
+    limits: LayerLimits = field(default_factory=LayerLimits)
     #: targz-ref: uncompressed bytes between gzip checkpoints (ZRAN contexts)
     zran_spacing: int = 1 << 20
 
@@ -159,7 +161,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         if source_type == "dir-rafs":
             if not isinstance(source, (str, os.PathLike)):
                 raise BuildError("dir-rafs needs a directory path")
-            tree = walk_directory(source)
+            tree = walk_directory(source, opts.limits)
             trace["load_from_directory"] = time.perf_counter() - t0
             bar = _progress_bar(opts.progress, _dir_total(tree))
             chunker = Chunker(store, writer, chunk_size=opts.chunk_size, digester=Digester(opts.digester),
@@ -183,7 +185,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             else:
                 stream, close = source, False
             try:
-                tree = walk_tar(open_layer(stream), chunker.add_file)
+                tree = walk_tar(open_layer(stream), chunker.add_file, opts.limits)
             finally:
                 if close:
                     stream.close()
@@ -255,7 +257,7 @@ def _build_targz_ref(source: str | os.PathLike | BinaryIO, bootstrap_out: str | 
     work = blob_dir or os.path.dirname(os.path.abspath(bootstrap_out))  # type: ignore[arg-type]
     tree, info, writer, bytes_in = build_zran_tree(os.fspath(source), store, chunk_size=opts.chunk_size,
                                                    digester=Digester(opts.digester), spacing=opts.zran_spacing,
-                                                   work_dir=work)
+                                                   work_dir=work, limits=opts.limits)
     tree = _apply_layer(tree, None, opts.whiteout_spec)
     bopts = BootstrapOptions(chunk_size=opts.chunk_size, compressor=Compressor.GZIP,
                              digester=Digester(opts.digester), prefetch=list(opts.prefetch),

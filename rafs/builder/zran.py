@@ -138,7 +138,7 @@ def inflate_layer(path: str, tar_out: BinaryIO, spacing: int):
 
 
 def build_zran_tree(path: str, store: ChunkStore, *, chunk_size: int, digester: Digester, spacing: int,
-                    work_dir: str, progress=None):
+                    work_dir: str, progress=None, limits=None):
     """Index the gzip layer at ``path``: returns (tree, BlobInfo or None when the layer has no
     file data, the ZranWriter, bytes of file data)."""
     fd, tmp = tempfile.mkstemp(dir=work_dir, prefix=".tmp-zran-tar.")
@@ -149,7 +149,7 @@ def build_zran_tree(path: str, store: ChunkStore, *, chunk_size: int, digester: 
             writer = ZranWriter(blob_index=len(store.blobs), chunk_size=chunk_size, digester=digester)
             chunker = ZranChunker(store, writer, chunk_size=chunk_size, digester=digester,  # type: ignore[arg-type]
                                   progress=progress)
-            tree = walk_tar(tar, chunker.add_file_at, with_offsets=True)  # type: ignore[arg-type]
+            tree = walk_tar(tar, chunker.add_file_at, limits, with_offsets=True)  # type: ignore[arg-type]
     finally:
         os.unlink(tmp)
     info = writer.finish(points, boundaries, blob_id=blob_id, blob_size=size) if writer.extents else None
