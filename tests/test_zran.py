@@ -107,7 +107,8 @@ def test_upstream_zran_blob_meta_is_consistent(vectors_dir):
         assert c.is_zran
         x = ctxs[c.context_index]
         assert c.context_offset + c.uncompressed_size <= x.out_len  # the chunk lies inside its context
-        assert x.in_offset <= c.compressed_offset + 1 and c.compressed_offset + c.compressed_size <= x.in_offset + x.in_len
+        assert x.in_offset <= c.compressed_offset + 1
+        assert c.compressed_offset + c.compressed_size <= x.in_offset + x.in_len
         assert len(meta.zran_dictionary(x)) == x.dict_size
 
 
