@@ -68,3 +68,37 @@ def test_oci_ref_refuses_non_gzip_layers(registry, tmp_path):
     import requests
 
     assert requests.get(f"http://{registry.host}/v2/src/mixed/manifests/zran", timeout=30).status_code == 404
+
+
+def test_with_referrer_attaches_the_nydus_image_to_the_source(registry, tmp_path):
+    from rafs.convert.distribution import client_for
+    from rafs.convert.reference import parse_reference
+    from rafs.convert.referrers import fallback_tag, find_nydus_referrer
+
+    ci.push_image(registry, "src/app", "v1", _gzip_image())
+    src = get(registry.host, "src/app", "manifests", "v1")
+    src_digest = "sha256:" + __import__("hashlib").sha256(src.content).hexdigest()
+    summary = run_convert(f"{registry.host}/src/app:v1", f"{registry.host}/src/app:zran", str(tmp_path / "w"),
+                          "--oci-ref", "--with-referrer")
+    nydus = get(registry.host, "src/app", "manifests", "zran").json()
+    assert nydus["subject"] == {"mediaType": src.json()["mediaType"], "digest": src_digest,
+                                "size": len(src.content)}
+    # docker-registry has no referrers API: the fallback tag lists the nydus manifest
+    index = get(registry.host, "src/app", "manifests", fallback_tag(src_digest),
+                accept="application/vnd.oci.image.index.v1+json").json()
+    assert [m["digest"] for m in index["manifests"]] == [summary["digest"]]
+    client = client_for(parse_reference(f"{registry.host}/src/app:v1"), insecure=True)
+    found = find_nydus_referrer(client, parse_reference(f"{registry.host}/src/app:v1"), src_digest)
+    assert found is not None and found[0]["digest"] == summary["digest"]
+    assert found[1]["digest"] == nydus["layers"][-1]["digest"]
+    # converting again (e.g. another option set) keeps one entry per referrer
+    run_convert(f"{registry.host}/src/app:v1", f"{registry.host}/src/app:zran", str(tmp_path / "w"),
+                "--oci-ref", "--with-referrer")
+    index = get(registry.host, "src/app", "manifests", fallback_tag(src_digest),
+                accept="application/vnd.oci.image.index.v1+json").json()
+    assert len(index["manifests"]) == 1
+    # another repository cannot carry referrers of the source
+    rc = nydusify(["convert", "--source", f"{registry.host}/src/app:v1", "--target",
+                   f"{registry.host}/dst/app:zran", "--source-insecure", "--target-insecure", "--work-dir",
+                   str(tmp_path / "w2"), "--no-progress", "--with-referrer"])
+    assert rc != 0

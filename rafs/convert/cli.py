@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("--prefetch-patterns", nargs="?", const="-", default=None,
                       help="prefetch paths, one a line, from stdin (no value or '-') or a file "
                            "(default without the flag: '/', the whole image; an empty file: none)")
+    conv.add_argument("--with-referrer", action="store_true",
+                      help="attach the nydus image to the source manifest as an OCI referrer (subject); "
+                           "the target must be in the source's repository")
     conv.add_argument("--oci-ref", action="store_true",
                       help="OCI-ref (zran) image: the gzip layers stay the data blobs; only the bootstrap "
                            "layer, config and manifest are pushed (gzip layers only)")
@@ -133,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             opts = ConvertOptions(source=args.source, target=target_ref, work_dir=args.work_dir,
                                   source_insecure=args.source_insecure, target_insecure=args.target_insecure,
                                   platform=args.platform, layer=layer, push_chunk_size=args.push_chunk_size,
+                                  with_referrer=args.with_referrer,
                                   progress=False if args.no_progress else None)
             result = convert(opts)
             summary = {"target": result.target, "digest": result.digest, "mediaType": result.media_type,
