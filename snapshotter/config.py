@@ -110,6 +110,14 @@ class SnapshotConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExperimentalConfig:
+    """``[experimental]``."""
+
+    #: serve a plain OCI image lazily when a nydus image is attached to it as an OCI referrer
+    enable_referrer_detect: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole file."""
 
@@ -125,6 +133,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)
 
     @property
     def cache_dir(self) -> str:
