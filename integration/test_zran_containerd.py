@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from integration.harness.images import File, Layer, busybox_image, generated_files
+from integration.harness.images import File, Image, Layer, busybox_image, generated_files
 from integration.test_snapshotter_containerd import SNAPSHOTTER, kill_recorded_daemons
 from rafs.convert.cli import main as nydusify
 
@@ -80,6 +80,12 @@ def test_referrer_detection_serves_the_plain_oci_reference_lazily(registry, snap
         assert reads and all(e.status == 206 for e in reads)
         big_digest = "sha256:" + __import__("hashlib").sha256(big.data).hexdigest()
         assert sum(e.size for e in reads if e.blob_digest == big_digest) < layers[big_digest] / 2
+        # an image without a referrer (sharing no layer with the one above) is pulled normally
+        plain = Image(layers=(Layer.from_tree(generated_files(2, 1000, prefix="x", seed=5), "gzip"),))
+        pushed = plain.push(reg, "test/plain", "v1")
+        mark = reg.log_mark()
+        cd.cri.pull_image(pushed.ref)
+        assert pushed.manifest["layers"][0]["digest"] in {e.blob_digest for e in reg.blob_fetches(since=mark)}
     finally:
         cd.stop()
         sn.terminate()
