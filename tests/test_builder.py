@@ -132,15 +132,10 @@ def test_blob_layout_toc_and_inline(src_tree, tmp_path):
     assert all(digests[32 * i:32 * i + 32] == d for i, d in by_ci.items())
     # the inline bootstrap carries the placeholder id; the --bootstrap file the real one
     inline = extract_entry(read, entries[4])
-    assert load_bootstrap_bytes(inline).blobs[0].info.blob_id == "x" * 64
+    (tmp_path / "inline.boot").write_bytes(inline)
+    assert load_bootstrap(tmp_path / "inline.boot").blobs[0].info.blob_id == "x" * 64
     assert loaded.blobs[0].info.blob_id == info.blob_id == hashlib.sha256(data).hexdigest()
     assert loaded.flags & 0x100  # INLINED_CHUNK_DIGEST
-
-
-def load_bootstrap_bytes(buf: bytes):
-    from rafs.builder.loader import _load
-
-    return _load(buf)
 
 
 def test_blob_toc_without_inline(src_tree, tmp_path):
