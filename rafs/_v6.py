@@ -23,7 +23,8 @@ from rafs.layout.erofs import (
     inode_version,
     xattr_ibody_size,
 )
-from rafs.layout.v6 import RafsV6Blob, RafsV6ChunkInfo, RafsV6SuperBlock, RafsV6SuperBlockExt
+from rafs.layout.v5 import RafsV5ChunkInfo
+from rafs.layout.v6 import RafsV6Blob, RafsV6SuperBlock, RafsV6SuperBlockExt
 from rafs.base import BootstrapImage, Inode, InodeAttr, Rafs, check_name, substitute_blob_id
 from storage.records import BlobFeatures, BlobIoDesc, BlobIoVec, ChunkInfo
 from storage.structs import Scalar
@@ -171,7 +172,7 @@ class RafsV6(Rafs):
             for start in range(0, count, _CHUNK_BATCH):
                 n = min(_CHUNK_BATCH, count - start)
                 for j, ent in enumerate(
-                    self._img.parse_array(RafsV6ChunkInfo, off + start * 80, n, "chunk table")
+                    self._img.parse_array(RafsV5ChunkInfo, off + start * 80, n, "chunk table")
                 ):
                     if ent.blob_index >= len(self.blobs):
                         raise FormatError(
@@ -189,7 +190,7 @@ class RafsV6(Rafs):
             self._chunk_pos = [p for _, p in pairs]
 
     def _chunk_entry(self, pos: int) -> ChunkInfo:
-        ent = self._img.parse(RafsV6ChunkInfo, self.ext.s_chunk_table_offset + pos * 80, "chunk table")
+        ent = self._img.parse(RafsV5ChunkInfo, self.ext.s_chunk_table_offset + pos * 80, "chunk table")
         try:
             ent.validate(self.chunk_size, len(self.blobs))
         except FormatError as exc:
@@ -242,7 +243,12 @@ def _flag_names(flags: int) -> list[str]:
 
 
 class InodeV6(Inode):
-    """A v6 inode: compact (32 B) or extended (64 B) EROFS inode plus nydus conventions."""
+    """A v6 inode: compact (32 B) or extended (64 B) EROFS inode plus nydus conventions.
+
+    Besides the :class:`Inode` API: ``raw`` is the validated on-disk struct
+    (:class:`ErofsInodeCompact` / :class:`ErofsInodeExtended`, e.g. for ``i_reserved2``, where the
+    builder marks implicit directories), ``extended``, ``layout`` (data layout), ``offset``.
+    """
 
     def __init__(self, fs: RafsV6, nid: int) -> None:
         super().__init__(fs, nid)

@@ -19,7 +19,7 @@ from rafs.builder.bootstrap import IMPLICIT_DIR_MARK
 from rafs.builder.tree import ChunkRef, Inode, Tree
 from rafs.errors import BuildError, FormatError
 from rafs.layout.constants import compressor_from_flags, digester_from_flags
-from rafs.metadata import Rafs, RafsV6
+from rafs.metadata import InodeV6, Rafs, RafsV6
 from storage.records import Compressor, Digester
 
 
@@ -66,7 +66,7 @@ def _load(fs: RafsV6) -> LoadedBootstrap:
                            digester_from_flags(fs.flags), fs.flags)
 
 
-def _node(ino) -> Inode:
+def _node(ino: InodeV6) -> Inode:
     """The builder node of reader inode ``ino`` (without directory entries)."""
     a = ino.attr()
     mode = a.mode
