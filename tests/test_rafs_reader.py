@@ -158,6 +158,8 @@ def test_v6_large_walk(boots):
             if node.is_reg():
                 chunk_based += 1
                 assert node.chunks(0, node.size).size == node.size
+                assert node.chunk_refs() == [(d.chunk.blob_index, d.chunk.index, d.chunk.uncompressed_offset // 4096)
+                                             for d in node.chunks(0, node.size)]
             elif node.layout == 2:
                 inline += 1
             if node.is_symlink():

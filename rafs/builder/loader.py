@@ -78,10 +78,10 @@ def _node(ino: InodeV6) -> Inode:
     elif stat.S_ISLNK(mode):
         node.symlink = ino.readlink()
     elif stat.S_ISREG(mode):
-        for i, io in enumerate(ino.chunks(0, a.size)):
-            if io.chunk is None:
+        for i, ref in enumerate(ino.chunk_refs()):
+            if ref is None:
                 raise FormatError(f"nid {ino.ino}: chunk {i} is a hole (unsupported by the builder)")
-            node.chunks.append(ChunkRef(io.chunk.blob_index, io.chunk.index))
+            node.chunks.append(ChunkRef(ref[0], ref[1]))
     elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         node.rdev = a.rdev
     return node
