@@ -547,14 +547,13 @@ class InodeV6(Inode):
             if addr.blkaddr == EROFS_NULL_ADDR:
                 out.append(None)
                 continue
+            where = f"inode nid {self.ino} chunk {i}"
             bi = addr.blob_index
             if bi < 0 or bi >= len(blobs):
-                raise FormatError(f"inode nid {self.ino} chunk {i}: blob index {bi} out of range ({len(blobs)} blobs)")
+                raise FormatError(f"{where}: blob index {bi} out of range ({len(blobs)} blobs)")
             ci = addr.ci_index
             if ci >= blobs[bi].chunk_count:
-                raise FormatError(
-                    f"inode nid {self.ino} chunk {i}: chunk index {ci} >= chunk_count {blobs[bi].chunk_count} of blob {bi}"
-                )
+                raise FormatError(f"{where}: chunk index {ci} >= chunk_count {blobs[bi].chunk_count} of blob {bi}")
             out.append((bi, ci, addr.blkaddr))
         return out
 
