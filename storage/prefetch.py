@@ -1,8 +1,11 @@
 """Background prefetch: chunk lists (from iovecs or whole blobs) made ready by worker threads.
 
-Prefetch runs below on-demand reads: a worker waits while the device reports demand reads in
-flight. It is limited by a thread budget (``threads_count``) and a bandwidth limit
-(``bandwidth_rate`` bytes/s, 0 = unlimited) and is cancellable (``cancel()`` on unmount).
+Prefetch runs below on-demand reads: a polite (low-priority) run is started only while the
+device's :class:`DemandGate` says the link is free of demand misses — none in flight, the last
+one ended ``settle`` seconds ago, and (before any demand read) ``start_delay`` seconds after the
+device was opened, so a container's start-up burst of misses has the link to itself. It is limited
+by a thread budget (``threads_count``) and a bandwidth limit (``bandwidth_rate`` bytes/s, 0 =
+unlimited) and is cancellable (``cancel()`` on unmount).
 """
 
 from __future__ import annotations
@@ -33,7 +36,43 @@ class PrefetchConfig:
     threads_count: int = 2  #: worker threads (nydusd default 8; this machine is small)
     merging_size: int = 1 << 20  #: bytes per prefetch backend request
     bandwidth_rate: int = 0  #: bytes per second across workers; 0 = unlimited
-    readahead: int = 4 << 20  #: sequential on-demand reads fetch this many bytes ahead; 0 = off
+    readahead: int = 4 << 20  #: max bytes sequential on-demand reads keep in flight ahead; 0 = off
+    settle: float = 0.5  #: polite prefetch waits this long after the last demand miss ended
+    start_delay: float = 2.0  #: ... and, before any demand miss, this long after the device opened
+
+
+class DemandGate:
+    """When speculative (polite) work may use the link: tracks on-demand misses in flight.
+
+    ``clock`` is injectable for tests. Thread-safe: ``begin``/``end`` bracket every demand read
+    that may fetch; :meth:`quiet` answers whether polite prefetch may start a request now.
+    """
+
+    def __init__(self, settle: float, start_delay: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settle, self.start_delay, self.clock = settle, start_delay, clock
+        self._lock = threading.Lock()
+        self.inflight = 0
+        self._opened = clock()
+        self._last_end: float | None = None
+
+    def begin(self) -> None:
+        with self._lock:
+            self.inflight += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self.inflight -= 1
+            self._last_end = self.clock()
+
+    def quiet(self) -> bool:
+        """True when no demand read is in flight and the last burst has settled."""
+        with self._lock:
+            if self.inflight:
+                return False
+            now = self.clock()
+            if self._last_end is None:
+                return now - self._opened >= self.start_delay
+            return now - self._last_end >= self.settle
 
 
 class Throttle:
@@ -74,6 +113,7 @@ class Prefetcher:
 
     def __init__(self, config: PrefetchConfig, metrics: StorageMetrics,
                  busy: Callable[[], bool] = lambda: False) -> None:
+        """``busy()``: True while polite runs must not start (the device's demand gate)."""
         self.config = config
         self.metrics = metrics
         self._busy = busy
@@ -110,7 +150,7 @@ class Prefetcher:
             self._work.notify_all()
 
     def _next(self) -> tuple[_Unit, list[ChunkInfo]] | None:
-        """The next run: high-priority first; low-priority only while no demand read is in flight."""
+        """The next run: high-priority first; low-priority only while the demand gate is quiet."""
         with self._work:
             while not self._cancelled.is_set():
                 if self._high:

@@ -78,12 +78,25 @@ class Instance:
         try:
             data = self._read_complete(iovec)
             if data is None:
-                data = self.device.read(iovec)
+                ahead = self._ahead(inode, offset, size)
+                data = self.device.read(iovec) if ahead is None else self.device.read(iovec, ahead)
         except Exception:
             self.metrics.add_read(0, time.monotonic() - start, False)
             raise
         self.metrics.add_read(len(data), time.monotonic() - start, True)
         return data
+
+    def _ahead(self, inode: Any, offset: int, size: int) -> BlobIoVec | None:
+        """What a demand read may amplify into: the next ``amplify_window`` bytes of the same
+        file (for a blob file: of the image file whose chunk ends the range), never chunks of
+        other files. None when the device does not amplify."""
+        window = getattr(self.device, "amplify_window", 0)
+        if not isinstance(window, int) or window <= 0:
+            return None
+        file_ahead = getattr(inode, "file_ahead", None)
+        if file_ahead is not None:
+            return file_ahead(offset, size, window)
+        return inode.chunks(offset + size, window)
 
     def read_ready(self, inode: Any, offset: int, size: int, iovec: BlobIoVec | None = None) -> bytes | None:
         """Read from the event loop without a thread hop when the data is local: every chunk of
@@ -257,6 +270,10 @@ class _BlobNode:
         assert self.blob is not None
         return self._owner.blob_range(self.blob.blob_index, offset, size)
 
+    def file_ahead(self, offset: int, size: int, window: int) -> BlobIoVec:
+        assert self.blob is not None
+        return self._owner.file_ahead(self.blob.blob_index, offset, size, window)
+
 
 class BlobFiles:
     """A Rafs-like tree: ``/`` holds one file per blob presenting its uncompressed data.
@@ -273,7 +290,8 @@ class BlobFiles:
         self.rafs = rafs
         self.version = rafs.version
         self.blobs: list[BlobInfo] = list(rafs.blobs)
-        self.chunks_by_blob = blob_chunk_tables(rafs)
+        #: per blob: its chunks by uncompressed offset; the next chunk of the same image file
+        self.chunks_by_blob, self._next_in_file = blob_chunk_tables(rafs)
         self._starts = {b: [c.uncompressed_offset for c in cs] for b, cs in self.chunks_by_blob.items()}
         self.root = _BlobNode(self, 1, None)
         self.files = [_BlobNode(self, i + 2, b) for i, b in enumerate(self.blobs)]
@@ -331,28 +349,54 @@ class BlobFiles:
             i += 1
         return out
 
+    def file_ahead(self, blob_index: int, offset: int, size: int, window: int) -> BlobIoVec:
+        """The chunks (up to ``window`` bytes) that follow, in the same image file, the chunk
+        holding the last byte of ``[offset, offset+size)`` of the blob file: the chunk → file
+        boundary map read amplification of kernel EROFS reads is bounded by."""
+        starts = self._starts.get(blob_index, [])
+        i = bisect.bisect_right(starts, max(offset + size - 1, 0)) - 1
+        out = BlobIoVec()
+        if i < 0:
+            return out
+        blob = self.blobs[blob_index]
+        nxt = self._next_in_file.get((blob_index, self.chunks_by_blob[blob_index][i].index))
+        total = 0
+        while nxt is not None and total < window:
+            out.append(BlobIoDesc(blob, nxt, 0, nxt.uncompressed_size))
+            total += nxt.uncompressed_size
+            nxt = self._next_in_file.get((blob_index, nxt.index))
+        return out
+
     def close(self) -> None:
         self.rafs.close()
 
 
-def blob_chunk_tables(rafs: Any) -> dict[int, list[ChunkInfo]]:
-    """Every blob's chunks sorted by uncompressed offset, checked for EROFS-compatible layout.
+def blob_chunk_tables(rafs: Any) -> tuple[dict[int, list[ChunkInfo]], dict[tuple[int, int], ChunkInfo]]:
+    """Every blob's chunks sorted by uncompressed offset, checked for EROFS-compatible layout,
+    and the chunk → file boundary map: ``(blob index, chunk index)`` → the next chunk of the
+    same file in the same blob (absent for a file's last chunk).
 
     Raises :class:`UnsupportedError` when the image is not v6 or a chunk is not 4 KiB aligned.
     """
     if rafs.version != 6:
         raise UnsupportedError(f"kernel EROFS needs a RAFS v6 image, this bootstrap is v{rafs.version}")
     seen: dict[tuple[int, int], ChunkInfo] = {}
+    next_in_file: dict[tuple[int, int], ChunkInfo] = {}
     for path, node in rafs.walk():
         if not node.is_reg():
             continue
         size = node.attr().size
         if not size:
             continue
+        prev = None
         for desc in node.chunks(0, size):
             c = desc.chunk
             if c is None:
+                prev = None
                 continue
+            if prev is not None and prev.blob_index == c.blob_index and prev.index != c.index:
+                next_in_file.setdefault((prev.blob_index, prev.index), c)
+            prev = c
             if c.uncompressed_offset % EROFS_BLOCK_SIZE:
                 raise UnsupportedError(
                     f"kernel EROFS needs 4 KiB aligned chunks: {path} chunk {c.index} of blob "
@@ -370,4 +414,4 @@ def blob_chunk_tables(rafs: Any) -> dict[int, list[ChunkInfo]]:
                 raise UnsupportedError(
                     f"chunks {a.index} and {b.index} overlap in the uncompressed blob"
                 )
-    return tables
+    return tables, next_in_file

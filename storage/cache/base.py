@@ -24,6 +24,7 @@ class CacheConfig:
     validate_digest: bool = True  #: check each chunk's digest after decompression
     merging_size: int = 1 << 20  #: max compressed bytes merged into one backend request
     amplify_io: int = 0  #: extend small requests with following chunks up to this size (0 = off)
+    #: (a reader's ``amplify_into`` hint limits those chunks to the file being read)
     limit_size: int = 0  #: cache size limit in bytes; 0 = unlimited (LRU eviction of unused blobs)
     sync_data: bool = True  #: fdatasync chunk data before marking it ready (crash safety)
     fetch_threads: int = 4  #: runs of one request fetched in parallel (1 = sequential)
@@ -96,8 +97,12 @@ class BlobCache(ABC):
         return good, bad
 
     @abstractmethod
-    def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
-        """The bytes of ``descs`` (all in this blob, none a hole), concatenated in order."""
+    def read_descs(self, descs: Sequence[BlobIoDesc], amplify_into: "set[int] | None" = None) -> bytes:
+        """The bytes of ``descs`` (all in this blob, none a hole), concatenated in order.
+
+        ``amplify_into``: chunk indexes a fetch may be extended with (``amplify_io``), e.g. the
+        rest of the file being read; ``None`` = any following chunk of the blob.
+        """
 
     def descs_ready(self, descs: Sequence[BlobIoDesc]) -> bool:
         """True when every chunk of ``descs`` is in the local cache and can be read without

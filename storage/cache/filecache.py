@@ -151,8 +151,11 @@ class FileBlobCache(BlobCache):
         self._chunk_table = sorted(chunks, key=lambda c: c.index)
 
     # -- fetch ------------------------------------------------------------------------------------
-    def _amplify(self, run: list[ChunkInfo]) -> None:
-        """Extend ``run`` with following chunks (claimed here) up to ``amplify_io`` bytes."""
+    def _amplify(self, run: list[ChunkInfo], allowed: "set[int] | None" = None) -> None:
+        """Extend ``run`` with following chunks (claimed here) up to ``amplify_io`` bytes;
+        with ``allowed``, only with chunks listed there (the rest of the file being read)."""
+        if allowed is not None and not allowed:
+            return
         self.blob_meta()
         table = self._chunk_table
         if not self.config.amplify_io or table is None:
@@ -164,6 +167,8 @@ class FileBlobCache(BlobCache):
             if end - start >= self.config.amplify_io or last.index + 1 >= len(table):
                 return
             nxt = table[last.index + 1]
+            if allowed is not None and nxt.index not in allowed:
+                return
             if nxt.compressed_offset != end or nxt.compressed_offset + nxt.compressed_size - start > max(
                     self.config.amplify_io, self.config.merging_size):
                 return
@@ -171,10 +176,12 @@ class FileBlobCache(BlobCache):
                 return
             run.append(nxt)
 
-    def ensure_ready(self, chunks: Sequence[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None) -> int:
+    def ensure_ready(self, chunks: Sequence[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None,
+                     amplify_into: "set[int] | None" = None) -> int:
         """Fetch the chunks not yet cached (merged, once across threads); returns bytes fetched.
 
-        Chunks this call fetched are also put in ``fresh`` (index → data) when given.
+        Chunks this call fetched are also put in ``fresh`` (index → data) when given;
+        ``amplify_into`` bounds read amplification (see :meth:`BlobCache.read_descs`).
         """
         self.last_access = time.monotonic()
         if self.chunk_map.all_ready():  # fast path: a complete blob
@@ -196,13 +203,14 @@ class FileBlobCache(BlobCache):
                     self.metrics.cache_hits.inc()
             first = False
             if owned:
-                fetched += self._fetch_owned(owned, fresh)
+                fetched += self._fetch_owned(owned, fresh, amplify_into)
             for c in inflight:
                 self.chunk_map.wait_pending(c.index)
             needed = {c.index: c for c in inflight if not self.chunk_map.is_ready(c.index)}
         return fetched
 
-    def _fetch_owned(self, owned: list[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None) -> int:
+    def _fetch_owned(self, owned: list[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None,
+                     amplify_into: "set[int] | None" = None) -> int:
         """Fetch chunks this thread owns (runs in parallel on the manager's fetch pool);
         every owned chunk is released on every path."""
         runs = merge_runs(owned, self.config.merging_size)
@@ -214,7 +222,7 @@ class FileBlobCache(BlobCache):
                 results = list(self.fetch_pool.map(lambda r: self._complete_run(r, owned_ids, fresh), runs))
             else:
                 for run in runs:
-                    self._amplify(run)
+                    self._amplify(run, amplify_into)
                     results.append(self._complete_run(run, owned_ids, fresh))
             pending.clear()
         finally:
@@ -261,9 +269,9 @@ class FileBlobCache(BlobCache):
         return run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset, error
 
     # -- reads ------------------------------------------------------------------------------------
-    def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
+    def read_descs(self, descs: Sequence[BlobIoDesc], amplify_into: "set[int] | None" = None) -> bytes:
         fresh: dict[int, bytes | memoryview] = {}
-        self.ensure_ready([d.chunk for d in descs], fresh)  # type: ignore[misc]
+        self.ensure_ready([d.chunk for d in descs], fresh, amplify_into)  # type: ignore[misc]
         return self._assemble(descs, fresh)
 
     def descs_ready(self, descs: Sequence[BlobIoDesc]) -> bool:
