@@ -193,7 +193,8 @@ class BlobDevice:
         config = prefetch_config or PrefetchConfig()
         #: demand reads in flight and when the last ended: polite prefetch starts only when quiet
         self.demand = DemandGate(config.settle, config.start_delay)
-        self.prefetcher = Prefetcher(config, self.metrics, busy=lambda: not self.demand.quiet())
+        self.prefetcher = Prefetcher(config, self.metrics, busy=lambda: not self.demand.quiet(),
+                                     demand_inflight=lambda: self.demand.inflight > 0)
 
     def _cache(self, blob: BlobInfo) -> "BlobCache":
         with self._lock:

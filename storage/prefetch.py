@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from storage.backend.base import speculation
 from storage.cache.base import BlobCache, merge_runs
 from storage.device import ChunkInfo
 from storage.errors import StorageError
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: how long a worker sleeps between checks while on-demand reads are busy
 BUSY_POLL = 0.005
+#: longest a speculative transfer stays paused in one go for demand reads (then it reads a piece)
+MAX_PAUSE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +115,15 @@ class Prefetcher:
     """
 
     def __init__(self, config: PrefetchConfig, metrics: StorageMetrics,
-                 busy: Callable[[], bool] = lambda: False) -> None:
-        """``busy()``: True while polite runs must not start (the device's demand gate)."""
+                 busy: Callable[[], bool] = lambda: False,
+                 demand_inflight: Callable[[], bool] = lambda: False) -> None:
+        """``busy()``: True while polite runs must not start (the device's demand gate);
+        ``demand_inflight()``: True while demand reads are in flight — running speculative
+        transfers then pause between body pieces (see :func:`storage.backend.base.yield_to_demand`)."""
         self.config = config
         self.metrics = metrics
         self._busy = busy
+        self._demand_inflight = demand_inflight
         self._high: deque[tuple[_Unit, list[ChunkInfo]]] = deque()  # runs that ignore demand reads
         self._low: deque[tuple[_Unit, list[ChunkInfo]]] = deque()  # runs that wait for demand reads
         self._work = threading.Condition(threading.Lock())
@@ -193,7 +200,20 @@ class Prefetcher:
         self._throttle.acquire(size, self._cancelled)
         if self._cancelled.is_set():
             return
-        self.metrics.prefetch_bytes.inc(cache.prefetch_chunks(run))
+        speculation.pause = lambda: self._pause(cache)
+        try:
+            self.metrics.prefetch_bytes.inc(cache.prefetch_chunks(run))
+        finally:
+            speculation.pause = None
+
+    def _pause(self, cache: BlobCache) -> None:
+        """Hold a running speculative transfer while demand reads are in flight — unless one of
+        them waits for a chunk of this blob that this (or another) speculative fetch owns."""
+        deadline = time.monotonic() + MAX_PAUSE
+        waiting = getattr(cache, "has_waiters", lambda: True)
+        while (self._demand_inflight() and not waiting() and not self._cancelled.is_set()
+               and time.monotonic() < deadline):
+            self._cancelled.wait(BUSY_POLL)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every submitted unit is done (or cancelled); False on timeout."""

@@ -129,7 +129,7 @@ def test_fusedev_reads_amplify_within_the_file_only(tmp_path):
 
 
 def test_blob_files_bound_amplification_by_the_chunk_file_map(tmp_path):
-    rafs, content, backend = _image(tmp_path, {"a": 3 * 65536, "b": 5000, "c": 2 * 65536})
+    rafs, content, backend = _image(tmp_path, {"a": 3 * 65536 + 1000, "b": 5000, "c": 2 * 65536})
     files = BlobFiles(rafs)
     mgr = FileCacheManager(str(tmp_path / "cache"), backend, CacheConfig(amplify_io=1 << 20))
     dev = BlobDevice(rafs.blobs, mgr, prefetch_config=PrefetchConfig(enable=False, readahead=0))

@@ -376,12 +376,61 @@ def blob_chunk_tables(rafs: Any) -> tuple[dict[int, list[ChunkInfo]], dict[tuple
     and the chunk → file boundary map: ``(blob index, chunk index)`` → the next chunk of the
     same file in the same blob (absent for a file's last chunk).
 
+    From the v6 chunk table when it lists every chunk of every blob (no walk of the inode tree:
+    this runs on the critical path of every erofs mount); a file's chunks are then the
+    consecutive ones up to the first shorter than the image's chunk size (fixed-size chunking:
+    only a file's last chunk is short). Otherwise from a walk of every file (exact).
     Raises :class:`UnsupportedError` when the image is not v6 or a chunk is not 4 KiB aligned.
     """
     if rafs.version != 6:
         raise UnsupportedError(f"kernel EROFS needs a RAFS v6 image, this bootstrap is v{rafs.version}")
-    seen: dict[tuple[int, int], ChunkInfo] = {}
+    tables = _chunk_table_by_blob(rafs)
     next_in_file: dict[tuple[int, int], ChunkInfo] = {}
+    if tables is not None:
+        for blob_index, cs in tables.items():
+            for c in cs:
+                if c.uncompressed_offset % EROFS_BLOCK_SIZE:
+                    raise UnsupportedError(
+                        f"kernel EROFS needs 4 KiB aligned chunks: chunk {c.index} of blob "
+                        f"{rafs.blobs[blob_index].blob_id} is at uncompressed offset {c.uncompressed_offset:#x}")
+            for a, b in zip(cs, cs[1:]):
+                if a.uncompressed_size == rafs.chunk_size and b.index == a.index + 1:
+                    next_in_file[(blob_index, a.index)] = b
+    else:
+        tables = _walk_chunk_tables(rafs, next_in_file)
+    for cs in tables.values():
+        for a, b in zip(cs, cs[1:]):
+            if a.uncompressed_offset + a.uncompressed_size > b.uncompressed_offset:
+                raise UnsupportedError(
+                    f"chunks {a.index} and {b.index} overlap in the uncompressed blob"
+                )
+    return tables, next_in_file
+
+
+def _chunk_table_by_blob(rafs: Any) -> dict[int, list[ChunkInfo]] | None:
+    """The v6 chunk table per blob, when it holds exactly chunks ``0..chunk_count-1`` of every
+    blob; else None (then only a walk of the files finds every chunk)."""
+    if not getattr(rafs, "chunk_table_count", 0):
+        return None
+    seen: dict[tuple[int, int], ChunkInfo] = {}
+    for c in rafs.chunk_table():
+        seen.setdefault((c.blob_index, c.index), c)
+    tables: dict[int, list[ChunkInfo]] = {}
+    for (blob_index, _), c in seen.items():
+        tables.setdefault(blob_index, []).append(c)
+    for blob in rafs.blobs:
+        cs = tables.get(blob.blob_index, [])
+        if blob.chunk_count and len(cs) != blob.chunk_count:
+            return None
+        if cs and (min(c.index for c in cs) != 0 or max(c.index for c in cs) != len(cs) - 1):
+            return None
+    for cs in tables.values():
+        cs.sort(key=lambda c: c.uncompressed_offset)
+    return tables
+
+
+def _walk_chunk_tables(rafs: Any, next_in_file: dict[tuple[int, int], ChunkInfo]) -> dict[int, list[ChunkInfo]]:
+    seen: dict[tuple[int, int], ChunkInfo] = {}
     for path, node in rafs.walk():
         if not node.is_reg():
             continue
@@ -409,9 +458,4 @@ def blob_chunk_tables(rafs: Any) -> tuple[dict[int, list[ChunkInfo]], dict[tuple
         tables.setdefault(blob_index, []).append(c)
     for cs in tables.values():
         cs.sort(key=lambda c: c.uncompressed_offset)
-        for a, b in zip(cs, cs[1:]):
-            if a.uncompressed_offset + a.uncompressed_size > b.uncompressed_offset:
-                raise UnsupportedError(
-                    f"chunks {a.index} and {b.index} overlap in the uncompressed blob"
-                )
-    return tables, next_in_file
+    return tables

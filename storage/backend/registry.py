@@ -29,7 +29,7 @@ import requests
 import requests.adapters
 import urllib3.exceptions
 
-from storage.backend.base import DEFAULT_RETRY_LIMIT, BlobBackend, BlobReader
+from storage.backend.base import DEFAULT_RETRY_LIMIT, BlobBackend, BlobReader, speculation, yield_to_demand
 from storage.errors import (
     AuthError,
     BlobNotFound,
@@ -386,10 +386,28 @@ class RegistryClient:
             self._ca_bundle = None
 
 
+#: piece size of speculative transfers (between two checks whether demand reads wait)
+SPECULATIVE_PIECE = 64 << 10
+
+
 def read_body(resp: requests.Response) -> bytes:
-    """The whole body of a streamed response; a broken/short transfer is a transient error."""
+    """The whole body of a streamed response; a broken/short transfer is a transient error.
+
+    In a speculative (prefetch) thread the body is read in ``SPECULATIVE_PIECE`` pieces with a
+    :func:`~storage.backend.base.yield_to_demand` before each, so demand reads get the link.
+    """
     try:
-        data = resp.raw.read(decode_content=False)  # blob bytes as stored (identity requested)
+        if speculation.pause is None:
+            data = resp.raw.read(decode_content=False)  # blob bytes as stored (identity requested)
+        else:
+            parts = []
+            while True:
+                yield_to_demand()
+                piece = resp.raw.read(SPECULATIVE_PIECE, decode_content=False)
+                if not piece:
+                    break
+                parts.append(piece)
+            data = b"".join(parts)
     except _TRANSPORT_ERRORS as exc:
         raise RegistryUnavailable(f"GET {resp.url}: body: {exc}") from exc
     expected = resp.headers.get("Content-Length")

@@ -73,6 +73,13 @@ class FileBlobCache(BlobCache):
         self._meta_state = "unloaded"  # unloaded | loaded | absent
         self._meta_lock = threading.Lock()
         self.last_access = time.monotonic()
+        self._waiters = 0  #: readers waiting for chunks another thread fetches
+        self._waiters_lock = threading.Lock()
+
+    def has_waiters(self) -> bool:
+        """True while a reader waits for a chunk being fetched by another thread (a speculative
+        fetch then must not pause for demand reads: it is the one they wait for)."""
+        return self._waiters > 0
 
     # -- CI table ---------------------------------------------------------------------------------
     def _has_ci_table(self) -> bool:
@@ -204,8 +211,15 @@ class FileBlobCache(BlobCache):
             first = False
             if owned:
                 fetched += self._fetch_owned(owned, fresh, amplify_into)
-            for c in inflight:
-                self.chunk_map.wait_pending(c.index)
+            if inflight:
+                with self._waiters_lock:
+                    self._waiters += 1
+                try:
+                    for c in inflight:
+                        self.chunk_map.wait_pending(c.index)
+                finally:
+                    with self._waiters_lock:
+                        self._waiters -= 1
             needed = {c.index: c for c in inflight if not self.chunk_map.is_ready(c.index)}
         return fetched
 
