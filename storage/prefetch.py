@@ -67,6 +67,16 @@ class DemandGate:
             self.inflight -= 1
             self._last_end = self.clock()
 
+    def wait_quiet(self, cancelled: Callable[[], bool] = lambda: False, poll: float = 0.02) -> bool:
+        """Block until :meth:`quiet` (True) or ``cancelled()`` (False): callers that prepare
+        speculative work with CPU (e.g. walking a whole image for its prefetch list) keep it
+        off the start-up burst too."""
+        while not self.quiet():
+            if cancelled():
+                return False
+            time.sleep(poll)
+        return True
+
     def quiet(self) -> bool:
         """True when no demand read is in flight and the last burst has settled."""
         with self._lock:

@@ -320,6 +320,13 @@ class Nydusd:
 
         def work() -> None:
             try:
+                # walking a whole image for its iovecs takes seconds of CPU (and the GIL): not
+                # while the container's first reads are being served
+                gate = getattr(inst.device, "demand", None)
+                prefetcher = getattr(inst.device, "prefetcher", None)
+                if gate is not None and hasattr(gate, "wait_quiet") and not gate.wait_quiet(
+                        lambda: prefetcher is not None and prefetcher.cancelled):
+                    return
                 iovecs = inst.prefetch_iovecs(paths)
                 inst.metrics.prefetch_requests += len(iovecs)
                 prefetch = getattr(inst.device, "prefetch", None)
