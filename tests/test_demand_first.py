@@ -152,3 +152,18 @@ def test_blob_files_bound_amplification_by_the_chunk_file_map(tmp_path):
     assert ready2 - ready == set(idx["b"])
     assert files.file_ahead(0, first_a.uncompressed_offset, 4096, 65536)[0].chunk.index == idx["a"][1]
     dev.close()
+
+
+def test_amplification_into_neighbours_only_within_their_small_bound(tmp_path):
+    b = make_blob(8, compressor=Compressor.NONE, compressible=False)
+    backend = MemoryBackend({b.blob_id: b.data})
+    mgr = FileCacheManager(str(tmp_path), backend, CacheConfig(amplify_io=6 * 4096, amplify_neighbours=3 * 4096))
+    dev = BlobDevice([b.info], mgr, prefetch_config=PrefetchConfig(enable=False, readahead=0))
+    mgr.get_blob_cache(b.info).set_chunk_table(b.chunks)
+    # the file ends with chunk 0: neighbours (other files) only while the request is <= 3 chunks
+    dev.read(b.iovec(0, 10), ahead=[])
+    assert backend.requests == [(b.blob_id, 0, 3 * 4096)]
+    # the file goes on for 4 more chunks (its own, up to amplify_io): no neighbours beyond
+    dev.read(b.iovec(3 * 4096, 10), ahead=b.iovec(4 * 4096, 4 * 4096))
+    assert backend.requests[-1] == (b.blob_id, 3 * 4096, 5 * 4096)
+    dev.close()

@@ -22,6 +22,8 @@ from typing import Any
 from rafs.errors import ConfigError
 
 BACKEND_TYPES = ("registry", "localfs")
+#: default ``amplify_neighbours``: about one round trip's worth of transfer on a 20 MB/s link
+AMPLIFY_NEIGHBOURS = 128 << 10
 CACHE_TYPES = ("blobcache", "filecache", "dummycache", "")
 
 
@@ -64,6 +66,9 @@ class DaemonConfig:
     iostats_files: bool = False
     enable_xattr: bool = True
     amplify_io: int = 1 << 20
+    #: our extension: a read amplified past the end of its file takes neighbouring files' chunks
+    #: only while the request stays within this many bytes (``amplify_io`` bounds the file's own)
+    amplify_neighbours: int = AMPLIFY_NEIGHBOURS
     fs_prefetch: PrefetchConfig = PrefetchConfig()
     raw: dict = field(default_factory=dict)
 
@@ -122,6 +127,7 @@ class DaemonConfig:
             iostats_files=_get(obj, "iostats_files", bool, False, ""),
             enable_xattr=_get(obj, "enable_xattr", bool, True, ""),
             amplify_io=_get(obj, "amplify_io", int, 1 << 20, ""),
+            amplify_neighbours=_get(obj, "amplify_neighbours", int, AMPLIFY_NEIGHBOURS, ""),
             fs_prefetch=prefetch,
             raw=obj,
         )

@@ -50,6 +50,7 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
     try:
         backend = backend_from_config({"type": cfg.backend_type, "config": cfg.backend_config})
         cache_cfg = CacheConfig(validate_digest=cfg.digest_validate, amplify_io=cfg.amplify_io,
+                                amplify_neighbours=cfg.amplify_neighbours,
                                 limit_size=cfg.cache_limit_size,
                                 merging_size=max(cfg.fs_prefetch.merging_size, 1 << 17))
         if cfg.cache_type in ("blobcache", "filecache"):

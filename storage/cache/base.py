@@ -24,7 +24,9 @@ class CacheConfig:
     validate_digest: bool = True  #: check each chunk's digest after decompression
     merging_size: int = 1 << 20  #: max compressed bytes merged into one backend request
     amplify_io: int = 0  #: extend small requests with following chunks up to this size (0 = off)
-    #: (a reader's ``amplify_into`` hint limits those chunks to the file being read)
+    #: (a reader's ``amplify_into`` hint limits those chunks to the file being read, and to
+    #: ``amplify_neighbours`` bytes of run in total for chunks of other files)
+    amplify_neighbours: int = 0
     limit_size: int = 0  #: cache size limit in bytes; 0 = unlimited (LRU eviction of unused blobs)
     sync_data: bool = True  #: fdatasync chunk data before marking it ready (crash safety)
     fetch_threads: int = 4  #: runs of one request fetched in parallel (1 = sequential)

@@ -160,8 +160,9 @@ class FileBlobCache(BlobCache):
     # -- fetch ------------------------------------------------------------------------------------
     def _amplify(self, run: list[ChunkInfo], allowed: "set[int] | None" = None) -> None:
         """Extend ``run`` with following chunks (claimed here) up to ``amplify_io`` bytes;
-        with ``allowed``, only with chunks listed there (the rest of the file being read)."""
-        if allowed is not None and not allowed:
+        with ``allowed``, only with chunks listed there (the rest of the file being read), and
+        with others (neighbouring files) only while the run stays within ``amplify_neighbours``."""
+        if allowed is not None and not allowed and not self.config.amplify_neighbours:
             return
         self.blob_meta()
         table = self._chunk_table
@@ -174,7 +175,8 @@ class FileBlobCache(BlobCache):
             if end - start >= self.config.amplify_io or last.index + 1 >= len(table):
                 return
             nxt = table[last.index + 1]
-            if allowed is not None and nxt.index not in allowed:
+            if (allowed is not None and nxt.index not in allowed
+                    and nxt.compressed_offset + nxt.compressed_size - start > self.config.amplify_neighbours):
                 return
             if nxt.compressed_offset != end or nxt.compressed_offset + nxt.compressed_size - start > max(
                     self.config.amplify_io, self.config.merging_size):
