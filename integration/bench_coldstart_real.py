@@ -451,7 +451,7 @@ def measure_read(ctd, ref: str, argv: list[str], timeout: float) -> int:
 
 
 def run_trial(mode: Mode, workload: str, rate_mb_s: float, repeat: int, ref: str, registry,
-              link: Link, *, measure: bool, log_dir: str = "", timeout: float = 900) -> Trial:
+              link: Link, *, measure: bool, log_dir: str = "", timeout: float = 300) -> Trial:
     from integration.harness.containerd import Containerd
     from integration.harness.snapshotter import SnapshotterProcess
 
@@ -472,7 +472,8 @@ def run_trial(mode: Mode, workload: str, rate_mb_s: float, repeat: int, ref: str
         elif mode.kind == "stargz":
             from integration.harness.stargz import StargzSnapshotter
 
-            snap = StargzSnapshotter(registries=[_HostOnly(link.host)]).__enter__()
+            # the peer's defaults (background fetch on), plain HTTP to the link
+            snap = StargzSnapshotter(plain_http=[link.host]).start()
             snapshotters = {"stargz": snap.address}
         sn_name = {"overlayfs": "overlayfs", "nydus": "nydus", "stargz": "stargz"}[mode.kind]
         ctd = Containerd(snapshotters=snapshotters, cri_snapshotter=sn_name, mirrors=[link.host]).start()
@@ -514,19 +515,7 @@ def run_trial(mode: Mode, workload: str, rate_mb_s: float, repeat: int, ref: str
         if ctd is not None:
             ctd.stop()
         if snap is not None:
-            if mode.kind == "stargz":
-                snap.__exit__(None, None, None)
-            else:
-                snap.stop()
-
-
-class _HostOnly:
-    """What the stargz harness needs of a registry: its ``host`` (here: the throttled link)."""
-
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.auth = None
-        self.url = f"http://{host}"
+            snap.stop()
 
 
 def _keep_logs(log_dir: str, trial: Trial, snap, registry, link: Link, t0: float) -> None:
@@ -738,11 +727,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with Registry() as registry, tempfile.TemporaryDirectory(prefix="bench-real-") as work:
         repos = prepare_images(registry, modes, work)
-        for rate in rates:
-            link = Link(registry.port, rate * 1e6)
-            try:
-                refs = {m: f"{link.host}/{r}" for m, r in repos.items()}
-                for r in range(repeat):
+        # repeats outermost: an interrupted run still has every (rate, workload, mode) cell
+        links = {rate: Link(registry.port, rate * 1e6) for rate in rates}
+        try:
+            for r in range(repeat):
+                for rate, link in links.items():
+                    refs = {m: f"{link.host}/{repo}" for m, repo in repos.items()}
                     for wl in workloads:
                         for mode in modes:
                             if mode.name not in refs:
@@ -758,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
                                   f"(pull {t.pull_seconds:5.2f}) link {t.link_bytes_first_output / 1e6:7.1f} MB "
                                   f"registry {t.registry_bytes / 1e6:7.1f} MB / {t.blob_gets} GETs{read}  {status}",
                                   flush=True)
-            finally:
+        finally:
+            for link in links.values():
                 link.close()
     result = write(True)
     print_tables(result, mode_names)
