@@ -646,6 +646,7 @@ def plot(result: dict, modes: list[str], path: pathlib.Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rates = list(result["summary"])
     fig, axes = plt.subplots(len(rates), 1, figsize=(11, 3.6 * len(rates)), squeeze=False)
@@ -655,15 +656,41 @@ def plot(result: dict, modes: list[str], path: pathlib.Path) -> None:
         width = 0.8 / max(1, len(modes))
         for i, m in enumerate(modes):
             vals = [per_wl[wl].get(m, {}).get("seconds", 0.0) for wl in wls]
-            ax.bar([x + (i - (len(modes) - 1) / 2) * width for x in range(len(wls))], vals, width, label=m)
+            bars = ax.bar([x + (i - (len(modes) - 1) / 2) * width for x in range(len(wls))], vals, width,
+                          label=m)
+            ax.bar_label(bars, fmt="%.1f", fontsize=6)
         ax.set_xticks(range(len(wls)), wls)
         ax.set_yscale("log")
-        ax.set_ylabel("s to first output (log)")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_ylabel("s to first output (log scale)")
         ax.set_title(f"{rate} MB/s registry link")
         ax.legend(fontsize=8)
     fig.suptitle("Cold start of a Debian image (python3, numpy, gcc, git, perl)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def combine(paths: list[str], out_dir: pathlib.Path, name: str) -> int:
+    """One summary over the trials of several runs (each keeps its own OCI baseline per rate)."""
+    docs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    trials = [Trial(**t) for d in docs for t in d["trials"]]
+    modes: dict[str, str] = {}
+    for d in docs:
+        modes.update(d["modes"])
+    result = summarize(trials, list(modes))
+    doc = {**docs[0], "rates_mb_s": sorted({r for d in docs for r in d["rates_mb_s"]}),
+           "complete": all(d.get("complete") for d in docs), "modes": modes,
+           "runs": [{k: d.get(k) for k in ("rates_mb_s", "started", "minutes", "load_average", "complete")}
+                    for d in docs], **result, "trials": [dataclasses.asdict(t) for t in trials]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.rename(tmp, out_dir / f"{name}.json")
+    print_tables(result, list(modes))
+    plot(result, list(modes), out_dir / f"{name}.png")
+    print(f"wrote {out_dir / (name + '.json')} and {out_dir / (name + '.png')}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -682,7 +709,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="", help="output file stem (default coldstart_real, "
                                                 "coldstart_real_quick with --quick)")
     ap.add_argument("--keep-logs", default="", help="copy each trial's logs under this directory")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="no trials: merge the trials of earlier runs' JSON files (e.g. one run per "
+                         "rate) into one summary, JSON and chart (--name)")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, pathlib.Path(args.out), args.name or "coldstart_real")
     if os.geteuid() != 0:
         raise SystemExit("needs root (containerd, mounts)")
     rates = [float(r) for r in args.rates.split(",") if r]
