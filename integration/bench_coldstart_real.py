@@ -47,6 +47,7 @@ import os
 import pathlib
 import re
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -277,12 +278,15 @@ def evict(path: str) -> None:
 
 
 def regular_files(roots: list[str]) -> list[str]:
-    out = []
+    """Regular files below ``roots``, one path per inode (hard links share their pages)."""
+    out, seen = [], set()
     for root in roots:
         for dirpath, _, files in os.walk(root):
             for f in files:
                 p = os.path.join(dirpath, f)
-                if os.path.isfile(p) and not os.path.islink(p):
+                st = os.lstat(p)
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
                     out.append(p)
     return out
 

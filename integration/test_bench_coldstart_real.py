@@ -81,3 +81,15 @@ def test_nydus_timeline_from_logs(tmp_path):
     assert set(tl) == {"daemon_started", "instance_mounted", "mount_requested", "daemon_running"}
     assert round(tl["instance_mounted"] - tl["mount_requested"], 3) == 5.038
     assert round(tl["instance_mounted"] - tl["daemon_started"], 3) == 4.718
+
+
+def test_regular_files_lists_each_inode_once(tmp_path):
+    from integration.bench_coldstart_real import regular_files
+
+    (tmp_path / "a").write_bytes(b"x")
+    os.link(tmp_path / "a", tmp_path / "b")
+    os.symlink("a", tmp_path / "c")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "e").write_bytes(b"y")
+    files = regular_files([str(tmp_path)])
+    assert len(files) == 2 and str(tmp_path / "d" / "e") in files
