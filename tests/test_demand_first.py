@@ -167,3 +167,44 @@ def test_amplification_into_neighbours_only_within_their_small_bound(tmp_path):
     dev.read(b.iovec(3 * 4096, 10), ahead=b.iovec(4 * 4096, 4 * 4096))
     assert backend.requests[-1] == (b.blob_id, 3 * 4096, 5 * 4096)
     dev.close()
+
+
+def test_running_speculative_fetch_pauses_for_demand_unless_a_reader_waits_for_it():
+    import threading
+    import time
+
+    from storage.backend.base import speculation, yield_to_demand
+    from storage.metrics import StorageMetrics
+    from storage.prefetch import Prefetcher
+
+    demand = threading.Event()
+
+    class Cache:
+        waiters = False
+
+        def has_waiters(self):
+            return self.waiters
+
+    cache = Cache()
+    pf = Prefetcher(PrefetchConfig(), StorageMetrics(), demand_inflight=demand.is_set)
+    assert speculation.pause is None
+    yield_to_demand()  # a demand thread: never pauses
+    speculation.pause = lambda: pf._pause(cache)
+    try:
+        t = time.monotonic()
+        yield_to_demand()  # no demand in flight: goes on at once
+        assert time.monotonic() - t < 0.05
+        demand.set()
+        threading.Timer(0.3, demand.clear).start()
+        t = time.monotonic()
+        yield_to_demand()  # held until the demand read is done
+        assert 0.25 <= time.monotonic() - t < 1.5
+        demand.set()
+        cache.waiters = True  # a demand reader waits for a chunk this fetch owns: no pause
+        t = time.monotonic()
+        yield_to_demand()
+        assert time.monotonic() - t < 0.05
+    finally:
+        speculation.pause = None
+        demand.clear()
+        pf.cancel()
