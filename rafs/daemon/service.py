@@ -327,6 +327,8 @@ class Nydusd:
                 if gate is not None and hasattr(gate, "wait_quiet") and not gate.wait_quiet(
                         lambda: prefetcher is not None and prefetcher.cancelled):
                     return
+                if not paths and self._prefetch_whole_blobs(inst, tree, cfg):
+                    return
                 iovecs = inst.prefetch_iovecs(paths)
                 inst.metrics.prefetch_requests += len(iovecs)
                 prefetch = getattr(inst.device, "prefetch", None)
@@ -341,6 +343,23 @@ class Nydusd:
         t = threading.Thread(target=work, name=f"prefetch-{inst.name}", daemon=True)
         t.start()
         self._prefetch_threads.append(t)
+
+    @staticmethod
+    def _prefetch_whole_blobs(inst: Instance, tree: Any, cfg: DaemonConfig) -> bool:
+        """The whole image (prefetch list ``/``, nydusify's default, or none with
+        ``prefetch_all``): queue every blob in layout order from its CI table instead of walking
+        every file (seconds of CPU on a large image); False when that is not possible (a blob
+        without a CI table, or ``digest_validate``: the CI table has no digests)."""
+        inos = list(getattr(tree, "prefetch_inos", None) or [])
+        whole = inos == [getattr(tree, "root_ino", None)] or (not inos and cfg.fs_prefetch.prefetch_all)
+        prefetch_blob = getattr(inst.device, "prefetch_blob", None)
+        if not whole or cfg.digest_validate or prefetch_blob is None:
+            return False
+        for blob in tree.blobs:
+            if not prefetch_blob(blob.blob_index):
+                return False  # the walk below queues what is left (ready chunks are skipped)
+            inst.metrics.prefetch_requests += 1
+        return True
 
     async def prefetch(self, mountpoint: str, paths: list[str] | None) -> None:
         name = self._instance_name(mountpoint)
