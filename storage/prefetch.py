@@ -40,8 +40,8 @@ class PrefetchConfig:
     merging_size: int = 1 << 20  #: bytes per prefetch backend request
     bandwidth_rate: int = 0  #: bytes per second across workers; 0 = unlimited
     readahead: int = 4 << 20  #: max bytes sequential on-demand reads keep in flight ahead; 0 = off
-    settle: float = 0.5  #: polite prefetch waits this long after the last demand miss ended
-    start_delay: float = 2.0  #: ... and, before any demand miss, this long after the device opened
+    settle: float = 1.5  #: polite prefetch waits this long after the last demand miss ended
+    start_delay: float = 3.0  #: ... and, before any demand miss, this long after the device opened
 
 
 class DemandGate:
