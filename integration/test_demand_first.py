@@ -20,7 +20,7 @@ import pytest
 from integration.bench_coldstart import ThrottledProxy
 from integration.fs_support import metric, nydusd, registry_config, require_stack
 from rafs import erofs
-from storage.device import Compressor
+from storage.records import Compressor
 
 pytestmark = [pytest.mark.root]
 

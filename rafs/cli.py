@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from rafs.errors import RafsError
+from storage.atomic import atomic_write
 from storage.errors import StorageError
 
 
@@ -50,10 +50,7 @@ def _write_json(data: dict, path: str | None) -> None:
     if path in (None, "-"):
         print(text)
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, text + "\n")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -178,12 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nydus-image", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(sub)
-    try:
-        from rafs.builder import cli as builder_cli
-    except ImportError:  # builder not landed yet
-        builder_cli = None
-    if builder_cli is not None:
-        builder_cli.register(sub)
+    from rafs.builder import cli as builder_cli
+
+    builder_cli.register(sub)
     return parser
 
 

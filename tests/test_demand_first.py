@@ -11,7 +11,8 @@ from rafs.fs.instance import BlobFiles, Instance
 from storage.backend.memory import MemoryBackend
 from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
-from storage.device import BlobDevice, Compressor
+from storage.device import BlobDevice
+from storage.records import Compressor
 from storage.prefetch import DemandGate, PrefetchConfig
 from tests.storage_blobs import make_blob
 

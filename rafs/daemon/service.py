@@ -29,6 +29,7 @@ from rafs.errors import ConfigError, MountError, NotFound, RafsError, Unsupporte
 from rafs.fs import session
 from rafs.fs.instance import BlobFiles, Instance
 from rafs.fs.ops import RafsFs, no_open_unsupported_reason
+from storage.device import BlobReadDevice
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Opener(Protocol):
 
     def open_tree(self, bootstrap: str) -> Any: ...
 
-    def open_device(self, blobs: list[Any], config: DaemonConfig) -> Any: ...
+    def open_device(self, blobs: list[Any], config: DaemonConfig) -> BlobReadDevice: ...
 
 
 class StorageOpener:
@@ -61,7 +62,7 @@ class StorageOpener:
 
         return Rafs.open(bootstrap)
 
-    def open_device(self, blobs: list[Any], config: DaemonConfig) -> Any:
+    def open_device(self, blobs: list[Any], config: DaemonConfig) -> BlobReadDevice:
         from rafs.daemon.device import build_device
 
         return build_device(blobs, config)
@@ -249,7 +250,7 @@ class Nydusd:
         inst = Instance(key, blob_files, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=False)
         devices = []
         for blob in blob_files.blobs:
-            complete = getattr(device, "blob_data_path", lambda i: None)(blob.blob_index)
+            complete = device.blob_data_path(blob.blob_index)
             if complete and _pad_to_blocks(complete, blob_files.data_end(blob.blob_index),
                                            blob_files.data_size(blob.blob_index)):
                 devices.append(complete)
@@ -322,21 +323,13 @@ class Nydusd:
             try:
                 # walking a whole image for its iovecs takes seconds of CPU (and the GIL): not
                 # while the container's first reads are being served
-                gate = getattr(inst.device, "demand", None)
-                prefetcher = getattr(inst.device, "prefetcher", None)
-                if gate is not None and hasattr(gate, "wait_quiet") and not gate.wait_quiet(
-                        lambda: prefetcher is not None and prefetcher.cancelled):
+                if not inst.device.wait_demand_settled():
                     return
                 if not paths and self._prefetch_whole_blobs(inst, tree, cfg):
                     return
                 iovecs = inst.prefetch_iovecs(paths)
                 inst.metrics.prefetch_requests += len(iovecs)
-                prefetch = getattr(inst.device, "prefetch", None)
-                if prefetch is not None:
-                    prefetch(iovecs)
-                else:
-                    for iov in iovecs:
-                        inst.device.read(iov)
+                inst.device.prefetch(iovecs)
             except Exception as exc:
                 log.warning("prefetch of %s failed: %s: %s", inst.name or "/", type(exc).__name__, exc)
 
@@ -352,11 +345,10 @@ class Nydusd:
         without a CI table, or ``digest_validate``: the CI table has no digests)."""
         inos = list(getattr(tree, "prefetch_inos", None) or [])
         whole = inos == [getattr(tree, "root_ino", None)] or (not inos and cfg.fs_prefetch.prefetch_all)
-        prefetch_blob = getattr(inst.device, "prefetch_blob", None)
-        if not whole or cfg.digest_validate or prefetch_blob is None:
+        if not whole or cfg.digest_validate:
             return False
         for blob in tree.blobs:
-            if not prefetch_blob(blob.blob_index):
+            if not inst.device.prefetch_blob(blob.blob_index):
                 return False  # the walk below queues what is left (ready chunks are skipped)
             inst.metrics.prefetch_requests += 1
         return True
@@ -467,11 +459,7 @@ def _labelled_storage_metrics(insts: dict[str, Instance], only: str | None) -> l
         label = "/" + key if key not in ("", "root") else "/"
         if only and only != label:
             continue
-        metrics = getattr(inst.device, "metrics", None)
-        render = getattr(metrics, "render", None)
-        if render is None:
-            continue
-        text = render()
+        text = inst.device.metrics.render()
         family = ""
         for line in (text if isinstance(text, str) else "\n".join(text)).splitlines():
             if line.startswith("# "):
