@@ -191,8 +191,11 @@ class FakeDevice:
     def wait_demand_settled(self) -> bool:
         return True
 
-    def blob_data_path(self, blob_index: int) -> str | None:
+    def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
         return self.blob_file if self.complete else None
+
+    def set_chunk_source(self, source) -> None:
+        pass
 
     def close(self) -> None:
         os.close(self.fd)

@@ -114,6 +114,7 @@ def test_fusedev_reads_amplify_within_the_file_only(tmp_path):
     rafs, content, backend = _image(tmp_path, {"a": 4 * 65536, "b": 5000, "c": 5000})
     mgr = FileCacheManager(str(tmp_path / "cache"), backend, CacheConfig(amplify_io=1 << 20))
     dev = BlobDevice(rafs.blobs, mgr, prefetch_config=PrefetchConfig(enable=False, readahead=0))
+    dev.set_chunk_source(rafs.chunk_table)  # digests of amplified chunks (as the daemon does)
     inst = Instance("x", rafs, dev)
     cache = mgr.get_blob_cache(rafs.blobs[0])
     for t in dev.load_chunk_tables():
@@ -134,6 +135,7 @@ def test_blob_files_bound_amplification_by_the_chunk_file_map(tmp_path):
     files = BlobFiles(rafs)
     mgr = FileCacheManager(str(tmp_path / "cache"), backend, CacheConfig(amplify_io=1 << 20))
     dev = BlobDevice(rafs.blobs, mgr, prefetch_config=PrefetchConfig(enable=False, readahead=0))
+    dev.set_chunk_source(rafs.chunk_table)
     inst = Instance("root", files, dev, enable_xattr=False)
     for t in dev.load_chunk_tables():
         t.join(10)
