@@ -8,9 +8,11 @@
  "mode": "direct", "digest_validate": false, "iostats_files": false, "enable_xattr": true,
  "amplify_io": 1048576,
  "fs_prefetch": {"enable": false, "prefetch_all": true, "threads_count": 8,
-                 "merging_size": 1048576, "bandwidth_rate": 0}}
+                 "merging_size": 1048576, "bandwidth_rate": 0, "record_trace": false}}
 ```
-Unknown keys are kept in ``raw`` and ignored, as upstream does.
+Unknown keys are kept in ``raw`` and ignored, as upstream does. ``fs_prefetch.record_trace`` is
+ours (upstream ignores it): record which files the image's containers read, in order, for
+``GET /api/v1/trace`` (see :mod:`rafs.trace`).
 """
 
 from __future__ import annotations
@@ -38,13 +40,15 @@ def _get(obj: dict, key: str, kind: type | tuple[type, ...], default: Any, where
 
 @dataclass(frozen=True, slots=True)
 class PrefetchConfig:
-    """``fs_prefetch``; defaults: disabled, prefetch_all, 8 threads, 1 MiB merging, no rate limit."""
+    """``fs_prefetch``; defaults: disabled, prefetch_all, 8 threads, 1 MiB merging, no rate limit,
+    no trace recording."""
 
     enable: bool = False
     prefetch_all: bool = True
     threads_count: int = 8
     merging_size: int = 1 << 20
     bandwidth_rate: int = 0
+    record_trace: bool = False  #: record the prefetch trace (reads in first-access order)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,7 @@ class DaemonConfig:
             threads_count=_get(pf, "threads_count", int, 8, "fs_prefetch."),
             merging_size=_get(pf, "merging_size", int, 1 << 20, "fs_prefetch."),
             bandwidth_rate=_get(pf, "bandwidth_rate", int, 0, "fs_prefetch."),
+            record_trace=_get(pf, "record_trace", bool, False, "fs_prefetch."),
         )
         if prefetch.threads_count < 0:
             raise ConfigError(f"fs_prefetch.threads_count: must be >= 0, got {prefetch.threads_count}")

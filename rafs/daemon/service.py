@@ -228,6 +228,7 @@ class Nydusd:
                     device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
                     inst = Instance(name if name != "/" else "", tree, device, bootstrap=bootstrap,
                                     config=cfg.raw, enable_xattr=cfg.enable_xattr)
+                    _start_trace(inst, cfg)
                     self.fs.add_instance(inst)
                     record = MountRecord(name, bootstrap, "fusedev", self._target(name))
                     if self.shared:
@@ -247,6 +248,7 @@ class Nydusd:
         device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
         key = "root" if name == "/" else name
         inst = Instance(key, blob_files, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=False)
+        _start_trace(inst, cfg)
         devices = []
         for blob in blob_files.blobs:
             complete = getattr(device, "blob_data_path", lambda i: None)(blob.blob_index)
@@ -336,13 +338,23 @@ class Nydusd:
         self._prefetch_threads.append(t)
 
     async def prefetch(self, mountpoint: str, paths: list[str] | None) -> None:
+        inst = self._instance(mountpoint)
+        self._start_prefetch(inst, DaemonConfig.parse(inst.config), paths, force=True)
+
+    def trace_text(self, mountpoint: str) -> str:
+        """The prefetch trace recorded for one instance (``GET /api/v1/trace``)."""
+        inst = self._instance(mountpoint)
+        if inst.recorder is None:
+            raise NotFound(f"instance {mountpoint} does not record a trace (fs_prefetch.record_trace)")
+        return inst.recorder.text()
+
+    def _instance(self, mountpoint: str) -> Instance:
         name = self._instance_name(mountpoint)
         record = self.records.get(name)
         if record is None:
             raise NotFound(f"no instance mounted at {mountpoint}")
         key = ("root" if name == "/" else name) if record.fs_driver == "erofs" else (name if name != "/" else "")
-        inst = self.fs.instances()[key]
-        self._start_prefetch(inst, DaemonConfig.parse(inst.config), paths, force=True)
+        return self.fs.instances()[key]
 
     # ------------------------------------------------------------------ reporting
 
@@ -415,6 +427,13 @@ class Nydusd:
                 lines.append(f'{metric}{{id="{label}"}} {value}')
         lines += _labelled_storage_metrics(insts, only)
         return "\n".join(lines) + "\n"
+
+
+def _start_trace(inst: Instance, cfg: DaemonConfig) -> None:
+    if cfg.fs_prefetch.record_trace:
+        from rafs.trace import TraceRecorder
+
+        inst.recorder = TraceRecorder(inst.tree)
 
 
 def _pad_to_blocks(path: str, data_end: int, size: int) -> bool:
