@@ -43,6 +43,19 @@ def _prefetch_patterns(arg: str | None) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _prefetch_list(patterns: str | None, trace: str | None) -> tuple[str, ...]:
+    """The layers' prefetch list: ``--prefetch-trace`` (a recorded trace, paths in access
+    order: they also lead the blobs in that order) or ``--prefetch-patterns``."""
+    if trace is None:
+        return _prefetch_patterns(patterns)
+    from rafs.trace import load_trace, trace_paths
+
+    paths = trace_paths(load_trace(trace))
+    if not paths:
+        raise ConvertError(f"--prefetch-trace {trace}: the trace lists no file")
+    return tuple(paths)
+
+
 def _chunk_dict(arg: str | None) -> tuple[str | None, str | None]:
     """``--chunk-dict``: a bootstrap path, also accepted as upstream's ``bootstrap:local:<path>``."""
     if not arg:
@@ -93,9 +106,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="chunk size, a power of two between 0x1000 and 0x1000000")
     conv.add_argument("--chunk-dict", default=None,
                       help="chunk-dict bootstrap (path or bootstrap:local:<path>) for dedup")
-    conv.add_argument("--prefetch-patterns", nargs="?", const="-", default=None,
-                      help="prefetch paths, one a line, from stdin (no value or '-') or a file "
-                           "(default without the flag: '/', the whole image; an empty file: none)")
+    prefetch = conv.add_mutually_exclusive_group()
+    prefetch.add_argument("--prefetch-patterns", nargs="?", const="-", default=None,
+                          help="prefetch paths, one a line, from stdin (no value or '-') or a file "
+                               "(default without the flag: '/', the whole image; an empty file: none)")
+    prefetch.add_argument("--prefetch-trace", default=None, metavar="FILE",
+                          help="a prefetch trace (nydusctl trace): its files become the prefetch "
+                               "table and lead the blobs, in access order")
     conv.add_argument("--push-chunk-size", type=lambda s: int(s, 0), default=0,
                       help="upload blobs in PATCH chunks of this size (0: monolithic)")
     conv.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -122,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             chunk_dict, chunk_dict_digest = _chunk_dict(args.chunk_dict)
             layer = LayerOptions(fs_version=args.fs_version, compressor=args.compressor, chunk_size=size,
                                  chunk_dict=chunk_dict, chunk_dict_digest=chunk_dict_digest,
-                                 prefetch_patterns=_prefetch_patterns(args.prefetch_patterns))
+                                 prefetch_patterns=_prefetch_list(args.prefetch_patterns,
+                                                                   args.prefetch_trace))
             target_ref = args.target or _suffixed(args.source, args.target_suffix)
             opts = ConvertOptions(source=args.source, target=target_ref, work_dir=args.work_dir,
                                   source_insecure=args.source_insecure, target_insecure=args.target_insecure,
