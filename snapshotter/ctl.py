@@ -262,21 +262,40 @@ def trace_sources(root: str) -> list[tuple[str, str, str]]:
     return out
 
 
+def _live_trace(api_sock: str, mountpoint: str, timeout: float) -> str:
+    path = "/api/v1/trace?" + urllib.parse.urlencode({"mountpoint": mountpoint})
+    text = daemon_api_get(api_sock, path, timeout)
+    if not isinstance(text, str):
+        raise CtlError(f"daemon API GET {path}: expected a text trace, got {type(text).__name__}")
+    return text
+
+
+def _trace_from_root(root: str, instance: str | None, timeout: float) -> str:
+    """A mounted instance's trace from its daemon, else the file its daemon wrote when the
+    instance was unmounted (``<root>/traces/<instance>.trace``)."""
+    live = [t for t in trace_sources(root) if instance in (None, t[0])]
+    tdir = os.path.join(root, "traces")
+    saved = sorted(n[:-len(".trace")] for n in (os.listdir(tdir) if os.path.isdir(tdir) else [])
+                   if n.endswith(".trace") and instance in (None, n[:-len(".trace")]))
+    if len(live) == 1:
+        return _live_trace(live[0][1], live[0][2], timeout)
+    if len(live) > 1:
+        raise CtlError("several RAFS instances, choose one with --id: " + ", ".join(t[0] for t in live))
+    if len(saved) > 1:
+        raise CtlError(f"several saved traces in {tdir}, choose one with --id: " + ", ".join(saved))
+    if not saved:
+        raise CtlError(f"no RAFS instance{' ' + instance if instance else ''} in {root}/daemons "
+                       f"and no saved trace in {tdir} (is [prefetch] record_trace on?)")
+    with open(os.path.join(tdir, saved[0] + ".trace"), encoding="utf-8", errors="surrogateescape") as f:
+        return f.read()
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     if args.api_sock:
         api_sock, mountpoint = args.api_sock, "/" + args.id.strip("/") if args.id else "/"
+        text = _live_trace(api_sock, mountpoint, args.timeout)
     else:
-        found = [t for t in trace_sources(args.root) if args.id in (None, t[0])]
-        if not found:
-            raise CtlError(f"no RAFS instance{' ' + args.id if args.id else ''} in {args.root}/daemons")
-        if len(found) > 1:
-            raise CtlError("several RAFS instances, choose one with --id: "
-                           + ", ".join(t[0] for t in found))
-        _, api_sock, mountpoint = found[0]
-    path = "/api/v1/trace?" + urllib.parse.urlencode({"mountpoint": mountpoint})
-    text = daemon_api_get(api_sock, path, args.timeout)
-    if not isinstance(text, str):
-        raise CtlError(f"daemon API GET {path}: expected a text trace, got {type(text).__name__}")
+        text = _trace_from_root(args.root, args.id, args.timeout)
     if args.output:
         tmp = f"{args.output}.tmp.{os.getpid()}"
         with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:

@@ -12,7 +12,8 @@
 ```
 Unknown keys are kept in ``raw`` and ignored, as upstream does. ``fs_prefetch.record_trace`` is
 ours (upstream ignores it): record which files the image's containers read, in order, for
-``GET /api/v1/trace`` (see :mod:`rafs.trace`).
+``GET /api/v1/trace`` (see :mod:`rafs.trace`); ``fs_prefetch.trace_file`` (ours too) is where
+the daemon writes that trace when the instance is unmounted.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class PrefetchConfig:
     merging_size: int = 1 << 20
     bandwidth_rate: int = 0
     record_trace: bool = False  #: record the prefetch trace (reads in first-access order)
+    trace_file: str = ""  #: where the trace is written when the instance is unmounted ("" = not)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,7 @@ class DaemonConfig:
             merging_size=_get(pf, "merging_size", int, 1 << 20, "fs_prefetch."),
             bandwidth_rate=_get(pf, "bandwidth_rate", int, 0, "fs_prefetch."),
             record_trace=_get(pf, "record_trace", bool, False, "fs_prefetch."),
+            trace_file=_get(pf, "trace_file", str, "", "fs_prefetch."),
         )
         if prefetch.threads_count < 0:
             raise ConfigError(f"fs_prefetch.threads_count: must be >= 0, got {prefetch.threads_count}")

@@ -249,6 +249,8 @@ class Nydusd:
         key = "root" if name == "/" else name
         inst = Instance(key, blob_files, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=False)
         _start_trace(inst, cfg)
+        if inst.recorder is not None:  # stat(2) of our own FUSE mount: not on the event loop
+            await trio.to_thread.run_sync(self._blob_files_without_readahead)
         devices = []
         for blob in blob_files.blobs:
             complete = getattr(device, "blob_data_path", lambda i: None)(blob.blob_index)
@@ -271,6 +273,22 @@ class Nydusd:
             raise
         self._start_prefetch(inst, cfg)
         return MountRecord(name, bootstrap, "erofs", target, tuple(devices))
+
+    def _blob_files_without_readahead(self) -> None:
+        """Turn off the kernel's read-ahead on the blob files (``read_ahead_kb`` of the FUSE
+        mount's bdi): then each read of a blob file is a range kernel EROFS asked for (its own
+        read-ahead stays within the image file being read), so a recorded trace names the files
+        a container read, not their neighbours in the blob. Best effort; only while tracing."""
+        if self._fuse_mountpoint is None:
+            return
+        try:
+            dev = os.stat(self._fuse_mountpoint).st_dev
+            path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+            with open(path, "w", encoding="ascii") as f:
+                f.write("0")
+        except OSError as exc:
+            log.warning("cannot turn off read-ahead on the blob files (the trace may name "
+                        "neighbouring files too): %s", exc)
 
     async def umount_instance(self, mountpoint: str) -> None:
         """Unmount one instance (``DELETE /api/v1/mount``); other instances are untouched."""
@@ -295,6 +313,7 @@ class Nydusd:
             if self.shared:
                 await self._invalidate_root_entry(name)
         del self.records[name]
+        await trio.to_thread.run_sync(_save_trace, inst)
         await trio.to_thread.run_sync(inst.close)
         log.info("unmounted %s", record.mountpoint)
 
@@ -320,13 +339,22 @@ class Nydusd:
         if not force and not cfg.fs_prefetch.prefetch_all and not getattr(tree, "prefetch_inos", None):
             return
 
+        # a prefetch table naming files (not just the root: "everything") is an image's start-up
+        # set, e.g. from a recorded trace: the container is about to read exactly these chunks,
+        # in this order, so they go out at once instead of yielding to the reads that need them
+        table = list(getattr(tree, "prefetch_inos", None) or [])
+        startup_set = not paths and bool(table) and table != [getattr(tree, "root_ino", None)]
+
         def work() -> None:
             try:
                 iovecs = inst.prefetch_iovecs(paths)
                 inst.metrics.prefetch_requests += len(iovecs)
                 prefetch = getattr(inst.device, "prefetch", None)
                 if prefetch is not None:
-                    prefetch(iovecs)
+                    if startup_set:
+                        prefetch(iovecs, priority="high")
+                    else:
+                        prefetch(iovecs)
                 else:
                     for iov in iovecs:
                         inst.device.read(iov)
@@ -434,6 +462,36 @@ def _start_trace(inst: Instance, cfg: DaemonConfig) -> None:
         from rafs.trace import TraceRecorder
 
         inst.recorder = TraceRecorder(inst.tree)
+
+
+def _save_trace(inst: Instance) -> None:
+    """Write the instance's trace to ``fs_prefetch.trace_file`` (temp + rename); never raises.
+
+    The first start of an image is what a trace is for: an existing file is kept, and a trace
+    without a file (everything came from the page cache or a complete cache file) is not written.
+    """
+    if inst.recorder is None:
+        return
+    try:
+        path = DaemonConfig.parse(inst.config).fs_prefetch.trace_file
+        if not path or os.path.exists(path):
+            return
+        entries = inst.recorder.entries()
+        if not entries:
+            return
+        from rafs.trace import format_trace
+
+        text = format_trace(entries)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        log.info("prefetch trace of %s written to %s", inst.name or "/", path)
+    except Exception as exc:  # unmounting must go on
+        log.warning("writing the prefetch trace of %s failed: %s", inst.name or "/", exc)
 
 
 def _pad_to_blocks(path: str, data_end: int, size: int) -> bool:
