@@ -254,3 +254,25 @@ def test_tar_stream_that_cannot_seek_keeps_tar_order(tmp_path):
     offsets = _first_offsets(boot)
     assert offsets["/bin/app"] == 0  # first in the tar
     assert _read_all(boot, blob)["/zz/last"] == FILES["zz/last"]
+
+
+def test_nydus_image_create_takes_a_trace_on_stdin(tmp_path):
+    import subprocess
+    import sys
+
+    src = tmp_path / "layer.tar"
+    src.write_bytes(_tar())
+    trace = format_trace([TraceEntry(p, ((0, 1),)) for p in ORDER])
+    boot, blob = str(tmp_path / "c.boot"), str(tmp_path / "c.blob")
+    argv = [sys.executable, "-m", "rafs.cli", "create", "--type", "tar-rafs", "--chunk-size", hex(CHUNK),
+            "--prefetch-policy", "fs", "--bootstrap", boot, "--blob", blob, str(src)]
+    r = subprocess.run(argv, input=trace, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    offsets = _first_offsets(boot)
+    traced = [offsets[p] for p in ORDER]
+    assert traced == sorted(traced) and traced[0] == 0
+    with Rafs.open(boot) as rafs:
+        assert rafs.prefetch_inos == [rafs.lookup_path(p).ino for p in ORDER]
+    r = subprocess.run(argv, input="# nydus prefetch trace v1\n/a\t1+\n", capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "line 2: bad range" in r.stderr
