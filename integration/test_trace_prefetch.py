@@ -3,8 +3,9 @@
 Node 1 (snapshotter with ``[prefetch] record_trace = true``, background prefetch off) runs a
 container of a converted image once; the daemon records which files it read, in order, and
 writes the trace when the image is unmounted; ``nydusctl trace`` exports it. ``nydusify convert
---prefetch-trace`` rebuilds the image: the traced files lead the blobs in access order and form
-the prefetch table. Node 2 (fresh root, default prefetch, no tracing) runs the optimized image:
+--prefetch-trace`` rebuilds the image from its OCI source (the traced files lead each layer's
+blob in access order), or ``nydusify optimize`` rebuilds it from the nydus image (their chunks
+move into one new blob); either way they form the prefetch table. Node 2 (fresh root, default prefetch, no tracing) runs the optimized image:
 a range-logging proxy in front of the registry shows the traced files fetched first, by a few
 large range GETs from the front of the blobs; the container reads correct data; the bytes
 fetched stay close to the traced set.
@@ -82,9 +83,9 @@ def _bootstrap(registry, repo: str, tag: str, tmp_path) -> tuple[str, list[str]]
     return str(path), [lay["digest"] for lay in manifest["layers"][:-1]]
 
 
-@pytest.mark.parametrize("record_driver", ["erofs", "fusedev"])
+@pytest.mark.parametrize("record_driver, rebuild", [("erofs", "convert"), ("fusedev", "optimize")])
 def test_recorded_trace_makes_an_image_that_fetches_its_startup_set_first(
-        registry, snapshotter_factory, containerd_factory, tmp_path, record_driver) -> None:
+        registry, snapshotter_factory, containerd_factory, tmp_path, record_driver, rebuild) -> None:
     from integration.conftest import need_containerd_stack
 
     need_containerd_stack()
@@ -125,9 +126,19 @@ def test_recorded_trace_makes_an_image_that_fetches_its_startup_set_first(
 
         # ---- rebuild with the trace
         opt = f"{registry.host}/test/app:v1-opt"
-        assert nydusify(["convert", "--source", src.ref, "--target", opt, "--source-insecure",
-                         "--target-insecure", "--work-dir", work, "--no-progress",
-                         "--prefetch-trace", str(trace_file)]) == 0
+        if rebuild == "convert":  # from the OCI source: traced files lead every layer's blob
+            assert nydusify(["convert", "--source", src.ref, "--target", opt, "--source-insecure",
+                             "--target-insecure", "--work-dir", work, "--no-progress",
+                             "--prefetch-trace", str(trace_file)]) == 0
+        else:  # from the nydus image: the traced files' chunks move into one new blob
+            mark = registry.log_mark()
+            assert nydusify(["optimize", "--source", plain, "--target", opt, "--source-insecure",
+                             "--target-insecure", "--work-dir", work, "--no-progress",
+                             "--prefetch-files", str(trace_file)]) == 0
+            pushed = [e for e in registry.access_log()[mark:] if e.method in ("PUT", "POST", "PATCH")]
+            assert len({e.path for e in pushed if e.method == "PUT" and "/blobs/" in e.path}) <= 3, pushed
+        assert nydusify(["check", "--source", src.ref, "--target", opt, "--source-insecure",
+                         "--target-insecure"]) == 0
         boot, blob_digests = _bootstrap(registry, "test/app", "v1-opt", tmp_path)
         traced: dict[str, list[tuple[int, int]]] = {}  # blob id -> compressed ranges, trace order
         data_end: dict[str, int] = {}  # blob id -> end of its chunk data (CI table etc. follow)
@@ -181,7 +192,7 @@ def test_recorded_trace_makes_an_image_that_fetches_its_startup_set_first(
             pos = max(pos, hi + 1)
         assert pos >= front
         # ... and the node fetched little beyond them (metadata, CI tables, amplification tail)
-        print(f"\n[{record_driver}] traced {len(paths)} files, {traced_bytes} compressed bytes; "
+        print(f"\n[{record_driver}, {rebuild}] traced {len(paths)} files, {traced_bytes} compressed bytes; "
               f"node 2 fetched {fetched} bytes in {len(gets)} blob GETs, {ranged_before} bytes "
               f"requested before the first output; "
               f"start-up set of the data blob in {len(startup_gets)} GETs; "

@@ -276,3 +276,55 @@ def test_nydus_image_create_takes_a_trace_on_stdin(tmp_path):
     r = subprocess.run(argv, input="# nydus prefetch trace v1\n/a\t1+\n", capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "line 2: bad range" in r.stderr
+
+
+# ---------------------------------------------------------------------- nydusify optimize
+
+
+def test_optimize_rebuild_moves_the_startup_set_into_a_new_leading_blob(image, tmp_path):
+    from rafs._blobfile import LocalBlobs
+    from rafs.convert.optimize import rebuild
+
+    boot, blob = image
+    with Rafs.open(boot) as rafs:
+        old_id = rafs.blobs[0].blob_id
+    blob_dir = tmp_path / "blobs"
+    blob_dir.mkdir()
+    os.link(blob, blob_dir / old_id)
+    reads: list[tuple[int, int]] = []
+
+    def read_range(blob_id: str, offset: int, size: int) -> bytes:
+        assert blob_id == old_id
+        reads.append((offset, size))
+        with open(blob, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    paths = ["/zz/last", "/share/doc", "/bin/app", "/lib/dup.so", "/nope"]
+    work = tmp_path / "work"
+    work.mkdir()
+    built = rebuild(boot, paths, str(work), read_range, merging_size=1 << 20)
+    assert built.startup_files == 4 and built.blob_ids == [old_id, built.new_blob_id]
+    assert len(reads) <= 3  # merged range reads, not one per chunk
+    os.link(built.new_blob, blob_dir / built.new_blob_id)
+    with Rafs.open(built.bootstrap) as rafs:
+        assert rafs.prefetch_inos == [rafs.lookup_path(p).ino for p in paths[:4]]
+        order = ["/zz/last", "/share/doc/readme", "/bin/app", "/lib/dup.so"]
+        firsts = []
+        for p in order:
+            descs = list(rafs.lookup_path(p).chunks(0, len(FILES[p[1:]])))
+            assert {d.chunk.blob_index for d in descs} == {1}, p
+            firsts.append(descs[0].chunk.compressed_offset)
+        assert firsts == sorted(firsts) and firsts[0] == 0
+        assert {d.chunk.blob_index for d in rafs.lookup_path("/etc/conf").chunks(0, 50)} == {0}
+        with LocalBlobs(list(rafs.blobs), blob_dir=str(blob_dir)) as blobs:
+            for rel, data in FILES.items():
+                assert b"".join(blobs.iter_file(rafs.lookup_path("/" + rel))) == data, rel
+
+
+def test_optimize_rebuild_rejects_a_trace_of_another_image(image, tmp_path):
+    from rafs.convert.errors import ConvertError
+    from rafs.convert.optimize import rebuild
+
+    with pytest.raises(ConvertError, match="no file of the prefetch list"):
+        rebuild(image[0], ["/not/here"], str(tmp_path), lambda *a: b"")
