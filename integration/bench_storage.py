@@ -24,7 +24,8 @@ from integration.storage_registry import LocalRegistry
 from storage.backend.config import backend_from_config
 from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
-from storage.device import BlobDevice, Compressor
+from storage.device import BlobDevice
+from storage.records import Compressor
 from tests.storage_blobs import make_blob
 
 REPO = "bench/storage"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from rafs.errors import RafsError
+from storage.atomic import atomic_write
 from storage.errors import StorageError
 
 
@@ -50,10 +50,7 @@ def _write_json(data: dict, path: str | None) -> None:
     if path in (None, "-"):
         print(text)
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, text + "\n")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from rafs._blobfile import LocalBlobs
 from rafs.errors import RafsError
 from rafs.metadata import Inode, Rafs
+from storage.atomic import atomic_open
 
 
 @dataclass
@@ -160,64 +161,55 @@ def unpack_tar(fs: Rafs, blobs: LocalBlobs, output: str) -> UnpackReport:
     output = os.path.abspath(output)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".unpack-", suffix=".tar", dir=parent)
-    os.close(fd)
     report = UnpackReport()
     links: dict[int, str] = {}
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
-            for path, node in fs.walk():
-                report.entries += 1
-                a = node.attr()
-                name = "." if path == "/" else "." + path
-                ti = tarfile.TarInfo(name)
-                ti.mode = stat.S_IMODE(a.mode)
-                ti.uid, ti.gid = a.uid, a.gid
-                ti.mtime = a.mtime + a.mtime_nsec / 1e9 if a.mtime_nsec else a.mtime
-                pax = {}
-                for k, v in node.xattrs().items():
-                    pax["SCHILY.xattr." + k.decode("utf-8", "surrogateescape")] = v.decode(
-                        "utf-8", "surrogateescape"
-                    )
-                if a.mtime_nsec:
-                    pax["mtime"] = f"{a.mtime}.{a.mtime_nsec:09d}"
-                ti.pax_headers = pax
-                fmt = stat.S_IFMT(a.mode)
-                data = None
-                key = node.hardlink_key
-                if key is not None and key in links:
-                    ti.type = tarfile.LNKTYPE
-                    ti.linkname = links[key]
-                    report.hardlinks += 1
-                elif fmt == stat.S_IFDIR:
-                    ti.type = tarfile.DIRTYPE
-                elif fmt == stat.S_IFREG:
-                    ti.type = tarfile.REGTYPE
-                    ti.size = a.size
-                    data = io.BufferedReader(_ChunkStream(blobs, node), 1 << 20)
-                    report.files += 1
-                    report.bytes += a.size
-                    if key is not None:
-                        links[key] = name
-                elif fmt == stat.S_IFLNK:
-                    ti.type = tarfile.SYMTYPE
-                    ti.linkname = os.fsdecode(node.readlink())
-                elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
-                    ti.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
-                    ti.devmajor, ti.devminor = os.major(a.rdev), os.minor(a.rdev)
-                elif fmt == stat.S_IFIFO:
-                    ti.type = tarfile.FIFOTYPE
-                else:
-                    _warn(report, f"{path}: sockets cannot be stored in tar; skipped")
-                    continue
-                tf.addfile(ti, data)
-        os.rename(tmp, output)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(output, "wb", perms=0o600) as out, \
+            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for path, node in fs.walk():
+            report.entries += 1
+            a = node.attr()
+            name = "." if path == "/" else "." + path
+            ti = tarfile.TarInfo(name)
+            ti.mode = stat.S_IMODE(a.mode)
+            ti.uid, ti.gid = a.uid, a.gid
+            ti.mtime = a.mtime + a.mtime_nsec / 1e9 if a.mtime_nsec else a.mtime
+            pax = {}
+            for k, v in node.xattrs().items():
+                pax["SCHILY.xattr." + k.decode("utf-8", "surrogateescape")] = v.decode(
+                    "utf-8", "surrogateescape"
+                )
+            if a.mtime_nsec:
+                pax["mtime"] = f"{a.mtime}.{a.mtime_nsec:09d}"
+            ti.pax_headers = pax
+            fmt = stat.S_IFMT(a.mode)
+            data = None
+            key = node.hardlink_key
+            if key is not None and key in links:
+                ti.type = tarfile.LNKTYPE
+                ti.linkname = links[key]
+                report.hardlinks += 1
+            elif fmt == stat.S_IFDIR:
+                ti.type = tarfile.DIRTYPE
+            elif fmt == stat.S_IFREG:
+                ti.type = tarfile.REGTYPE
+                ti.size = a.size
+                data = io.BufferedReader(_ChunkStream(blobs, node), 1 << 20)
+                report.files += 1
+                report.bytes += a.size
+                if key is not None:
+                    links[key] = name
+            elif fmt == stat.S_IFLNK:
+                ti.type = tarfile.SYMTYPE
+                ti.linkname = os.fsdecode(node.readlink())
+            elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+                ti.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
+                ti.devmajor, ti.devminor = os.major(a.rdev), os.minor(a.rdev)
+            elif fmt == stat.S_IFIFO:
+                ti.type = tarfile.FIFOTYPE
+            else:
+                _warn(report, f"{path}: sockets cannot be stored in tar; skipped")
+                continue
+            tf.addfile(ti, data)
     return report
 
 

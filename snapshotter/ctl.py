@@ -297,10 +297,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     else:
         text = _trace_from_root(args.root, args.id, args.timeout)
     if args.output:
-        tmp = f"{args.output}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(text)
-        os.replace(tmp, args.output)
+        from storage.atomic import atomic_write
+
+        atomic_write(args.output, text.encode("utf-8", "surrogateescape"))
     else:
         sys.stdout.flush()
         sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))

@@ -10,8 +10,8 @@ import stat
 import tarfile
 
 from storage.compress import decompress
-from storage.device import BlobIoVec, Compressor
 from storage.digest import digest
+from storage.records import BlobIoVec, Compressor
 
 TEXTURE = "dragonflyoss-nydus/tests/texture"
 SNAP = "containerd-nydus-snapshotter/pkg/filesystem/testdata"

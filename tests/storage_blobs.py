@@ -8,8 +8,8 @@ import random
 from dataclasses import dataclass
 
 from storage.compress import compress
-from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkFlags, ChunkInfo, Compressor, Digester
 from storage.digest import digest
+from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkFlags, ChunkInfo, Compressor, Digester
 
 
 @dataclass

@@ -12,7 +12,7 @@ import pytest
 
 from rafs.builder import BuildOptions, build
 from rafs.builder.merge import merge
-from storage.device import Compressor
+from storage.records import Compressor
 from tests.builder_helpers import CHUNK, make_tree, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ import pytest
 
 from rafs.errors import FormatError, NotADirectory, NotFound, RafsError
 from rafs.metadata import InodeAttr, Rafs
-from storage.device import BlobIoVec, Compressor, Digester
+from storage.records import BlobIoVec, Compressor, Digester
 from tests._rafs_util import TEXTURE, extract_boot, flatten_tree, parse_result, read_iovec, rich_tree
 
 V5_BLOB = "7334a2594e133cf8ae364189c2276b090fc490c627bcc3fb1077f0419a538e00"
@@ -445,7 +445,7 @@ def test_concurrent_readers_agree(boots):
     """Many threads sharing one Rafs (as the FUSE daemon does) see the same tree and chunks."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import rafs.metadata as md
+    import rafs.base as md
 
     def snapshot(fs):
         out = []

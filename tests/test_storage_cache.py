@@ -19,8 +19,9 @@ from storage.cache.state import (
     IndexedChunkMap,
     NoopChunkMap,
 )
-from storage.device import BlobDevice, BlobIoDesc, BlobIoVec, Compressor, Digester
+from storage.device import BlobDevice
 from storage.errors import BackendError, CacheError, ChunkDigestMismatch, TransientBackendError
+from storage.records import BlobIoDesc, BlobIoVec, Compressor, Digester
 from tests.storage_blobs import make_blob
 
 

@@ -12,8 +12,9 @@ import time
 from storage.backend.memory import MemoryBackend
 from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
-from storage.device import BlobDevice, Compressor
+from storage.device import BlobDevice
 from storage.prefetch import PrefetchConfig
+from storage.records import Compressor
 from tests.storage_blobs import make_blob
 
 

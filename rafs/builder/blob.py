@@ -24,7 +24,6 @@ from typing import BinaryIO, Callable
 import zstandard
 
 from storage.compress import ZSTD_LEVEL, compress
-from storage.device import BlobFeatures, BlobInfo, ChunkFlags, ChunkInfo, Compressor, Digester
 from storage.digest import digest as compute_digest
 from storage.meta.blob_meta import BlobMeta
 from storage.meta.chunk_info import BlobChunk
@@ -39,6 +38,7 @@ from storage.meta.toc import (
     TocFlags,
     tar_header,
 )
+from storage.records import BlobFeatures, BlobInfo, ChunkFlags, ChunkInfo, Compressor, Digester
 from rafs.builder.tree import ChunkRef, Inode
 from rafs.errors import BuildError
 

@@ -16,7 +16,8 @@ from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
 from rafs.builder.source import open_layer, spool_tar_files, walk_directory, walk_tar
 from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer
 from rafs.errors import BuildError
-from storage.device import BlobInfo, Compressor, Digester
+from storage.atomic import atomic_write
+from storage.records import BlobInfo, Compressor, Digester
 
 SOURCE_TYPES = ("dir-rafs", "tar-rafs", "targz-rafs")
 #: upstream spellings accepted for --type/--source-type
@@ -64,17 +65,6 @@ class BuildResult:
     bytes_in: int
     #: seconds per phase (upstream's ``trace`` in the output JSON)
     trace: dict[str, float] = field(default_factory=dict)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-bootstrap.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
 
 
 def _unlink(path: str) -> None:
@@ -290,7 +280,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         trace["dump_bootstrap"] = time.perf_counter() - t1
         if bootstrap_out is None:
             bootstrap_out = os.path.join(blob_dir, hashlib.sha256(boot).hexdigest())  # type: ignore[arg-type]
-        _atomic_write(bootstrap_out, boot)
+        atomic_write(bootstrap_out, boot, perms=0o600)
         used = _blob_ids_of(boot)
         trace["total_build"] = time.perf_counter() - t0
         return BuildResult(bootstrap_out, used, info if has_blob else None, blob_path, chunker.bytes_in,

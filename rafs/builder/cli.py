@@ -12,8 +12,8 @@ import json
 import sys
 
 from rafs.errors import RafsError
-from storage.device import Compressor, Digester
 from storage.errors import StorageError
+from storage.records import Compressor, Digester
 
 VERSION = "pynydus-0.1.0"
 _COMPRESSORS = {"none": Compressor.NONE, "lz4_block": Compressor.LZ4_BLOCK, "zstd": Compressor.ZSTD}

@@ -22,6 +22,8 @@ from typing import BinaryIO
 
 import zstandard
 
+from storage.atomic import atomic_open
+
 from .errors import ConvertError, SourceError
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -148,30 +150,24 @@ def fetch_layer_tar(stream: BinaryIO, source_digest: str, tar_out: str,
     compressed = hashlib.sha256()
     uncompressed = hashlib.sha256()
     decoder: _Decoder | None = None
-    tmp = tar_out + ".partial"
-    try:
-        with open(tmp, "wb") as out:
-            while chunk := stream.read(1 << 20):
-                compressed.update(chunk)
-                if progress:
-                    progress(len(chunk))
-                if decoder is None:
-                    decoder = _Decoder(detect_compression(chunk))
-                try:
-                    data = decoder.feed(chunk)
-                except (zlib.error, zstandard.ZstdError) as exc:
-                    raise SourceError(f"layer {source_digest}: cannot decompress: {exc}") from exc
-                uncompressed.update(data)
-                out.write(data)
-            if decoder is not None:
-                decoder.finish()
+    with atomic_open(tar_out, "wb") as out:  # a bad stream leaves tar_out as it was
+        while chunk := stream.read(1 << 20):
+            compressed.update(chunk)
+            if progress:
+                progress(len(chunk))
+            if decoder is None:
+                decoder = _Decoder(detect_compression(chunk))
+            try:
+                data = decoder.feed(chunk)
+            except (zlib.error, zstandard.ZstdError) as exc:
+                raise SourceError(f"layer {source_digest}: cannot decompress: {exc}") from exc
+            uncompressed.update(data)
+            out.write(data)
+        if decoder is not None:
+            decoder.finish()
         actual = "sha256:" + compressed.hexdigest()
         if actual != source_digest:
             raise SourceError(f"layer {source_digest}: downloaded content has digest {actual}")
-        os.replace(tmp, tar_out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return "sha256:" + uncompressed.hexdigest()
 
 
@@ -213,7 +209,7 @@ def convert_layer(work_dir: str, source_digest: str, open_stream: Callable[[], B
 
 def _build_options(options: LayerOptions, chunk_dict: str | None, whiteout_spec: str):  # noqa: ANN202
     from rafs.builder import BuildOptions
-    from storage.device import Compressor
+    from storage.records import Compressor
 
     compressors = {"zstd": Compressor.ZSTD, "lz4_block": Compressor.LZ4_BLOCK, "none": Compressor.NONE}
     if options.compressor not in compressors:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rafs.errors import RafsError
+from storage.atomic import atomic_write
 
 from .bootstrap_layer import BOOTSTRAP_DIR, extract_bootstrap, pack_bootstrap_layer
 from .converter import ConvertedManifest, ConvertResult
@@ -189,7 +190,7 @@ def rebuild(bootstrap: str, paths: list[str], work: str, read_range: Any, mergin
     table = ``paths``. ``read_range(blob_id, offset, size) -> bytes`` reads a source blob."""
     from rafs.builder.blob import BlobRecord, BlobWriter, ChunkStore
     from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
-    from rafs.builder.build import _atomic_write, _blob_ids_of
+    from rafs.builder.build import _blob_ids_of
     from rafs.builder.loader import load_bootstrap
     from rafs.builder.tree import ChunkRef, Tree
     from rafs.errors import BuildError
@@ -242,7 +243,7 @@ def rebuild(bootstrap: str, paths: list[str], work: str, read_range: Any, mergin
                             digester=loaded.digester, prefetch=list(paths))
     out = os.path.join(work, "image.boot")
     boot = write_bootstrap(loaded.tree, store, opts)
-    _atomic_write(out, boot)
+    atomic_write(out, boot)
     meta = os.path.join(work, f"{info.blob_id}.blob.meta")
     write_blob_meta(new_blob, info, meta)
     return Rebuilt(out, _blob_ids_of(boot), info.blob_id, new_blob, meta, len(nodes),

@@ -8,27 +8,30 @@ the cache and prefetch configs.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Iterable, Sequence
 
 from rafs.daemon.config import DaemonConfig
 from rafs.errors import ConfigError
-from storage.device import BlobInfo
+from storage.cache.base import BlobCacheManager
+from storage.device import BlobDevice, BlobReadDevice
+from storage.records import BlobInfo, BlobIoDesc
 
 
-class OwnedDevice:
+class OwnedDevice(BlobReadDevice):
     """A ``BlobDevice`` that also closes its cache manager (and so the backend) on close."""
 
-    def __init__(self, device: Any, factory: Any) -> None:
+    def __init__(self, device: BlobDevice, factory: BlobCacheManager) -> None:
         self._device = device
         self._factory = factory
-        self.read = device.read
-        self.prefetch = device.prefetch
+        self.metrics = device.metrics
+        self.read = device.read  # type: ignore[method-assign]  # bound once: the hot path
+        self.read_ready = device.read_ready  # type: ignore[method-assign]
+
+    def prefetch(self, iovecs: Iterable[Sequence[BlobIoDesc]], *, priority: str = "low") -> None:
+        self._device.prefetch(iovecs, priority=priority)
 
     def blob_data_path(self, blob_index: int) -> str | None:
         return self._device.blob_data_path(blob_index)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._device, name)
 
     def close(self) -> None:
         try:
@@ -41,7 +44,6 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
     """The device reading ``blobs`` through the configured backend and cache."""
     from storage.backend.config import backend_from_config
     from storage.cache import CacheConfig, FileCacheManager, NoCacheManager
-    from storage.device import BlobDevice
     from storage.errors import StorageError
     from storage.prefetch import PrefetchConfig
 

@@ -35,6 +35,7 @@ from rafs import erofs
 from rafs.daemon.api import ApiError, DaemonClient
 from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
 from rafs.fs.session import is_stale_mount
+from storage.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,8 @@ class DaemonRecord:
 
 def _write_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

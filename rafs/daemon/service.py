@@ -29,6 +29,7 @@ from rafs.errors import ConfigError, MountError, NotFound, RafsError, Unsupporte
 from rafs.fs import session
 from rafs.fs.instance import BlobFiles, Instance
 from rafs.fs.ops import RafsFs, no_open_unsupported_reason
+from storage.device import BlobReadDevice
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Opener(Protocol):
 
     def open_tree(self, bootstrap: str) -> Any: ...
 
-    def open_device(self, blobs: list[Any], config: DaemonConfig) -> Any: ...
+    def open_device(self, blobs: list[Any], config: DaemonConfig) -> BlobReadDevice: ...
 
 
 class StorageOpener:
@@ -61,7 +62,7 @@ class StorageOpener:
 
         return Rafs.open(bootstrap)
 
-    def open_device(self, blobs: list[Any], config: DaemonConfig) -> Any:
+    def open_device(self, blobs: list[Any], config: DaemonConfig) -> BlobReadDevice:
         from rafs.daemon.device import build_device
 
         return build_device(blobs, config)
@@ -253,7 +254,7 @@ class Nydusd:
             await trio.to_thread.run_sync(self._blob_files_without_readahead)
         devices = []
         for blob in blob_files.blobs:
-            complete = getattr(device, "blob_data_path", lambda i: None)(blob.blob_index)
+            complete = device.blob_data_path(blob.blob_index)
             if complete and _pad_to_blocks(complete, blob_files.data_end(blob.blob_index),
                                            blob_files.data_size(blob.blob_index)):
                 devices.append(complete)
@@ -349,15 +350,10 @@ class Nydusd:
             try:
                 iovecs = inst.prefetch_iovecs(paths)
                 inst.metrics.prefetch_requests += len(iovecs)
-                prefetch = getattr(inst.device, "prefetch", None)
-                if prefetch is not None:
-                    if startup_set:
-                        prefetch(iovecs, priority="high")
-                    else:
-                        prefetch(iovecs)
+                if startup_set:
+                    inst.device.prefetch(iovecs, priority="high")
                 else:
-                    for iov in iovecs:
-                        inst.device.read(iov)
+                    inst.device.prefetch(iovecs)
             except Exception as exc:
                 log.warning("prefetch of %s failed: %s: %s", inst.name or "/", type(exc).__name__, exc)
 
@@ -481,14 +477,10 @@ def _save_trace(inst: Instance) -> None:
             return
         from rafs.trace import format_trace
 
-        text = format_trace(entries)
+        from storage.atomic import atomic_write
+
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, format_trace(entries).encode("utf-8", "surrogateescape"))
         log.info("prefetch trace of %s written to %s", inst.name or "/", path)
     except Exception as exc:  # unmounting must go on
         log.warning("writing the prefetch trace of %s failed: %s", inst.name or "/", exc)
@@ -518,11 +510,7 @@ def _labelled_storage_metrics(insts: dict[str, Instance], only: str | None) -> l
         label = "/" + key if key not in ("", "root") else "/"
         if only and only != label:
             continue
-        metrics = getattr(inst.device, "metrics", None)
-        render = getattr(metrics, "render", None)
-        if render is None:
-            continue
-        text = render()
+        text = inst.device.metrics.render()
         family = ""
         for line in (text if isinstance(text, str) else "\n".join(text)).splitlines():
             if line.startswith("# "):

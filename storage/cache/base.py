@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from storage.backend.base import BlobBackend, BlobReader
 from storage.compress import decompress
-from storage.device import BlobInfo, BlobIoDesc, ChunkInfo
 from storage.digest import digest
 from storage.errors import ChunkDigestMismatch, DecompressError, StorageError
 from storage.metrics import StorageMetrics
+from storage.records import BlobInfo, BlobIoDesc, ChunkInfo
 
 
 @dataclass(frozen=True, slots=True)

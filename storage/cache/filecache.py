@@ -29,11 +29,11 @@ from collections.abc import Callable, Iterable, Sequence
 from storage.backend.base import BlobBackend, BlobReader
 from storage.cache.base import BlobCache, BlobCacheManager, CacheConfig, merge_runs
 from storage.cache.state import ChunkState, IndexedChunkMap
-from storage.device import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
 from storage.errors import BlobRangeError, CacheError, MetaFormatError, StorageError
 from storage.meta.blob_meta import BlobMeta, load_blob_meta_file, load_from_blob, write_blob_meta_file
 from storage.meta.header import BLOB_CCT_HEADER_SIZE
 from storage.metrics import StorageMetrics
+from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ import threading
 from collections.abc import Iterable
 from typing import Protocol
 
+from storage.atomic import atomic_write
 from storage.errors import CacheError, MetaFormatError
 from storage.meta.chunk_map import (  # noqa: F401 - re-exported for callers of this module
     CHUNK_MAP_ALL_READY,
@@ -203,12 +204,7 @@ class IndexedChunkMap(_PendingMap):
                     raise CacheError(f"{path}: corrupt chunk map: size {size}, expected {expected}")
                 return fd
             os.close(fd)  # empty or all-zero header: a crash while creating; start fresh
-        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(self._fresh(self.chunk_count))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, self._fresh(self.chunk_count))
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
 
     def _is_ready(self, index: int) -> bool:
