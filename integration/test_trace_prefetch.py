@@ -120,9 +120,10 @@ def test_recorded_trace_makes_an_image_that_fetches_its_startup_set_first(
         for e in entries:
             if e.path in STARTUP:
                 assert e.ranges == ((0, FILE_SIZE),), e
-        # nothing much beyond: kernel read-ahead may touch a neighbour, not the image
+        # and nothing else of /data: not the neighbours in the blob that kernel read-ahead on
+        # the blob files would pull in under erofs (the daemon turns it off while tracing)
         extra = [p for p in paths if p.startswith("/data/") and p not in STARTUP]
-        assert len(extra) <= len(STARTUP), extra
+        assert extra == [], extra
 
         # ---- rebuild with the trace
         opt = f"{registry.host}/test/app:v1-opt"
@@ -197,6 +198,11 @@ def test_recorded_trace_makes_an_image_that_fetches_its_startup_set_first(
               f"requested before the first output; "
               f"start-up set of the data blob in {len(startup_gets)} GETs; "
               f"image data {sum(len(f.data) for f in FILES.values())} bytes")
-        assert ranged_before <= 1.3 * traced_bytes + (1 << 20), (ranged_before, traced_bytes)
+        slack = 1 << 20  # CI tables, bootstrap layer, the last partial run
+        if rebuild == "convert":
+            # the rest of the data layer follows its start-up part in the same blob, and the
+            # storage layer's sequential read-ahead (a 4 MiB window) runs on into it
+            slack += 4 << 20
+        assert ranged_before <= 1.3 * traced_bytes + slack, (ranged_before, traced_bytes)
     finally:
         proxy.close()

@@ -105,6 +105,7 @@ class Nydusd:
         self._cancel: trio.CancelScope | None = None
         self._lock = trio.Lock()
         self._prefetch_threads: list[threading.Thread] = []
+        self._saved_readahead: tuple[str, str] | None = None  #: (sysfs path, value) while tracing
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -279,17 +280,35 @@ class Nydusd:
         """Turn off the kernel's read-ahead on the blob files (``read_ahead_kb`` of the FUSE
         mount's bdi): then each read of a blob file is a range kernel EROFS asked for (its own
         read-ahead stays within the image file being read), so a recorded trace names the files
-        a container read, not their neighbours in the blob. Best effort; only while tracing."""
-        if self._fuse_mountpoint is None:
+        a container read, not their neighbours in the blob. Best effort; only while an instance
+        records (:meth:`_restore_readahead` puts the old value back)."""
+        if self._fuse_mountpoint is None or self._saved_readahead is not None:
             return
         try:
             dev = os.stat(self._fuse_mountpoint).st_dev
             path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+            with open(path, encoding="ascii") as f:
+                old = f.read().strip()
             with open(path, "w", encoding="ascii") as f:
                 f.write("0")
+            self._saved_readahead = (path, old)
         except OSError as exc:
             log.warning("cannot turn off read-ahead on the blob files (the trace may name "
                         "neighbouring files too): %s", exc)
+
+    def _restore_readahead(self) -> None:
+        """Put the blob files' read-ahead back once no erofs instance records a trace."""
+        if self._saved_readahead is None or any(
+                getattr(inst, "recorder", None) is not None and isinstance(inst.tree, BlobFiles)
+                for inst in (self.fs.instances().values() if self.fs else ())):
+            return
+        path, old = self._saved_readahead
+        self._saved_readahead = None
+        try:
+            with open(path, "w", encoding="ascii") as f:
+                f.write(old)
+        except OSError as exc:
+            log.warning("cannot restore read-ahead on the blob files: %s", exc)
 
     async def umount_instance(self, mountpoint: str) -> None:
         """Unmount one instance (``DELETE /api/v1/mount``); other instances are untouched."""
@@ -315,6 +334,8 @@ class Nydusd:
                 await self._invalidate_root_entry(name)
         del self.records[name]
         await trio.to_thread.run_sync(_save_trace, inst)
+        if inst.recorder is not None:
+            self._restore_readahead()
         await trio.to_thread.run_sync(inst.close)
         log.info("unmounted %s", record.mountpoint)
 
