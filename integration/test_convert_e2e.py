@@ -19,21 +19,9 @@ from rafs.convert.cli import main as nydusify
 from rafs.convert.converter import ConvertOptions, convert
 from rafs.convert.errors import CheckError
 
-builder = pytest.importorskip("rafs.builder", reason="rafs.builder (the RAFS builder) has not landed")
-
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
-
-def _reader_available() -> bool:
-    try:
-        import rafs.metadata  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_reader = pytest.mark.skipif(not _reader_available(), reason="rafs.metadata (the reader) has not landed")
 
 
 
@@ -224,7 +212,6 @@ def test_multi_platform_index(registry, tmp_path):
     assert config["architecture"] == "arm64"
 
 
-@needs_reader
 def test_check_passes_for_all_source_kinds(registry, tmp_path):
     image = ci.build_image()
     ci.push_image(registry, "src/app", "v1", image)
@@ -240,7 +227,6 @@ def test_check_passes_for_all_source_kinds(registry, tmp_path):
                          "--target-insecure"]) == 0
 
 
-@needs_reader
 def test_check_finds_differences(registry, tmp_path):
     ci.push_image(registry, "src/app", "v1", ci.build_image())
     other = ci.sample_layers()
@@ -256,7 +242,6 @@ def test_check_finds_differences(registry, tmp_path):
         check(None, f"{registry.host}/src/app:v1", target_insecure=True)
 
 
-@needs_reader
 def test_bootstrap_tree_and_prefetch(registry, tmp_path):
     from rafs.metadata import Rafs
 
@@ -282,7 +267,6 @@ def test_bootstrap_tree_and_prefetch(registry, tmp_path):
         assert rafs.lookup_path("/bin/busybox").ino in prefetch
 
 
-@needs_reader
 def test_chunk_dict_reuses_blobs(registry, tmp_path):
     ci.push_image(registry, "src/app", "v1", ci.build_image())
     work = str(tmp_path / "w")

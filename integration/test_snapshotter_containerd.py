@@ -79,15 +79,13 @@ def run_detached(cd, ref: str, cid: str, *cmd: str, namespace: str) -> None:
 
 
 def vector_bootstrap(vectors_dir) -> bytes:
-    boot = vectors_dir / "dragonflyoss-nydus" / "tests" / "texture" / "bootstrap" / "rafs-v6-2.2.boot"
-    if not boot.is_file():
-        pytest.skip("bootstrap vector missing")
-    return boot.read_bytes()
+    return (vectors_dir / "dragonflyoss-nydus" / "tests" / "texture" / "bootstrap" / "rafs-v6-2.2.boot").read_bytes()
 
 
 def built_nydus_image(tmp: pathlib.Path, text: bytes):
     """A real nydus image made by this project's builder from a busybox rootfs: (Image, blob)."""
-    builder = pytest.importorskip("rafs.builder", reason="rafs.builder not available")
+    from rafs import builder
+
     root = tmp / "rootfs"
     for d in ("bin", "etc", "tmp"):
         (root / d).mkdir(parents=True)
@@ -101,14 +99,6 @@ def built_nydus_image(tmp: pathlib.Path, text: bytes):
     blob = (tmp / "blob").read_bytes()
     assert res.blob_ids == [hashlib.sha256(blob).hexdigest()], "builder blob id must be the blob's sha256"
     return nydus_image((tmp / "image.boot").read_bytes(), [blob]), blob
-
-
-def manager_available() -> bool:
-    try:
-        import rafs.daemon.manager  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------- plain OCI images
@@ -175,15 +165,9 @@ def test_cri_pull_of_built_nydus_image(stack, tmp_path):
     assert reg.blob_fetches(blob_digest) == [], "containerd downloaded the nydus data blob"
     data = [i for i in snapshots(sn) if i.labels.get(BLOB_LABEL) == "true"]
     assert [i.labels["containerd.io/snapshot/cri.layer-digest"] for i in data] == [blob_digest]
-    if not manager_available():
-        # without the RAFS daemon manager a container cannot start: the error says exactly why
-        p = cd.run(image.ref, ["/bin/true"], snapshotter=SNAPSHOTTER, namespace="k8s.io", check=False)
-        assert p.returncode != 0 and "rafs.daemon.manager" in p.stderr and "unavailable" in p.stderr, p.stderr
 
 
 def test_run_built_nydus_image_lazily_shared_instance_and_kill9(stack, tmp_path):
-    if not manager_available():
-        pytest.skip("rafs.daemon.manager (the RAFS daemon manager) is not on this checkout")
     reg, sn, cd = stack
     img, blob = built_nydus_image(tmp_path, b"hello from a nydus image\n")
     image = img.push(reg, "test/built", "v2")
@@ -286,8 +270,6 @@ def _mounts_under(path: str) -> list[str]:
                                                    ("shared", "erofs")])
 def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, containerd_factory, tmp_path,
                                                daemon_mode, fs_driver):
-    if not manager_available():
-        pytest.skip("rafs.daemon.manager (the RAFS daemon manager) is not on this checkout")
     from integration.conftest import snapshotter_config_for
 
     cfg = snapshotter_config_for(registry)
@@ -377,8 +359,6 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
 @pytest.mark.parametrize("source", ["config", "docker_config"])
 def test_lazy_run_from_registry_with_auth(registry_factory, snapshotter_factory, containerd_factory, tmp_path,
                                           source):
-    if not manager_available():
-        pytest.skip("rafs.daemon.manager (the RAFS daemon manager) is not on this checkout")
     from integration.conftest import snapshotter_config_for
 
     reg = registry_factory(users={"alice": "s3cret"})

@@ -10,7 +10,8 @@ import pytest
 
 from integration.storage_registry import REGISTRY_BIN, FaultProxy, LocalRegistry, TokenIssuer, free_port
 from storage.backend.config import backend_from_config
-from storage.backend.registry import RegistryClient, Credentials
+from storage.backend.credentials import Credentials
+from storage.backend.registry import RegistryClient
 from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
 from storage.device import BlobDevice

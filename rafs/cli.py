@@ -175,12 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nydus-image", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(sub)
-    try:
-        from rafs.builder import cli as builder_cli
-    except ImportError:  # builder not landed yet
-        builder_cli = None
-    if builder_cli is not None:
-        builder_cli.register(sub)
+    from rafs.builder import cli as builder_cli
+
+    builder_cli.register(sub)
     return parser
 
 

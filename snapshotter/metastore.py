@@ -232,11 +232,6 @@ def get_snapshot_chain(tx: Transaction, key: str) -> tuple[Snapshot, list[tuple[
     return Snapshot(id=sid, kind=info.kind, parent_ids=tuple(i for i, _ in chain[1:])), chain
 
 
-def get_snapshot(tx: Transaction, key: str) -> Snapshot:
-    """The active or view snapshot ``key`` with its parent ids (FailedPrecondition if committed)."""
-    return get_snapshot_chain(tx, key)[0]
-
-
 def create_snapshot(tx: Transaction, kind: Kind, key: str, parent: str,
                     labels: Mapping[str, str] | None = None) -> Snapshot:
     """Insert an active or view snapshot ``key`` on top of committed ``parent``."""

@@ -112,12 +112,10 @@ def rich_tree(root: pathlib.Path) -> None:
     os.utime(root / "multi", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
 
 
-def build_rich_image(dest: pathlib.Path) -> pathlib.Path | None:
-    """A v6 bootstrap of :func:`rich_tree` made by ``rafs.builder`` (``None`` if not available)."""
-    try:
-        from rafs.builder.build import BuildOptions, build
-    except ImportError:
-        return None
+def build_rich_image(dest: pathlib.Path) -> pathlib.Path:
+    """A v6 bootstrap of :func:`rich_tree` made by ``rafs.builder``."""
+    from rafs.builder.build import BuildOptions, build
+
     src = dest / "rich-src"
     src.mkdir()
     rich_tree(src)

@@ -512,11 +512,8 @@ class DaemonManager:
 
 def erofs_image_problem(bootstrap: str) -> str | None:
     """Why kernel EROFS cannot mount this image (None when it can)."""
-    try:
-        from rafs.metadata import Rafs
-    except ImportError as exc:
-        return f"RAFS reader unavailable: {exc}"
     from rafs.fs.instance import BlobFiles
+    from rafs.metadata import Rafs
 
     try:
         with Rafs.open(bootstrap) as rafs:

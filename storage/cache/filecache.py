@@ -11,6 +11,16 @@ Per blob, in ``work_dir``:
   blob has a CI table, its compressed offsets/sizes are authoritative over the bootstrap's chunk
   info; without one (v5, or no CI fields) the bootstrap's ``ChunkInfo`` is used as is.
 
+Other files of a blob (upstream naming, all in :data:`BLOB_FILE_SUFFIXES`, the one list GC,
+eviction and usage go by): ``<blob_id>`` (the raw blob), ``.blob.data.chunk_map``,
+``.image.disk``, ``.layer.disk``, ``.blob.digest``, ``.blob.toc``, ``.image.boot``.
+
+**Blob locks.** Every open :class:`FileBlobCache` holds a shared ``flock`` on its
+``.blob.data`` file, in whatever process it lives. Deleting a blob's files (:func:`drop_blob`:
+GC, eviction, :func:`gc_cache_dir` for the snapshotter's Cleanup) takes an exclusive lock on that
+file without waiting and skips the blob when someone holds it; an opener that raced with a delete
+finds its locked file unlinked and opens the new one.
+
 A chunk is marked ready only after its data is written and ``fdatasync``-ed, so a crash never
 leaves a ready bit over a torn write; a restarted process reuses every ready chunk. A corrupt
 chunk map discards that blob's cache (counted in ``cache_corrupt_resets``).
@@ -21,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 import threading
 import time
@@ -40,7 +51,22 @@ log = logging.getLogger(__name__)
 DATA_SUFFIX = ".blob.data"
 CHUNK_MAP_SUFFIX = ".chunk_map"
 META_SUFFIX = ".blob.meta"
-SUFFIXES = (DATA_SUFFIX, CHUNK_MAP_SUFFIX, META_SUFFIX, ".blob.digest", ".blob.toc", ".image.boot")
+#: every file one blob may have in a cache dir (upstream naming; "" is the raw blob)
+BLOB_FILE_SUFFIXES = ("", DATA_SUFFIX, CHUNK_MAP_SUFFIX, DATA_SUFFIX + CHUNK_MAP_SUFFIX, META_SUFFIX,
+                      ".image.disk", ".layer.disk", ".blob.digest", ".blob.toc", ".image.boot")
+_BY_LENGTH = sorted((x for x in BLOB_FILE_SUFFIXES if x), key=len, reverse=True)
+_HEX = frozenset("0123456789abcdef")
+
+
+def cache_blob_id(name: str) -> str | None:
+    """The blob a cache dir entry belongs to (``<blob_id><suffix>``), or None for any other file.
+
+    A name without a suffix counts only as a 64-hex blob id (a raw blob)."""
+    for suffix in _BY_LENGTH:
+        if name.endswith(suffix):
+            blob_id = name[: -len(suffix)]
+            return blob_id if blob_id and "/" not in blob_id else None
+    return name if len(name) == 64 and set(name) <= _HEX else None
 
 
 class FileBlobCache(BlobCache):
@@ -54,11 +80,8 @@ class FileBlobCache(BlobCache):
         self.map_path = os.path.join(work_dir, blob.blob_id + CHUNK_MAP_SUFFIX)
         if not os.path.exists(self.path) and os.path.exists(self.map_path):
             os.unlink(self.map_path)  # a map without its data describes nothing
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = _open_locked(self.path)
         try:
-            # "in use" marker seen by every cache manager, in this or another process: eviction
-            # and GC take LOCK_EX without waiting and skip blobs someone holds open
-            fcntl.flock(self._fd, fcntl.LOCK_SH)
             if blob.uncompressed_size and os.fstat(self._fd).st_size < blob.uncompressed_size:
                 os.ftruncate(self._fd, blob.uncompressed_size)
             self.chunk_map = IndexedChunkMap(self.map_path, blob.chunk_count)
@@ -317,9 +340,6 @@ class FileBlobCache(BlobCache):
         self.blob_meta()
         return self._chunk_table
 
-    def is_complete(self) -> bool:
-        return self.chunk_map.all_ready()
-
     def data_path(self) -> str | None:
         return self.path if self.chunk_map.all_ready() else None
 
@@ -333,15 +353,108 @@ class FileBlobCache(BlobCache):
             self._fd = -1
 
 
-def blob_disk_usage(work_dir: str, blob_id: str) -> int:
-    total = 0
-    for suffix in SUFFIXES:
+def _open_locked(path: str) -> int:
+    """Open (creating) a blob's data file holding the shared "in use" lock (module docstring)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            return fd
+        os.close(fd)  # deleted by a GC between our open and our lock: open the new file
+
+
+def blob_usage(work_dir: str, blob_id: str) -> tuple[int, int]:
+    """``(allocated bytes, file count)`` of one blob's regular files in ``work_dir``."""
+    size = files = 0
+    for suffix in BLOB_FILE_SUFFIXES:
         try:
             st = os.stat(os.path.join(work_dir, blob_id + suffix))
-        except FileNotFoundError:
+        except OSError:
             continue
-        total += st.st_blocks * 512
+        if stat.S_ISREG(st.st_mode):
+            size += st.st_blocks * 512
+            files += 1
+    return size, files
+
+
+def blob_disk_usage(work_dir: str, blob_id: str) -> int:
+    return blob_usage(work_dir, blob_id)[0]
+
+
+def cache_dir_usage(work_dir: str) -> int:
+    """Allocated bytes of every regular file in a cache dir (0 when it does not exist)."""
+    total = 0
+    try:
+        with os.scandir(work_dir) as it:
+            for entry in it:
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+                except FileNotFoundError:
+                    continue
+    except OSError:
+        pass
     return total
+
+
+def cached_blob_ids(work_dir: str) -> set[str]:
+    """Blobs with at least one file in ``work_dir``."""
+    try:
+        names = os.listdir(work_dir)
+    except FileNotFoundError:
+        return set()
+    return {b for b in map(cache_blob_id, names) if b is not None}
+
+
+def _remove_blob_files(work_dir: str, blob_id: str) -> None:
+    for suffix in BLOB_FILE_SUFFIXES:
+        try:
+            os.unlink(os.path.join(work_dir, blob_id + suffix))
+        except FileNotFoundError:
+            pass
+
+
+def drop_blob(work_dir: str, blob_id: str) -> bool:
+    """Delete every file of ``blob_id`` unless some cache (any process) holds the blob open;
+    True when deleted. The exclusive lock is held while unlinking."""
+    try:
+        fd = os.open(os.path.join(work_dir, blob_id + DATA_SUFFIX), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+        _remove_blob_files(work_dir, blob_id)
+        return True
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def gc_cache_dir(work_dir: str, in_use_blob_ids: Iterable[str]) -> list[str]:
+    """Delete the files of every blob in ``work_dir`` that is neither in ``in_use_blob_ids`` nor
+    held open by a cache in any process; returns the deleted blob ids (sorted)."""
+    keep = set(in_use_blob_ids)
+    removed = []
+    for blob_id in sorted(cached_blob_ids(work_dir) - keep):
+        if drop_blob(work_dir, blob_id):
+            removed.append(blob_id)
+        else:
+            log.info("cache GC: blob %s is in use by a daemon; kept", blob_id)
+    if removed:
+        log.info("cache GC deleted %d blobs from %s", len(removed), work_dir)
+    return removed
 
 
 class FileCacheManager(BlobCacheManager):
@@ -392,11 +505,7 @@ class FileCacheManager(BlobCacheManager):
         self.enforce_limit()
 
     def _remove_files(self, blob_id: str) -> None:
-        for suffix in SUFFIXES:
-            try:
-                os.unlink(os.path.join(self.work_dir, blob_id + suffix))
-            except FileNotFoundError:
-                pass
+        _remove_blob_files(self.work_dir, blob_id)
 
     def _drop(self, blob_id: str) -> bool:
         """Close our unreferenced cache of ``blob_id`` and delete its files, unless another cache
@@ -404,29 +513,10 @@ class FileCacheManager(BlobCacheManager):
         cache = self._caches.pop(blob_id, None)
         if cache is not None:
             cache.close()
-        try:
-            fd = os.open(os.path.join(self.work_dir, blob_id + DATA_SUFFIX), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = -1
-        try:
-            if fd >= 0:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return False
-            self._remove_files(blob_id)
-            return True
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        return drop_blob(self.work_dir, blob_id)
 
     def cached_blob_ids(self) -> set[str]:
-        ids = set()
-        for name in os.listdir(self.work_dir):
-            for suffix in SUFFIXES:
-                if name.endswith(suffix):
-                    ids.add(name[: -len(suffix)])
-        return ids
+        return cached_blob_ids(self.work_dir)
 
     def usage(self) -> dict[str, int]:
         return {b: blob_disk_usage(self.work_dir, b) for b in sorted(self.cached_blob_ids())}
