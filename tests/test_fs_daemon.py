@@ -186,3 +186,33 @@ def test_nydusctl_trace_from_a_snapshotter_root(tmp_path):
     assert nydusctl(["trace", "--root", str(root), "-o", str(out)]) == 1  # which one?
     assert nydusctl(["trace", "--root", str(root), "--id", "9", "-o", str(out)]) == 0
     assert out.read_text() == "/x\n"
+
+
+@pytest.mark.parametrize("table, priority", [([], "low"), ([1], "low"), ([3, 2], "high")])
+def test_a_prefetch_table_naming_files_is_prefetched_first_in_table_order(tmp_path, table, priority):
+    """A table listing files (a start-up set, e.g. from a trace) goes out as one high-priority
+    prefetch in table order; the root alone ("everything") or no table stays polite."""
+    from rafs.daemon.service import Nydusd
+    from rafs.fs.instance import Instance
+    from tests.fs_fakes import FakeRafs
+
+    boot = make_image(str(tmp_path), {"/a": b"A" * 10, "/b": b"B" * 20})
+    tree = FakeRafs.open(boot)
+    tree.prefetch_inos = table
+    calls = []
+
+    class Device:
+        def prefetch(self, iovecs, *, priority="low"):
+            calls.append(([sum(d.size for d in v) for v in iovecs], priority))
+
+    daemon = Nydusd(mountpoint=str(tmp_path / "m"))
+    inst = Instance("x", tree, Device())
+    daemon._start_prefetch(inst, DaemonConfig.parse({"fs_prefetch": {"enable": True}}))
+    for t in daemon._prefetch_threads:
+        t.join(10)
+    [(sizes, got_priority)] = calls
+    assert got_priority == priority
+    if priority == "high":
+        assert sizes == [20, 10]  # /b (ino 3) then /a (ino 2): table order
+    else:
+        assert sorted(sizes) == [10, 20]
