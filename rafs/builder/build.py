@@ -140,10 +140,16 @@ def _tar_prefetch_first(stream: BinaryIO, patterns: list[str], chunker: Chunker,
     except (OSError, AttributeError, ValueError):
         return
     exact = set(wanted_list)
-    dirs = tuple(p + "/" for p in wanted_list)
 
-    def wanted(path: str) -> bool:
-        return path in exact or path.startswith(dirs)
+    def wanted(path: str) -> bool:  # the path or one of its parent directories was named
+        if path in exact:
+            return True
+        cut = path.rfind("/")
+        while cut > 0:
+            if path[:cut] in exact:
+                return True
+            cut = path.rfind("/", 0, cut)
+        return False
 
     with tempfile.TemporaryFile(dir=spool_dir, prefix=".tmp-prefetch-spool.") as spool:
         links: dict[str, str] = {}
@@ -158,10 +164,17 @@ def _tar_prefetch_first(stream: BinaryIO, patterns: list[str], chunker: Chunker,
                     found[path] = more[target]
         if not found:
             return
+        under: dict[str, list[str]] = {}  # directory pattern -> its files, tar order
+        for path in found:
+            cut = path.rfind("/")
+            while cut > 0:
+                if path[:cut] in exact:
+                    under.setdefault(path[:cut], []).append(path)
+                cut = path.rfind("/", 0, cut)
         bytes_in = chunker.bytes_in
         done: set[str] = set()
         for pat in wanted_list:
-            names = [pat] if pat in found else [p for p in found if p.startswith(pat + "/")]
+            names = [pat] if pat in found else under.get(pat, [])
             for name in names:
                 if name in done:
                     continue
