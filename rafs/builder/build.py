@@ -13,7 +13,7 @@ from typing import BinaryIO
 
 from rafs.builder.blob import BlobRecord, BlobWriter, Chunker, ChunkStore
 from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
-from rafs.builder.source import open_layer, spool_tar_files, walk_directory, walk_tar
+from rafs.builder.source import LayerLimits, open_layer, spool_tar_files, walk_directory, walk_tar
 from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer
 from rafs.errors import BuildError
 from storage.atomic import atomic_write
@@ -43,6 +43,8 @@ class BuildOptions:
     compact_inodes: bool = False
     threads: int = 2
     progress: bool = False
+    #: caps on declared file size, total size and entry count of the layer (hostile input)
+    limits: LayerLimits = field(default_factory=LayerLimits)
 
     def validate(self) -> None:
         cs = self.chunk_size
@@ -123,7 +125,8 @@ def layout_patterns(patterns: list[str]) -> list[str]:
     return out
 
 
-def _tar_prefetch_first(stream: BinaryIO, patterns: list[str], chunker: Chunker, spool_dir: str | None) -> None:
+def _tar_prefetch_first(stream: BinaryIO, patterns: list[str], chunker: Chunker, spool_dir: str | None,
+                        limits: LayerLimits | None = None) -> None:
     """Chunk a tar layer's prefetch files first, in pattern order (files under a directory
     pattern in tar order), so they sit at the front of the blob in access order.
 
@@ -153,11 +156,11 @@ def _tar_prefetch_first(stream: BinaryIO, patterns: list[str], chunker: Chunker,
 
     with tempfile.TemporaryFile(dir=spool_dir, prefix=".tmp-prefetch-spool.") as spool:
         links: dict[str, str] = {}
-        found = spool_tar_files(open_layer(stream), wanted, spool, links)
+        found = spool_tar_files(open_layer(stream), wanted, spool, links, limits)
         stream.seek(start)
         if links:  # wanted hard links to files that were not: one more pass for their targets
             targets = set(links.values())
-            more = spool_tar_files(open_layer(stream), targets.__contains__, spool)
+            more = spool_tar_files(open_layer(stream), targets.__contains__, spool, limits=limits)
             stream.seek(start)
             for path, target in links.items():
                 if target in more and path not in found:
@@ -228,7 +231,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         if source_type == "dir-rafs":
             if not isinstance(source, (str, os.PathLike)):
                 raise BuildError("dir-rafs needs a directory path")
-            tree = walk_directory(source)
+            tree = walk_directory(source, opts.limits)
             trace["load_from_directory"] = time.perf_counter() - t0
             bar = _progress_bar(opts.progress, _dir_total(tree))
             chunker = Chunker(store, writer, chunk_size=opts.chunk_size, digester=Digester(opts.digester),
@@ -252,8 +255,8 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             else:
                 stream, close = source, False
             try:
-                _tar_prefetch_first(stream, opts.prefetch, chunker, out_dir)
-                tree = walk_tar(open_layer(stream), chunker.add_file)
+                _tar_prefetch_first(stream, opts.prefetch, chunker, out_dir, opts.limits)
+                tree = walk_tar(open_layer(stream), chunker.add_file, opts.limits)
             finally:
                 if close:
                     stream.close()
