@@ -8,12 +8,15 @@
  "mode": "direct", "digest_validate": false, "iostats_files": false, "enable_xattr": true,
  "amplify_io": 1048576,
  "fs_prefetch": {"enable": false, "prefetch_all": true, "threads_count": 8,
-                 "merging_size": 1048576, "bandwidth_rate": 0}}
+                 "merging_size": 1048576, "bandwidth_rate": 0, "record_trace": false}}
 ```
 Unknown keys are kept in ``raw`` and ignored, as upstream does. ``digest_validate`` keeps
 upstream's meaning, checking every read against the chunk digest; whatever it says, chunks are
 checked when they enter the cache from the backend and cached chunks once per daemon before
-their first use (``storage.cache.CacheConfig.validate_digest``).
+their first use (``storage.cache.CacheConfig.validate_digest``). ``fs_prefetch.record_trace`` is
+ours (upstream ignores it): record which files the image's containers read, in order, for
+``GET /api/v1/trace`` (see :mod:`rafs.trace`); ``fs_prefetch.trace_file`` (ours too) is where
+the daemon writes that trace when the instance is unmounted.
 """
 
 from __future__ import annotations
@@ -72,13 +75,16 @@ def _get(obj: dict, key: str, kind: type | tuple[type, ...], default: Any, where
 
 @dataclass(frozen=True, slots=True)
 class PrefetchConfig:
-    """``fs_prefetch``; defaults: disabled, prefetch_all, 8 threads, 1 MiB merging, no rate limit."""
+    """``fs_prefetch``; defaults: disabled, prefetch_all, 8 threads, 1 MiB merging, no rate limit,
+    no trace recording."""
 
     enable: bool = False
     prefetch_all: bool = True
     threads_count: int = 8
     merging_size: int = 1 << 20
     bandwidth_rate: int = 0
+    record_trace: bool = False  #: record the prefetch trace (reads in first-access order)
+    trace_file: str = ""  #: where the trace is written when the instance is unmounted ("" = not)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +145,8 @@ class DaemonConfig:
             threads_count=_get(pf, "threads_count", int, 8, "fs_prefetch."),
             merging_size=_get(pf, "merging_size", int, 1 << 20, "fs_prefetch."),
             bandwidth_rate=_get(pf, "bandwidth_rate", int, 0, "fs_prefetch."),
+            record_trace=_get(pf, "record_trace", bool, False, "fs_prefetch."),
+            trace_file=_get(pf, "trace_file", str, "", "fs_prefetch."),
         )
         if prefetch.threads_count < 0:
             raise ConfigError(f"fs_prefetch.threads_count: must be >= 0, got {prefetch.threads_count}")

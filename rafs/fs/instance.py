@@ -67,6 +67,8 @@ class Instance:
         self._complete: dict[int, int] = {}  #: blob index -> fd of its complete cache file
         self._complete_next_check: dict[int, float] = {}
         self._complete_lock = threading.Lock()
+        #: a :class:`rafs.trace.TraceRecorder` while the instance records its prefetch trace
+        self.recorder: Any = None
 
     def read(self, inode: Any, offset: int, size: int, iovec: BlobIoVec | None = None) -> bytes:
         """Blocking read of a regular file range through the device (run in a worker thread);
@@ -85,6 +87,8 @@ class Instance:
             self.metrics.add_read(0, time.monotonic() - start, False)
             raise
         self.metrics.add_read(len(data), time.monotonic() - start, True)
+        if self.recorder is not None:
+            self.recorder.record(inode, offset, len(data))
         return data
 
     def _ahead(self, inode: Any, offset: int, size: int) -> BlobIoVec | None:
@@ -123,6 +127,8 @@ class Instance:
             raise
         if data is not None:
             self.metrics.add_read(len(data), time.monotonic() - start, True)
+            if self.recorder is not None:
+                self.recorder.record(inode, offset, len(data))
         return data
 
     def _read_complete(self, iovec: BlobIoVec) -> bytes | None:

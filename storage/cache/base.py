@@ -38,13 +38,14 @@ class CacheConfig:
 
 def merge_runs(chunks: Sequence[ChunkInfo], merging_size: int) -> list[list[ChunkInfo]]:
     """Group chunks (any order) into runs contiguous in the compressed blob, each ≤ ``merging_size``
-    (a single larger chunk is a run of its own). Duplicate chunk indexes are dropped."""
-    seen: set[int] = set()
-    ordered = []
-    for c in sorted(chunks, key=lambda c: (c.compressed_offset, c.index)):
-        if c.index not in seen:
-            seen.add(c.index)
-            ordered.append(c)
+    (a single larger chunk is a run of its own). Duplicate chunk indexes are dropped.
+
+    Runs come in the order their first chunk appears in ``chunks`` (for chunks given in blob
+    order: blob order), so a prefetch list in access order is fetched in access order."""
+    first: dict[int, int] = {}
+    for pos, c in enumerate(chunks):
+        first.setdefault(c.index, pos)
+    ordered = sorted((chunks[pos] for pos in first.values()), key=lambda c: (c.compressed_offset, c.index))
     runs: list[list[ChunkInfo]] = []
     for c in ordered:
         if runs:
@@ -55,6 +56,7 @@ def merge_runs(chunks: Sequence[ChunkInfo], merging_size: int) -> list[list[Chun
                 run.append(c)
                 continue
         runs.append([c])
+    runs.sort(key=lambda run: min(first[c.index] for c in run))
     return runs
 
 
