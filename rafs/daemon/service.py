@@ -384,8 +384,9 @@ class Nydusd:
         def work() -> None:
             try:
                 # walking a whole image for its iovecs takes seconds of CPU (and the GIL): not
-                # while the container's first reads are being served
-                if not inst.device.wait_demand_settled():
+                # while the container's first reads are being served; a start-up set is what
+                # those reads are about to ask for, so it does not wait
+                if not startup_set and not inst.device.wait_demand_settled():
                     return
                 if not paths and self._prefetch_whole_blobs(inst, tree, cfg):
                     return
