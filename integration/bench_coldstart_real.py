@@ -641,8 +641,30 @@ def print_tables(result: dict, modes: list[str]) -> None:
                 v = per.get(m)
                 if v and m != "oci":
                     print(f"  {wl:13s} {m:17s} " + "  ".join(f"{k} {s:.2f}" for k, s in v["timeline"].items()))
+    print("\n" + markdown_table(result, modes))
     print("\nbytes the workload read (page cache residency in OCI runs): "
           + ", ".join(f"{wl} {mb(b)} MB" for wl, b in result["read_bytes"].items()))
+
+
+def markdown_table(result: dict, modes: list[str]) -> str:
+    """The summary as the Markdown table of the README (time to first output, speed-up vs OCI,
+    MB through the link before the first output; OCI: MB the workload read)."""
+    lines = ["| workload | link | " + " | ".join(modes) + " |", "|---" * (len(modes) + 2) + "|"]
+    for rate, per_wl in result["summary"].items():
+        for wl, per in per_wl.items():
+            cells = []
+            for m in modes:
+                v = per.get(m)
+                if v is None:
+                    cells.append("–")
+                elif m == "oci":
+                    read = f", read {v['read_bytes'] / 1e6:.1f} MB" if v["read_bytes"] else ""
+                    cells.append(f"{v['seconds']:.2f} s, {v['link_bytes_first_output'] / 1e6:.0f} MB{read}")
+                else:
+                    cells.append(f"{v['seconds']:.2f} s ({v['speedup_vs_oci']}×), "
+                                 f"{v['link_bytes_first_output'] / 1e6:.1f} MB")
+            lines.append(f"| {wl} | {rate} MB/s | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, modes: list[str], path: pathlib.Path) -> None:
