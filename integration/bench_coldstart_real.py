@@ -580,13 +580,21 @@ def stargz_available() -> str:
 
 
 # --- summary, output ---------------------------------------------------------------------------
-def summarize(trials: list[Trial], modes: list[str]) -> dict:
-    summary: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
-    read_by_wl: dict[str, int] = {}
+def read_medians(trials: list[Trial]) -> dict[str, int]:
+    """Workload -> median of the bytes it read (the OCI trials that measured it)."""
+    out = {}
     for wl in WORKLOADS:
         reads = [t.read_bytes for t in trials if t.workload == wl and t.read_bytes >= 0]
         if reads:
-            read_by_wl[wl] = int(statistics.median(reads))
+            out[wl] = int(statistics.median(reads))
+    return out
+
+
+def summarize(trials: list[Trial], modes: list[str], read_by_wl: dict[str, int] | None = None) -> dict:
+    """Medians per (rate, workload, mode); ``read_by_wl`` replaces the trials' own read figures."""
+    summary: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    if read_by_wl is None:
+        read_by_wl = read_medians(trials)
     for rate in sorted({t.rate_mb_s for t in trials}):
         for wl in WORKLOADS:
             ok = lambda m: [t for t in trials if t.rate_mb_s == rate and t.workload == wl  # noqa: E731
@@ -642,6 +650,7 @@ def print_tables(result: dict, modes: list[str]) -> None:
                 if v and m != "oci":
                     print(f"  {wl:13s} {m:17s} " + "  ".join(f"{k} {s:.2f}" for k, s in v["timeline"].items()))
     print("\n" + markdown_table(result, modes))
+    print("\nfetched before first output / read:\n" + markdown_fetched_table(result, modes))
     print("\nbytes the workload read (page cache residency in OCI runs): "
           + ", ".join(f"{wl} {mb(b)} MB" for wl, b in result["read_bytes"].items()))
 
@@ -664,6 +673,18 @@ def markdown_table(result: dict, modes: list[str]) -> str:
                     cells.append(f"{v['seconds']:.2f} s ({v['speedup_vs_oci']}×), "
                                  f"{v['link_bytes_first_output'] / 1e6:.1f} MB")
             lines.append(f"| {wl} | {rate} MB/s | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_fetched_table(result: dict, modes: list[str]) -> str:
+    """Bytes through the link before the first output ÷ bytes the workload read, per cell."""
+    lines = ["| workload | read | link | " + " | ".join(modes) + " |", "|---" * (len(modes) + 3) + "|"]
+    for rate, per_wl in result["summary"].items():
+        for wl, per in per_wl.items():
+            read = result["read_bytes"].get(wl, 0)
+            cells = [f"{per[m]['fetched_over_read']}×" if m in per and per[m]["fetched_over_read"] is not None
+                     else "–" for m in modes]
+            lines.append(f"| {wl} | {read / 1e6:.1f} MB | {rate} MB/s | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -697,15 +718,21 @@ def plot(result: dict, modes: list[str], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def combine(paths: list[str], out_dir: pathlib.Path, name: str) -> int:
-    """One summary over the trials of several runs (each keeps its own OCI baseline per rate)."""
+def combine(paths: list[str], out_dir: pathlib.Path, name: str, read_from: str = "") -> int:
+    """One summary over the trials of several runs (each keeps its own OCI baseline per rate);
+    ``read_from``: take the bytes each workload read from that run's trials instead."""
     docs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
     trials = [Trial(**t) for d in docs for t in d["trials"]]
     modes: dict[str, str] = {}
     for d in docs:
         modes.update(d["modes"])
-    result = summarize(trials, list(modes))
+    read = None
+    if read_from:
+        read = read_medians([Trial(**t) for t in json.loads(pathlib.Path(read_from).read_text())["trials"]])
+    result = summarize(trials, list(modes), read)
     doc = {**docs[0], "rates_mb_s": sorted({r for d in docs for r in d["rates_mb_s"]}),
+           "combined_from": [os.path.basename(p) for p in paths],
+           "read_bytes_from": os.path.basename(read_from) if read_from else "the runs' own OCI trials",
            "complete": all(d.get("complete") for d in docs), "modes": modes,
            "runs": [{k: d.get(k) for k in ("rates_mb_s", "started", "minutes", "load_average", "complete")}
                     for d in docs], **result, "trials": [dataclasses.asdict(t) for t in trials]}
@@ -738,9 +765,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="no trials: merge the trials of earlier runs' JSON files (e.g. one run per "
                          "rate) into one summary, JSON and chart (--name)")
+    ap.add_argument("--read-from", default="", metavar="JSON",
+                    help="with --combine: the bytes each workload read come from this run")
     args = ap.parse_args(argv)
     if args.combine:
-        return combine(args.combine, pathlib.Path(args.out), args.name or "coldstart_real")
+        return combine(args.combine, pathlib.Path(args.out), args.name or "coldstart_real", args.read_from)
     if os.geteuid() != 0:
         raise SystemExit("needs root (containerd, mounts)")
     rates = [float(r) for r in args.rates.split(",") if r]
