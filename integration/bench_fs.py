@@ -87,7 +87,7 @@ def make_data(src: str, size_mib: int, files: int) -> None:
 
 def build_image(src: str, out: str) -> str:
     from rafs.builder import BuildOptions, build
-    from storage.device import Compressor
+    from storage.records import Compressor
 
     os.makedirs(out)
     res = build(src, bootstrap_out=os.path.join(out, "image.boot"), blob_dir=out,

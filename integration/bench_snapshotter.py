@@ -4,7 +4,7 @@
 
 Both servers are driven through the same Python gRPC client over a unix socket. The baseline is
 containerd's built-in overlay snapshotter behind ``contrib/snapshotservice``
-(``shared/conformance/refsnapshotter``), built with go into a temp dir at run time. Snapshot i
+(``integration/conformance/refsnapshotter``), built by ``integration/conformance/build.sh``. Snapshot i
 has as parent the committed snapshot i-1 except at every ``--chain``-th one (image-like chains).
 Prints p50/p99 per op and the ratio ours / containerd.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import shutil
 import signal
 import statistics
 import subprocess
@@ -31,25 +30,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 OPS = ("prepare", "mounts", "commit", "total")
 
 
-def find_shared() -> pathlib.Path:
-    sys.path.insert(0, str(REPO))
-    from conftest import find_shared_dir  # noqa: PLC0415
-
-    found = find_shared_dir()
-    if found is None:
-        raise SystemExit("shared/ not found (set NYDUS_SHARED_DIR)")
-    return found
-
-
-def build_reference(tmp: pathlib.Path) -> pathlib.Path:
-    if shutil.which("go") is None:
-        raise SystemExit("no go toolchain: apt-get install golang-go golang-github-containerd-containerd-dev")
-    src = find_shared() / "conformance"
-    out = tmp / "refsnapshotter"
-    env = dict(os.environ, GO111MODULE="off", GOPATH="/usr/share/gocode")  # Debian's Go sources
-    env.pop("GOFLAGS", None)
-    subprocess.run(["go", "build", "-o", str(out), "./refsnapshotter"], cwd=src, env=env, check=True)
-    return out
+def build_reference() -> pathlib.Path:
+    r = subprocess.run([str(REPO / "integration" / "conformance" / "build.sh")], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"building the reference snapshotter failed:\n{r.stderr[-2000:]}")
+    return pathlib.Path(r.stdout.strip().splitlines()[-1]) / "refsnapshotter"
 
 
 def start(cmd: list[str], sock: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
@@ -110,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         print("note: not root; containerd's overlay snapshotter may refuse to start", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench-snap-") as d:
         tmp = pathlib.Path(d)
-        ref_bin = build_reference(tmp)
+        ref_bin = build_reference()
         results = {}
         servers = {
-            "containerd-overlayfs": [str(ref_bin), "--backend", "overlay", "--root", str(tmp / "ref-root"),
+            "containerd-overlayfs": [str(ref_bin), "--root", str(tmp / "ref-root"),
                                      "--address", str(tmp / "ref.sock")],
             "nydus-snapshotter(py)": [sys.executable, "-m", "snapshotter", "serve", "--root", str(tmp / "py-root"),
                                       "--address", str(tmp / "py.sock"), "--log-level", "warn"],

@@ -11,9 +11,8 @@ also when the test fails.
                           cri_snapshotter="nydus", registries=[reg], ...)`` -> started Containerd.
 * ``containerd``          Containerd with CRI on the stock overlayfs snapshotter, mirror for
                           ``registry``.
-* ``snapshotter_factory`` ``snapshotter_factory(config={...}, argv=None)`` -> started
-                          :class:`SnapshotterProcess` (skips if ``python3 -m snapshotter serve``
-                          is missing and no argv is given).
+* ``snapshotter_factory`` ``snapshotter_factory(config={...})`` -> started
+                          :class:`SnapshotterProcess`.
 * ``nydus_snapshotter``   our snapshotter; config: plain HTTP to ``registry``
                           (``snapshotter_config_for(*registries)`` builds that config).
 * ``nydus_containerd``    Containerd with proxy plugin ``nydus`` -> ``nydus_snapshotter``, CRI
@@ -33,7 +32,7 @@ import pytest
 from integration.harness.containerd import Containerd
 from integration.harness.images import PushedImage, busybox_image as _busybox_image
 from integration.harness.registry import Registry
-from integration.harness.snapshotter import SnapshotterProcess, snapshotter_serve_available
+from integration.harness.snapshotter import SnapshotterProcess
 
 HELLO = b"hello from pynydus\n"
 
@@ -111,8 +110,6 @@ def snapshotter_factory() -> Iterator[Callable[..., SnapshotterProcess]]:
     started: list[SnapshotterProcess] = []
 
     def make(**kw: Any) -> SnapshotterProcess:
-        if kw.get("argv") is None and not snapshotter_serve_available():
-            pytest.skip("python3 -m snapshotter serve is not available yet on this checkout")
         snap = SnapshotterProcess(**kw)
         started.append(snap)
         return snap.start()

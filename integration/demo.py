@@ -1,19 +1,18 @@
 """The end-to-end demo (``./run.sh demo`` -> ``python3 -m integration.demo``).
 
-Starts, in a private temp dir, a local docker-registry, containerd 1.6 and (when this checkout
-has it) the pynydus snapshotter; builds an image with no internet (busybox-static plus generated
-data files, or with ``--debian`` a Debian rootfs from apt's configured mirror), pushes it as OCI,
-converts it to nydus (when the converter is on this checkout), then runs a container from each
-variant and prints side by side the time to the container's first output and the bytes fetched
-from the registry. Steps that this checkout cannot do yet are reported as NOT AVAILABLE, never
-faked. Everything started is stopped (by PID) and removed at the end, also on Ctrl-C.
+Starts, in a private temp dir, a local docker-registry, containerd 1.6 and the pynydus
+snapshotter; builds an image with no internet (busybox-static plus generated data files, or with
+``--debian`` a Debian rootfs from apt's configured mirror), pushes it as OCI, converts it to
+nydus, then runs a container from each variant and prints side by side the time to the
+container's first output and the bytes fetched from the registry; last, it pulls an image built
+by the upstream nydus tools (``tests/vectors``) lazily. A step that fails is reported as FAILED.
+Everything started is stopped (by PID) and removed at the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ from integration.harness import HarnessError
 from integration.harness.containerd import Containerd
 from integration.harness.images import Image, Layer, busybox_image, busybox_layer, generated_files
 from integration.harness.registry import Registry
-from integration.harness.snapshotter import REPO_ROOT, SnapshotterProcess, snapshotter_serve_available
+from integration.harness.snapshotter import REPO_ROOT, SnapshotterProcess
 
 SNAPSHOTTER = "nydus"
 
@@ -75,11 +74,6 @@ class Demo:
         self.timings.append((title, dt, "ok"))
         self.say(f"     done in {dt:.2f}s")
         return res
-
-    def not_available(self, title: str, why: str) -> None:
-        self.step_no += 1
-        self.timings.append((title, 0.0, "NOT AVAILABLE"))
-        self.say(f"[{self.step_no:2d}] {title}: NOT AVAILABLE — {why}")
 
     # -- pieces ------------------------------------------------------------------------------
     def build_image(self, workdir: str) -> Image:
@@ -167,13 +161,7 @@ class Demo:
     # -- the whole demo ----------------------------------------------------------------------
     def run(self) -> int:
         a = self.args
-        have_snap = snapshotter_serve_available()
-        have_conv = _has_module("rafs.convert.cli") and _has_module("rafs.builder")
         self.say("pynydus demo — local registry + containerd + pynydus snapshotter, no internet")
-        self.say(f"  snapshotter (python3 -m snapshotter serve): "
-                 f"{'available' if have_snap else 'NOT AVAILABLE on this checkout'}")
-        self.say(f"  converter (rafs.convert + rafs.builder):    "
-                 f"{'available' if have_conv else 'NOT AVAILABLE on this checkout'}")
         self.say()
         workdir = tempfile.mkdtemp(prefix="pyn-demo-")
         self.cleanups.append(("work dir", lambda: shutil.rmtree(workdir, ignore_errors=True)))
@@ -188,16 +176,12 @@ class Demo:
                                lambda: img.push(registry, "demo/app", "oci"))
             self.say(f"     {pushed.ref}")
 
-            snap = True if have_snap else None
-            if not have_snap:
-                self.not_available("pynydus snapshotter",
-                                   "python3 -m snapshotter serve is not on this checkout")
             snap_config = a.snapshotter_config or {
                 "version": 1, "remote": {"insecure_registries": [registry.host]},
                 # off by default so the byte counts show what the container actually read; with
                 # it on, nydusd keeps fetching the rest of the image in the background
                 "prefetch": {"enable": bool(a.prefetch)}}
-            if have_snap and not a.snapshotter_config:
+            if not a.snapshotter_config:
                 self.say(f"     snapshotter background prefetch: {'on' if a.prefetch else 'off'}"
                          f"{'' if a.prefetch else ' (--prefetch turns it on)'}")
 
@@ -211,29 +195,20 @@ class Demo:
                         self.cleanups.remove((name, fn))
 
                 def start() -> Containerd:
-                    sock = None
-                    if have_snap:
-                        sock = self._start(SnapshotterProcess(config=snap_config)).address
-                    return self._start(Containerd(
-                        snapshotters={SNAPSHOTTER: sock} if sock else {},
-                        cri_snapshotter=SNAPSHOTTER if sock else "overlayfs",
-                        registries=[registry]))
-                what = ("pynydus snapshotter + containerd (CRI snapshotter 'nydus')" if have_snap
-                        else "containerd (CRI snapshotter overlayfs)")
-                return self.step(f"start a fresh {what}", start)
+                    sock = self._start(SnapshotterProcess(config=snap_config)).address
+                    return self._start(Containerd(snapshotters={SNAPSHOTTER: sock},
+                                                  cri_snapshotter=SNAPSHOTTER, registries=[registry]))
+                return self.step("start a fresh pynydus snapshotter + containerd (CRI snapshotter "
+                                 "'nydus')", start)
 
             nydus_ref = f"{registry.host}/demo/app:nydus"
             converted = False
-            if have_conv:
-                try:
-                    self.step("convert OCI -> nydus (nydusify convert)",
-                              lambda: self.convert(registry, pushed.ref, nydus_ref, workdir))
-                    converted = True
-                except Exception:
-                    failed = True
-            else:
-                self.not_available("convert OCI -> nydus",
-                                   "rafs.convert / rafs.builder are not on this checkout")
+            try:
+                self.step("convert OCI -> nydus (nydusify convert)",
+                          lambda: self.convert(registry, pushed.ref, nydus_ref, workdir))
+                converted = True
+            except Exception:
+                failed = True
 
             cmd: list[str] = []      # the image's own CMD
             res = RunResult("OCI image, containerd overlayfs")
@@ -248,20 +223,19 @@ class Demo:
             except Exception:
                 failed = True
 
-            if snap is not None:
-                res2 = RunResult("OCI image, pynydus snapshotter (CRI)")
-                self.results.append(res2)
-                try:
-                    ctd = fresh_containerd()
-                    self.step("run OCI image via pynydus snapshotter (CRI pull + ctr run)",
-                              lambda: self.timed_container(
-                                  res2, registry, "demo/app",
-                                  lambda: ctd.cri.pull_image(pushed.ref),
-                                  ctd.run_argv(pushed.ref, cmd, snapshotter=SNAPSHOTTER,
-                                               namespace="k8s.io")))
-                except Exception:
-                    failed = True
-            if snap is not None and converted:
+            res2 = RunResult("OCI image, pynydus snapshotter (CRI)")
+            self.results.append(res2)
+            try:
+                ctd = fresh_containerd()
+                self.step("run OCI image via pynydus snapshotter (CRI pull + ctr run)",
+                          lambda: self.timed_container(
+                              res2, registry, "demo/app",
+                              lambda: ctd.cri.pull_image(pushed.ref),
+                              ctd.run_argv(pushed.ref, cmd, snapshotter=SNAPSHOTTER,
+                                           namespace="k8s.io")))
+            except Exception:
+                failed = True
+            if converted:
                 res3 = RunResult("nydus image, pynydus snapshotter (lazy)")
                 self.results.append(res3)
                 try:
@@ -274,16 +248,10 @@ class Demo:
                                                namespace="k8s.io")))
                 except Exception:
                     failed = True
-            elif converted:
-                self.not_available("run nydus image lazily", "no snapshotter on this checkout")
-            else:
-                self.not_available("run nydus image lazily",
-                                   "no converted image (converter not available or failed)")
-            if snap is not None:
-                try:
-                    self.vector_step(registry, fresh_containerd, workdir)
-                except Exception:
-                    failed = True
+            try:
+                self.vector_step(registry, fresh_containerd, workdir)
+            except Exception:
+                failed = True
         except KeyboardInterrupt:
             self.say("interrupted")
             failed = True
@@ -302,29 +270,16 @@ class Demo:
                     workdir: str) -> None:
         """Lazy loading shown with an image built by the real upstream nydus tools (the RAFS v5
         test vector, pushed in nydus layout): CRI pull, then read two files from a view."""
-        title = "upstream-built nydus image (RAFS v5 vector): pull lazily + read 2 files"
-        if not _has_module("rafs.daemon.manager"):
-            self.not_available(title, "rafs.daemon (nydusd) is not on this checkout")
-            return
-        import pathlib
-
-        # where the root conftest looks: $NYDUS_SHARED_DIR, else shared/ beside the checkout
-        env = os.environ.get("NYDUS_SHARED_DIR")
-        root = pathlib.Path(REPO_ROOT)
-        cands = ([pathlib.Path(env)] if env else []) + [root.parent / "shared",
-                                                         root.parent.parent / "shared"]
-        rep = next((c / "vectors/dragonflyoss-nydus/tests/texture/repeatable" for c in cands
-                    if (c / "vectors").is_dir()), None)
-        if rep is None or not rep.is_dir():
-            self.not_available(title, "shared vectors not found (set NYDUS_SHARED_DIR)")
-            return
         import hashlib
         import json
+        import pathlib
 
         from integration.harness.containerd import mount_all
         from integration.harness.images import chain_ids, nydus_image
         from integration.harness.util import unmount_all
 
+        title = "upstream-built nydus image (RAFS v5 vector): pull lazily + read 2 files"
+        rep = pathlib.Path(REPO_ROOT) / "tests/vectors/dragonflyoss-nydus/tests/texture/repeatable"
         blob_path = next((rep / "blobs").glob("7334a259*"))
         img = nydus_image((rep / "sha256-nocompress-repeatable").read_bytes(),
                           [blob_path.read_bytes()], fs_version="5")
@@ -399,13 +354,6 @@ class Demo:
                 self.say(f"  {r.label:42s} {r.pull_s:6.2f}s {r.first_output_s:10.2f}s "
                          f"{r.total_s:6.2f}s {r.bytes_fetched / 1e6:12.2f} MB {r.blob_gets:9d}")
         self.say(f"\ntotal {time.monotonic() - self.t0:.2f}s")
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:      # a parent package is missing
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,21 +19,9 @@ from rafs.convert.cli import main as nydusify
 from rafs.convert.converter import ConvertOptions, convert
 from rafs.convert.errors import CheckError
 
-builder = pytest.importorskip("rafs.builder", reason="rafs.builder (the RAFS builder) has not landed")
-
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
-
-def _reader_available() -> bool:
-    try:
-        import rafs.metadata  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_reader = pytest.mark.skipif(not _reader_available(), reason="rafs.metadata (the reader) has not landed")
 
 
 
@@ -190,9 +178,8 @@ def test_docker_schema2_source(registry, tmp_path):
     run_convert(f"{registry.host}/src/docker:v1", f"{registry.host}/dst/docker:v1", str(tmp_path / "w"))
     manifest, config_doc, _ = assert_nydus_manifest(registry.host, "dst/docker", "v1")
     assert manifest["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
-    if _reader_available():
-        check(f"{registry.host}/src/docker:v1", f"{registry.host}/dst/docker:v1", source_insecure=True,
-              target_insecure=True)
+    check(f"{registry.host}/src/docker:v1", f"{registry.host}/dst/docker:v1", source_insecure=True,
+          target_insecure=True)
 
 
 def test_multi_platform_index(registry, tmp_path):
@@ -206,13 +193,12 @@ def test_multi_platform_index(registry, tmp_path):
     assert [m["platform"] for m in index["manifests"]] == platforms
     for entry in index["manifests"]:
         assert_nydus_manifest(registry.host, "dst/multi", entry["digest"])
-    if _reader_available():
-        report = check(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:all",
-                       source_insecure=True, target_insecure=True)
-        assert report.platforms == ["linux/amd64", "linux/arm64"]
-        report = check(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:all",
-                       source_insecure=True, target_insecure=True, platform="linux/arm64")
-        assert report.platforms == ["linux/arm64"]
+    report = check(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:all",
+                   source_insecure=True, target_insecure=True)
+    assert report.platforms == ["linux/amd64", "linux/arm64"]
+    report = check(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:all",
+                   source_insecure=True, target_insecure=True, platform="linux/arm64")
+    assert report.platforms == ["linux/arm64"]
     run_convert(f"{registry.host}/src/multi:v1", f"{registry.host}/dst/multi:arm", str(tmp_path / "w"),
                 "--platform", "linux/arm64")
     manifest, config, _ = assert_nydus_manifest(registry.host, "dst/multi", "arm")
@@ -224,7 +210,6 @@ def test_multi_platform_index(registry, tmp_path):
     assert config["architecture"] == "arm64"
 
 
-@needs_reader
 def test_check_passes_for_all_source_kinds(registry, tmp_path):
     image = ci.build_image()
     ci.push_image(registry, "src/app", "v1", image)
@@ -240,7 +225,6 @@ def test_check_passes_for_all_source_kinds(registry, tmp_path):
                          "--target-insecure"]) == 0
 
 
-@needs_reader
 def test_check_finds_differences(registry, tmp_path):
     ci.push_image(registry, "src/app", "v1", ci.build_image())
     other = ci.sample_layers()
@@ -256,7 +240,6 @@ def test_check_finds_differences(registry, tmp_path):
         check(None, f"{registry.host}/src/app:v1", target_insecure=True)
 
 
-@needs_reader
 def test_bootstrap_tree_and_prefetch(registry, tmp_path):
     from rafs.metadata import Rafs
 
@@ -282,7 +265,6 @@ def test_bootstrap_tree_and_prefetch(registry, tmp_path):
         assert rafs.lookup_path("/bin/busybox").ino in prefetch
 
 
-@needs_reader
 def test_chunk_dict_reuses_blobs(registry, tmp_path):
     ci.push_image(registry, "src/app", "v1", ci.build_image())
     work = str(tmp_path / "w")

@@ -76,14 +76,6 @@ def test_nydusctl_pull_run_through_nydus_snapshotter(nydus_containerd, busybox_i
     assert r.stdout == HELLO.decode()
 
 
-def _has_module(name: str) -> bool:
-    import importlib.util
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def test_upstream_nydus_image_is_pulled_lazily(registry, vectors_dir, lazy_containerd,
                                                tmp_path) -> None:
     """An upstream-built nydus image (RAFS v5 vector) via nydusctl pull: the data blob is not
@@ -94,8 +86,6 @@ def test_upstream_nydus_image_is_pulled_lazily(registry, vectors_dir, lazy_conta
     from integration.harness.containerd import mount_all
     from integration.harness.images import chain_ids, nydus_image
     from integration.harness.util import unmount_all
-    if not _has_module("rafs.daemon.manager"):
-        pytest.skip("rafs.daemon.manager (nydusd) is not on this checkout yet")
     rep = vectors_dir / "dragonflyoss-nydus/tests/texture/repeatable"
     blob_path = next((rep / "blobs").glob("7334a259*"))
     img = nydus_image((rep / "sha256-nocompress-repeatable").read_bytes(),
@@ -143,8 +133,6 @@ def test_nydusctl_runs_converted_image_lazily(registry, lazy_containerd, tmp_pat
     """OCI image -> nydusify convert -> nydusctl run: right output, fewer bytes than the OCI
     image (the container reads one of several large files; background prefetch is off)."""
     from integration.harness.images import Layer, busybox_image, generated_files
-    if not (_has_module("rafs.convert.cli") and _has_module("rafs.daemon.manager")):
-        pytest.skip("converter (rafs.convert) or nydusd (rafs.daemon) not on this checkout yet")
     img = busybox_image({"etc/hello.txt": HELLO},
                         [Layer.from_tree(generated_files(6, 512 * 1024, prefix="data"))])
     pushed = img.push(registry, "conv/app", "oci")

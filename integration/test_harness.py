@@ -8,7 +8,6 @@ import os
 import pytest
 import requests
 
-from integration.harness import HarnessError
 from integration.harness.registry import Registry, sha256_digest
 from integration.harness.util import pid_alive
 
@@ -178,52 +177,34 @@ def test_containerd_cri_pull_with_registry_auth(registry_factory, containerd_fac
     assert ctd.cri.pull_image(pushed.ref).startswith("sha256:")
 
 
-@pytest.fixture
-def probe_snapshotter(shared_dir, tmp_path, snapshotter_factory):
-    """The lab's logging probe snapshotter (not committed here), copied into tmp_path."""
-    import shutil
-    import subprocess
-    import sys
+def test_containerd_proxy_plugin_with_our_snapshotter(registry: Registry, busybox_image,
+                                                     snapshotter_factory, containerd_factory) -> None:
+    """containerd reaches our snapshotter as proxy plugin ``nydus``: a CRI pull hands it the
+    layer labels, a container runs on it, and after kill -9 + restart containerd reconnects."""
+    import grpc
 
-    from integration.harness.snapshotter import probe_snapshotter_argv
-    src = shared_dir / "lab" / "pysnap.py"
-    protos = shared_dir / "reference" / "protos"
-    if not src.exists() or not protos.is_dir():
-        pytest.skip("shared lab probe snapshotter not available")
-    work = tmp_path / "pysnap"
-    (work / "gen").mkdir(parents=True)
-    shutil.copy(src, work / "pysnap.py")
-    r = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{protos}",
-                        f"--python_out={work / 'gen'}", f"--grpc_python_out={work / 'gen'}",
-                        str(protos / "github.com/containerd/containerd/api/types/mount.proto"),
-                        str(protos / "github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto")],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"grpc_tools.protoc failed: {r.stderr[:300]}")
-    return snapshotter_factory(argv=probe_snapshotter_argv(str(work / "pysnap.py")))
-
-
-def test_containerd_proxy_plugin_with_probe_snapshotter(registry: Registry, busybox_image,
-                                                       probe_snapshotter, containerd_factory) -> None:
     from integration.conftest import HELLO
-    from integration.harness.snapshotter import read_jsonl
-    ctd = containerd_factory(snapshotters={"nydus": probe_snapshotter.address},
-                             cri_snapshotter="nydus", registries=[registry])
+    from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
+    from protos.containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+    snap = snapshotter_factory()
+    ctd = containerd_factory(snapshotters={"nydus": snap.address}, cri_snapshotter="nydus",
+                             registries=[registry])
     plugins = ctd.ctr("plugins", "ls").stdout
     assert any(line.split()[:2] == ["io.containerd.snapshotter.v1", "nydus"] and line.split()[-1] == "ok"
                for line in plugins.splitlines()), plugins
     ctd.cri.pull_image(busybox_image.ref)
-    calls = read_jsonl(os.path.join(probe_snapshotter.dir, "calls.jsonl"))
-    prepares = [c for c in calls if c.get("call") == "Prepare"]
-    assert prepares, calls
-    labels = prepares[0].get("labels", {})
-    assert labels.get("containerd.io/snapshot/cri.image-ref") == busybox_image.ref
-    assert labels.get("containerd.io/snapshot/cri.layer-digest") == busybox_image.layers[0].digest
+    with grpc.insecure_channel(f"unix:{snap.address}") as ch:
+        infos = [i for r in pb_grpc.SnapshotsStub(ch).List(pb.ListSnapshotsRequest(snapshotter="nydus"))
+                 for i in r.info]
+    labels = [dict(i.labels) for i in infos if i.kind == pb.COMMITTED]
+    assert len(labels) == len(busybox_image.layers), infos
+    assert {la.get("containerd.io/snapshot/cri.image-ref") for la in labels} == {busybox_image.ref}, infos
+    assert (sorted(la.get("containerd.io/snapshot/cri.layer-digest") for la in labels)
+            == sorted(layer.digest for layer in busybox_image.layers)), infos
     r = ctd.run(busybox_image.ref, ["/bin/cat", "/etc/hello.txt"], snapshotter="nydus",
                 namespace="k8s.io")
     assert r.stdout == HELLO.decode()
-    # restart of the snapshotter process: containerd reconnects
-    probe_snapshotter.restart(kill=True)
+    snap.restart(kill=True)
     ctd.wait_snapshotter("nydus")
     r = ctd.run(busybox_image.ref, ["/bin/echo", "again"], snapshotter="nydus", namespace="k8s.io")
     assert r.stdout == "again\n"
@@ -250,8 +231,8 @@ def test_real_containerd_accepts_misc_config_snippet(containerd_factory, tmp_pat
 
 
 def test_demo_runs_end_to_end_and_cleans_up() -> None:
-    """``python3 -m integration.demo`` (small image): what it can do works, the rest is reported
-    as NOT AVAILABLE or FAILED with the exit status saying so, and nothing is left behind."""
+    """``python3 -m integration.demo`` (small image): every step works, the upstream-built vector
+    image included, the nydus run fetches less than the OCI run, and nothing is left behind."""
     import re
     import subprocess
     import sys
@@ -275,15 +256,15 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     assert "cleaned up" in out
     steps = out[out.index("\nsteps:"):].splitlines()[1:]
     statuses = [line.split()[1] for line in steps if re.match(r"^ +\d+\.\d+s ", line)]
-    assert statuses and set(statuses) <= {"ok", "NOT", "FAILED"}, steps
-    assert r.returncode == (1 if "FAILED" in statuses else 0), out + r.stderr
+    assert statuses and set(statuses) == {"ok"}, steps
+    assert any("upstream-built nydus image" in line for line in steps), steps
+    assert r.returncode == 0, out + r.stderr
     assert left == []
-    # when the nydus run happened, it fetched less than the OCI image (prefetch is off)
+    # the nydus run fetched less than the OCI image (prefetch is off)
     rows = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(
         r"^  (\S.{40}) +[\d.]+s +[\d.]+s +[\d.]+s +([\d.]+) MB", out, re.M)}
     lazy = [v for k, v in rows.items() if k.startswith("nydus image")]
-    if "ok             run nydus image lazily" in out:
-        assert lazy and lazy[0] < rows["OCI image, containerd overlayfs"], rows
+    assert lazy and lazy[0] < rows["OCI image, containerd overlayfs"], rows
 
 
 def test_nydus_image_from_upstream_vector(registry: Registry, vectors_dir) -> None:
@@ -325,11 +306,9 @@ def test_snapshotter_with_nydus_image_leaves_nothing_behind(registry, vectors_di
     from integration.conftest import need_containerd_stack, snapshotter_config_for
     from integration.harness.containerd import Containerd
     from integration.harness.images import chain_ids, nydus_image
-    from integration.harness.snapshotter import SnapshotterProcess, snapshotter_serve_available
+    from integration.harness.snapshotter import SnapshotterProcess
     from integration.harness.util import mounts_under, pids_mentioning
     need_containerd_stack()
-    if not snapshotter_serve_available():
-        pytest.skip("python3 -m snapshotter serve is not available yet on this checkout")
     rep = vectors_dir / "dragonflyoss-nydus/tests/texture/repeatable"
     img = nydus_image((rep / "sha256-nocompress-repeatable").read_bytes(),
                       [next((rep / "blobs").glob("7334a259*")).read_bytes()], fs_version="5")
@@ -339,11 +318,8 @@ def test_snapshotter_with_nydus_image_leaves_nothing_behind(registry, vectors_di
                         registries=[registry]) as ctd:
             ctd.cri.pull_image(pushed.ref)
             top = chain_ids(_json.loads(img.config_json())["rootfs"]["diff_ids"])[-1]
-            try:
-                ctd.view_mounts("left-view", top, snapshotter="nydus")
-                assert snap.daemon_pids(), "a mounted nydus image should have a daemon"
-            except HarnessError as e:   # nydusd not on this checkout: still check cleanup below
-                print("view failed:", e)
+            ctd.view_mounts("left-view", top, snapshotter="nydus")
+            assert snap.daemon_pids(), "a mounted nydus image should have a daemon"
         snap_dir = snap.dir
         snap_pid = snap.pid
     assert not pid_alive(snap_pid)

@@ -114,7 +114,7 @@ def test_digest_mismatch_gives_eio_and_log(tmp_path):
     import errno
 
     from rafs.builder import BuildOptions, build
-    from storage.device import Compressor
+    from storage.records import Compressor
 
     src = tmp_path / "src"
     src.mkdir()

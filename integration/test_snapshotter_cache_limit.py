@@ -30,7 +30,6 @@ def cache_usage(cache: pathlib.Path) -> dict[str, int]:
 def test_cache_stays_under_size_limit_after_reading_two_images(registry, snapshotter_factory,
                                                                containerd_factory, tmp_path):
     need_containerd_stack()
-    pytest.importorskip("rafs.daemon.manager", reason="rafs.daemon.manager not available")
     cfg = snapshotter_config_for(registry, prefetch=False)
     cfg["cache_manager"] = {"size_limit": LIMIT}
     sn = snapshotter_factory(config=cfg)

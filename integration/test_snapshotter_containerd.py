@@ -79,15 +79,13 @@ def run_detached(cd, ref: str, cid: str, *cmd: str, namespace: str) -> None:
 
 
 def vector_bootstrap(vectors_dir) -> bytes:
-    boot = vectors_dir / "dragonflyoss-nydus" / "tests" / "texture" / "bootstrap" / "rafs-v6-2.2.boot"
-    if not boot.is_file():
-        pytest.skip("bootstrap vector missing")
-    return boot.read_bytes()
+    return (vectors_dir / "dragonflyoss-nydus" / "tests" / "texture" / "bootstrap" / "rafs-v6-2.2.boot").read_bytes()
 
 
 def built_nydus_image(tmp: pathlib.Path, text: bytes):
     """A real nydus image made by this project's builder from a busybox rootfs: (Image, blob)."""
-    builder = pytest.importorskip("rafs.builder", reason="rafs.builder not available")
+    from rafs import builder
+
     root = tmp / "rootfs"
     for d in ("bin", "etc", "tmp"):
         (root / d).mkdir(parents=True)
@@ -101,14 +99,6 @@ def built_nydus_image(tmp: pathlib.Path, text: bytes):
     blob = (tmp / "blob").read_bytes()
     assert res.blob_ids == [hashlib.sha256(blob).hexdigest()], "builder blob id must be the blob's sha256"
     return nydus_image((tmp / "image.boot").read_bytes(), [blob]), blob
-
-
-def manager_available() -> bool:
-    try:
-        import rafs.daemon.manager  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------- plain OCI images
@@ -127,7 +117,7 @@ def test_plain_oci_image_pull_run_and_gc(stack, busybox_image):
     assert "absent" in out
     # image removal + synchronous GC removes our snapshots and their directories
     cd.ctr("-n", cd.namespace, "image", "rm", "--sync", busybox_image.ref)
-    wait_for(lambda: snapshots(sn) == [], 20, "snapshots garbage-collected")
+    wait_for(lambda: snapshots(sn) == [], 60, "snapshots garbage-collected")
     assert os.listdir(os.path.join(sn.root, "snapshots")) == []
 
 
@@ -175,15 +165,9 @@ def test_cri_pull_of_built_nydus_image(stack, tmp_path):
     assert reg.blob_fetches(blob_digest) == [], "containerd downloaded the nydus data blob"
     data = [i for i in snapshots(sn) if i.labels.get(BLOB_LABEL) == "true"]
     assert [i.labels["containerd.io/snapshot/cri.layer-digest"] for i in data] == [blob_digest]
-    if not manager_available():
-        # without the RAFS daemon manager a container cannot start: the error says exactly why
-        p = cd.run(image.ref, ["/bin/true"], snapshotter=SNAPSHOTTER, namespace="k8s.io", check=False)
-        assert p.returncode != 0 and "rafs.daemon.manager" in p.stderr and "unavailable" in p.stderr, p.stderr
 
 
 def test_run_built_nydus_image_lazily_shared_instance_and_kill9(stack, tmp_path):
-    if not manager_available():
-        pytest.skip("rafs.daemon.manager (the RAFS daemon manager) is not on this checkout")
     reg, sn, cd = stack
     img, blob = built_nydus_image(tmp_path, b"hello from a nydus image\n")
     image = img.push(reg, "test/built", "v2")
@@ -286,8 +270,6 @@ def _mounts_under(path: str) -> list[str]:
                                                    ("shared", "erofs")])
 def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, containerd_factory, tmp_path,
                                                daemon_mode, fs_driver):
-    if not manager_available():
-        pytest.skip("rafs.daemon.manager (the RAFS daemon manager) is not on this checkout")
     from integration.conftest import snapshotter_config_for
 
     cfg = snapshotter_config_for(registry)
@@ -313,7 +295,7 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
 
         for cid in ("twin1", "twin2"):
             run_detached(cd, image.ref, cid, "/bin/sh", "-c", "cat /etc/probe.txt; sleep 60", namespace="k8s.io")
-        wait_for(lambda: instances() >= 1, 20, "the RAFS instance mounted")
+        wait_for(lambda: instances() >= 1, 60, "the RAFS instance mounted")
         assert instances() == 1  # mounted once, not once per container
         if fs_driver == "fusedev":  # the containers' files came through FUSE no_open where it works
             from rafs.fs.ops import no_open_unsupported_reason  # noqa: PLC0415
@@ -331,14 +313,14 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
         for n, cid in enumerate(("twin1", "twin2")):
             cd.ctr("-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", cid)
             wait_for(lambda: cd.ctr("-n", "k8s.io", "tasks", "rm", cid, check=False).returncode == 0
-                     or cid not in cd.ctr("-n", "k8s.io", "tasks", "ls").stdout, 20, f"task {cid} gone")
+                     or cid not in cd.ctr("-n", "k8s.io", "tasks", "ls").stdout, 60, f"task {cid} gone")
             cd.ctr("-n", "k8s.io", "containers", "rm", cid)  # containerd's GC then removes its snapshot
             if n == 0:
-                wait_for(lambda: len([i for i in snapshots(sn) if i.kind == pb.ACTIVE]) == 1, 20,
+                wait_for(lambda: len([i for i in snapshots(sn) if i.kind == pb.ACTIVE]) == 1, 60,
                          "the first container's snapshot removed")
                 assert instances() == 1, "unmounted while a container still uses the instance"
         try:
-            wait_for(lambda: instances() == 0 and rafs_mounts() == [], 20,
+            wait_for(lambda: instances() == 0 and rafs_mounts() == [], 60,
                      "RAFS instance unmounted after both containers")
         except AssertionError:
             raise AssertionError(f"still mounted: {rafs_mounts()}, {instances()} instances\n"
@@ -356,7 +338,7 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
         # the container is gone (--rm; containerd's GC removes its snapshot): the RAFS instance
         # is unmounted
         try:
-            wait_for(lambda: rafs_mounts() == [] and instances() == 0, 20, "RAFS instance unmounted")
+            wait_for(lambda: rafs_mounts() == [] and instances() == 0, 60, "RAFS instance unmounted")
         except AssertionError:
             raise AssertionError(f"still mounted: {rafs_mounts()}\n{sn.log()[-3000:]}") from None
         # Usage of the data layer = its cache bytes
@@ -366,8 +348,8 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
             assert stub.Usage(pb.UsageRequest(key=data.name)).size > 0
         # removing the image: containerd's GC removes the snapshots and calls Cleanup → cache GC
         cd.cri.remove_image(image.ref)  # all of CRI's references (tag, digest, id)
-        wait_for(lambda: snapshots(sn) == [], 20, "snapshots garbage-collected")
-        wait_for(lambda: not any(p.name.startswith(blob_id) for p in cache.iterdir()), 20, "blob cache GC")
+        wait_for(lambda: snapshots(sn) == [], 60, "snapshots garbage-collected")
+        wait_for(lambda: not any(p.name.startswith(blob_id) for p in cache.iterdir()), 60, "blob cache GC")
     finally:
         cd.stop()
         sn.terminate()
@@ -377,8 +359,6 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
 @pytest.mark.parametrize("source", ["config", "docker_config"])
 def test_lazy_run_from_registry_with_auth(registry_factory, snapshotter_factory, containerd_factory, tmp_path,
                                           source):
-    if not manager_available():
-        pytest.skip("rafs.daemon.manager (the RAFS daemon manager) is not on this checkout")
     from integration.conftest import snapshotter_config_for
 
     reg = registry_factory(users={"alice": "s3cret"})

@@ -44,7 +44,8 @@ def list_snapshots(address: str) -> list[pb.Info]:
 
 def build_image(tmp: pathlib.Path, name: str, files: dict[str, bytes]) -> tuple[bytes, bytes]:
     """(bootstrap, blob) of a busybox rootfs plus ``files``, made by this project's builder."""
-    builder = pytest.importorskip("rafs.builder", reason="rafs.builder not available")
+    from rafs import builder
+
     root = tmp / name / "rootfs"
     for d in ("bin", "etc", "tmp"):
         (root / d).mkdir(parents=True)
@@ -62,7 +63,6 @@ def build_image(tmp: pathlib.Path, name: str, files: dict[str, bytes]) -> tuple[
 def test_kill9_under_load_with_ten_readers_and_a_pull(registry, snapshotter_factory, containerd_factory,
                                                      tmp_path):
     need_containerd_stack()
-    pytest.importorskip("rafs.daemon.manager", reason="rafs.daemon.manager not available")
     cfg = snapshotter_config_for(registry, prefetch=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,7 +194,6 @@ def test_restart_remounts_instances_whose_daemon_died(registry, snapshotter_fact
     """kill -9 of the snapshotter *and* its RAFS daemon: the restarted service starts a new
     daemon, remounts the instance (no dead FUSE mount stays behind) and new containers run."""
     need_containerd_stack()
-    pytest.importorskip("rafs.daemon.manager", reason="rafs.daemon.manager not available")
     sn = snapshotter_factory(config=snapshotter_config_for(registry, prefetch=False))
     cd = containerd_factory(snapshotters={SNAPSHOTTER: sn.address}, cri_snapshotter=SNAPSHOTTER,
                             registries=[registry])

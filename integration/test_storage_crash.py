@@ -15,7 +15,8 @@ from storage.backend.localfs import LocalFsBackend
 from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
 from storage.cache.state import IndexedChunkMap
-from storage.device import BlobDevice, Compressor
+from storage.device import BlobDevice
+from storage.records import Compressor
 from tests.storage_blobs import make_blob
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -26,7 +27,8 @@ import random, sys
 from storage.backend.localfs import LocalFsBackend
 from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
-from storage.device import BlobDevice, Compressor
+from storage.device import BlobDevice
+from storage.records import Compressor
 from tests.storage_blobs import make_blob
 blob_dir, cache_dir, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 b = make_blob({CHUNKS}, chunk_size={CHUNK_SIZE}, seed=1, compressor=Compressor.ZSTD)

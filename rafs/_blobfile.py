@@ -15,7 +15,8 @@ from rafs.errors import RafsError
 from storage.backend.localfs import LocalFsBackend
 from storage.cache.base import CacheConfig
 from storage.cache.nocache import NoCacheManager
-from storage.device import BlobDevice, BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
+from storage.device import BlobDevice
+from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
 
 
 class ChunkReadError(RafsError):

@@ -1,4 +1,4 @@
-"""RAFS v5 (legacy) reader behind :class:`rafs.metadata.Rafs`."""
+"""RAFS v5 (legacy) reader behind :class:`rafs.base.Rafs` (registered by its ``version``)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from rafs.layout.v5 import (
     parse_v5_xattrs,
     rafsv5_align,
 )
-from rafs.metadata import Inode, InodeAttr, Rafs, _Image, check_name, substitute_blob_id
-from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
+from rafs.base import LRU, BootstrapImage, Inode, InodeAttr, Rafs, check_name, substitute_blob_id
+from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
 from storage.structs import Scalar
 
 
@@ -26,7 +26,7 @@ class RafsV5(Rafs):
     version = 5
     root_ino = C.RAFSV5_ROOT_INODE
 
-    def __init__(self, img: _Image, *, blob_id_hint: str | None = None) -> None:
+    def __init__(self, img: BootstrapImage, *, blob_id_hint: str | None = None) -> None:
         super().__init__(img)
         sb = img.parse(RafsV5SuperBlock, 0, "v5 superblock")
         sb.validate(img.size)
@@ -121,9 +121,7 @@ class RafsV5(Rafs):
 
     @cached_property
     def _children(self):
-        from rafs.metadata import _LRU
-
-        return _LRU(16384)
+        return LRU(16384)
 
     def _check_parent(self, child: Inode, parent: Inode, path: str) -> None:
         if child.raw.i_parent != parent.ino:  # type: ignore[attr-defined]
@@ -321,16 +319,7 @@ class InodeV5(Inode):
             pos = e.file_offset + e.uncompressed_size
             out.append(
                 (
-                    ChunkInfo(
-                        blob_index=e.blob_index,
-                        index=e.index,
-                        digest=e.block_id,
-                        flags=e.flags,
-                        compressed_offset=e.compressed_offset,
-                        compressed_size=e.compressed_size,
-                        uncompressed_offset=e.uncompressed_offset,
-                        uncompressed_size=e.uncompressed_size,
-                    ),
+                    e.chunk_info(),
                     e.file_offset,
                 )
             )

@@ -1,4 +1,4 @@
-"""RAFS v6 (EROFS-compatible) reader behind :class:`rafs.metadata.Rafs`."""
+"""RAFS v6 (EROFS-compatible) reader behind :class:`rafs.base.Rafs` (registered by its ``version``)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from rafs.layout.erofs import (
     xattr_ibody_size,
 )
 from rafs.layout.v6 import RafsV6Blob, RafsV6ChunkInfo, RafsV6SuperBlock, RafsV6SuperBlockExt
-from rafs.metadata import Inode, InodeAttr, Rafs, _Image, check_name, substitute_blob_id
-from storage.device import BlobFeatures, BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo, Compressor, Digester
+from rafs.base import BootstrapImage, Inode, InodeAttr, Rafs, check_name, substitute_blob_id
+from storage.records import BlobFeatures, BlobIoDesc, BlobIoVec, ChunkInfo
 from storage.structs import Scalar
 
 #: kernel EROFS "no block" marker in a chunk index: the chunk is a hole
@@ -36,7 +36,7 @@ _CHUNK_BATCH = 4096
 class RafsV6(Rafs):
     version = 6
 
-    def __init__(self, img: _Image, *, blob_id_hint: str | None = None) -> None:
+    def __init__(self, img: BootstrapImage, *, blob_id_hint: str | None = None) -> None:
         super().__init__(img)
         if img.size < 4096:
             raise FormatError(f"v6 bootstrap size {img.size}: smaller than one 4096-byte block")
@@ -112,25 +112,7 @@ class RafsV6(Rafs):
                     f"blob {i}: blob table id {ent.blob_id_str!r} differs from device slot id "
                     f"{dev.blob_id.decode()!r}"
                 )
-            blobs.append(
-                BlobInfo(
-                    blob_index=i,
-                    blob_id=substitute_blob_id(ent.blob_id_str, ent.features, nblob, blob_id_hint),
-                    chunk_count=ent.chunk_count,
-                    chunk_size=ent.chunk_size,
-                    compressor=Compressor(ent.compression_algo),
-                    digester=Digester(ent.digest_algo),
-                    features=ent.features,
-                    compressed_size=ent.compressed_size,
-                    uncompressed_size=ent.uncompressed_size,
-                    ci_compressor=Compressor(ent.ci_compressor),
-                    ci_offset=ent.ci_offset,
-                    ci_compressed_size=ent.ci_compressed_size,
-                    ci_uncompressed_size=ent.ci_uncompressed_size,
-                    blob_toc_size=ent.blob_toc_size,
-                    blob_toc_digest=ent.blob_toc_digest,
-                )
-            )
+            blobs.append(ent.blob_info(substitute_blob_id(ent.blob_id_str, ent.features, nblob, blob_id_hint)))
         self.blobs = blobs
         self.blob_entries = entries
         self.devices = devs
@@ -212,16 +194,7 @@ class RafsV6(Rafs):
             ent.validate(self.chunk_size, len(self.blobs))
         except FormatError as exc:
             raise FormatError(f"chunk table entry {pos}: {exc}") from None
-        return ChunkInfo(
-            blob_index=ent.blob_index,
-            index=ent.index,
-            digest=ent.block_id,
-            flags=ent.flags,
-            compressed_offset=ent.compressed_offset,
-            compressed_size=ent.compressed_size,
-            uncompressed_offset=ent.uncompressed_offset,
-            uncompressed_size=ent.uncompressed_size,
-        )
+        return ent.chunk_info()
 
     def chunk_info(self, blob_index: int, ci_index: int) -> ChunkInfo | None:
         """The chunk-table entry for (blob, ci index); ``None`` if the image has no chunk table."""

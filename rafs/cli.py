@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import signal
 import sys
+import threading
 
 from rafs.errors import RafsError
+from storage.atomic import atomic_write
 from storage.errors import StorageError
 
 
@@ -50,10 +52,7 @@ def _write_json(data: dict, path: str | None) -> None:
     if path in (None, "-"):
         print(text)
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, text + "\n")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -178,23 +177,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nydus-image", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(sub)
-    try:
-        from rafs.builder import cli as builder_cli
-    except ImportError:  # builder not landed yet
-        builder_cli = None
-    if builder_cli is not None:
-        builder_cli.register(sub)
+    from rafs.builder import cli as builder_cli
+
+    builder_cli.register(sub)
     return parser
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so temporary outputs are removed on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
     try:
         return int(args.func(args) or 0)
     except (RafsError, StorageError, OSError) as exc:
         print(f"nydus-image {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"nydus-image {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(f"nydus-image {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

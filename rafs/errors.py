@@ -27,6 +27,15 @@ class BuildError(RafsError):
     """The builder cannot represent the input (bad name, unsupported xattr, ...)."""
 
 
+class StaleHandle(RafsError):
+    """A filesystem request names an inode of an instance that is gone (unmounted)."""
+
+
+class ReadError(RafsError):
+    """Reading file data failed; the message names the instance, inode, range and chunks, and
+    the lower-layer error is the ``__cause__``."""
+
+
 class MountError(RafsError):
     """Mounting or serving a RAFS instance failed."""
 

@@ -7,7 +7,7 @@ import stat
 from typing import Iterable
 
 from rafs.metadata import Inode, Rafs
-from storage.device import BlobInfo, ChunkInfo, Compressor, Digester
+from storage.records import BlobInfo, ChunkInfo, Compressor, Digester
 
 
 def blob_dict(b: BlobInfo) -> dict:

@@ -1,8 +1,10 @@
 """``nydus-image unpack``: write a RAFS image's tree to a directory or a tar file.
 
 Content, modes, ownership (when permitted), mtimes, xattrs, symlinks, hard links and device
-nodes are reproduced.  Output appears atomically: it is written to a temporary sibling and
-renamed into place, so a failed unpack leaves nothing behind.
+nodes are reproduced; zero ranges of files stay holes in a directory output (tar output writes
+them out: ``tarfile`` cannot write sparse members).  Output appears atomically: it is written to
+a temporary sibling and renamed into place, so a failed (or SIGTERM/SIGINT-ed) unpack leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 from rafs._blobfile import LocalBlobs
 from rafs.errors import RafsError
 from rafs.metadata import Inode, Rafs
+from storage.atomic import atomic_open
+from storage.digest import digest
 
 
 @dataclass
@@ -83,10 +87,7 @@ def _write_tree(fs: Rafs, blobs: LocalBlobs, root: str) -> UnpackReport:
             report.hardlinks += 1
             continue
         if fmt == stat.S_IFREG:
-            with open(dest, "wb") as f:
-                for piece in blobs.iter_file(node):
-                    f.write(piece)
-                    report.bytes += len(piece)
+            _write_sparse(dest, blobs, node, report)
             report.files += 1
         elif fmt == stat.S_IFLNK:
             os.symlink(node.readlink(), dest)
@@ -105,6 +106,64 @@ def _write_tree(fs: Rafs, blobs: LocalBlobs, root: str) -> UnpackReport:
     for dest, node in reversed(dirs):
         _apply_meta(dest, "/" + os.path.relpath(dest, root).lstrip("."), node, is_root, report)
     return report
+
+
+def _zero_digest(algo, size: int, memo: dict) -> bytes:
+    key = (algo, size)
+    d = memo.get(key)
+    if d is None:
+        d = memo[key] = digest(algo, bytes(size))
+    return d
+
+
+_BLOCK = 64 << 10
+_ZEROS = bytes(_BLOCK)
+
+
+def _write_nonzero(f, pos: int, piece: bytes) -> None:
+    """Write the 64 KiB blocks of ``piece`` that are not all zeros (runs of them at once)."""
+    mv = memoryview(piece)
+    start = None
+    for off in range(0, len(piece), _BLOCK):
+        block = mv[off : off + _BLOCK]
+        zero = block == _ZEROS[: len(block)]
+        if not zero and start is None:
+            start = off
+        elif zero and start is not None:
+            f.seek(pos + start)
+            f.write(mv[start:off])
+            start = None
+    if start is not None:
+        f.seek(pos + start)
+        f.write(mv[start:])
+
+
+def _write_sparse(dest: str, blobs: LocalBlobs, node: Inode, report: UnpackReport) -> None:
+    """Write a regular file, keeping holes: holes in the image, chunks whose digest is that of
+    all zeros (read nothing) and zero pieces (read, not written) are skipped by seeking; the
+    file gets its size with ``ftruncate``. A sparse-file bomb costs neither disk nor data reads."""
+    size = node.size
+    memo: dict = {}
+    window = 4 << 20
+    with open(dest, "wb") as f:
+        pos = 0
+        while pos < size:
+            n = min(window, size - pos)
+            vec = node.chunks(pos, n)
+            data_descs = []
+            for d in vec:
+                if d.chunk is None or (d.chunk.digest and d.blob is not None and
+                                       d.chunk.digest == _zero_digest(d.blob.digester, d.chunk.uncompressed_size, memo)):
+                    continue
+                data_descs.append(d)
+            if data_descs:
+                piece = blobs.read(vec)
+                if len(piece) != n:
+                    raise RafsError(f"inode {node.ino}: read {len(piece)} bytes at {pos}, expected {n}")
+                _write_nonzero(f, pos, piece)
+            report.bytes += n
+            pos += n
+        f.truncate(size)
 
 
 def _apply_meta(dest: str, path: str, node: Inode, is_root: bool, report: UnpackReport) -> None:
@@ -160,64 +219,55 @@ def unpack_tar(fs: Rafs, blobs: LocalBlobs, output: str) -> UnpackReport:
     output = os.path.abspath(output)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".unpack-", suffix=".tar", dir=parent)
-    os.close(fd)
     report = UnpackReport()
     links: dict[int, str] = {}
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
-            for path, node in fs.walk():
-                report.entries += 1
-                a = node.attr()
-                name = "." if path == "/" else "." + path
-                ti = tarfile.TarInfo(name)
-                ti.mode = stat.S_IMODE(a.mode)
-                ti.uid, ti.gid = a.uid, a.gid
-                ti.mtime = a.mtime + a.mtime_nsec / 1e9 if a.mtime_nsec else a.mtime
-                pax = {}
-                for k, v in node.xattrs().items():
-                    pax["SCHILY.xattr." + k.decode("utf-8", "surrogateescape")] = v.decode(
-                        "utf-8", "surrogateescape"
-                    )
-                if a.mtime_nsec:
-                    pax["mtime"] = f"{a.mtime}.{a.mtime_nsec:09d}"
-                ti.pax_headers = pax
-                fmt = stat.S_IFMT(a.mode)
-                data = None
-                key = node.hardlink_key
-                if key is not None and key in links:
-                    ti.type = tarfile.LNKTYPE
-                    ti.linkname = links[key]
-                    report.hardlinks += 1
-                elif fmt == stat.S_IFDIR:
-                    ti.type = tarfile.DIRTYPE
-                elif fmt == stat.S_IFREG:
-                    ti.type = tarfile.REGTYPE
-                    ti.size = a.size
-                    data = io.BufferedReader(_ChunkStream(blobs, node), 1 << 20)
-                    report.files += 1
-                    report.bytes += a.size
-                    if key is not None:
-                        links[key] = name
-                elif fmt == stat.S_IFLNK:
-                    ti.type = tarfile.SYMTYPE
-                    ti.linkname = os.fsdecode(node.readlink())
-                elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
-                    ti.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
-                    ti.devmajor, ti.devminor = os.major(a.rdev), os.minor(a.rdev)
-                elif fmt == stat.S_IFIFO:
-                    ti.type = tarfile.FIFOTYPE
-                else:
-                    _warn(report, f"{path}: sockets cannot be stored in tar; skipped")
-                    continue
-                tf.addfile(ti, data)
-        os.rename(tmp, output)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(output, "wb", perms=0o600) as out, \
+            tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for path, node in fs.walk():
+            report.entries += 1
+            a = node.attr()
+            name = "." if path == "/" else "." + path
+            ti = tarfile.TarInfo(name)
+            ti.mode = stat.S_IMODE(a.mode)
+            ti.uid, ti.gid = a.uid, a.gid
+            ti.mtime = a.mtime + a.mtime_nsec / 1e9 if a.mtime_nsec else a.mtime
+            pax = {}
+            for k, v in node.xattrs().items():
+                pax["SCHILY.xattr." + k.decode("utf-8", "surrogateescape")] = v.decode(
+                    "utf-8", "surrogateescape"
+                )
+            if a.mtime_nsec:
+                pax["mtime"] = f"{a.mtime}.{a.mtime_nsec:09d}"
+            ti.pax_headers = pax
+            fmt = stat.S_IFMT(a.mode)
+            data = None
+            key = node.hardlink_key
+            if key is not None and key in links:
+                ti.type = tarfile.LNKTYPE
+                ti.linkname = links[key]
+                report.hardlinks += 1
+            elif fmt == stat.S_IFDIR:
+                ti.type = tarfile.DIRTYPE
+            elif fmt == stat.S_IFREG:
+                ti.type = tarfile.REGTYPE
+                ti.size = a.size
+                data = io.BufferedReader(_ChunkStream(blobs, node), 1 << 20)
+                report.files += 1
+                report.bytes += a.size
+                if key is not None:
+                    links[key] = name
+            elif fmt == stat.S_IFLNK:
+                ti.type = tarfile.SYMTYPE
+                ti.linkname = os.fsdecode(node.readlink())
+            elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+                ti.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
+                ti.devmajor, ti.devminor = os.major(a.rdev), os.minor(a.rdev)
+            elif fmt == stat.S_IFIFO:
+                ti.type = tarfile.FIFOTYPE
+            else:
+                _warn(report, f"{path}: sockets cannot be stored in tar; skipped")
+                continue
+            tf.addfile(ti, data)
     return report
 
 

@@ -86,7 +86,8 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT in the main thread)."""
     from snapshotter.metrics import Metrics  # noqa: PLC0415 - keep `--help` fast
     from snapshotter.service import serve  # noqa: PLC0415
-    from snapshotter.snapshot import Snapshotter, check_fs_driver  # noqa: PLC0415
+    from snapshotter.instances import check_fs_driver  # noqa: PLC0415
+    from snapshotter.snapshot import Snapshotter  # noqa: PLC0415
 
     check_fs_driver(cfg)
     stop = stop or threading.Event()

@@ -58,7 +58,7 @@ class RemoteConfig:
     mirrors: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: ``host = ["http://mirror:5000", ...]``: endpoints tried instead of the image's host
     auths: Mapping[str, RegistryAuth] = field(default_factory=dict)
-    docker_config: str = ""             #: docker config.json with "auths"; "" = $DOCKER_CONFIG or ~/.docker
+    docker_config: str = ""             #: docker config.json (credHelpers, credsStore, auths); "" = $DOCKER_CONFIG or ~/.docker
     check_registry: bool = True         #: probe ``/v2/`` before mounting (fail fast when unreachable)
     timeout: int = 5                    #: seconds, per backend request
     connect_timeout: int = 5
@@ -280,6 +280,8 @@ DEFAULT_NYDUSD_CONFIG: dict[str, object] = {
         "cache": {"type": "blobcache", "compressed": False, "config": {"work_dir": ""}},
     },
     "mode": "direct",
+    # chunk digests are always checked when data enters the cache (and cached data once per daemon
+    # before first use); true re-checks every read, at the cost of hashing each chunk read
     "digest_validate": False,
     "iostats_files": False,
     "enable_xattr": True,

@@ -38,7 +38,7 @@ class _StateCollector(Collector):
         backend = GaugeMetricFamily("snapshotter_backend_read_bytes",
                                     "Bytes read from the backend by the mounted RAFS instances, per daemon",
                                     labels=["daemon"])
-        mgr = self.sn._manager
+        mgr = self.sn.rafs.manager_if_started
         if mgr is not None:
             counts: dict[str, int] = {}
             daemons: dict[str, str] = {}  # daemon id -> one of its instance ids

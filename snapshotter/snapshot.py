@@ -3,8 +3,10 @@
 One call, one transaction (``metastore``). Directories are made as ``snapshots/new-*`` temp dirs
 and renamed to ``snapshots/<id>`` inside the transaction; removed directories are deleted only
 after the transaction committed. RAFS instances (one per image bootstrap, shared by every
-container of that image) are started through a ``DaemonManager`` (``rafs.daemon.manager``)
-outside the transaction, and stopped when the last active/view snapshot above them goes.
+container of that image) are started through :class:`snapshotter.instances.Instances` outside the
+transaction, and stopped when the last active/view snapshot above them goes. The registry
+settings of an image come from :mod:`snapshotter.remote`, bootstrap checks from
+:mod:`snapshotter.bootstrap`, cache usage and GC from storage's file cache.
 
 Nydus flow (labels in :mod:`snapshotter.labels`):
 
@@ -18,52 +20,29 @@ Nydus flow (labels in :mod:`snapshotter.labels`):
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import shutil
-import stat
 import tempfile
-import threading
-import time
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping
 
 from snapshotter import labels as L
+from snapshotter.credentials import CredentialStore
 from snapshotter import metastore as store
-from snapshotter.config import Config, nydusd_config
-from snapshotter.errors import (AlreadyExists, BootstrapError, ConfigError, FailedPrecondition, InvalidArgument, NotFound,
-                                SnapshotterError, Unavailable)
+from snapshotter.bootstrap import BOOTSTRAP_PATHS, bootstrap_blob_ids, check_bootstrap, find_bootstrap
+from snapshotter.config import Config
+from snapshotter.errors import (AlreadyExists, BootstrapError, FailedPrecondition, InvalidArgument, NotFound,
+                                SnapshotterError)
 from snapshotter.filters import compile_filters
+from snapshotter.instances import InstanceManager, Instances
 from snapshotter.metastore import Info, Kind, MetaStore, Snapshot, Usage
 from snapshotter.mounts import Mount, OverlayOptions, native_mounts, remote_mounts, snapshot_dir, upper_path
+from snapshotter.remote import Ping, backend_config
+from storage.cache.filecache import blob_usage, cache_dir_usage, gc_cache_dir
 
 log = logging.getLogger("snapshotter")
 
-#: where containerd's unpack of the bootstrap layer leaves the bootstrap (new, legacy)
-BOOTSTRAP_PATHS = (os.path.join("image", "image.boot"), "image.boot")
-#: cache file suffixes of one blob (upstream naming)
-CACHE_SUFFIXES = ("", ".blob.data", ".chunk_map", ".blob.data.chunk_map", ".blob.meta", ".image.disk",
-                  ".layer.disk", ".blob.digest", ".blob.toc", ".image.boot")
 MAX_LABEL_SIZE = 4096
-V5_MAGIC = (0x52414653).to_bytes(4, "little")
-EROFS_MAGIC = (0xE0F5E1E2).to_bytes(4, "little")
-EROFS_SUPER_OFFSET = 1024
-
-
-class InstanceManager(Protocol):
-    """What the snapshotter needs of ``rafs.daemon.manager.DaemonManager`` (docs/contracts.md)."""
-
-    def mount(self, instance_id: str, bootstrap: str, mountpoint_hint: str | None,
-              backend_config: dict) -> str: ...
-
-    def umount(self, instance_id: str) -> None: ...
-
-    def instances(self) -> dict[str, Any]: ...
-
-    def recover(self) -> None: ...
-
-    def shutdown(self) -> None: ...
 
 
 # ----------------------------------------------------------------------------- validation
@@ -107,43 +86,6 @@ def validate_labels(labels: Mapping[str, str]) -> None:
     L.label_credentials(labels)
 
 
-def find_bootstrap(fs_dir: str) -> str | None:
-    """The bootstrap file in an unpacked meta layer, or None."""
-    for rel in BOOTSTRAP_PATHS:
-        path = os.path.join(fs_dir, rel)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def check_bootstrap(path: str) -> int:
-    """Check that ``path`` is a RAFS bootstrap; returns its version (5 or 6).
-
-    Uses ``rafs.metadata.Rafs.open`` when available (full superblock validation), else checks the
-    v5 / v6 (EROFS) magic.
-    """
-    try:
-        from rafs.metadata import Rafs  # noqa: PLC0415 - optional until rafs lands
-    except ImportError:
-        Rafs = None  # type: ignore[assignment]
-    if Rafs is not None:
-        try:
-            with Rafs.open(path) as rafs:
-                return int(rafs.version)
-        except Exception as exc:  # rafs errors of any kind mean "not a usable bootstrap"
-            raise BootstrapError(f"{path} is not a valid RAFS bootstrap: {exc}") from exc
-    try:
-        with open(path, "rb") as f:
-            head = f.read(EROFS_SUPER_OFFSET + 4)
-    except OSError as exc:
-        raise BootstrapError(f"cannot read bootstrap {path}: {exc}") from exc
-    if head[:4] == V5_MAGIC:
-        return 5
-    if head[EROFS_SUPER_OFFSET:EROFS_SUPER_OFFSET + 4] == EROFS_MAGIC:
-        return 6
-    raise BootstrapError(f"{path} is not a RAFS bootstrap (no v5 or v6 superblock magic)")
-
-
 def disk_usage(path: str) -> Usage:
     """containerd's ``fs.DiskUsage``: allocated bytes and inodes, hard links counted once."""
     size = inodes = 0
@@ -182,86 +124,6 @@ def _host_overlay_options(volatile: bool) -> OverlayOptions:
     return OverlayOptions(index_off=index_off, userxattr=userxattr, volatile=volatile)
 
 
-# ----------------------------------------------------------------------------- registry side
-
-
-def _docker_config_auth(host: str, path: str) -> str | None:
-    candidates = [path] if path else []
-    if not path:
-        base = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-        candidates.append(os.path.join(base, "config.json"))
-    for cand in candidates:
-        try:
-            with open(cand, encoding="utf-8") as f:
-                auths = json.load(f).get("auths", {})
-        except (OSError, ValueError, AttributeError):
-            continue
-        keys = [host, f"https://{host}", f"http://{host}"]
-        if host in ("docker.io", "index.docker.io"):
-            keys.insert(0, "https://index.docker.io/v1/")
-        for key in keys:
-            entry = auths.get(key) if isinstance(auths, dict) else None
-            if isinstance(entry, dict):
-                if entry.get("auth"):
-                    return str(entry["auth"])
-                if entry.get("username"):
-                    return base64.b64encode(f"{entry['username']}:{entry.get('password', '')}".encode()).decode()
-    return None
-
-
-def registry_auth(host: str, labels: Mapping[str, str], cfg: Config) -> str | None:
-    """Credentials for ``host``: labels, then ``[remote.auths]``, then docker config.json."""
-    auth = L.label_credentials(labels)
-    if auth:
-        return auth
-    static = cfg.remote.auths.get(host)
-    if static is not None:
-        if static.auth:
-            return static.auth
-        if static.username:
-            return base64.b64encode(f"{static.username}:{static.password}".encode()).decode()
-    return _docker_config_auth(host, cfg.remote.docker_config)
-
-
-def _ping(scheme: str, host: str, timeout: float) -> str | None:
-    """None if ``scheme://host/v2/`` answers HTTP at all, else the error text."""
-    import requests  # noqa: PLC0415 - only needed for nydus images
-
-    try:
-        requests.get(f"{scheme}://{host}/v2/", timeout=timeout, verify=False, allow_redirects=False)
-        return None
-    except requests.RequestException as exc:
-        return str(exc)
-
-
-def backend_config(image_ref: str, labels: Mapping[str, str], cfg: Config,
-                   ping: Callable[[str, str, float], str | None] | None = None) -> dict[str, Any]:
-    """The nydusd ``device.backend`` for an image (registry host/repo, auth, mirror choice)."""
-    ref = L.parse_image_ref(image_ref)
-    host = ref.backend_host
-    endpoints: list[tuple[str, str]] = []
-    for mirror in cfg.remote.mirrors.get(ref.host, ()) or cfg.remote.mirrors.get(host, ()):
-        scheme, _, rest = mirror.partition("://")
-        endpoints.append((scheme, rest.rstrip("/")))
-    insecure = ref.host in cfg.remote.insecure_registries or host in cfg.remote.insecure_registries
-    endpoints.append(("http" if insecure else "https", host))
-    chosen = endpoints[-1]
-    if cfg.remote.check_registry:
-        ping = ping or _ping
-        errors = []
-        for scheme, ep_host in endpoints:
-            err = ping(scheme, ep_host, float(cfg.remote.connect_timeout or 5))
-            if err is None:
-                chosen = (scheme, ep_host)
-                break
-            errors.append(f"{scheme}://{ep_host}: {err}")
-        else:
-            raise Unavailable(f"registry for image {image_ref} unreachable: " + "; ".join(errors))
-    auth = registry_auth(ref.host, labels, cfg) or ""
-    return {"type": "registry",
-            "config": {"scheme": chosen[0], "host": chosen[1], "repo": ref.repo, "auth": auth,
-                       "skip_verify": cfg.remote.skip_ssl_verify, "timeout": cfg.remote.timeout,
-                       "connect_timeout": cfg.remote.connect_timeout, "retry_limit": cfg.remote.retry_limit}}
 
 
 # ----------------------------------------------------------------------------- the snapshotter
@@ -272,56 +134,27 @@ class Snapshotter:
 
     def __init__(self, config: Config, *, manager: InstanceManager | None = None,
                  manager_factory: Callable[[Config], InstanceManager] | None = None,
-                 ping: Callable[[str, str, float], str | None] | None = None) -> None:
+                 ping: Ping | None = None) -> None:
         self.config = config
         self.root = os.path.abspath(config.root)
         os.makedirs(os.path.join(self.root, "snapshots"), mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.ms = MetaStore(os.path.join(self.root, "metadata.db"))
+        self.credentials = CredentialStore(self.root)
         self.overlay = _host_overlay_options(config.snapshot.enable_overlayfs_volatile)
-        self._manager = manager
-        self._manager_factory = manager_factory
+        self.rafs = Instances(config, self._needed_instances, manager=manager, manager_factory=manager_factory)
         self._ping = ping
-        self._mounted: dict[str, str] = {}          # instance id (meta snapshot id) -> mountpoint
-        self._prestarted = False                    # shared daemon start requested (first nydus pull)
-        self._instance_locks: dict[str, threading.Lock] = {}
-        self._lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    @property
-    def manager(self) -> InstanceManager:
-        """The RAFS instance manager, created on first use (needs ``rafs.daemon.manager``)."""
-        with self._lock:
-            if self._manager is None:
-                factory = self._manager_factory or default_manager_factory
-                self._manager = factory(self.config)
-            return self._manager
-
     def start(self) -> None:
         """Recover RAFS instances left by a previous run (running containers keep their mounts)."""
-        records = os.path.join(self.root, "daemons")
-        has_records = os.path.isdir(records) and any(n.endswith(".json") for n in os.listdir(records))
-        if self._manager is None and self._manager_factory is None and not has_records \
-                and not self._needed_instances():
-            return  # no nydus image in use and no daemons left: don't even import the manager
-        mgr = self.manager
-        if self.config.daemon.recover_policy != "none":
-            mgr.recover()
-        for iid, state in mgr.instances().items():
-            mp = getattr(state, "mountpoint", None)
-            if getattr(state, "state", "RUNNING") == "DEAD":
-                log.warning("RAFS instance %s: daemon is dead; it is remounted on next use", iid)
-                continue
-            if isinstance(mp, str) and mp:
-                self._mounted[str(iid)] = mp
+        self.rafs.recover()
 
     def close(self) -> None:
         """Stop serving; RAFS instances stay mounted unless ``cleanup_on_close``."""
-        if self.config.cleanup_on_close and self._manager is not None:
-            for iid in list(self._mounted):
-                self._umount_instance(iid, only_if_unneeded=False)
-            self._manager.shutdown()
+        if self.config.cleanup_on_close:
+            self.rafs.close()
         self.ms.close()
 
     # -- containerd calls -----------------------------------------------------------------
@@ -351,7 +184,7 @@ class Snapshotter:
         if meta is None:
             return native_mounts(self.root, snap, self.overlay)
         meta_id, meta_info, between = meta
-        mp = self._ensure_instance(meta_id, meta_info, info.labels)
+        mp = self._instance(meta_id, meta_info, info.labels)
         return remote_mounts(self.root, snap, mp, between=between, opts=self.overlay)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
@@ -359,6 +192,7 @@ class Snapshotter:
         validate_key(name, "name")
         validate_key(key)
         validate_labels(labels)
+        self.credentials.remember(labels)
         with self.ms.transaction(writable=True) as tx:
             sid, info, _ = store.get_info(tx, key)
             fs_dir = upper_path(self.root, sid)
@@ -382,7 +216,7 @@ class Snapshotter:
             except SnapshotterError as exc:
                 raise type(exc)(f"failed to remove: {exc}") from exc
         # after commit: the metadata already says it is gone; failures are only logged
-        self._release_instances(removed={sid})
+        self.rafs.release_unneeded()
         if self.config.snapshot.sync_remove:
             self._remove_dir(sid)
 
@@ -406,7 +240,8 @@ class Snapshotter:
         if info.kind == Kind.COMMITTED and L.is_nydus_data_layer(info.labels):
             blob_id = L.layer_blob_id(info.labels)
             if blob_id:
-                return self._cache_usage(blob_id)
+                size, files = blob_usage(self.config.cache_dir, blob_id)
+                return Usage(size=size, inodes=files)
         return usage
 
     def walk(self, filters: Iterable[str] = ()) -> list[Info]:
@@ -419,15 +254,15 @@ class Snapshotter:
 
         Returns the removed directories.
         """
-        self._release_instances(removed=set())
+        self.rafs.release_unneeded()
         removed: list[str] = []
         snapdir = os.path.join(self.root, "snapshots")
         with self.ms.transaction(writable=True) as tx:  # writers hold the lock: no temp dir in flight
             ids = store.id_map(tx)
             stale = [d for d in os.listdir(snapdir) if d not in ids]
         for d in stale:
-            if d in self._mounted:
-                self._umount_instance(d, only_if_unneeded=False)
+            if d in self.rafs:
+                self.rafs.umount(d, only_if_unneeded=False)
             if self._remove_dir(d):
                 removed.append(os.path.join(snapdir, d))
         if self.config.cache_manager.gc_on_cleanup and not self.config.cache_manager.disable:
@@ -441,6 +276,7 @@ class Snapshotter:
         if parent:
             validate_key(parent, "parent")
         validate_labels(labels)
+        self.credentials.remember(labels)
 
     def _commit_remote_layer(self, key: str, parent: str, target: str, labels: dict[str, str]) -> None:
         """Record a committed snapshot ``target`` for a lazily-loaded nydus data layer, then
@@ -456,28 +292,10 @@ class Snapshotter:
                 snap = self._create_in_tx(tx, Kind.ACTIVE, key, parent, labels)
                 store.commit_active(tx, key, target, Usage(), labels)
                 log.info("nydus data layer %s committed as remote snapshot %s (id %s)", key, target, snap.id)
-                self._prestart_daemon()
+                self.rafs.prestart()
             elif existing.kind != Kind.COMMITTED or existing.parent != parent:
                 raise AlreadyExists(f'target snapshot "{target}" exists with parent "{existing.parent}"')
         raise AlreadyExists(f'target snapshot "{target}"')
-
-    def _prestart_daemon(self) -> None:
-        """A nydus image is being pulled: start the shared daemon in the background (once), so
-        the container's Prepare does not wait for the daemon process to come up."""
-        with self._lock:
-            if self._prestarted:
-                return
-            self._prestarted = True
-
-        def work() -> None:
-            try:
-                prestart = getattr(self.manager, "prestart", None)
-                if prestart is not None:
-                    prestart()
-            except Exception as exc:  # the mount itself reports (and retries) a failed start
-                log.warning("starting the shared nydusd early failed: %s", exc)
-
-        threading.Thread(target=work, name="nydusd-prestart", daemon=True).start()
 
     def _create_in_tx(self, tx: store.Transaction, kind: Kind, key: str, parent: str,
                       labels: Mapping[str, str]) -> Snapshot:
@@ -520,7 +338,7 @@ class Snapshotter:
             return native_mounts(self.root, snap, self.overlay)
         meta_id, meta_info, between = meta
         try:
-            mp = self._ensure_instance(meta_id, meta_info, labels)
+            mp = self._instance(meta_id, meta_info, labels)
         except BaseException:
             # undo: the caller sees an error, so the snapshot must not exist
             try:
@@ -560,26 +378,10 @@ class Snapshotter:
             between.append(sid)
         return None
 
-    def _instance_lock(self, iid: str) -> threading.Lock:
-        with self._lock:
-            return self._instance_locks.setdefault(iid, threading.Lock())
-
-    def mountpoint_hint(self, meta_id: str) -> str:
-        if self.config.daemon.daemon_mode == "dedicated":
-            return os.path.join(snapshot_dir(self.root, meta_id), "mnt")
-        return os.path.join(self.root, "mnt", meta_id)
-
-    def _ensure_instance(self, meta_id: str, meta_info: Info, labels: Mapping[str, str]) -> str:
+    def _instance(self, meta_id: str, meta_info: Info, labels: Mapping[str, str]) -> str:
         """Mount (or reuse) the RAFS instance of meta snapshot ``meta_id``; returns its mountpoint."""
-        with self._instance_lock(meta_id):
-            mp = self._mounted.get(meta_id)
-            if mp is not None:
-                try:
-                    os.stat(mp)
-                    return mp
-                except OSError as exc:  # ENOTCONN: its daemon died; the manager recovers it
-                    log.warning("RAFS instance %s at %s is broken (%s); remounting", meta_id, mp, exc)
-                    del self._mounted[meta_id]
+
+        def prepare() -> tuple[str, dict[str, Any], str]:
             boot = find_bootstrap(upper_path(self.root, meta_id))
             if boot is None:
                 raise FailedPrecondition(f"nydus meta layer {meta_info.name} has no bootstrap file")
@@ -587,23 +389,17 @@ class Snapshotter:
                 check_bootstrap(boot)  # it may have been damaged since Commit
             except BootstrapError as exc:
                 raise FailedPrecondition(f"nydus meta layer {meta_info.name}: {exc}") from exc
-            merged = {**meta_info.labels, **{k: v for k, v in labels.items() if k in (L.PULL_USERNAME, L.PULL_SECRET, L.CRI_IMAGE_REF)}}
+            merged = {**meta_info.labels,
+                      **{k: v for k, v in labels.items() if k in (L.PULL_USERNAME, L.PULL_SECRET, L.CRI_IMAGE_REF)}}
             ref = L.image_ref(merged)
             if ref is None:
                 raise FailedPrecondition(
                     f"failed to find image ref of snapshot {meta_info.name}: label {L.CRI_IMAGE_REF} missing")
-            backend = backend_config(ref, merged, self.config, self._ping)
-            hint = self.mountpoint_hint(meta_id)
-            t0 = time.monotonic()
-            try:
-                mp = self.manager.mount(meta_id, boot, hint, backend)
-            except SnapshotterError:
-                raise
-            except Exception as exc:  # the manager's own errors (rafs/storage) → UNAVAILABLE
-                raise Unavailable(f"failed to mount RAFS instance for {meta_info.name}: {exc}") from exc
-            log.info("RAFS instance %s for %s mounted at %s in %.3fs", meta_id, ref, mp, time.monotonic() - t0)
-            self._mounted[meta_id] = mp
-            return mp
+            if L.PULL_SECRET not in merged:  # credentials of the pull, kept out of the metastore
+                merged.update(self.credentials.labels_for(ref))
+            return boot, backend_config(ref, merged, self.config, self._ping), ref
+
+        return self.rafs.ensure(meta_id, meta_info.name, prepare)
 
     def _needed_instances(self) -> set[str]:
         """Meta snapshot ids that some active/view snapshot sits on."""
@@ -623,34 +419,9 @@ class Snapshotter:
                 parent = pinfo.parent
         return needed
 
-    def _release_instances(self, removed: set[str]) -> None:
-        if not self._mounted:
-            return
-        needed = self._needed_instances()
-        for iid in list(self._mounted):
-            if iid not in needed:
-                self._umount_instance(iid)
-
-    def _umount_instance(self, iid: str, *, only_if_unneeded: bool = True) -> None:
-        with self._instance_lock(iid):
-            if iid not in self._mounted:
-                return
-            # re-check under the instance lock: a Prepare that committed its snapshot after our
-            # caller looked must keep the instance (its _ensure_instance waits for this lock)
-            if only_if_unneeded and iid in self._needed_instances():
-                return
-            try:
-                self.manager.umount(iid)
-                self._mounted.pop(iid, None)
-                log.info("RAFS instance %s unmounted", iid)
-            except FileNotFoundError:  # the manager does not know it (rafs NotFound): gone already
-                self._mounted.pop(iid, None)
-            except Exception:  # keep it listed; Cleanup retries
-                log.exception("failed to unmount RAFS instance %s", iid)
-
     def instances(self) -> dict[str, str]:
         """Mounted RAFS instances: meta snapshot id → mountpoint."""
-        return dict(self._mounted)
+        return self.rafs.mounted()
 
     def _remove_dir(self, sid: str) -> bool:
         path = snapshot_dir(self.root, sid)
@@ -667,19 +438,7 @@ class Snapshotter:
             log.warning("failed to remove directory %s", path, exc_info=True)
             return False
 
-    # -- cache ----------------------------------------------------------------------------
-
-    def _cache_usage(self, blob_id: str) -> Usage:
-        size = inodes = 0
-        for suffix in CACHE_SUFFIXES:
-            try:
-                st = os.stat(os.path.join(self.config.cache_dir, blob_id + suffix))
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                size += st.st_blocks * 512
-                inodes += 1
-        return Usage(size=size, inodes=inodes)
+    # -- cache (storage's file cache owns the files, their locks and the GC) ----------------
 
     def blobs_in_use(self) -> set[str]:
         """Blob ids (layer digest hex) of every nydus data layer and bootstrap the store knows."""
@@ -696,105 +455,24 @@ class Snapshotter:
                     in_use.add(blob)
             elif L.is_nydus_meta_layer(info.labels):
                 boot = find_bootstrap(upper_path(self.root, sid))
-                in_use |= _bootstrap_blob_ids(boot) if boot else set()
+                in_use |= bootstrap_blob_ids(boot) if boot else set()
         return in_use
 
     def cache_size(self) -> int:
-        total = 0
-        try:
-            with os.scandir(self.config.cache_dir) as it:
-                for e in it:
-                    if e.is_file(follow_symlinks=False):
-                        total += e.stat(follow_symlinks=False).st_blocks * 512
-        except OSError:
-            pass
-        return total
+        return cache_dir_usage(self.config.cache_dir)
 
     def gc_cache(self) -> list[str]:
-        """Delete cache files of blobs that no snapshot uses; returns the deleted paths.
-
-        Uses storage's ``FileCacheManager.gc(in_use)`` when available, else deletes files named
-        ``<64 hex><known suffix>`` itself.
-        """
-        cache_dir = self.config.cache_dir
-        if not os.path.isdir(cache_dir):
+        """Delete the cache files of blobs no snapshot uses and no daemon holds open (storage's
+        ``gc_cache_dir``, which takes each blob's lock); returns the deleted blob ids."""
+        if not os.path.isdir(self.config.cache_dir):
             return []
-        in_use = self.blobs_in_use()
-        before = set(os.listdir(cache_dir))
-        storage_gc = _storage_gc(cache_dir)
-        if storage_gc is not None:
-            try:
-                storage_gc(in_use)
-            except Exception:  # noqa: BLE001 - GC must never fail Cleanup
-                log.warning("cache GC through storage failed; falling back", exc_info=True)
-        for name in sorted(set(os.listdir(cache_dir))):
-            blob_id = _cache_blob_id(name)
-            if blob_id is None or blob_id in in_use:
-                continue
-            try:
-                os.unlink(os.path.join(cache_dir, name))
-            except OSError:
-                log.warning("cache GC: cannot delete %s", name, exc_info=True)
-        deleted = sorted(os.path.join(cache_dir, n) for n in before - set(os.listdir(cache_dir)))
-        if deleted:
-            log.info("cache GC deleted %d files", len(deleted))
-        return deleted
+        try:
+            return gc_cache_dir(self.config.cache_dir, self.blobs_in_use())
+        except OSError:  # GC must never fail Cleanup
+            log.warning("cache GC of %s failed", self.config.cache_dir, exc_info=True)
+            return []
 
     def counts(self) -> dict[str, int]:
         with self.ms.transaction(writable=False) as tx:
             by_kind = store.counts_by_kind(tx)
         return {k.name.lower(): by_kind.get(k, 0) for k in (Kind.ACTIVE, Kind.VIEW, Kind.COMMITTED)}
-
-
-def _storage_gc(cache_dir: str) -> Callable[[set[str]], list[str]] | None:
-    try:
-        from storage.backend.memory import MemoryBackend  # noqa: PLC0415
-        from storage.cache.filecache import FileCacheManager  # noqa: PLC0415
-    except ImportError:
-        return None
-    return FileCacheManager(cache_dir, MemoryBackend()).gc
-
-
-def _cache_blob_id(name: str) -> str | None:
-    """The blob id a cache file belongs to (``<64 hex>`` + a known suffix), else None."""
-    head, suffix = name[:64], name[64:]
-    if len(head) == 64 and all(c in "0123456789abcdef" for c in head) and suffix in CACHE_SUFFIXES:
-        return head
-    return None
-
-
-def _bootstrap_blob_ids(boot: str) -> set[str]:
-    try:
-        from rafs.metadata import Rafs  # noqa: PLC0415
-    except ImportError:
-        return set()
-    try:
-        with Rafs.open(boot) as rafs:
-            return {b.blob_id for b in rafs.blobs}
-    except Exception:  # an unreadable bootstrap protects nothing; labels still do
-        log.warning("cannot read blob table of %s", boot, exc_info=True)
-        return set()
-
-
-def check_fs_driver(config: Config, cachefiles_dev: str = "/dev/cachefiles") -> None:
-    """Refuse to start with an ``fs_driver`` this host cannot serve (clear message, no surprise later)."""
-    if config.daemon.fs_driver == "fscache" and not os.path.exists(cachefiles_dev):
-        raise ConfigError(
-            "daemon.fs_driver = \"fscache\" needs the kernel's on-demand cachefiles mode "
-            f"(CONFIG_CACHEFILES_ONDEMAND, CONFIG_EROFS_FS_ONDEMAND) and {cachefiles_dev}, which this host "
-            "lacks; use fs_driver = \"fusedev\" or \"erofs\"")
-
-
-def default_manager_factory(config: Config) -> InstanceManager:
-    """A ``rafs.daemon.manager.DaemonManager`` for this config (contract in docs/contracts.md)."""
-    try:
-        from rafs.daemon.manager import DaemonManager  # noqa: PLC0415
-    except ImportError as exc:
-        raise Unavailable("RAFS daemon manager (rafs.daemon.manager) is not available in this build") from exc
-    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-    # same root as upstream: <root>/{daemons,socket,config,logs,mnt}; shared instances land at
-    # <root>/mnt/<instance id>, which is also the snapshotter's mountpoint hint
-    return DaemonManager(config.root, mode=config.daemon.daemon_mode,  # type: ignore[arg-type]
-                         fs_driver=config.daemon.fs_driver,  # type: ignore[arg-type]
-                         nydusd_config=nydusd_config(config),
-                         log_level=level if level in ("debug", "info", "warning", "error") else "info")

@@ -1,17 +1,41 @@
-"""Chunk compression: none, lz4_block (raw LZ4 block, no frame), gzip, zstd (standard frame)."""
+"""Chunk compression: none, lz4_block (raw LZ4 block, no frame), gzip, zstd (standard frame).
+
+zstd contexts are made once per thread and reused: building one costs more than compressing a
+4 KiB chunk (figures in docs/storage.md). A context must not be used by two threads at once,
+hence one per thread rather than one per process.
+"""
 
 from __future__ import annotations
 
+import threading
 import zlib
 
 import lz4.block
 import zstandard
 
-from storage.device import Compressor
 from storage.errors import DecompressError
+from storage.records import Compressor
 
 #: zstd level used by the builder (upstream uses the zstd default, 3)
 ZSTD_LEVEL = 3
+
+_local = threading.local()
+
+
+def _zstd_compressor() -> zstandard.ZstdCompressor:
+    try:
+        return _local.compressor
+    except AttributeError:
+        _local.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        return _local.compressor
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    try:
+        return _local.decompressor
+    except AttributeError:
+        _local.decompressor = zstandard.ZstdDecompressor()
+        return _local.decompressor
 
 
 def compress(algo: Compressor, data: bytes) -> bytes:
@@ -19,7 +43,7 @@ def compress(algo: Compressor, data: bytes) -> bytes:
     if algo == Compressor.NONE:
         return bytes(data)
     if algo == Compressor.ZSTD:
-        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+        return _zstd_compressor().compress(data)
     if algo == Compressor.LZ4_BLOCK:
         return lz4.block.compress(data, store_size=False)
     if algo == Compressor.GZIP:
@@ -34,9 +58,7 @@ def decompress(algo: Compressor, data: bytes | memoryview, uncompressed_size: in
         if algo == Compressor.NONE:
             out = bytes(data)
         elif algo == Compressor.ZSTD:
-            out = zstandard.ZstdDecompressor().decompress(
-                data, max_output_size=uncompressed_size
-            )
+            out = _zstd_decompressor().decompress(data, max_output_size=uncompressed_size)
         elif algo == Compressor.LZ4_BLOCK:
             out = lz4.block.decompress(data, uncompressed_size=uncompressed_size)
         elif algo == Compressor.GZIP:

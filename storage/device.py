@@ -1,137 +1,54 @@
-"""Blob device: the records describing blobs and chunk ranges, and the device reading them.
+"""Blob device: reads :class:`~storage.records.BlobIoVec` ranges through the blob caches.
 
-``rafs`` turns a file range into a :class:`BlobIoVec`; the device runs it through the cache.
+``rafs`` turns a file range into a ``BlobIoVec``; the device runs it through the cache.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
+from storage.cache.base import BlobCache, BlobCacheManager
 from storage.errors import StorageError
+from storage.metrics import StorageMetrics
+from storage.prefetch import PrefetchConfig, Prefetcher
+from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:
-    from storage.cache.base import BlobCache, BlobCacheManager
-    from storage.prefetch import PrefetchConfig
 
+class BlobReadDevice(Protocol):
+    """What a filesystem needs from a blob device: :class:`BlobDevice` is the implementation,
+    ``rafs`` codes against this (and tests put small fakes in its place)."""
 
-class Compressor(enum.IntEnum):
-    """On-disk compression algorithm numbers (v6 blob table ``compression_algo``)."""
+    metrics: StorageMetrics
 
-    NONE = 0
-    LZ4_BLOCK = 1
-    GZIP = 2
-    ZSTD = 3
+    def read(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]") -> bytes:
+        """The bytes of ``iovec`` in order, holes as zeros; may fetch; blocking, thread-safe.
+        Raises :class:`~storage.errors.StorageError` (or ``OSError``) when the data cannot be read."""
+        ...
 
+    def read_ready(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]") -> bytes | None:
+        """The bytes of ``iovec`` if all of it is local, else None; never fetches or waits."""
+        ...
 
-class Digester(enum.IntEnum):
-    """On-disk digest algorithm numbers (v6 blob table ``digest_algo``)."""
+    def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low") -> None:
+        """Make the chunks of ``iovecs`` local in the background."""
+        ...
 
-    BLAKE3 = 0
-    SHA256 = 1
+    def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
+        """The complete uncompressed data file of a blob, if there is one yet and its content is
+        known good (``verify``: check it now, which may read the whole file)."""
+        ...
 
+    def set_chunk_source(self, source: "Callable[[], Iterable[ChunkInfo]]") -> None:
+        """Where chunk digests not given with a read are found (the bootstrap's chunk table)."""
+        ...
 
-class BlobFeatures(enum.IntFlag):
-    ALIGNED = 0x1
-    INLINED_FS_META = 0x2
-    CHUNK_INFO_V2 = 0x4
-    ZRAN = 0x8
-    SEPARATE = 0x10
-    INLINED_CHUNK_DIGEST = 0x20
-    TARFS = 0x40
-    BATCH = 0x80
-    ENCRYPTED = 0x100
-    IS_CHUNKDICT_GENERATED = 0x200
-    IS_SEPARATED_WITH_PREFETCH_FILES = 0x400
-    EXTERNAL = 0x800
-    HAS_TAR_HEADER = 0x1000_0000
-    HAS_TOC = 0x2000_0000
-    CAP_TAR_TOC = 0x4000_0000
-
-
-class ChunkFlags(enum.IntFlag):
-    """``BlobChunkFlags`` of the 80-byte chunk info."""
-
-    COMPRESSED = 0x1
-    HOLECHUNK = 0x2
-    ENCRYPTED = 0x4
-    BATCH = 0x8
-    HAS_CRC32 = 0x10
-
-
-@dataclass(frozen=True, slots=True)
-class BlobInfo:
-    """One data blob of an image, as the bootstrap's blob table describes it."""
-
-    blob_index: int
-    blob_id: str
-    chunk_count: int
-    chunk_size: int
-    compressor: Compressor
-    digester: Digester
-    features: int = 0
-    compressed_size: int = 0
-    uncompressed_size: int = 0
-    ci_compressor: Compressor = Compressor.NONE
-    ci_offset: int = 0
-    ci_compressed_size: int = 0
-    ci_uncompressed_size: int = 0
-    blob_toc_size: int = 0
-    blob_toc_digest: bytes = b""
-
-    def has(self, feature: BlobFeatures) -> bool:
-        return bool(self.features & feature)
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkInfo:
-    """One chunk as the bootstrap records it (v5 chunk info / v6 chunk table entry)."""
-
-    blob_index: int
-    index: int  #: ci index within the blob
-    digest: bytes
-    flags: int
-    compressed_offset: int
-    compressed_size: int
-    uncompressed_offset: int
-    uncompressed_size: int
-
-    @property
-    def is_compressed(self) -> bool:
-        return bool(self.flags & ChunkFlags.COMPRESSED)
-
-
-@dataclass(frozen=True, slots=True)
-class BlobIoDesc:
-    """``size`` bytes at ``offset`` within the uncompressed data of one chunk.
-
-    ``blob`` and ``chunk`` are both ``None`` for a hole (v5 sparse files): the device
-    returns ``size`` zero bytes for it.
-    """
-
-    blob: BlobInfo | None
-    chunk: ChunkInfo | None
-    offset: int
-    size: int
-
-    @property
-    def is_hole(self) -> bool:
-        return self.chunk is None
-
-
-class BlobIoVec(list):
-    """An ordered list of :class:`BlobIoDesc`; the bytes of a file range, in file order."""
-
-    @property
-    def size(self) -> int:
-        return sum(desc.size for desc in self)
+    def close(self) -> None: ...
 
 
 def _runs(iovec: "Sequence[BlobIoDesc]") -> "Iterator[tuple[BlobInfo | None, Sequence[BlobIoDesc]]]":
@@ -162,8 +79,6 @@ class BlobDevice:
 
     def __init__(self, blobs: "Sequence[BlobInfo]", factory: "BlobCacheManager", *,
                  prefetch_config: "PrefetchConfig | None" = None) -> None:
-        from storage.prefetch import PrefetchConfig, Prefetcher
-
         self.blobs = {b.blob_index: b for b in blobs}
         self.factory = factory
         self.metrics = factory.metrics
@@ -175,6 +90,7 @@ class BlobDevice:
         #: on the first read, load every blob's CI table in the background (load_chunk_tables);
         #: nothing touches the backend before a read (metadata comes from the bootstrap)
         self.preload_on_first_read = False
+        self._chunk_source: "Callable[[], Iterable[ChunkInfo]] | None" = None
         self.prefetcher = Prefetcher(prefetch_config or PrefetchConfig(), self.metrics, busy=lambda: self._demand > 0)
 
     def _cache(self, blob: BlobInfo) -> "BlobCache":
@@ -184,7 +100,16 @@ class BlobDevice:
             cache = self._caches.get(blob.blob_id)
             if cache is None:
                 cache = self._caches[blob.blob_id] = self.factory.get_blob_cache(blob)
+                source = self._chunk_source
+                if source is not None and getattr(cache, "chunk_source", False) is None:
+                    index = blob.blob_index
+                    cache.chunk_source = lambda: (c for c in source() if c.blob_index == index)  # type: ignore[attr-defined]
             return cache
+
+    def set_chunk_source(self, source: "Callable[[], Iterable[ChunkInfo]]") -> None:
+        """Where caches find chunk digests they were not given (read amplification, whole-blob
+        prefetch, checking a complete cache file): the bootstrap's chunk table, read on first need."""
+        self._chunk_source = source
 
     def _blob(self, blob_index: int) -> BlobInfo:
         try:
@@ -327,9 +252,11 @@ class BlobDevice:
             t.start()
         return threads
 
-    def blob_data_path(self, blob_index: int) -> str | None:
-        """The complete uncompressed cache file of a blob (all chunks ready), else ``None``."""
-        return self._cache(self._blob(blob_index)).data_path()
+    def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
+        """The complete uncompressed cache file of a blob (all chunks ready and checked against
+        their digests by this process), else ``None``. ``verify``: check the chunks not yet
+        checked now (reads the whole file once; a wrong chunk is reset and the answer is None)."""
+        return self._cache(self._blob(blob_index)).data_path(verify)
 
     def close(self) -> None:
         """Cancel prefetch and release the blob caches (idempotent)."""

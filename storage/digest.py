@@ -6,7 +6,7 @@ import hashlib
 
 import blake3
 
-from storage.device import Digester
+from storage.records import Digester
 
 
 def digest(algo: Digester, data: bytes | memoryview) -> bytes:

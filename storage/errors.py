@@ -19,6 +19,10 @@ class AuthError(RegistryError):
     """Authentication with the registry failed."""
 
 
+class CredentialError(AuthError):
+    """Credentials could not be obtained (a docker credential helper missing or failing)."""
+
+
 class BlobNotFound(BackendError, FileNotFoundError):
     """The backend has no blob with that id."""
 
@@ -63,10 +67,6 @@ class TruncatedRead(TransientBackendError):
 
 class BlobRangeError(BackendError, ValueError):
     """A read outside the blob's size was requested."""
-
-
-class PrefetchCancelled(StorageError):
-    """A prefetch was cancelled (the device is closing)."""
 
 
 class RegistryUnavailable(RegistryError, TransientBackendError):

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from storage.cache.base import BlobCache, merge_runs
-from storage.device import ChunkInfo
 from storage.errors import StorageError
 from storage.metrics import StorageMetrics
+from storage.records import ChunkInfo
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import stat
 import tarfile
 
 from storage.compress import decompress
-from storage.device import BlobIoVec, Compressor
 from storage.digest import digest
+from storage.records import BlobIoVec, Compressor
 
 TEXTURE = "dragonflyoss-nydus/tests/texture"
 SNAP = "containerd-nydus-snapshotter/pkg/filesystem/testdata"
@@ -112,12 +112,10 @@ def rich_tree(root: pathlib.Path) -> None:
     os.utime(root / "multi", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
 
 
-def build_rich_image(dest: pathlib.Path) -> pathlib.Path | None:
-    """A v6 bootstrap of :func:`rich_tree` made by ``rafs.builder`` (``None`` if not available)."""
-    try:
-        from rafs.builder.build import BuildOptions, build
-    except ImportError:
-        return None
+def build_rich_image(dest: pathlib.Path) -> pathlib.Path:
+    """A v6 bootstrap of :func:`rich_tree` made by ``rafs.builder``."""
+    from rafs.builder.build import BuildOptions, build
+
     src = dest / "rich-src"
     src.mkdir()
     rich_tree(src)

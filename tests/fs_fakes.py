@@ -23,8 +23,9 @@ import time
 
 from rafs.errors import NotADirectory, NotFound
 from rafs.metadata import InodeAttr
-from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo, Compressor, Digester
 from storage.errors import BackendError
+from storage.metrics import StorageMetrics
+from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo, Compressor, Digester
 
 KIND = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK}
 
@@ -149,12 +150,15 @@ class FakeRafs:
 
 
 class FakeDevice:
-    """Reads chunks from the uncompressed blob file; counts chunk reads; fails when 'down'."""
+    """A ``storage.device.BlobReadDevice`` reading chunks from the uncompressed blob file; counts
+    chunk reads; fails when 'down'; nothing is ever local (``read_ready`` answers None) and
+    prefetch reads synchronously."""
 
     def __init__(self, blob_file: str, complete: bool = False) -> None:
         self.blob_file = blob_file
         self.complete = complete
         self.fd = os.open(blob_file, os.O_RDONLY)
+        self.metrics = StorageMetrics()
 
     def read(self, iovec: BlobIoVec) -> bytes:
         if os.path.exists(self.blob_file + ".down"):
@@ -173,8 +177,18 @@ class FakeDevice:
                 f.write(f"{d.chunk.index}\n")
         return b"".join(out)
 
-    def blob_data_path(self, blob_index: int) -> str | None:
+    def read_ready(self, iovec: BlobIoVec) -> bytes | None:
+        return None
+
+    def prefetch(self, iovecs, *, priority: str = "low") -> None:
+        for iovec in iovecs:
+            self.read(iovec)
+
+    def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
         return self.blob_file if self.complete else None
+
+    def set_chunk_source(self, source) -> None:
+        pass
 
     def close(self) -> None:
         os.close(self.fd)

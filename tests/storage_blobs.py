@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import random
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from storage.compress import compress
-from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkFlags, ChunkInfo, Compressor, Digester
 from storage.digest import digest
+from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkFlags, ChunkInfo, Compressor, Digester
 
 
 @dataclass
@@ -71,3 +75,23 @@ def make_blob(chunk_count: int, chunk_size: int = 4096, *, compressor: Compresso
 
 def random_blob_id() -> str:
     return os.urandom(32).hex()
+
+
+@contextlib.contextmanager
+def blob_held_by_another_process(data_path: str) -> Iterator[subprocess.Popen]:
+    """A separate process holding the shared "in use" lock on a blob's ``.blob.data`` file, as a
+    daemon with the blob open does (storage/cache/filecache.py); released on exit."""
+    code = ("import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+            "fcntl.flock(fd, fcntl.LOCK_SH)\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, data_path], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=10)

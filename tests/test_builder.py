@@ -17,10 +17,10 @@ from rafs.builder import BuildOptions, build
 from rafs.builder.loader import load_bootstrap
 from rafs.errors import BuildError, FormatError
 from storage.compress import decompress
-from storage.device import BlobFeatures, Compressor, Digester
 from storage.digest import digest
 from storage.meta import load_from_blob, walk_sections
 from storage.meta.toc import extract_entry, read_toc
+from storage.records import BlobFeatures, Compressor, Digester
 from tests.builder_helpers import CHUNK, expand, make_tree, snapshot
 
 

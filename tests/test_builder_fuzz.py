@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from rafs.builder import BuildOptions, build
 from rafs.builder.loader import load_bootstrap
-from storage.device import Compressor
+from storage.records import Compressor
 from tests.builder_helpers import erofs_supported, expand, kernel_erofs_mount, kernel_umount, snapshot
 
 EXAMPLES = int(os.environ.get("NYDUS_FUZZ_EXAMPLES", "200" if os.environ.get("NYDUS_SLOW") else "10"))

@@ -10,7 +10,7 @@ import pytest
 
 from rafs.builder import BuildOptions, build
 from rafs.builder.merge import merge
-from storage.device import Compressor
+from storage.records import Compressor
 from tests.builder_helpers import CHUNK, erofs_supported, expand, kernel_erofs_mount, kernel_umount, make_tree, snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.erofs]

@@ -11,12 +11,12 @@ import sys
 import pytest
 
 from rafs.builder import BuildOptions, build
+from rafs import metadata
 from rafs.builder.merge import merge
-from storage.device import Compressor
+from storage.records import Compressor
 from tests.builder_helpers import CHUNK, make_tree, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-metadata = pytest.importorskip("rafs.metadata", reason="rafs.metadata (the reader) not on this checkout")
 
 
 @pytest.fixture(scope="module")

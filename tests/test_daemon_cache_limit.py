@@ -36,7 +36,8 @@ def test_limit_size_drives_the_cache_manager(tmp_path):
 
 
 def test_snapshotter_size_limit_reaches_the_daemon_config():
-    C = pytest.importorskip("snapshotter.config")
+    from snapshotter import config as C
+
     tmpl = C.nydusd_config(C.Config(root="/r", cache_manager=C.CacheManagerConfig(size_limit=64 << 20)))
     tmpl["device"]["backend"] = {"type": "localfs", "config": {"dir": "/r"}}
     assert DaemonConfig.parse(tmpl).cache_limit_size == 64 << 20

@@ -11,7 +11,7 @@ from rafs import erofs
 from rafs.errors import MountError, UnsupportedError
 from rafs.fs.instance import BlobFiles
 from storage.compress import decompress
-from storage.device import Compressor
+from storage.records import Compressor
 from tests.fs_fakes import FakeOpener, FakeRafs
 from tests.fs_harness import require_fuse, running_daemon
 

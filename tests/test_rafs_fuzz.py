@@ -65,11 +65,8 @@ def exercise(path: str, walk_limit: int = WALK_LIMIT) -> int:
 
 def _vectors(vectors_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzzsrc")
-    out = {}
-    rich = build_rich_image(d)  # xattrs, devices, multi-block dirs: once the builder is available
-    if rich is not None:
-        out["builder-rich"] = rich.read_bytes()
-    return out | {
+    return {
+        "builder-rich": build_rich_image(d).read_bytes(),  # xattrs, devices, multi-block dirs
         "v6-2.2": (vectors_dir / TEXTURE / "bootstrap/rafs-v6-2.2.boot").read_bytes(),
         "v5-sha256": (vectors_dir / TEXTURE / "repeatable/sha256-nocompress-repeatable").read_bytes(),
         "v5-blake3": (vectors_dir / TEXTURE / "repeatable/blake3-lz4_block-non_repeatable").read_bytes(),

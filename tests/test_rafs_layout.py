@@ -9,7 +9,7 @@ import pytest
 
 import rafs.layout as L
 from rafs.errors import FormatError
-from storage.device import Compressor, Digester
+from storage.records import Compressor, Digester
 
 SIZES = {
     L.RafsV6SuperBlock: 128,

@@ -12,7 +12,7 @@ import pytest
 
 from rafs.errors import FormatError, NotADirectory, NotFound, RafsError
 from rafs.metadata import InodeAttr, Rafs
-from storage.device import BlobIoVec, Compressor, Digester
+from storage.records import BlobIoVec, Compressor, Digester
 from tests._rafs_util import TEXTURE, extract_boot, flatten_tree, parse_result, read_iovec, rich_tree
 
 V5_BLOB = "7334a2594e133cf8ae364189c2276b090fc490c627bcc3fb1077f0419a538e00"
@@ -351,18 +351,19 @@ def test_v6_agrees_with_fsck_erofs(vectors_dir, tmp_path):
         assert extracted == {"/lib.rs": 16931, "/sync_io.rs": 13400}
 
 
-# --- round trip through the builder (runs once rafs.builder is on the branch) -------------------
+# --- round trip through the builder -----------------------------------------------------------
 
 
 def test_roundtrip_builder_image(tmp_path):
     """Build a rich directory with rafs.builder and read every attribute and byte back."""
-    builder = pytest.importorskip("rafs.builder.build", reason="rafs.builder not on this branch yet")
+    from rafs.builder import BuildOptions, build
+
     src = tmp_path / "src"
     src.mkdir()
     rich_tree(src)
     boot, blob = tmp_path / "image.boot", tmp_path / "image.blob"
-    opts = builder.BuildOptions(chunk_size=0x2000)
-    result = builder.build(str(src), bootstrap_out=str(boot), blob_out=str(blob), options=opts)
+    opts = BuildOptions(chunk_size=0x2000)
+    result = build(str(src), bootstrap_out=str(boot), blob_out=str(blob), options=opts)
     with Rafs.open(boot) as fs:
         assert fs.version == 6 and fs.chunk_size == 0x2000
         blob_paths = {fs.blobs[0].blob_id: pathlib.Path(result.blob_path or blob)}
@@ -445,7 +446,7 @@ def test_concurrent_readers_agree(boots):
     """Many threads sharing one Rafs (as the FUSE daemon does) see the same tree and chunks."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import rafs.metadata as md
+    import rafs.base as md
 
     def snapshot(fs):
         out = []

@@ -110,7 +110,7 @@ def test_bad_config_exits_2(proc_factory, tmp_path):
 def test_fscache_without_kernel_support_is_refused(tmp_path):
     from snapshotter.config import Config, DaemonConfig
     from snapshotter.errors import ConfigError
-    from snapshotter.snapshot import check_fs_driver
+    from snapshotter.instances import check_fs_driver
 
     cfg = Config(root=str(tmp_path), daemon=DaemonConfig(fs_driver="fscache"))
     with pytest.raises(ConfigError, match="CONFIG_EROFS_FS_ONDEMAND"):

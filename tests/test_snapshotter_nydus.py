@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import shutil
 
@@ -14,6 +15,7 @@ from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter import labels as L
 from snapshotter.config import RegistryAuth, RemoteConfig
 from tests.snapshotter_helpers import FakeManager, Harness, code_of
+from tests.storage_blobs import blob_held_by_another_process
 
 IMAGE = "127.0.0.1:5000/foo/bar:v1"
 BLOB1 = "a" * 64
@@ -22,10 +24,7 @@ BLOB2 = "b" * 64
 
 @pytest.fixture
 def bootstrap(vectors_dir):
-    path = vectors_dir / "dragonflyoss-nydus" / "tests" / "texture" / "bootstrap" / "rafs-v6-2.2.boot"
-    if not path.is_file():
-        pytest.skip(f"{path} missing")
-    return path
+    return vectors_dir / "dragonflyoss-nydus" / "tests" / "texture" / "bootstrap" / "rafs-v6-2.2.boot"
 
 
 @pytest.fixture
@@ -242,18 +241,90 @@ def test_credentials_from_labels_config_and_docker_config(tmp_path, bootstrap):
         h.stop()
 
 
-def test_mirror_chosen_when_it_answers(tmp_path, bootstrap):
+def test_mirrors_go_to_nydusd_and_reachability_uses_storage_failover(tmp_path, bootstrap):
+    """Mirrors are handed to nydusd (storage's RegistryBackend fails over between them); the
+    reachability check goes through the same failover: one answering endpoint is enough."""
     remote = RemoteConfig(check_registry=True, mirrors={"127.0.0.1:5000": ("http://127.0.0.1:6000",
                                                                           "http://127.0.0.1:7000")})
     h = Harness(tmp_path, manager=FakeManager(), remote=remote)
     try:
         h.ping_errors["127.0.0.1:6000"] = "refused"
+        h.ping_errors["127.0.0.1:5000"] = "refused"
         meta = pull_image(h, bootstrap)
         h.prepare("c1", meta)
         cfg = h.manager.ops("mount")[-1][4]["config"]
-        assert (cfg["scheme"], cfg["host"]) == ("http", "127.0.0.1:7000")
+        assert (cfg["scheme"], cfg["host"]) == ("https", "127.0.0.1:5000")
+        assert cfg["mirrors"] == [{"host": "http://127.0.0.1:6000", "auth_through": True},
+                                  {"host": "http://127.0.0.1:7000", "auth_through": True}]
+        h.remove("c1")
+        h.sn.rafs.umount("3", only_if_unneeded=False)
+        h.ping_errors["127.0.0.1:7000"] = "timed out"
+        code, msg = code_of(h.prepare, "c2", meta)
+        assert code == grpc.StatusCode.UNAVAILABLE and "unreachable" in msg
+        for failure in ("http://127.0.0.1:6000/v2/: refused", "http://127.0.0.1:7000/v2/: timed out",
+                        "https://127.0.0.1:5000/v2/: refused"):
+            assert failure in msg
     finally:
         h.stop()
+
+
+def test_credentials_from_a_docker_credential_helper(tmp_path, bootstrap, monkeypatch):
+    """credHelpers through storage's credential module; the secret is never logged."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    helper = bindir / "docker-credential-test"
+    helper.write_text('#!/bin/sh\nread -r url\n[ "$url" = 127.0.0.1:5000 ] || '
+                      '{ echo "credentials not found in native keychain"; exit 1; }\n'
+                      'echo \'{"ServerURL": "127.0.0.1:5000", "Username": "alice", "Secret": "helper-s3cret"}\'\n')
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    docker = tmp_path / "docker.json"
+    docker.write_text(json.dumps({"auths": {"127.0.0.1:5000": {}}, "credHelpers": {"127.0.0.1:5000": "test"}}))
+    h = Harness(tmp_path, manager=FakeManager(),
+                remote=RemoteConfig(check_registry=False, docker_config=str(docker)))
+    try:
+        meta = pull_image(h, bootstrap)
+        with_logs = logging.getLogger()
+        records: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+        with_logs.addHandler(handler)
+        old_level = with_logs.level
+        with_logs.setLevel(logging.DEBUG)
+        try:
+            h.prepare("c1", meta)
+        finally:
+            with_logs.removeHandler(handler)
+            with_logs.setLevel(old_level)
+        cfg = h.manager.ops("mount")[-1][4]["config"]
+        assert cfg["auth"] == base64.b64encode(b"alice:helper-s3cret").decode()
+        assert cfg["docker_config"] == str(docker)
+        assert records and not any("helper-s3cret" in r or cfg["auth"] in r for r in records)
+        # a helper that is not installed: a clear UNAVAILABLE, not a silent anonymous pull
+        docker.write_text(json.dumps({"credHelpers": {"127.0.0.1:5000": "absent"}}))
+        h.remove("c1")
+        code, msg = code_of(h.prepare, "c2", meta)
+        assert code == grpc.StatusCode.UNAVAILABLE and "docker-credential-absent" in msg
+    finally:
+        h.stop()
+
+
+def test_cleanup_gc_skips_a_blob_held_by_a_live_daemon(h, bootstrap):
+    """Cleanup's cache GC is storage's: it honours the per-blob lock another process (a daemon
+    with the blob open) holds; an unused blob goes."""
+    pull_image(h, bootstrap)
+    cache = os.path.join(h.root, "cache")
+    os.makedirs(cache, exist_ok=True)
+    held, unused = "e" * 64, "d" * 64
+    for blob_id in (held, unused):
+        for suffix in (".blob.data", ".chunk_map", ".blob.meta"):
+            with open(os.path.join(cache, blob_id + suffix), "wb") as f:
+                f.write(b"x" * 4096)
+    with blob_held_by_another_process(os.path.join(cache, held + ".blob.data")):
+        h.cleanup()
+        assert sorted(os.listdir(cache)) == sorted(held + s for s in (".blob.data", ".chunk_map", ".blob.meta"))
+    h.cleanup()
+    assert os.listdir(cache) == []
 
 
 def test_cleanup_unmounts_instances_of_removed_images(h, bootstrap):
@@ -284,7 +355,7 @@ def test_restart_recovers_and_releases_leftover_instances(tmp_path, bootstrap):
         meta = pull_image(h, bootstrap)
         h.prepare("ctr", meta)
         # the snapshotter dies before it could unmount; the container's snapshot goes away later
-        h.sn._mounted.clear()
+        h.sn.rafs._mounted.clear()
         h.remove("ctr")
         assert mgr.ops("umount") == []
         h.restart()  # recover() reports the instance; nobody needs it → released at next Remove/Cleanup

@@ -11,14 +11,8 @@ from storage.backend.base import BlobReader
 from storage.backend.config import backend_from_config, registry_config
 from storage.backend.localfs import LocalFsBackend
 from storage.backend.memory import MemoryBackend
-from storage.backend.registry import (
-    Credentials,
-    ProxyConfig,
-    RegistryBackend,
-    RegistryConfig,
-    docker_config_credentials,
-    parse_www_authenticate,
-)
+from storage.backend.credentials import Credentials
+from storage.backend.registry import ProxyConfig, RegistryBackend, RegistryConfig, parse_www_authenticate
 from storage.errors import (
     BackendError,
     BlobNotFound,
@@ -120,23 +114,6 @@ def test_parse_www_authenticate():
         "bearer", {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
                    "scope": "repository:library/nginx:pull"})
     assert parse_www_authenticate('Basic realm="x"') == ("basic", {"realm": "x"})
-
-
-def test_docker_config_credentials(tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"auths": {
-        "reg.example:5000": {"auth": base64.b64encode(b"bob:pw:with:colons").decode()},
-        "https://index.docker.io/v1/": {"auth": base64.b64encode(b"dh:x").decode()},
-        "tok.example": {"identitytoken": "refresh-me", "auth": base64.b64encode(b"<token>:").decode()},
-    }}))
-    assert docker_config_credentials("reg.example:5000", str(path)) == Credentials("bob", "pw:with:colons")
-    assert docker_config_credentials("docker.io", str(path)) == Credentials("dh", "x")
-    assert docker_config_credentials("tok.example", str(path)).identity_token == "refresh-me"
-    assert docker_config_credentials("other", str(path)) is None
-    assert docker_config_credentials("x", str(tmp_path / "missing.json")) is None
-    path.write_text("{not json")
-    with pytest.raises(ConfigError):
-        docker_config_credentials("x", str(path))
 
 
 def test_reader_is_abstract():

@@ -9,7 +9,15 @@ import pytest
 
 from storage.backend.memory import MemoryBackend
 from storage.cache.base import CacheConfig, merge_runs
-from storage.cache.filecache import FileCacheManager
+from storage.cache import filecache
+from storage.cache.filecache import (
+    BLOB_FILE_SUFFIXES,
+    FileCacheManager,
+    blob_usage,
+    cache_blob_id,
+    cached_blob_ids,
+    gc_cache_dir,
+)
 from storage.cache.nocache import NoCacheManager
 from storage.cache.state import (
     CHUNK_MAP_ALL_READY,
@@ -19,9 +27,10 @@ from storage.cache.state import (
     IndexedChunkMap,
     NoopChunkMap,
 )
-from storage.device import BlobDevice, BlobIoDesc, BlobIoVec, Compressor, Digester
+from storage.device import BlobDevice
 from storage.errors import BackendError, CacheError, ChunkDigestMismatch, TransientBackendError
-from tests.storage_blobs import make_blob
+from storage.records import BlobIoDesc, BlobIoVec, Compressor, Digester
+from tests.storage_blobs import blob_held_by_another_process, make_blob
 
 
 def test_cache_config_defaults():
@@ -179,7 +188,10 @@ def test_digest_mismatch_is_an_error_never_cached(tmp_path):
     assert err.actual != err.expected
     cache = mgr.get_blob_cache(b.info)
     assert [cache.chunk_map.is_ready(i) for i in range(4)] == [True, True, False, True]
-    assert mgr.metrics.cache_digest_mismatches.value == 1
+    # the wrong chunk was read once more (the next source; here the same one): both counted
+    assert mgr.metrics.cache_digest_mismatches.value == 2
+    c2 = b.chunks[2]
+    assert backend.requests[-1][1:] == (c2.compressed_offset, c2.compressed_size)
     # the backend heals: the chunk is fetched again and served correctly
     backend.blobs[b.blob_id] = b.data
     assert dev.read(b.iovec(0, 4 * 4096)) == b.plain
@@ -401,3 +413,63 @@ def test_eviction_skips_blobs_open_in_another_manager(tmp_path):
     other.close()
     assert mgr.gc([]) == [blobs[0].blob_id]
     assert mgr.usage() == {}
+
+
+def test_cache_blob_id_uses_the_one_suffix_list():
+    hexid = "ab" * 32
+    for suffix in BLOB_FILE_SUFFIXES:
+        assert cache_blob_id(hexid + suffix) == hexid
+    assert cache_blob_id("b1.blob.data.chunk_map") == "b1"  # not "b1.blob.data"
+    assert cache_blob_id("b1.chunk_map") == "b1"
+    assert cache_blob_id("unrelated.txt") is None and cache_blob_id("short") is None
+
+
+def test_gc_cache_dir_skips_a_blob_held_by_another_process(tmp_path):
+    """The snapshotter's Cleanup GC (``gc_cache_dir``) honours the per-blob lock a daemon holds."""
+    work = tmp_path / "c"
+    work.mkdir()
+    held, unused, kept = "1" * 64, "2" * 64, "3" * 64
+    for blob_id in (held, unused, kept):
+        for suffix in (".blob.data", ".chunk_map", ".blob.meta", ""):
+            (work / (blob_id + suffix)).write_bytes(b"x" * 4096)
+    (work / "notes.txt").write_text("not a cache file")
+    with blob_held_by_another_process(str(work / (held + ".blob.data"))):
+        assert gc_cache_dir(str(work), [kept]) == [unused]
+        assert cached_blob_ids(str(work)) == {held, kept}
+        assert blob_usage(str(work), held) == (4 * 4096, 4)
+    assert gc_cache_dir(str(work), [kept]) == [held]
+    assert sorted(os.listdir(work)) == sorted([kept + s for s in (".blob.data", ".chunk_map", ".blob.meta", "")]
+                                              + ["notes.txt"])
+
+
+def test_opener_racing_a_gc_gets_the_new_file(tmp_path):
+    """A cache that opened a data file just before GC unlinked it reopens the new file."""
+    b = make_blob(4)
+    backend = MemoryBackend({b.blob_id: b.data})
+    work = str(tmp_path / "c")
+    mgr = FileCacheManager(work, backend)
+    dev = BlobDevice([b.info], mgr)
+    dev.read(b.iovec(0, 4096))
+    dev.close()
+    mgr.close()
+    path = os.path.join(work, b.blob_id + ".blob.data")
+    real_flock = filecache.fcntl.flock
+    raced = []
+
+    def flock(fd, op):  # GC runs between the opener's open() and its flock()
+        if op == filecache.fcntl.LOCK_SH and not raced:
+            raced.append(os.fstat(fd).st_ino)
+            assert gc_cache_dir(work, []) == [b.blob_id]
+        return real_flock(fd, op)
+
+    filecache.fcntl.flock = flock
+    try:
+        mgr = FileCacheManager(work, backend)
+        dev = BlobDevice([b.info], mgr)
+        assert dev.read(b.iovec(0, 4096)) == b.plain[:4096]
+    finally:
+        filecache.fcntl.flock = real_flock
+    assert raced and os.path.exists(path)  # without the re-check the cache would hold an unlinked file
+    assert gc_cache_dir(work, []) == []  # the new file is held: not deleted
+    dev.close()
+    mgr.close()

@@ -8,9 +8,10 @@ import time
 
 from storage.backend.memory import MemoryBackend
 from storage.cache.filecache import FileCacheManager
-from storage.device import BlobDevice, Compressor
+from storage.device import BlobDevice
 from storage.metrics import Histogram, StorageMetrics
 from storage.prefetch import PrefetchConfig, Throttle
+from storage.records import Compressor
 from tests.storage_blobs import make_blob
 
 

@@ -6,7 +6,6 @@ import hashlib
 
 import pytest
 
-from storage.device import BlobFeatures, Compressor
 from storage.errors import MetaFormatError
 from storage.meta import (
     BlobChunk,
@@ -24,6 +23,7 @@ from storage.meta import (
 )
 from storage.meta.blob_meta import parse_blob_meta_file
 from storage.meta.toc import extract_entry, parse_tar_header, read_toc
+from storage.records import BlobFeatures, Compressor
 
 BE7D = "dragonflyoss-nydus/tests/texture/blobs/be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 TOC = "dragonflyoss-nydus/tests/texture/toc/2fa78cad554b75ac91a4a125ed148d0ddeb25efa4aaa8bd80e5dc292690a4dca"
@@ -37,8 +37,8 @@ def _reader(buf: bytes):
 def test_struct_sizes():
     assert len(BlobCompressionContextHeader) == 4096
     assert len(TocEntry) == 128
-    from storage.meta.chunk_info import ChunkInfoV1Ondisk, ChunkInfoV2Ondisk
     from storage.meta.blob_meta import ZranContext
+    from storage.meta.chunk_info import ChunkInfoV1Ondisk, ChunkInfoV2Ondisk
     from storage.meta.toc import TarHeader
     assert (len(ChunkInfoV1Ondisk), len(ChunkInfoV2Ondisk), len(ZranContext), len(TarHeader)) == (16, 24, 40, 512)
 

@@ -12,7 +12,8 @@ from rafs.metadata import Rafs
 from storage.backend.localfs import LocalFsBackend
 from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
-from storage.device import BlobDevice, ChunkInfo, Compressor
+from storage.device import BlobDevice
+from storage.records import ChunkInfo, Compressor
 
 
 def _tree(root):

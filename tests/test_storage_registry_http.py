@@ -9,8 +9,9 @@ import threading
 
 import pytest
 
-from storage.backend.registry import Credentials, RegistryBackend, RegistryClient, RegistryConfig
-from storage.errors import AuthError, BlobNotFound, RegistryError
+from storage.backend.credentials import Credentials
+from storage.backend.registry import MirrorConfig, RegistryBackend, RegistryClient, RegistryConfig
+from storage.errors import AuthError, BlobNotFound, RegistryError, RegistryUnavailable
 
 BLOB = bytes(range(256)) * 64
 BLOB_ID = "ab" * 32
@@ -152,3 +153,30 @@ def test_server_ignoring_range_is_sliced():
 
 def test_credentials_from_auth_field():
     assert Credentials.from_auth(base64.b64encode(b"a:b:c").decode()) == Credentials("a", "b:c")
+
+
+def test_ping_goes_through_mirror_failover():
+    """``RegistryBackend.ping``: any HTTP answer to ``/v2/`` counts (401 too), mirrors first in
+    order, a dead one skipped; the origin's error when nothing answers."""
+    origin = _Server(lambda h: _reply(h, 401, headers=[("WWW-Authenticate", 'Basic realm="r"')]))
+    mirror = _Server(lambda h: _reply(h, 200))
+    dead = _Server(lambda h: _reply(h, 200))
+    dead_url = dead.url
+    dead.close()  # nothing listens there any more
+    try:
+        cfg = RegistryConfig(host=origin.host, repo="r", scheme="http", use_docker_config=False,
+                             mirrors=(MirrorConfig(host=dead_url), MirrorConfig(host=mirror.url)))
+        be = RegistryBackend(cfg)
+        assert be.ping() == mirror.url
+        assert be.ping() == mirror.url  # the dead mirror is now skipped (unhealthy)
+        be.close()
+        be = RegistryBackend(RegistryConfig(host=origin.host, repo="r", scheme="http", use_docker_config=False))
+        assert be.ping() == origin.url and origin.seen[-1][:2] == ("GET", "/v2/")
+        be.close()
+        be = RegistryBackend(RegistryConfig(host=dead_url, repo="r", use_docker_config=False))
+        with pytest.raises(RegistryUnavailable, match="/v2/"):
+            be.ping()
+        be.close()
+    finally:
+        origin.close()
+        mirror.close()

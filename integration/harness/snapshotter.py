@@ -4,15 +4,12 @@
         Containerd(snapshotters={"nydus": snap.address}, cri_snapshotter="nydus", ...)
         snap.kill9(); snap.restart()               # crash/restart tests (same root and socket)
 
-``argv`` replaces the command (e.g. a probe snapshotter script); the strings ``{root}``,
-``{address}`` and ``{dir}`` in it are substituted. stop() stops the process by PID, unmounts
-whatever is left mounted under its temp dir and removes it (unless ``keep_dir``).
+stop() stops the process by PID, unmounts whatever is left mounted under its temp dir and
+removes it (unless ``keep_dir``).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -21,17 +18,10 @@ import subprocess
 import sys
 from typing import Any, Mapping, Sequence
 
-from integration.harness import HarnessError
 from integration.harness.util import (kill_pids, log_tail, pids_mentioning, with_pdeathsig,
                                       short_tempdir, stop_process, unmount_all, wait_until)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def snapshotter_serve_available() -> bool:
-    """True when ``python3 -m snapshotter serve`` exists on this checkout."""
-    return (importlib.util.find_spec("snapshotter.__main__") is not None
-            or os.path.exists(os.path.join(REPO_ROOT, "snapshotter", "__main__.py")))
 
 
 def _socket_accepts(path: str) -> bool:
@@ -47,12 +37,11 @@ class SnapshotterProcess:
     """One snapshotter process with its own root dir and socket."""
 
     def __init__(self, *, config: Mapping[str, Any] | str | None = None,
-                 argv: Sequence[str] | None = None, extra_args: Sequence[str] = (),
+                 extra_args: Sequence[str] = (),
                  env: Mapping[str, str] | None = None, base_dir: str | None = None,
                  start_timeout: float = 30.0, keep_dir: bool = False) -> None:
         """``config``: a dict (written as TOML), a TOML string, or None (no ``--config``)."""
         self._config = config
-        self._argv = list(argv) if argv is not None else None
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self._base_dir = base_dir
@@ -82,9 +71,6 @@ class SnapshotterProcess:
         return self.proc.pid if self.proc is not None else None
 
     def command(self) -> list[str]:
-        if self._argv is not None:
-            subst = {"root": self.root, "address": self.address, "dir": self.dir}
-            return [a.format(**subst) for a in self._argv]
         argv = [sys.executable, "-m", "snapshotter", "serve", "--root", self.root,
                 "--address", self.address]
         if self.config_path:
@@ -92,8 +78,6 @@ class SnapshotterProcess:
         return argv + self.extra_args
 
     def start(self) -> "SnapshotterProcess":
-        if self._argv is None and not snapshotter_serve_available():
-            raise HarnessError("python3 -m snapshotter serve is not available on this checkout")
         if not self.dir:
             self.dir = short_tempdir("pyn-snap-", self._base_dir)
             os.makedirs(self.root, exist_ok=True)
@@ -167,14 +151,3 @@ class SnapshotterProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def probe_snapshotter_argv(script: str) -> list[str]:
-    """argv for the lab's probe proxy snapshotter (``pysnap.py ROOT SOCKET LOG MODE``)."""
-    return [sys.executable, script, "{root}", "{address}", "{dir}/calls.jsonl", "{dir}/mode.json"]
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

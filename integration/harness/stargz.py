@@ -14,6 +14,7 @@ unmounts whatever is left under its temp dir and removes it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -31,28 +32,26 @@ CACHE_DIR = os.path.join(REPO_ROOT, ".cache", "stargz")
 BINARY = os.path.join(CACHE_DIR, "stargz-snapshotter")
 
 
-def build_stargz_snapshotter(*, timeout: float = 1200.0) -> str:
+def build_stargz_snapshotter(*, install: bool = False, timeout: float = 1200.0) -> str:
     """Build (or reuse) the stargz-snapshotter binary and return its path.
 
     Runs ``integration/stargz/build.sh`` (idempotent: a cached build returns at once; the first
-    one takes minutes). Raises :class:`HarnessError` with the script's reason when it cannot
-    be built (missing Debian packages without root, a failed ``go build``).
+    one takes minutes). ``install``: apt-get install missing Debian packages first (root).
+    Raises :class:`HarnessError` with the script's reason when it cannot be built (missing
+    Debian packages, a failed ``go build``).
     """
+    argv = ["bash", BUILD_SCRIPT, *(["--install"] if install else []), CACHE_DIR]
     try:
-        r = subprocess.run(["bash", BUILD_SCRIPT, CACHE_DIR], capture_output=True, text=True,
+        r = subprocess.run(argv, capture_output=True, text=True,
                            timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
         raise HarnessError(f"building stargz-snapshotter took longer than {timeout:.0f}s") from e
     out = r.stdout.strip().splitlines()
     if r.returncode != 0 or not out or not os.access(out[-1], os.X_OK):
         tail = "\n".join(r.stderr.strip().splitlines()[-15:])
-        raise HarnessError(f"cannot build stargz-snapshotter (build.sh exit {r.returncode}):\n{tail}")
+        raise HarnessError(f"cannot build stargz-snapshotter (build.sh exit {r.returncode}):\n"
+                           f"{tail}")
     return out[-1]
-
-
-def stargz_snapshotter_built() -> bool:
-    """True when a cached build is present (the next build is then quick)."""
-    return os.access(BINARY, os.X_OK) and os.path.exists(BINARY + ".stamp")
 
 
 class StargzSnapshotter(SnapshotterProcess):
@@ -70,8 +69,7 @@ class StargzSnapshotter(SnapshotterProcess):
         self.binary = binary
         self.log_level = log_level
         self.plain_http = [r.host for r in registries] + list(plain_http)
-        # argv=[]: not ``python3 -m snapshotter serve``; command() below builds the real one
-        super().__init__(config=config, argv=[], base_dir=base_dir, start_timeout=start_timeout,
+        super().__init__(config=config, base_dir=base_dir, start_timeout=start_timeout,
                          keep_dir=keep_dir)
 
     def command(self) -> list[str]:
@@ -97,10 +95,12 @@ def _ctr_remote(containerd: "Containerd", *args: str, timeout: float) -> str:
     argv = ["ctr-remote", "--address", containerd.address, "--namespace", containerd.namespace,
             *args]
     try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
+        # errors="replace": the workload of ``optimize`` writes its own output to our stdout
+        r = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                           timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
-        raise HarnessError(f"{' '.join(argv[5:7])}: no answer after {timeout:.0f}s") from e
+        raise HarnessError(f"ctr-remote {' '.join(args[:2])}: no answer after {timeout:.0f}s"
+                           ) from e
     if r.returncode != 0:
         raise HarnessError(f"ctr-remote {' '.join(args)} failed ({r.returncode}):\n"
                            f"{(r.stderr or r.stdout).strip()[-3000:]}")
@@ -109,7 +109,8 @@ def _ctr_remote(containerd: "Containerd", *args: str, timeout: float) -> str:
 
 def convert_to_estargz(src_ref: str, dst_ref: str, *, optimize: bool = False,
                        workload_argv: Sequence[str] | None = None,
-                       containerd: "Containerd | None" = None, timeout: float = 600.0) -> None:
+                       containerd: "Containerd | None" = None, linger: float = 1.0,
+                       timeout: float = 600.0) -> None:
     """Convert the image ``src_ref`` to eStargz and push it as ``dst_ref`` (both in loopback
     registries, plain HTTP).
 
@@ -119,6 +120,11 @@ def convert_to_estargz(src_ref: str, dst_ref: str, *, optimize: bool = False,
     or, with ``optimize``, ``ctr-remote image optimize --oci`` that runs ``workload_argv`` (the
     image's own entrypoint/cmd if None) in a container under runc and puts the files it read first,
     then pushed with ``--plain-http``.
+
+    ``linger``: ctr-remote 0.12 stops its fanotify recorder as soon as the workload exits and
+    drops the accesses still queued (the last files a short workload reads are then missing from
+    the prefetch list), so ``workload_argv`` runs as ``/bin/sh -c '"$@"; sleep LINGER'`` (exit
+    status kept; needs ``/bin/sh`` in the image). ``linger=0`` runs it unwrapped.
     """
     if shutil.which("ctr-remote") is None:
         raise HarnessError("ctr-remote not found (Debian package stargz-snapshotter)")
@@ -135,10 +141,10 @@ def convert_to_estargz(src_ref: str, dst_ref: str, *, optimize: bool = False,
     if optimize:
         args = ["image", "optimize", "--oci"]
         if workload_argv is not None:
-            import json
-
-            args += ["--entrypoint", json.dumps(list(workload_argv[:1])),
-                     "--args", json.dumps(list(workload_argv[1:]))]
+            argv = list(workload_argv)
+            if linger > 0:
+                argv = ["/bin/sh", "-c", f'"$@"; s=$?; sleep {linger:g}; exit $s', "sh", *argv]
+            args += ["--entrypoint", json.dumps(argv[:1]), "--args", json.dumps(argv[1:])]
         _ctr_remote(containerd, *args, src_ref, dst_ref, timeout=timeout)
     else:
         _ctr_remote(containerd, "image", "convert", "--estargz", "--oci", src_ref, dst_ref,

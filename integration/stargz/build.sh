@@ -2,16 +2,19 @@
 # Build the peer stargz-snapshotter (main.go here, over Debian's Go source packages of
 # stargz-snapshotter 0.12 and containerd 1.6) in GOPATH mode, offline.
 #
-#   integration/stargz/build.sh [OUT_DIR]     # default: .cache/stargz in the checkout
+#   integration/stargz/build.sh [--install] [OUT_DIR]   # default OUT_DIR: .cache/stargz
 #
 # Prints the path of the binary on its last line. Idempotent: rebuilds only when main.go,
-# this script or the Go toolchain changed (stamp file next to the binary). Installs the Debian
-# packages it needs with apt-get when run as root and they are missing.
+# this script, the Go toolchain or the library package changed (stamp file next to the binary).
+# --install: apt-get install the Debian packages it needs when missing (root); without it a
+# missing package is an error (`./run.sh bench-setup` installs them and builds).
 # Exit status: 0 built (or up to date), 1 build failed, 2 missing packages or tools.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+INSTALL=0
+[ "${1:-}" = --install ] && { INSTALL=1; shift; }
 OUT=${1:-$REPO/.cache/stargz}
 BIN=$OUT/stargz-snapshotter
 GOCODE=/usr/share/gocode
@@ -24,6 +27,7 @@ missing=$(for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || echo "$p"
 done | tr '\n' ' ')
 if [ -n "${missing// /}" ]; then
+  [ "$INSTALL" = 1 ] || die "missing Debian packages: $missing(build.sh --install or ./run.sh bench-setup)"
   [ "$(id -u)" = 0 ] || die "missing Debian packages (need root to install): $missing"
   echo "[build.sh] apt-get install $missing" >&2
   apt-get update -qq >/dev/null 2>&1 || die "apt-get update failed"

@@ -58,7 +58,7 @@ from rafs.layout.constants import (
     RAFSV6_FEATURE_INCOMPAT,
     V6_BLOCK_SEG_ALIGNMENT,
 )
-from storage.device import BlobFeatures, Compressor, Digester
+from storage.records import BlobFeatures, Compressor, Digester
 
 BLOCK_SIZE = 4096
 BLOCK_BITS = 12

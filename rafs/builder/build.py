@@ -12,10 +12,11 @@ from typing import BinaryIO
 
 from rafs.builder.blob import BlobRecord, BlobWriter, Chunker, ChunkStore
 from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
-from rafs.builder.source import open_layer, walk_directory, walk_tar
+from rafs.builder.source import LayerLimits, open_layer, walk_directory, walk_tar
 from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer
 from rafs.errors import BuildError
-from storage.device import BlobInfo, Compressor, Digester
+from storage.atomic import atomic_write
+from storage.records import BlobInfo, Compressor, Digester
 
 SOURCE_TYPES = ("dir-rafs", "tar-rafs", "targz-rafs")
 #: upstream spellings accepted for --type/--source-type
@@ -41,6 +42,8 @@ class BuildOptions:
     compact_inodes: bool = False
     threads: int = 2
     progress: bool = False
+    #: caps on declared file size, total size and entry count of the layer (hostile input)
+    limits: LayerLimits = field(default_factory=LayerLimits)
 
     def validate(self) -> None:
         cs = self.chunk_size
@@ -63,17 +66,6 @@ class BuildResult:
     bytes_in: int
     #: seconds per phase (upstream's ``trace`` in the output JSON)
     trace: dict[str, float] = field(default_factory=dict)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-bootstrap.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
 
 
 def _unlink(path: str) -> None:
@@ -161,7 +153,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         if source_type == "dir-rafs":
             if not isinstance(source, (str, os.PathLike)):
                 raise BuildError("dir-rafs needs a directory path")
-            tree = walk_directory(source)
+            tree = walk_directory(source, opts.limits)
             trace["load_from_directory"] = time.perf_counter() - t0
             bar = _progress_bar(opts.progress, _dir_total(tree))
             chunker = Chunker(store, writer, chunk_size=opts.chunk_size, digester=Digester(opts.digester),
@@ -185,7 +177,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             else:
                 stream, close = source, False
             try:
-                tree = walk_tar(open_layer(stream), chunker.add_file)
+                tree = walk_tar(open_layer(stream), chunker.add_file, opts.limits)
             finally:
                 if close:
                     stream.close()
@@ -225,7 +217,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         trace["dump_bootstrap"] = time.perf_counter() - t1
         if bootstrap_out is None:
             bootstrap_out = os.path.join(blob_dir, hashlib.sha256(boot).hexdigest())  # type: ignore[arg-type]
-        _atomic_write(bootstrap_out, boot)
+        atomic_write(bootstrap_out, boot, perms=0o600)
         used = _blob_ids_of(boot)
         trace["total_build"] = time.perf_counter() - t0
         return BuildResult(bootstrap_out, used, info if has_blob else None, blob_path, chunker.bytes_in,

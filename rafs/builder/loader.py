@@ -39,7 +39,7 @@ from rafs.layout.constants import (
     compressor_from_flags,
     digester_from_flags,
 )
-from storage.device import BlobInfo, ChunkInfo, Compressor, Digester
+from storage.records import Compressor, Digester
 from storage.structs import Scalar, StructTooShort
 
 
@@ -85,21 +85,13 @@ def _load(buf: bytes) -> LoadedBootstrap:
     blobs: list[BlobRecord] = []
     for i, b in enumerate(raw_blobs):
         b.validate(i, ext.s_chunk_size)
-        info = BlobInfo(
-            blob_index=i, blob_id=b.blob_id_str, chunk_count=b.chunk_count, chunk_size=b.chunk_size,
-            compressor=Compressor(b.compression_algo), digester=Digester(b.digest_algo), features=b.features,
-            compressed_size=b.compressed_size, uncompressed_size=b.uncompressed_size,
-            ci_compressor=Compressor(b.ci_compressor), ci_offset=b.ci_offset,
-            ci_compressed_size=b.ci_compressed_size, ci_uncompressed_size=b.ci_uncompressed_size,
-            blob_toc_size=b.blob_toc_size, blob_toc_digest=b.blob_toc_digest if any(b.blob_toc_digest) else b"")
+        info = b.blob_info()
         blobs.append(BlobRecord(info, [None] * b.chunk_count))  # type: ignore[list-item]
     nchunks = ext.s_chunk_table_size // RafsV6ChunkInfo.SIZE
     for c in RafsV6ChunkInfo.parse_array(buf, ext.s_chunk_table_offset, nchunks) if nchunks else []:
         if c.blob_index >= nblobs or c.index >= len(blobs[c.blob_index].chunks):
             raise FormatError(f"chunk table entry blob_index={c.blob_index} index={c.index} out of range")
-        blobs[c.blob_index].chunks[c.index] = ChunkInfo(c.blob_index, c.index, c.block_id, c.flags,
-                                                        c.compressed_offset, c.compressed_size,
-                                                        c.uncompressed_offset, c.uncompressed_size)
+        blobs[c.blob_index].chunks[c.index] = c.chunk_info()
     cache: dict[int, Inode] = {}
 
     def data_of(off: int, layout: int, i_u: int, size: int, ibody: int) -> bytes:

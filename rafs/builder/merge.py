@@ -16,10 +16,11 @@ from dataclasses import dataclass, replace
 
 from rafs.builder.blob import INLINE_BLOB_ID_PLACEHOLDER, BlobRecord, ChunkStore
 from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
-from rafs.builder.build import _atomic_write, _blob_ids_of
+from rafs.builder.build import _blob_ids_of
 from rafs.builder.loader import load_bootstrap
 from rafs.builder.tree import ChunkRef, Tree, apply_whiteouts_in_layer, overlay
 from rafs.errors import BuildError
+from storage.atomic import atomic_write
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -124,5 +125,5 @@ def merge(bootstraps: list[str], out: str, *, blob_digests: list[str] | None = N
     opts = BootstrapOptions(chunk_size=params[0], compressor=params[1], digester=params[2],
                             prefetch=list(prefetch or []))
     boot = write_bootstrap(tree, store, opts)
-    _atomic_write(out, boot)
+    atomic_write(out, boot, perms=0o600)
     return MergeResult(out, _blob_ids_of(boot))

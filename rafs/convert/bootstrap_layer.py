@@ -16,6 +16,8 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from storage.atomic import atomic_open
+
 BOOTSTRAP_DIR = "image"
 BOOTSTRAP_NAME = "image/image.boot"
 
@@ -53,11 +55,9 @@ def pack_bootstrap_layer(bootstrap: str, out: str, blob_metas: Sequence[tuple[st
                 tar.addfile(_info(f"{BOOTSTRAP_DIR}/{blob_id}.blob.meta", 0o444,
                                   os.fstat(fh.fileno()).st_size), fh)
     tar_bytes = raw.getvalue()
-    tmp = out + ".partial"
-    with open(tmp, "wb") as fh:
+    with atomic_open(out, "wb") as fh:
         with gzip.GzipFile(filename="", mode="wb", fileobj=fh, mtime=0) as gz:
             gz.write(tar_bytes)
-    os.replace(tmp, out)
     with open(out, "rb") as fh:
         data = fh.read()
     return PackedLayer(out, "sha256:" + hashlib.sha256(data).hexdigest(), len(data),

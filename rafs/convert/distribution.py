@@ -2,7 +2,8 @@
 uploads (monolithic ``POST`` + ``PUT``, or chunked ``POST`` + ``PATCH``… + ``PUT``).
 
 Authentication and transport are :class:`storage.backend.registry.RegistryClient`'s (anonymous,
-Basic, Bearer tokens, docker ``config.json`` credentials); one client per repository. With
+Basic, Bearer tokens); credentials from :mod:`storage.backend.credentials` (docker ``config.json``
+and its credential helpers); one client per repository. With
 ``insecure`` HTTPS is tried without certificate checks, then plain HTTP.
 """
 
@@ -18,7 +19,8 @@ from urllib.parse import urljoin
 
 import requests
 
-from storage.backend.registry import RegistryClient, docker_config_credentials
+from storage.backend.credentials import docker_config_credentials
+from storage.backend.registry import RegistryClient
 from storage.errors import StorageError
 
 from .errors import PushError, SourceError

@@ -22,6 +22,8 @@ from typing import BinaryIO
 
 import zstandard
 
+from storage.atomic import atomic_open
+
 from .errors import ConvertError, SourceError
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -148,30 +150,24 @@ def fetch_layer_tar(stream: BinaryIO, source_digest: str, tar_out: str,
     compressed = hashlib.sha256()
     uncompressed = hashlib.sha256()
     decoder: _Decoder | None = None
-    tmp = tar_out + ".partial"
-    try:
-        with open(tmp, "wb") as out:
-            while chunk := stream.read(1 << 20):
-                compressed.update(chunk)
-                if progress:
-                    progress(len(chunk))
-                if decoder is None:
-                    decoder = _Decoder(detect_compression(chunk))
-                try:
-                    data = decoder.feed(chunk)
-                except (zlib.error, zstandard.ZstdError) as exc:
-                    raise SourceError(f"layer {source_digest}: cannot decompress: {exc}") from exc
-                uncompressed.update(data)
-                out.write(data)
-            if decoder is not None:
-                decoder.finish()
+    with atomic_open(tar_out, "wb") as out:  # a bad stream leaves tar_out as it was
+        while chunk := stream.read(1 << 20):
+            compressed.update(chunk)
+            if progress:
+                progress(len(chunk))
+            if decoder is None:
+                decoder = _Decoder(detect_compression(chunk))
+            try:
+                data = decoder.feed(chunk)
+            except (zlib.error, zstandard.ZstdError) as exc:
+                raise SourceError(f"layer {source_digest}: cannot decompress: {exc}") from exc
+            uncompressed.update(data)
+            out.write(data)
+        if decoder is not None:
+            decoder.finish()
         actual = "sha256:" + compressed.hexdigest()
         if actual != source_digest:
             raise SourceError(f"layer {source_digest}: downloaded content has digest {actual}")
-        os.replace(tmp, tar_out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return "sha256:" + uncompressed.hexdigest()
 
 
@@ -213,7 +209,7 @@ def convert_layer(work_dir: str, source_digest: str, open_stream: Callable[[], B
 
 def _build_options(options: LayerOptions, chunk_dict: str | None, whiteout_spec: str):  # noqa: ANN202
     from rafs.builder import BuildOptions
-    from storage.device import Compressor
+    from storage.records import Compressor
 
     compressors = {"zstd": Compressor.ZSTD, "lz4_block": Compressor.LZ4_BLOCK, "none": Compressor.NONE}
     if options.compressor not in compressors:
@@ -225,22 +221,6 @@ def _build_options(options: LayerOptions, chunk_dict: str | None, whiteout_spec:
                         chunk_dict=chunk_dict)
 
 
-class _Builder:
-    """``rafs.builder``'s two entry points (``build``, ``merge``)."""
-
-    def __init__(self) -> None:
-        try:
-            from rafs.builder.build import build
-            from rafs.builder.merge import merge
-        except ImportError as exc:
-            raise ConvertError("the RAFS builder (rafs.builder) is not available") from exc
-        self.build, self.merge = build, merge
-
-
-def _import_builder() -> _Builder:
-    return _Builder()
-
-
 def build_layer(tar_path: str, out_dir: str, options: LayerOptions,
                 parents: Sequence[LayerResult]) -> dict[str, object]:
     """Run the RAFS builder on one layer tar; return result fields (paths relative to out_dir).
@@ -250,7 +230,8 @@ def build_layer(tar_path: str, out_dir: str, options: LayerOptions,
     conversion does); the merge applies them. Chunks of the chunk dict and of every lower
     layer are offered for dedup through one dedup-dictionary bootstrap.
     """
-    builder = _import_builder()
+    from rafs.builder.build import build
+    from rafs.builder.merge import merge
     from rafs.errors import BuildError
 
     dedup = options.chunk_dict
@@ -260,13 +241,13 @@ def build_layer(tar_path: str, out_dir: str, options: LayerOptions,
         if parents:
             lower = os.path.join(out_dir, "lower.boot")
             temp.append(lower)
-            builder.merge([p.bootstrap for p in parents], lower, whiteout_spec="oci")
+            merge([p.bootstrap for p in parents], lower, whiteout_spec="oci")
             dedup = lower
             if options.chunk_dict:
                 dedup = os.path.join(out_dir, "dedup.boot")
                 temp.append(dedup)
-                builder.merge([options.chunk_dict] + [p.bootstrap for p in parents], dedup,
-                              whiteout_spec="none")
+                merge([options.chunk_dict] + [p.bootstrap for p in parents], dedup,
+                      whiteout_spec="none")
     except BuildError as exc:
         for path in temp:
             if os.path.exists(path):
@@ -275,8 +256,8 @@ def build_layer(tar_path: str, out_dir: str, options: LayerOptions,
     bootstrap = os.path.join(out_dir, "layer.boot")
     blob_tmp = os.path.join(out_dir, "layer.blob")
     try:
-        result = builder.build(tar_path, bootstrap_out=bootstrap, blob_out=blob_tmp, source_type="tar-rafs",
-                               options=_build_options(options, dedup, "none"))
+        result = build(tar_path, bootstrap_out=bootstrap, blob_out=blob_tmp, source_type="tar-rafs",
+                       options=_build_options(options, dedup, "none"))
     except BuildError as exc:
         raise ConvertError(f"building the layer failed: {exc}") from exc
     finally:
@@ -291,18 +272,15 @@ def build_layer(tar_path: str, out_dir: str, options: LayerOptions,
         os.replace(result.blob_path, os.path.join(out_dir, name))
         out.update(blob_id=blob_id, blob=name, blob_size=os.path.getsize(os.path.join(out_dir, name)))
         meta_name = f"{blob_id}.blob.meta"
-        if write_blob_meta(os.path.join(out_dir, name), result.blob, os.path.join(out_dir, meta_name)):
-            out["blob_meta"] = meta_name
+        write_blob_meta(os.path.join(out_dir, name), result.blob, os.path.join(out_dir, meta_name))
+        out["blob_meta"] = meta_name
     return out
 
 
-def write_blob_meta(blob_path: str, info: object, out: str) -> bool:
-    """Write ``<blob_id>.blob.meta`` (cache-file format) from the blob's CI table; False if
-    :mod:`storage.meta.blob_meta` cannot do it."""
-    try:
-        from storage.meta.blob_meta import load_from_blob, write_blob_meta_file
-    except ImportError:
-        return False
+def write_blob_meta(blob_path: str, info: object, out: str) -> None:
+    """Write ``<blob_id>.blob.meta`` (cache-file format) from the blob's CI table."""
+    from storage.meta.blob_meta import load_from_blob, write_blob_meta_file
+
     size = os.path.getsize(blob_path)
     with open(blob_path, "rb") as fh:
         def read_at(offset: int, length: int) -> bytes:
@@ -314,21 +292,20 @@ def write_blob_meta(blob_path: str, info: object, out: str) -> bool:
                               ci_uncompressed_size=info.ci_uncompressed_size,  # type: ignore[attr-defined]
                               ci_compressor=info.ci_compressor)  # type: ignore[attr-defined]
     write_blob_meta_file(out, meta)
-    return True
 
 
 def merge_layers(results: Sequence[LayerResult], out: str, options: LayerOptions) -> list[str]:
     """Merge per-layer bootstraps (lowest first) into ``out`` with OCI whiteouts applied and the
     prefetch list set; return the image's blob ids in blob-table order. This is the
     converter's single call into ``rafs.builder.merge``."""
-    builder = _import_builder()
+    from rafs.builder.merge import merge
     from rafs.errors import BuildError
 
     if not results:
         raise ConvertError("an image needs at least one layer")
     try:
-        merged = builder.merge([r.bootstrap for r in results], out, whiteout_spec="oci",
-                               prefetch=list(options.prefetch_patterns))
+        merged = merge([r.bootstrap for r in results], out, whiteout_spec="oci",
+                       prefetch=list(options.prefetch_patterns))
     except BuildError as exc:
         raise ConvertError(f"merging the layer bootstraps failed: {exc}") from exc
     return list(merged.blob_ids)

@@ -2,33 +2,40 @@
 
 ``device.backend`` → ``storage.backend.config.backend_from_config``; ``device.cache`` type
 ``blobcache``/``filecache`` (with ``config.work_dir``) → ``FileCacheManager``, ``dummycache``
-or none → ``NoCacheManager``; ``digest_validate``, ``amplify_io``, ``device.cache.config.limit_size`` and ``fs_prefetch`` map to
-the cache and prefetch configs.
+or none → ``NoCacheManager``; ``digest_validate`` (re-check digests on every read; chunks are
+always checked when they enter the cache), ``amplify_io``, ``device.cache.config.limit_size`` and
+``fs_prefetch`` map to the cache and prefetch configs.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from rafs.daemon.config import DaemonConfig
 from rafs.errors import ConfigError
-from storage.device import BlobInfo
+from storage.cache.base import BlobCacheManager
+from storage.device import BlobDevice, BlobReadDevice
+from storage.records import BlobInfo, BlobIoDesc, ChunkInfo
 
 
-class OwnedDevice:
+class OwnedDevice(BlobReadDevice):
     """A ``BlobDevice`` that also closes its cache manager (and so the backend) on close."""
 
-    def __init__(self, device: Any, factory: Any) -> None:
+    def __init__(self, device: BlobDevice, factory: BlobCacheManager) -> None:
         self._device = device
         self._factory = factory
-        self.read = device.read
-        self.prefetch = device.prefetch
+        self.metrics = device.metrics
+        self.read = device.read  # type: ignore[method-assign]  # bound once: the hot path
+        self.read_ready = device.read_ready  # type: ignore[method-assign]
 
-    def blob_data_path(self, blob_index: int) -> str | None:
-        return self._device.blob_data_path(blob_index)
+    def prefetch(self, iovecs: Iterable[Sequence[BlobIoDesc]], *, priority: str = "low") -> None:
+        self._device.prefetch(iovecs, priority=priority)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._device, name)
+    def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
+        return self._device.blob_data_path(blob_index, verify)
+
+    def set_chunk_source(self, source: Callable[[], Iterable[ChunkInfo]]) -> None:
+        self._device.set_chunk_source(source)
 
     def close(self) -> None:
         try:
@@ -41,7 +48,6 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
     """The device reading ``blobs`` through the configured backend and cache."""
     from storage.backend.config import backend_from_config
     from storage.cache import CacheConfig, FileCacheManager, NoCacheManager
-    from storage.device import BlobDevice
     from storage.errors import StorageError
     from storage.prefetch import PrefetchConfig
 
@@ -49,7 +55,10 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
         raise ConfigError("device.backend.type: required (registry or localfs)")
     try:
         backend = backend_from_config({"type": cfg.backend_type, "config": cfg.backend_config})
-        cache_cfg = CacheConfig(validate_digest=cfg.digest_validate, amplify_io=cfg.amplify_io,
+        # chunks are always checked against their digests when they enter the cache (and cached
+        # chunks once per process before first use); digest_validate re-checks every read
+        cache_cfg = CacheConfig(validate_digest=True, verify_every_read=cfg.digest_validate,
+                                amplify_io=cfg.amplify_io,
                                 limit_size=cfg.cache_limit_size,
                                 merging_size=max(cfg.fs_prefetch.merging_size, 1 << 17))
         if cfg.cache_type in ("blobcache", "filecache"):

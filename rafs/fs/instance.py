@@ -19,7 +19,8 @@ from typing import Any, Iterator
 
 from rafs.errors import NotADirectory, NotFound, UnsupportedError
 from rafs.metadata import InodeAttr
-from storage.device import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
+from storage.device import BlobReadDevice
+from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class InstanceMetrics:
 class Instance:
     """One mounted image: ``tree`` (Rafs-like metadata) and ``device`` (a ``BlobDevice``)."""
 
-    def __init__(self, name: str, tree: Any, device: Any, *, bootstrap: str = "",
+    def __init__(self, name: str, tree: Any, device: BlobReadDevice, *, bootstrap: str = "",
                  config: dict | None = None, enable_xattr: bool = True) -> None:
         self.name = name
         self.tree = tree
@@ -91,9 +92,6 @@ class Instance:
         contiguous range), or the device says every chunk is cached (``BlobDevice.read_ready``).
         Never fetches and never waits; None = use :meth:`read` (with the same ``iovec``) in a
         worker thread."""
-        device_ready = getattr(self.device, "read_ready", None)
-        if not self._complete and device_ready is None:
-            return None
         if iovec is None:
             iovec = inode.chunks(offset, size)
         if not iovec:
@@ -105,8 +103,8 @@ class Instance:
                 data = self._read_complete(iovec)
             else:
                 data = None
-            if data is None and device_ready is not None:
-                data = device_ready(iovec)
+            if data is None:
+                data = self.device.read_ready(iovec)
         except Exception:
             self.metrics.add_read(0, time.monotonic() - start, False)
             raise
@@ -146,7 +144,7 @@ class Instance:
         if now < self._complete_next_check.get(blob_index, 0.0):
             return -1
         self._complete_next_check[blob_index] = now + COMPLETE_RECHECK_SECONDS
-        path = getattr(self.device, "blob_data_path", lambda i: None)(blob_index)
+        path = self.device.blob_data_path(blob_index)
         if not path:
             return -1
         try:

@@ -30,7 +30,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 import trio
 
-from rafs.errors import NotADirectory, NotFound, RafsError
+from rafs.errors import NotADirectory, NotFound, RafsError, ReadError, StaleHandle
 from rafs.fs.instance import Instance
 from storage.errors import StorageError
 
@@ -70,7 +70,8 @@ T = TypeVar("T")
 
 
 def fuse_errors(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Map this project's errors to errno for the kernel (the only place doing so)."""
+    """Map this project's errors to errno for the kernel (the only place doing so) and log
+    the failures that are not a plain "no such entry"."""
 
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -78,12 +79,14 @@ def fuse_errors(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]
             return await func(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
+        except StaleHandle as exc:
+            raise pyfuse3.FUSEError(errno.ESTALE) from exc
         except (NotFound, KeyError, FileNotFoundError) as exc:
             raise pyfuse3.FUSEError(errno.ENOENT) from exc
         except (NotADirectory, NotADirectoryError) as exc:
             raise pyfuse3.FUSEError(errno.ENOTDIR) from exc
         except (RafsError, StorageError, OSError) as exc:
-            log.error("%s: %s: %s", func.__name__, type(exc).__name__, exc)
+            log.error("%s failed: %s: %s", func.__name__, type(exc).__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from exc
         except Exception as exc:  # a bug must not take the whole mount down
             log.exception("%s: unexpected %s", func.__name__, type(exc).__name__)
@@ -343,11 +346,12 @@ class RafsFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
             inst, node = self._resolve(fh)
         except (KeyError, RafsError) as exc:
-            raise pyfuse3.FUSEError(errno.ESTALE) from exc
+            raise StaleHandle(f"inode {fh}: its instance is gone") from exc
         try:
             # data already in the local cache: pread it right here (a thread hop costs more
             # than the read); anything that may fetch runs in a worker thread
@@ -357,27 +361,7 @@ class RafsFs(pyfuse3.Operations):
                 return data
             return await trio.to_thread.run_sync(inst.read, node, off, size, iovec)
         except (StorageError, RafsError, OSError) as exc:
-            self._log_read_error(inst, node, off, size, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
-        except Exception as exc:
-            log.exception("read %s ino %d @%d+%d: unexpected error", inst.name, node.ino, off, size)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
-
-    @staticmethod
-    def _log_read_error(inst: Instance, node: Any, off: int, size: int, exc: BaseException) -> None:
-        try:
-            descs = [d for d in node.chunks(off, size) if d.chunk is not None]
-        except Exception:
-            descs = []
-        where = ", ".join(
-            f"blob {d.blob.blob_id} chunk {d.chunk.index}" for d in descs[:4]
-        ) or "no chunk"
-        if len(descs) > 4:
-            where += f" (+{len(descs) - 4} more)"
-        log.error(
-            "read failed: instance %r ino %d range %d+%d: %s: %s: %s",
-            inst.name or "/", node.ino, off, size, where, type(exc).__name__, exc,
-        )
+            raise ReadError(f"{_read_context(inst, node, off, size)}: {type(exc).__name__}: {exc}") from exc
 
     async def release(self, fh: int) -> None:
         self.requests["release"] += 1
@@ -390,3 +374,15 @@ class RafsFs(pyfuse3.Operations):
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _rofs
     write = create = setxattr = removexattr = _rofs
+
+
+def _read_context(inst: Instance, node: Any, off: int, size: int) -> str:
+    """Where a read failed: the instance, inode, range and (the first few) chunks."""
+    try:
+        descs = [d for d in node.chunks(off, size) if d.chunk is not None]
+    except Exception:
+        descs = []
+    where = ", ".join(f"blob {d.blob.blob_id} chunk {d.chunk.index}" for d in descs[:4]) or "no chunk"
+    if len(descs) > 4:
+        where += f" (+{len(descs) - 4} more)"
+    return f"instance {inst.name or '/'!r} ino {node.ino} range {off}+{size}: {where}"

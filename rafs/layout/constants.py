@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 from rafs.errors import FormatError
-from storage.device import Compressor, Digester
+from storage.records import Compressor, Digester
 
 # --- generic -------------------------------------------------------------------------------
 RAFS_SUPER_VERSION_V4 = 0x400

@@ -21,6 +21,7 @@ from rafs.layout.constants import (
     BLOB_CHUNK_FLAGS_ALL,
     validate_super_flags,
 )
+from storage.records import ChunkInfo
 from storage.structs import Scalar, Struct
 
 
@@ -178,6 +179,19 @@ class RafsV5ChunkInfo(Struct):
             raise _bad(n, "uncompressed_size", 0, "must be non-zero")
         if self.index >= 1 << 24:
             raise _bad(n, "index", self.index, "above 2^24")
+
+    def chunk_info(self) -> ChunkInfo:
+        """This entry as the storage record (the one conversion, for v5 and v6 readers and the builder)."""
+        return ChunkInfo(
+            blob_index=self.blob_index,
+            index=self.index,
+            digest=self.block_id,
+            flags=self.flags,
+            compressed_offset=self.compressed_offset,
+            compressed_size=self.compressed_size,
+            uncompressed_offset=self.uncompressed_offset,
+            uncompressed_size=self.uncompressed_size,
+        )
 
 
 # --- variable-size tables ------------------------------------------------------------------

@@ -41,7 +41,7 @@ from rafs.layout.erofs import (  # noqa: F401  (re-exported)
     ErofsXattrIbodyHeader,
 )
 from rafs.layout.v5 import RafsV5ChunkInfo
-from storage.device import BlobFeatures
+from storage.records import BlobFeatures, BlobInfo, Compressor, Digester
 from storage.structs import Struct
 
 RafsV6InodeCompact = ErofsInodeCompact
@@ -182,6 +182,27 @@ class RafsV6Blob(Struct):
     @property
     def blob_id_str(self) -> str:
         return self.blob_id.rstrip(b"\0").decode("utf-8", "replace")
+
+    def blob_info(self, blob_id: str | None = None) -> BlobInfo:
+        """This entry as the storage record (the one conversion, for the reader and the builder);
+        ``blob_id`` replaces the id on disk (an inline-bootstrap placeholder resolved by the caller)."""
+        return BlobInfo(
+            blob_index=self.blob_index,
+            blob_id=self.blob_id_str if blob_id is None else blob_id,
+            chunk_count=self.chunk_count,
+            chunk_size=self.chunk_size,
+            compressor=Compressor(self.compression_algo),
+            digester=Digester(self.digest_algo),
+            features=self.features,
+            compressed_size=self.compressed_size,
+            uncompressed_size=self.uncompressed_size,
+            ci_compressor=Compressor(self.ci_compressor),
+            ci_offset=self.ci_offset,
+            ci_compressed_size=self.ci_compressed_size,
+            ci_uncompressed_size=self.ci_uncompressed_size,
+            blob_toc_size=self.blob_toc_size,
+            blob_toc_digest=self.blob_toc_digest,
+        )
 
     def validate(self, index: int | None = None, chunk_size: int | None = None) -> None:
         n = type(self).__name__

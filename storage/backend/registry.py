@@ -2,19 +2,19 @@
 
 * :class:`RegistryClient` — one pooled ``requests.Session`` for one registry host and repo, with
   auth handled: anonymous, Basic, Bearer (``WWW-Authenticate`` challenge → token endpoint with
-  scope, token reused until near expiry, refreshed on 401), docker ``config.json`` credentials,
-  redirects followed by hand so ``Authorization`` never leaves the registry host. The image
-  converter reuses it for pushes (``request("PUT", ...)``).
+  scope, token reused until near expiry, refreshed on 401), credentials from
+  :mod:`storage.backend.credentials` (docker ``config.json``, credential helpers), redirects
+  followed by hand so ``Authorization`` never leaves the registry host. The image converter
+  reuses it for pushes (``request("PUT", ...)``).
 * :class:`RegistryBackend` — range GETs of ``/v2/<repo>/blobs/sha256:<id>``; tries the proxy
   (an HTTP proxy such as a P2P agent), then healthy mirrors in order, then the origin registry.
   A failing proxy/mirror is marked unhealthy for ``check_interval`` seconds (re-checked with its
   ``ping_url`` when given). Retries with backoff live in :class:`~storage.backend.base.BlobReader`.
+  ``ping()`` asks the same order whether any endpoint answers at all.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import re
@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import requests
@@ -30,6 +30,7 @@ import requests.adapters
 import urllib3.exceptions
 
 from storage.backend.base import DEFAULT_RETRY_LIMIT, BlobBackend, BlobReader
+from storage.backend.credentials import Credentials, docker_config_credentials
 from storage.errors import (
     AuthError,
     BlobNotFound,
@@ -57,65 +58,6 @@ _TRANSPORT_ERRORS = (
     ConnectionError,
     TimeoutError,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """Registry credentials: user/password (Basic and token endpoint) or an identity token."""
-
-    username: str = ""
-    password: str = ""
-    identity_token: str = ""
-
-    @classmethod
-    def from_auth(cls, auth: str) -> "Credentials":
-        """Decode docker's ``auth`` field: base64 of ``user:password``."""
-        try:
-            user, _, password = base64.b64decode(auth, validate=False).decode().partition(":")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"registry: 'auth' is not base64 of user:password: {exc}") from exc
-        return cls(user, password)
-
-    def basic(self) -> str:
-        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-
-    def __bool__(self) -> bool:
-        return bool(self.username or self.password or self.identity_token)
-
-
-def docker_config_credentials(host: str, config_path: str | None = None) -> Credentials | None:
-    """Credentials for ``host`` from docker's ``config.json`` (``auths``: ``auth``/``identitytoken``).
-
-    ``config_path`` defaults to ``$DOCKER_CONFIG/config.json`` then ``~/.docker/config.json``.
-    """
-    if config_path is None:
-        base = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
-        config_path = os.path.join(base, "config.json")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"docker config {config_path}: {exc}") from exc
-    auths = doc.get("auths") or {}
-    keys = [host, f"https://{host}", f"http://{host}", f"https://{host}/v1/", f"https://{host}/v2/"]
-    if host in ("docker.io", "index.docker.io", "registry-1.docker.io"):
-        keys += ["https://index.docker.io/v1/", "docker.io", "index.docker.io"]
-    for key in keys:
-        entry = auths.get(key)
-        if not isinstance(entry, dict):
-            continue
-        if entry.get("identitytoken"):
-            user = ""
-            if entry.get("auth"):
-                user = Credentials.from_auth(entry["auth"]).username
-            return Credentials(username=user, identity_token=entry["identitytoken"])
-        if entry.get("auth"):
-            return Credentials.from_auth(entry["auth"])
-        if entry.get("username"):
-            return Credentials(entry["username"], entry.get("password", ""))
-    return None
 
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
@@ -313,6 +255,16 @@ class RegistryClient:
             if resp.status_code == 303:
                 method, data = "GET", None
         raise RegistryError(f"{method} {url}: more than {MAX_REDIRECTS} redirects")
+
+    def ping(self) -> None:
+        """Raise unless ``GET /v2/`` gets an HTTP answer (any status: 401 still means reachable)."""
+        url = self.base_url + "/v2/"
+        try:
+            self.session.get(url, headers=self.headers, timeout=self.timeout, allow_redirects=False).close()
+        except requests.exceptions.SSLError as exc:
+            raise RegistryError(f"GET {url}: TLS: {exc}") from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise RegistryUnavailable(f"GET {url}: {exc}") from exc
 
     def get(self, path: str, **kwargs) -> requests.Response:
         return self.request("GET", path, **kwargs)
@@ -516,9 +468,17 @@ class RegistryBackend(BlobBackend):
     def _new_reader(self, blob_id: str) -> BlobReader:
         return _RegistryReader(self, blob_id)
 
-    def _call(self, what: str, fn):
-        """``fn(client)`` through the first healthy proxy/mirror that answers, else the origin."""
+    def _call(self, what: str, fn, *, after: str = "", served=None):
+        """``fn(client)`` through the first healthy proxy/mirror that answers, else the origin.
+
+        ``after``: skip the sources up to and including the one of that name (a re-read after a
+        digest mismatch goes to the next mirror; the origin answers when no source follows).
+        ``served(name)`` is told which source answered."""
+        skipping = bool(after) and any(ep.name == after for ep, _ in self.endpoints)
         for ep, fallback in self.endpoints:
+            if skipping:
+                skipping = ep.name != after
+                continue
             if not ep.usable():
                 continue
             try:
@@ -533,8 +493,26 @@ class RegistryBackend(BlobBackend):
                     raise
                 continue
             ep.mark_ok()
+            if served is not None:
+                served(ep.name)
             return result
-        return fn(self.client)
+        result = fn(self.client)
+        if served is not None:
+            served("origin")
+        return result
+
+    def ping(self, probe: Callable[[RegistryClient], None] | None = None) -> str:
+        """The base URL of the first endpoint that answers, in read order (proxy, healthy mirrors,
+        origin) with the same failover as reads; the origin's error when none does.
+
+        ``probe(client)`` replaces :meth:`RegistryClient.ping` (tests)."""
+        check = probe or RegistryClient.ping
+
+        def attempt(client: RegistryClient) -> str:
+            check(client)
+            return client.base_url
+
+        return self._call("ping", attempt)
 
     def close(self) -> None:
         self.client.close()
@@ -551,11 +529,13 @@ class _RegistryReader(BlobReader):
         return self._backend._call(f"size of {self.blob_id}", lambda c: c.blob_size(self.blob_id))
 
     def _read_once(self, offset: int, size: int) -> bytes:
+        local = self._local
+        after = self.reread_after or ""
         return self._backend._call(f"read {self.blob_id} {offset}+{size}",
-                                   lambda c: c.read_blob_range(self.blob_id, offset, size))
+                                   lambda c: c.read_blob_range(self.blob_id, offset, size),
+                                   after=after, served=lambda name: setattr(local, "source", name))
 
 
 __all__ = [
-    "Credentials", "MirrorConfig", "ProxyConfig", "RegistryBackend", "RegistryClient", "RegistryConfig",
-    "docker_config_credentials", "parse_www_authenticate",
+    "MirrorConfig", "ProxyConfig", "RegistryBackend", "RegistryClient", "RegistryConfig", "parse_www_authenticate",
 ]

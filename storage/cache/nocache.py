@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 from storage.backend.base import BlobBackend
 from storage.cache.base import BlobCache, BlobCacheManager, CacheConfig, merge_runs
-from storage.device import BlobInfo, BlobIoDesc, ChunkInfo
 from storage.metrics import StorageMetrics
+from storage.records import BlobInfo, BlobIoDesc, ChunkInfo
 
 
 class NoCacheBlobCache(BlobCache):

@@ -17,16 +17,16 @@ is the uncompressed CI data padded to 4 KiB followed by the 4096-byte header.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
+from storage.atomic import atomic_write
 from storage.compress import compress, decompress
-from storage.device import BlobFeatures, Compressor
 from storage.errors import DecompressError, MetaFormatError
 from storage.meta.chunk_info import BlobChunk, decode_ci_array, encode_ci_array
 from storage.meta.header import BLOB_CCT_HEADER_SIZE, BlobCompressionContextHeader
 from storage.meta.toc import ENTRY_BLOB_META, ReadAt, walk_sections
+from storage.records import BlobFeatures, Compressor
 from storage.structs import Struct, StructTooShort
 
 CI_V1_SIZE = 16
@@ -214,19 +214,8 @@ def load_blob_meta_file(path: str | os.PathLike) -> BlobMeta:
 
 
 def write_blob_meta_file(path: str | os.PathLike, meta: BlobMeta) -> None:
-    """Write a cache file atomically (temp file in the same directory + rename)."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".blob.meta.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(encode_blob_meta_file(meta))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write a cache file atomically (temp file in the same directory + fsync + rename)."""
+    atomic_write(path, encode_blob_meta_file(meta), perms=0o600)
 
 
 def expand_blob(read_at: ReadAt, meta: BlobMeta, compressor: int, out: "os.PathLike | str") -> int:

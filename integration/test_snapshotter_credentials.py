@@ -1,0 +1,86 @@
+"""Private registry (htpasswd) whose credentials only a docker credential helper knows, end to end:
+``nydusify convert`` pulls and pushes through the helper, containerd pulls the converted image
+through our snapshotter (data blobs never downloaded at pull time), the snapshotter's RAFS daemon
+reads lazily with the helper's credentials, and the container runs. No secret in any log."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+
+from integration.conftest import HELLO, snapshotter_config_for
+from integration.harness.images import busybox_image
+from integration.test_snapshotter_containerd import kill_recorded_daemons
+from rafs.convert.cli import main as nydusify
+
+pytestmark = [pytest.mark.containerd, pytest.mark.root, pytest.mark.timeout(300)]
+
+USER, SECRET = "alice", "helper-only-s3cret"
+
+
+def install_helper(tmp: pathlib.Path, host: str) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """``docker-credential-test`` (knows ``host`` only) and a docker config naming it:
+    (bin dir, docker config dir, helper call log)."""
+    bindir, confdir, calls = tmp / "bin", tmp / "docker", tmp / "helper-calls.log"
+    bindir.mkdir()
+    confdir.mkdir()
+    helper = bindir / "docker-credential-test"
+    answer = json.dumps({"ServerURL": host, "Username": USER, "Secret": SECRET})
+    helper.write_text(f"""#!/bin/sh
+[ "$1" = get ] || exit 2
+read -r url
+echo "$url" >> {calls}
+if [ "$url" = "{host}" ]; then echo '{answer}'; exit 0; fi
+echo "credentials not found in native keychain"; exit 1
+""")
+    helper.chmod(0o755)
+    # the host is only known through the helper: no auths entry carries a secret
+    (confdir / "config.json").write_text(json.dumps({"auths": {host: {}}, "credHelpers": {host: "test"}}))
+    return bindir, confdir, calls
+
+
+def test_private_registry_through_credential_helper(registry_factory, snapshotter_factory, containerd_factory,
+                                                    tmp_path, monkeypatch):
+    if not os.path.exists("/bin/busybox"):
+        pytest.skip("/bin/busybox missing (Debian package busybox-static)")
+    reg = registry_factory(users={USER: SECRET})
+    bindir, confdir, calls = install_helper(tmp_path, reg.host)
+    source = busybox_image({"etc/hello.txt": HELLO}).push(reg, "test/busybox", "v1", auth=reg.auth)
+    target = f"{reg.host}/test/busybox:v1-nydus"
+
+    # nydusify: credentials from the helper (DOCKER_CONFIG names the config, PATH has the helper)
+    monkeypatch.setenv("DOCKER_CONFIG", str(confdir))
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    assert nydusify(["convert", "--source", source.ref, "--target", target, "--source-insecure",
+                     "--target-insecure", "--work-dir", str(tmp_path / "work"), "--no-progress"]) == 0
+    assert calls.read_text().split().count(reg.host) >= 1, "nydusify did not ask the helper"
+    manifest = json.loads(reg.get_manifest("test/busybox", "v1-nydus", auth=reg.auth)[0])
+    blobs = [layer["digest"] for layer in manifest["layers"][:-1]]
+    assert blobs
+
+    # the snapshotter: same helper, found through its [remote] docker_config
+    cfg = snapshotter_config_for(reg)
+    cfg["remote"]["docker_config"] = str(confdir / "config.json")
+    sn = snapshotter_factory(config=cfg, env={"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"})
+    cd = containerd_factory(snapshotters={"nydus": sn.address}, cri_snapshotter="nydus", registries=[reg])
+    try:
+        calls.write_text("")
+        mark = reg.log_mark()
+        cd.cri.pull_image(target)
+        for digest in blobs:
+            assert not [e for e in reg.blob_fetches(digest, since=mark) if e.status == 200], \
+                "a nydus data blob was downloaded whole at pull time"
+        out = cd.run(target, ["/bin/cat", "/etc/hello.txt"], snapshotter="nydus", namespace="k8s.io").stdout
+        assert out == HELLO.decode()
+        assert any(reg.blob_fetches(d, since=mark) for d in blobs), "no authenticated lazy read"
+        assert reg.host in calls.read_text().split(), "the snapshotter did not ask the helper"
+        logs = sn.log() + "".join(p.read_text(errors="replace")
+                                  for p in pathlib.Path(sn.root, "logs").glob("**/*") if p.is_file())
+        assert SECRET not in logs
+    finally:
+        cd.stop()
+        sn.terminate()
+        kill_recorded_daemons(sn.root)

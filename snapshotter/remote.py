@@ -1,0 +1,119 @@
+"""Registry settings of a nydus image: the nydusd ``device.backend`` the snapshotter hands to the
+``DaemonManager``, built on storage's registry code.
+
+* host and repository from the image reference label (``cri.image-ref``);
+* scheme ``http`` for ``[remote] insecure_registries``;
+* mirrors from ``[remote.mirrors]``, passed to nydusd as ``mirrors[]``: storage's
+  ``RegistryBackend`` tries them in order before the origin, with its health checks;
+* credentials: the pull labels, then ``[remote.auths]``, then docker's ``config.json`` and its
+  credential helpers (:mod:`storage.backend.credentials`, the module nydusd and nydusify use);
+* with ``check_registry``, :func:`check_reachable` asks storage's ``RegistryBackend.ping`` whether
+  some endpoint answers, with the same mirror failover as reads.
+
+Secrets never reach a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from snapshotter import labels as L
+from snapshotter.config import Config
+from snapshotter.errors import FailedPrecondition, Unavailable
+from storage.backend.credentials import Credentials, docker_config_credentials
+from storage.backend.registry import MirrorConfig, RegistryBackend, RegistryClient, RegistryConfig
+from storage.errors import ConfigError as StorageConfigError
+from storage.errors import CredentialError, RegistryUnavailable, StorageError
+
+log = logging.getLogger("snapshotter")
+
+#: ``ping(scheme, host, timeout)`` → None when ``scheme://host/v2/`` answers, else the error text
+Ping = Callable[[str, str, float], "str | None"]
+
+
+def registry_credentials(host: str, labels: Mapping[str, str], cfg: Config) -> Credentials | None:
+    """Credentials for ``host``: labels, then ``[remote.auths]``, then docker config (helpers too)."""
+    auth = L.label_credentials(labels)
+    if auth:
+        return Credentials.from_auth(auth)
+    static = cfg.remote.auths.get(host)
+    if static is not None:
+        if static.auth:
+            try:
+                return Credentials.from_auth(static.auth)
+            except StorageConfigError as exc:
+                raise FailedPrecondition(f'remote.auths."{host}".auth: {exc}') from exc
+        if static.username:
+            return Credentials(static.username, static.password)
+    try:
+        return docker_config_credentials(host, cfg.remote.docker_config or None)
+    except CredentialError as exc:
+        raise Unavailable(f"registry credentials for {host}: {exc}") from exc
+    except StorageConfigError as exc:
+        raise FailedPrecondition(f"registry credentials for {host}: {exc}") from exc
+
+
+def registry_auth(host: str, labels: Mapping[str, str], cfg: Config) -> str | None:
+    """nydusd's ``auth`` value (base64) for ``host``, or None for anonymous."""
+    creds = registry_credentials(host, labels, cfg)
+    return creds.auth() if creds else None
+
+
+def registry_config(image_ref: str, cfg: Config) -> RegistryConfig:
+    """Storage's registry settings for an image, without credentials."""
+    ref = L.parse_image_ref(image_ref)
+    host = ref.backend_host
+    mirrors = cfg.remote.mirrors.get(ref.host, ()) or cfg.remote.mirrors.get(host, ())
+    insecure = ref.host in cfg.remote.insecure_registries or host in cfg.remote.insecure_registries
+    # credentials go to mirrors too (auth_through): a mirror stands in for the image's registry
+    return RegistryConfig(host=host, repo=ref.repo, scheme="http" if insecure else "https",
+                          skip_verify=cfg.remote.skip_ssl_verify, timeout=float(cfg.remote.timeout),
+                          connect_timeout=float(cfg.remote.connect_timeout), retry_limit=cfg.remote.retry_limit,
+                          mirrors=tuple(MirrorConfig(host=m.rstrip("/"), auth_through=True) for m in mirrors),
+                          use_docker_config=False)
+
+
+def check_reachable(image_ref: str, registry: RegistryConfig, ping: Ping | None = None) -> str:
+    """The base URL of the first endpoint (mirrors in order, then the origin) whose ``/v2/``
+    answers; :class:`Unavailable` naming every failure when none does."""
+    errors: list[str] = []
+
+    def probe(client: RegistryClient) -> None:
+        try:
+            if ping is None:
+                client.ping()
+                return
+            err = ping(client.scheme, client.host, client.timeout[0])
+            if err is not None:
+                raise RegistryUnavailable(f"GET {client.base_url}/v2/: {err}")
+        except StorageError as exc:
+            errors.append(str(exc))
+            raise
+
+    backend = RegistryBackend(registry)
+    try:
+        return backend.ping(probe)
+    except StorageError as exc:
+        raise Unavailable(f"registry for image {image_ref} unreachable: " + "; ".join(errors or [str(exc)])) from exc
+    finally:
+        backend.close()
+
+
+def backend_config(image_ref: str, labels: Mapping[str, str], cfg: Config,
+                   ping: Ping | None = None) -> dict[str, Any]:
+    """The nydusd ``device.backend`` for an image (registry host/repo, auth, mirrors)."""
+    registry = registry_config(image_ref, cfg)
+    if cfg.remote.check_registry:
+        check_reachable(image_ref, registry, ping)
+    auth = registry_auth(L.parse_image_ref(image_ref).host, labels, cfg) or ""
+    config: dict[str, Any] = {
+        "scheme": registry.scheme, "host": registry.host, "repo": registry.repo, "auth": auth,
+        "skip_verify": cfg.remote.skip_ssl_verify, "timeout": cfg.remote.timeout,
+        "connect_timeout": cfg.remote.connect_timeout, "retry_limit": cfg.remote.retry_limit}
+    if registry.mirrors:
+        config["mirrors"] = [{"host": m.host, "auth_through": m.auth_through} for m in registry.mirrors]
+    if cfg.remote.docker_config:
+        config["docker_config"] = cfg.remote.docker_config  # nydusd's own lookup reads the same file
+    return {"type": "registry", "config": config}
