@@ -20,14 +20,16 @@ stargz-snapshotter on an eStargz copy, when ``integration.harness.stargz`` can b
 
 Per trial: time to first output, registry bytes and blob GETs (registry access log, whole trial),
 link bytes before the first output (the proxy's counter), and the critical-path timestamps:
-pull done, Prepare of the container snapshot received, daemon RUNNING, instance mounted (from
-the snapshotter's JSON log and nydusd's log), first blob request after the pull (the proxy).
+pull done (benchmark clock), the snapshotter's registry probe inside the container's Prepare and
+the first blob request after the pull (the proxy's request log), daemon RUNNING and the instance
+mount's start and end (the snapshotter's JSON log, nydusd's log), first output.
 Bytes the workload really read are measured in the OCI trials, independently of our daemon:
 after the timed run the unpacked snapshot files are evicted from the page cache
 (``POSIX_FADV_DONTNEED`` after ``sync``), the workload runs once more, and ``mincore(2)`` counts
 the pages of those files that became resident (docs/perf.md explains the method and its bias).
 
-Writes ``integration/results/coldstart_real.json`` and ``coldstart_real.png``.
+Writes ``integration/results/coldstart_real.json`` and ``coldstart_real.png`` (``--name``), and
+prints the summary as Markdown tables; ``--combine`` merges separate runs (e.g. one per rate).
 Needs root, containerd, runc, docker-registry, mmdebstrap, /dev/fuse.
 """
 
