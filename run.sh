@@ -6,6 +6,8 @@
 #                          ARGS go to `python3 -m integration.demo` (see --help there)
 #   ./run.sh test [ARGS]   install what is missing, then run the whole test suite (ARGS go to pytest)
 #   ./run.sh setup         only install (Debian packages + a virtualenv in .venv)
+#   ./run.sh bench-setup   setup plus what the benchmarks alone need: the peer stargz-snapshotter's
+#                          Debian packages, then build it (integration/stargz/build.sh)
 #
 # Needs root on Debian 12 (apt-get, mounts, containerd). Idempotent: a second run
 # installs nothing.
@@ -18,6 +20,8 @@ APT_PACKAGES=(
   golang-go golang-github-containerd-containerd-dev patch
 )
 DEMO_APT_PACKAGES=(mmdebstrap)
+# the peer stargz-snapshotter (Go library + ctr-remote), benchmarks only; tests skip without it
+BENCH_APT_PACKAGES=(mmdebstrap golang-github-containerd-stargz-snapshotter-dev stargz-snapshotter)
 VENV=${NYDUS_VENV:-.venv}
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }
@@ -77,6 +81,9 @@ cmd=${1:-help}
 shift || true
 case "$cmd" in
   setup) setup ;;
+  bench-setup)
+    setup "${BENCH_APT_PACKAGES[@]}"
+    integration/stargz/build.sh >/dev/null ;;
   demo)
     setup "${DEMO_APT_PACKAGES[@]}"
     if (($# == 0)); then

@@ -117,7 +117,7 @@ def test_plain_oci_image_pull_run_and_gc(stack, busybox_image):
     assert "absent" in out
     # image removal + synchronous GC removes our snapshots and their directories
     cd.ctr("-n", cd.namespace, "image", "rm", "--sync", busybox_image.ref)
-    wait_for(lambda: snapshots(sn) == [], 20, "snapshots garbage-collected")
+    wait_for(lambda: snapshots(sn) == [], 60, "snapshots garbage-collected")
     assert os.listdir(os.path.join(sn.root, "snapshots")) == []
 
 
@@ -295,7 +295,7 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
 
         for cid in ("twin1", "twin2"):
             run_detached(cd, image.ref, cid, "/bin/sh", "-c", "cat /etc/probe.txt; sleep 60", namespace="k8s.io")
-        wait_for(lambda: instances() >= 1, 20, "the RAFS instance mounted")
+        wait_for(lambda: instances() >= 1, 60, "the RAFS instance mounted")
         assert instances() == 1  # mounted once, not once per container
         if fs_driver == "fusedev":  # the containers' files came through FUSE no_open where it works
             from rafs.fs.ops import no_open_unsupported_reason  # noqa: PLC0415
@@ -313,14 +313,14 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
         for n, cid in enumerate(("twin1", "twin2")):
             cd.ctr("-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", cid)
             wait_for(lambda: cd.ctr("-n", "k8s.io", "tasks", "rm", cid, check=False).returncode == 0
-                     or cid not in cd.ctr("-n", "k8s.io", "tasks", "ls").stdout, 20, f"task {cid} gone")
+                     or cid not in cd.ctr("-n", "k8s.io", "tasks", "ls").stdout, 60, f"task {cid} gone")
             cd.ctr("-n", "k8s.io", "containers", "rm", cid)  # containerd's GC then removes its snapshot
             if n == 0:
-                wait_for(lambda: len([i for i in snapshots(sn) if i.kind == pb.ACTIVE]) == 1, 20,
+                wait_for(lambda: len([i for i in snapshots(sn) if i.kind == pb.ACTIVE]) == 1, 60,
                          "the first container's snapshot removed")
                 assert instances() == 1, "unmounted while a container still uses the instance"
         try:
-            wait_for(lambda: instances() == 0 and rafs_mounts() == [], 20,
+            wait_for(lambda: instances() == 0 and rafs_mounts() == [], 60,
                      "RAFS instance unmounted after both containers")
         except AssertionError:
             raise AssertionError(f"still mounted: {rafs_mounts()}, {instances()} instances\n"
@@ -338,7 +338,7 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
         # the container is gone (--rm; containerd's GC removes its snapshot): the RAFS instance
         # is unmounted
         try:
-            wait_for(lambda: rafs_mounts() == [] and instances() == 0, 20, "RAFS instance unmounted")
+            wait_for(lambda: rafs_mounts() == [] and instances() == 0, 60, "RAFS instance unmounted")
         except AssertionError:
             raise AssertionError(f"still mounted: {rafs_mounts()}\n{sn.log()[-3000:]}") from None
         # Usage of the data layer = its cache bytes
@@ -348,8 +348,8 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
             assert stub.Usage(pb.UsageRequest(key=data.name)).size > 0
         # removing the image: containerd's GC removes the snapshots and calls Cleanup → cache GC
         cd.cri.remove_image(image.ref)  # all of CRI's references (tag, digest, id)
-        wait_for(lambda: snapshots(sn) == [], 20, "snapshots garbage-collected")
-        wait_for(lambda: not any(p.name.startswith(blob_id) for p in cache.iterdir()), 20, "blob cache GC")
+        wait_for(lambda: snapshots(sn) == [], 60, "snapshots garbage-collected")
+        wait_for(lambda: not any(p.name.startswith(blob_id) for p in cache.iterdir()), 60, "blob cache GC")
     finally:
         cd.stop()
         sn.terminate()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from rafs.errors import RafsError
 from storage.atomic import atomic_write
@@ -181,14 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so temporary outputs are removed on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
     try:
         return int(args.func(args) or 0)
     except (RafsError, StorageError, OSError) as exc:
         print(f"nydus-image {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"nydus-image {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(f"nydus-image {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

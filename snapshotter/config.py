@@ -280,6 +280,8 @@ DEFAULT_NYDUSD_CONFIG: dict[str, object] = {
         "cache": {"type": "blobcache", "compressed": False, "config": {"work_dir": ""}},
     },
     "mode": "direct",
+    # chunk digests are always checked when data enters the cache (and cached data once per daemon
+    # before first use); true re-checks every read, at the cost of hashing each chunk read
     "digest_validate": False,
     "iostats_files": False,
     "enable_xattr": True,

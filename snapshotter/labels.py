@@ -18,12 +18,19 @@ NYDUS_META_LAYER = "containerd.io/snapshot/nydus-bootstrap"
 NYDUS_REF_LAYER = "containerd.io/snapshot/nydus-ref"
 PULL_USERNAME = "containerd.io/snapshot/pullusername"
 PULL_SECRET = "containerd.io/snapshot/pullsecret"
+#: labels holding secrets: never stored in the metastore, returned or logged (snapshotter.pull_credentials)
+CREDENTIAL_LABELS = frozenset({PULL_USERNAME, PULL_SECRET})
 OVERLAY_VOLATILE = "containerd.io/snapshot/overlay.volatile"
 STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"
 #: set by this snapshotter on snapshots it committed itself for a remote layer
 REMOTE = "containerd.io/snapshot/remote"
 
 _TRUE = {"true", "1", "yes"}
+
+
+def without_credentials(labels: Mapping[str, str]) -> dict[str, str]:
+    """``labels`` minus :data:`CREDENTIAL_LABELS`."""
+    return {k: v for k, v in labels.items() if k not in CREDENTIAL_LABELS}
 
 
 def _flag(labels: Mapping[str, str], key: str) -> bool:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Callable, Iterator, Mapping, Sequence
 
+from snapshotter import labels as L
 from snapshotter.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotterError
 
 SCHEMA_VERSION = 1
@@ -151,13 +152,15 @@ def _now_ns() -> int:
 
 def _labels_json(labels: Mapping[str, str] | None) -> str:
     """Labels as stored; an empty value deletes the label (as containerd's bolt store does)."""
-    return json.dumps({k: v for k, v in (labels or {}).items() if v != ""}, sort_keys=True)
+    # credential labels are never stored (snapshotter.pull_credentials keeps them, 0600)
+    return json.dumps({k: v for k, v in (labels or {}).items() if v != "" and k not in L.CREDENTIAL_LABELS},
+                      sort_keys=True)
 
 
 def _row_info(row: sqlite3.Row | tuple) -> Info:
     key, parent, kind, created, updated, labels = row
     return Info(name=key, parent=parent, kind=Kind(kind), created=created, updated=updated,
-                labels=json.loads(labels))
+                labels=L.without_credentials(json.loads(labels)))  # a database from before they were dropped
 
 
 def _row(tx: Transaction, key: str) -> tuple | None:
@@ -311,7 +314,7 @@ def update_info(tx: Transaction, info: Info, fieldpaths: Sequence[str] = ()) -> 
     tx.execute("UPDATE snapshots SET labels=?, updated=? WHERE id=?",
                (_labels_json(labels), now, row[0]))
     return Info(name=current.name, parent=current.parent, kind=current.kind, created=current.created,
-                updated=now, labels={k: v for k, v in labels.items() if v != ""})
+                updated=now, labels={k: v for k, v in labels.items() if v != "" and k not in L.CREDENTIAL_LABELS})
 
 
 def walk_info(tx: Transaction, match: Callable[[Info], bool] | None = None) -> list[Info]:

@@ -27,6 +27,7 @@ import tempfile
 from typing import Any, Callable, Iterable, Mapping
 
 from snapshotter import labels as L
+from snapshotter.pull_credentials import CredentialStore
 from snapshotter import metastore as store
 from snapshotter.bootstrap import BOOTSTRAP_PATHS, bootstrap_blob_ids, check_bootstrap, find_bootstrap
 from snapshotter.config import Config
@@ -139,6 +140,7 @@ class Snapshotter:
         os.makedirs(os.path.join(self.root, "snapshots"), mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.ms = MetaStore(os.path.join(self.root, "metadata.db"))
+        self.credentials = CredentialStore(self.root)
         self.overlay = _host_overlay_options(config.snapshot.enable_overlayfs_volatile)
         self.rafs = Instances(config, self._needed_instances, manager=manager, manager_factory=manager_factory)
         self._ping = ping
@@ -190,6 +192,7 @@ class Snapshotter:
         validate_key(name, "name")
         validate_key(key)
         validate_labels(labels)
+        self.credentials.remember(labels)
         with self.ms.transaction(writable=True) as tx:
             sid, info, _ = store.get_info(tx, key)
             fs_dir = upper_path(self.root, sid)
@@ -273,6 +276,7 @@ class Snapshotter:
         if parent:
             validate_key(parent, "parent")
         validate_labels(labels)
+        self.credentials.remember(labels)
 
     def _commit_remote_layer(self, key: str, parent: str, target: str, labels: dict[str, str]) -> None:
         """Record a committed snapshot ``target`` for a lazily-loaded nydus data layer, then
@@ -391,6 +395,8 @@ class Snapshotter:
             if ref is None:
                 raise FailedPrecondition(
                     f"failed to find image ref of snapshot {meta_info.name}: label {L.CRI_IMAGE_REF} missing")
+            if L.PULL_SECRET not in merged:  # credentials of the pull, kept out of the metastore
+                merged.update(self.credentials.labels_for(ref))
             return boot, backend_config(ref, merged, self.config, self._ping), ref
 
         return self.rafs.ensure(meta_id, meta_info.name, prepare)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 from storage.cache.base import BlobCache, BlobCacheManager
@@ -39,8 +39,13 @@ class BlobReadDevice(Protocol):
         """Make the chunks of ``iovecs`` local in the background."""
         ...
 
-    def blob_data_path(self, blob_index: int) -> str | None:
-        """The complete uncompressed data file of a blob, if there is one yet."""
+    def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
+        """The complete uncompressed data file of a blob, if there is one yet and its content is
+        known good (``verify``: check it now, which may read the whole file)."""
+        ...
+
+    def set_chunk_source(self, source: "Callable[[], Iterable[ChunkInfo]]") -> None:
+        """Where chunk digests not given with a read are found (the bootstrap's chunk table)."""
         ...
 
     def close(self) -> None: ...
@@ -85,6 +90,7 @@ class BlobDevice:
         #: on the first read, load every blob's CI table in the background (load_chunk_tables);
         #: nothing touches the backend before a read (metadata comes from the bootstrap)
         self.preload_on_first_read = False
+        self._chunk_source: "Callable[[], Iterable[ChunkInfo]] | None" = None
         self.prefetcher = Prefetcher(prefetch_config or PrefetchConfig(), self.metrics, busy=lambda: self._demand > 0)
 
     def _cache(self, blob: BlobInfo) -> "BlobCache":
@@ -94,7 +100,16 @@ class BlobDevice:
             cache = self._caches.get(blob.blob_id)
             if cache is None:
                 cache = self._caches[blob.blob_id] = self.factory.get_blob_cache(blob)
+                source = self._chunk_source
+                if source is not None and getattr(cache, "chunk_source", False) is None:
+                    index = blob.blob_index
+                    cache.chunk_source = lambda: (c for c in source() if c.blob_index == index)  # type: ignore[attr-defined]
             return cache
+
+    def set_chunk_source(self, source: "Callable[[], Iterable[ChunkInfo]]") -> None:
+        """Where caches find chunk digests they were not given (read amplification, whole-blob
+        prefetch, checking a complete cache file): the bootstrap's chunk table, read on first need."""
+        self._chunk_source = source
 
     def _blob(self, blob_index: int) -> BlobInfo:
         try:
@@ -237,9 +252,11 @@ class BlobDevice:
             t.start()
         return threads
 
-    def blob_data_path(self, blob_index: int) -> str | None:
-        """The complete uncompressed cache file of a blob (all chunks ready), else ``None``."""
-        return self._cache(self._blob(blob_index)).data_path()
+    def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
+        """The complete uncompressed cache file of a blob (all chunks ready and checked against
+        their digests by this process), else ``None``. ``verify``: check the chunks not yet
+        checked now (reads the whole file once; a wrong chunk is reset and the answer is None)."""
+        return self._cache(self._blob(blob_index)).data_path(verify)
 
     def close(self) -> None:
         """Cancel prefetch and release the blob caches (idempotent)."""

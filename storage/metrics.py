@@ -111,6 +111,12 @@ class StorageMetrics:
         self.cache_evictions = Counter(f"{p}_cache_evictions_total", "Blobs evicted from the cache.")
         self.cache_digest_mismatches = Counter(f"{p}_cache_digest_mismatches_total", "Chunks failing digest validation.")
         self.cache_corrupt_resets = Counter(f"{p}_cache_corrupt_resets_total", "Corrupt chunk maps discarded.")
+        self.cache_verify_failures = Counter(
+            f"{p}_cache_verify_failures_total",
+            "Ready chunks whose cached data no longer matched their digest (reset and refetched).")
+        self.cache_write_failures = Counter(
+            f"{p}_cache_write_failures_total",
+            "Chunks served from the backend without caching because the cache disk was full.")
         self.cache_usage_bytes = Gauge(f"{p}_cache_usage_bytes", "Disk bytes used by the cache.")
         self.read_latency = Histogram(f"{p}_device_read_latency_seconds", "Latency of one BlobDevice.read.")
         self.prefetch_requests = Counter(f"{p}_prefetch_requests_total", "Prefetch units completed.")

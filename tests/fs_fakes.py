@@ -184,8 +184,11 @@ class FakeDevice:
         for iovec in iovecs:
             self.read(iovec)
 
-    def blob_data_path(self, blob_index: int) -> str | None:
+    def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
         return self.blob_file if self.complete else None
+
+    def set_chunk_source(self, source) -> None:
+        pass
 
     def close(self) -> None:
         os.close(self.fd)

@@ -92,8 +92,8 @@ def test_api_errors_and_state(tmp_path):
             ("POST", "/api/v1/mount", {"source": boot}, 400),                                   # no mountpoint
             ("POST", "/api/v1/mount?mountpoint=/a", {"fs_type": "rafs"}, 400),                   # no source
             ("POST", "/api/v1/mount?mountpoint=/a", {"fs_type": "ext4", "source": boot}, 400),
-            ("POST", "/api/v1/mount?mountpoint=/a/b", {"source": boot}, 409),
-            ("POST", "/api/v1/mount?mountpoint=/a", {"source": "/nonexistent"}, 409),
+            ("POST", "/api/v1/mount?mountpoint=/a/b", {"source": boot}, 400),
+            ("POST", "/api/v1/mount?mountpoint=/a", {"source": "/nonexistent"}, 400),
             ("POST", "/api/v1/mount?mountpoint=/a", {"source": boot, "config": "{"}, 400),
             ("DELETE", "/api/v1/mount?mountpoint=/nope", None, 404),
             ("GET", "/api/v1/nothing", None, 404),

@@ -173,6 +173,7 @@ def test_sequential_reads_trigger_read_ahead_random_ones_do_not(tmp_path):
     mgr = FileCacheManager(str(tmp_path / "cache"), backend, CacheConfig(amplify_io=0))
     window = 8 * 8192
     dev = BlobDevice(rafs.blobs, mgr, prefetch_config=PrefetchConfig(enable=False, readahead=window))
+    dev.set_chunk_source(rafs.chunk_table)  # digests of the chunks read ahead
     cache = mgr.get_blob_cache(blob)
 
     def read(name):

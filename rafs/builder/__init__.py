@@ -10,8 +10,9 @@
 """
 
 from rafs.builder.build import BuildOptions, BuildResult, build
+from rafs.builder.source import LayerLimits
 
-__all__ = ["BuildOptions", "BuildResult", "build", "merge"]
+__all__ = ["BuildOptions", "BuildResult", "LayerLimits", "build", "merge"]
 
 
 def merge(*args, **kwargs):

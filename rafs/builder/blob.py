@@ -322,15 +322,34 @@ class Chunker:
         self.chunk_size = chunk_size
         self.digester = digester
         self.progress = progress
+        self._zero_buf = b""
+        self._zero_refs: dict[int, ChunkRef] = {}
         self.pending: dict[bytes, int] = {}   # digest -> ci index in the new blob
         self.bytes_in = 0
 
     def add_file(self, inode: Inode, f: BinaryIO, size: int) -> None:
+        """Chunk a file read from ``f``. When ``f.data_regions`` lists the only ranges holding
+        data, ``(offset, size)`` sorted (a sparse tar member), chunks wholly in a hole are not
+        read: they are the zero chunk, so a sparse file costs work for its data only."""
         refs: list[ChunkRef] = []
         remaining = size
         cs = self.chunk_size
+        regions = getattr(f, "data_regions", None)
+        r = 0
+        pos = 0
         while remaining > 0:
             want = min(cs, remaining)
+            if regions is not None:
+                while r < len(regions) and regions[r][0] + regions[r][1] <= pos:
+                    r += 1
+                if r >= len(regions) or regions[r][0] >= pos + want:  # a hole
+                    refs.append(self._zero_chunk(want))
+                    remaining -= want
+                    pos += want
+                    if self.progress is not None:
+                        self.progress(want)
+                    continue
+                f.seek(pos)
             data = f.read(want)
             while len(data) < want:
                 more = f.read(want - len(data))
@@ -338,7 +357,8 @@ class Chunker:
                     raise BuildError(f"file shrank while reading (wanted {size} bytes)")
                 data += more
             remaining -= want
-            refs.append(self._chunk(data))
+            pos += want
+            refs.append(self._zero_chunk(want) if self._is_zero(data) else self._chunk(data))
             if self.progress is not None:
                 self.progress(want)
         inode.chunks = refs
@@ -378,6 +398,18 @@ class Chunker:
         inode.chunks = refs
         inode.size = size
         self.bytes_in += size
+
+    def _is_zero(self, data: bytes) -> bool:
+        if len(self._zero_buf) < len(data):
+            self._zero_buf = bytes(len(data))
+        return memoryview(self._zero_buf)[: len(data)] == data
+
+    def _zero_chunk(self, size: int) -> ChunkRef:
+        """The chunk of ``size`` zero bytes (hashed and stored once per build and size)."""
+        ref = self._zero_refs.get(size)
+        if ref is None:
+            ref = self._zero_refs[size] = self._chunk(bytes(size))
+        return ref
 
     def _chunk(self, data: bytes) -> ChunkRef:
         d = compute_digest(self.digester, data)

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 from rafs.builder.blob import BlobRecord, BlobWriter, Chunker, ChunkStore
 from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
-from rafs.builder.source import open_layer, walk_directory, walk_tar
+from rafs.builder.source import LayerLimits, open_layer, walk_directory, walk_tar
 from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer
 from rafs.errors import BuildError
 from storage.atomic import atomic_write
@@ -42,6 +42,8 @@ class BuildOptions:
     compact_inodes: bool = False
     threads: int = 2
     progress: bool = False
+    #: caps on declared file size, total size and entry count of the layer (hostile input)
+    limits: LayerLimits = field(default_factory=LayerLimits)
 
     def validate(self) -> None:
         cs = self.chunk_size
@@ -151,7 +153,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         if source_type == "dir-rafs":
             if not isinstance(source, (str, os.PathLike)):
                 raise BuildError("dir-rafs needs a directory path")
-            tree = walk_directory(source)
+            tree = walk_directory(source, opts.limits)
             trace["load_from_directory"] = time.perf_counter() - t0
             bar = _progress_bar(opts.progress, _dir_total(tree))
             chunker = Chunker(store, writer, chunk_size=opts.chunk_size, digester=Digester(opts.digester),
@@ -175,7 +177,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             else:
                 stream, close = source, False
             try:
-                tree = walk_tar(open_layer(stream), chunker.add_file)
+                tree = walk_tar(open_layer(stream), chunker.add_file, opts.limits)
             finally:
                 if close:
                     stream.close()

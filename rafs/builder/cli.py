@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from rafs.builder.source import LayerLimits
 from rafs.errors import RafsError
 from storage.errors import StorageError
 from storage.records import Compressor, Digester
@@ -70,7 +71,8 @@ def cmd_create(args: argparse.Namespace) -> int:
                         blob_inline_meta=args.blob_inline_meta, blob_toc="blob-toc" in features,
                         prefetch=_read_prefetch(args.prefetch_policy), chunk_dict=args.chunk_dict,
                         parent_bootstrap=args.parent_bootstrap, compact_inodes=args.compact_inodes,
-                        progress=True)
+                        progress=True, limits=LayerLimits(args.max_file_size, args.max_layer_size,
+                                                          args.max_entries))
     source = args.SOURCE
     if source == "-":
         source = sys.stdin.buffer
@@ -129,6 +131,13 @@ def register(subparsers) -> None:
     p.add_argument("--parent-bootstrap", help="bootstrap of the lower layers; output = parent + this layer")
     p.add_argument("--compact-inodes", action="store_true",
                    help="32-byte inodes where upstream's directory builder uses them (no mtime)")
+    lim = LayerLimits()
+    p.add_argument("--max-file-size", type=_int, default=lim.max_file_size, metavar="BYTES",
+                   help=f"refuse a file declaring more bytes (0 = no cap; default {lim.max_file_size})")
+    p.add_argument("--max-layer-size", type=_int, default=lim.max_layer_size, metavar="BYTES",
+                   help=f"refuse a layer whose files declare more bytes (0 = no cap; default {lim.max_layer_size})")
+    p.add_argument("--max-entries", type=_int, default=lim.max_entries, metavar="N",
+                   help=f"refuse a layer with more entries (0 = no cap; default {lim.max_entries})")
     p.add_argument("-J", "--output-json")
     p.add_argument("-l", "--log-level", default="info")
     p.add_argument("--repeatable", action="store_true", help="accepted; builds are always repeatable")

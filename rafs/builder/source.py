@@ -17,11 +17,43 @@ import tarfile
 from typing import BinaryIO, Callable
 
 import zstandard
+from dataclasses import dataclass
 
 from rafs.builder.tree import Inode, Tree, check_name, split_path
 from rafs.errors import BuildError
 
 OnFile = Callable[[Inode, BinaryIO, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerLimits:
+    """Caps on what one layer may declare, checked as entries are read (before any data is),
+    so a hostile layer (a tiny tar declaring a 1 TiB sparse file, millions of entries) fails
+    fast with a clear error instead of costing unbounded work. 0 = no cap."""
+
+    max_file_size: int = 64 << 30  #: bytes of one regular file (``--max-file-size``)
+    max_layer_size: int = 256 << 30  #: bytes of all regular files of the layer (``--max-layer-size``)
+    max_entries: int = 4_000_000  #: entries of the layer (``--max-entries``)
+
+
+class _Budget:
+    def __init__(self, limits: LayerLimits | None) -> None:
+        self.limits = limits or LayerLimits()
+        self.entries = 0
+        self.total = 0
+
+    def entry(self, name: str, size: int = 0) -> None:
+        lim = self.limits
+        self.entries += 1
+        if lim.max_entries and self.entries > lim.max_entries:
+            raise BuildError(f"layer has more than {lim.max_entries} entries (limit: --max-entries)")
+        if lim.max_file_size and size > lim.max_file_size:
+            raise BuildError(f"{name}: declared size {size} bytes exceeds the per-file limit of "
+                             f"{lim.max_file_size} bytes (--max-file-size)")
+        self.total += size
+        if lim.max_layer_size and self.total > lim.max_layer_size:
+            raise BuildError(f"{name}: files of the layer exceed {lim.max_layer_size} bytes in total "
+                             f"(--max-layer-size)")
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -52,7 +84,7 @@ def _inode_from_stat(st: os.stat_result, xattrs: dict[bytes, bytes]) -> Inode:
                  size=st.st_size if stat.S_ISREG(st.st_mode) else 0, xattrs=xattrs)
 
 
-def walk_directory(root: str | os.PathLike) -> Tree:
+def walk_directory(root: str | os.PathLike, limits: LayerLimits | None = None) -> Tree:
     """Build a tree from a directory (``lstat``; xattrs; hard links by (dev, ino))."""
     root = os.fspath(root)
     try:
@@ -62,6 +94,7 @@ def walk_directory(root: str | os.PathLike) -> Tree:
     if not stat.S_ISDIR(st.st_mode):
         raise BuildError(f"source {root!r} is not a directory")
     tree = Tree(_inode_from_stat(st, _read_xattrs(root)))
+    budget = _Budget(limits)
     links: dict[tuple[int, int], Inode] = {}
     stack: list[tuple[str, Inode]] = [(root, tree.root)]
     while stack:
@@ -75,6 +108,8 @@ def walk_directory(root: str | os.PathLike) -> Tree:
             check_name(name)
             path = os.path.join(dpath, os.fsdecode(name))
             st = os.lstat(path)
+            counted = stat.S_ISREG(st.st_mode) and (st.st_nlink == 1 or (st.st_dev, st.st_ino) not in links)
+            budget.entry(path, st.st_size if counted else 0)
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                 key = (st.st_dev, st.st_ino)
                 if key in links:
@@ -141,16 +176,18 @@ _TAR_TYPES = {
 }
 
 
-def walk_tar(stream: BinaryIO, on_file: OnFile) -> Tree:
+def walk_tar(stream: BinaryIO, on_file: OnFile, limits: LayerLimits | None = None) -> Tree:
     """Build a tree from a tar stream (read once, in order).  Entries named later win;
-    hard links share the target's inode."""
+    hard links share the target's inode. ``limits`` caps declared sizes and the entry count."""
     tree = Tree()
+    budget = _Budget(limits)
     try:
         tf = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
     except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as exc:
         raise BuildError(f"not a tar stream: {exc}") from exc
     try:
         for member in tf:
+            budget.entry(member.name, member.size if member.isreg() else 0)
             parts = split_path(member.name)
             sec, nsec = _tar_mtime(member)
             xattrs = _tar_xattrs(member)
@@ -169,6 +206,11 @@ def walk_tar(stream: BinaryIO, on_file: OnFile) -> Tree:
                 if member.size:
                     fobj = tf.extractfile(member)
                     assert fobj is not None
+                    if member.sparse is not None:
+                        # holes are not read (Chunker.add_file): the unbuffered member file
+                        # seeks forward over them, reading only the data regions
+                        fobj = fobj.raw  # type: ignore[attr-defined]
+                        fobj.data_regions = sorted((o, n) for o, n in member.sparse if n)
                     on_file(inode, fobj, member.size)  # type: ignore[arg-type]
                 continue
             ftype = _TAR_TYPES.get(member.type)

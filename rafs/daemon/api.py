@@ -10,7 +10,10 @@ Endpoints (upstream paths):
   only the storage backend / cache + prefetch families)
 * ``PUT /api/v1/daemon/exit`` — unmount everything and exit
 
-Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500.
+Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500. Every malformed
+request is a 4xx with the reason: bad HTTP, a body that is not a JSON object (or nested too
+deeply), a ``source`` that is not a readable RAFS bootstrap, an instance name breaking
+:func:`rafs.daemon.config.check_instance_name`; 500 is left for the daemon's own failures.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 import trio
 
+from rafs.daemon.config import loads_json
 from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
 from storage.errors import StorageError
 
@@ -145,10 +149,7 @@ async def _send(stream: trio.abc.Stream, status: int, payload: Any) -> None:
 def _json_body(body: bytes) -> dict:
     if not body:
         return {}
-    try:
-        obj = json.loads(body)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"request body is not JSON: {exc}") from exc
+    obj = loads_json(body, "request body")
     if not isinstance(obj, dict):
         raise ConfigError("request body must be a JSON object")
     return obj
@@ -169,9 +170,12 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes) -> tuple
             if req.get("fs_type", "rafs") != "rafs":
                 raise ConfigError(f"fs_type: only 'rafs' is supported, got {req.get('fs_type')!r}")
             source = req.get("source")
-            if not isinstance(source, str) or not source:
+            if not isinstance(source, str) or not source or "\0" in source:
                 raise ConfigError("source: the bootstrap path is required")
-            await daemon.mount_instance(mountpoint, source, req.get("config") or {})
+            config = req.get("config") or {}
+            if not isinstance(config, (dict, str)):
+                raise ConfigError(f"config: expected a JSON object or its text, got {type(config).__name__}")
+            await daemon.mount_instance(mountpoint, source, config)
             return 204, None
         if method == "DELETE":
             await daemon.umount_instance(mountpoint)
@@ -179,7 +183,8 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes) -> tuple
     if path == "/api/v1/prefetch" and method in ("POST", "PUT"):
         req = _json_body(body)
         files = req.get("files")
-        if files is not None and not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+        if files is not None and not (isinstance(files, list) and all(isinstance(f, str) and "\0" not in f
+                                                                     for f in files)):
             raise ConfigError("files: expected a list of paths")
         await daemon.prefetch(query.get("mountpoint", "/"), files)
         return 202, None

@@ -10,12 +10,16 @@
  "fs_prefetch": {"enable": false, "prefetch_all": true, "threads_count": 8,
                  "merging_size": 1048576, "bandwidth_rate": 0}}
 ```
-Unknown keys are kept in ``raw`` and ignored, as upstream does.
+Unknown keys are kept in ``raw`` and ignored, as upstream does. ``digest_validate`` keeps
+upstream's meaning, checking every read against the chunk digest; whatever it says, chunks are
+checked when they enter the cache from the backend and cached chunks once per daemon before
+their first use (``storage.cache.CacheConfig.validate_digest``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +27,34 @@ from rafs.errors import ConfigError
 
 BACKEND_TYPES = ("registry", "localfs")
 CACHE_TYPES = ("blobcache", "filecache", "dummycache", "")
+
+
+#: the one rule for instance names (API mountpoints ``/<name>``, DaemonManager instance ids):
+#: a letter or digit, then letters, digits, '.', '_', '-'; at most 255 bytes
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_NAME_BYTES = 255
+
+
+def check_instance_name(name: str, what: str = "instance name") -> str:
+    """``name`` if it follows the instance name rule, else :class:`ConfigError` saying why."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{what}: must not be empty")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise ConfigError(f"{what}: longer than {MAX_NAME_BYTES} bytes")
+    if not _NAME_RE.fullmatch(name):
+        raise ConfigError(f"{what} {name[:64]!r}: use a letter or digit, then letters, digits, '.', '_', '-'")
+    return name
+
+
+def loads_json(text: str | bytes, what: str) -> Any:
+    """``json.loads`` whose every failure (bad syntax, bad encoding, nesting too deep) is a
+    :class:`ConfigError` naming ``what``."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{what}: JSON nested too deeply") from None
 
 
 def _get(obj: dict, key: str, kind: type | tuple[type, ...], default: Any, where: str) -> Any:
@@ -60,7 +92,7 @@ class DaemonConfig:
     cache_limit_size: int = 0  #: ``device.cache.config.limit_size`` bytes; 0 = unlimited (LRU eviction)
     device_id: str = ""
     mode: str = "direct"
-    digest_validate: bool = False
+    digest_validate: bool = False  #: re-check chunk digests on every read (always checked on entering the cache)
     iostats_files: bool = False
     enable_xattr: bool = True
     amplify_io: int = 1 << 20
@@ -71,10 +103,7 @@ class DaemonConfig:
     def parse(cls, obj: dict | str | bytes) -> "DaemonConfig":
         """Parse a config object or its JSON text; :class:`ConfigError` names the bad field."""
         if isinstance(obj, (str, bytes)):
-            try:
-                obj = json.loads(obj) if obj else {}
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"nydusd config is not valid JSON: {exc}") from exc
+            obj = loads_json(obj, "nydusd config") if obj else {}
         if not isinstance(obj, dict):
             raise ConfigError(f"nydusd config must be a JSON object, got {type(obj).__name__}")
         device = _get(obj, "device", dict, {}, "")

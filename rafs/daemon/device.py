@@ -2,19 +2,20 @@
 
 ``device.backend`` → ``storage.backend.config.backend_from_config``; ``device.cache`` type
 ``blobcache``/``filecache`` (with ``config.work_dir``) → ``FileCacheManager``, ``dummycache``
-or none → ``NoCacheManager``; ``digest_validate``, ``amplify_io``, ``device.cache.config.limit_size`` and ``fs_prefetch`` map to
-the cache and prefetch configs.
+or none → ``NoCacheManager``; ``digest_validate`` (re-check digests on every read; chunks are
+always checked when they enter the cache), ``amplify_io``, ``device.cache.config.limit_size`` and
+``fs_prefetch`` map to the cache and prefetch configs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from rafs.daemon.config import DaemonConfig
 from rafs.errors import ConfigError
 from storage.cache.base import BlobCacheManager
 from storage.device import BlobDevice, BlobReadDevice
-from storage.records import BlobInfo, BlobIoDesc
+from storage.records import BlobInfo, BlobIoDesc, ChunkInfo
 
 
 class OwnedDevice(BlobReadDevice):
@@ -30,8 +31,11 @@ class OwnedDevice(BlobReadDevice):
     def prefetch(self, iovecs: Iterable[Sequence[BlobIoDesc]], *, priority: str = "low") -> None:
         self._device.prefetch(iovecs, priority=priority)
 
-    def blob_data_path(self, blob_index: int) -> str | None:
-        return self._device.blob_data_path(blob_index)
+    def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
+        return self._device.blob_data_path(blob_index, verify)
+
+    def set_chunk_source(self, source: Callable[[], Iterable[ChunkInfo]]) -> None:
+        self._device.set_chunk_source(source)
 
     def close(self) -> None:
         try:
@@ -51,7 +55,10 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
         raise ConfigError("device.backend.type: required (registry or localfs)")
     try:
         backend = backend_from_config({"type": cfg.backend_type, "config": cfg.backend_config})
-        cache_cfg = CacheConfig(validate_digest=cfg.digest_validate, amplify_io=cfg.amplify_io,
+        # chunks are always checked against their digests when they enter the cache (and cached
+        # chunks once per process before first use); digest_validate re-checks every read
+        cache_cfg = CacheConfig(validate_digest=True, verify_every_read=cfg.digest_validate,
+                                amplify_io=cfg.amplify_io,
                                 limit_size=cfg.cache_limit_size,
                                 merging_size=max(cfg.fs_prefetch.merging_size, 1 << 17))
         if cfg.cache_type in ("blobcache", "filecache"):

@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -33,13 +32,13 @@ from typing import Any, Literal
 
 from rafs import erofs
 from rafs.daemon.api import ApiError, DaemonClient
+from rafs.daemon.config import check_instance_name
 from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
 from rafs.fs.session import is_stale_mount
 from storage.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -90,7 +89,8 @@ class DaemonRecord:
 
 def _write_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic_open(path, "w", encoding="utf-8") as f:
+    # 0600: a nydusd config holds registry credentials
+    with atomic_open(path, "w", encoding="utf-8", perms=0o600) as f:
         json.dump(obj, f, indent=1, sort_keys=True)
 
 
@@ -197,8 +197,7 @@ class DaemonManager:
         ``backend_config`` is merged into the nydusd config's ``device.backend``: a dict with a
         ``type`` key replaces it, otherwise it is merged into ``device.backend.config``.
         """
-        if not _ID_RE.match(instance_id):
-            raise ConfigError(f"instance id {instance_id!r}: use letters, digits, '.', '_', '-'")
+        check_instance_name(instance_id, "instance id")
         if not os.path.isfile(bootstrap):
             raise MountError(f"bootstrap {bootstrap} is not a regular file")
         with self._lock:

@@ -24,8 +24,8 @@ import pyfuse3
 import trio
 
 from rafs import erofs
-from rafs.daemon.config import DaemonConfig
-from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
+from rafs.daemon.config import DaemonConfig, check_instance_name
+from rafs.errors import ConfigError, FormatError, MountError, NotFound, RafsError, UnsupportedError
 from rafs.fs import session
 from rafs.fs.instance import BlobFiles, Instance
 from rafs.fs.ops import RafsFs, no_open_unsupported_reason
@@ -52,6 +52,14 @@ class Opener(Protocol):
     def open_tree(self, bootstrap: str) -> Any: ...
 
     def open_device(self, blobs: list[Any], config: DaemonConfig) -> BlobReadDevice: ...
+
+
+def _give_chunk_source(device: Any, tree: Any) -> None:
+    """Let the device find chunk digests in the bootstrap (whole-blob prefetch, amplification,
+    checking a complete cache file)."""
+    source = getattr(tree, "chunk_table", None)  # test trees may have none
+    if source is not None:
+        device.set_chunk_source(source)
 
 
 class StorageOpener:
@@ -203,10 +211,9 @@ class Nydusd:
             if mountpoint != "/":
                 raise MountError("a dedicated daemon serves only mountpoint '/'")
             return "/"
-        name = mountpoint.strip("/")
-        if not name or "/" in name or name in (".", ".."):
-            raise MountError(f"mountpoint must be '/<id>' with one path component, got {mountpoint!r}")
-        return name
+        if not mountpoint.startswith("/"):
+            raise ConfigError(f"mountpoint must be '/<name>', got {mountpoint[:64]!r}")
+        return check_instance_name(mountpoint[1:].rstrip("/"), "mountpoint name")
 
     def _target(self, name: str) -> str:
         return self.mountpoint if name == "/" else os.path.join(self.mountpoint, name)
@@ -219,14 +226,18 @@ class Nydusd:
                 raise MountError(f"instance {mountpoint} is already mounted")
             cfg = DaemonConfig.parse(config)
             if not os.path.isfile(bootstrap):
-                raise MountError(f"bootstrap {bootstrap} is not a regular file")
-            tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
+                raise ConfigError(f"source {bootstrap[:256]!r} is not a regular file")
+            try:
+                tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
+            except (FormatError, OSError) as exc:  # the caller's source is not a usable bootstrap
+                raise ConfigError(f"source {bootstrap[:256]!r} is not a RAFS bootstrap: {exc}") from exc
             device = None
             try:
                 if self.fs_driver == "erofs":
                     record = await self._mount_erofs(name, bootstrap, tree, cfg)
                 else:
                     device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
+                    _give_chunk_source(device, tree)
                     inst = Instance(name if name != "/" else "", tree, device, bootstrap=bootstrap,
                                     config=cfg.raw, enable_xattr=cfg.enable_xattr)
                     self.fs.add_instance(inst)
@@ -246,11 +257,14 @@ class Nydusd:
     async def _mount_erofs(self, name: str, bootstrap: str, tree: Any, cfg: DaemonConfig) -> MountRecord:
         blob_files = await trio.to_thread.run_sync(BlobFiles, tree)  # UnsupportedError if unaligned
         device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
+        _give_chunk_source(device, tree)
         key = "root" if name == "/" else name
         inst = Instance(key, blob_files, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=False)
         devices = []
         for blob in blob_files.blobs:
-            complete = device.blob_data_path(blob.blob_index)
+            # the kernel reads a complete cache file directly: every chunk is checked against its
+            # digest first (once per daemon); a wrong one is reset and the FUSE blob file is used
+            complete = await trio.to_thread.run_sync(lambda i=blob.blob_index: device.blob_data_path(i, True))
             if complete and _pad_to_blocks(complete, blob_files.data_end(blob.blob_index),
                                            blob_files.data_size(blob.blob_index)):
                 devices.append(complete)

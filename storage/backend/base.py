@@ -34,6 +34,28 @@ class BlobReader(ABC):
         self.metrics = metrics if metrics is not None else StorageMetrics()
         self._size: int | None = None
         self._size_lock = threading.Lock()
+        self._local = threading.local()  #: per thread: ``source`` of the last read, ``reread_after``
+
+    @property
+    def last_source(self) -> str:
+        """Which source answered this thread's last read ("" for single-source drivers)."""
+        return getattr(self._local, "source", "")
+
+    @property
+    def reread_after(self) -> str | None:
+        """Inside :meth:`reread`: the source that gave the wrong data (a driver with several
+        sources starts after it); None otherwise."""
+        return getattr(self._local, "reread_after", None)
+
+    def reread(self, offset: int, size: int) -> bytes:
+        """Read a range again because the data of this thread's last read of it was wrong (digest
+        mismatch): from the next source (mirror, then origin) after the one that answered, where
+        the driver has several; from the same one otherwise."""
+        self._local.reread_after = self.last_source
+        try:
+            return self.read(offset, size)
+        finally:
+            self._local.reread_after = None
 
     @abstractmethod
     def _read_once(self, offset: int, size: int) -> bytes:

@@ -468,9 +468,17 @@ class RegistryBackend(BlobBackend):
     def _new_reader(self, blob_id: str) -> BlobReader:
         return _RegistryReader(self, blob_id)
 
-    def _call(self, what: str, fn):
-        """``fn(client)`` through the first healthy proxy/mirror that answers, else the origin."""
+    def _call(self, what: str, fn, *, after: str = "", served=None):
+        """``fn(client)`` through the first healthy proxy/mirror that answers, else the origin.
+
+        ``after``: skip the sources up to and including the one of that name (a re-read after a
+        digest mismatch goes to the next mirror; the origin answers when no source follows).
+        ``served(name)`` is told which source answered."""
+        skipping = bool(after) and any(ep.name == after for ep, _ in self.endpoints)
         for ep, fallback in self.endpoints:
+            if skipping:
+                skipping = ep.name != after
+                continue
             if not ep.usable():
                 continue
             try:
@@ -485,8 +493,13 @@ class RegistryBackend(BlobBackend):
                     raise
                 continue
             ep.mark_ok()
+            if served is not None:
+                served(ep.name)
             return result
-        return fn(self.client)
+        result = fn(self.client)
+        if served is not None:
+            served("origin")
+        return result
 
     def ping(self, probe: Callable[[RegistryClient], None] | None = None) -> str:
         """The base URL of the first endpoint that answers, in read order (proxy, healthy mirrors,
@@ -516,8 +529,11 @@ class _RegistryReader(BlobReader):
         return self._backend._call(f"size of {self.blob_id}", lambda c: c.blob_size(self.blob_id))
 
     def _read_once(self, offset: int, size: int) -> bytes:
+        local = self._local
+        after = self.reread_after or ""
         return self._backend._call(f"read {self.blob_id} {offset}+{size}",
-                                   lambda c: c.read_blob_range(self.blob_id, offset, size))
+                                   lambda c: c.read_blob_range(self.blob_id, offset, size),
+                                   after=after, served=lambda name: setattr(local, "source", name))
 
 
 __all__ = [

@@ -4,6 +4,7 @@ one ``process_raw_chunk`` hook (decompress, check size, check digest) run after 
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -13,6 +14,8 @@ from storage.backend.base import BlobBackend, BlobReader
 from storage.compress import decompress
 from storage.digest import digest
 from storage.errors import ChunkDigestMismatch, DecompressError, StorageError
+
+log = logging.getLogger(__name__)
 from storage.metrics import StorageMetrics
 from storage.records import BlobInfo, BlobIoDesc, ChunkInfo
 
@@ -21,7 +24,8 @@ from storage.records import BlobInfo, BlobIoDesc, ChunkInfo
 class CacheConfig:
     """Cache tuning; the defaults are the documented ones (a test asserts them)."""
 
-    validate_digest: bool = True  #: check each chunk's digest after decompression
+    validate_digest: bool = True  #: check each chunk's digest when it enters the cache from the backend
+    verify_every_read: bool = False  #: re-check a cached chunk's digest on every read (nydusd ``digest_validate``)
     merging_size: int = 1 << 20  #: max compressed bytes merged into one backend request
     amplify_io: int = 0  #: extend small requests with following chunks up to this size (0 = off)
     limit_size: int = 0  #: cache size limit in bytes; 0 = unlimited (LRU eviction of unused blobs)
@@ -81,10 +85,15 @@ class BlobCache(ABC):
         self.metrics = metrics
 
     def fetch_run(self, run: Sequence[ChunkInfo]) -> tuple[dict[int, bytes | memoryview], dict[int, StorageError]]:
-        """One backend request for a contiguous run; per chunk either its data or its error."""
+        """One backend request for a contiguous run; per chunk either its data or its error.
+
+        A chunk whose data is wrong (digest mismatch, or it does not decompress) is logged once
+        naming blob, chunk and source, and read once more from the next source (mirror, then
+        origin); if that is wrong too, its error is returned and it must not be cached."""
         start = run[0].compressed_offset
         end = run[-1].compressed_offset + run[-1].compressed_size
         raw = memoryview(self.reader.read(start, end - start))
+        source = self.reader.last_source
         good: dict[int, bytes | memoryview] = {}
         bad: dict[int, StorageError] = {}
         for c in run:
@@ -93,6 +102,18 @@ class BlobCache(ABC):
                 good[c.index] = process_raw_chunk(self.blob, c, piece, self.config.validate_digest, self.metrics)
             except StorageError as exc:
                 bad[c.index] = exc
+        for c in run:
+            exc = bad.get(c.index)
+            if not isinstance(exc, (ChunkDigestMismatch, DecompressError)):
+                continue
+            log.warning("blob %s chunk %d: wrong data from %s (%s); reading it again from the next source",
+                        self.blob.blob_id, c.index, source or "backend", exc)
+            try:
+                again = self.reader.reread(c.compressed_offset, c.compressed_size)
+                good[c.index] = process_raw_chunk(self.blob, c, again, self.config.validate_digest, self.metrics)
+                del bad[c.index]
+            except StorageError as exc2:
+                bad[c.index] = exc2
         return good, bad
 
     @abstractmethod
@@ -112,8 +133,9 @@ class BlobCache(ABC):
     def prefetch_chunks(self, chunks: Sequence[ChunkInfo]) -> int:
         """Make ``chunks`` ready without reading them back; returns bytes fetched."""
 
-    def data_path(self) -> str | None:
-        """The complete uncompressed blob file, when every chunk is cached."""
+    def data_path(self, verify: bool = False) -> str | None:
+        """The complete uncompressed blob file, when every chunk is cached and checked against
+        its digest by this process (``verify``: check now those not yet checked)."""
         return None
 
     def close(self) -> None:

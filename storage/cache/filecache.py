@@ -21,13 +21,17 @@ GC, eviction, :func:`gc_cache_dir` for the snapshotter's Cleanup) takes an exclu
 file without waiting and skips the blob when someone holds it; an opener that raced with a delete
 finds its locked file unlinked and opens the new one.
 
-A chunk is marked ready only after its data is written and ``fdatasync``-ed, so a crash never
-leaves a ready bit over a torn write; a restarted process reuses every ready chunk. A corrupt
-chunk map discards that blob's cache (counted in ``cache_corrupt_resets``).
+A chunk is marked ready only after its data matched its digest and is written and
+``fdatasync``-ed, so a crash never leaves a ready bit over a torn write; a restarted process
+reuses every ready chunk after checking it once against its digest (before its first byte is
+served; a wrong one is reset and fetched again). A corrupt chunk map, or a data file truncated
+behind our back, discards that blob's ready bits (counted in ``cache_corrupt_resets``). A full
+cache disk serves reads without caching (``cache_write_failures``).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -39,7 +43,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 from storage.backend.base import BlobBackend, BlobReader
 from storage.cache.base import BlobCache, BlobCacheManager, CacheConfig, merge_runs
+from storage.cache.nocache import NoCacheBlobCache
 from storage.cache.state import ChunkState, IndexedChunkMap
+from storage.digest import digest
 from storage.errors import BlobRangeError, CacheError, MetaFormatError, StorageError
 from storage.meta.blob_meta import BlobMeta, load_blob_meta_file, load_from_blob, write_blob_meta_file
 from storage.meta.header import BLOB_CCT_HEADER_SIZE
@@ -82,12 +88,29 @@ class FileBlobCache(BlobCache):
             os.unlink(self.map_path)  # a map without its data describes nothing
         self._fd = _open_locked(self.path)
         try:
-            if blob.uncompressed_size and os.fstat(self._fd).st_size < blob.uncompressed_size:
-                os.ftruncate(self._fd, blob.uncompressed_size)
             self.chunk_map = IndexedChunkMap(self.map_path, blob.chunk_count)
+            if blob.uncompressed_size and os.fstat(self._fd).st_size < blob.uncompressed_size:
+                # created at full size, so a shorter file was truncated behind our back: the
+                # ready bits no longer describe it (extending it would serve zeros)
+                if self.chunk_map.ready_count():
+                    cleared = self.chunk_map.reset(range(blob.chunk_count))
+                    log.warning("blob %s: cache file %s is shorter than the blob; %d ready chunks reset",
+                                blob.blob_id, self.path, len(cleared))
+                    metrics.cache_corrupt_resets.inc()
+                os.ftruncate(self._fd, blob.uncompressed_size)
         except BaseException:
             os.close(self._fd)
             raise
+        #: chunks whose cached data this process has checked against their digest (ready chunks
+        #: from an earlier run are checked once, on first use, before any byte is served)
+        self._verified = bytearray((blob.chunk_count + 7) // 8)
+        self._verified_count = 0
+        self._digests: dict[int, bytes] = {}
+        #: the bootstrap's chunks of this blob (with digests), loaded on first need; set by the device
+        self.chunk_source: Callable[[], Iterable[ChunkInfo]] | None = None
+        self._digests_loaded = False
+        self._digest_lock = threading.Lock()
+        self._verified_lock = threading.Lock()
         self._chunk_table: list[ChunkInfo] | None = None
         self.after_fetch: Callable[[], None] | None = None  #: set by the manager (size limit)
         self.fetch_pool: ThreadPoolExecutor | None = None  #: set by the manager (parallel runs)
@@ -96,6 +119,7 @@ class FileBlobCache(BlobCache):
         self._meta_state = "unloaded"  # unloaded | loaded | absent
         self._meta_lock = threading.Lock()
         self.last_access = time.monotonic()
+        self._last_full_warning = 0.0
 
     # -- CI table ---------------------------------------------------------------------------------
     def _has_ci_table(self) -> bool:
@@ -140,7 +164,10 @@ class FileBlobCache(BlobCache):
                     log.warning("blob %s: unusable CI table, using bootstrap chunk info: %s", b.blob_id, exc)
                     meta = None
                 if meta is not None:
-                    write_blob_meta_file(self.meta_path, meta)
+                    try:
+                        write_blob_meta_file(self.meta_path, meta)
+                    except OSError as exc:  # e.g. a full cache disk: keep it in memory only
+                        log.warning("blob %s: cannot store the CI table in %s: %s", b.blob_id, self.meta_path, exc)
             self._meta = meta
             self._meta_state = "loaded" if meta is not None else "absent"
             if meta is not None and self._chunk_table is None:
@@ -167,11 +194,39 @@ class FileBlobCache(BlobCache):
         if not 0 <= chunk.index < meta.chunk_count:
             raise MetaFormatError(f"blob {self.blob.blob_id}: chunk index {chunk.index} beyond CI table "
                                   f"({meta.chunk_count} entries)")
-        return self._from_ci(chunk.index, chunk.digest)
+        return self._from_ci(chunk.index, chunk.digest or self.digest_of(chunk.index))
 
     def set_chunk_table(self, chunks: Sequence[ChunkInfo]) -> None:
         """The blob's full chunk list by index (enables read amplification, whole-blob prefetch)."""
         self._chunk_table = sorted(chunks, key=lambda c: c.index)
+        self._digests.update((c.index, c.digest) for c in chunks if c.digest)
+
+    def digest_of(self, index: int) -> bytes:
+        """Chunk ``index``'s digest as the bootstrap records it (b"" when unknown)."""
+        d = self._digests.get(index)
+        if d is not None:
+            return d
+        if not self._digests_loaded and self.chunk_source is not None:
+            with self._digest_lock:
+                if not self._digests_loaded:
+                    for c in self.chunk_source():
+                        if c.digest:
+                            self._digests.setdefault(c.index, c.digest)
+                    self._digests_loaded = True
+        return self._digests.get(index, b"")
+
+    def _with_digest(self, chunk: ChunkInfo) -> ChunkInfo:
+        if chunk.digest:
+            return chunk
+        d = self.digest_of(chunk.index)
+        return chunk if not d else ChunkInfo(chunk.blob_index, chunk.index, d, chunk.flags,
+                                             chunk.compressed_offset, chunk.compressed_size,
+                                             chunk.uncompressed_offset, chunk.uncompressed_size)
+
+    def _checkable(self, chunk: ChunkInfo) -> bool:
+        """False for a chunk that would enter the cache unchecked (validation on, digest unknown):
+        read amplification and whole-blob prefetch leave such chunks to on-demand reads."""
+        return bool(chunk.digest) or not self.config.validate_digest
 
     # -- fetch ------------------------------------------------------------------------------------
     def _amplify(self, run: list[ChunkInfo]) -> None:
@@ -186,8 +241,8 @@ class FileBlobCache(BlobCache):
             end = last.compressed_offset + last.compressed_size
             if end - start >= self.config.amplify_io or last.index + 1 >= len(table):
                 return
-            nxt = table[last.index + 1]
-            if nxt.compressed_offset != end or nxt.compressed_offset + nxt.compressed_size - start > max(
+            nxt = self._with_digest(table[last.index + 1])
+            if not self._checkable(nxt) or nxt.compressed_offset != end or nxt.compressed_offset + nxt.compressed_size - start > max(
                     self.config.amplify_io, self.config.merging_size):
                 return
             if self.chunk_map.try_mark_pending(nxt.index) is not ChunkState.OWNED:
@@ -266,15 +321,31 @@ class FileBlobCache(BlobCache):
         try:
             for c in run:
                 if c.index in good:
-                    os.pwrite(self._fd, good[c.index], c.uncompressed_offset)
+                    n = os.pwrite(self._fd, good[c.index], c.uncompressed_offset)
+                    if n != len(good[c.index]):  # a short write: the disk filled up
+                        raise OSError(errno.ENOSPC, f"short write {n} of {len(good[c.index])}")
             if good and self.config.sync_data:
                 os.fdatasync(self._fd)
         except OSError as exc:
             self.chunk_map.clear_pending(indices)
-            return 0, CacheError(f"{self.path}: write: {exc}")
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return 0, CacheError(f"{self.path}: write: {exc}")
+            # cache disk full: serve the checked data to this read without caching it
+            self.metrics.cache_write_failures.inc(len(good))
+            now = time.monotonic()
+            if now - self._last_full_warning > 60:
+                self._last_full_warning = now
+                log.warning("cache disk full (%s): blob %s served from the backend without caching",
+                            exc, self.blob.blob_id)
+            if fresh is not None:
+                fresh.update(good)
+            error = next((bad[i] for i in bad if i in wanted), None)
+            return run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset, error
         except BaseException:
             self.chunk_map.clear_pending(indices)
             raise
+        for i in good:
+            self._set_verified(i)
         self.chunk_map.set_ready_and_clear_pending(good)
         self.chunk_map.clear_pending(bad)
         self.metrics.cache_misses.inc(len(run))
@@ -287,13 +358,100 @@ class FileBlobCache(BlobCache):
     def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
         fresh: dict[int, bytes | memoryview] = {}
         self.ensure_ready([d.chunk for d in descs], fresh)  # type: ignore[misc]
+        self._verify_cached([d.chunk for d in descs], fresh)  # type: ignore[misc]
         return self._assemble(descs, fresh)
+
+    def _is_verified(self, index: int) -> bool:
+        byte = index >> 3
+        return byte < len(self._verified) and bool(self._verified[byte] & (0x80 >> (index & 7)))
+
+    def _set_verified(self, index: int) -> None:
+        byte, mask = index >> 3, 0x80 >> (index & 7)
+        with self._verified_lock:
+            if byte >= len(self._verified):
+                self._verified.extend(bytes(byte + 1 - len(self._verified)))
+            if not self._verified[byte] & mask:
+                self._verified[byte] |= mask
+                self._verified_count += 1
+
+    def _checks_cache(self) -> bool:
+        return self.config.validate_digest or self.config.verify_every_read
+
+    def _verify_cached(self, chunks: Sequence[ChunkInfo], fresh: dict[int, bytes | memoryview]) -> None:
+        """Check ready chunks not yet checked by this process (every time with
+        ``verify_every_read``) against their digests before any of their bytes is served. A chunk
+        whose cached data is short or wrong is logged, counted, reset and fetched again; its good
+        data goes to ``fresh``. Checked data also goes to ``fresh`` (no second read)."""
+        if not self._checks_cache():
+            return
+        bad: list[ChunkInfo] = []
+        every = self.config.verify_every_read
+        seen: set[int] = set()
+        for c in chunks:
+            if c.index in fresh or c.index in seen or (not every and self._is_verified(c.index)):
+                continue
+            seen.add(c.index)
+            c = self.resolve(c)
+            if not c.digest:  # nothing to check against
+                self._set_verified(c.index)
+                continue
+            data = os.pread(self._fd, c.uncompressed_size, c.uncompressed_offset)
+            if len(data) == c.uncompressed_size and digest(self.blob.digester, data) == c.digest:
+                self._set_verified(c.index)
+                fresh[c.index] = data
+                continue
+            bad.append(c)
+        if not bad:
+            return
+        self.chunk_map.reset(c.index for c in bad)
+        self.metrics.cache_verify_failures.inc(len(bad))
+        log.warning("blob %s: cached data of chunk(s) %s does not match the digest (changed on disk); "
+                    "fetching again", self.blob.blob_id, ",".join(str(c.index) for c in bad))
+        self.ensure_ready(bad, fresh)
+        missing = [c.index for c in bad if c.index not in fresh]
+        if missing:  # another reader refetched them meanwhile: check what it wrote
+            self._verify_cached([c for c in bad if c.index in missing], fresh)
+
+    def verify_all(self) -> bool:
+        """Check every ready chunk not yet checked by this process; wrong ones are reset (not
+        refetched). True when the blob is complete and every chunk is known good."""
+        if not self.chunk_map.all_ready():
+            return False
+        if not self._checks_cache():
+            return True
+        table = self.whole_blob_chunks()
+        if table is None:
+            return False
+        bad = []
+        for c in table:
+            if self._is_verified(c.index):
+                continue
+            if not c.digest:
+                self._set_verified(c.index)
+                continue
+            data = os.pread(self._fd, c.uncompressed_size, c.uncompressed_offset)
+            if len(data) == c.uncompressed_size and digest(self.blob.digester, data) == c.digest:
+                self._set_verified(c.index)
+            else:
+                bad.append(c.index)
+        if bad:
+            self.chunk_map.reset(bad)
+            self.metrics.cache_verify_failures.inc(len(bad))
+            log.warning("blob %s: cached data of %d chunk(s) does not match the digest (first %d); "
+                        "they will be fetched again", self.blob.blob_id, len(bad), bad[0])
+            return False
+        return self._verified_count >= self.blob.chunk_count  # chunks without a known digest stay unchecked
 
     def descs_ready(self, descs: Sequence[BlobIoDesc]) -> bool:
         if self._meta_state == "unloaded" and self._has_ci_table():
             return False  # offsets come from the CI table, which may still have to be fetched
+        if self.config.verify_every_read:
+            return False  # every read checks digests: not on the event loop
         is_ready = self.chunk_map.is_ready
-        return all(is_ready(d.chunk.index) for d in descs)  # type: ignore[union-attr]
+        if not self.config.validate_digest:
+            return all(is_ready(d.chunk.index) for d in descs)  # type: ignore[union-attr]
+        checked = self._is_verified
+        return all(is_ready(d.chunk.index) and checked(d.chunk.index) for d in descs)  # type: ignore[union-attr]
 
     def read_ready_descs(self, descs: Sequence[BlobIoDesc]) -> bytes | None:
         if not self.descs_ready(descs):
@@ -337,11 +495,32 @@ class FileBlobCache(BlobCache):
         return self.ensure_ready(chunks)
 
     def whole_blob_chunks(self) -> list[ChunkInfo] | None:
+        """The blob's chunks by index, with their digests; chunks that could not be checked
+        (digest unknown while validating) are left out."""
         self.blob_meta()
-        return self._chunk_table
+        table = self._chunk_table
+        if table is None and self.chunk_source is not None:  # no CI table: the bootstrap's chunks
+            by_index = {c.index: c for c in self.chunk_source()}
+            if self.blob.chunk_count and len(by_index) == self.blob.chunk_count:
+                table = self._chunk_table = [by_index[i] for i in sorted(by_index)]
+        if table is None:
+            return None
+        if table and not table[-1].digest:
+            table = [self._with_digest(c) for c in table]
+            if all(c.digest for c in table):
+                self._chunk_table = table
+        return [c for c in table if self._checkable(c)]
 
-    def data_path(self) -> str | None:
-        return self.path if self.chunk_map.all_ready() else None
+    def data_path(self, verify: bool = False) -> str | None:
+        """The complete cache file once every chunk is ready and checked by this process;
+        ``verify``: check the chunks not yet checked now (reads the whole blob once)."""
+        if not self.chunk_map.all_ready():
+            return None
+        if verify:
+            return self.path if self.verify_all() else None
+        if self.config.verify_every_read or (self._checks_cache() and self._verified_count < self.blob.chunk_count):
+            return None
+        return self.path
 
     def disk_usage(self) -> int:
         return blob_disk_usage(self.work_dir, self.blob.blob_id)
@@ -483,12 +662,21 @@ class FileCacheManager(BlobCacheManager):
             if cache is None:
                 reader = self.backend.reader(blob.blob_id)
                 try:
-                    cache = FileBlobCache(self.work_dir, blob, reader, self.config, self.metrics)
-                except CacheError as exc:
-                    log.warning("discarding cache of blob %s: %s", blob.blob_id, exc)
-                    self.metrics.cache_corrupt_resets.inc()
-                    self._remove_files(blob.blob_id)
-                    cache = FileBlobCache(self.work_dir, blob, reader, self.config, self.metrics)
+                    try:
+                        cache = FileBlobCache(self.work_dir, blob, reader, self.config, self.metrics)
+                    except CacheError as exc:
+                        log.warning("discarding cache of blob %s: %s", blob.blob_id, exc)
+                        self.metrics.cache_corrupt_resets.inc()
+                        self._remove_files(blob.blob_id)
+                        cache = FileBlobCache(self.work_dir, blob, reader, self.config, self.metrics)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise CacheError(f"cache of blob {blob.blob_id} in {self.work_dir}: {exc}") from exc
+                    # cache disk full: this blob is read from the backend without caching
+                    log.warning("cache disk full (%s): blob %s is read without caching", exc, blob.blob_id)
+                    self.metrics.cache_write_failures.inc()
+                    self._refs[blob.blob_id] = self._refs.get(blob.blob_id, 0) + 1
+                    return NoCacheBlobCache(blob, reader, self.config, self.metrics)  # type: ignore[return-value]
                 cache.after_fetch = self.maybe_enforce_limit
                 cache.fetch_pool = self._fetch_pool()
                 self._caches[blob.blob_id] = cache

@@ -54,6 +54,7 @@ class ChunkMap(Protocol):
     def try_mark_pending(self, index: int) -> ChunkState: ...
     def wait_pending(self, index: int, timeout: float | None = None) -> None: ...
     def set_ready_and_clear_pending(self, indices: Iterable[int]) -> None: ...
+    def reset(self, indices: Iterable[int]) -> list[int]: ...
     def clear_pending(self, indices: Iterable[int]) -> None: ...
     def all_ready(self) -> bool: ...
     def ready_count(self) -> int: ...
@@ -143,6 +144,9 @@ class NoopChunkMap(_PendingMap):
     def all_ready(self) -> bool:
         return False
 
+    def reset(self, indices: Iterable[int]) -> list[int]:
+        return []
+
     def ready_count(self) -> int:
         return 0
 
@@ -230,6 +234,27 @@ class IndexedChunkMap(_PendingMap):
             os.fdatasync(self._fd)
             os.pwrite(self._fd, ChunkMapHeader.new(all_ready=True).pack(), 0)
             self._all_ready_written = True
+
+    def reset(self, indices: Iterable[int]) -> list[int]:
+        """Clear the ready bits of ``indices`` (cached data found missing or wrong); returns the
+        indices that were ready. Chunks being fetched are left to their owner."""
+        cleared: list[int] = []
+        with self._lock:
+            for i in indices:
+                if i in self._pending or not self._is_ready(i):
+                    continue
+                self._bits[i >> 3] &= ~(0x80 >> (i & 7)) & 0xFF
+                self._ready -= 1
+                cleared.append(i)
+            if not cleared:
+                return cleared
+            if self._all_ready_written:  # the header first: never "all ready" over a cleared bit
+                os.pwrite(self._fd, ChunkMapHeader.new().pack(), 0)
+                self._all_ready_written = False
+            lo, hi = min(cleared) >> 3, max(cleared) >> 3
+            os.pwrite(self._fd, bytes(self._bits[lo : hi + 1]), CHUNK_MAP_HEADER_SIZE + lo)
+            os.fdatasync(self._fd)
+        return cleared
 
     def all_ready(self) -> bool:
         return not self.growable and self._ready == self.chunk_count
