@@ -169,7 +169,7 @@ uninstall() {
     systemctl daemon-reload
   fi
   if ((PURGE)); then
-    [[ -n $state ]] && rm -rf "${ROOT:?}$state"
+    if [[ -n $state && $state != / ]]; then rm -rf -- "$ROOT$state"; fi
     log "purged /etc/nydus/config.toml${state:+ and $state}"
   fi
   log "uninstalled pynydus from $PREFIX"
