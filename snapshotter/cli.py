@@ -133,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nydus-snapshotter: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log.level, cfg.log.format)
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
     try:
         return run(cfg)
     except ConfigError as exc:
