@@ -147,7 +147,10 @@ def check_reachable(image_ref: str, registry: RegistryConfig, ping: Ping | None 
     try:
         return backend.ping(probe)
     except StorageError as exc:
-        raise Unavailable(f"registry for image {image_ref} unreachable: " + "; ".join(errors or [str(exc)])) from exc
+        raise Unavailable(f"registry for image {image_ref} unreachable: " + "; ".join(errors or [str(exc)])
+                          + " (check that the registry is up and the host/port are right; a plain-HTTP "
+                            "registry needs [remote] insecure_registries or a hosts.toml server = \"http://...\")"
+                          ) from exc
     finally:
         backend.close()
 

@@ -17,6 +17,7 @@ import trio
 from rafs.daemon.config import DaemonConfig
 from rafs.daemon.service import FS_DRIVERS, Nydusd, Opener
 from rafs.errors import RafsError
+from rafs.cli_common import version_string
 
 LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
               "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nydusd",
         description="Nydus image service daemon: mounts RAFS images lazily over FUSE or kernel EROFS.",
     )
+    p.add_argument("--version", "-V", action="version", version=version_string("nydusd"))
     p.add_argument("subcommand", nargs="?", choices=["fuse", "singleton"], default="fuse",
                    help="daemon kind: 'fuse' (default); 'singleton' (fscache) is refused with the reason")
     p.add_argument("--config", "-C", help="nydusd JSON config (backend, cache, prefetch)")
@@ -92,6 +94,13 @@ def _fail(log: logging.Logger, log_file: str | None, exc: BaseException) -> None
         print(f"nydusd: {exc}", file=sys.stderr)
 
 
+def _single_leaf(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups (else the group)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _preimport() -> None:
     """Import what the first mount needs (reader, storage, registry client: ~0.13 s) while the
     daemon waits for it, instead of inside that mount."""
@@ -114,6 +123,10 @@ def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
         return 2
     if not args.mountpoint:
         parser.error("--mountpoint is required")
+    if args.bootstrap is not None and not os.path.isfile(args.bootstrap):
+        print(f"nydusd: --bootstrap {args.bootstrap}: no such file; pass the image's RAFS bootstrap "
+              "(the file nydus-image create -B writes)", file=sys.stderr)
+        return 2
     if args.daemon:
         code = _detach(args.log_file)
         if code is not None:
@@ -141,7 +154,13 @@ def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
                     os.write(ready_fd, b"1")
                     os.close(ready_fd)
 
-        trio.run(run)
+        try:
+            trio.run(run)
+        except BaseExceptionGroup as group:   # a task's error, wrapped by trio's nurseries
+            leaf = _single_leaf(group)
+            if isinstance(leaf, (RafsError, OSError)):
+                raise leaf from None
+            raise
     except RafsError as exc:
         _fail(log, args.log_file, exc)
         return 2
