@@ -18,7 +18,7 @@ NYDUS_META_LAYER = "containerd.io/snapshot/nydus-bootstrap"
 NYDUS_REF_LAYER = "containerd.io/snapshot/nydus-ref"
 PULL_USERNAME = "containerd.io/snapshot/pullusername"
 PULL_SECRET = "containerd.io/snapshot/pullsecret"
-#: labels holding secrets: never stored in the metastore, returned or logged (snapshotter.credentials)
+#: labels holding secrets: never stored in the metastore, returned or logged (snapshotter.pull_credentials)
 CREDENTIAL_LABELS = frozenset({PULL_USERNAME, PULL_SECRET})
 OVERLAY_VOLATILE = "containerd.io/snapshot/overlay.volatile"
 STARGZ_REFERENCE = "containerd.io/snapshot/remote/stargz.reference"

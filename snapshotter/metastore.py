@@ -152,7 +152,7 @@ def _now_ns() -> int:
 
 def _labels_json(labels: Mapping[str, str] | None) -> str:
     """Labels as stored; an empty value deletes the label (as containerd's bolt store does)."""
-    # credential labels are never stored (snapshotter.credentials keeps them, 0600)
+    # credential labels are never stored (snapshotter.pull_credentials keeps them, 0600)
     return json.dumps({k: v for k, v in (labels or {}).items() if v != "" and k not in L.CREDENTIAL_LABELS},
                       sort_keys=True)
 

@@ -27,7 +27,7 @@ import tempfile
 from typing import Any, Callable, Iterable, Mapping
 
 from snapshotter import labels as L
-from snapshotter.credentials import CredentialStore
+from snapshotter.pull_credentials import CredentialStore
 from snapshotter import metastore as store
 from snapshotter.bootstrap import BOOTSTRAP_PATHS, bootstrap_blob_ids, check_bootstrap, find_bootstrap
 from snapshotter.config import Config

@@ -102,7 +102,7 @@ def test_old_metastore_rows_with_credentials_are_not_returned(tmp_path):
 
 @pytest.mark.parametrize("labels", [{L.PULL_SECRET: SECRET}, CREDS])
 def test_credentials_without_image_ref_are_not_kept(tmp_path, labels):
-    from snapshotter.credentials import CredentialStore
+    from snapshotter.pull_credentials import CredentialStore
 
     cs = CredentialStore(str(tmp_path))
     cs.remember(labels)
