@@ -86,7 +86,8 @@ def test_nydusd_invalid_bootstrap_is_not_an_exception_group(tmp_path):
     (tmp_path / "mnt").mkdir()
     r = run("-m", "rafs.daemon.cli", "--bootstrap", str(tmp_path / "junk"), "--mountpoint", str(tmp_path / "mnt"))
     assert r.returncode == 2
-    assert "is not a RAFS bootstrap" in one_line(r.stderr)
+    assert "not a RAFS bootstrap (no v5 magic" in one_line(r.stderr)
+    assert not [ln for ln in open("/proc/mounts") if str(tmp_path) in ln]
 
 
 def test_nydusify_bad_log_level():

@@ -94,6 +94,23 @@ def _fail(log: logging.Logger, log_file: str | None, exc: BaseException) -> None
         print(f"nydusd: {exc}", file=sys.stderr)
 
 
+def _bootstrap_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a RAFS bootstrap (missing, unreadable, no magic), checked before
+    anything is mounted; None when it looks like one."""
+    from rafs.base import detect_version  # noqa: PLC0415
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if detect_version(head) is None:
+        return "not a RAFS bootstrap (no v5 magic at 0 or EROFS magic at 1024)"
+    return None
+
+
 def _single_leaf(exc: BaseException) -> BaseException:
     """The one exception inside nested single-member exception groups (else the group)."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -123,10 +140,6 @@ def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
         return 2
     if not args.mountpoint:
         parser.error("--mountpoint is required")
-    if args.bootstrap is not None and not os.path.isfile(args.bootstrap):
-        print(f"nydusd: --bootstrap {args.bootstrap}: no such file; pass the image's RAFS bootstrap "
-              "(the file nydus-image create -B writes)", file=sys.stderr)
-        return 2
     if args.daemon:
         code = _detach(args.log_file)
         if code is not None:
@@ -136,6 +149,10 @@ def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
     ready_fd = int(os.environ.pop("_NYDUSD_READY_FD", "-1"))
     try:
         config = DaemonConfig.load(args.config).raw if args.config else {}
+        problem = _bootstrap_problem(args.bootstrap) if args.bootstrap is not None and opener is None else None
+        if problem:   # checked before anything is mounted
+            raise RafsError(f"--bootstrap {args.bootstrap}: {problem}; pass the image's RAFS bootstrap "
+                            "(the file nydus-image create -B writes)")
         if args.bootstrap is None and not args.apisock:
             raise RafsError("a shared daemon (no --bootstrap) needs --apisock to receive mounts")
         daemon = Nydusd(mountpoint=args.mountpoint, apisock=args.apisock, fs_driver=args.fs_driver,
