@@ -93,6 +93,10 @@ class ThrottledProxy:
             except OSError:
                 client.close()
                 continue
+            # a link forwards segments as they come: without TCP_NODELAY, Nagle holds the small
+            # piece after a response's headers until the client's delayed ACK (~40 ms per GET)
+            for s in (client, server):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.conns += [client, server]
             threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, self.bucket), daemon=True).start()

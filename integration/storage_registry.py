@@ -251,6 +251,7 @@ class ProxyRequest:
     method: str
     target: str
     range: str | None
+    at: float = 0.0  #: time.monotonic() when the request arrived
 
     @property
     def range_bounds(self) -> tuple[int, int] | None:
@@ -327,7 +328,7 @@ class FaultProxy:
                 u = urllib.parse.urlsplit(target)
                 upstream, path = u.netloc, u.path + (f"?{u.query}" if u.query else "")
             with self._lock:
-                self.log.append(ProxyRequest(method, path, hmap.get("range")))
+                self.log.append(ProxyRequest(method, path, hmap.get("range"), time.monotonic()))
                 fault = None
                 if method == "GET" and "/blobs/" in path and self.faults:
                     fault = self.faults.popleft()

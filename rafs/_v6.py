@@ -23,7 +23,8 @@ from rafs.layout.erofs import (
     inode_version,
     xattr_ibody_size,
 )
-from rafs.layout.v6 import RafsV6Blob, RafsV6ChunkInfo, RafsV6SuperBlock, RafsV6SuperBlockExt
+from rafs.layout.v5 import RafsV5ChunkInfo
+from rafs.layout.v6 import RafsV6Blob, RafsV6SuperBlock, RafsV6SuperBlockExt
 from rafs.base import BootstrapImage, Inode, InodeAttr, Rafs, check_name, substitute_blob_id
 from storage.records import BlobFeatures, BlobIoDesc, BlobIoVec, ChunkInfo
 from storage.structs import Scalar
@@ -171,7 +172,7 @@ class RafsV6(Rafs):
             for start in range(0, count, _CHUNK_BATCH):
                 n = min(_CHUNK_BATCH, count - start)
                 for j, ent in enumerate(
-                    self._img.parse_array(RafsV6ChunkInfo, off + start * 80, n, "chunk table")
+                    self._img.parse_array(RafsV5ChunkInfo, off + start * 80, n, "chunk table")
                 ):
                     if ent.blob_index >= len(self.blobs):
                         raise FormatError(
@@ -188,8 +189,9 @@ class RafsV6(Rafs):
             self._chunk_keys = [k for k, _ in pairs]
             self._chunk_pos = [p for _, p in pairs]
 
-    def _chunk_entry(self, pos: int) -> ChunkInfo:
-        ent = self._img.parse(RafsV6ChunkInfo, self.ext.s_chunk_table_offset + pos * 80, "chunk table")
+    def _chunk_entry(self, pos: int, ent: RafsV5ChunkInfo | None = None) -> ChunkInfo:
+        if ent is None:
+            ent = self._img.parse(RafsV5ChunkInfo, self.ext.s_chunk_table_offset + pos * 80, "chunk table")
         try:
             ent.validate(self.chunk_size, len(self.blobs))
         except FormatError as exc:
@@ -210,8 +212,12 @@ class RafsV6(Rafs):
         return self._chunk_entry(self._chunk_pos[i])  # type: ignore[index]
 
     def chunk_table(self) -> Iterator[ChunkInfo]:
-        for pos in range(self.chunk_table_count):
-            yield self._chunk_entry(pos)
+        count = self.chunk_table_count
+        for start in range(0, count, _CHUNK_BATCH):
+            n = min(_CHUNK_BATCH, count - start)
+            ents = self._img.parse_array(RafsV5ChunkInfo, self.ext.s_chunk_table_offset + start * 80, n, "chunk table")
+            for j, ent in enumerate(ents):
+                yield self._chunk_entry(start + j, ent)
 
     def info(self) -> dict:
         sb, ext = self.sb, self.ext
@@ -242,7 +248,12 @@ def _flag_names(flags: int) -> list[str]:
 
 
 class InodeV6(Inode):
-    """A v6 inode: compact (32 B) or extended (64 B) EROFS inode plus nydus conventions."""
+    """A v6 inode: compact (32 B) or extended (64 B) EROFS inode plus nydus conventions.
+
+    Besides the :class:`Inode` API: ``raw`` is the validated on-disk struct
+    (:class:`ErofsInodeCompact` / :class:`ErofsInodeExtended`, e.g. for ``i_reserved2``, where the
+    builder marks implicit directories), ``extended``, ``layout`` (data layout), ``offset``.
+    """
 
     def __init__(self, fs: RafsV6, nid: int) -> None:
         super().__init__(fs, nid)
@@ -527,6 +538,25 @@ class InodeV6(Inode):
             f"inode nid {self.ino} chunk indexes",
         )
 
+    def chunk_refs(self) -> list[tuple[int, int, int] | None]:
+        """``(blob index, ci index, blkaddr)`` of every chunk in file order (``None`` = hole),
+        checked against the blob table; cheaper than :meth:`chunks` (no chunk-table lookup)."""
+        blobs = self.fs.blobs
+        out: list[tuple[int, int, int] | None] = []
+        for i, addr in enumerate(self.chunk_addrs()):
+            if addr.blkaddr == EROFS_NULL_ADDR:
+                out.append(None)
+                continue
+            where = f"inode nid {self.ino} chunk {i}"
+            bi = addr.blob_index
+            if bi < 0 or bi >= len(blobs):
+                raise FormatError(f"{where}: blob index {bi} out of range ({len(blobs)} blobs)")
+            ci = addr.ci_index
+            if ci >= blobs[bi].chunk_count:
+                raise FormatError(f"{where}: chunk index {ci} >= chunk_count {blobs[bi].chunk_count} of blob {bi}")
+            out.append((bi, ci, addr.blkaddr))
+        return out
+
     @cached_property
     def _chunk_list(self) -> tuple[ChunkInfo | None, ...]:
         """Every chunk of the file in order (``None`` = hole), resolved and validated once."""
@@ -535,31 +565,26 @@ class InodeV6(Inode):
         cs = fs.chunk_size
         bs = fs.block_size
         out: list[ChunkInfo | None] = []
-        for i, addr in enumerate(self.chunk_addrs()):
-            if addr.blkaddr == EROFS_NULL_ADDR:
+        for i, ref in enumerate(self.chunk_refs()):
+            if ref is None:
                 out.append(None)
                 continue
             clen = min(cs, fsize - i * cs)
             where = f"inode nid {self.ino} chunk {i}"
-            bi = addr.blob_index
-            if bi < 0 or bi >= len(fs.blobs):
-                raise FormatError(f"{where}: blob index {bi} out of range ({len(fs.blobs)} blobs)")
+            bi, ci, blkaddr = ref
             blob = fs.blobs[bi]
-            ci = addr.ci_index
-            if ci >= blob.chunk_count:
-                raise FormatError(f"{where}: chunk index {ci} >= chunk_count {blob.chunk_count} of blob {bi}")
             info = fs.chunk_info(bi, ci)
             if info is None:
-                uoff = addr.blkaddr * bs
+                uoff = blkaddr * bs
                 if blob.features & BlobFeatures.TARFS:
                     # tarfs: the blob is the uncompressed tar, data sits at the same offset
                     info = ChunkInfo(bi, ci, b"", 0, uoff, clen, uoff, clen)
                 else:
                     info = ChunkInfo(bi, ci, b"", 0, 0, 0, uoff, clen)
             else:
-                if info.uncompressed_offset != addr.blkaddr * bs:
+                if info.uncompressed_offset != blkaddr * bs:
                     raise FormatError(
-                        f"{where}: blkaddr {addr.blkaddr} disagrees with chunk table uncompressed_offset "
+                        f"{where}: blkaddr {blkaddr} disagrees with chunk table uncompressed_offset "
                         f"{info.uncompressed_offset}"
                     )
                 if info.uncompressed_size < clen:

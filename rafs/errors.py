@@ -42,3 +42,7 @@ class MountError(RafsError):
 
 class ConfigError(RafsError, ValueError):
     """A nydusd / daemon configuration is malformed; the message names the field."""
+
+
+class TraceError(RafsError, ValueError):
+    """A prefetch trace file is malformed; the message names the line."""

@@ -15,7 +15,7 @@ loads both readers (:mod:`rafs._v5`, :mod:`rafs._v6`), which register with ``Raf
 from __future__ import annotations
 
 from rafs._v5 import RafsV5
-from rafs._v6 import RafsV6
+from rafs._v6 import InodeV6, RafsV6
 from rafs.base import Inode, InodeAttr, Rafs, detect_version
 
-__all__ = ["Rafs", "Inode", "InodeAttr", "detect_version", "RafsV5", "RafsV6"]
+__all__ = ["Rafs", "Inode", "InodeAttr", "detect_version", "RafsV5", "RafsV6", "InodeV6"]

@@ -116,6 +116,7 @@ class PrefetchConfig:
     threads_count: int = 4
     merging_size: int = 1048576         #: bytes merged into one backend request
     bandwidth_rate: int = 0             #: bytes/s, 0 = unlimited
+    record_trace: bool = False          #: daemons record each image's prefetch trace (nydusctl trace)
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,4 +405,6 @@ def nydusd_config(cfg: Config) -> dict[str, Any]:
     tmpl["fs_prefetch"] = {"enable": pf.enable, "prefetch_all": pf.prefetch_all,
                            "threads_count": pf.threads_count, "merging_size": pf.merging_size,
                            "bandwidth_rate": pf.bandwidth_rate}
+    if pf.record_trace:
+        tmpl["fs_prefetch"]["record_trace"] = True
     return tmpl

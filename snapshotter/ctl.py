@@ -4,6 +4,7 @@ nydusd daemon's API.
     nydusctl --address /run/containerd/containerd.sock pull IMAGE
     nydusctl --address ... run [--snapshotter nydus] IMAGE [CMD...]
     nydusctl --api-sock /run/nydus/xxx/api.sock info|metrics
+    nydusctl trace --root /var/lib/containerd-nydus [--id INSTANCE] [-o FILE]
 
 ``pull`` goes through containerd's CRI ImageService (``runtime.v1.ImageService/PullImage``), the
 ``client.Pull(..., WithPullUnpack)`` path that hands ``containerd.io/snapshot/*`` and ``cri.*``
@@ -139,7 +140,7 @@ def daemon_api_get(api_sock: str, path: str, timeout: float = 10.0) -> Any:
     except ValueError:
         if "json" in ctype:
             raise CtlError(f"daemon API GET {path}: bad JSON: {body[:200]!r}") from None
-        return body.decode(errors="replace")   # e.g. Prometheus text metrics
+        return body.decode("utf-8", "surrogateescape")   # Prometheus metrics, prefetch traces
 
 
 METRICS_PATHS = {"fs": "/api/v1/metrics", "backend": "/api/v1/metrics/backend",
@@ -239,6 +240,74 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def trace_sources(root: str) -> list[tuple[str, str, str]]:
+    """``(instance id, API socket, API mountpoint)`` of every RAFS instance the snapshotter's
+    daemons serve, from their records in ``<root>/daemons/*.json``."""
+    out: list[tuple[str, str, str]] = []
+    ddir = os.path.join(root, "daemons")
+    try:
+        names = sorted(os.listdir(ddir))
+    except OSError as e:
+        raise CtlError(f"cannot list {ddir}: {e.strerror or e}") from None
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(ddir, name), encoding="utf-8") as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for inst in sorted(rec.get("instances") or {}):
+            mountpoint = f"/{inst}" if rec.get("shared", True) else "/"
+            out.append((inst, rec.get("apisock", ""), mountpoint))
+    return out
+
+
+def _live_trace(api_sock: str, mountpoint: str, timeout: float) -> str:
+    path = "/api/v1/trace?" + urllib.parse.urlencode({"mountpoint": mountpoint})
+    text = daemon_api_get(api_sock, path, timeout)
+    if not isinstance(text, str):
+        raise CtlError(f"daemon API GET {path}: expected a text trace, got {type(text).__name__}")
+    return text
+
+
+def _trace_from_root(root: str, instance: str | None, timeout: float) -> str:
+    """A mounted instance's trace from its daemon, else the file its daemon wrote when the
+    instance was unmounted (``<root>/traces/<instance>.trace``)."""
+    live = [t for t in trace_sources(root) if instance in (None, t[0])]
+    tdir = os.path.join(root, "traces")
+    saved = sorted(n[:-len(".trace")] for n in (os.listdir(tdir) if os.path.isdir(tdir) else [])
+                   if n.endswith(".trace") and instance in (None, n[:-len(".trace")]))
+    if len(live) == 1:
+        return _live_trace(live[0][1], live[0][2], timeout)
+    if len(live) > 1:
+        raise CtlError("several RAFS instances, choose one with --id: " + ", ".join(t[0] for t in live))
+    if len(saved) > 1:
+        raise CtlError(f"several saved traces in {tdir}, choose one with --id: " + ", ".join(saved))
+    if not saved:
+        raise CtlError(f"no RAFS instance{' ' + instance if instance else ''} in {root}/daemons "
+                       f"and no saved trace in {tdir} (is [prefetch] record_trace on?)")
+    with open(os.path.join(tdir, saved[0] + ".trace"), encoding="utf-8", errors="surrogateescape") as f:
+        return f.read()
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    if args.api_sock:
+        api_sock, mountpoint = args.api_sock, "/" + args.id.strip("/") if args.id else "/"
+        text = _live_trace(api_sock, mountpoint, args.timeout)
+    else:
+        text = _trace_from_root(args.root, args.id, args.timeout)
+    if args.output:
+        from storage.atomic import atomic_write
+
+        atomic_write(args.output, text.encode("utf-8", "surrogateescape"))
+    else:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
+        sys.stdout.flush()
+    return 0
+
+
 def cmd_snapshots(args: argparse.Namespace) -> int:
     from snapshotter import snapctl
 
@@ -291,6 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("rmi", help="remove images through CRI")
     sm.add_argument("images", nargs="+")
     sm.set_defaults(func=cmd_rmi)
+
+    st = sub.add_parser("trace", help="the prefetch trace a daemon recorded for an image "
+                                      "([prefetch] record_trace); input of nydusify --prefetch-trace")
+    where = st.add_mutually_exclusive_group(required=True)
+    where.add_argument("--root", help="the snapshotter's root: find the instance in its daemon records")
+    where.add_argument("--api-sock", help="the daemon's API unix socket")
+    st.add_argument("--id", help="RAFS instance id (required when there are several)")
+    st.add_argument("--output", "-o", help="write the trace to this file (temp + rename)")
+    st.set_defaults(func=cmd_trace)
 
     for name, func, hlp in (("info", cmd_info, "nydusd daemon info (GET /api/v1/daemon)"),
                             ("metrics", cmd_metrics, "nydusd metrics (GET /api/v1/metrics...; JSON or "

@@ -9,12 +9,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from storage.cache.base import BlobCache, BlobCacheManager
 from storage.errors import StorageError
 from storage.metrics import StorageMetrics
-from storage.prefetch import PrefetchConfig, Prefetcher
+from storage.prefetch import DemandGate, PrefetchConfig, Prefetcher
 from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
 
 log = logging.getLogger(__name__)
@@ -25,9 +26,13 @@ class BlobReadDevice(Protocol):
     ``rafs`` codes against this (and tests put small fakes in its place)."""
 
     metrics: StorageMetrics
+    #: bytes of a file a read may fetch beyond what it asked for (size of ``read``'s ``ahead``)
+    amplify_window: int
 
-    def read(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]") -> bytes:
+    def read(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]",
+             ahead: "Sequence[BlobIoDesc] | None" = None) -> bytes:
         """The bytes of ``iovec`` in order, holes as zeros; may fetch; blocking, thread-safe.
+        ``ahead``: what may be fetched along (the rest of the same file), see :class:`BlobDevice`.
         Raises :class:`~storage.errors.StorageError` (or ``OSError``) when the data cannot be read."""
         ...
 
@@ -37,6 +42,14 @@ class BlobReadDevice(Protocol):
 
     def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low") -> None:
         """Make the chunks of ``iovecs`` local in the background."""
+        ...
+
+    def prefetch_blob(self, blob_index: int) -> bool:
+        """Queue a whole blob for background prefetch; False when its chunk list is unknown."""
+        ...
+
+    def wait_demand_settled(self) -> bool:
+        """Block until on-demand reads have settled (True) or the device closes (False)."""
         ...
 
     def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
@@ -69,6 +82,22 @@ def _runs(iovec: "Sequence[BlobIoDesc]") -> "Iterator[tuple[BlobInfo | None, Seq
         i = j
 
 
+#: the first read-ahead window (bytes); doubled per further sequential step up to ``readahead``
+READAHEAD_MIN = 128 << 10
+#: reads moving on to the next chunk of a blob, in a row, before read-ahead starts
+READAHEAD_TRIGGER = 2
+
+
+@dataclass(slots=True)
+class _ReadAhead:
+    """Sequential-read state of one blob: last chunk read, end of what read-ahead queued
+    (exclusive chunk index, -1 = nothing), consecutive next-chunk steps."""
+
+    last: int = -2
+    end: int = -1
+    streak: int = 0
+
+
 class BlobDevice:
     """Reads :class:`BlobIoVec` ranges spanning several blobs through their caches. Thread-safe.
 
@@ -84,14 +113,17 @@ class BlobDevice:
         self.metrics = factory.metrics
         self._caches: dict[str, "BlobCache"] = {}
         self._lock = threading.Lock()
-        self._demand = 0
         self._closed = False
-        self._readahead: dict[str, tuple[int, int]] = {}  # blob id -> (last chunk read, read-ahead end)
+        self._readahead: dict[str, _ReadAhead] = {}  # blob id -> sequential-read state
         #: on the first read, load every blob's CI table in the background (load_chunk_tables);
         #: nothing touches the backend before a read (metadata comes from the bootstrap)
         self.preload_on_first_read = False
         self._chunk_source: "Callable[[], Iterable[ChunkInfo]] | None" = None
-        self.prefetcher = Prefetcher(prefetch_config or PrefetchConfig(), self.metrics, busy=lambda: self._demand > 0)
+        config = prefetch_config or PrefetchConfig()
+        #: demand reads in flight and when the last ended: polite prefetch starts only when quiet
+        self.demand = DemandGate(config.settle, config.start_delay)
+        self.prefetcher = Prefetcher(config, self.metrics, busy=lambda: not self.demand.quiet(),
+                                     demand_inflight=lambda: self.demand.inflight > 0)
 
     def _cache(self, blob: BlobInfo) -> "BlobCache":
         with self._lock:
@@ -117,28 +149,48 @@ class BlobDevice:
         except KeyError:
             raise StorageError(f"blob index {blob_index} not in this device ({sorted(self.blobs)})") from None
 
-    def read(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]") -> bytes:
-        """The bytes of ``iovec``, in order (holes as zeros)."""
+    def read(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]", ahead: "Sequence[BlobIoDesc] | None" = None) -> bytes:
+        """The bytes of ``iovec``, in order (holes as zeros).
+
+        ``ahead``: the caller's bound on read amplification — the descriptors that follow
+        ``iovec`` in the same file (rafs knows them); missing chunks are extended only with
+        those (up to ``amplify_io``), never with neighbouring chunks of other files. ``None``
+        leaves the cache's own rule (following chunks of the blob).
+        """
         start = time.monotonic()
         with self._lock:
-            self._demand += 1
             preload, self.preload_on_first_read = self.preload_on_first_read, False
+        self.demand.begin()
         if preload:
             self.load_chunk_tables()
         try:
+            allowed = None
+            if ahead is not None:
+                allowed = {}
+                for d in ahead:
+                    if d.blob is not None and d.chunk is not None:
+                        allowed.setdefault(d.blob.blob_id, set()).add(d.chunk.index)
             parts: list[bytes] = []
             for blob, run in _runs(iovec):
                 if blob is None:
                     parts.append(bytes(run[0].size))
                     continue
                 cache = self._cache(blob)
-                parts.append(cache.read_descs(run))
+                if allowed is None:
+                    parts.append(cache.read_descs(run))
+                else:
+                    parts.append(cache.read_descs(run, amplify_into=allowed.get(blob.blob_id, set())))
                 self._after_read(cache, run)
             return b"".join(parts)
         finally:
-            with self._lock:
-                self._demand -= 1
+            self.demand.end()
             self.metrics.read_latency.observe(time.monotonic() - start)
+
+    @property
+    def amplify_window(self) -> int:
+        """Bytes of a file a demand read may fetch beyond what it asked for (``amplify_io``):
+        callers size their ``ahead`` hint with it."""
+        return self.factory.config.amplify_io
 
     def read_ready(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]") -> bytes | None:
         """The bytes of ``iovec`` if every chunk is already in the local cache, else None.
@@ -173,33 +225,43 @@ class BlobDevice:
             self._read_ahead(cache, run[0].chunk.index, run[-1].chunk.index)  # type: ignore[union-attr]
 
     def _read_ahead(self, cache: "BlobCache", first: int, last: int) -> None:
-        """Sequential on-demand reads (one moved on to the chunk after the previous read's last,
-        then reads continuing from there) keep the next ``readahead`` bytes of the blob in flight
-        as high-priority prefetch, so a reader streaming through neighbouring files finds them
-        fetched or arriving instead of waiting for one request after another."""
+        """Sequential on-demand reads keep chunks ahead of the reader in flight as high-priority
+        prefetch, so a reader streaming through neighbouring files finds them fetched or arriving
+        instead of waiting for one request after another.
+
+        The window adapts like the kernel's: nothing until the reader has moved on to the next
+        chunk ``READAHEAD_TRIGGER`` times in a row, then ``READAHEAD_MIN`` bytes, doubling with
+        every further step up to ``readahead``; refilled when less than half of it is left; any
+        jump resets it. A start-up reading two neighbouring files pays nothing, a stream reaches
+        the full window within a few files.
+        """
         table = getattr(cache, "whole_blob_chunks", None)
         table = table() if table is not None else None
         if not table or last >= len(table):
             return
         blob_id = cache.blob.blob_id
-        window = self.prefetcher.config.readahead
         todo: list[ChunkInfo] = []
         with self._lock:
-            prev_last, ra_end = self._readahead.get(blob_id, (-2, -1))
-            if first == prev_last + 1 or (first == prev_last and ra_end > last + 1):
+            st = self._readahead.get(blob_id)
+            if st is None:
+                st = self._readahead[blob_id] = _ReadAhead()
+            if first == st.last + 1:
+                st.streak += 1
+            elif first != st.last:  # a jump: start over (re-reads of the same chunk keep the state)
+                st.streak, st.end = 0, -1
+            st.last = last
+            if st.streak >= READAHEAD_TRIGGER:
+                window = min(self.prefetcher.config.readahead, READAHEAD_MIN << (st.streak - READAHEAD_TRIGGER))
                 end_of = lambda c: c.compressed_offset + c.compressed_size  # noqa: E731
-                ahead = end_of(table[ra_end - 1]) - end_of(table[last]) if ra_end > last + 1 else 0
+                ahead = end_of(table[st.end - 1]) - end_of(table[last]) if st.end > last + 1 else 0
                 if ahead < window // 2:  # the reader passed the middle of what is in flight
-                    start = max(ra_end, last + 1)
-                    k, size = start, 0
+                    start = max(st.end, last + 1)
+                    k, size = start, ahead
                     while k < len(table) and size < window:
                         size += table[k].compressed_size
                         k += 1
                     todo = list(table[start:k])
-                    ra_end = max(ra_end, k)
-            else:
-                ra_end = -1
-            self._readahead[blob_id] = (last, ra_end)
+                    st.end = max(st.end, k)
         if todo:
             self.prefetcher.submit(cache, todo, yield_to_demand=False, readahead=True)
 
@@ -234,6 +296,11 @@ class BlobDevice:
             chunks = table
         self.prefetcher.submit(cache, chunks)
         return True
+
+    def wait_demand_settled(self) -> bool:
+        """Block until the demand gate is quiet (True) or the device is closed (False): for
+        callers preparing speculative work with CPU, e.g. walking an image for its prefetch list."""
+        return self.demand.wait_quiet(lambda: self.prefetcher.cancelled)
 
     def load_chunk_tables(self) -> list[threading.Thread]:
         """Load every blob's CI table now, in background threads (one per blob), so the first

@@ -1,8 +1,11 @@
 """Background prefetch: chunk lists (from iovecs or whole blobs) made ready by worker threads.
 
-Prefetch runs below on-demand reads: a worker waits while the device reports demand reads in
-flight. It is limited by a thread budget (``threads_count``) and a bandwidth limit
-(``bandwidth_rate`` bytes/s, 0 = unlimited) and is cancellable (``cancel()`` on unmount).
+Prefetch runs below on-demand reads: a polite (low-priority) run is started only while the
+device's :class:`DemandGate` says the link is free of demand misses — none in flight, the last
+one ended ``settle`` seconds ago, and (before any demand read) ``start_delay`` seconds after the
+device was opened, so a container's start-up burst of misses has the link to itself. It is limited
+by a thread budget (``threads_count``) and a bandwidth limit (``bandwidth_rate`` bytes/s, 0 =
+unlimited) and is cancellable (``cancel()`` on unmount).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from storage.backend.base import speculation
 from storage.cache.base import BlobCache, merge_runs
 from storage.errors import StorageError
 from storage.metrics import StorageMetrics
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: how long a worker sleeps between checks while on-demand reads are busy
 BUSY_POLL = 0.005
+#: longest a speculative transfer stays paused in one go for demand reads (then it reads a piece)
+MAX_PAUSE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +39,53 @@ class PrefetchConfig:
     threads_count: int = 2  #: worker threads (nydusd default 8; this machine is small)
     merging_size: int = 1 << 20  #: bytes per prefetch backend request
     bandwidth_rate: int = 0  #: bytes per second across workers; 0 = unlimited
-    readahead: int = 4 << 20  #: sequential on-demand reads fetch this many bytes ahead; 0 = off
+    readahead: int = 4 << 20  #: max bytes sequential on-demand reads keep in flight ahead; 0 = off
+    settle: float = 1.5  #: polite prefetch waits this long after the last demand miss ended
+    start_delay: float = 3.0  #: ... and, before any demand miss, this long after the device opened
+
+
+class DemandGate:
+    """When speculative (polite) work may use the link: tracks on-demand misses in flight.
+
+    ``clock`` is injectable for tests. Thread-safe: ``begin``/``end`` bracket every demand read
+    that may fetch; :meth:`quiet` answers whether polite prefetch may start a request now.
+    """
+
+    def __init__(self, settle: float, start_delay: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settle, self.start_delay, self.clock = settle, start_delay, clock
+        self._lock = threading.Lock()
+        self.inflight = 0
+        self._opened = clock()
+        self._last_end: float | None = None
+
+    def begin(self) -> None:
+        with self._lock:
+            self.inflight += 1
+
+    def end(self) -> None:
+        with self._lock:
+            self.inflight -= 1
+            self._last_end = self.clock()
+
+    def wait_quiet(self, cancelled: Callable[[], bool] = lambda: False, poll: float = 0.02) -> bool:
+        """Block until :meth:`quiet` (True) or ``cancelled()`` (False): callers that prepare
+        speculative work with CPU (e.g. walking a whole image for its prefetch list) keep it
+        off the start-up burst too."""
+        while not self.quiet():
+            if cancelled():
+                return False
+            time.sleep(poll)
+        return True
+
+    def quiet(self) -> bool:
+        """True when no demand read is in flight and the last burst has settled."""
+        with self._lock:
+            if self.inflight:
+                return False
+            now = self.clock()
+            if self._last_end is None:
+                return now - self._opened >= self.start_delay
+            return now - self._last_end >= self.settle
 
 
 class Throttle:
@@ -73,10 +125,15 @@ class Prefetcher:
     """
 
     def __init__(self, config: PrefetchConfig, metrics: StorageMetrics,
-                 busy: Callable[[], bool] = lambda: False) -> None:
+                 busy: Callable[[], bool] = lambda: False,
+                 demand_inflight: Callable[[], bool] = lambda: False) -> None:
+        """``busy()``: True while polite runs must not start (the device's demand gate);
+        ``demand_inflight()``: True while demand reads are in flight — running speculative
+        transfers then pause between body pieces (see :func:`storage.backend.base.yield_to_demand`)."""
         self.config = config
         self.metrics = metrics
         self._busy = busy
+        self._demand_inflight = demand_inflight
         self._high: deque[tuple[_Unit, list[ChunkInfo]]] = deque()  # runs that ignore demand reads
         self._low: deque[tuple[_Unit, list[ChunkInfo]]] = deque()  # runs that wait for demand reads
         self._work = threading.Condition(threading.Lock())
@@ -110,7 +167,7 @@ class Prefetcher:
             self._work.notify_all()
 
     def _next(self) -> tuple[_Unit, list[ChunkInfo]] | None:
-        """The next run: high-priority first; low-priority only while no demand read is in flight."""
+        """The next run: high-priority first; low-priority only while the demand gate is quiet."""
         with self._work:
             while not self._cancelled.is_set():
                 if self._high:
@@ -153,7 +210,20 @@ class Prefetcher:
         self._throttle.acquire(size, self._cancelled)
         if self._cancelled.is_set():
             return
-        self.metrics.prefetch_bytes.inc(cache.prefetch_chunks(run))
+        speculation.pause = lambda: self._pause(cache)
+        try:
+            self.metrics.prefetch_bytes.inc(cache.prefetch_chunks(run))
+        finally:
+            speculation.pause = None
+
+    def _pause(self, cache: BlobCache) -> None:
+        """Hold a running speculative transfer while demand reads are in flight — unless one of
+        them waits for a chunk of this blob that this (or another) speculative fetch owns."""
+        deadline = time.monotonic() + MAX_PAUSE
+        waiting = getattr(cache, "has_waiters", lambda: True)
+        while (self._demand_inflight() and not waiting() and not self._cancelled.is_set()
+               and time.monotonic() < deadline):
+            self._cancelled.wait(BUSY_POLL)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every submitted unit is done (or cancelled); False on timeout."""

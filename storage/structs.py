@@ -20,6 +20,7 @@ with :class:`Struct`, and both the readers and the builder go through the same d
     entry.compressed_offset
     entry.pack()                               # -> bytes, round-trips
     TocEntry(flags=1, name=b"image.boot")      # omitted fields default to 0 / zero bytes
+    TocEntry.packer("flags", ..., "reserved2").pack_into(buf, off, *values)  # hot loops, order checked
 
 Field types: ``u8 u16 u32 u64 i8 i16 i32 i64`` and ``Ns`` (N raw bytes).  Structs are packed
 (no implicit padding): declare reserved/padding bytes explicitly so ``SIZE`` equals the on-disk
@@ -104,6 +105,16 @@ class Struct(metaclass=_StructMeta):
             obj.__dict__.update(zip(names, values))
             out.append(obj)
         return out
+
+    @classmethod
+    def packer(cls, *names: str) -> struct.Struct:
+        """The compiled codec, for positional packing in hot loops: ``packer(...).pack(*values)``
+        and ``.pack_into(buf, offset, *values)`` take the values in the order ``names``, which
+        must be the declared field order (checked here, so a reordered declaration fails at
+        the caller's import instead of writing fields into each other)."""
+        if names != cls._names:
+            raise TypeError(f"{cls.__name__}: packer fields {names} are not the declared order {cls._names}")
+        return cls._codec
 
     def pack(self) -> bytes:
         return self._codec.pack(*(getattr(self, name) for name in self._names))

@@ -159,8 +159,9 @@ class FakeDevice:
         self.complete = complete
         self.fd = os.open(blob_file, os.O_RDONLY)
         self.metrics = StorageMetrics()
+        self.amplify_window = 0  # reads fetch exactly what they ask for
 
-    def read(self, iovec: BlobIoVec) -> bytes:
+    def read(self, iovec: BlobIoVec, ahead=None) -> bytes:
         if os.path.exists(self.blob_file + ".down"):
             raise BackendError("backend unreachable (test: .down exists)")
         if os.path.exists(self.blob_file + ".slow"):  # "<chunk index> <seconds>": a slow chunk
@@ -183,6 +184,12 @@ class FakeDevice:
     def prefetch(self, iovecs, *, priority: str = "low") -> None:
         for iovec in iovecs:
             self.read(iovec)
+
+    def prefetch_blob(self, blob_index: int) -> bool:
+        return False  # no chunk list: callers fall back to per-file prefetch
+
+    def wait_demand_settled(self) -> bool:
+        return True
 
     def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
         return self.blob_file if self.complete else None

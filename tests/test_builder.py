@@ -132,15 +132,10 @@ def test_blob_layout_toc_and_inline(src_tree, tmp_path):
     assert all(digests[32 * i:32 * i + 32] == d for i, d in by_ci.items())
     # the inline bootstrap carries the placeholder id; the --bootstrap file the real one
     inline = extract_entry(read, entries[4])
-    assert load_bootstrap_bytes(inline).blobs[0].info.blob_id == "x" * 64
+    (tmp_path / "inline.boot").write_bytes(inline)
+    assert load_bootstrap(tmp_path / "inline.boot").blobs[0].info.blob_id == "x" * 64
     assert loaded.blobs[0].info.blob_id == info.blob_id == hashlib.sha256(data).hexdigest()
     assert loaded.flags & 0x100  # INLINED_CHUNK_DIGEST
-
-
-def load_bootstrap_bytes(buf: bytes):
-    from rafs.builder.loader import _load
-
-    return _load(buf)
 
 
 def test_blob_toc_without_inline(src_tree, tmp_path):
@@ -316,6 +311,36 @@ def test_bad_input(tmp_path, src_tree):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]  # no half-written files
     with pytest.raises(FormatError):
         load_bootstrap(str(bad))
+
+
+def test_loader_reads_what_the_reader_reads(vectors_dir, tmp_path):
+    """The loader is the reader plus builder nodes: same paths, attributes, links and chunks on an
+    upstream image; a v5 bootstrap (which the reader opens) is refused."""
+    from rafs.metadata import Rafs
+    from tests._rafs_util import extract_boot
+
+    boot = extract_boot(vectors_dir, "v6-bootstrap-chunk-pos-438272", tmp_path)
+    loaded = load_bootstrap(boot)
+    nodes = dict(loaded.tree.walk())
+    with Rafs.open(boot) as fs:
+        assert [b.info for b in loaded.blobs] == fs.blobs and loaded.flags == fs.flags
+        key = lambda c: (c.blob_index, c.index)  # noqa: E731
+        assert sorted((c for b in loaded.blobs for c in b.chunks if c), key=key) == sorted(fs.chunk_table(), key=key)
+        seen = {}
+        for path, ino in fs.walk():
+            node, a = nodes.pop(os.fsencode(path)), ino.attr()
+            assert (node.mode, node.uid, node.gid, node.mtime, node.xattrs) == (a.mode, a.uid, a.gid, a.mtime,
+                                                                                ino.xattrs())
+            assert seen.setdefault(ino.ino, node) is node  # hard links: one builder node
+            if ino.is_reg():
+                assert [(c.blob_index, c.ci_index) for c in node.chunks] == \
+                    [(d.chunk.blob_index, d.chunk.index) for d in ino.chunks(0, a.size)]
+            elif ino.is_symlink():
+                assert node.symlink == ino.readlink()
+    assert not nodes
+    v5 = extract_boot(vectors_dir, "v5-bootstrap-file-size-736032", tmp_path)
+    with pytest.raises(FormatError, match="v5"):
+        load_bootstrap(v5)
 
 
 def test_cli_create_and_json(src_tree, tmp_path):

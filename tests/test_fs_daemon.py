@@ -136,3 +136,93 @@ def test_cli_daemon_mode_detaches_when_running(tmp_path):
         if client.state():
             os.kill(client.info()["pid"], 15)
         cleanup_mounts(mnt)
+
+
+def test_trace_recorded_exported_and_written_at_unmount(tmp_path):
+    """fs_prefetch.record_trace: GET /api/v1/trace and nydusctl trace list the files read, in
+    order; the trace is written to fs_prefetch.trace_file at unmount (an existing file is kept)."""
+    require_fuse()
+    from rafs.trace import TraceEntry, load_trace, parse_trace
+    from snapshotter.ctl import main as nydusctl
+
+    boot = make_image(str(tmp_path), {"/a": b"A" * 5000, "/d": None, "/d/b": b"B" * 100, "/c": b"C"})
+    trace_file = tmp_path / "traces" / "x.trace"
+    cfg = {"fs_prefetch": {"record_trace": True, "trace_file": str(trace_file)}}
+    with running_daemon(tmp_path) as (client, mnt, _):
+        client.mount("/x", boot, cfg)
+        client.mount("/plain", boot, {})
+        for path in ("d/b", "a", "c"):
+            assert open(f"{mnt}/x/{path}", "rb").read()
+        want = [TraceEntry("/d/b", ((0, 100),)), TraceEntry("/a", ((0, 5000),)), TraceEntry("/c", ((0, 1),))]
+        assert parse_trace(client.trace("/x")) == want
+        out = tmp_path / "exported.trace"
+        assert nydusctl(["trace", "--api-sock", client.apisock, "--id", "x", "-o", str(out)]) == 0
+        assert load_trace(out) == want
+        with pytest.raises(Exception) as ei:
+            client.trace("/plain")  # not recording
+        assert getattr(ei.value, "status", None) == 404
+        assert not trace_file.exists()
+        client.umount("/x")
+        assert load_trace(trace_file) == want
+        client.mount("/x", boot, cfg)
+        assert open(f"{mnt}/x/c", "rb").read() == b"C"
+        client.umount("/x")
+        assert load_trace(trace_file) == want  # the first start's trace is kept
+        client.exit()
+
+
+def test_nydusctl_trace_from_a_snapshotter_root(tmp_path):
+    from snapshotter.ctl import main as nydusctl
+
+    root = tmp_path / "root"
+    (root / "traces").mkdir(parents=True)
+    (root / "daemons").mkdir()
+    assert nydusctl(["trace", "--root", str(root)]) == 1  # nothing recorded
+    (root / "traces" / "7.trace").write_text("# nydus prefetch trace v1\n/bin/sh\t0+10\n")
+    out = tmp_path / "t"
+    assert nydusctl(["trace", "--root", str(root), "-o", str(out)]) == 0
+    assert out.read_text().endswith("/bin/sh\t0+10\n")
+    (root / "traces" / "9.trace").write_text("/x\n")
+    assert nydusctl(["trace", "--root", str(root), "-o", str(out)]) == 1  # which one?
+    assert nydusctl(["trace", "--root", str(root), "--id", "9", "-o", str(out)]) == 0
+    assert out.read_text() == "/x\n"
+
+
+@pytest.mark.parametrize("table, priority", [([], "low"), ([1], "low"), ([3, 2], "high")])
+def test_a_prefetch_table_naming_files_is_prefetched_first_in_table_order(tmp_path, table, priority):
+    """A table listing files (a start-up set, e.g. from a trace) goes out as one high-priority
+    prefetch in table order; the root alone ("everything") or no table stays polite."""
+    from rafs.daemon.service import Nydusd
+    from rafs.fs.instance import Instance
+    from tests.fs_fakes import FakeRafs
+
+    boot = make_image(str(tmp_path), {"/a": b"A" * 10, "/b": b"B" * 20})
+    tree = FakeRafs.open(boot)
+    tree.prefetch_inos = table
+    calls = []
+
+    class Device:
+        def prefetch(self, iovecs, *, priority="low"):
+            calls.append(([sum(d.size for d in v) for v in iovecs], priority))
+
+        def wait_demand_settled(self):
+            calls.append("waited")
+            return True
+
+        def prefetch_blob(self, blob_index):
+            return False  # no CI table here: the daemon falls back to the file walk
+
+    daemon = Nydusd(mountpoint=str(tmp_path / "m"))
+    inst = Instance("x", tree, Device())
+    daemon._start_prefetch(inst, DaemonConfig.parse({"fs_prefetch": {"enable": True}}))
+    for t in daemon._prefetch_threads:
+        t.join(10)
+    waited = calls.count("waited")
+    [(sizes, got_priority)] = [c for c in calls if c != "waited"]
+    assert got_priority == priority
+    # a start-up set goes out at once; anything else waits for the demand burst to settle
+    assert waited == (0 if priority == "high" else 1)
+    if priority == "high":
+        assert sizes == [20, 10]  # /b (ino 3) then /a (ino 2): table order
+    else:
+        assert sorted(sizes) == [10, 20]

@@ -14,16 +14,15 @@ from storage.records import Compressor, Digester
 SIZES = {
     L.RafsV6SuperBlock: 128,
     L.RafsV6SuperBlockExt: 256,
-    L.RafsV6Device: 128,
+    L.ErofsDeviceSlot: 128,
     L.RafsV6Blob: 256,
-    L.RafsV6InodeCompact: 32,
-    L.RafsV6InodeExtended: 64,
-    L.RafsV6InodeChunkAddr: 8,
-    L.RafsV6Dirent: 12,
-    L.RafsV6XattrIbodyHeader: 12,
-    L.RafsV6XattrEntry: 4,
+    L.ErofsInodeCompact: 32,
+    L.ErofsInodeExtended: 64,
+    L.ErofsInodeChunkIndex: 8,
+    L.ErofsDirent: 12,
+    L.ErofsXattrIbodyHeader: 12,
+    L.ErofsXattrEntry: 4,
     L.RafsV5ChunkInfo: 80,
-    L.RafsV6ChunkInfo: 80,
     L.RafsV5SuperBlock: 8192,
     L.RafsV5Inode: 128,
     L.RafsV5ExtBlobEntry: 64,
@@ -64,13 +63,13 @@ def test_inode_format_helpers():
     f = L.inode_format(1, L.EROFS_INODE_CHUNK_BASED)
     assert f == 9 and L.inode_version(f) == 1 and L.inode_datalayout(f) == 4
     assert L.inode_format(0, L.EROFS_INODE_FLAT_INLINE) == 4
-    L.RafsV6InodeExtended(i_format=f).validate()
+    L.ErofsInodeExtended(i_format=f).validate()
     with pytest.raises(FormatError, match="i_format"):
-        L.RafsV6InodeExtended(i_format=0x19).validate()
+        L.ErofsInodeExtended(i_format=0x19).validate()
     with pytest.raises(FormatError, match="data layout"):
-        L.RafsV6InodeCompact(i_format=L.inode_format(0, 1)).validate()
+        L.ErofsInodeCompact(i_format=L.inode_format(0, 1)).validate()
     with pytest.raises(FormatError, match="not a compact"):
-        L.RafsV6InodeCompact(i_format=1).validate()
+        L.ErofsInodeCompact(i_format=1).validate()
 
 
 def test_chunk_format_and_address():
@@ -81,17 +80,17 @@ def test_chunk_format_and_address():
             L.decode_chunk_format(bad, 12)
     with pytest.raises(FormatError):
         L.encode_chunk_format(3000, 12)
-    a = L.RafsV6InodeChunkAddr.encode(blob_index=3, ci_index=0x12_3456, blkaddr=77)
+    a = L.ErofsInodeChunkIndex.encode(blob_index=3, ci_index=0x12_3456, blkaddr=77)
     assert (a.advise, a.device_id, a.blkaddr) == (0x3456, 0x1204, 77)
-    back = L.RafsV6InodeChunkAddr.parse(a.pack())
+    back = L.ErofsInodeChunkIndex.parse(a.pack())
     assert (back.blob_index, back.ci_index, back.blkaddr) == (3, 0x12_3456, 77)
     back.validate()
     with pytest.raises(FormatError, match="device_id"):
-        L.RafsV6InodeChunkAddr(device_id=0x100).validate()
+        L.ErofsInodeChunkIndex(device_id=0x100).validate()
     with pytest.raises(FormatError, match="blob_index"):
-        L.RafsV6InodeChunkAddr.encode(255, 0, 0)
+        L.ErofsInodeChunkIndex.encode(255, 0, 0)
     with pytest.raises(FormatError, match="ci_index"):
-        L.RafsV6InodeChunkAddr.encode(0, 1 << 24, 0)
+        L.ErofsInodeChunkIndex.encode(0, 1 << 24, 0)
 
 
 def test_xattr_helpers():
@@ -104,7 +103,7 @@ def test_xattr_helpers():
     with pytest.raises(FormatError, match="prefix"):
         L.xattr_split_name(b"foo.bar")
     with pytest.raises(FormatError, match="e_name_index"):
-        L.RafsV6XattrEntry(e_name_index=9).validate()
+        L.ErofsXattrEntry(e_name_index=9).validate()
 
 
 def test_flag_helpers():
@@ -156,7 +155,7 @@ def test_v6_vector_superblocks(vectors_dir):
     assert (ext.s_blob_table_offset, ext.s_blob_table_size) == (4096, 256)
     assert (ext.s_chunk_table_offset, ext.s_chunk_table_size) == (16384, 160)
     assert ext.pack() == b[1152:1408]
-    dev = L.RafsV6Device.parse(b, 1408)
+    dev = L.ErofsDeviceSlot.parse(b, 1408)
     dev.validate()
     assert dev.blob_id.startswith(b"be7d77") and dev.mapped_blkaddr == 512
     blob = L.RafsV6Blob.parse(b, 4096)
@@ -165,10 +164,10 @@ def test_v6_vector_superblocks(vectors_dir):
     assert (blob.chunk_count, blob.compression_algo, blob.features) == (2, 3, 0x70000021)
     assert (blob.ci_offset, blob.ci_compressed_size, blob.ci_uncompressed_size) == (8314, 32, 32)
     assert (blob.compressed_size, blob.blob_toc_size) == (14554, 1024)
-    chunks = L.RafsV6ChunkInfo.parse_array(b, 16384, 2)
+    chunks = L.RafsV5ChunkInfo.parse_array(b, 16384, 2)
     assert [(c.index, c.compressed_offset, c.compressed_size, c.uncompressed_offset, c.uncompressed_size)
             for c in chunks] == [(1, 0x12DC, 0xB9E, 0x5000, 0x3458), (0, 0, 0x12DC, 0, 0x4223)]
-    root = L.RafsV6InodeExtended.parse(b, 2 * 4096 + 128 * 32)
+    root = L.ErofsInodeExtended.parse(b, 2 * 4096 + 128 * 32)
     root.validate()
     assert L.inode_datalayout(root.i_format) == L.EROFS_INODE_FLAT_INLINE and root.i_size == 67
 

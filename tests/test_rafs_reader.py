@@ -158,6 +158,8 @@ def test_v6_large_walk(boots):
             if node.is_reg():
                 chunk_based += 1
                 assert node.chunks(0, node.size).size == node.size
+                assert node.chunk_refs() == [(d.chunk.blob_index, d.chunk.index, d.chunk.uncompressed_offset // 4096)
+                                             for d in node.chunks(0, node.size)]
             elif node.layout == 2:
                 inline += 1
             if node.is_symlink():
@@ -406,7 +408,7 @@ def test_roundtrip_builder_image(tmp_path):
 
 def test_v6_compact_inodes_and_flat_plain(vectors_dir, tmp_path):
     """Rewrite the 2.2 image with compact inodes and a FLAT_PLAIN root: same tree, same data."""
-    from rafs.layout import RafsV6InodeCompact, RafsV6InodeExtended, inode_format
+    from rafs.layout import ErofsInodeCompact, ErofsInodeExtended, inode_format
 
     src = vectors_dir / TEXTURE / "bootstrap/rafs-v6-2.2.boot"
     blobs = {V6_BLOB: vectors_dir / TEXTURE / "blobs" / V6_BLOB}
@@ -414,7 +416,7 @@ def test_v6_compact_inodes_and_flat_plain(vectors_dir, tmp_path):
     with Rafs.open(src) as fs:
         nodes = {p: (n.offset, n.layout, n.size) for p, n in fs.walk()}
     for path, (off, layout, size) in nodes.items():
-        ext = RafsV6InodeExtended.parse(raw, off)
+        ext = ErofsInodeExtended.parse(raw, off)
         if path == "/":
             # root: FLAT_PLAIN with its 67 data bytes moved to the unused block 2
             tail = bytes(raw[off + 64 : off + 64 + size])
@@ -425,7 +427,7 @@ def test_v6_compact_inodes_and_flat_plain(vectors_dir, tmp_path):
             idx = bytes(raw[off + 64 : off + 72])
             raw[off + 32 : off + 40] = idx
             i_u = ext.i_u
-        compact = RafsV6InodeCompact(
+        compact = ErofsInodeCompact(
             i_format=inode_format(0, layout), i_mode=ext.i_mode, i_nlink=ext.i_nlink,
             i_size=ext.i_size, i_u=i_u, i_ino=ext.i_ino, i_uid=ext.i_uid, i_gid=ext.i_gid,
         )

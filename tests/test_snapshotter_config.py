@@ -21,7 +21,7 @@ def test_dataclass_defaults():
     assert c.daemon == C.DaemonConfig("erofs", "shared", "", "restart", 4)
     assert c.remote == C.RemoteConfig((), False, {}, {}, "", True, 5, 5, 2)
     assert c.cache_manager == C.CacheManagerConfig(False, "", 0, True)
-    assert c.prefetch == C.PrefetchConfig(True, False, 4, 1048576, 0)
+    assert c.prefetch == C.PrefetchConfig(True, False, 4, 1048576, 0, False)
     assert c.log == C.LogConfig("info", "text")
     assert c.metrics == C.MetricsConfig("")
     assert c.snapshot == C.SnapshotConfig(True, False)

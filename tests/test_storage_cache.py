@@ -106,7 +106,12 @@ def test_pending_contract_waits_for_owner():
 def test_merge_runs_contiguous_and_capped():
     b = make_blob(8, compressor=Compressor.NONE, compressible=False)
     runs = merge_runs([b.chunks[i] for i in (5, 0, 1, 2, 6, 4)], merging_size=3 * 4096)
+    # runs in the order their first chunk was asked for (a prefetch list in access order)
+    assert [[c.index for c in r] for r in runs] == [[4, 5, 6], [0, 1, 2]]
+    runs = merge_runs([b.chunks[i] for i in (0, 1, 2, 4, 5, 6)], merging_size=3 * 4096)
     assert [[c.index for c in r] for r in runs] == [[0, 1, 2], [4, 5, 6]]
+    runs = merge_runs([b.chunks[i] for i in (7, 3, 7, 1, 0)], merging_size=8 * 4096)
+    assert [[c.index for c in r] for r in runs] == [[7], [3], [0, 1]]
     runs = merge_runs(b.chunks, merging_size=2 * 4096)
     assert [len(r) for r in runs] == [2, 2, 2, 2]
 

@@ -16,7 +16,8 @@ from tests.storage_blobs import make_blob
 
 
 def test_prefetch_config_defaults():
-    assert PrefetchConfig() == PrefetchConfig(enable=True, threads_count=2, merging_size=1 << 20, bandwidth_rate=0)
+    assert PrefetchConfig() == PrefetchConfig(enable=True, threads_count=2, merging_size=1 << 20, bandwidth_rate=0,
+                                              readahead=4 << 20, settle=1.5, start_delay=3.0)
 
 
 def test_prefetch_iovecs_and_whole_blob(tmp_path):
@@ -56,8 +57,9 @@ def test_prefetch_yields_to_demand_reads_and_cancels(tmp_path):
     b = make_blob(64, compressor=Compressor.NONE, compressible=False)
     backend = MemoryBackend({b.blob_id: b.data}, delay=0.02)
     mgr = FileCacheManager(str(tmp_path), backend)
-    dev = BlobDevice([b.info], mgr, prefetch_config=PrefetchConfig(merging_size=4096, threads_count=2))
-    dev._demand += 1  # an on-demand read in flight: prefetch must wait
+    dev = BlobDevice([b.info], mgr, prefetch_config=PrefetchConfig(merging_size=4096, threads_count=2,
+                                                                   settle=0, start_delay=0))
+    dev.demand.begin()  # an on-demand read in flight: prefetch must wait
     dev.prefetch([b.iovec(0, 64 * 4096)])
     time.sleep(0.1)
     assert backend.requests == []
@@ -66,7 +68,7 @@ def test_prefetch_yields_to_demand_reads_and_cancels(tmp_path):
     while not mgr.get_blob_cache(b.info).chunk_map.is_ready(63) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert mgr.get_blob_cache(b.info).chunk_map.is_ready(63)
-    dev._demand -= 1
+    dev.demand.end()
     time.sleep(0.1)
     dev.close()  # cancel mid-way
     done = mgr.get_blob_cache(b.info).chunk_map.ready_count()

@@ -84,7 +84,7 @@ def test_high_priority_runs_go_before_queued_polite_runs(tmp_path):
     backend = MemoryBackend({b.blob_id: b.data})
     mgr = FileCacheManager(str(tmp_path), backend)
     dev = BlobDevice([b.info], mgr, prefetch_config=PrefetchConfig(merging_size=4096, threads_count=1))
-    dev._demand += 1  # polite runs are held back while a demand read is in flight
+    dev.demand.begin()  # polite runs are held back while a demand read is in flight
     dev.prefetch(_files(b, 8))
     dev.prefetch([b.iovec(15 * 4096, 4096)], priority="high")
     cache = mgr.get_blob_cache(b.info)
@@ -94,7 +94,7 @@ def test_high_priority_runs_go_before_queued_polite_runs(tmp_path):
     assert not dev.prefetcher.wait(0.2)  # the polite unit is still queued
     assert cache.chunk_map.is_ready(15)
     assert [r[1] for r in backend.requests] == [15 * 4096]
-    dev._demand -= 1
+    dev.demand.end()
     assert dev.prefetcher.wait(10)
     assert cache.chunk_map.ready_count() == 9
     dev.close()
@@ -183,12 +183,38 @@ def test_sequential_reads_trigger_read_ahead_random_ones_do_not(tmp_path):
 
     first = read("f040")
     read("f010")  # random: no read-ahead
+    read("f011")  # one step to the next file: not yet a stream
     assert dev.prefetcher.wait(10)
-    assert cache.chunk_map.ready_count() == 2
-    idx = read("f011")  # the next file: sequential, so the next `window` bytes are fetched
+    assert cache.chunk_map.ready_count() == 3
+    idx = read("f012")  # a second step in a row: the next `window` bytes are fetched
     assert dev.prefetcher.wait(10)
     ready = [i for i in range(blob.chunk_count) if cache.chunk_map.is_ready(i)]
-    assert ready == sorted({first, idx - 1, *range(idx, idx + 1 + window // 8192)})
+    assert ready == sorted({first, idx - 2, idx - 1, *range(idx, idx + 1 + window // 8192)})
+    dev.close()
+
+
+def test_read_ahead_window_ramps_up_and_resets_on_a_jump(tmp_path, monkeypatch):
+    import storage.device as device_mod
+
+    monkeypatch.setattr(device_mod, "READAHEAD_MIN", 2 * 4096)
+    b = make_blob(128, compressor=Compressor.NONE, compressible=False)
+    backend = MemoryBackend({b.blob_id: b.data})
+    mgr = FileCacheManager(str(tmp_path), backend, CacheConfig(amplify_io=0))
+    dev = BlobDevice([b.info], mgr, prefetch_config=PrefetchConfig(enable=False, readahead=16 * 4096))
+    cache = mgr.get_blob_cache(b.info)
+    cache.set_chunk_table(b.chunks)
+    ready = []
+
+    def read(i):
+        assert dev.read(b.iovec(i * 4096, 4096)) == b.plain[i * 4096 : (i + 1) * 4096]
+        assert dev.prefetcher.wait(10)
+        ready.append(cache.chunk_map.ready_count())
+
+    for i in (0, 1, 2, 3, 4, 5, 100, 101):
+        read(i)
+    # 0→1: one step, nothing; then windows of 2, 4, 8, 16 chunks (doubling), each topped up
+    # from what is still in flight; the jump to 100 starts over (101 is one step: nothing)
+    assert ready == [1, 2, 5, 8, 13, 22, 23, 24]
     dev.close()
 
 

@@ -28,3 +28,16 @@ def test_defaults_and_errors():
     with pytest.raises(StructTooShort):
         Sample.parse_array(b"\0" * 47, 0, 2)
     assert Sample(kind=1).replace(kind=3).kind == 3
+
+
+def test_packer_is_positional_in_declared_order():
+    s = Sample(magic=7, kind=2, pad=b"xyz", size=1 << 40, name=b"abcdefgh")
+    p = Sample.packer("magic", "kind", "pad", "size", "name")
+    assert p.pack(7, 2, b"xyz", 1 << 40, b"abcdefgh") == s.pack()
+    buf = bytearray(30)
+    p.pack_into(buf, 6, 7, 2, b"xyz", 1 << 40, b"abcdefgh")
+    assert Sample.parse(buf, 6) == s
+    with pytest.raises(TypeError, match="declared order"):
+        Sample.packer("kind", "magic", "pad", "size", "name")
+    with pytest.raises(TypeError):
+        Sample.packer("magic", "kind", "pad", "size")

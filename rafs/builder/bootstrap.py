@@ -30,18 +30,18 @@ from rafs.layout import (
     EROFS_INODE_FLAT_PLAIN,
     EROFS_INODE_LAYOUT_COMPACT,
     EROFS_INODE_LAYOUT_EXTENDED,
+    ErofsDeviceSlot,
+    ErofsDirent,
+    ErofsInodeChunkIndex,
+    ErofsInodeCompact,
+    ErofsInodeExtended,
+    ErofsXattrEntry,
+    ErofsXattrIbodyHeader,
     RafsSuperFlags,
+    RafsV5ChunkInfo,
     RafsV6Blob,
-    RafsV6ChunkInfo,
-    RafsV6Device,
-    RafsV6Dirent,
-    RafsV6InodeChunkAddr,
-    RafsV6InodeCompact,
-    RafsV6InodeExtended,
     RafsV6SuperBlock,
     RafsV6SuperBlockExt,
-    RafsV6XattrEntry,
-    RafsV6XattrIbodyHeader,
     encode_chunk_format,
     flags_from_algorithms,
     inode_format,
@@ -62,7 +62,7 @@ from storage.records import BlobFeatures, Compressor, Digester
 
 BLOCK_SIZE = 4096
 BLOCK_BITS = 12
-DIRENT_SIZE = RafsV6Dirent.SIZE
+DIRENT_SIZE = ErofsDirent.SIZE
 _FRAGMENT_MIN = 64
 _U64 = (1 << 64) - 1  # i_mtime is a signed time64 stored as __le64
 #: first bytes of ``i_reserved2`` of an implicit directory (see :attr:`Inode.implicit`): a
@@ -71,24 +71,15 @@ _U64 = (1 << 64) - 1  # i_mtime is a signed time64 stored as __le64
 IMPLICIT_DIR_MARK = b"nyI\x01"
 
 
-def _codec(cls, names: tuple[str, ...]):
-    """The declared codec of a hot struct, for positional packing in the field order checked
-    here (a change of the declaration in rafs.layout trips this at import)."""
-    if tuple(n for n, _ in cls.FIELDS) != names:
-        raise AssertionError(f"{cls.__name__} field order changed: {cls.FIELDS}")
-    return cls._codec
-
-
-_INODE = _codec(RafsV6InodeExtended, ("i_format", "i_xattr_icount", "i_mode", "i_reserved", "i_size", "i_u",
-                                      "i_ino", "i_uid", "i_gid", "i_mtime", "i_mtime_nsec", "i_nlink",
-                                      "i_reserved2"))
-_CHUNK_INDEX = _codec(RafsV6InodeChunkAddr, ("advise", "device_id", "blkaddr"))
-_INODE_COMPACT = _codec(RafsV6InodeCompact, ("i_format", "i_xattr_icount", "i_mode", "i_nlink", "i_size",
-                                             "i_reserved", "i_u", "i_ino", "i_uid", "i_gid", "i_reserved2"))
-_DIRENT = _codec(RafsV6Dirent, ("e_nid", "e_nameoff", "e_file_type", "e_reserved"))
-_CHUNK_INFO = _codec(RafsV6ChunkInfo, ("block_id", "blob_index", "flags", "compressed_size",
-                                       "uncompressed_size", "compressed_offset", "uncompressed_offset",
-                                       "file_offset", "index", "crc32"))
+# positional packers of the hot structs (a changed field order in rafs.layout fails at import)
+_INODE = ErofsInodeExtended.packer("i_format", "i_xattr_icount", "i_mode", "i_reserved", "i_size", "i_u",
+                                   "i_ino", "i_uid", "i_gid", "i_mtime", "i_mtime_nsec", "i_nlink", "i_reserved2")
+_CHUNK_INDEX = ErofsInodeChunkIndex.packer("advise", "device_id", "blkaddr")
+_INODE_COMPACT = ErofsInodeCompact.packer("i_format", "i_xattr_icount", "i_mode", "i_nlink", "i_size",
+                                          "i_reserved", "i_u", "i_ino", "i_uid", "i_gid", "i_reserved2")
+_DIRENT = ErofsDirent.packer("e_nid", "e_nameoff", "e_file_type", "e_reserved")
+_CHUNK_INFO = RafsV5ChunkInfo.packer("block_id", "blob_index", "flags", "compressed_size", "uncompressed_size",
+                                     "compressed_offset", "uncompressed_offset", "file_offset", "index", "crc32")
 
 
 @dataclass(slots=True)
@@ -121,7 +112,7 @@ def encode_xattrs(xattrs: dict[bytes, bytes]) -> bytes:
     """Inline xattr region (header + entries, each 4-aligned); b"" when there are none."""
     if not xattrs:
         return b""
-    out = bytearray(RafsV6XattrIbodyHeader().pack())
+    out = bytearray(ErofsXattrIbodyHeader().pack())
     for name in sorted(xattrs):
         value = xattrs[name]
         try:
@@ -130,7 +121,7 @@ def encode_xattrs(xattrs: dict[bytes, bytes]) -> bytes:
             raise BuildError(f"xattr {name!r}: unsupported name prefix") from exc
         if len(suffix) > 255 or len(value) > 0xFFFF:
             raise BuildError(f"xattr {name!r} too large")
-        out += RafsV6XattrEntry(e_name_len=len(suffix), e_name_index=index, e_value_size=len(value)).pack()
+        out += ErofsXattrEntry(e_name_len=len(suffix), e_name_index=index, e_value_size=len(value)).pack()
         out += suffix + value
         out += bytes(-len(out) % 4)
     return bytes(out)
@@ -166,7 +157,7 @@ class _Slot:
     xattr_bytes: bytes = b""
     data_size: int = 0   # dir i_size / symlink length
     name: bytes = b""    # first name (for the .pyc rule)
-    isize: int = RafsV6InodeExtended.SIZE
+    isize: int = ErofsInodeExtended.SIZE
 
 
 class _Allocator:
@@ -243,7 +234,7 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
         raise BuildError(f"image references {len(blobs)} blobs, at most 254 are possible")
 
     # -- fixed tables ---------------------------------------------------------------------
-    devslot_end = RAFSV6_DEVSLOT_OFFSET + RafsV6Device.SIZE * len(blobs)
+    devslot_end = RAFSV6_DEVSLOT_OFFSET + ErofsDeviceSlot.SIZE * len(blobs)
     blob_table_offset = round_up(devslot_end, bs)
     blob_table_size = RafsV6Blob.SIZE * len(blobs)
     prefetch_slots = _prefetch_slots(tree, opts.prefetch, by_id)
@@ -265,7 +256,7 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
                 raise BuildError(f"symlink target of {len(node.symlink)} bytes is not supported")
             slot.data_size = len(node.symlink)
         if opts.compact_inodes and _compact_ok(slot):
-            slot.isize = RafsV6InodeCompact.SIZE
+            slot.isize = ErofsInodeCompact.SIZE
         isize = slot.isize + len(slot.xattr_bytes)
         if node.is_dir or node.is_symlink:
             tail = slot.data_size % bs
@@ -300,7 +291,7 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
                 c = store.chunk(ref)
                 table.setdefault((c.digest, remap[ref.blob_index]), (ref, i * opts.chunk_size))
     chunk_table_offset = meta_end if table else 0
-    chunk_table_size = RafsV6ChunkInfo.SIZE * len(table)
+    chunk_table_size = RafsV5ChunkInfo.SIZE * len(table)
     total_size = round_up(meta_end + chunk_table_size, bs)
     buf = bytearray(total_size)
 
@@ -336,7 +327,7 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
                 blob_index, ci, blkaddr = remap[ref.blob_index], c.index, c.uncompressed_offset // bs
                 if blob_index >= 255 or ci >= 1 << 24 or blkaddr >= 1 << 32:
                     try:
-                        RafsV6InodeChunkAddr.encode(blob_index, ci, blkaddr)
+                        ErofsInodeChunkIndex.encode(blob_index, ci, blkaddr)
                     except FormatError as exc:
                         raise BuildError(f"chunk of a {node.size}-byte file cannot be addressed: {exc}") from exc
                 _CHUNK_INDEX.pack_into(buf, pos, ci & 0xFFFF, ((ci >> 16) << 8) | (blob_index + 1), blkaddr)
@@ -346,7 +337,7 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
         if slot.nlink > 0xFFFFFFFF:
             raise BuildError("too many links")
         mark = IMPLICIT_DIR_MARK if node.implicit and node.is_dir else b""
-        if slot.isize == RafsV6InodeCompact.SIZE:
+        if slot.isize == ErofsInodeCompact.SIZE:
             _INODE_COMPACT.pack_into(buf, slot.offset, inode_format(EROFS_INODE_LAYOUT_COMPACT, slot.layout), icount,
                                      node.mode & 0xFFFF, slot.nlink, size, 0, i_u, slot.ino, node.uid, node.gid, mark)
         else:
@@ -363,7 +354,7 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
         c = store.chunk(ref)
         _CHUNK_INFO.pack_into(buf, pos, c.digest, blob_index, c.flags, c.compressed_size, c.uncompressed_size,
                               c.compressed_offset, c.uncompressed_offset, file_offset, c.index, 0)
-        pos += RafsV6ChunkInfo.SIZE
+        pos += RafsV5ChunkInfo.SIZE
 
     # -- devices, blob table, prefetch ----------------------------------------------------------
     mapped = round_up(total_size, V6_BLOCK_SEG_ALIGNMENT)
@@ -375,8 +366,8 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
         if len(blob_id) != 64:
             raise BuildError(f"blob id {info.blob_id!r} is not 64 hex characters")
         blocks = -(-info.uncompressed_size // bs)
-        RafsV6Device(blob_id=blob_id, blocks=blocks, mapped_blkaddr=mapped // bs).pack_into(
-            buf, RAFSV6_DEVSLOT_OFFSET + i * RafsV6Device.SIZE)
+        ErofsDeviceSlot(blob_id=blob_id, blocks=blocks, mapped_blkaddr=mapped // bs).pack_into(
+            buf, RAFSV6_DEVSLOT_OFFSET + i * ErofsDeviceSlot.SIZE)
         mapped = round_up(mapped + blocks * bs, V6_BLOCK_SEG_ALIGNMENT)
         s_blocks += blocks
         inline_digest &= bool(info.features & BlobFeatures.INLINED_CHUNK_DIGEST)

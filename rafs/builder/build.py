@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -12,7 +13,7 @@ from typing import BinaryIO
 
 from rafs.builder.blob import BlobRecord, BlobWriter, Chunker, ChunkStore
 from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
-from rafs.builder.source import LayerLimits, open_layer, walk_directory, walk_tar
+from rafs.builder.source import LayerLimits, open_layer, spool_tar_files, walk_directory, walk_tar
 from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer
 from rafs.errors import BuildError
 from storage.atomic import atomic_write
@@ -111,6 +112,83 @@ def _prefetch_first(tree: Tree, patterns: list[str]) -> list[Inode]:
     return out
 
 
+def layout_patterns(patterns: list[str]) -> list[str]:
+    """The prefetch patterns that reorder a tar layer's blob: normalized, without ``/`` (the
+    whole image: tar order is kept) and without repeats, in their order."""
+    out: list[str] = []
+    for pat in patterns:
+        parts = [p for p in pat.strip().split("/") if p and p != "."]
+        if parts:
+            path = "/" + "/".join(parts)
+            if path not in out:
+                out.append(path)
+    return out
+
+
+def _tar_prefetch_first(stream: BinaryIO, patterns: list[str], chunker: Chunker, spool_dir: str | None,
+                        limits: LayerLimits | None = None) -> None:
+    """Chunk a tar layer's prefetch files first, in pattern order (files under a directory
+    pattern in tar order), so they sit at the front of the blob in access order.
+
+    The tar is read twice: once here (only the wanted files' content, spooled to a temp file),
+    then by the normal walk, whose chunks of those files de-duplicate against the ones written
+    here.  A stream that cannot seek back keeps tar order.
+    """
+    wanted_list = layout_patterns(patterns)
+    if not wanted_list or chunker.writer is None:
+        return
+    try:
+        start = stream.tell()
+        stream.seek(start)
+    except (OSError, AttributeError, ValueError):
+        return
+    exact = set(wanted_list)
+
+    def wanted(path: str) -> bool:  # the path or one of its parent directories was named
+        if path in exact:
+            return True
+        cut = path.rfind("/")
+        while cut > 0:
+            if path[:cut] in exact:
+                return True
+            cut = path.rfind("/", 0, cut)
+        return False
+
+    with tempfile.TemporaryFile(dir=spool_dir, prefix=".tmp-prefetch-spool.") as spool:
+        links: dict[str, str] = {}
+        found = spool_tar_files(open_layer(stream), wanted, spool, links, limits)
+        stream.seek(start)
+        if links:  # wanted hard links to files that were not: one more pass for their targets
+            targets = set(links.values())
+            more = spool_tar_files(open_layer(stream), targets.__contains__, spool, limits=limits)
+            stream.seek(start)
+            for path, target in links.items():
+                if target in more and path not in found:
+                    found[path] = more[target]
+        if not found:
+            return
+        under: dict[str, list[str]] = {}  # directory pattern -> its files, tar order
+        for path in found:
+            cut = path.rfind("/")
+            while cut > 0:
+                if path[:cut] in exact:
+                    under.setdefault(path[:cut], []).append(path)
+                cut = path.rfind("/", 0, cut)
+        bytes_in = chunker.bytes_in
+        done: set[str] = set()
+        for pat in wanted_list:
+            names = [pat] if pat in found else under.get(pat, [])
+            for name in names:
+                if name in done:
+                    continue
+                done.add(name)
+                offset, size = found[name]
+                if size:
+                    spool.seek(offset)
+                    chunker.add_file(Inode(mode=stat.S_IFREG | 0o644), spool, size)  # type: ignore[arg-type]
+        chunker.bytes_in = bytes_in  # the normal walk counts these files again
+
+
 def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, blob_out: str | None = None,
           blob_dir: str | None = None, source_type: str = "dir-rafs",
           options: BuildOptions | None = None) -> BuildResult:
@@ -177,6 +255,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             else:
                 stream, close = source, False
             try:
+                _tar_prefetch_first(stream, opts.prefetch, chunker, out_dir, opts.limits)
                 tree = walk_tar(open_layer(stream), chunker.add_file, opts.limits)
             finally:
                 if close:

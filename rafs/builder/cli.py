@@ -1,7 +1,8 @@
 """``nydus-image create`` and ``nydus-image merge`` (upstream flag names).
 
 ``register(subparsers)`` is called by :mod:`rafs.cli`.  Prefetch patterns for
-``--prefetch-policy fs`` are read from stdin, one path per line (as upstream).
+``--prefetch-policy fs`` are read from stdin, one path per line (as upstream), or a prefetch
+trace (:mod:`rafs.trace`; recognized by its ``#`` header or tab-separated ranges).
 """
 
 from __future__ import annotations
@@ -29,11 +30,24 @@ def _int(value: str) -> int:
 
 
 def _read_prefetch(policy: str) -> list[str]:
+    try:
+        return _read_prefetch_stdin(policy)
+    except RafsError as exc:  # a malformed trace: one line, usage error
+        print(f"error: prefetch list on stdin: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _read_prefetch_stdin(policy: str) -> list[str]:
     if policy != "fs":
         return []
     if sys.stdin is None or sys.stdin.isatty():
         return []
-    return [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+    text = sys.stdin.read()
+    if "\t" in text or text.lstrip().startswith("#"):  # a prefetch trace (rafs.trace format)
+        from rafs.trace import parse_trace, trace_paths
+
+        return trace_paths(parse_trace(text))
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _csv(value: str | None) -> list[str] | None:

@@ -176,6 +176,68 @@ _TAR_TYPES = {
 }
 
 
+def tar_path(name: str) -> str:
+    """A tar member name as an absolute image path (``./a/b/`` -> ``/a/b``)."""
+    return "/" + "/".join(p.decode("utf-8", "surrogateescape") for p in split_path(name))
+
+
+def spool_tar_files(stream: BinaryIO, wanted: Callable[[str], bool], out: BinaryIO,
+                    links: dict[str, str] | None = None,
+                    limits: LayerLimits | None = None) -> dict[str, tuple[int, int]]:
+    """Copy the content of the regular files whose path ``wanted`` accepts to ``out``.
+
+    Returns ``path -> (offset in out, size)``; a path named twice keeps its last member (tar
+    semantics), a hard link gets its target's content.  A wanted hard link whose target was not
+    wanted goes to ``links`` (path -> target) instead.  ``limits`` are checked as in
+    :func:`walk_tar`; sparse members are not spooled (they keep their tar position).  Used to
+    lay out a tar layer's prefetch files first: they are chunked from ``out`` before the
+    layer's normal walk.
+    """
+    found: dict[str, tuple[int, int]] = {}
+    budget = _Budget(limits)
+    try:
+        tf = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
+    except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as exc:
+        raise BuildError(f"not a tar stream: {exc}") from exc
+    try:
+        for member in tf:
+            budget.entry(member.name, member.size if member.isreg() else 0)
+            path = tar_path(member.name)
+            if not wanted(path):
+                continue
+            if member.issparse():
+                found.pop(path, None)
+                continue
+            if member.islnk():
+                target = found.get(tar_path(member.linkname))
+                if target is not None:
+                    found[path] = target
+                else:
+                    found.pop(path, None)
+                    if links is not None:
+                        links[path] = tar_path(member.linkname)
+                continue
+            if not member.isreg():
+                found.pop(path, None)
+                continue
+            fobj = tf.extractfile(member)
+            assert fobj is not None
+            offset = out.tell()
+            left = member.size
+            while left:
+                buf = fobj.read(min(left, 1 << 20))
+                if not buf:
+                    raise BuildError(f"{member.name}: tar member is truncated")
+                out.write(buf)
+                left -= len(buf)
+            found[path] = (offset, member.size)
+    except (tarfile.TarError, EOFError, zstandard.ZstdError, gzip.BadGzipFile) as exc:
+        raise BuildError(f"bad tar stream: {exc}") from exc
+    finally:
+        tf.close()
+    return found
+
+
 def walk_tar(stream: BinaryIO, on_file: OnFile, limits: LayerLimits | None = None) -> Tree:
     """Build a tree from a tar stream (read once, in order).  Entries named later win;
     hard links share the target's inode. ``limits`` caps declared sizes and the entry count."""

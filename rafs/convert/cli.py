@@ -1,4 +1,5 @@
-"""``nydusify``: convert an OCI image into a nydus image and push it; check a nydus image."""
+"""``nydusify``: convert an OCI image into a nydus image and push it; optimize a nydus image
+around its start-up set (a prefetch trace); check a nydus image."""
 
 from __future__ import annotations
 
@@ -42,6 +43,19 @@ def _prefetch_patterns(arg: str | None) -> tuple[str, ...]:
             raise ConvertError(f"prefetch pattern {line!r} must be an absolute path")
         out.append(line)
     return tuple(out)
+
+
+def _prefetch_list(patterns: str | None, trace: str | None) -> tuple[str, ...]:
+    """The layers' prefetch list: ``--prefetch-trace`` (a recorded trace, paths in access
+    order: they also lead the blobs in that order) or ``--prefetch-patterns``."""
+    if trace is None:
+        return _prefetch_patterns(patterns)
+    from rafs.trace import load_trace, trace_paths
+
+    paths = trace_paths(load_trace(trace))
+    if not paths:
+        raise ConvertError(f"--prefetch-trace {trace}: the trace lists no file")
+    return tuple(paths)
 
 
 def _chunk_dict(arg: str | None) -> tuple[str | None, str | None]:
@@ -97,13 +111,34 @@ def _parser() -> argparse.ArgumentParser:
                       help="chunk size, a power of two between 0x1000 and 0x1000000")
     conv.add_argument("--chunk-dict", default=None,
                       help="chunk-dict bootstrap (path or bootstrap:local:<path>) for dedup")
-    conv.add_argument("--prefetch-patterns", nargs="?", const="-", default=None,
-                      help="prefetch paths, one a line, from stdin (no value or '-') or a file "
-                           "(default without the flag: '/', the whole image; an empty file: none)")
+    prefetch = conv.add_mutually_exclusive_group()
+    prefetch.add_argument("--prefetch-patterns", nargs="?", const="-", default=None,
+                          help="prefetch paths, one a line, from stdin (no value or '-') or a file "
+                               "(default without the flag: '/', the whole image; an empty file: none)")
+    prefetch.add_argument("--prefetch-trace", default=None, metavar="FILE",
+                          help="a prefetch trace (nydusctl trace): its files become the prefetch "
+                               "table and lead the blobs, in access order")
     conv.add_argument("--push-chunk-size", type=lambda s: int(s, 0), default=0,
                       help="upload blobs in PATCH chunks of this size (0: monolithic)")
     conv.add_argument("--no-progress", action="store_true", help="no progress bars")
     conv.add_argument("--output-json", default=None, help="write a JSON summary here")
+
+    opt = sub.add_parser("optimize", help="rebuild a nydus image with its start-up set (a prefetch "
+                                          "trace) copied into a new leading blob")
+    opt.add_argument("--source", required=True, help="nydus image (registry reference)")
+    opt.add_argument("--target", required=True, help="target registry reference (a tag)")
+    opt.add_argument("--prefetch-files", required=True, metavar="FILE",
+                     help="prefetch trace (nydusctl trace) or a list of absolute paths, one a line")
+    opt.add_argument("--policy", default="separated-blob-with-prefetch-files",
+                     choices=("separated-blob-with-prefetch-files",), help="upstream's policy name")
+    opt.add_argument("--source-insecure", action="store_true", help="allow http / unverified TLS to the source")
+    opt.add_argument("--target-insecure", action="store_true", help="allow http / unverified TLS to the target")
+    opt.add_argument("--work-dir", default="./tmp", help="work directory")
+    opt.add_argument("--platform", default=None, help="os/arch[/variant] when the source is an index")
+    opt.add_argument("--push-chunk-size", type=lambda s: int(s, 0), default=0,
+                     help="upload blobs in PATCH chunks of this size (0: monolithic)")
+    opt.add_argument("--no-progress", action="store_true", help="no progress bars")
+    opt.add_argument("--output-json", default=None, help="write a JSON summary here")
 
     chk = sub.add_parser("check", help="validate a nydus image and compare it with its source")
     chk.add_argument("--source", default=None, help="source image (omit to validate the target only)")
@@ -127,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             chunk_dict, chunk_dict_digest = _chunk_dict(args.chunk_dict)
             layer = LayerOptions(fs_version=args.fs_version, compressor=args.compressor, chunk_size=size,
                                  chunk_dict=chunk_dict, chunk_dict_digest=chunk_dict_digest,
-                                 prefetch_patterns=_prefetch_patterns(args.prefetch_patterns))
+                                 prefetch_patterns=_prefetch_list(args.prefetch_patterns,
+                                                                   args.prefetch_trace))
             target_ref = args.target or _suffixed(args.source, args.target_suffix)
             opts = ConvertOptions(source=args.source, target=target_ref, work_dir=args.work_dir,
                                   source_insecure=args.source_insecure, target_insecure=args.target_insecure,
@@ -142,6 +178,23 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.output_json, "w", encoding="utf-8") as fh:
                     json.dump(summary, fh, indent=1)
             print(f"converted {args.source} -> {result.target}@{result.digest} "
+                  f"({len(result.stats.uploaded)} uploaded, {len(result.stats.skipped)} already present)")
+            return 0
+        if args.command == "optimize":
+            from .optimize import OptimizeOptions, optimize
+
+            result = optimize(OptimizeOptions(
+                source=args.source, target=args.target, prefetch_files=args.prefetch_files,
+                work_dir=args.work_dir, source_insecure=args.source_insecure,
+                target_insecure=args.target_insecure, platform=args.platform,
+                push_chunk_size=args.push_chunk_size, progress=False if args.no_progress else None))
+            summary = {"target": result.target, "digest": result.digest, "mediaType": result.media_type,
+                       "uploaded": result.stats.uploaded, "skipped": result.stats.skipped,
+                       "uploaded_bytes": result.stats.uploaded_bytes}
+            if args.output_json:
+                with open(args.output_json, "w", encoding="utf-8") as fh:
+                    json.dump(summary, fh, indent=1)
+            print(f"optimized {args.source} -> {result.target}@{result.digest} "
                   f"({len(result.stats.uploaded)} uploaded, {len(result.stats.skipped)} already present)")
             return 0
         from .check import check

@@ -6,6 +6,8 @@ Endpoints (upstream paths):
 * ``POST /api/v1/mount?mountpoint=/<id>`` body ``{"fs_type":"rafs","source":<bootstrap>,"config":<json>}``
 * ``DELETE /api/v1/mount?mountpoint=/<id>``
 * ``POST /api/v1/prefetch?mountpoint=/<id>`` body ``{"files": [...]}`` (optional) — start prefetch
+* ``GET /api/v1/trace?mountpoint=/<id>`` — the prefetch trace recorded so far (text, see
+  :mod:`rafs.trace`; only with ``fs_prefetch.record_trace``; ours, not upstream's)
 * ``GET /api/v1/metrics[?id=/<id>]`` — Prometheus text (``/metrics/backend``, ``/metrics/blobcache``:
   only the storage backend / cache + prefetch families)
 * ``PUT /api/v1/daemon/exit`` — unmount everything and exit
@@ -138,7 +140,7 @@ async def _send(stream: trio.abc.Stream, status: int, payload: Any) -> None:
     if payload is None:
         body, ctype = b"", "application/json"
     elif isinstance(payload, str):
-        body, ctype = payload.encode(), "text/plain; version=0.0.4"
+        body, ctype = payload.encode("utf-8", "surrogateescape"), "text/plain; version=0.0.4"
     else:
         body, ctype = json.dumps(payload).encode(), "application/json"
     head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nContent-Type: {ctype}\r\n"
@@ -188,6 +190,9 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes) -> tuple
             raise ConfigError("files: expected a list of paths")
         await daemon.prefetch(query.get("mountpoint", "/"), files)
         return 202, None
+    if path == "/api/v1/trace" and method == "GET":
+        mountpoint = query.get("mountpoint", "/")
+        return 200, await trio.to_thread.run_sync(daemon.trace_text, mountpoint)
     if path == "/api/v1/metrics" and method == "GET":
         return 200, daemon.metrics_text(query.get("id"))
     if path in ("/api/v1/metrics/backend", "/api/v1/metrics/blobcache") and method == "GET":
@@ -240,7 +245,7 @@ class DaemonClient:
             except (json.JSONDecodeError, AttributeError):
                 raise ApiError(resp.status, "", text.decode(errors="replace")) from None
         if raw:
-            return text.decode()
+            return text.decode("utf-8", "surrogateescape")
         return json.loads(text) if text else None
 
     def info(self) -> dict:
@@ -265,6 +270,11 @@ class DaemonClient:
     def prefetch(self, mountpoint: str, files: list[str] | None = None) -> None:
         q = urllib.parse.urlencode({"mountpoint": mountpoint})
         self.request("POST", f"/api/v1/prefetch?{q}", {"files": files} if files else {})
+
+    def trace(self, mountpoint: str) -> str:
+        """The instance's recorded prefetch trace (text)."""
+        q = urllib.parse.urlencode({"mountpoint": mountpoint})
+        return self.request("GET", f"/api/v1/trace?{q}", raw=True)
 
     def metrics(self, instance: str | None = None) -> str:
         q = "?" + urllib.parse.urlencode({"id": instance}) if instance else ""

@@ -8,12 +8,15 @@
  "mode": "direct", "digest_validate": false, "iostats_files": false, "enable_xattr": true,
  "amplify_io": 1048576,
  "fs_prefetch": {"enable": false, "prefetch_all": true, "threads_count": 8,
-                 "merging_size": 1048576, "bandwidth_rate": 0}}
+                 "merging_size": 1048576, "bandwidth_rate": 0, "record_trace": false}}
 ```
 Unknown keys are kept in ``raw`` and ignored, as upstream does. ``digest_validate`` keeps
 upstream's meaning, checking every read against the chunk digest; whatever it says, chunks are
 checked when they enter the cache from the backend and cached chunks once per daemon before
-their first use (``storage.cache.CacheConfig.validate_digest``).
+their first use (``storage.cache.CacheConfig.validate_digest``). ``fs_prefetch.record_trace`` is
+ours (upstream ignores it): record which files the image's containers read, in order, for
+``GET /api/v1/trace`` (see :mod:`rafs.trace`); ``fs_prefetch.trace_file`` (ours too) is where
+the daemon writes that trace when the instance is unmounted.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 from rafs.errors import ConfigError
 
 BACKEND_TYPES = ("registry", "localfs")
+#: default ``amplify_neighbours``: about one round trip's worth of transfer on a 20 MB/s link
+AMPLIFY_NEIGHBOURS = 128 << 10
 CACHE_TYPES = ("blobcache", "filecache", "dummycache", "")
 
 
@@ -70,13 +75,16 @@ def _get(obj: dict, key: str, kind: type | tuple[type, ...], default: Any, where
 
 @dataclass(frozen=True, slots=True)
 class PrefetchConfig:
-    """``fs_prefetch``; defaults: disabled, prefetch_all, 8 threads, 1 MiB merging, no rate limit."""
+    """``fs_prefetch``; defaults: disabled, prefetch_all, 8 threads, 1 MiB merging, no rate limit,
+    no trace recording."""
 
     enable: bool = False
     prefetch_all: bool = True
     threads_count: int = 8
     merging_size: int = 1 << 20
     bandwidth_rate: int = 0
+    record_trace: bool = False  #: record the prefetch trace (reads in first-access order)
+    trace_file: str = ""  #: where the trace is written when the instance is unmounted ("" = not)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +104,9 @@ class DaemonConfig:
     iostats_files: bool = False
     enable_xattr: bool = True
     amplify_io: int = 1 << 20
+    #: our extension: a read amplified past the end of its file takes neighbouring files' chunks
+    #: only while the request stays within this many bytes (``amplify_io`` bounds the file's own)
+    amplify_neighbours: int = AMPLIFY_NEIGHBOURS
     fs_prefetch: PrefetchConfig = PrefetchConfig()
     raw: dict = field(default_factory=dict)
 
@@ -134,6 +145,8 @@ class DaemonConfig:
             threads_count=_get(pf, "threads_count", int, 8, "fs_prefetch."),
             merging_size=_get(pf, "merging_size", int, 1 << 20, "fs_prefetch."),
             bandwidth_rate=_get(pf, "bandwidth_rate", int, 0, "fs_prefetch."),
+            record_trace=_get(pf, "record_trace", bool, False, "fs_prefetch."),
+            trace_file=_get(pf, "trace_file", str, "", "fs_prefetch."),
         )
         if prefetch.threads_count < 0:
             raise ConfigError(f"fs_prefetch.threads_count: must be >= 0, got {prefetch.threads_count}")
@@ -151,6 +164,7 @@ class DaemonConfig:
             iostats_files=_get(obj, "iostats_files", bool, False, ""),
             enable_xattr=_get(obj, "enable_xattr", bool, True, ""),
             amplify_io=_get(obj, "amplify_io", int, 1 << 20, ""),
+            amplify_neighbours=_get(obj, "amplify_neighbours", int, AMPLIFY_NEIGHBOURS, ""),
             fs_prefetch=prefetch,
             raw=obj,
         )

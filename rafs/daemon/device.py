@@ -27,9 +27,16 @@ class OwnedDevice(BlobReadDevice):
         self.metrics = device.metrics
         self.read = device.read  # type: ignore[method-assign]  # bound once: the hot path
         self.read_ready = device.read_ready  # type: ignore[method-assign]
+        self.amplify_window = device.amplify_window
 
     def prefetch(self, iovecs: Iterable[Sequence[BlobIoDesc]], *, priority: str = "low") -> None:
         self._device.prefetch(iovecs, priority=priority)
+
+    def prefetch_blob(self, blob_index: int) -> bool:
+        return self._device.prefetch_blob(blob_index)
+
+    def wait_demand_settled(self) -> bool:
+        return self._device.wait_demand_settled()
 
     def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
         return self._device.blob_data_path(blob_index, verify)
@@ -58,7 +65,7 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
         # chunks are always checked against their digests when they enter the cache (and cached
         # chunks once per process before first use); digest_validate re-checks every read
         cache_cfg = CacheConfig(validate_digest=True, verify_every_read=cfg.digest_validate,
-                                amplify_io=cfg.amplify_io,
+                                amplify_io=cfg.amplify_io, amplify_neighbours=cfg.amplify_neighbours,
                                 limit_size=cfg.cache_limit_size,
                                 merging_size=max(cfg.fs_prefetch.merging_size, 1 << 17))
         if cfg.cache_type in ("blobcache", "filecache"):

@@ -12,7 +12,7 @@ line naming why. Daemon records are JSON files under ``<root>/daemons`` (temp + 
 a restarted manager reattaches to live daemons (``recover()``); a dead daemon's vestiges
 (stale FUSE mount → lazy unmount, socket) are cleaned and it is restarted with its instances.
 
-Files under ``root``: ``daemons/<id>.json``, ``socket/<id>/api.sock``,
+Files under ``root``: ``daemons/<id>.json``, ``socket/<id>/api.sock``, ``traces/<instance>.trace``,
 ``config/<id>[/<instance>]/config.json``, ``logs/<id>/nydusd.log``, ``mnt``/``mnt-erofs``.
 """
 
@@ -209,10 +209,17 @@ class DaemonManager:
                 self._recover_daemon(rec)
                 return self._find_instance(instance_id)[1].mountpoint
             config = self._instance_config(backend_config)
+            prefetch = config.get("fs_prefetch")
+            if isinstance(prefetch, dict) and prefetch.get("record_trace") and not prefetch.get("trace_file"):
+                config["fs_prefetch"] = {**prefetch, "trace_file": self.trace_path(instance_id)}
             driver = self._choose_driver(bootstrap)
             if self.mode == "shared":
                 return self._mount_shared(instance_id, bootstrap, config, driver)
             return self._mount_dedicated(instance_id, bootstrap, config, driver, mountpoint_hint)
+
+    def trace_path(self, instance_id: str) -> str:
+        """Where an instance's prefetch trace is written when it is unmounted (``record_trace``)."""
+        return os.path.join(self.root, "traces", f"{instance_id}.trace")
 
     def prestart(self) -> str | None:
         """Shared mode: start the shared daemon of the configured driver now (idempotent), so a

@@ -113,6 +113,7 @@ class Nydusd:
         self._cancel: trio.CancelScope | None = None
         self._lock = trio.Lock()
         self._prefetch_threads: list[threading.Thread] = []
+        self._saved_readahead: tuple[str, str] | None = None  #: (sysfs path, value) while tracing
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -240,6 +241,7 @@ class Nydusd:
                     _give_chunk_source(device, tree)
                     inst = Instance(name if name != "/" else "", tree, device, bootstrap=bootstrap,
                                     config=cfg.raw, enable_xattr=cfg.enable_xattr)
+                    _start_trace(inst, cfg)
                     self.fs.add_instance(inst)
                     record = MountRecord(name, bootstrap, "fusedev", self._target(name))
                     if self.shared:
@@ -260,6 +262,9 @@ class Nydusd:
         _give_chunk_source(device, tree)
         key = "root" if name == "/" else name
         inst = Instance(key, blob_files, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=False)
+        _start_trace(inst, cfg)
+        if inst.recorder is not None:  # stat(2) of our own FUSE mount: not on the event loop
+            await trio.to_thread.run_sync(self._blob_files_without_readahead)
         devices = []
         for blob in blob_files.blobs:
             # the kernel reads a complete cache file directly: every chunk is checked against its
@@ -285,6 +290,40 @@ class Nydusd:
         self._start_prefetch(inst, cfg)
         return MountRecord(name, bootstrap, "erofs", target, tuple(devices))
 
+    def _blob_files_without_readahead(self) -> None:
+        """Turn off the kernel's read-ahead on the blob files (``read_ahead_kb`` of the FUSE
+        mount's bdi): then each read of a blob file is a range kernel EROFS asked for (its own
+        read-ahead stays within the image file being read), so a recorded trace names the files
+        a container read, not their neighbours in the blob. Best effort; only while an instance
+        records (:meth:`_restore_readahead` puts the old value back)."""
+        if self._fuse_mountpoint is None or self._saved_readahead is not None:
+            return
+        try:
+            dev = os.stat(self._fuse_mountpoint).st_dev
+            path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+            with open(path, encoding="ascii") as f:
+                old = f.read().strip()
+            with open(path, "w", encoding="ascii") as f:
+                f.write("0")
+            self._saved_readahead = (path, old)
+        except OSError as exc:
+            log.warning("cannot turn off read-ahead on the blob files (the trace may name "
+                        "neighbouring files too): %s", exc)
+
+    def _restore_readahead(self) -> None:
+        """Put the blob files' read-ahead back once no erofs instance records a trace."""
+        if self._saved_readahead is None or any(
+                getattr(inst, "recorder", None) is not None and isinstance(inst.tree, BlobFiles)
+                for inst in (self.fs.instances().values() if self.fs else ())):
+            return
+        path, old = self._saved_readahead
+        self._saved_readahead = None
+        try:
+            with open(path, "w", encoding="ascii") as f:
+                f.write(old)
+        except OSError as exc:
+            log.warning("cannot restore read-ahead on the blob files: %s", exc)
+
     async def umount_instance(self, mountpoint: str) -> None:
         """Unmount one instance (``DELETE /api/v1/mount``); other instances are untouched."""
         name = self._instance_name(mountpoint)
@@ -308,6 +347,9 @@ class Nydusd:
             if self.shared:
                 await self._invalidate_root_entry(name)
         del self.records[name]
+        await trio.to_thread.run_sync(_save_trace, inst)
+        if inst.recorder is not None:
+            self._restore_readahead()
         await trio.to_thread.run_sync(inst.close)
         log.info("unmounted %s", record.mountpoint)
 
@@ -333,11 +375,27 @@ class Nydusd:
         if not force and not cfg.fs_prefetch.prefetch_all and not getattr(tree, "prefetch_inos", None):
             return
 
+        # a prefetch table naming files (not just the root: "everything") is an image's start-up
+        # set, e.g. from a recorded trace: the container is about to read exactly these chunks,
+        # in this order, so they go out at once instead of yielding to the reads that need them
+        table = list(getattr(tree, "prefetch_inos", None) or [])
+        startup_set = not paths and bool(table) and table != [getattr(tree, "root_ino", None)]
+
         def work() -> None:
             try:
+                # walking a whole image for its iovecs takes seconds of CPU (and the GIL): not
+                # while the container's first reads are being served; a start-up set is what
+                # those reads are about to ask for, so it does not wait
+                if not startup_set and not inst.device.wait_demand_settled():
+                    return
+                if not paths and self._prefetch_whole_blobs(inst, tree, cfg):
+                    return
                 iovecs = inst.prefetch_iovecs(paths)
                 inst.metrics.prefetch_requests += len(iovecs)
-                inst.device.prefetch(iovecs)
+                if startup_set:
+                    inst.device.prefetch(iovecs, priority="high")
+                else:
+                    inst.device.prefetch(iovecs)
             except Exception as exc:
                 log.warning("prefetch of %s failed: %s: %s", inst.name or "/", type(exc).__name__, exc)
 
@@ -345,14 +403,40 @@ class Nydusd:
         t.start()
         self._prefetch_threads.append(t)
 
+    @staticmethod
+    def _prefetch_whole_blobs(inst: Instance, tree: Any, cfg: DaemonConfig) -> bool:
+        """The whole image (prefetch list ``/``, nydusify's default, or none with
+        ``prefetch_all``): queue every blob in layout order from its CI table instead of walking
+        every file (seconds of CPU on a large image; the chunks' digests come from the device's
+        chunk source); False when a blob has no CI table."""
+        inos = list(getattr(tree, "prefetch_inos", None) or [])
+        whole = inos == [getattr(tree, "root_ino", None)] or (not inos and cfg.fs_prefetch.prefetch_all)
+        if not whole:
+            return False
+        for blob in tree.blobs:
+            if not inst.device.prefetch_blob(blob.blob_index):
+                return False  # the walk below queues what is left (ready chunks are skipped)
+            inst.metrics.prefetch_requests += 1
+        return True
+
     async def prefetch(self, mountpoint: str, paths: list[str] | None) -> None:
+        inst = self._instance(mountpoint)
+        self._start_prefetch(inst, DaemonConfig.parse(inst.config), paths, force=True)
+
+    def trace_text(self, mountpoint: str) -> str:
+        """The prefetch trace recorded for one instance (``GET /api/v1/trace``)."""
+        inst = self._instance(mountpoint)
+        if inst.recorder is None:
+            raise NotFound(f"instance {mountpoint} does not record a trace (fs_prefetch.record_trace)")
+        return inst.recorder.text()
+
+    def _instance(self, mountpoint: str) -> Instance:
         name = self._instance_name(mountpoint)
         record = self.records.get(name)
         if record is None:
             raise NotFound(f"no instance mounted at {mountpoint}")
         key = ("root" if name == "/" else name) if record.fs_driver == "erofs" else (name if name != "/" else "")
-        inst = self.fs.instances()[key]
-        self._start_prefetch(inst, DaemonConfig.parse(inst.config), paths, force=True)
+        return self.fs.instances()[key]
 
     # ------------------------------------------------------------------ reporting
 
@@ -425,6 +509,39 @@ class Nydusd:
                 lines.append(f'{metric}{{id="{label}"}} {value}')
         lines += _labelled_storage_metrics(insts, only)
         return "\n".join(lines) + "\n"
+
+
+def _start_trace(inst: Instance, cfg: DaemonConfig) -> None:
+    if cfg.fs_prefetch.record_trace:
+        from rafs.trace import TraceRecorder
+
+        inst.recorder = TraceRecorder(inst.tree)
+
+
+def _save_trace(inst: Instance) -> None:
+    """Write the instance's trace to ``fs_prefetch.trace_file`` (temp + rename); never raises.
+
+    The first start of an image is what a trace is for: an existing file is kept, and a trace
+    without a file (everything came from the page cache or a complete cache file) is not written.
+    """
+    if inst.recorder is None:
+        return
+    try:
+        path = DaemonConfig.parse(inst.config).fs_prefetch.trace_file
+        if not path or os.path.exists(path):
+            return
+        entries = inst.recorder.entries()
+        if not entries:
+            return
+        from rafs.trace import format_trace
+
+        from storage.atomic import atomic_write
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write(path, format_trace(entries).encode("utf-8", "surrogateescape"))
+        log.info("prefetch trace of %s written to %s", inst.name or "/", path)
+    except Exception as exc:  # unmounting must go on
+        log.warning("writing the prefetch trace of %s failed: %s", inst.name or "/", exc)
 
 
 def _pad_to_blocks(path: str, data_end: int, size: int) -> bool:

@@ -67,6 +67,8 @@ class Instance:
         self._complete: dict[int, int] = {}  #: blob index -> fd of its complete cache file
         self._complete_next_check: dict[int, float] = {}
         self._complete_lock = threading.Lock()
+        #: a :class:`rafs.trace.TraceRecorder` while the instance records its prefetch trace
+        self.recorder: Any = None
 
     def read(self, inode: Any, offset: int, size: int, iovec: BlobIoVec | None = None) -> bytes:
         """Blocking read of a regular file range through the device (run in a worker thread);
@@ -79,12 +81,27 @@ class Instance:
         try:
             data = self._read_complete(iovec)
             if data is None:
-                data = self.device.read(iovec)
+                ahead = self._ahead(inode, offset, size)
+                data = self.device.read(iovec) if ahead is None else self.device.read(iovec, ahead)
         except Exception:
             self.metrics.add_read(0, time.monotonic() - start, False)
             raise
         self.metrics.add_read(len(data), time.monotonic() - start, True)
+        if self.recorder is not None:
+            self.recorder.record(inode, offset, len(data))
         return data
+
+    def _ahead(self, inode: Any, offset: int, size: int) -> BlobIoVec | None:
+        """What a demand read may amplify into: the next ``amplify_window`` bytes of the same
+        file (for a blob file: of the image file whose chunk ends the range), never chunks of
+        other files. None when the device does not amplify."""
+        window = self.device.amplify_window
+        if window <= 0:
+            return None
+        file_ahead = getattr(inode, "file_ahead", None)
+        if file_ahead is not None:
+            return file_ahead(offset, size, window)
+        return inode.chunks(offset + size, window)
 
     def read_ready(self, inode: Any, offset: int, size: int, iovec: BlobIoVec | None = None) -> bytes | None:
         """Read from the event loop without a thread hop when the data is local: every chunk of
@@ -110,6 +127,8 @@ class Instance:
             raise
         if data is not None:
             self.metrics.add_read(len(data), time.monotonic() - start, True)
+            if self.recorder is not None:
+                self.recorder.record(inode, offset, len(data))
         return data
 
     def _read_complete(self, iovec: BlobIoVec) -> bytes | None:
@@ -255,6 +274,10 @@ class _BlobNode:
         assert self.blob is not None
         return self._owner.blob_range(self.blob.blob_index, offset, size)
 
+    def file_ahead(self, offset: int, size: int, window: int) -> BlobIoVec:
+        assert self.blob is not None
+        return self._owner.file_ahead(self.blob.blob_index, offset, size, window)
+
 
 class BlobFiles:
     """A Rafs-like tree: ``/`` holds one file per blob presenting its uncompressed data.
@@ -271,7 +294,8 @@ class BlobFiles:
         self.rafs = rafs
         self.version = rafs.version
         self.blobs: list[BlobInfo] = list(rafs.blobs)
-        self.chunks_by_blob = blob_chunk_tables(rafs)
+        #: per blob: its chunks by uncompressed offset; the next chunk of the same image file
+        self.chunks_by_blob, self._next_in_file = blob_chunk_tables(rafs)
         self._starts = {b: [c.uncompressed_offset for c in cs] for b, cs in self.chunks_by_blob.items()}
         self.root = _BlobNode(self, 1, None)
         self.files = [_BlobNode(self, i + 2, b) for i, b in enumerate(self.blobs)]
@@ -329,17 +353,87 @@ class BlobFiles:
             i += 1
         return out
 
+    def file_ahead(self, blob_index: int, offset: int, size: int, window: int) -> BlobIoVec:
+        """The chunks (up to ``window`` bytes) that follow, in the same image file, the chunk
+        holding the last byte of ``[offset, offset+size)`` of the blob file: the chunk → file
+        boundary map read amplification of kernel EROFS reads is bounded by."""
+        starts = self._starts.get(blob_index, [])
+        i = bisect.bisect_right(starts, max(offset + size - 1, 0)) - 1
+        out = BlobIoVec()
+        if i < 0:
+            return out
+        blob = self.blobs[blob_index]
+        nxt = self._next_in_file.get((blob_index, self.chunks_by_blob[blob_index][i].index))
+        total = 0
+        while nxt is not None and total < window:
+            out.append(BlobIoDesc(blob, nxt, 0, nxt.uncompressed_size))
+            total += nxt.uncompressed_size
+            nxt = self._next_in_file.get((blob_index, nxt.index))
+        return out
+
     def close(self) -> None:
         self.rafs.close()
 
 
-def blob_chunk_tables(rafs: Any) -> dict[int, list[ChunkInfo]]:
-    """Every blob's chunks sorted by uncompressed offset, checked for EROFS-compatible layout.
+def blob_chunk_tables(rafs: Any) -> tuple[dict[int, list[ChunkInfo]], dict[tuple[int, int], ChunkInfo]]:
+    """Every blob's chunks sorted by uncompressed offset, checked for EROFS-compatible layout,
+    and the chunk → file boundary map: ``(blob index, chunk index)`` → the next chunk of the
+    same file in the same blob (absent for a file's last chunk).
 
+    From the v6 chunk table when it lists every chunk of every blob (no walk of the inode tree:
+    this runs on the critical path of every erofs mount); a file's chunks are then the
+    consecutive ones up to the first shorter than the image's chunk size (fixed-size chunking:
+    only a file's last chunk is short). Otherwise from a walk of every file (exact).
     Raises :class:`UnsupportedError` when the image is not v6 or a chunk is not 4 KiB aligned.
     """
     if rafs.version != 6:
         raise UnsupportedError(f"kernel EROFS needs a RAFS v6 image, this bootstrap is v{rafs.version}")
+    tables = _chunk_table_by_blob(rafs)
+    next_in_file: dict[tuple[int, int], ChunkInfo] = {}
+    if tables is not None:
+        for blob_index, cs in tables.items():
+            for c in cs:
+                if c.uncompressed_offset % EROFS_BLOCK_SIZE:
+                    raise UnsupportedError(
+                        f"kernel EROFS needs 4 KiB aligned chunks: chunk {c.index} of blob "
+                        f"{rafs.blobs[blob_index].blob_id} is at uncompressed offset {c.uncompressed_offset:#x}")
+            for a, b in zip(cs, cs[1:]):
+                if a.uncompressed_size == rafs.chunk_size and b.index == a.index + 1:
+                    next_in_file[(blob_index, a.index)] = b
+    else:
+        tables = _walk_chunk_tables(rafs, next_in_file)
+    for cs in tables.values():
+        for a, b in zip(cs, cs[1:]):
+            if a.uncompressed_offset + a.uncompressed_size > b.uncompressed_offset:
+                raise UnsupportedError(
+                    f"chunks {a.index} and {b.index} overlap in the uncompressed blob"
+                )
+    return tables, next_in_file
+
+
+def _chunk_table_by_blob(rafs: Any) -> dict[int, list[ChunkInfo]] | None:
+    """The v6 chunk table per blob, when it holds exactly chunks ``0..chunk_count-1`` of every
+    blob; else None (then only a walk of the files finds every chunk)."""
+    if not getattr(rafs, "chunk_table_count", 0):
+        return None
+    seen: dict[tuple[int, int], ChunkInfo] = {}
+    for c in rafs.chunk_table():
+        seen.setdefault((c.blob_index, c.index), c)
+    tables: dict[int, list[ChunkInfo]] = {}
+    for (blob_index, _), c in seen.items():
+        tables.setdefault(blob_index, []).append(c)
+    for blob in rafs.blobs:
+        cs = tables.get(blob.blob_index, [])
+        if blob.chunk_count and len(cs) != blob.chunk_count:
+            return None
+        if cs and (min(c.index for c in cs) != 0 or max(c.index for c in cs) != len(cs) - 1):
+            return None
+    for cs in tables.values():
+        cs.sort(key=lambda c: c.uncompressed_offset)
+    return tables
+
+
+def _walk_chunk_tables(rafs: Any, next_in_file: dict[tuple[int, int], ChunkInfo]) -> dict[int, list[ChunkInfo]]:
     seen: dict[tuple[int, int], ChunkInfo] = {}
     for path, node in rafs.walk():
         if not node.is_reg():
@@ -347,10 +441,15 @@ def blob_chunk_tables(rafs: Any) -> dict[int, list[ChunkInfo]]:
         size = node.attr().size
         if not size:
             continue
+        prev = None
         for desc in node.chunks(0, size):
             c = desc.chunk
             if c is None:
+                prev = None
                 continue
+            if prev is not None and prev.blob_index == c.blob_index and prev.index != c.index:
+                next_in_file.setdefault((prev.blob_index, prev.index), c)
+            prev = c
             if c.uncompressed_offset % EROFS_BLOCK_SIZE:
                 raise UnsupportedError(
                     f"kernel EROFS needs 4 KiB aligned chunks: {path} chunk {c.index} of blob "
@@ -363,9 +462,4 @@ def blob_chunk_tables(rafs: Any) -> dict[int, list[ChunkInfo]]:
         tables.setdefault(blob_index, []).append(c)
     for cs in tables.values():
         cs.sort(key=lambda c: c.uncompressed_offset)
-        for a, b in zip(cs, cs[1:]):
-            if a.uncompressed_offset + a.uncompressed_size > b.uncompressed_offset:
-                raise UnsupportedError(
-                    f"chunks {a.index} and {b.index} overlap in the uncompressed blob"
-                )
     return tables

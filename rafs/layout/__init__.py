@@ -2,7 +2,7 @@
 
 * :mod:`rafs.layout.constants` — magics, flags, i_format layouts, file types, xattr prefixes.
 * :mod:`rafs.layout.erofs` — kernel EROFS structs (inodes, chunk index, dirent, xattrs, device slot).
-* :mod:`rafs.layout.v6` — RAFS v6 superblock, extended superblock, blob table entry (+ nydus aliases).
+* :mod:`rafs.layout.v6` — RAFS v6 superblock, extended superblock, blob table entry.
 * :mod:`rafs.layout.v5` — RAFS v5 superblock, inode, extended blob entry, 80-byte chunk info.
 
 The reader (:mod:`rafs.metadata`) and the builder both go through these declarations.
@@ -40,14 +40,6 @@ from rafs.layout.v5 import (  # noqa: F401
 )
 from rafs.layout.v6 import (  # noqa: F401
     RafsV6Blob,
-    RafsV6ChunkInfo,
-    RafsV6Device,
-    RafsV6Dirent,
-    RafsV6InodeChunkAddr,
-    RafsV6InodeCompact,
-    RafsV6InodeExtended,
     RafsV6SuperBlock,
     RafsV6SuperBlockExt,
-    RafsV6XattrEntry,
-    RafsV6XattrIbodyHeader,
 )

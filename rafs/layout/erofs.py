@@ -1,7 +1,7 @@
 """EROFS kernel structs used by RAFS v6 bootstraps (inodes, chunk indexes, dirents, xattrs, device slots).
 
-Names follow the kernel's ``fs/erofs/erofs_fs.h``; :mod:`rafs.layout.v6` re-exports them under
-the upstream nydus names (``RafsV6InodeCompact`` ...).
+Each struct has one name, the kernel's (``fs/erofs/erofs_fs.h``); its docstring gives the name
+upstream nydus uses for it (``RafsV6InodeCompact`` ...).
 """
 
 from __future__ import annotations

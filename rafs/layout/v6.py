@@ -6,8 +6,9 @@ Layout of a v6 bootstrap (``nydus-image`` ``Bootstrap::v6_dump``)::
     | 0s   | SB (128)  | ext SB (256)  | device slots 128*n    | blob table 256*n | prefetch u32*k | ...
     meta_blkaddr*bs: inodes (nid = (offset - meta_blkaddr*bs) / 32), dirents, tails ... chunk table (80*m)
 
-The inode/dirent/xattr/chunk-index structs are the kernel EROFS ones from :mod:`rafs.layout.erofs`,
-re-exported here under their nydus names.
+The inode/dirent/xattr/chunk-index/device-slot structs are the kernel EROFS ones, declared once in
+:mod:`rafs.layout.erofs` under their kernel names; the chunk table entry is the 80-byte
+:class:`rafs.layout.v5.RafsV5ChunkInfo` (as upstream).
 """
 
 from __future__ import annotations
@@ -31,28 +32,9 @@ from rafs.layout.constants import (
     RafsSuperFlags,
     validate_super_flags,
 )
-from rafs.layout.erofs import (  # noqa: F401  (re-exported)
-    ErofsDeviceSlot,
-    ErofsDirent,
-    ErofsInodeChunkIndex,
-    ErofsInodeCompact,
-    ErofsInodeExtended,
-    ErofsXattrEntry,
-    ErofsXattrIbodyHeader,
-)
 from rafs.layout.v5 import RafsV5ChunkInfo
 from storage.records import BlobFeatures, BlobInfo, Compressor, Digester
 from storage.structs import Struct
-
-RafsV6InodeCompact = ErofsInodeCompact
-RafsV6InodeExtended = ErofsInodeExtended
-RafsV6InodeChunkAddr = ErofsInodeChunkIndex
-RafsV6Dirent = ErofsDirent
-RafsV6XattrIbodyHeader = ErofsXattrIbodyHeader
-RafsV6XattrEntry = ErofsXattrEntry
-RafsV6Device = ErofsDeviceSlot
-#: the v6 chunk table reuses the 80-byte v5 chunk info
-RafsV6ChunkInfo = RafsV5ChunkInfo
 
 assert RafsV5ChunkInfo.SIZE == RAFSV6_CHUNK_INFO_SIZE
 

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from storage.errors import BackendError, BlobRangeError, TransientBackendError, TruncatedRead
 from storage.metrics import StorageMetrics
@@ -22,6 +23,23 @@ DEFAULT_RETRY_LIMIT = 2
 #: first backoff delay in seconds; doubled per retry, capped at ``MAX_BACKOFF``
 BASE_BACKOFF = 0.05
 MAX_BACKOFF = 2.0
+
+
+class _Speculation(threading.local):
+    pause: "Callable[[], None] | None" = None
+
+
+#: per thread: set by the prefetcher while its worker fetches speculative data. Drivers that
+#: stream a body call :func:`yield_to_demand` between pieces, so a speculative transfer stops
+#: reading — and TCP flow control stops it taking link bandwidth — while demand reads wait.
+speculation = _Speculation()
+
+
+def yield_to_demand() -> None:
+    """Block while the current thread's speculative work must yield (no-op for demand reads)."""
+    pause = speculation.pause
+    if pause is not None:
+        pause()
 
 
 class BlobReader(ABC):

@@ -29,7 +29,7 @@ import requests
 import requests.adapters
 import urllib3.exceptions
 
-from storage.backend.base import DEFAULT_RETRY_LIMIT, BlobBackend, BlobReader
+from storage.backend.base import DEFAULT_RETRY_LIMIT, BlobBackend, BlobReader, speculation, yield_to_demand
 from storage.backend.credentials import Credentials, docker_config_credentials
 from storage.errors import (
     AuthError,
@@ -121,18 +121,23 @@ class RegistryClient:
         self.timeout = (connect_timeout, timeout)
         self.headers = dict(headers or {})
         self.session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self.session.trust_env = False
-        if proxy_url:
-            self.session.proxies = {"http": proxy_url, "https": proxy_url}
+        #: speculative (prefetch) requests: their own connections with a small receive window,
+        #: so a transfer paused for demand reads (read_body) stops taking link bandwidth at once
+        self._spec_session = requests.Session()
         self._ca_bundle: str | None = None
+        for session, adapter in ((self.session, requests.adapters.HTTPAdapter(
+                pool_connections=4, pool_maxsize=pool_size, max_retries=0)),
+                (self._spec_session, _SmallWindowAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0))):
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.trust_env = False
+            if proxy_url:
+                session.proxies = {"http": proxy_url, "https": proxy_url}
         if skip_verify:
-            self.session.verify = False
+            self.session.verify = self._spec_session.verify = False
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         elif ca_cert_files:
-            self.session.verify = self._bundle(ca_cert_files)
+            self.session.verify = self._spec_session.verify = self._bundle(ca_cert_files)
         self._lock = threading.Lock()
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._tokens: dict[str, tuple[str, float]] = {}
@@ -258,8 +263,9 @@ class RegistryClient:
             if auth and urllib.parse.urlsplit(url).netloc == origin:
                 send["Authorization"] = auth
             try:
-                resp = self.session.request(method, url, headers=send, data=data, stream=stream, params=params,
-                                            timeout=timeout or self.timeout, allow_redirects=False)
+                session = self.session if speculation.pause is None else self._spec_session
+                resp = session.request(method, url, headers=send, data=data, stream=stream, params=params,
+                                       timeout=timeout or self.timeout, allow_redirects=False)
             except requests.exceptions.SSLError as exc:  # not worth retrying: a config problem
                 raise RegistryError(f"{method} {url}: TLS: {transport_reason(exc)}") from exc
             except _TRANSPORT_ERRORS as exc:
@@ -347,6 +353,7 @@ class RegistryClient:
 
     def close(self) -> None:
         self.session.close()
+        self._spec_session.close()
         if self._ca_bundle:
             try:
                 os.unlink(self._ca_bundle)
@@ -355,10 +362,44 @@ class RegistryClient:
             self._ca_bundle = None
 
 
+#: piece size of speculative transfers (between two checks whether demand reads wait)
+SPECULATIVE_PIECE = 64 << 10
+#: receive buffer of speculative connections (the kernel doubles it): bounds what a paused
+#: transfer keeps taking from the link; 128 KiB per RTT is still 12 MB/s per stream at 10 ms
+SPECULATIVE_RCVBUF = 64 << 10
+
+
+class _SmallWindowAdapter(requests.adapters.HTTPAdapter):
+    """Connections with ``SO_RCVBUF`` = ``SPECULATIVE_RCVBUF`` (see ``RegistryClient``)."""
+
+    def init_poolmanager(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        import socket
+
+        from urllib3.connection import HTTPConnection
+
+        kwargs["socket_options"] = [*HTTPConnection.default_socket_options,
+                                    (socket.SOL_SOCKET, socket.SO_RCVBUF, SPECULATIVE_RCVBUF)]
+        super().init_poolmanager(*args, **kwargs)
+
+
 def read_body(resp: requests.Response) -> bytes:
-    """The whole body of a streamed response; a broken/short transfer is a transient error."""
+    """The whole body of a streamed response; a broken/short transfer is a transient error.
+
+    In a speculative (prefetch) thread the body is read in ``SPECULATIVE_PIECE`` pieces with a
+    :func:`~storage.backend.base.yield_to_demand` before each, so demand reads get the link.
+    """
     try:
-        data = resp.raw.read(decode_content=False)  # blob bytes as stored (identity requested)
+        if speculation.pause is None:
+            data = resp.raw.read(decode_content=False)  # blob bytes as stored (identity requested)
+        else:
+            parts = []
+            while True:
+                yield_to_demand()
+                piece = resp.raw.read(SPECULATIVE_PIECE, decode_content=False)
+                if not piece:
+                    break
+                parts.append(piece)
+            data = b"".join(parts)
     except _TRANSPORT_ERRORS as exc:
         raise RegistryUnavailable(f"GET {resp.url}: body: {transport_reason(exc)}") from exc
     expected = resp.headers.get("Content-Length")

@@ -28,6 +28,9 @@ class CacheConfig:
     verify_every_read: bool = False  #: re-check a cached chunk's digest on every read (nydusd ``digest_validate``)
     merging_size: int = 1 << 20  #: max compressed bytes merged into one backend request
     amplify_io: int = 0  #: extend small requests with following chunks up to this size (0 = off)
+    #: (a reader's ``amplify_into`` hint limits those chunks to the file being read, and to
+    #: ``amplify_neighbours`` bytes of run in total for chunks of other files)
+    amplify_neighbours: int = 0
     limit_size: int = 0  #: cache size limit in bytes; 0 = unlimited (LRU eviction of unused blobs)
     sync_data: bool = True  #: fdatasync chunk data before marking it ready (crash safety)
     fetch_threads: int = 4  #: runs of one request fetched in parallel (1 = sequential)
@@ -35,13 +38,14 @@ class CacheConfig:
 
 def merge_runs(chunks: Sequence[ChunkInfo], merging_size: int) -> list[list[ChunkInfo]]:
     """Group chunks (any order) into runs contiguous in the compressed blob, each ≤ ``merging_size``
-    (a single larger chunk is a run of its own). Duplicate chunk indexes are dropped."""
-    seen: set[int] = set()
-    ordered = []
-    for c in sorted(chunks, key=lambda c: (c.compressed_offset, c.index)):
-        if c.index not in seen:
-            seen.add(c.index)
-            ordered.append(c)
+    (a single larger chunk is a run of its own). Duplicate chunk indexes are dropped.
+
+    Runs come in the order their first chunk appears in ``chunks`` (for chunks given in blob
+    order: blob order), so a prefetch list in access order is fetched in access order."""
+    first: dict[int, int] = {}
+    for pos, c in enumerate(chunks):
+        first.setdefault(c.index, pos)
+    ordered = sorted((chunks[pos] for pos in first.values()), key=lambda c: (c.compressed_offset, c.index))
     runs: list[list[ChunkInfo]] = []
     for c in ordered:
         if runs:
@@ -52,6 +56,7 @@ def merge_runs(chunks: Sequence[ChunkInfo], merging_size: int) -> list[list[Chun
                 run.append(c)
                 continue
         runs.append([c])
+    runs.sort(key=lambda run: min(first[c.index] for c in run))
     return runs
 
 
@@ -117,8 +122,12 @@ class BlobCache(ABC):
         return good, bad
 
     @abstractmethod
-    def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
-        """The bytes of ``descs`` (all in this blob, none a hole), concatenated in order."""
+    def read_descs(self, descs: Sequence[BlobIoDesc], amplify_into: "set[int] | None" = None) -> bytes:
+        """The bytes of ``descs`` (all in this blob, none a hole), concatenated in order.
+
+        ``amplify_into``: chunk indexes a fetch may be extended with (``amplify_io``), e.g. the
+        rest of the file being read; ``None`` = any following chunk of the blob.
+        """
 
     def descs_ready(self, descs: Sequence[BlobIoDesc]) -> bool:
         """True when every chunk of ``descs`` is in the local cache and can be read without

@@ -119,7 +119,14 @@ class FileBlobCache(BlobCache):
         self._meta_state = "unloaded"  # unloaded | loaded | absent
         self._meta_lock = threading.Lock()
         self.last_access = time.monotonic()
+        self._waiters = 0  #: readers waiting for chunks another thread fetches
+        self._waiters_lock = threading.Lock()
         self._last_full_warning = 0.0
+
+    def has_waiters(self) -> bool:
+        """True while a reader waits for a chunk being fetched by another thread (a speculative
+        fetch then must not pause for demand reads: it is the one they wait for)."""
+        return self._waiters > 0
 
     # -- CI table ---------------------------------------------------------------------------------
     def _has_ci_table(self) -> bool:
@@ -229,8 +236,12 @@ class FileBlobCache(BlobCache):
         return bool(chunk.digest) or not self.config.validate_digest
 
     # -- fetch ------------------------------------------------------------------------------------
-    def _amplify(self, run: list[ChunkInfo]) -> None:
-        """Extend ``run`` with following chunks (claimed here) up to ``amplify_io`` bytes."""
+    def _amplify(self, run: list[ChunkInfo], allowed: "set[int] | None" = None) -> None:
+        """Extend ``run`` with following chunks (claimed here) up to ``amplify_io`` bytes;
+        with ``allowed``, only with chunks listed there (the rest of the file being read), and
+        with others (neighbouring files) only while the run stays within ``amplify_neighbours``."""
+        if allowed is not None and not allowed and not self.config.amplify_neighbours:
+            return
         self.blob_meta()
         table = self._chunk_table
         if not self.config.amplify_io or table is None:
@@ -242,6 +253,9 @@ class FileBlobCache(BlobCache):
             if end - start >= self.config.amplify_io or last.index + 1 >= len(table):
                 return
             nxt = self._with_digest(table[last.index + 1])
+            if (allowed is not None and nxt.index not in allowed
+                    and nxt.compressed_offset + nxt.compressed_size - start > self.config.amplify_neighbours):
+                return
             if not self._checkable(nxt) or nxt.compressed_offset != end or nxt.compressed_offset + nxt.compressed_size - start > max(
                     self.config.amplify_io, self.config.merging_size):
                 return
@@ -249,10 +263,12 @@ class FileBlobCache(BlobCache):
                 return
             run.append(nxt)
 
-    def ensure_ready(self, chunks: Sequence[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None) -> int:
+    def ensure_ready(self, chunks: Sequence[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None,
+                     amplify_into: "set[int] | None" = None) -> int:
         """Fetch the chunks not yet cached (merged, once across threads); returns bytes fetched.
 
-        Chunks this call fetched are also put in ``fresh`` (index → data) when given.
+        Chunks this call fetched are also put in ``fresh`` (index → data) when given;
+        ``amplify_into`` bounds read amplification (see :meth:`BlobCache.read_descs`).
         """
         self.last_access = time.monotonic()
         if self.chunk_map.all_ready():  # fast path: a complete blob
@@ -274,13 +290,21 @@ class FileBlobCache(BlobCache):
                     self.metrics.cache_hits.inc()
             first = False
             if owned:
-                fetched += self._fetch_owned(owned, fresh)
-            for c in inflight:
-                self.chunk_map.wait_pending(c.index)
+                fetched += self._fetch_owned(owned, fresh, amplify_into)
+            if inflight:
+                with self._waiters_lock:
+                    self._waiters += 1
+                try:
+                    for c in inflight:
+                        self.chunk_map.wait_pending(c.index)
+                finally:
+                    with self._waiters_lock:
+                        self._waiters -= 1
             needed = {c.index: c for c in inflight if not self.chunk_map.is_ready(c.index)}
         return fetched
 
-    def _fetch_owned(self, owned: list[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None) -> int:
+    def _fetch_owned(self, owned: list[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None,
+                     amplify_into: "set[int] | None" = None) -> int:
         """Fetch chunks this thread owns (runs in parallel on the manager's fetch pool);
         every owned chunk is released on every path."""
         runs = merge_runs(owned, self.config.merging_size)
@@ -292,7 +316,7 @@ class FileBlobCache(BlobCache):
                 results = list(self.fetch_pool.map(lambda r: self._complete_run(r, owned_ids, fresh), runs))
             else:
                 for run in runs:
-                    self._amplify(run)
+                    self._amplify(run, amplify_into)
                     results.append(self._complete_run(run, owned_ids, fresh))
             pending.clear()
         finally:
@@ -355,9 +379,9 @@ class FileBlobCache(BlobCache):
         return run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset, error
 
     # -- reads ------------------------------------------------------------------------------------
-    def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
+    def read_descs(self, descs: Sequence[BlobIoDesc], amplify_into: "set[int] | None" = None) -> bytes:
         fresh: dict[int, bytes | memoryview] = {}
-        self.ensure_ready([d.chunk for d in descs], fresh)  # type: ignore[misc]
+        self.ensure_ready([d.chunk for d in descs], fresh, amplify_into)  # type: ignore[misc]
         self._verify_cached([d.chunk for d in descs], fresh)  # type: ignore[misc]
         return self._assemble(descs, fresh)
 

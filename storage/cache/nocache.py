@@ -27,7 +27,7 @@ class NoCacheBlobCache(BlobCache):
             data.update(good)
         return data
 
-    def read_descs(self, descs: Sequence[BlobIoDesc]) -> bytes:
+    def read_descs(self, descs: Sequence[BlobIoDesc], amplify_into: "set[int] | None" = None) -> bytes:
         data = self._fetch([d.chunk for d in descs])  # type: ignore[misc]
         return b"".join(data[d.chunk.index][d.offset : d.offset + d.size] for d in descs)  # type: ignore[union-attr]
 

@@ -1,0 +1,95 @@
+"""The real-image cold-start benchmark's own pieces: the rootfs split into layers, the page-cache
+residency count it measures read bytes with, and the log parsing of its timeline."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+from integration.bench_coldstart_real import (evict, nydus_timeline, resident_bytes,
+                                              split_rootfs)
+
+
+def _rootfs_tar(path) -> None:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        def add(name, data=None, kind=tarfile.REGTYPE, link="", mode=0o644):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode, ti.linkname = kind, mode, link
+            if data is not None:
+                ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+        add("./", kind=tarfile.DIRTYPE, mode=0o755)
+        add("./usr/", kind=tarfile.DIRTYPE, mode=0o755)
+        add("./usr/bin/", kind=tarfile.DIRTYPE, mode=0o755)
+        add("./usr/bin/python3.11", b"ELF python", mode=0o755)
+        add("./usr/lib/", kind=tarfile.DIRTYPE, mode=0o755)
+        add("./usr/lib/python3.11/", kind=tarfile.DIRTYPE, mode=0o755)
+        add("./usr/lib/python3.11/json.py", b"import x\n")
+        add("./usr/lib/python3/dist-packages/", kind=tarfile.DIRTYPE, mode=0o755)
+        add("./usr/lib/python3/dist-packages/empty/", kind=tarfile.DIRTYPE, mode=0o700)
+        add("./usr/lib/python3.11/json-link.py", kind=tarfile.LNKTYPE, link="./usr/lib/python3.11/json.py")
+        add("./usr/bin/python3", kind=tarfile.SYMTYPE, link="python3.11")
+        add("./usr/share/", kind=tarfile.DIRTYPE, mode=0o755)
+        add("./usr/share/doc/copyright", b"GPL")
+        add("./usr/bin/perl-link", kind=tarfile.LNKTYPE, link="./usr/bin/python3.11")
+
+
+def test_split_rootfs_keeps_every_entry_once_with_parents_and_hardlinks(tmp_path):
+    src = tmp_path / "rootfs.tar"
+    _rootfs_tar(src)
+    layers = dict(split_rootfs(src))
+    assert list(layers) == ["base", "python", "share"]       # gcc: no entries, no layer
+    members = {}
+    for name, data in layers.items():
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            members[name] = {m.name.removeprefix("./").rstrip("/"): m for m in tf.getmembers()}
+    files = {n: {p for p, m in ms.items() if not m.isdir()} for n, ms in members.items()}
+    assert files["base"] == {"usr/bin/python3.11", "usr/bin/python3", "usr/bin/perl-link"}
+    assert files["python"] == {"usr/lib/python3.11/json.py", "usr/lib/python3.11/json-link.py"}
+    assert files["share"] == {"usr/share/doc/copyright"}
+    # parents travel with their files, with the rootfs' own modes; empty dirs are kept
+    assert {"usr", "usr/lib", "usr/lib/python3.11", "usr/lib/python3/dist-packages/empty"} <= set(members["python"])
+    assert members["python"]["usr/lib/python3/dist-packages/empty"].mode == 0o700
+    assert "usr/share/doc" not in members["share"] or members["share"]["usr/share/doc"].isdir()
+    assert "usr/lib/python3.11" not in members["base"]
+
+
+def test_resident_bytes_counts_pages_read_after_evict(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(1 << 20))
+    os.sync()
+    evict(str(path))
+    assert resident_bytes(str(path)) < (1 << 20)
+    with open(path, "rb") as f:
+        f.read()
+    assert resident_bytes(str(path)) == 1 << 20
+    assert resident_bytes(str(tmp_path / "missing")) == 0
+
+
+def test_nydus_timeline_from_logs(tmp_path):
+    snap = tmp_path / "snapshotter.log"
+    snap.write_text("\n".join(json.dumps({"time": t, "level": "info", "logger": "x", "msg": m}) for t, m in [
+        ("2026-12-04T17:08:01.930Z", "started nydusd shared-erofs (pid 3550, erofs) at /m"),
+        ("2026-12-04T17:08:06.648Z", "RAFS instance 5 for 127.0.0.1:1/b/d:nydus mounted at /m/5 in 5.038s"),
+    ]) + "\nnot json\n")
+    daemon = tmp_path / "nydusd.log"
+    daemon.write_text("2026-12-04 17:08:01,867 INFO [rafs.daemon.service] nydusd shared-erofs RUNNING "
+                      "(erofs, shared) at /m; FUSE no_open off\n")
+    tl = nydus_timeline(str(snap), [str(daemon)])
+    assert set(tl) == {"daemon_started", "instance_mounted", "mount_requested", "daemon_running"}
+    assert round(tl["instance_mounted"] - tl["mount_requested"], 3) == 5.038
+    assert round(tl["instance_mounted"] - tl["daemon_started"], 3) == 4.718
+
+
+def test_regular_files_lists_each_inode_once(tmp_path):
+    from integration.bench_coldstart_real import regular_files
+
+    (tmp_path / "a").write_bytes(b"x")
+    os.link(tmp_path / "a", tmp_path / "b")
+    os.symlink("a", tmp_path / "c")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "e").write_bytes(b"y")
+    files = regular_files([str(tmp_path)])
+    assert len(files) == 2 and str(tmp_path / "d" / "e") in files

@@ -1,0 +1,213 @@
+"""Demand reads first: polite prefetch waits for the demand burst to settle (DemandGate), read
+amplification stays inside the file being read (the ``ahead`` hint from rafs; for kernel EROFS
+the chunk → file map of the blob files)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+from rafs.fs.instance import BlobFiles, Instance
+from storage.backend.memory import MemoryBackend
+from storage.cache.base import CacheConfig
+from storage.cache.filecache import FileCacheManager
+from storage.device import BlobDevice
+from storage.records import Compressor
+from storage.prefetch import DemandGate, PrefetchConfig
+from tests.storage_blobs import make_blob
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_demand_gate_waits_for_the_first_burst_to_settle():
+    clock = Clock()
+    gate = DemandGate(settle=0.5, start_delay=2.0, clock=clock)
+    assert not gate.quiet()  # just opened: the container's first reads come soon
+    clock.now += 2.0
+    assert gate.quiet()  # nobody read for start_delay: prefetch may go
+    gate.begin()
+    assert not gate.quiet()
+    clock.now += 10
+    assert not gate.quiet()  # a demand read in flight, however long
+    gate.end()
+    clock.now += 0.4
+    assert not gate.quiet()  # the burst has not settled
+    gate.begin()
+    gate.begin()
+    gate.end()
+    clock.now += 1.0
+    assert not gate.quiet()  # one still in flight
+    gate.end()
+    assert not gate.quiet()
+    clock.now += 0.5
+    assert gate.quiet()
+
+
+def test_polite_prefetch_starts_only_after_demand_settles(tmp_path):
+    b = make_blob(16, compressor=Compressor.NONE, compressible=False)
+    backend = MemoryBackend({b.blob_id: b.data})
+    mgr = FileCacheManager(str(tmp_path), backend, CacheConfig(amplify_io=0))
+    dev = BlobDevice([b.info], mgr, prefetch_config=PrefetchConfig(merging_size=4096, settle=0.3, start_delay=30))
+    dev.prefetch([b.iovec(0, 16 * 4096)])
+    import time
+
+    time.sleep(0.2)
+    assert backend.requests == []  # no demand read yet and start_delay not over
+    dev.read(b.iovec(15 * 4096, 10))  # the demand burst
+    t_end = time.monotonic()
+    assert dev.prefetcher.wait(10)
+    prefetched = backend.requests[1:]
+    assert prefetched and backend.requests[0] == (b.blob_id, 15 * 4096, 4096)
+    assert time.monotonic() - t_end >= 0.3 - 0.02
+    assert len(prefetched) == 15
+    dev.close()
+
+
+def test_amplification_only_into_the_ahead_hint(tmp_path):
+    b = make_blob(8, compressor=Compressor.NONE, compressible=False)
+    backend = MemoryBackend({b.blob_id: b.data})
+    mgr = FileCacheManager(str(tmp_path), backend, CacheConfig(amplify_io=4 * 4096))
+    dev = BlobDevice([b.info], mgr, prefetch_config=PrefetchConfig(enable=False, readahead=0))
+    mgr.get_blob_cache(b.info).set_chunk_table(b.chunks)
+    assert dev.amplify_window == 4 * 4096
+    # the file being read continues with chunk 1 only: chunks 2.. belong to other files
+    assert dev.read(b.iovec(0, 10), ahead=b.iovec(4096, 4096)) == b.plain[:10]
+    assert backend.requests == [(b.blob_id, 0, 2 * 4096)]
+    # an empty hint (the file ends here): nothing beyond the chunk read
+    assert dev.read(b.iovec(3 * 4096, 10), ahead=[]) == b.plain[3 * 4096 : 3 * 4096 + 10]
+    assert backend.requests[-1] == (b.blob_id, 3 * 4096, 4096)
+    # no hint (callers without file knowledge): following chunks of the blob, as before
+    assert dev.read(b.iovec(5 * 4096, 10)) == b.plain[5 * 4096 : 5 * 4096 + 10]
+    assert backend.requests[-1] == (b.blob_id, 5 * 4096, 3 * 4096)
+    dev.close()
+
+
+def _image(tmp_path, sizes: dict[str, int]):
+    from rafs.builder.build import BuildOptions, build
+    from rafs.metadata import Rafs
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(3)
+    content = {}
+    for name, size in sizes.items():
+        content[name] = rnd.randbytes(size)
+        (src / name).write_bytes(content[name])
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    res = build(str(src), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(blobs),
+                options=BuildOptions(chunk_size=65536, compressor=Compressor.NONE))
+    rafs = Rafs.open(res.bootstrap)
+    blob = rafs.blobs[0]
+    data = open(os.path.join(str(blobs), blob.blob_id), "rb").read()
+    return rafs, content, MemoryBackend({blob.blob_id: data})
+
+
+def test_fusedev_reads_amplify_within_the_file_only(tmp_path):
+    # a: 4 chunks, then the small files b, c laid out right behind it
+    rafs, content, backend = _image(tmp_path, {"a": 4 * 65536, "b": 5000, "c": 5000})
+    mgr = FileCacheManager(str(tmp_path / "cache"), backend, CacheConfig(amplify_io=1 << 20))
+    dev = BlobDevice(rafs.blobs, mgr, prefetch_config=PrefetchConfig(enable=False, readahead=0))
+    dev.set_chunk_source(rafs.chunk_table)  # digests of amplified chunks (as the daemon does)
+    inst = Instance("x", rafs, dev)
+    cache = mgr.get_blob_cache(rafs.blobs[0])
+    for t in dev.load_chunk_tables():
+        t.join(10)
+    a, b = rafs.lookup_path("/a"), rafs.lookup_path("/b")
+    a_idx = {d.chunk.index for d in a.chunks(0, 4 * 65536)}
+    assert inst.read(a, 65536, 100) == content["a"][65536:65636]
+    ready = {i for i in range(rafs.blobs[0].chunk_count) if cache.chunk_map.is_ready(i)}
+    assert ready == a_idx - {a.chunks(0, 1)[0].chunk.index}  # chunks 1..3 of a, not b or c
+    assert inst.read(b, 0, 5000) == content["b"]
+    ready2 = {i for i in range(rafs.blobs[0].chunk_count) if cache.chunk_map.is_ready(i)}
+    assert ready2 - ready == {b.chunks(0, 1)[0].chunk.index}  # b alone: c is another file
+    dev.close()
+
+
+def test_blob_files_bound_amplification_by_the_chunk_file_map(tmp_path):
+    rafs, content, backend = _image(tmp_path, {"a": 3 * 65536 + 1000, "b": 5000, "c": 2 * 65536})
+    files = BlobFiles(rafs)
+    mgr = FileCacheManager(str(tmp_path / "cache"), backend, CacheConfig(amplify_io=1 << 20))
+    dev = BlobDevice(rafs.blobs, mgr, prefetch_config=PrefetchConfig(enable=False, readahead=0))
+    dev.set_chunk_source(rafs.chunk_table)
+    inst = Instance("root", files, dev, enable_xattr=False)
+    for t in dev.load_chunk_tables():
+        t.join(10)
+    cache = mgr.get_blob_cache(rafs.blobs[0])
+    node = files.files[0]
+    idx = {name: [d.chunk.index for d in rafs.lookup_path("/" + name).chunks(0, 1 << 30)] for name in content}
+    first_a = rafs.lookup_path("/a").chunks(0, 1)[0].chunk
+    # kernel EROFS reads the first 4 KiB block of a: the rest of a comes along, b and c do not
+    data = inst.read(node, first_a.uncompressed_offset, 4096)
+    assert data == content["a"][:4096]
+    ready = {i for i in range(rafs.blobs[0].chunk_count) if cache.chunk_map.is_ready(i)}
+    assert ready == set(idx["a"])
+    # the last chunk of a file: nothing more
+    first_b = rafs.lookup_path("/b").chunks(0, 1)[0].chunk
+    assert inst.read(node, first_b.uncompressed_offset, 4096) == content["b"][:4096]
+    ready2 = {i for i in range(rafs.blobs[0].chunk_count) if cache.chunk_map.is_ready(i)}
+    assert ready2 - ready == set(idx["b"])
+    assert files.file_ahead(0, first_a.uncompressed_offset, 4096, 65536)[0].chunk.index == idx["a"][1]
+    dev.close()
+
+
+def test_amplification_into_neighbours_only_within_their_small_bound(tmp_path):
+    b = make_blob(8, compressor=Compressor.NONE, compressible=False)
+    backend = MemoryBackend({b.blob_id: b.data})
+    mgr = FileCacheManager(str(tmp_path), backend, CacheConfig(amplify_io=6 * 4096, amplify_neighbours=3 * 4096))
+    dev = BlobDevice([b.info], mgr, prefetch_config=PrefetchConfig(enable=False, readahead=0))
+    mgr.get_blob_cache(b.info).set_chunk_table(b.chunks)
+    # the file ends with chunk 0: neighbours (other files) only while the request is <= 3 chunks
+    dev.read(b.iovec(0, 10), ahead=[])
+    assert backend.requests == [(b.blob_id, 0, 3 * 4096)]
+    # the file goes on for 4 more chunks (its own, up to amplify_io): no neighbours beyond
+    dev.read(b.iovec(3 * 4096, 10), ahead=b.iovec(4 * 4096, 4 * 4096))
+    assert backend.requests[-1] == (b.blob_id, 3 * 4096, 5 * 4096)
+    dev.close()
+
+
+def test_running_speculative_fetch_pauses_for_demand_unless_a_reader_waits_for_it():
+    import threading
+    import time
+
+    from storage.backend.base import speculation, yield_to_demand
+    from storage.metrics import StorageMetrics
+    from storage.prefetch import Prefetcher
+
+    demand = threading.Event()
+
+    class Cache:
+        waiters = False
+
+        def has_waiters(self):
+            return self.waiters
+
+    cache = Cache()
+    pf = Prefetcher(PrefetchConfig(), StorageMetrics(), demand_inflight=demand.is_set)
+    assert speculation.pause is None
+    yield_to_demand()  # a demand thread: never pauses
+    speculation.pause = lambda: pf._pause(cache)
+    try:
+        t = time.monotonic()
+        yield_to_demand()  # no demand in flight: goes on at once
+        assert time.monotonic() - t < 0.05
+        demand.set()
+        threading.Timer(0.3, demand.clear).start()
+        t = time.monotonic()
+        yield_to_demand()  # held until the demand read is done
+        assert 0.25 <= time.monotonic() - t < 1.5
+        demand.set()
+        cache.waiters = True  # a demand reader waits for a chunk this fetch owns: no pause
+        t = time.monotonic()
+        yield_to_demand()
+        assert time.monotonic() - t < 0.05
+    finally:
+        speculation.pause = None
+        demand.clear()
+        pf.cancel()
