@@ -155,6 +155,18 @@ def check_reachable(image_ref: str, registry: RegistryConfig, ping: Ping | None 
         backend.close()
 
 
+def mirror_entry(m: MirrorConfig) -> dict[str, Any]:
+    """nydusd's ``mirrors[]`` entry: host and auth_through, plus what a hosts.toml set."""
+    entry: dict[str, Any] = {"host": m.host, "auth_through": m.auth_through}
+    if m.headers:
+        entry["headers"] = dict(m.headers)
+    if m.ping_url:
+        entry["ping_url"] = m.ping_url
+    if m.health_check_interval != MirrorConfig.__dataclass_fields__["health_check_interval"].default:
+        entry["health_check_interval"] = m.health_check_interval
+    return entry
+
+
 def backend_config(image_ref: str, labels: Mapping[str, str], cfg: Config,
                    ping: Ping | None = None) -> dict[str, Any]:
     """The nydusd ``device.backend`` for an image (registry host/repo, auth, mirrors)."""
@@ -167,9 +179,7 @@ def backend_config(image_ref: str, labels: Mapping[str, str], cfg: Config,
         "skip_verify": registry.skip_verify, "timeout": cfg.remote.timeout,
         "connect_timeout": cfg.remote.connect_timeout, "retry_limit": cfg.remote.retry_limit}
     if registry.mirrors:
-        config["mirrors"] = [{"host": m.host, "auth_through": m.auth_through, "headers": dict(m.headers),
-                              "ping_url": m.ping_url, "health_check_interval": m.health_check_interval}
-                             for m in registry.mirrors]
+        config["mirrors"] = [mirror_entry(m) for m in registry.mirrors]
     if cfg.remote.docker_config:
         config["docker_config"] = cfg.remote.docker_config  # nydusd's own lookup reads the same file
     return {"type": "registry", "config": config}

@@ -74,3 +74,11 @@ def test_bad_hosts_toml_is_one_precise_error(tmp_path):
     write_hosts(tmp_path, "reg.example_5000_", "[host\n")
     with pytest.raises(FailedPrecondition, match="hosts.toml"):
         remote.backend_config(REF, {}, cfg_for(tmp_path))
+
+
+def test_hosts_toml_mirror_settings_reach_nydusd(tmp_path):
+    write_hosts(tmp_path, "reg.example_5000_", '[host."http://m:1"]\nheader = { X-A = "1" }\n'
+                'ping_url = "http://m:1/ok"\nhealth_check_interval = 9\n')
+    (entry,) = remote.backend_config(REF, {}, cfg_for(tmp_path))["config"]["mirrors"]
+    assert entry == {"host": "http://m:1", "auth_through": True, "headers": {"X-A": "1"},
+                     "ping_url": "http://m:1/ok", "health_check_interval": 9.0}
