@@ -20,14 +20,16 @@ stargz-snapshotter on an eStargz copy, when ``integration.harness.stargz`` can b
 
 Per trial: time to first output, registry bytes and blob GETs (registry access log, whole trial),
 link bytes before the first output (the proxy's counter), and the critical-path timestamps:
-pull done, Prepare of the container snapshot received, daemon RUNNING, instance mounted (from
-the snapshotter's JSON log and nydusd's log), first blob request after the pull (the proxy).
+pull done (benchmark clock), the snapshotter's registry probe inside the container's Prepare and
+the first blob request after the pull (the proxy's request log), daemon RUNNING and the instance
+mount's start and end (the snapshotter's JSON log, nydusd's log), first output.
 Bytes the workload really read are measured in the OCI trials, independently of our daemon:
 after the timed run the unpacked snapshot files are evicted from the page cache
 (``POSIX_FADV_DONTNEED`` after ``sync``), the workload runs once more, and ``mincore(2)`` counts
 the pages of those files that became resident (docs/perf.md explains the method and its bias).
 
-Writes ``integration/results/coldstart_real.json`` and ``coldstart_real.png``.
+Writes ``integration/results/coldstart_real.json`` and ``coldstart_real.png`` (``--name``), and
+prints the summary as Markdown tables; ``--combine`` merges separate runs (e.g. one per rate).
 Needs root, containerd, runc, docker-registry, mmdebstrap, /dev/fuse.
 """
 
@@ -580,13 +582,21 @@ def stargz_available() -> str:
 
 
 # --- summary, output ---------------------------------------------------------------------------
-def summarize(trials: list[Trial], modes: list[str]) -> dict:
-    summary: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
-    read_by_wl: dict[str, int] = {}
+def read_medians(trials: list[Trial]) -> dict[str, int]:
+    """Workload -> median of the bytes it read (the OCI trials that measured it)."""
+    out = {}
     for wl in WORKLOADS:
         reads = [t.read_bytes for t in trials if t.workload == wl and t.read_bytes >= 0]
         if reads:
-            read_by_wl[wl] = int(statistics.median(reads))
+            out[wl] = int(statistics.median(reads))
+    return out
+
+
+def summarize(trials: list[Trial], modes: list[str], read_by_wl: dict[str, int] | None = None) -> dict:
+    """Medians per (rate, workload, mode); ``read_by_wl`` replaces the trials' own read figures."""
+    summary: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    if read_by_wl is None:
+        read_by_wl = read_medians(trials)
     for rate in sorted({t.rate_mb_s for t in trials}):
         for wl in WORKLOADS:
             ok = lambda m: [t for t in trials if t.rate_mb_s == rate and t.workload == wl  # noqa: E731
@@ -641,8 +651,43 @@ def print_tables(result: dict, modes: list[str]) -> None:
                 v = per.get(m)
                 if v and m != "oci":
                     print(f"  {wl:13s} {m:17s} " + "  ".join(f"{k} {s:.2f}" for k, s in v["timeline"].items()))
+    print("\n" + markdown_table(result, modes))
+    print("\nfetched before first output / read:\n" + markdown_fetched_table(result, modes))
     print("\nbytes the workload read (page cache residency in OCI runs): "
           + ", ".join(f"{wl} {mb(b)} MB" for wl, b in result["read_bytes"].items()))
+
+
+def markdown_table(result: dict, modes: list[str]) -> str:
+    """The summary as the Markdown table of the README (time to first output, speed-up vs OCI,
+    MB through the link before the first output; OCI: MB the workload read)."""
+    lines = ["| workload | link | " + " | ".join(modes) + " |", "|---" * (len(modes) + 2) + "|"]
+    for rate, per_wl in result["summary"].items():
+        for wl, per in per_wl.items():
+            cells = []
+            for m in modes:
+                v = per.get(m)
+                if v is None:
+                    cells.append("–")
+                elif m == "oci":
+                    read = f", read {v['read_bytes'] / 1e6:.1f} MB" if v["read_bytes"] else ""
+                    cells.append(f"{v['seconds']:.2f} s, {v['link_bytes_first_output'] / 1e6:.0f} MB{read}")
+                else:
+                    cells.append(f"{v['seconds']:.2f} s ({v['speedup_vs_oci']}×), "
+                                 f"{v['link_bytes_first_output'] / 1e6:.1f} MB")
+            lines.append(f"| {wl} | {rate} MB/s | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_fetched_table(result: dict, modes: list[str]) -> str:
+    """Bytes through the link before the first output ÷ bytes the workload read, per cell."""
+    lines = ["| workload | read | link | " + " | ".join(modes) + " |", "|---" * (len(modes) + 3) + "|"]
+    for rate, per_wl in result["summary"].items():
+        for wl, per in per_wl.items():
+            read = result["read_bytes"].get(wl, 0)
+            cells = [f"{per[m]['fetched_over_read']}×" if m in per and per[m]["fetched_over_read"] is not None
+                     else "–" for m in modes]
+            lines.append(f"| {wl} | {read / 1e6:.1f} MB | {rate} MB/s | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, modes: list[str], path: pathlib.Path) -> None:
@@ -669,21 +714,28 @@ def plot(result: dict, modes: list[str], path: pathlib.Path) -> None:
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylabel("s to first output (log scale)")
         ax.set_title(f"{rate} MB/s registry link")
-        ax.legend(fontsize=8)
+        ax.set_ylim(top=ax.get_ylim()[1] * 3)
+        ax.legend(fontsize=8, ncol=len(modes), loc="upper center")
     fig.suptitle("Cold start of a Debian image (python3, numpy, gcc, git, perl)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
-def combine(paths: list[str], out_dir: pathlib.Path, name: str) -> int:
-    """One summary over the trials of several runs (each keeps its own OCI baseline per rate)."""
+def combine(paths: list[str], out_dir: pathlib.Path, name: str, read_from: str = "") -> int:
+    """One summary over the trials of several runs (each keeps its own OCI baseline per rate);
+    ``read_from``: take the bytes each workload read from that run's trials instead."""
     docs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
     trials = [Trial(**t) for d in docs for t in d["trials"]]
     modes: dict[str, str] = {}
     for d in docs:
         modes.update(d["modes"])
-    result = summarize(trials, list(modes))
+    read = None
+    if read_from:
+        read = read_medians([Trial(**t) for t in json.loads(pathlib.Path(read_from).read_text())["trials"]])
+    result = summarize(trials, list(modes), read)
     doc = {**docs[0], "rates_mb_s": sorted({r for d in docs for r in d["rates_mb_s"]}),
+           "combined_from": [os.path.basename(p) for p in paths],
+           "read_bytes_from": os.path.basename(read_from) if read_from else "the runs' own OCI trials",
            "complete": all(d.get("complete") for d in docs), "modes": modes,
            "runs": [{k: d.get(k) for k in ("rates_mb_s", "started", "minutes", "load_average", "complete")}
                     for d in docs], **result, "trials": [dataclasses.asdict(t) for t in trials]}
@@ -716,9 +768,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="no trials: merge the trials of earlier runs' JSON files (e.g. one run per "
                          "rate) into one summary, JSON and chart (--name)")
+    ap.add_argument("--read-from", default="", metavar="JSON",
+                    help="with --combine: the bytes each workload read come from this run")
     args = ap.parse_args(argv)
     if args.combine:
-        return combine(args.combine, pathlib.Path(args.out), args.name or "coldstart_real")
+        return combine(args.combine, pathlib.Path(args.out), args.name or "coldstart_real", args.read_from)
     if os.geteuid() != 0:
         raise SystemExit("needs root (containerd, mounts)")
     rates = [float(r) for r in args.rates.split(",") if r]

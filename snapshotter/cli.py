@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -129,6 +130,24 @@ def check_paths(cfg: cfgmod.Config) -> None:
                               f"pass {flag} with a writable directory, or fix its permissions") from None
 
 
+def sd_notify(state: str) -> bool:
+    """Send ``state`` (e.g. ``READY=1``) to systemd's ``$NOTIFY_SOCKET`` (``Type=notify`` units).
+    Returns False when not started by systemd; a failure to send is logged, never fatal."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]  # abstract socket namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd (%s): %s", os.environ.get("NOTIFY_SOCKET"), exc)
+        return False
+    return True
+
+
 def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT in the main thread)."""
     from snapshotter.metrics import Metrics  # noqa: PLC0415 - keep `--help` fast
@@ -155,10 +174,12 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
         log.info("metrics on http://%s:%d/metrics", host, port)
     log.info("nydus-snapshotter serving on %s (root %s, fs_driver %s, daemon_mode %s)", cfg.address, cfg.root,
              cfg.daemon.fs_driver, cfg.daemon.daemon_mode)
+    sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on {cfg.address}")
     try:
         while not stop.wait(3600):
             pass
     finally:
+        sd_notify("STOPPING=1")
         server.stop(grace=5).wait(10)
         metrics.shutdown()
         sn.close()

@@ -45,9 +45,10 @@ UNSUPPORTED_KEYS = frozenset({
     "remote.convert_vpc_registry",
     "snapshot.enable_nydus_overlayfs", "snapshot.nydus_overlayfs_path", "snapshot.enable_kata_volume",
     "cache_manager.gc_period",
+    "experimental.enable_stargz", "experimental.enable_index_detect", "experimental.enable_backend_source",
 })
 #: upstream sections whose every key is accepted but not acted on
-UNSUPPORTED_SECTIONS = frozenset({"system", "cgroup", "image", "experimental", "remote.auth"})
+UNSUPPORTED_SECTIONS = frozenset({"system", "cgroup", "image", "experimental.tarfs", "remote.auth"})
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -143,6 +144,14 @@ class SnapshotConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExperimentalConfig:
+    """``[experimental]``."""
+
+    #: serve a plain OCI image lazily when a nydus image is attached to it as an OCI referrer
+    enable_referrer_detect: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole file."""
 
@@ -158,6 +167,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)
     #: one line per accepted-but-unsupported upstream key (not a file key)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 

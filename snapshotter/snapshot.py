@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tarfile
 import tempfile
 from typing import Any, Callable, Iterable, Mapping
 
@@ -144,6 +145,11 @@ class Snapshotter:
         self.overlay = _host_overlay_options(config.snapshot.enable_overlayfs_volatile)
         self.rafs = Instances(config, self._needed_instances, manager=manager, manager_factory=manager_factory)
         self._ping = ping
+        self.referrers = None
+        if config.experimental.enable_referrer_detect:
+            from snapshotter.referrer import ReferrerDetector
+
+            self.referrers = ReferrerDetector(config)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -165,6 +171,15 @@ class Snapshotter:
         target = L.target_ref(labels)
         if target is not None and L.is_nydus_data_layer(labels):
             self._commit_remote_layer(key, parent, target, labels)
+        if (target is not None and self.referrers is not None and not L.is_nydus_meta_layer(labels)
+                and L.CRI_IMAGE_REF in labels):
+            try:
+                layer = self.referrers.bootstrap_layer(labels)
+            except SnapshotterError as exc:  # the plain OCI image still works
+                log.warning("referrer detection failed, pulling %s normally: %s", key, exc)
+                layer = None
+            if layer is not None:
+                self._commit_referrer_layer(key, parent, target, labels, layer)
         return self._create(Kind.ACTIVE, key, parent, labels)
 
     def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
@@ -292,6 +307,38 @@ class Snapshotter:
                 snap = self._create_in_tx(tx, Kind.ACTIVE, key, parent, labels)
                 store.commit_active(tx, key, target, Usage(), labels)
                 log.info("nydus data layer %s committed as remote snapshot %s (id %s)", key, target, snap.id)
+                self.rafs.prestart()
+            elif existing.kind != Kind.COMMITTED or existing.parent != parent:
+                raise AlreadyExists(f'target snapshot "{target}" exists with parent "{existing.parent}"')
+        raise AlreadyExists(f'target snapshot "{target}"')
+
+    def _commit_referrer_layer(self, key: str, parent: str, target: str, labels: dict[str, str],
+                               layer: bytes) -> None:
+        """Referrer detection: commit ``target`` as a nydus meta layer holding the attached nydus
+        image's bootstrap (every layer of the image gets it; the topmost one is mounted), then
+        answer ALREADY_EXISTS so containerd downloads no OCI layer."""
+        from snapshotter.referrer import unpack_bootstrap_layer
+
+        validate_key(target, "target")
+        labels = {**labels, L.REMOTE: "remote snapshot", L.NYDUS_META_LAYER: "true"}
+        with self.ms.transaction(writable=True) as tx:
+            try:
+                _, existing, _ = store.get_info(tx, target)
+            except NotFound:
+                existing = None
+            if existing is None:
+                snap = self._create_in_tx(tx, Kind.ACTIVE, key, parent, labels)
+                fs_dir = upper_path(self.root, snap.id)
+                try:
+                    unpack_bootstrap_layer(layer, fs_dir)
+                    boot = find_bootstrap(fs_dir)
+                    if boot is None:
+                        raise FailedPrecondition("referrer bootstrap layer has no image/image.boot")
+                    check_bootstrap(boot)
+                except (BootstrapError, OSError, tarfile.TarError, EOFError) as exc:
+                    raise FailedPrecondition(f"referrer bootstrap layer for {target}: {exc}") from exc
+                store.commit_active(tx, key, target, Usage(), labels)
+                log.info("layer %s served by its nydus referrer: committed as %s (id %s)", key, target, snap.id)
                 self.rafs.prestart()
             elif existing.kind != Kind.COMMITTED or existing.parent != parent:
                 raise AlreadyExists(f'target snapshot "{target}" exists with parent "{existing.parent}"')

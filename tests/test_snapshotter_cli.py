@@ -174,3 +174,28 @@ def test_help_lists_the_flags(tmp_path):
     assert p.stdout.startswith("usage: nydus-snapshotter")
     for flag in ("--config", "--root", "--address", "--log-level", "--log-format", "--metrics-address"):
         assert flag in p.stdout
+
+
+def test_sd_notify_ready_after_socket_listens(tmp_path):
+    """Type=notify: READY=1 reaches $NOTIFY_SOCKET only once the gRPC socket accepts calls."""
+    sock = tmp_path / "s.sock"
+    notify = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(str(notify))
+        ns.settimeout(30)
+        env = dict(os.environ, PYTHONPATH=str(REPO), NOTIFY_SOCKET=str(notify))
+        p = subprocess.Popen([sys.executable, "-m", "snapshotter", "--root", str(tmp_path / "root"),
+                              "--address", str(sock)], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            msg = ns.recv(4096).decode()
+            assert msg.splitlines()[0] == "READY=1" and f"MAINPID={p.pid}" in msg
+            with grpc.insecure_channel(f"unix:{sock}") as ch:  # listening when READY arrived
+                pb_grpc.SnapshotsStub(ch).Prepare(pb.PrepareSnapshotRequest(key="a"), timeout=5)
+            p.send_signal(signal.SIGTERM)
+            assert ns.recv(4096) == b"STOPPING=1"
+            assert p.wait(timeout=20) == 0
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()

@@ -19,7 +19,7 @@ from rafs.errors import BuildError
 from storage.atomic import atomic_write
 from storage.records import BlobInfo, Compressor, Digester
 
-SOURCE_TYPES = ("dir-rafs", "tar-rafs", "targz-rafs")
+SOURCE_TYPES = ("dir-rafs", "tar-rafs", "targz-rafs", "targz-ref")
 #: upstream spellings accepted for --type/--source-type
 SOURCE_TYPE_ALIASES = {"directory": "dir-rafs", "dir": "dir-rafs", "tar": "tar-rafs", "targz": "targz-rafs"}
 
@@ -45,6 +45,8 @@ class BuildOptions:
     progress: bool = False
     #: caps on declared file size, total size and entry count of the layer (hostile input)
     limits: LayerLimits = field(default_factory=LayerLimits)
+    #: targz-ref: uncompressed bytes between gzip checkpoints (ZRAN contexts)
+    zran_spacing: int = 1 << 20
 
     def validate(self) -> None:
         cs = self.chunk_size
@@ -52,6 +54,8 @@ class BuildOptions:
             raise BuildError(f"chunk size {cs:#x} must be a power of two in 0x1000..0x1000000")
         if self.whiteout_spec not in ("oci", "overlayfs", "none"):
             raise BuildError(f"unknown whiteout spec {self.whiteout_spec!r}")
+        if self.zran_spacing < 0:
+            raise BuildError(f"zran checkpoint spacing {self.zran_spacing} must be >= 0")
         if Compressor(self.compressor) == Compressor.GZIP:
             raise BuildError("gzip is not a supported chunk compressor for create")
 
@@ -67,6 +71,8 @@ class BuildResult:
     bytes_in: int
     #: seconds per phase (upstream's ``trace`` in the output JSON)
     trace: dict[str, float] = field(default_factory=dict)
+    #: targz-ref: the ``<blob_id>.blob.meta`` written (the blob itself is the gzip layer)
+    blob_meta_path: str | None = None
 
 
 def _unlink(path: str) -> None:
@@ -205,6 +211,8 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         raise BuildError(f"unsupported source type {source_type!r} (supported: {', '.join(SOURCE_TYPES)})")
     if bootstrap_out is None and blob_dir is None:
         raise BuildError("either a bootstrap path or a blob dir is required")
+    if source_type == "targz-ref":
+        return _build_targz_ref(source, bootstrap_out, blob_dir, opts)
     t0 = time.perf_counter()
     trace: dict[str, float] = {}
     store = ChunkStore()
@@ -311,6 +319,38 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             f.close()
         if tmp_path is not None:
             _unlink(tmp_path)
+
+
+def _build_targz_ref(source: str | os.PathLike | BinaryIO, bootstrap_out: str | None, blob_dir: str | None,
+                     opts: BuildOptions) -> BuildResult:
+    """A bootstrap whose blob is the gzip layer itself (see ``rafs.builder.zran``); writes
+    ``<blob_id>.blob.meta`` to ``blob_dir`` (else beside the bootstrap)."""
+    from rafs.builder.zran import build_zran_tree, write_zran_blob_meta
+
+    if not isinstance(source, (str, os.PathLike)):
+        raise BuildError("targz-ref needs the layer as a file (its sha256 is the blob id)")
+    if opts.parent_bootstrap or opts.chunk_dict or opts.blob_inline_meta:
+        raise BuildError("targz-ref does not support --parent-bootstrap, --chunk-dict or inline meta")
+    t0 = time.perf_counter()
+    store = ChunkStore()
+    work = blob_dir or os.path.dirname(os.path.abspath(bootstrap_out))  # type: ignore[arg-type]
+    tree, info, writer, bytes_in = build_zran_tree(os.fspath(source), store, chunk_size=opts.chunk_size,
+                                                   digester=Digester(opts.digester), spacing=opts.zran_spacing,
+                                                   work_dir=work, limits=opts.limits)
+    tree = _apply_layer(tree, None, opts.whiteout_spec)
+    bopts = BootstrapOptions(chunk_size=opts.chunk_size, compressor=Compressor.GZIP,
+                             digester=Digester(opts.digester), prefetch=list(opts.prefetch),
+                             compact_inodes=opts.compact_inodes)
+    boot = write_bootstrap(tree, store, bopts)
+    if bootstrap_out is None:
+        bootstrap_out = os.path.join(blob_dir, hashlib.sha256(boot).hexdigest())  # type: ignore[arg-type]
+    meta_path = None
+    if info is not None:
+        meta_path = os.path.join(work, f"{info.blob_id}.blob.meta")
+        write_zran_blob_meta(writer, meta_path)
+    atomic_write(bootstrap_out, boot, perms=0o600)
+    return BuildResult(bootstrap_out, _blob_ids_of(boot), info, None, bytes_in,
+                       {"total_build": round(time.perf_counter() - t0, 6)}, meta_path)
 
 
 def _load_parent(path: str, store: ChunkStore, chunk_size: int) -> Tree:

@@ -78,7 +78,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     if not args.bootstrap and not args.blob_dir:
         print("error: one of --bootstrap or --blob-dir is required", file=sys.stderr)
         return 2
-    if not args.blob and not args.blob_dir:
+    if not args.blob and not args.blob_dir and args.type != "targz-ref":
         print("error: one of --blob or --blob-dir is required", file=sys.stderr)
         return 2
     for flag, directory in (("--blob-dir", args.blob_dir),
@@ -93,8 +93,8 @@ def cmd_create(args: argparse.Namespace) -> int:
                         blob_inline_meta=args.blob_inline_meta, blob_toc="blob-toc" in features,
                         prefetch=_read_prefetch(args.prefetch_policy), chunk_dict=args.chunk_dict,
                         parent_bootstrap=args.parent_bootstrap, compact_inodes=args.compact_inodes,
-                        progress=True, limits=LayerLimits(args.max_file_size, args.max_layer_size,
-                                                          args.max_entries))
+                        zran_spacing=args.zran_spacing, progress=True,
+                        limits=LayerLimits(args.max_file_size, args.max_layer_size, args.max_entries))
     source = args.SOURCE
     if source == "-":
         source = sys.stdin.buffer
@@ -136,7 +136,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("create", help="build a RAFS v6 bootstrap and data blob from a directory or tar")
     p.add_argument("SOURCE", help="source directory, tar file, or '-' for a tar stream on stdin")
     p.add_argument("-t", "--type", "--source-type", dest="type", default="dir-rafs",
-                   help="dir-rafs | tar-rafs | targz-rafs (also: directory)")
+                   help="dir-rafs | tar-rafs | targz-rafs | targz-ref (also: directory); targz-ref: the gzip "
+                        "layer stays the blob, writes the bootstrap and <blob_id>.blob.meta (--blob-dir, "
+                        "else beside the bootstrap)")
+    p.add_argument("--zran-spacing", type=_int, default=1 << 20,
+                   help="targz-ref: uncompressed bytes between gzip checkpoints (default 1 MiB)")
     p.add_argument("-B", "--bootstrap", help="output bootstrap file")
     p.add_argument("-b", "--blob", help="output data blob file")
     p.add_argument("-D", "--blob-dir", help="directory for the blob (named by its id)")

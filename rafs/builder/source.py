@@ -238,9 +238,12 @@ def spool_tar_files(stream: BinaryIO, wanted: Callable[[str], bool], out: Binary
     return found
 
 
-def walk_tar(stream: BinaryIO, on_file: OnFile, limits: LayerLimits | None = None) -> Tree:
+def walk_tar(stream: BinaryIO, on_file: OnFile, limits: LayerLimits | None = None, *,
+             with_offsets: bool = False) -> Tree:
     """Build a tree from a tar stream (read once, in order).  Entries named later win;
-    hard links share the target's inode. ``limits`` caps declared sizes and the entry count."""
+    hard links share the target's inode. ``limits`` caps declared sizes and the entry count.
+    ``with_offsets``: ``on_file`` also gets the offset of the member's data in the
+    (uncompressed) tar stream; sparse members are then refused."""
     tree = Tree()
     budget = _Budget(limits)
     try:
@@ -268,6 +271,11 @@ def walk_tar(stream: BinaryIO, on_file: OnFile, limits: LayerLimits | None = Non
                 if member.size:
                     fobj = tf.extractfile(member)
                     assert fobj is not None
+                    if with_offsets:
+                        if member.sparse is not None:
+                            raise BuildError(f"{member.name}: sparse tar members cannot be referenced in place")
+                        on_file(inode, fobj, member.size, member.offset_data)  # type: ignore[call-arg]
+                        continue
                     if member.sparse is not None:
                         # holes are not read (Chunker.add_file): the unbuffered member file
                         # seeks forward over them, reading only the data regions

@@ -81,3 +81,22 @@ def extract_bootstrap(layer: bytes) -> bytes:
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise SourceError(f"bootstrap layer is not a readable tar: {exc}") from exc
     raise SourceError("bootstrap layer has no image/image.boot")
+
+
+def extract_blob_metas(layer: bytes) -> dict[str, bytes]:
+    """``image/<blob_id>.blob.meta`` files of a bootstrap layer, by blob id."""
+    from .errors import SourceError
+
+    out: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(layer), mode="r:*") as tar:
+            for member in tar:
+                name = member.name
+                if member.isreg() and name.startswith(f"{BOOTSTRAP_DIR}/") and name.endswith(".blob.meta"):
+                    blob_id = name[len(BOOTSTRAP_DIR) + 1 : -len(".blob.meta")]
+                    fh = tar.extractfile(member)
+                    if fh is not None and "/" not in blob_id:
+                        out[blob_id] = fh.read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise SourceError(f"bootstrap layer is not a readable tar: {exc}") from exc
+    return out

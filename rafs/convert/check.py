@@ -213,11 +213,14 @@ def _check_one(report: CheckReport, target: ImageSource, manifest: dict[str, Any
         if src_config.get(key) != config.get(key):
             report.problems.append(f"{prefix}config {key!r} differs from the source")
     plat_dir = tempfile.mkdtemp(dir=tmp)
-    from .bootstrap_layer import extract_bootstrap
+    from .bootstrap_layer import extract_blob_metas, extract_bootstrap
 
     bootstrap = os.path.join(plat_dir, "image.boot")
     with open(bootstrap, "wb") as fh:
         fh.write(extract_bootstrap(boot_bytes))
+    for blob_id, meta in extract_blob_metas(boot_bytes).items():  # ZRAN blobs need theirs to be read
+        with open(os.path.join(plat_dir, f"{blob_id}.blob.meta"), "wb") as fh:
+            fh.write(meta)
     for blob in layers[:-1]:
         path = os.path.join(plat_dir, blob["digest"][7:])
         h = hashlib.sha256()

@@ -118,6 +118,14 @@ def _parser() -> argparse.ArgumentParser:
     prefetch.add_argument("--prefetch-trace", default=None, metavar="FILE",
                           help="a prefetch trace (nydusctl trace): its files become the prefetch "
                                "table and lead the blobs, in access order")
+    conv.add_argument("--with-referrer", action="store_true",
+                      help="attach the nydus image to the source manifest as an OCI referrer (subject); "
+                           "the target must be in the source's repository")
+    conv.add_argument("--oci-ref", action="store_true",
+                      help="OCI-ref (zran) image: the gzip layers stay the data blobs; only the bootstrap "
+                           "layer, config and manifest are pushed (gzip layers only)")
+    conv.add_argument("--zran-spacing", type=lambda s: int(s, 0), default=1 << 20,
+                      help="--oci-ref: uncompressed bytes between gzip checkpoints (default 1 MiB)")
     conv.add_argument("--push-chunk-size", type=lambda s: int(s, 0), default=0,
                       help="upload blobs in PATCH chunks of this size (0: monolithic)")
     conv.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -163,11 +171,13 @@ def main(argv: list[str] | None = None) -> int:
             layer = LayerOptions(fs_version=args.fs_version, compressor=args.compressor, chunk_size=size,
                                  chunk_dict=chunk_dict, chunk_dict_digest=chunk_dict_digest,
                                  prefetch_patterns=_prefetch_list(args.prefetch_patterns,
-                                                                   args.prefetch_trace))
+                                                                   args.prefetch_trace),
+                                 oci_ref=args.oci_ref, zran_spacing=args.zran_spacing)
             target_ref = args.target or _suffixed(args.source, args.target_suffix)
             opts = ConvertOptions(source=args.source, target=target_ref, work_dir=args.work_dir,
                                   source_insecure=args.source_insecure, target_insecure=args.target_insecure,
                                   platform=args.platform, layer=layer, push_chunk_size=args.push_chunk_size,
+                                  with_referrer=args.with_referrer,
                                   progress=False if args.no_progress else None)
             result = convert(opts)
             summary = {"target": result.target, "digest": result.digest, "mediaType": result.media_type,

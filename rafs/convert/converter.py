@@ -35,6 +35,7 @@ class ConvertOptions:
     platform: str | None = None
     layer: LayerOptions = LayerOptions()
     push_chunk_size: int = 0          # 0: monolithic uploads
+    with_referrer: bool = False       # push with ``subject`` = the source root (OCI referrers)
     progress: bool | None = None      # None: bars only on a terminal
 
 
@@ -73,6 +74,12 @@ class Converter:
         if self.target.digest:
             raise ConvertError(f"target {opts.target} must be a tag, not a digest")
         self.source: ImageSource = open_source(opts.source, insecure=opts.source_insecure)
+        if opts.with_referrer:
+            src = None if opts.source.startswith(("oci:", "docker-archive:")) else parse_reference(opts.source)
+            if src is None or (src.host, src.repository) != (self.target.host, self.target.repository):
+                raise ConvertError("--with-referrer needs a registry source in the target's repository "
+                                   "(referrers are found per repository)")
+        self.subject: dict[str, Any] | None = None
         client = client_for(self.target, insecure=opts.target_insecure)
         self.pusher = Pusher(client, self.target, chunk_size=opts.push_chunk_size, progress=opts.progress)
         os.makedirs(opts.work_dir, exist_ok=True)
@@ -98,6 +105,8 @@ class Converter:
             data, media_type = self.source.root()
             doc = parse_json(data, f"{self.source.name} root")
             media_type = doc.get("mediaType") or media_type
+            if self.opts.with_referrer:
+                self.subject = {"mediaType": media_type, "digest": sha256_digest(data), "size": len(data)}
             if media_type in INDEX_TYPES or "manifests" in doc:
                 return self._convert_index(doc)
             if media_type in MANIFEST_TYPES or "layers" in doc:
@@ -135,14 +144,32 @@ class Converter:
             self.pusher.push_manifest(canonical_json(conv.manifest), MEDIA_TYPE_OCI_MANIFEST, tag=None)
             platform = tuple(sorted((entry.get("platform") or {}).items()))
             descriptors.append(Descriptor(MEDIA_TYPE_OCI_MANIFEST, conv.digest, conv.size, platform=platform))
-        data = canonical_json(build_index(index, descriptors))
+        new_index = build_index(index, descriptors)
+        if self.subject is not None:
+            new_index["subject"] = self.subject
+        data = canonical_json(new_index)
         digest = self.pusher.push_manifest(data, MEDIA_TYPE_OCI_INDEX, tag=self.target.tag)
+        self._attach(MEDIA_TYPE_OCI_INDEX, digest, len(data), None)
         return ConvertResult(str(self.target), digest, MEDIA_TYPE_OCI_INDEX, converted, self.pusher.stats)
 
     def _finish_single(self, conv: ConvertedManifest) -> ConvertResult:
+        if self.subject is not None:
+            conv.manifest["subject"] = self.subject
         data = canonical_json(conv.manifest)
         digest = self.pusher.push_manifest(data, MEDIA_TYPE_OCI_MANIFEST, tag=self.target.tag)
+        self._attach(MEDIA_TYPE_OCI_MANIFEST, digest, len(data), conv.manifest["config"]["mediaType"])
         return ConvertResult(str(self.target), digest, MEDIA_TYPE_OCI_MANIFEST, [conv], self.pusher.stats)
+
+    def _attach(self, media_type: str, digest: str, size: int, artifact_type: str | None) -> None:
+        """``--with-referrer``: make the pushed image findable from the source (see referrers.py)."""
+        if self.subject is None:
+            return
+        from .referrers import attach
+
+        referrer: dict[str, Any] = {"mediaType": media_type, "digest": digest, "size": size}
+        if artifact_type:
+            referrer["artifactType"] = artifact_type
+        attach(self.pusher.client, self.target, self.subject["digest"], referrer)
 
     def _convert_manifest(self, manifest: dict[str, Any], platform: dict[str, Any] | None) -> ConvertedManifest:
         layers = source_layers(manifest)
@@ -186,6 +213,15 @@ class Converter:
         metas: list[tuple[str, str]] = []
         for blob_id in blob_ids:
             local = blob_files.get(blob_id)
+            if local is not None and local.blob and local.extra.get("oci_ref"):
+                # the original gzip layer is the blob: push it only if the target lacks it
+                if self.pusher.exists(f"sha256:{blob_id}") is None:
+                    self.pusher.push_file(f"sha256:{blob_id}", local.blob)
+                size = local.blob_size
+                if local.blob_meta:
+                    metas.append((blob_id, local.blob_meta))
+                blob_descs.append(blob_descriptor(blob_id, size, ref_layer=True))
+                continue
             if local is not None and local.blob:
                 self.pusher.push_file(f"sha256:{blob_id}", local.blob)
                 size = local.blob_size

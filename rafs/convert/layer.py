@@ -45,6 +45,9 @@ class LayerOptions:
     chunk_dict: str | None = None          # path of a chunk-dict bootstrap
     chunk_dict_digest: str | None = None   # sha256 of that file (the key uses the content)
     prefetch_patterns: tuple[str, ...] = ("/",)
+    #: OCI-ref (zran): the gzip layer stays the data blob; only bootstrap + blob.meta are made
+    oci_ref: bool = False
+    zran_spacing: int = 1 << 20            # uncompressed bytes between gzip checkpoints
 
     def key_material(self) -> dict[str, object]:
         out = asdict(self)
@@ -171,6 +174,63 @@ def fetch_layer_tar(stream: BinaryIO, source_digest: str, tar_out: str,
     return "sha256:" + uncompressed.hexdigest()
 
 
+def fetch_layer_gzip(stream: BinaryIO, source_digest: str, out_path: str,
+                     progress: Callable[[int], None] | None = None) -> str:
+    """Copy a gzip layer unchanged to ``out_path``; verify its digest; return the diff_id.
+    A layer that is not gzip is refused (OCI-ref images reference gzip layers only)."""
+    compressed = hashlib.sha256()
+    uncompressed = hashlib.sha256()
+    decoder: _Decoder | None = None
+    with atomic_open(out_path, "wb") as out:
+        while chunk := stream.read(1 << 20):
+            compressed.update(chunk)
+            if progress:
+                progress(len(chunk))
+            if decoder is None:
+                kind = detect_compression(chunk)
+                if kind != "gzip":
+                    raise ConvertError(f"layer {source_digest} is {kind}, not gzip: --oci-ref needs gzip "
+                                       "layers (convert this image without --oci-ref)")
+                decoder = _Decoder(kind)
+            try:
+                uncompressed.update(decoder.feed(chunk))
+            except zlib.error as exc:
+                raise SourceError(f"layer {source_digest}: cannot decompress: {exc}") from exc
+            out.write(chunk)
+        if decoder is None:
+            raise ConvertError(f"layer {source_digest} is empty, not gzip")
+        decoder.finish()
+        actual = "sha256:" + compressed.hexdigest()
+        if actual != source_digest:
+            raise SourceError(f"layer {source_digest}: downloaded content has digest {actual}")
+    return "sha256:" + uncompressed.hexdigest()
+
+
+def build_ref_layer(gz_path: str, out_dir: str, options: LayerOptions) -> dict[str, object]:
+    """targz-ref build of one gzip layer: bootstrap + ``<blob_id>.blob.meta``; the layer file is
+    kept as the blob (pushed only when the target repository lacks it)."""
+    from rafs.builder import BuildOptions
+    from rafs.builder.build import build
+    from rafs.errors import BuildError
+
+    bootstrap = os.path.join(out_dir, "layer.boot")
+    try:
+        result = build(gz_path, bootstrap_out=bootstrap, blob_dir=out_dir, source_type="targz-ref",
+                       options=BuildOptions(chunk_size=options.chunk_size, whiteout_spec="none",
+                                            prefetch=list(options.prefetch_patterns),
+                                            zran_spacing=options.zran_spacing))
+    except BuildError as exc:
+        raise ConvertError(f"building the layer failed: {exc}") from exc
+    out: dict[str, object] = {"bootstrap": "layer.boot", "blob_id": None, "blob_size": 0, "blob": None,
+                              "blob_meta": None, "extra": {"oci_ref": True}}
+    if result.blob is not None and result.blob_meta_path:
+        out.update(blob_id=result.blob.blob_id, blob="layer.gz", blob_size=os.path.getsize(gz_path),
+                   blob_meta=os.path.basename(result.blob_meta_path))
+    else:
+        os.unlink(gz_path)
+    return out
+
+
 def convert_layer(work_dir: str, source_digest: str, open_stream: Callable[[], BinaryIO],
                   options: LayerOptions, parents: Sequence[LayerResult], *,
                   progress: ProgressFactory | None = None) -> LayerResult:
@@ -183,12 +243,18 @@ def convert_layer(work_dir: str, source_digest: str, open_stream: Callable[[], B
     os.makedirs(layers_dir, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=layers_dir)
     try:
-        tar_path = os.path.join(tmp_dir, "layer.tar")
         cb = progress(f"pull {source_digest[7:19]}", 0) if progress else None
-        with open_stream() as stream:
-            diff_id = fetch_layer_tar(stream, source_digest, tar_path, cb)
-        built = build_layer(tar_path, tmp_dir, options, parents)
-        os.unlink(tar_path)
+        if options.oci_ref:
+            gz_path = os.path.join(tmp_dir, "layer.gz")
+            with open_stream() as stream:
+                diff_id = fetch_layer_gzip(stream, source_digest, gz_path, cb)
+            built = build_ref_layer(gz_path, tmp_dir, options)
+        else:
+            tar_path = os.path.join(tmp_dir, "layer.tar")
+            with open_stream() as stream:
+                diff_id = fetch_layer_tar(stream, source_digest, tar_path, cb)
+            built = build_layer(tar_path, tmp_dir, options, parents)
+            os.unlink(tar_path)
         result = {"key": key, "source_digest": source_digest, "diff_id": diff_id, **built}
         with open(os.path.join(tmp_dir, RESULT_FILE), "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)

@@ -32,6 +32,7 @@ LAYER_TYPES = (MEDIA_TYPE_OCI_LAYER, MEDIA_TYPE_OCI_LAYER_GZIP, MEDIA_TYPE_OCI_L
                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip")
 
 ANNOTATION_NYDUS_BLOB = "containerd.io/snapshot/nydus-blob"
+ANNOTATION_NYDUS_REF_LAYER = "containerd.io/snapshot/nydus-ref"  # OCI-ref: the original layer digest
 ANNOTATION_NYDUS_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
 ANNOTATION_NYDUS_FS_VERSION = "containerd.io/snapshot/nydus-fs-version"
 ANNOTATION_UNCOMPRESSED = "containerd.io/uncompressed"
@@ -69,10 +70,13 @@ class Descriptor:
         return out
 
 
-def blob_descriptor(blob_id: str, size: int) -> Descriptor:
-    """A nydus data-blob layer (the blob id is the sha256 of the blob file)."""
-    return Descriptor(MEDIA_TYPE_NYDUS_BLOB, f"sha256:{blob_id}", size,
-                      ((ANNOTATION_NYDUS_BLOB, "true"),))
+def blob_descriptor(blob_id: str, size: int, *, ref_layer: bool = False) -> Descriptor:
+    """A nydus data-blob layer (the blob id is the sha256 of the blob file). ``ref_layer``: an
+    OCI-ref (zran) image, whose blob is the original gzip layer (upstream's ``nydus-ref``)."""
+    annotations: tuple[tuple[str, str], ...] = ((ANNOTATION_NYDUS_BLOB, "true"),)
+    if ref_layer:
+        annotations += ((ANNOTATION_NYDUS_REF_LAYER, f"sha256:{blob_id}"),)
+    return Descriptor(MEDIA_TYPE_NYDUS_BLOB, f"sha256:{blob_id}", size, annotations)
 
 
 def bootstrap_descriptor(digest: str, size: int, fs_version: int, *, docker: bool = False) -> Descriptor:

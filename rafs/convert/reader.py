@@ -8,10 +8,16 @@ every file's content is hashed.
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import stat
+import tempfile
 
 from storage.backend.localfs import LocalFsBackend
 from storage.cache import NoCacheManager
+from storage.cache.base import CacheConfig
+from storage.cache.filecache import FileCacheManager
+from storage.records import BlobFeatures
 from storage.device import BlobDevice
 
 from .tree import FileEntry
@@ -26,9 +32,18 @@ def read_nydus_image(bootstrap: str, blob_dir: str) -> tuple[dict[str, FileEntry
 
     out: dict[str, FileEntry] = {}
     backend = LocalFsBackend(dir=blob_dir)
-    with Rafs.open(bootstrap) as rafs:
+    with Rafs.open(bootstrap) as rafs, tempfile.TemporaryDirectory(prefix="nydus-check-") as cache_dir:
         blob_ids = [b.blob_id for b in rafs.blobs]
-        device = BlobDevice(rafs.blobs, NoCacheManager(None, backend))
+        if any(b.has(BlobFeatures.ZRAN) for b in rafs.blobs):
+            # ZRAN (OCI-ref) blobs are read through a file cache holding their blob.meta files
+            for b in rafs.blobs:
+                meta = os.path.join(blob_dir, f"{b.blob_id}.blob.meta")
+                if b.has(BlobFeatures.ZRAN) and os.path.exists(meta):
+                    shutil.copyfile(meta, os.path.join(cache_dir, f"{b.blob_id}.blob.meta"))
+            manager = FileCacheManager(cache_dir, backend, CacheConfig(sync_data=False))
+        else:
+            manager = NoCacheManager(None, backend)
+        device = BlobDevice(rafs.blobs, manager)
         try:
             for path, inode in rafs.walk():
                 attr = inode.attr()
@@ -51,5 +66,6 @@ def read_nydus_image(bootstrap: str, blob_dir: str) -> tuple[dict[str, FileEntry
                                       target, rdev, xattrs)
         finally:
             device.close()
+            manager.close()
             backend.close()
     return out, blob_ids

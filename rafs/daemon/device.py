@@ -9,13 +9,14 @@ always checked when they enter the cache), ``amplify_io``, ``device.cache.config
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 from rafs.daemon.config import DaemonConfig
 from rafs.errors import ConfigError
 from storage.cache.base import BlobCacheManager
 from storage.device import BlobDevice, BlobReadDevice
-from storage.records import BlobInfo, BlobIoDesc, ChunkInfo
+from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkInfo
 
 
 class OwnedDevice(BlobReadDevice):
@@ -85,3 +86,29 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
         if isinstance(exc, ValueError):
             raise ConfigError(f"nydusd config: {exc}") from exc
         raise
+
+
+def seed_blob_metas(bootstrap: str, blobs: Sequence[object], cfg: DaemonConfig) -> int:
+    """ZRAN (OCI-ref) blobs are unchanged gzip layers: their ``<blob_id>.blob.meta`` comes in the
+    bootstrap layer, beside ``image.boot``. Copy each one the cache dir lacks into it (temp +
+    rename); returns how many were copied. Without a file cache there is nothing to seed."""
+    from storage.atomic import atomic_write
+
+    if cfg.cache_type not in ("blobcache", "filecache") or not cfg.cache_work_dir:
+        return 0
+    src_dir = os.path.dirname(os.path.abspath(bootstrap))
+    copied = 0
+    for blob in blobs:
+        if not isinstance(blob, BlobInfo) or not blob.has(BlobFeatures.ZRAN):
+            continue
+        name = f"{blob.blob_id}.blob.meta"
+        dst = os.path.join(cfg.cache_work_dir, name)
+        src = os.path.join(src_dir, name)
+        if os.path.exists(dst) or not os.path.isfile(src):
+            continue  # a missing one is reported by storage on the first read
+        with open(src, "rb") as fh:
+            data = fh.read()
+        os.makedirs(cfg.cache_work_dir, exist_ok=True)
+        atomic_write(dst, data)
+        copied += 1
+    return copied

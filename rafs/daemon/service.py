@@ -233,6 +233,9 @@ class Nydusd:
             except (FormatError, OSError) as exc:  # the caller's source is not a usable bootstrap
                 raise ConfigError(f"source {bootstrap[:256]!r} is not a RAFS bootstrap: {exc}") from exc
             device = None
+            from rafs.daemon.device import seed_blob_metas
+
+            await trio.to_thread.run_sync(seed_blob_metas, bootstrap, list(tree.blobs), cfg)
             try:
                 if self.fs_driver == "erofs":
                     record = await self._mount_erofs(name, bootstrap, tree, cfg)

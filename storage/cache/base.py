@@ -8,16 +8,18 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from storage.backend.base import BlobBackend, BlobReader
 from storage.compress import decompress
 from storage.digest import digest
-from storage.errors import ChunkDigestMismatch, DecompressError, StorageError
+from storage.errors import ChunkDigestMismatch, DecompressError, MetaFormatError, StorageError
+from storage.meta.blob_meta import BlobMeta
+from storage.metrics import StorageMetrics
+from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
+from storage.zran import inflate_zran_chunks
 
 log = logging.getLogger(__name__)
-from storage.metrics import StorageMetrics
-from storage.records import BlobInfo, BlobIoDesc, ChunkInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,8 @@ class BlobCache(ABC):
         A chunk whose data is wrong (digest mismatch, or it does not decompress) is logged once
         naming blob, chunk and source, and read once more from the next source (mirror, then
         origin); if that is wrong too, its error is returned and it must not be cached."""
+        if self.blob.has(BlobFeatures.ZRAN):
+            return self._fetch_zran_run(run)
         start = run[0].compressed_offset
         end = run[-1].compressed_offset + run[-1].compressed_size
         raw = memoryview(self.reader.read(start, end - start))
@@ -120,6 +124,32 @@ class BlobCache(ABC):
             except StorageError as exc2:
                 bad[c.index] = exc2
         return good, bad
+
+    def _fetch_zran_run(self, run: Sequence[ChunkInfo]) -> tuple[dict[int, bytes | memoryview],
+                                                                  dict[int, StorageError]]:
+        """A ZRAN blob is an original gzip layer: inflate the chunks from their checkpoints, then
+        check each like an uncompressed chunk (size, digest)."""
+        meta = self.zran_meta()
+        if meta is None:
+            raise MetaFormatError(f"blob {self.blob.blob_id}: ZRAN blob without its blob.meta")
+        good: dict[int, bytes | memoryview] = {}
+        bad: dict[int, StorageError] = {}
+        by_index = {c.index: c for c in run}
+        for index, data in inflate_zran_chunks(meta, run, self.reader.read).items():
+            if isinstance(data, StorageError):
+                bad[index] = data
+                continue
+            c = by_index[index]
+            try:
+                plain = replace(c, flags=c.flags & ~ChunkFlags.COMPRESSED)
+                good[index] = process_raw_chunk(self.blob, plain, data, self.config.validate_digest, self.metrics)
+            except StorageError as exc:
+                bad[index] = exc
+        return good, bad
+
+    def zran_meta(self) -> BlobMeta | None:
+        """The blob.meta of a ZRAN blob (its checkpoints); None when this cache has none."""
+        return None
 
     @abstractmethod
     def read_descs(self, descs: Sequence[BlobIoDesc], amplify_into: "set[int] | None" = None) -> bytes:

@@ -112,6 +112,7 @@ class FileBlobCache(BlobCache):
         self._digest_lock = threading.Lock()
         self._verified_lock = threading.Lock()
         self._chunk_table: list[ChunkInfo] | None = None
+        self._zran_groups: dict[int, list[int]] | None = None  # ZRAN context -> its chunk indexes
         self.after_fetch: Callable[[], None] | None = None  #: set by the manager (size limit)
         self.fetch_pool: ThreadPoolExecutor | None = None  #: set by the manager (parallel runs)
         self.meta_path = os.path.join(work_dir, blob.blob_id + META_SUFFIX)
@@ -149,7 +150,8 @@ class FileBlobCache(BlobCache):
                     log.warning("discarding %s: %s", self.meta_path, exc)
                     meta = None
                     os.unlink(self.meta_path)
-            if meta is None and self._has_ci_table():
+            if meta is None and self._has_ci_table() and not self.blob.has(BlobFeatures.ZRAN):
+                # a ZRAN blob is the original gzip layer: its blob.meta only comes as a file
                 b = self.blob
                 try:
                     if b.ci_compressed_size:
@@ -184,14 +186,20 @@ class FileBlobCache(BlobCache):
     def _check_meta(self, meta: BlobMeta) -> None:
         if meta.chunk_count < self.blob.chunk_count:
             raise MetaFormatError(f"CI table has {meta.chunk_count} entries, blob table says {self.blob.chunk_count}")
-        if meta.header.s_features & (BlobFeatures.ZRAN | BlobFeatures.BATCH | BlobFeatures.ENCRYPTED):
-            raise MetaFormatError(f"CI features {meta.header.s_features:#x} (zran/batch/encrypted) not supported")
+        if meta.header.s_features & (BlobFeatures.BATCH | BlobFeatures.ENCRYPTED):
+            raise MetaFormatError(f"CI features {meta.header.s_features:#x} (batch/encrypted) not supported")
+        if bool(meta.header.s_features & BlobFeatures.ZRAN) != self.blob.has(BlobFeatures.ZRAN):
+            raise MetaFormatError(f"blob.meta ZRAN feature ({meta.header.s_features:#x}) differs from the "
+                                  f"blob table's ({self.blob.features:#x})")
 
     def _from_ci(self, index: int, digest: bytes) -> ChunkInfo:
         assert self._meta is not None
         ci = self._meta.chunks[index]
         return ChunkInfo(self.blob.blob_index, index, digest, int(ChunkFlags.COMPRESSED) if ci.is_compressed else 0,
                          ci.compressed_offset, ci.compressed_size, ci.uncompressed_offset, ci.uncompressed_size)
+
+    def zran_meta(self) -> BlobMeta | None:
+        return self.blob_meta()
 
     def resolve(self, chunk: ChunkInfo) -> ChunkInfo:
         """``chunk`` with the CI table's authoritative offsets and sizes (when the blob has one)."""
@@ -263,6 +271,46 @@ class FileBlobCache(BlobCache):
                 return
             run.append(nxt)
 
+    def _zran_runs(self, owned: list[ChunkInfo]) -> list[list[ChunkInfo]]:
+        """ZRAN: a context is inflated whole, so every chunk of the owned chunks' contexts that
+        nobody else is fetching (and whose digest is known when validating) is claimed and cached
+        too; runs are groups of consecutive contexts up to ``merging_size`` compressed bytes."""
+        meta = self.blob_meta()
+        table = self._chunk_table
+        if meta is None or table is None:
+            return [[c] for c in owned]
+        if self._zran_groups is None:
+            groups: dict[int, list[int]] = {}
+            for ci in meta.chunks:
+                if ci.is_zran:
+                    groups.setdefault(ci.context_index, []).append(ci.index)
+            self._zran_groups = groups
+        by_ctx: dict[int, list[ChunkInfo]] = {}
+        for c in owned:
+            by_ctx.setdefault(meta.chunks[c.index].context_index if c.index < meta.chunk_count else -1, []).append(c)
+        taken = {c.index for c in owned}
+        for k, chunks in by_ctx.items():
+            for i in self._zran_groups.get(k, ()):
+                if i in taken or i >= len(table):
+                    continue
+                sibling = self._with_digest(table[i])
+                if self._checkable(sibling) and self.chunk_map.try_mark_pending(i) is ChunkState.OWNED:
+                    taken.add(i)
+                    chunks.append(sibling)
+        runs: list[list[ChunkInfo]] = []
+        size = 0
+        last = None
+        for k in sorted(by_ctx):
+            span = sum(c.compressed_size for c in by_ctx[k])
+            if runs and last is not None and k == last + 1 and size + span <= self.config.merging_size:
+                runs[-1].extend(by_ctx[k])
+                size += span
+            else:
+                runs.append(list(by_ctx[k]))
+                size = span
+            last = k
+        return runs
+
     def ensure_ready(self, chunks: Sequence[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None,
                      amplify_into: "set[int] | None" = None) -> int:
         """Fetch the chunks not yet cached (merged, once across threads); returns bytes fetched.
@@ -307,8 +355,11 @@ class FileBlobCache(BlobCache):
                      amplify_into: "set[int] | None" = None) -> int:
         """Fetch chunks this thread owns (runs in parallel on the manager's fetch pool);
         every owned chunk is released on every path."""
-        runs = merge_runs(owned, self.config.merging_size)
         owned_ids = {c.index for c in owned}
+        if self.blob.has(BlobFeatures.ZRAN):
+            runs = self._zran_runs(owned)
+        else:
+            runs = merge_runs(owned, self.config.merging_size)
         results: list[tuple[int, StorageError | None]] = []
         pending = set(owned_ids)
         try:

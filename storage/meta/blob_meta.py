@@ -93,22 +93,35 @@ class BlobMeta:
 
     @classmethod
     def build(cls, chunks: Sequence[BlobChunk], *, features: int, ci_compressor: Compressor,
-              ci_offset: int) -> tuple["BlobMeta", bytes]:
+              ci_offset: int, zran: Sequence[tuple[ZranContext, bytes]] = ()) -> tuple["BlobMeta", bytes]:
         """Builder side: encode the CI array for a blob whose CI starts at ``ci_offset``.
 
         Returns ``(meta, section)`` where ``section`` = compressed CI ‖ 4096-byte header,
         exactly the ``blob.meta`` section content.  The CI array is stored raw (compressor
-        NONE) when compression does not make it smaller.
+        NONE) when compression does not make it smaller.  ``zran``: (context, window) pairs of a
+        ZRAN blob, stored after the CI array as upstream does (contexts, then the windows; each
+        context's ``dict_offset``/``dict_size`` are filled in here).
         """
         v2 = bool(features & BlobFeatures.CHUNK_INFO_V2)
         ci_data = encode_ci_array(chunks, v2=v2)
+        zran_extra: dict[str, int] = {}
+        if zran:
+            dict_offset, packed_ctx, windows = 0, [], []
+            for ctx, window in zran:
+                packed_ctx.append(ZranContext(**{**ctx.__dict__, "dict_offset": dict_offset,
+                                                 "dict_size": len(window)}).pack())
+                windows.append(window)
+                dict_offset += len(window)
+            area = b"".join(packed_ctx) + b"".join(windows)
+            zran_extra = dict(s_ci_zran_count=len(zran), s_ci_zran_size=len(area))
+            ci_data += area
         packed = compress(ci_compressor, ci_data) if ci_data else b""
         if ci_compressor == Compressor.NONE or len(packed) >= len(ci_data):
             packed, ci_compressor = ci_data, Compressor.NONE
         header = BlobCompressionContextHeader.new(
             s_features=int(features), s_ci_compressor=int(ci_compressor), s_ci_entries=len(chunks),
             s_ci_offset=ci_offset, s_ci_compressed_size=len(packed), s_ci_uncompressed_size=len(ci_data),
-            s_ci_zran_offset=len(ci_data) if v2 else 0)
+            s_ci_zran_offset=len(chunks) * CI_V2_SIZE if v2 else 0, **zran_extra)
         return cls(header, tuple(chunks), ci_data), packed + header.pack()
 
 

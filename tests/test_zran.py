@@ -1,0 +1,257 @@
+"""ZRAN (targz-ref) random access: the gzip checkpoint scanner and decoder (storage/zran.py) on
+upstream's gzip vectors, and the cache reading ZRAN chunks from an unchanged gzip blob."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import random
+import zlib
+
+import pytest
+
+from storage.backend.memory import MemoryBackend
+from storage.cache.base import CacheConfig
+from storage.cache.filecache import FileCacheManager
+from storage.device import BlobDevice
+from storage.errors import ChunkDigestMismatch, StorageError
+from storage.meta.blob_meta import BlobMeta, load_blob_meta_file, write_blob_meta_file
+from storage.meta.chunk_info import BlobChunk, CiFlags
+from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo, Compressor, Digester
+from storage.zran import ZranError, inflate_at, plan_contexts, scan_gzip
+
+ZRAN_DIR = "dragonflyoss-nydus/tests/texture/zran"
+VECTORS = ["zran-single-stream.tar.gz", "zran-two-streams.tar.gz", "bgzip.tar.gz", "zran-zero-file.tar.gz"]
+
+
+def _pieces(data: bytes, size: int = 7919):
+    return (data[i : i + size] for i in range(0, len(data), size))
+
+
+def _unaligned_gzip(plain: bytes, members: int = 2) -> bytes:
+    """Several gzip members, each with many deflate blocks ending mid-byte (``Z_BLOCK`` flushes)."""
+    out = []
+    step = len(plain) // members + 1
+    for m in range(members):
+        part = plain[m * step : (m + 1) * step]
+        c = zlib.compressobj(6, zlib.DEFLATED, 31)
+        for i in range(0, len(part), 5000):
+            out += [c.compress(part[i : i + 5000]), c.flush(zlib.Z_BLOCK)]
+        out.append(c.flush())
+    return b"".join(out)
+
+
+def _synthetic() -> bytes:
+    rng = random.Random(7)
+    return _unaligned_gzip(bytes(rng.choice(b"abcdefgh ij\n") for _ in range(300_000)), members=3)
+
+
+@pytest.fixture(params=VECTORS + ["synthetic"])
+def gz(request, vectors_dir) -> bytes:
+    if request.param == "synthetic":
+        return _synthetic()
+    return (vectors_dir / ZRAN_DIR / request.param).read_bytes()
+
+
+def test_random_access_from_every_checkpoint(gz):
+    full = gzip.decompress(gz)
+    seen = []
+    points = list(scan_gzip(_pieces(gz), spacing=0, on_data=seen.append))
+    assert b"".join(seen) == full
+    assert points and points[0].out_offset == 0
+    rng = random.Random(1)
+    for i, p in enumerate(points):
+        assert len(p.window) <= 32768 and (p.bits or p.prev_byte == 0)
+        end = points[i + 1].out_offset if i + 1 < len(points) else len(full)
+        got = inflate_at(gz[p.in_offset :], bits=p.bits, prev_byte=p.prev_byte, window=p.window,
+                         out_len=end - p.out_offset)
+        assert got == full[p.out_offset : end]
+        n = rng.randint(0, len(full) - p.out_offset)  # often across later blocks and members
+        got = inflate_at(gz[p.in_offset :], bits=p.bits, prev_byte=p.prev_byte, window=p.window, out_len=n)
+        assert got == full[p.out_offset : p.out_offset + n]
+
+
+def test_unaligned_and_member_checkpoints_are_exercised(vectors_dir):
+    points = list(scan_gzip([_synthetic()], spacing=0))
+    assert sum(1 for p in points if p.bits) > 50  # inflatePrime really used
+    assert sum(1 for p in points if not p.window) == 3  # one fresh start per member
+    two = (vectors_dir / ZRAN_DIR / "zran-two-streams.tar.gz").read_bytes()
+    assert sum(1 for p in scan_gzip([two], spacing=0) if not p.window) == 2
+
+
+def test_spacing_limits_checkpoints():
+    gz = _synthetic()
+    dense = list(scan_gzip([gz], spacing=0))
+    sparse = list(scan_gzip([gz], spacing=100_000))
+    assert len(sparse) < len(dense) / 10
+    assert all(b.out_offset - a.out_offset >= 100_000 for a, b in zip(sparse, sparse[1:]))
+
+
+def test_bad_input_raises_zran_error(vectors_dir):
+    gz = (vectors_dir / ZRAN_DIR / "bgzip.tar.gz").read_bytes()
+    with pytest.raises(ZranError):
+        list(scan_gzip([gz[: len(gz) // 2]], spacing=0))  # truncated
+    p = [p for p in scan_gzip([gz], spacing=0) if p.bits][3]
+    with pytest.raises(ZranError):  # compressed data too short for the output asked
+        inflate_at(gz[p.in_offset : p.in_offset + 100], bits=p.bits, prev_byte=p.prev_byte, window=p.window,
+                   out_len=1 << 20)
+    assert issubclass(ZranError, StorageError)
+
+
+def test_upstream_zran_blob_meta_is_consistent(vectors_dir):
+    meta = load_blob_meta_file(vectors_dir / ZRAN_DIR /
+                               "233c72f2b6b698c07021c4da367cfe2dff4f049efbaa885ca0ff760ea297865a.blob.meta")
+    ctxs = meta.zran_contexts()
+    assert meta.features & BlobFeatures.ZRAN and len(ctxs) == 21
+    for c in meta.chunks:
+        assert c.is_zran
+        x = ctxs[c.context_index]
+        assert c.context_offset + c.uncompressed_size <= x.out_len  # the chunk lies inside its context
+        assert x.in_offset <= c.compressed_offset + 1
+        assert c.compressed_offset + c.compressed_size <= x.in_offset + x.in_len
+        assert len(meta.zran_dictionary(x)) == x.dict_size
+
+
+# -- the cache reading an unchanged gzip layer ------------------------------------------------------
+
+def _zran_image(gz: bytes, chunk: int = 40_000, spacing: int = 64 << 10):
+    """A ZRAN blob.meta for ``gz`` cut into fixed ``chunk``-sized pieces of its tar stream."""
+    full = gzip.decompress(gz)
+    bounds: list[tuple[int, int]] = []
+    points = list(scan_gzip([gz], spacing=spacing, boundaries=bounds))
+    extents = [(o, min(chunk, len(full) - o)) for o in range(0, len(full), chunk)]
+    contexts, places = plan_contexts(points, bounds, extents)
+    cis, infos = [], []
+    for i, ((o, n), pl) in enumerate(zip(extents, places)):
+        cis.append(BlobChunk(i, pl.in_offset, pl.in_len, i * ((chunk + 4095) & ~4095), n,
+                             int(CiFlags.COMPRESSED | CiFlags.ZRAN), pl.context_index << 32 | pl.context_offset))
+        infos.append(ChunkInfo(0, i, hashlib.sha256(full[o : o + n]).digest(), int(ChunkFlags.COMPRESSED),
+                               pl.in_offset, pl.in_len, cis[-1].uncompressed_offset, n))
+    features = BlobFeatures.CHUNK_INFO_V2 | BlobFeatures.ZRAN | BlobFeatures.ALIGNED
+    meta, _ = BlobMeta.build(cis, features=int(features), ci_compressor=Compressor.NONE, ci_offset=0,
+                             zran=contexts)
+    blob_id = hashlib.sha256(gz).hexdigest()
+    info = BlobInfo(0, blob_id, len(cis), chunk, Compressor.GZIP, Digester.SHA256, int(features),
+                    compressed_size=len(gz), uncompressed_size=cis[-1].uncompressed_offset + chunk)
+    return full, meta, info, infos, extents
+
+
+@pytest.mark.parametrize("name", ["bgzip.tar.gz", "zran-two-streams.tar.gz", "synthetic"])
+def test_cache_reads_zran_chunks_from_the_gzip_blob(tmp_path, vectors_dir, name):
+    gz = _synthetic() if name == "synthetic" else (vectors_dir / ZRAN_DIR / name).read_bytes()
+    full, meta, info, chunks, extents = _zran_image(gz, chunk=40_000 if len(gz) > 100_000 else 3000)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_blob_meta_file(str(cache / f"{info.blob_id}.blob.meta"), meta)
+    reloaded = load_blob_meta_file(cache / f"{info.blob_id}.blob.meta")
+    assert reloaded.zran_contexts() == meta.zran_contexts()
+    backend = MemoryBackend({info.blob_id: gz})
+    mgr = FileCacheManager(str(cache), backend, CacheConfig())
+    dev = BlobDevice([info], mgr)
+    order = list(range(len(chunks)))
+    random.Random(3).shuffle(order)
+    for i in order:
+        (o, n), c = extents[i], chunks[i]
+        assert dev.read([BlobIoDesc(info, c, 0, n)]) == full[o : o + n]
+    requests = len(backend.requests)
+    for i in order:  # cached like any chunk: no more traffic
+        (o, n), c = extents[i], chunks[i]
+        assert dev.read([BlobIoDesc(info, c, 1, n - 1)]) == full[o + 1 : o + n]
+    assert len(backend.requests) == requests
+    # every request was a range of the gzip blob, never all of it for a big blob
+    if len(gz) > 1 << 20:
+        assert max(size for _, _, size in backend.requests) < len(gz) / 4
+    dev.close()
+
+
+def test_cache_rejects_a_zran_chunk_with_a_wrong_digest(tmp_path, vectors_dir):
+    gz = (vectors_dir / ZRAN_DIR / "bgzip.tar.gz").read_bytes()
+    full, meta, info, chunks, extents = _zran_image(gz)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_blob_meta_file(str(cache / f"{info.blob_id}.blob.meta"), meta)
+    mgr = FileCacheManager(str(cache), MemoryBackend({info.blob_id: gz}), CacheConfig())
+    dev = BlobDevice([info], mgr)
+    c = chunks[5]
+    bad = ChunkInfo(c.blob_index, c.index, bytes(32), c.flags, c.compressed_offset, c.compressed_size,
+                    c.uncompressed_offset, c.uncompressed_size)
+    with pytest.raises(ChunkDigestMismatch):
+        dev.read([BlobIoDesc(info, bad, 0, 10)])
+    assert dev.read([BlobIoDesc(info, c, 0, 10)]) == full[extents[5][0] : extents[5][0] + 10]
+    dev.close()
+
+
+def test_cache_without_zran_blob_meta_fails_clearly(tmp_path, vectors_dir):
+    gz = (vectors_dir / ZRAN_DIR / "zran-two-streams.tar.gz").read_bytes()
+    full, meta, info, chunks, extents = _zran_image(gz, chunk=3000)
+    mgr = FileCacheManager(str(tmp_path), MemoryBackend({info.blob_id: gz}), CacheConfig())
+    dev = BlobDevice([info], mgr)
+    with pytest.raises(StorageError, match="blob.meta"):
+        dev.read([BlobIoDesc(info, chunks[0], 0, 10)])
+    dev.close()
+
+
+# -- nydus-image create --type targz-ref ----------------------------------------------------------
+
+def _tar_files(gz: bytes) -> dict[str, bytes]:
+    import io
+    import tarfile
+
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(gz)) as tf:
+        for m in tf:
+            if m.isreg():
+                out["/" + m.name.strip("/").removeprefix("./")] = tf.extractfile(m).read()
+    return out
+
+
+@pytest.mark.parametrize("name,spacing", [("bgzip.tar.gz", 64 << 10), ("bgzip.tar.gz", 1 << 20),
+                                          ("zran-two-streams.tar.gz", 0), ("zran-zero-file.tar.gz", 0),
+                                          ("zran-single-stream.tar.gz", 0)])
+def test_targz_ref_build_reads_every_file_from_the_gzip_layer(tmp_path, vectors_dir, name, spacing):
+    import os
+
+    from rafs import metadata
+    from rafs.builder import BuildOptions, build
+
+    src = vectors_dir / ZRAN_DIR / name
+    gz = src.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    res = build(str(src), bootstrap_out=str(out / "boot"), blob_dir=str(out), source_type="targz-ref",
+                options=BuildOptions(chunk_size=0x10000, zran_spacing=spacing))
+    files = _tar_files(gz)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if res.blob is not None:
+        assert res.blob.blob_id == hashlib.sha256(gz).hexdigest() and res.blob.has(BlobFeatures.ZRAN)
+        assert sorted(os.listdir(out)) == sorted(["boot", f"{res.blob.blob_id}.blob.meta"])  # no data copied
+        meta = load_blob_meta_file(res.blob_meta_path)
+        assert meta.header.s_features & BlobFeatures.ZRAN and meta.zran_contexts()
+        os.replace(res.blob_meta_path, cache / os.path.basename(res.blob_meta_path))
+    backend = MemoryBackend({res.blob.blob_id: gz} if res.blob else {})
+    mgr = FileCacheManager(str(cache), backend, CacheConfig())
+    seen = {}
+    with metadata.Rafs.open(str(out / "boot")) as fs:
+        dev = BlobDevice(fs.blobs, mgr)
+        dev.set_chunk_source(fs.chunk_table)  # as nydusd does: digests of a context's other chunks
+        for path, inode in fs.walk():
+            attr = inode.attr()
+            if path in files:
+                seen[path] = dev.read(inode.chunks(0, attr.size)) if attr.size else b""
+        dev.close()
+    assert seen == files
+    if res.blob is not None and len(gz) > 1 << 20:
+        # a context's chunks are cached together: each context is fetched about once
+        assert sum(s for _, _, s in backend.requests) < 1.5 * len(gz)
+
+
+def test_targz_ref_refuses_a_non_gzip_layer(tmp_path, vectors_dir):
+    from rafs.builder import BuildOptions, build
+    from rafs.errors import BuildError
+
+    tar = vectors_dir / "dragonflyoss-nydus/tests/texture/tar/all-entry-type.tar"
+    with pytest.raises(BuildError, match="gzip"):
+        build(str(tar), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(tmp_path), source_type="targz-ref",
+              options=BuildOptions())
+    assert list(tmp_path.iterdir()) == []
