@@ -1,6 +1,7 @@
 """``nydus-snapshotter``: the containerd proxy snapshotter service.
 
-    nydus-snapshotter [--config FILE] [--root DIR] [--address SOCKET] [--log-level L] [--log-format F]
+    nydus-snapshotter [serve] [--config FILE] [--root DIR] [--address SOCKET] [--log-level L] ...
+    containerd-nydus-grpc --config FILE [--root DIR] [--address SOCKET] [--nydusd PATH] ...
     python3 -m snapshotter serve --root DIR --address SOCKET
 
 Flags override the config file. SIGTERM/SIGINT stop serving cleanly (in-flight calls finish,
@@ -23,6 +24,7 @@ from typing import Sequence
 
 from snapshotter import config as cfgmod
 from snapshotter.errors import ConfigError, SnapshotterError
+from rafs.cli_common import OneLineArgumentParser, version_string
 
 log = logging.getLogger("snapshotter")
 
@@ -42,8 +44,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str, fmt: str, stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -53,21 +55,40 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(_LEVELS[level.lower()])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nydus-snapshotter", description="containerd snapshotter for nydus images")
-    p.add_argument("--config", help="TOML config file (version = 1)")
-    p.add_argument("--root", help="state directory (overrides `root`)")
-    p.add_argument("--address", help="gRPC unix socket (overrides `address`)")
-    p.add_argument("--log-level", choices=sorted(_LEVELS), help="overrides [log] level")
-    p.add_argument("--log-format", choices=cfgmod.LOG_FORMATS, help="overrides [log] format")
-    p.add_argument("--fs-driver", choices=cfgmod.FS_DRIVERS, help="overrides [daemon] fs_driver")
-    p.add_argument("--daemon-mode", choices=cfgmod.DAEMON_MODES, help="overrides [daemon] daemon_mode")
-    p.add_argument("--metrics-address", help="overrides [metrics] address (host:port)")
+def build_parser(prog: str = "nydus-snapshotter") -> argparse.ArgumentParser:
+    """The flags of ``nydus-snapshotter`` and ``containerd-nydus-grpc`` (upstream's binary name and
+    flags; single-dash spellings such as ``-config`` work too, as with upstream)."""
+    p = OneLineArgumentParser(
+        prog=prog, description="containerd snapshotter for nydus images",
+        epilog="commands: 'serve' (the default) runs the service. Exit status: 0 stopped cleanly, "
+               "1 failed while running, 2 usage or configuration error.")
+    if prog == "nydus-snapshotter":
+        p.add_argument("command", nargs="?", choices=["serve"], help="serve: run the service (the default)")
+
+    def flag(name: str, **kw) -> None:
+        p.add_argument(f"--{name}", f"-{name}", **kw)
+
+    flag("version", action="version", version=version_string(prog))
+    flag("config", help="TOML config file (version = 1; upstream's config.toml loads as is)")
+    flag("root", help="state directory (overrides `root`)")
+    flag("address", help="gRPC unix socket (overrides `address`)")
+    flag("log-level", choices=sorted(_LEVELS), help="overrides [log] level")
+    flag("log-format", choices=cfgmod.LOG_FORMATS, help="overrides [log] format")
+    flag("log-to-stdout", action="store_true", help="log to stdout instead of stderr")
+    flag("fs-driver", choices=cfgmod.FS_DRIVERS, help="overrides [daemon] fs_driver")
+    flag("daemon-mode", choices=sorted({*cfgmod.DAEMON_MODES, *cfgmod.UPSTREAM_DAEMON_MODES}),
+         help="overrides daemon_mode (\"multiple\" = \"dedicated\")")
+    flag("nydusd", help="nydusd executable (overrides [daemon] nydusd_path)")
+    flag("nydusd-config", help="nydusd JSON config template (overrides [daemon] nydusd_config)")
+    flag("nydus-image", help="accepted for upstream compatibility; not used here (warns)")
+    flag("nydus-overlayfs-path", help="accepted for upstream compatibility; not used here (warns)")
+    flag("metrics-address", help="overrides [metrics] address (host:port)")
     return p
 
 
 def load_config(args: argparse.Namespace) -> cfgmod.Config:
     cfg = cfgmod.load(args.config) if args.config else cfgmod.Config()
+    warnings = list(cfg.warnings)
     if args.root:
         cfg = cfg.replace(root=os.path.abspath(args.root))
     if args.address:
@@ -75,12 +96,38 @@ def load_config(args: argparse.Namespace) -> cfgmod.Config:
     if args.log_level or args.log_format:
         cfg = cfg.replace(log=dataclasses.replace(cfg.log, level=args.log_level or cfg.log.level,
                                                   format=args.log_format or cfg.log.format))
-    if args.fs_driver or args.daemon_mode:
-        cfg = cfg.replace(daemon=dataclasses.replace(cfg.daemon, fs_driver=args.fs_driver or cfg.daemon.fs_driver,
-                                                     daemon_mode=args.daemon_mode or cfg.daemon.daemon_mode))
+    mode = cfgmod.UPSTREAM_DAEMON_MODES.get(args.daemon_mode, args.daemon_mode) if args.daemon_mode else None
+    daemon = dataclasses.replace(cfg.daemon, fs_driver=args.fs_driver or cfg.daemon.fs_driver,
+                                 daemon_mode=mode or cfg.daemon.daemon_mode,
+                                 nydusd_config=args.nydusd_config or cfg.daemon.nydusd_config)
+    if args.nydusd:
+        if not os.path.isfile(args.nydusd) or not os.access(args.nydusd, os.X_OK):
+            raise ConfigError(f"--nydusd {args.nydusd}: not an executable file; pass the path of nydusd "
+                              "or omit the flag to use the bundled one")
+        daemon = dataclasses.replace(daemon, nydusd_path=os.path.abspath(args.nydusd))
+    cfg = cfg.replace(daemon=daemon)
+    for name in ("nydus_image", "nydus_overlayfs_path"):
+        if getattr(args, name):
+            warnings.append(f"flag --{name.replace('_', '-')} is accepted but not supported here (ignored)")
     if args.metrics_address is not None:
         cfg = cfg.replace(metrics=dataclasses.replace(cfg.metrics, address=args.metrics_address))
-    return cfgmod.validate(cfg)
+    return cfgmod.validate(cfg.replace(warnings=tuple(warnings)))
+
+
+def check_paths(cfg: cfgmod.Config) -> None:
+    """The root and the socket's directory exist (created if missing) and are writable; else a
+    :class:`ConfigError` with the cause and the fix."""
+    for what, path, flag in (("root", cfg.root, "--root"),
+                             ("socket directory", os.path.dirname(cfg.address), "--address")):
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            probe = os.path.join(path, f".write-test.{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(f"{what} {path} is not a writable directory ({exc.strerror or exc}); "
+                              f"pass {flag} with a writable directory, or fix its permissions") from None
 
 
 def sd_notify(state: str) -> bool:
@@ -109,6 +156,7 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
     from snapshotter.snapshot import Snapshotter  # noqa: PLC0415
 
     check_fs_driver(cfg)
+    check_paths(cfg)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -143,17 +191,17 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "nydus-snapshotter") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:
-        argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)          # exits 2 on usage errors
     try:
         cfg = load_config(args)
     except ConfigError as exc:
-        print(f"nydus-snapshotter: configuration error: {exc}", file=sys.stderr)
+        print(f"{prog}: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(cfg.log.level, cfg.log.format)
+    setup_logging(cfg.log.level, cfg.log.format, sys.stdout if args.log_to_stdout else None)
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
     try:
         return run(cfg)
     except ConfigError as exc:
@@ -162,6 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SnapshotterError as exc:
         log.error("fatal: %s", exc)
         return 1
+
+
+def grpc_main(argv: Sequence[str] | None = None) -> int:
+    """``containerd-nydus-grpc``: upstream's binary name and flags."""
+    return main(argv, prog="containerd-nydus-grpc")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,12 @@
 Every key is a field of one of the frozen dataclasses below (defaults documented there and
 asserted by ``tests/test_snapshotter_config.py``). Unknown keys and wrong types are a
 :class:`ConfigError` naming the key, raised at start — never silently ignored.
+
+Upstream's file (containerd/nydus-snapshotter ``misc/snapshotter/config.toml``) loads unchanged:
+its top-level ``daemon_mode`` (``multiple`` = ``dedicated``), ``recover_policy = "failover"``,
+``[remote.mirrors_config] dir`` and ``[daemon] nydusd_path`` are honoured; keys of features not
+built here (:data:`UNSUPPORTED_KEYS`, :data:`UNSUPPORTED_SECTIONS`) are accepted and reported in
+:attr:`Config.warnings`, one line per key, which the CLI logs at start.
 """
 
 from __future__ import annotations
@@ -25,6 +31,24 @@ DEFAULT_ADDRESS = "/run/containerd-nydus/containerd-nydus-grpc.sock"
 
 FS_DRIVERS = ("fusedev", "erofs", "fscache")
 DAEMON_MODES = ("shared", "dedicated")
+#: upstream's top-level ``daemon_mode`` values → ours (``none`` = no nydusd is not built here)
+UPSTREAM_DAEMON_MODES = {"multiple": "dedicated", "dedicated": "dedicated", "shared": "shared"}
+RECOVER_POLICIES = ("none", "restart", "failover")
+
+#: upstream keys accepted but not acted on (features not built here): one warning each
+UNSUPPORTED_KEYS = frozenset({
+    "uid", "gid",
+    "daemon.nydusimage_path", "daemon.log_rotation_size", "daemon.failover_policy",
+    "log.log_to_stdout", "log.dir", "log.log_rotation_compress", "log.log_rotation_local_time",
+    "log.log_rotation_max_age", "log.log_rotation_max_backups", "log.log_rotation_max_size",
+    "metrics.hung_io_interval", "metrics.collect_interval",
+    "remote.convert_vpc_registry",
+    "snapshot.enable_nydus_overlayfs", "snapshot.nydus_overlayfs_path", "snapshot.enable_kata_volume",
+    "cache_manager.gc_period",
+    "experimental.enable_stargz", "experimental.enable_index_detect", "experimental.enable_backend_source",
+})
+#: upstream sections whose every key is accepted but not acted on
+UNSUPPORTED_SECTIONS = frozenset({"system", "cgroup", "image", "experimental.tarfs", "remote.auth"})
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -36,8 +60,9 @@ class DaemonConfig:
     fs_driver: str = "erofs"            #: fusedev | erofs | fscache
     daemon_mode: str = "shared"         #: shared (one daemon, many instances) | dedicated (one per image)
     nydusd_config: str = ""             #: path of a nydusd JSON template; "" = built-in template
-    recover_policy: str = "restart"     #: none | restart (re-attach live daemons, restart dead ones)
-    threads_number: int = 4             #: FUSE worker threads per daemon
+    recover_policy: str = "restart"     #: none | restart (re-attach live daemons, restart dead ones) | failover (= restart)
+    threads_number: int = 4             #: FUSE worker threads per daemon (0 = default, 4)
+    nydusd_path: str = ""               #: nydusd executable; "" (or missing file, with a warning) = the bundled one
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +72,13 @@ class RegistryAuth:
     username: str = ""
     password: str = ""
     auth: str = ""                       #: base64("user:password"), instead of username/password
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorsDirConfig:
+    """``[remote.mirrors_config]``: containerd ``hosts.toml`` directories (upstream's key)."""
+
+    dir: str = ""                        #: ``<dir>/<host>/hosts.toml``; "" = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +95,7 @@ class RemoteConfig:
     timeout: int = 5                    #: seconds, per backend request
     connect_timeout: int = 5
     retry_limit: int = 2
+    mirrors_config: MirrorsDirConfig = field(default_factory=MirrorsDirConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +168,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)
+    #: one line per accepted-but-unsupported upstream key (not a file key)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def cache_dir(self) -> str:
@@ -198,7 +233,7 @@ def _convert(tp: Any, value: object, where: str) -> object:
 
 def _build(cls: type, data: Mapping[str, object], where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - {"warnings"}
     unknown = sorted(set(data) - names)
     if unknown:
         prefix = f"{where}." if where else ""
@@ -221,10 +256,11 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError(f"daemon.fs_driver: {cfg.daemon.fs_driver!r} is not one of {', '.join(FS_DRIVERS)}")
     if cfg.daemon.daemon_mode not in DAEMON_MODES:
         raise ConfigError(f"daemon.daemon_mode: {cfg.daemon.daemon_mode!r} is not one of {', '.join(DAEMON_MODES)}")
-    if cfg.daemon.recover_policy not in ("none", "restart"):
-        raise ConfigError(f"daemon.recover_policy: {cfg.daemon.recover_policy!r} is not one of none, restart")
-    if not 1 <= cfg.daemon.threads_number <= 1024:
-        raise ConfigError("daemon.threads_number: must be 1..1024")
+    if cfg.daemon.recover_policy not in RECOVER_POLICIES:
+        raise ConfigError(f"daemon.recover_policy: {cfg.daemon.recover_policy!r} is not one of "
+                          f"{', '.join(RECOVER_POLICIES)}")
+    if not 0 <= cfg.daemon.threads_number <= 1024:
+        raise ConfigError("daemon.threads_number: must be 0..1024 (0 = default)")
     if cfg.log.level.lower() not in LOG_LEVELS:
         raise ConfigError(f"log.level: {cfg.log.level!r} is not one of {', '.join(LOG_LEVELS)}")
     if cfg.log.format not in LOG_FORMATS:
@@ -259,11 +295,62 @@ def socket_gid(group: str) -> int:
         raise ConfigError(f"socket_group: no such group {group!r}") from None
 
 
+def _leaves(value: object, where: str) -> list[str]:
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{where}.{k}")]
+    return [where]
+
+
+def _upstream(data: Mapping[str, object]) -> tuple[dict[str, Any], list[str]]:
+    """Upstream's file → ours: move/translate honoured keys, drop unsupported ones (warnings)."""
+    data = json.loads(json.dumps(data, default=str))  # deep copy; TOML dates become strings
+    warnings: list[str] = []
+
+    def unsupported(key: str, value: object) -> None:
+        for leaf in _leaves(value, key):
+            warnings.append(f"configuration key {leaf} is accepted but not supported here (ignored)")
+
+    def walk(table: dict[str, Any], prefix: str) -> None:
+        for name in list(table):
+            key = f"{prefix}{name}"
+            if key in UNSUPPORTED_KEYS or key in UNSUPPORTED_SECTIONS:
+                unsupported(key, table.pop(name))
+            elif isinstance(table[name], dict) and any(
+                    k.startswith(key + ".") for k in UNSUPPORTED_SECTIONS | UNSUPPORTED_KEYS):
+                walk(table[name], key + ".")
+
+    walk(data, "")
+    if "daemon_mode" in data:            # upstream's place: top level, values multiple|dedicated|shared|none
+        mode = data.pop("daemon_mode")
+        if mode not in UPSTREAM_DAEMON_MODES:
+            raise ConfigError(f"daemon_mode: {mode!r} is not supported here; use one of "
+                              f"{', '.join(UPSTREAM_DAEMON_MODES)}")
+        daemon = data.setdefault("daemon", {})
+        if not isinstance(daemon, dict):
+            raise ConfigError("daemon: expected a table")
+        ours = UPSTREAM_DAEMON_MODES[mode]
+        if daemon.get("daemon_mode", ours) != ours:
+            raise ConfigError(f"daemon_mode = {mode!r} contradicts daemon.daemon_mode = "
+                              f"{daemon['daemon_mode']!r}; keep one of them")
+        daemon["daemon_mode"] = ours
+    return data, warnings
+
+
 def from_dict(data: Mapping[str, object]) -> Config:
-    """Build and validate a :class:`Config` from parsed TOML."""
+    """Build and validate a :class:`Config` from parsed TOML (ours or upstream's)."""
     if "version" not in data:
         raise ConfigError("version: missing (the file must start with `version = 1`)")
-    return _validate(_build(Config, data, ""))
+    ours, warnings = _upstream(data)
+    cfg = _build(Config, ours, "")
+    if cfg.daemon.recover_policy == "failover":
+        warnings.append("daemon.recover_policy = \"failover\" is served as \"restart\" here (live daemons "
+                        "are re-attached, dead ones restarted; no FUSE session handoff)")
+    if cfg.daemon.threads_number == 0:
+        cfg = cfg.replace(daemon=dataclasses.replace(cfg.daemon, threads_number=4))
+    if cfg.daemon.nydusd_path and not os.path.isfile(cfg.daemon.nydusd_path):
+        warnings.append(f"daemon.nydusd_path: {cfg.daemon.nydusd_path} does not exist; using the bundled nydusd")
+        cfg = cfg.replace(daemon=dataclasses.replace(cfg.daemon, nydusd_path=""))
+    return _validate(cfg.replace(warnings=tuple(warnings)))
 
 
 def load(path: str | os.PathLike[str]) -> Config:

@@ -28,6 +28,7 @@ import uuid
 from typing import Any, Sequence
 
 from snapshotter.errors import SnapshotterError
+from rafs.cli_common import version_string
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 CRI_NAMESPACE = "k8s.io"
@@ -323,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", "-a", default=os.environ.get("CONTAINERD_ADDRESS", DEFAULT_ADDRESS),
                    help="containerd socket (env CONTAINERD_ADDRESS; default %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per API call")
+    p.add_argument("--version", action="version", version=version_string("nydusctl"))
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 

@@ -49,6 +49,7 @@ def default_manager_factory(config: Config) -> InstanceManager:
     return DaemonManager(config.root, mode=config.daemon.daemon_mode,  # type: ignore[arg-type]
                          fs_driver=config.daemon.fs_driver,  # type: ignore[arg-type]
                          nydusd_config=nydusd_config(config),
+                         nydusd_cmd=[config.daemon.nydusd_path] if config.daemon.nydusd_path else None,
                          log_level=level if level in ("debug", "info", "warning", "error") else "info")
 
 

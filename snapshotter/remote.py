@@ -3,8 +3,13 @@
 
 * host and repository from the image reference label (``cri.image-ref``);
 * scheme ``http`` for ``[remote] insecure_registries``;
-* mirrors from ``[remote.mirrors]``, passed to nydusd as ``mirrors[]``: storage's
-  ``RegistryBackend`` tries them in order before the origin, with its health checks;
+* mirrors from ``[remote.mirrors]`` and from containerd ``hosts.toml`` directories
+  (``[remote.mirrors_config] dir``, :mod:`snapshotter.hosts`), passed to nydusd as ``mirrors[]``:
+  storage's ``RegistryBackend`` tries them in order before the origin, with its health checks;
+  a hosts.toml ``server = "http://..."`` makes the origin plain HTTP;
+* upstream's plain-HTTP fallback: an endpoint marked insecure (hosts.toml ``skip_verify``)
+  without an explicit scheme is probed over https, and used over http when https gets a
+  plain-HTTP answer or a refused connection (:func:`plain_http_fallback`);
 * credentials: the pull labels, then ``[remote.auths]``, then docker's ``config.json`` and its
   credential helpers (:mod:`storage.backend.credentials`, the module nydusd and nydusify use);
 * with ``check_registry``, :func:`check_reachable` asks storage's ``RegistryBackend.ping`` whether
@@ -21,6 +26,8 @@ from typing import Any
 
 from snapshotter import labels as L
 from snapshotter.config import Config
+from snapshotter.errors import ConfigError
+from snapshotter.hosts import HostEndpoint, load_hosts
 from snapshotter.errors import FailedPrecondition, Unavailable
 from storage.backend.credentials import Credentials, docker_config_credentials
 from storage.backend.registry import MirrorConfig, RegistryBackend, RegistryClient, RegistryConfig
@@ -61,18 +68,62 @@ def registry_auth(host: str, labels: Mapping[str, str], cfg: Config) -> str | No
     return creds.auth() if creds else None
 
 
-def registry_config(image_ref: str, cfg: Config) -> RegistryConfig:
+#: what https to a plain-HTTP endpoint (or a closed port) looks like, per upstream's rule
+_PLAIN_HTTP_SIGNS = ("wrong_version_number", "wrong version number", "record layer failure", "http request",
+                     "http response to https", "connection refused", "errno 111")
+
+
+def plain_http_fallback(ep: HostEndpoint, repo: str, timeout: float, ping: Ping | None = None) -> str:
+    """``ep``'s scheme: http when it is insecure, has no explicit scheme, and https fails the way
+    a plain-HTTP server (or refused connection) makes it fail; else its own scheme."""
+    if ep.scheme != "https" or ep.explicit_scheme or not ep.skip_verify:
+        return ep.scheme
+    if ping is not None:
+        err = ping("https", ep.host, timeout)
+    else:
+        client = RegistryClient(ep.host, repo, scheme="https", skip_verify=True, timeout=timeout,
+                                connect_timeout=timeout)
+        try:
+            client.ping()
+            err = None
+        except StorageError as exc:
+            err = str(exc)
+        finally:
+            client.close()
+    if err is not None and any(sign in err.lower() for sign in _PLAIN_HTTP_SIGNS):
+        log.warning("%s: https failed (%s); retrying with plain http (insecure endpoint)", ep.host,
+                    err.splitlines()[0][:200])
+        return "http"
+    return "https"
+
+
+def registry_config(image_ref: str, cfg: Config, ping: Ping | None = None) -> RegistryConfig:
     """Storage's registry settings for an image, without credentials."""
     ref = L.parse_image_ref(image_ref)
     host = ref.backend_host
-    mirrors = cfg.remote.mirrors.get(ref.host, ()) or cfg.remote.mirrors.get(host, ())
     insecure = ref.host in cfg.remote.insecure_registries or host in cfg.remote.insecure_registries
+    scheme, skip_verify = ("http" if insecure else "https"), cfg.remote.skip_ssl_verify
     # credentials go to mirrors too (auth_through): a mirror stands in for the image's registry
-    return RegistryConfig(host=host, repo=ref.repo, scheme="http" if insecure else "https",
-                          skip_verify=cfg.remote.skip_ssl_verify, timeout=float(cfg.remote.timeout),
+    mirrors = [MirrorConfig(host=m.rstrip("/"), auth_through=True)
+               for m in cfg.remote.mirrors.get(ref.host, ()) or cfg.remote.mirrors.get(host, ())]
+    try:
+        hosts = load_hosts(cfg.remote.mirrors_config.dir, ref.host)
+    except ConfigError as exc:
+        raise FailedPrecondition(str(exc)) from exc
+    if hosts is not None:
+        timeout = float(cfg.remote.connect_timeout or 5)
+        for ep in hosts.mirrors:
+            mscheme = plain_http_fallback(ep, ref.repo, timeout, ping)
+            mirrors.append(MirrorConfig(host=f"{mscheme}://{ep.host}", headers=ep.headers, ping_url=ep.ping_url,
+                                        health_check_interval=ep.health_check_interval, auth_through=True))
+            skip_verify = skip_verify or ep.skip_verify
+        if hosts.server is not None and not insecure:
+            scheme = plain_http_fallback(hosts.server, ref.repo, timeout, ping)
+            skip_verify = skip_verify or hosts.server.skip_verify
+    return RegistryConfig(host=host, repo=ref.repo, scheme=scheme,
+                          skip_verify=skip_verify, timeout=float(cfg.remote.timeout),
                           connect_timeout=float(cfg.remote.connect_timeout), retry_limit=cfg.remote.retry_limit,
-                          mirrors=tuple(MirrorConfig(host=m.rstrip("/"), auth_through=True) for m in mirrors),
-                          use_docker_config=False)
+                          mirrors=tuple(mirrors), use_docker_config=False)
 
 
 def check_reachable(image_ref: str, registry: RegistryConfig, ping: Ping | None = None) -> str:
@@ -96,24 +147,39 @@ def check_reachable(image_ref: str, registry: RegistryConfig, ping: Ping | None 
     try:
         return backend.ping(probe)
     except StorageError as exc:
-        raise Unavailable(f"registry for image {image_ref} unreachable: " + "; ".join(errors or [str(exc)])) from exc
+        raise Unavailable(f"registry for image {image_ref} unreachable: " + "; ".join(errors or [str(exc)])
+                          + " (check that the registry is up and the host/port are right; a plain-HTTP "
+                            "registry needs [remote] insecure_registries or a hosts.toml server = \"http://...\")"
+                          ) from exc
     finally:
         backend.close()
+
+
+def mirror_entry(m: MirrorConfig) -> dict[str, Any]:
+    """nydusd's ``mirrors[]`` entry: host and auth_through, plus what a hosts.toml set."""
+    entry: dict[str, Any] = {"host": m.host, "auth_through": m.auth_through}
+    if m.headers:
+        entry["headers"] = dict(m.headers)
+    if m.ping_url:
+        entry["ping_url"] = m.ping_url
+    if m.health_check_interval != MirrorConfig.__dataclass_fields__["health_check_interval"].default:
+        entry["health_check_interval"] = m.health_check_interval
+    return entry
 
 
 def backend_config(image_ref: str, labels: Mapping[str, str], cfg: Config,
                    ping: Ping | None = None) -> dict[str, Any]:
     """The nydusd ``device.backend`` for an image (registry host/repo, auth, mirrors)."""
-    registry = registry_config(image_ref, cfg)
+    registry = registry_config(image_ref, cfg, ping)
     if cfg.remote.check_registry:
         check_reachable(image_ref, registry, ping)
     auth = registry_auth(L.parse_image_ref(image_ref).host, labels, cfg) or ""
     config: dict[str, Any] = {
         "scheme": registry.scheme, "host": registry.host, "repo": registry.repo, "auth": auth,
-        "skip_verify": cfg.remote.skip_ssl_verify, "timeout": cfg.remote.timeout,
+        "skip_verify": registry.skip_verify, "timeout": cfg.remote.timeout,
         "connect_timeout": cfg.remote.connect_timeout, "retry_limit": cfg.remote.retry_limit}
     if registry.mirrors:
-        config["mirrors"] = [{"host": m.host, "auth_through": m.auth_through} for m in registry.mirrors]
+        config["mirrors"] = [mirror_entry(m) for m in registry.mirrors]
     if cfg.remote.docker_config:
         config["docker_config"] = cfg.remote.docker_config  # nydusd's own lookup reads the same file
     return {"type": "registry", "config": config}

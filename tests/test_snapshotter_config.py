@@ -138,3 +138,50 @@ def test_nydusd_template(tmp_path):
     tmpl.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not a JSON object"):
         C.nydusd_config(c2)
+
+
+UPSTREAM = REPO / "tests" / "data" / "upstream" / "snapshotter-config.toml"
+
+
+def test_upstream_file_loads_unchanged():
+    c = C.load(UPSTREAM)
+    assert (c.root, c.address, c.cleanup_on_close) == (
+        "/var/lib/containerd/io.containerd.snapshotter.v1.nydus",
+        "/run/containerd-nydus/containerd-nydus-grpc.sock", False)
+    assert c.daemon.daemon_mode == "dedicated"          # top-level upstream key, honoured
+    assert c.daemon.fs_driver == "fusedev"
+    assert c.daemon.recover_policy == "failover"
+    assert c.daemon.threads_number == 4
+    assert c.daemon.nydusd_config == "/etc/nydus/nydusd-config.fusedev.json"
+    assert c.log.level == "info"
+    assert c.metrics.address == ":9110"
+    assert c.snapshot == C.SnapshotConfig(sync_remove=False, enable_overlayfs_volatile=False)
+    assert (c.cache_manager.disable, c.cache_manager.cache_dir) == (False, "")
+    assert c.remote.mirrors_config.dir == ""
+    # one warning line per unsupported key, each naming it
+    joined = "\n".join(c.warnings)
+    for key in ("system.enable", "system.debug.pprof_address", "cgroup.memory_limit", "daemon.failover_policy",
+                "log.log_rotation_max_size", "metrics.hung_io_interval", "remote.convert_vpc_registry",
+                "remote.auth.enable_cri_keychain", "snapshot.enable_nydus_overlayfs", "cache_manager.gc_period",
+                "image.validate_signature", "experimental.enable_stargz", "experimental.tarfs.export_mode",
+                "daemon.nydusimage_path", "daemon.recover_policy", "daemon.nydusd_path"):
+        assert sum(f"{key} " in w or f"{key}:" in w for w in c.warnings) == 1, (key, joined)
+    assert all("\n" not in w for w in c.warnings)
+    assert c.daemon.nydusd_path == ""   # /usr/local/bin/nydusd is absent here: the bundled one
+
+
+def test_upstream_daemon_mode_values(tmp_path):
+    assert C.load(write(tmp_path, 'version = 1\ndaemon_mode = "multiple"\n')).daemon.daemon_mode == "dedicated"
+    assert C.load(write(tmp_path, 'version = 1\ndaemon_mode = "shared"\n')).daemon.daemon_mode == "shared"
+    with pytest.raises(ConfigError, match="daemon_mode: 'none' is not supported"):
+        C.load(write(tmp_path, 'version = 1\ndaemon_mode = "none"\n'))
+    with pytest.raises(ConfigError, match="contradicts"):
+        C.load(write(tmp_path, 'version = 1\ndaemon_mode = "shared"\n[daemon]\ndaemon_mode = "dedicated"\n'))
+
+
+def test_unknown_keys_still_refused_outside_upstream_sections(tmp_path):
+    with pytest.raises(ConfigError, match="unknown configuration key daemon.bogus"):
+        C.load(write(tmp_path, 'version = 1\n[daemon]\nbogus = 1\n'))
+    # inside an upstream section of features not built here: accepted with a warning
+    c = C.load(write(tmp_path, 'version = 1\n[cgroup]\nenable = true\n'))
+    assert c.warnings == ("configuration key cgroup.enable is accepted but not supported here (ignored)",)

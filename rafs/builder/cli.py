@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rafs.builder.source import LayerLimits
@@ -80,6 +81,13 @@ def cmd_create(args: argparse.Namespace) -> int:
     if not args.blob and not args.blob_dir and args.type != "targz-ref":
         print("error: one of --blob or --blob-dir is required", file=sys.stderr)
         return 2
+    for flag, directory in (("--blob-dir", args.blob_dir),
+                            ("--bootstrap", os.path.dirname(os.path.abspath(args.bootstrap)) if args.bootstrap else None),
+                            ("--blob", os.path.dirname(os.path.abspath(args.blob)) if args.blob else None)):
+        if directory and not os.path.isdir(directory):
+            print(f"error: {flag}: directory {directory} does not exist; create it first (mkdir -p {directory})",
+                  file=sys.stderr)
+            return 2
     opts = BuildOptions(chunk_size=args.chunk_size, compressor=_COMPRESSORS[args.compressor],
                         digester=_DIGESTERS[args.digester], whiteout_spec=args.whiteout_spec,
                         blob_inline_meta=args.blob_inline_meta, blob_toc="blob-toc" in features,

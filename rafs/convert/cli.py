@@ -16,6 +16,7 @@ from .converter import ConvertOptions, convert
 from .errors import ConvertError
 from .layer import LayerOptions
 from .reference import parse_reference, parse_source
+from rafs.cli_common import OneLineArgumentParser, version_string
 
 COMPRESSORS = ("zstd", "lz4_block", "none")
 
@@ -86,8 +87,11 @@ def _suffixed(source: str, suffix: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nydusify", description=__doc__)
-    parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+    parser = OneLineArgumentParser(prog="nydusify", description=__doc__)
+    parser.add_argument("--version", action="version", version=version_string("nydusify"))
+    parser.add_argument("--log-level", default="warning", type=str.lower,
+                        choices=("trace", "debug", "info", "warn", "warning", "error"),
+                        help="trace, debug, info, warn(ing), error (default warning)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     conv = sub.add_parser("convert", help="convert a source image to a nydus image and push it")
@@ -156,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s")
+    level = {"trace": "DEBUG", "warn": "WARNING"}.get(args.log_level, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
     try:
         if args.command == "convert":
             size = args.chunk_size

@@ -17,6 +17,7 @@ import trio
 from rafs.daemon.config import DaemonConfig
 from rafs.daemon.service import FS_DRIVERS, Nydusd, Opener
 from rafs.errors import RafsError
+from rafs.cli_common import version_string
 
 LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
               "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nydusd",
         description="Nydus image service daemon: mounts RAFS images lazily over FUSE or kernel EROFS.",
     )
+    p.add_argument("--version", "-V", action="version", version=version_string("nydusd"))
     p.add_argument("subcommand", nargs="?", choices=["fuse", "singleton"], default="fuse",
                    help="daemon kind: 'fuse' (default); 'singleton' (fscache) is refused with the reason")
     p.add_argument("--config", "-C", help="nydusd JSON config (backend, cache, prefetch)")
@@ -92,6 +94,30 @@ def _fail(log: logging.Logger, log_file: str | None, exc: BaseException) -> None
         print(f"nydusd: {exc}", file=sys.stderr)
 
 
+def _bootstrap_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a RAFS bootstrap (missing, unreadable, no magic), checked before
+    anything is mounted; None when it looks like one."""
+    from rafs.base import detect_version  # noqa: PLC0415
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if detect_version(head) is None:
+        return "not a RAFS bootstrap (no v5 magic at 0 or EROFS magic at 1024)"
+    return None
+
+
+def _single_leaf(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups (else the group)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _preimport() -> None:
     """Import what the first mount needs (reader, storage, registry client: ~0.13 s) while the
     daemon waits for it, instead of inside that mount."""
@@ -123,6 +149,10 @@ def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
     ready_fd = int(os.environ.pop("_NYDUSD_READY_FD", "-1"))
     try:
         config = DaemonConfig.load(args.config).raw if args.config else {}
+        problem = _bootstrap_problem(args.bootstrap) if args.bootstrap is not None and opener is None else None
+        if problem:   # checked before anything is mounted
+            raise RafsError(f"--bootstrap {args.bootstrap}: {problem}; pass the image's RAFS bootstrap "
+                            "(the file nydus-image create -B writes)")
         if args.bootstrap is None and not args.apisock:
             raise RafsError("a shared daemon (no --bootstrap) needs --apisock to receive mounts")
         daemon = Nydusd(mountpoint=args.mountpoint, apisock=args.apisock, fs_driver=args.fs_driver,
@@ -141,7 +171,13 @@ def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
                     os.write(ready_fd, b"1")
                     os.close(ready_fd)
 
-        trio.run(run)
+        try:
+            trio.run(run)
+        except BaseExceptionGroup as group:   # a task's error, wrapped by trio's nurseries
+            leaf = _single_leaf(group)
+            if isinstance(leaf, (RafsError, OSError)):
+                raise leaf from None
+            raise
     except RafsError as exc:
         _fail(log, args.log_file, exc)
         return 2

@@ -60,6 +60,23 @@ _TRANSPORT_ERRORS = (
 )
 
 
+def transport_reason(exc: BaseException) -> str:
+    """The cause of a transport error in a few words ("connection refused", "[SSL: ...] ..."),
+    without the HTTP library's wrapping (pool names, object reprs, retry counts)."""
+    text = str(exc)
+    ssl = re.search(r"\[SSL: [A-Z_]+\] [^'\"()]+", text)
+    if ssl:
+        return ssl.group(0).strip()
+    errno = re.findall(r"\[Errno -?\d+\] ([^'\"()]+)", text)
+    if errno:
+        return errno[-1].strip().rstrip(".").lower()
+    if isinstance(exc, requests.Timeout) or "timed out" in text.lower():
+        return "timed out"
+    if "RemoteDisconnected" in text or "Connection aborted" in text:
+        return "connection closed by the server"
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
@@ -195,7 +212,7 @@ class RegistryClient:
                 q = list(query.items()) + [("scope", s) for s in scopes]
                 resp = self.session.get(realm, params=q, headers=headers, timeout=self.timeout)
         except _TRANSPORT_ERRORS as exc:
-            raise RegistryUnavailable(f"token endpoint {realm}: {exc}") from exc
+            raise RegistryUnavailable(f"token endpoint {realm}: {transport_reason(exc)}") from exc
         if resp.status_code in (401, 403):
             raise AuthError(f"token endpoint {realm}: HTTP {resp.status_code} for scope {scope}")
         if resp.status_code >= 500:
@@ -250,9 +267,9 @@ class RegistryClient:
                 resp = session.request(method, url, headers=send, data=data, stream=stream, params=params,
                                        timeout=timeout or self.timeout, allow_redirects=False)
             except requests.exceptions.SSLError as exc:  # not worth retrying: a config problem
-                raise RegistryError(f"{method} {url}: TLS: {exc}") from exc
+                raise RegistryError(f"{method} {url}: TLS: {transport_reason(exc)}") from exc
             except _TRANSPORT_ERRORS as exc:
-                raise RegistryUnavailable(f"{method} {url}: {exc}") from exc
+                raise RegistryUnavailable(f"{method} {url}: {transport_reason(exc)}") from exc
             if resp.status_code not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
                 return resp
             url = urllib.parse.urljoin(url, resp.headers["Location"])
@@ -268,9 +285,9 @@ class RegistryClient:
         try:
             self.session.get(url, headers=self.headers, timeout=self.timeout, allow_redirects=False).close()
         except requests.exceptions.SSLError as exc:
-            raise RegistryError(f"GET {url}: TLS: {exc}") from exc
+            raise RegistryError(f"GET {url}: TLS: {transport_reason(exc)}") from exc
         except _TRANSPORT_ERRORS as exc:
-            raise RegistryUnavailable(f"GET {url}: {exc}") from exc
+            raise RegistryUnavailable(f"GET {url}: {transport_reason(exc)}") from exc
 
     def get(self, path: str, **kwargs) -> requests.Response:
         return self.request("GET", path, **kwargs)
@@ -384,7 +401,7 @@ def read_body(resp: requests.Response) -> bytes:
                 parts.append(piece)
             data = b"".join(parts)
     except _TRANSPORT_ERRORS as exc:
-        raise RegistryUnavailable(f"GET {resp.url}: body: {exc}") from exc
+        raise RegistryUnavailable(f"GET {resp.url}: body: {transport_reason(exc)}") from exc
     expected = resp.headers.get("Content-Length")
     if expected is not None and expected.isdigit() and len(data) != int(expected):
         raise RegistryUnavailable(f"GET {resp.url}: body truncated: {len(data)} of {expected} bytes")
