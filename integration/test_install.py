@@ -26,7 +26,7 @@ from protos.containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 INSTALL = REPO / "misc" / "install.sh"
-CLIS = ["nydus-snapshotter", "nydusd", "nydus-image", "nydusify", "nydusctl"]
+CLIS = ["nydus-snapshotter", "containerd-nydus-grpc", "nydusd", "nydus-image", "nydusify", "nydusctl"]
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="needs Debian's /usr/bin/python3")
 

@@ -11,7 +11,7 @@
 #            Copy that directory to the nodes: install needs neither a compiler nor the network.
 # install    (run build first when --dist holds no pynydus wheel) creates or upgrades the
 #            virtualenv --prefix (default /opt/pynydus) from the wheels in --dist only; links
-#            nydus-snapshotter, nydusd, nydus-image, nydusify and nydusctl into /usr/local/bin;
+#            nydus-snapshotter, containerd-nydus-grpc, nydusd, nydus-image, nydusify and nydusctl into /usr/local/bin;
 #            installs /etc/systemd/system/nydus-snapshotter.service, /etc/logrotate.d/nydus-snapshotter
 #            and, if absent, /etc/nydus/config.toml (from config.toml.example). Every path it creates
 #            outside the prefix is recorded in <prefix>/share/pynydus/installed-files.
@@ -24,7 +24,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 SRC=$(dirname "$HERE")
-CLIS=(nydus-snapshotter nydusd nydus-image nydusify nydusctl)
+CLIS=(nydus-snapshotter containerd-nydus-grpc nydusd nydus-image nydusify nydusctl)
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 
