@@ -1,8 +1,8 @@
 """``nydus-image unpack``: write a RAFS image's tree to a directory or a tar file.
 
 Content, modes, ownership (when permitted), mtimes, xattrs, symlinks, hard links and device
-nodes are reproduced; zero ranges of files stay holes in a directory output (tar output writes
-them out: ``tarfile`` cannot write sparse members).  Output appears atomically: it is written to
+nodes are reproduced; zero ranges of files stay holes in a directory output and in a tar output
+(PAX 1.0 sparse members, as GNU tar writes them).  Output appears atomically: it is written to
 a temporary sibling and renamed into place, so a failed (or SIGTERM/SIGINT-ed) unpack leaves
 nothing behind.
 """
@@ -17,6 +17,7 @@ import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 from rafs._blobfile import LocalBlobs
 from rafs.errors import RafsError
@@ -194,10 +195,10 @@ def _apply_meta(dest: str, path: str, node: Inode, is_root: bool, report: Unpack
 
 
 class _ChunkStream(io.RawIOBase):
-    """A read-only stream over a file's content (for tarfile.addfile)."""
+    """A read-only stream over byte pieces, by default a file's content (for tarfile.addfile)."""
 
-    def __init__(self, blobs: LocalBlobs, node: Inode) -> None:
-        self._it = iter(blobs.iter_file(node))
+    def __init__(self, blobs: LocalBlobs, node: Inode, pieces: Iterable[bytes] | None = None) -> None:
+        self._it = iter(pieces if pieces is not None else blobs.iter_file(node))
         self._buf = b""
 
     def readable(self) -> bool:
@@ -213,6 +214,56 @@ class _ChunkStream(io.RawIOBase):
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
         return n
+
+
+def _data_regions(node: Inode) -> list[tuple[int, int]]:
+    """The file ranges ``(offset, size)`` that hold data, merged, in file order: holes in the
+    image and chunks whose digest is that of all zeros are left out (nothing is read)."""
+    size = node.size
+    memo: dict = {}
+    regions: list[tuple[int, int]] = []
+    pos = 0
+    window = 4 << 20
+    while pos < size:
+        n = min(window, size - pos)
+        off = pos
+        for d in node.chunks(pos, n):
+            hole = d.chunk is None or (d.chunk.digest and d.blob is not None and
+                                       d.chunk.digest == _zero_digest(d.blob.digester, d.chunk.uncompressed_size, memo))
+            if not hole:
+                if regions and regions[-1][0] + regions[-1][1] == off:
+                    regions[-1] = (regions[-1][0], regions[-1][1] + d.size)
+                else:
+                    regions.append((off, d.size))
+            off += d.size
+        pos += n
+    return regions
+
+
+def _sparse_map(node: Inode, regions: list[tuple[int, int]]) -> bytes:
+    """The map block of a PAX 1.0 sparse member: the entry count, then offset and size of each
+    data region, one number a line, zero-padded to a 512-byte block; a trailing hole adds the
+    entry ``(real size, 0)`` so the map spans the whole file."""
+    entries = list(regions)
+    if not entries or entries[-1][0] + entries[-1][1] < node.size:
+        entries.append((node.size, 0))
+    head = (f"{len(entries)}\n" + "".join(f"{o}\n{n}\n" for o, n in entries)).encode()
+    return head + bytes(-len(head) % tarfile.BLOCKSIZE)
+
+
+def _sparse_pieces(blobs: LocalBlobs, node: Inode, regions: list[tuple[int, int]],
+                   sparse_map: bytes) -> Iterator[bytes]:
+    """The data of a PAX 1.0 sparse member: its map, then the regions' bytes."""
+    yield sparse_map
+    for off, size in regions:
+        end = off + size
+        while off < end:
+            n = min(4 << 20, end - off)
+            piece = blobs.read(node.chunks(off, n))
+            if len(piece) != n:
+                raise RafsError(f"inode {node.ino}: read {len(piece)} bytes at {off}, expected {n}")
+            yield piece
+            off += n
 
 
 def unpack_tar(fs: Rafs, blobs: LocalBlobs, output: str) -> UnpackReport:
@@ -251,7 +302,19 @@ def unpack_tar(fs: Rafs, blobs: LocalBlobs, output: str) -> UnpackReport:
             elif fmt == stat.S_IFREG:
                 ti.type = tarfile.REGTYPE
                 ti.size = a.size
-                data = io.BufferedReader(_ChunkStream(blobs, node), 1 << 20)
+                regions = _data_regions(node) if a.size else []
+                if a.size and sum(n for _, n in regions) < a.size:
+                    # holes stay holes: a PAX 1.0 sparse member (GNU tar's layout and names)
+                    pax.update({"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                "GNU.sparse.name": name, "GNU.sparse.realsize": str(a.size)})
+                    head, base = os.path.split(name)
+                    ti.name = f"{head}/GNUSparseFile.0/{base}"
+                    sparse_map = _sparse_map(node, regions)
+                    ti.size = len(sparse_map) + sum(n for _, n in regions)
+                    data = io.BufferedReader(
+                        _ChunkStream(blobs, node, _sparse_pieces(blobs, node, regions, sparse_map)), 1 << 20)
+                else:
+                    data = io.BufferedReader(_ChunkStream(blobs, node), 1 << 20)
                 report.files += 1
                 report.bytes += a.size
                 if key is not None:

@@ -201,3 +201,58 @@ def test_sparse_bomb_tar_costs_work_for_its_data_only(tmp_path):
         for off, data in pieces.items():
             f.seek(off - 1)
             assert f.read(len(data) + 1)[: len(data) + 1] == (b"\0" + data)[: size - off + 1]
+
+
+def test_sparse_file_unpacked_to_tar_keeps_its_holes(tmp_path):
+    """Tar output keeps holes as a PAX 1.0 sparse member: a 4 GiB file with three small data
+    regions (one ending the file, one not) costs kilobytes of tar, and both GNU tar and Python's
+    tarfile restore the exact content; a dense file stays a plain member."""
+    import shutil
+    import tarfile
+
+    if shutil.which("tar") is None:
+        pytest.skip("tar not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    size = 4 << 30
+    pieces = {0: b"start", (3 << 20) + 17: b"middle", size - 3: b"end"}
+    with open(src / "sparse", "wb") as f:
+        f.truncate(size)
+        for off, data in pieces.items():
+            f.seek(off)
+            f.write(data)
+    with open(src / "tailhole", "wb") as f:
+        f.write(b"head")
+        f.truncate(9 << 20)
+    (src / "dense").write_bytes(os.urandom(300_000))
+    out = tmp_path / "img"
+    out.mkdir()
+    res = build(str(src), bootstrap_out=str(out / "b.boot"), blob_dir=str(out))
+    tar = tmp_path / "out.tar"
+    proc = subprocess.run([sys.executable, "-m", "rafs.cli", "unpack", str(res.bootstrap), "-D", str(out),
+                           "--output", str(tar)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert tar.stat().st_size < 8 << 20  # dense file + a few chunks, not 4 GiB of zeros
+
+    with tarfile.open(tar) as tf:
+        members = {m.name: m for m in tf.getmembers()}
+        assert members["./sparse"].size == size and members["./sparse"].issparse()
+        assert members["./tailhole"].size == 9 << 20 and members["./tailhole"].issparse()
+        assert not members["./dense"].issparse()
+        assert tf.extractfile("./dense").read() == (src / "dense").read_bytes()
+        tail = tf.extractfile("./tailhole").read()
+        assert tail[:4] == b"head" and tail[4:] == bytes((9 << 20) - 4)
+
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run(["tar", "-xf", str(tar), "-C", str(dest)], check=True)
+    st = os.stat(dest / "sparse")
+    assert st.st_size == size and st.st_blocks * 512 < 64 << 20
+    with open(dest / "sparse", "rb") as f:
+        for off, data in pieces.items():
+            f.seek(off)
+            assert f.read(len(data)) == data
+        f.seek(1 << 30)
+        assert f.read(4096) == bytes(4096)
+    assert (dest / "dense").read_bytes() == (src / "dense").read_bytes()
+    assert (dest / "tailhole").stat().st_size == 9 << 20
