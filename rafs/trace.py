@@ -19,13 +19,12 @@ The file format is text, one file a line, in first-access order::
 A plain list of paths (what ``--prefetch-patterns`` reads) is a valid trace without ranges.
 
 Under the ``fusedev`` driver the daemon sees reads per inode. Under ``erofs`` it only sees
-reads of the blob files the kernel uses as devices; :class:`BlobReverseIndex` maps those
-ranges back to files through the chunk lists of the bootstrap.
+reads of the blob files the kernel uses as devices; :class:`rafs.fileindex.FileChunkIndex` maps
+those ranges back to files through the chunk lists of the bootstrap.
 """
 
 from __future__ import annotations
 
-import bisect
 import os
 import threading
 from collections.abc import Iterable
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rafs.errors import TraceError
+from rafs.fileindex import FileChunkIndex
 
 TRACE_HEADER = "# nydus prefetch trace v1"
 #: recording stops growing after this many distinct files / blob ranges (a container that reads
@@ -162,58 +162,6 @@ def _add_range(ranges: list[Range], offset: int, size: int) -> None:
     ranges.append((offset, size))
 
 
-class BlobReverseIndex:
-    """Blob ranges → file ranges: every chunk of every regular file of a RAFS image, by its
-    uncompressed offset in its blob (the address the kernel EROFS driver reads a blob file at).
-
-    A chunk shared by several files (de-duplicated) maps to the first file in walk order.
-    """
-
-    def __init__(self, rafs: Any) -> None:
-        spans: dict[int, dict[int, tuple[int, str, int]]] = {}  # blob -> start -> (size, path, file off)
-        for path, node in rafs.walk():
-            if not node.is_reg():
-                continue
-            size = node.attr().size
-            if not size:
-                continue
-            file_off = 0
-            for desc in node.chunks(0, size):
-                if desc.chunk is not None:
-                    start = desc.chunk.uncompressed_offset + desc.offset
-                    spans.setdefault(desc.chunk.blob_index, {}).setdefault(start, (desc.size, path, file_off))
-                file_off += desc.size
-        self._starts: dict[int, list[int]] = {}
-        self._spans: dict[int, list[tuple[int, str, int]]] = {}
-        for blob_index, by_start in spans.items():
-            keys = sorted(by_start)
-            self._starts[blob_index] = keys
-            self._spans[blob_index] = [by_start[k] for k in keys]
-
-    def files(self, blob_index: int, offset: int, size: int) -> list[tuple[str, int, int]]:
-        """The file ranges ``(path, file offset, size)`` that ``size`` bytes at ``offset`` of the
-        blob's uncompressed data hold, in blob order; padding between chunks maps to nothing."""
-        starts = self._starts.get(blob_index)
-        if not starts:
-            return []
-        spans = self._spans[blob_index]
-        end = offset + size
-        i = max(bisect.bisect_right(starts, offset) - 1, 0)
-        out: list[tuple[str, int, int]] = []
-        while i < len(starts) and starts[i] < end:
-            span_size, path, file_off = spans[i]
-            lo = max(offset, starts[i])
-            hi = min(end, starts[i] + span_size)
-            if hi > lo:
-                piece = (path, file_off + lo - starts[i], hi - lo)
-                if out and out[-1][0] == path and out[-1][1] + out[-1][2] == piece[1]:
-                    out[-1] = (path, out[-1][1], out[-1][2] + piece[2])
-                else:
-                    out.append(piece)
-            i += 1
-        return out
-
-
 class TraceRecorder:
     """Records the reads of one mounted image, cheaply, in arrival order; :meth:`entries`
     resolves them to files (inode → path, or blob range → files) only when asked.
@@ -267,7 +215,7 @@ class TraceRecorder:
             events = list(self._events)
         files: dict[str, list[Range]] = {}
         if self._blob_mode:
-            index = BlobReverseIndex(self._tree.rafs)
+            index = FileChunkIndex(self._tree.rafs)
             for blob_index, offset, size in events:
                 for path, file_off, n in index.files(blob_index, offset, size):
                     _add_range(files.setdefault(path, []), file_off, n)

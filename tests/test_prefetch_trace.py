@@ -13,10 +13,10 @@ import pytest
 
 from rafs.builder import BuildOptions, build
 from rafs.errors import TraceError
+from rafs.fileindex import FileChunkIndex
 from rafs.fs.instance import BlobFiles
 from rafs.metadata import Rafs
-from rafs.trace import (BlobReverseIndex, TraceEntry, TraceRecorder, format_trace, load_trace,
-                        parse_trace, trace_paths)
+from rafs.trace import TraceEntry, TraceRecorder, format_trace, load_trace, parse_trace, trace_paths
 from tests.builder_helpers import CHUNK
 
 # ---------------------------------------------------------------------- format
@@ -95,7 +95,7 @@ def image(tmp_path_factory):
 def test_reverse_index_maps_every_chunk_back_to_its_file(image):
     boot, _ = image
     with Rafs.open(boot) as rafs:
-        index = BlobReverseIndex(rafs)
+        index = FileChunkIndex(rafs)
         for rel, data in FILES.items():
             node = rafs.lookup_path("/" + rel)
             file_off = 0

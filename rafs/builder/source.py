@@ -8,13 +8,14 @@ inode just remembers its path in ``source``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import io
 import os
 import stat
 import tarfile
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import zstandard
 from dataclasses import dataclass
@@ -181,6 +182,22 @@ def tar_path(name: str) -> str:
     return "/" + "/".join(p.decode("utf-8", "surrogateescape") for p in split_path(name))
 
 
+@contextlib.contextmanager
+def _tar_stream(stream: BinaryIO) -> Iterator[tarfile.TarFile]:
+    """The tar stream opened for one in-order pass; a bad stream (at open or while the body
+    reads it) raises :class:`BuildError`, and the stream is closed afterwards."""
+    try:
+        tf = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
+    except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as exc:
+        raise BuildError(f"not a tar stream: {exc}") from exc
+    try:
+        yield tf
+    except (tarfile.TarError, EOFError, zstandard.ZstdError, gzip.BadGzipFile) as exc:
+        raise BuildError(f"bad tar stream: {exc}") from exc
+    finally:
+        tf.close()
+
+
 def spool_tar_files(stream: BinaryIO, wanted: Callable[[str], bool], out: BinaryIO,
                     links: dict[str, str] | None = None,
                     limits: LayerLimits | None = None) -> dict[str, tuple[int, int]]:
@@ -195,11 +212,7 @@ def spool_tar_files(stream: BinaryIO, wanted: Callable[[str], bool], out: Binary
     """
     found: dict[str, tuple[int, int]] = {}
     budget = _Budget(limits)
-    try:
-        tf = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
-    except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as exc:
-        raise BuildError(f"not a tar stream: {exc}") from exc
-    try:
+    with _tar_stream(stream) as tf:
         for member in tf:
             budget.entry(member.name, member.size if member.isreg() else 0)
             path = tar_path(member.name)
@@ -231,10 +244,6 @@ def spool_tar_files(stream: BinaryIO, wanted: Callable[[str], bool], out: Binary
                 out.write(buf)
                 left -= len(buf)
             found[path] = (offset, member.size)
-    except (tarfile.TarError, EOFError, zstandard.ZstdError, gzip.BadGzipFile) as exc:
-        raise BuildError(f"bad tar stream: {exc}") from exc
-    finally:
-        tf.close()
     return found
 
 
@@ -246,11 +255,7 @@ def walk_tar(stream: BinaryIO, on_file: OnFile, limits: LayerLimits | None = Non
     (uncompressed) tar stream; sparse members are then refused."""
     tree = Tree()
     budget = _Budget(limits)
-    try:
-        tf = tarfile.open(fileobj=stream, mode="r|", errorlevel=2)
-    except (tarfile.TarError, OSError, EOFError, zstandard.ZstdError) as exc:
-        raise BuildError(f"not a tar stream: {exc}") from exc
-    try:
+    with _tar_stream(stream) as tf:
         for member in tf:
             budget.entry(member.name, member.size if member.isreg() else 0)
             parts = split_path(member.name)
@@ -294,8 +299,4 @@ def walk_tar(stream: BinaryIO, on_file: OnFile, limits: LayerLimits | None = Non
             elif member.ischr() or member.isblk():
                 inode.rdev = os.makedev(member.devmajor, member.devminor)
             tree.insert(member.name, inode)
-    except (tarfile.TarError, EOFError, zstandard.ZstdError, gzip.BadGzipFile) as exc:
-        raise BuildError(f"bad tar stream: {exc}") from exc
-    finally:
-        tf.close()
     return tree

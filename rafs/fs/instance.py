@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from rafs.errors import NotADirectory, NotFound, UnsupportedError
+from rafs.fileindex import FileChunkIndex
 from rafs.metadata import InodeAttr
 from storage.device import BlobReadDevice
 from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
@@ -401,7 +402,7 @@ def blob_chunk_tables(rafs: Any) -> tuple[dict[int, list[ChunkInfo]], dict[tuple
                 if a.uncompressed_size == rafs.chunk_size and b.index == a.index + 1:
                     next_in_file[(blob_index, a.index)] = b
     else:
-        tables = _walk_chunk_tables(rafs, next_in_file)
+        tables, next_in_file = _walk_chunk_tables(rafs)
     for cs in tables.values():
         for a, b in zip(cs, cs[1:]):
             if a.uncompressed_offset + a.uncompressed_size > b.uncompressed_offset:
@@ -433,33 +434,16 @@ def _chunk_table_by_blob(rafs: Any) -> dict[int, list[ChunkInfo]] | None:
     return tables
 
 
-def _walk_chunk_tables(rafs: Any, next_in_file: dict[tuple[int, int], ChunkInfo]) -> dict[int, list[ChunkInfo]]:
-    seen: dict[tuple[int, int], ChunkInfo] = {}
-    for path, node in rafs.walk():
-        if not node.is_reg():
-            continue
-        size = node.attr().size
-        if not size:
-            continue
-        prev = None
-        for desc in node.chunks(0, size):
-            c = desc.chunk
-            if c is None:
-                prev = None
-                continue
-            if prev is not None and prev.blob_index == c.blob_index and prev.index != c.index:
-                next_in_file.setdefault((prev.blob_index, prev.index), c)
-            prev = c
-            if c.uncompressed_offset % EROFS_BLOCK_SIZE:
-                raise UnsupportedError(
-                    f"kernel EROFS needs 4 KiB aligned chunks: {path} chunk {c.index} of blob "
-                    f"{rafs.blobs[c.blob_index].blob_id} is at uncompressed offset "
-                    f"{c.uncompressed_offset:#x}"
-                )
-            seen[(c.blob_index, c.index)] = c
-    tables: dict[int, list[ChunkInfo]] = {}
-    for (blob_index, _), c in seen.items():
-        tables.setdefault(blob_index, []).append(c)
-    for cs in tables.values():
-        cs.sort(key=lambda c: c.uncompressed_offset)
-    return tables
+def _walk_chunk_tables(rafs: Any) -> tuple[dict[int, list[ChunkInfo]], dict[tuple[int, int], ChunkInfo]]:
+    """The chunk tables and chunk → file boundary map from a walk of every file (exact)."""
+    index = FileChunkIndex(rafs)
+    for c in index.chunks.values():  # walk order: the first unaligned chunk a file reaches
+        if c.uncompressed_offset % EROFS_BLOCK_SIZE:
+            owner = index.files(c.blob_index, c.uncompressed_offset, 1)
+            where = f"{owner[0][0]} " if owner else ""
+            raise UnsupportedError(
+                f"kernel EROFS needs 4 KiB aligned chunks: {where}chunk {c.index} of blob "
+                f"{rafs.blobs[c.blob_index].blob_id} is at uncompressed offset "
+                f"{c.uncompressed_offset:#x}"
+            )
+    return index.chunks_by_blob, index.next_map
