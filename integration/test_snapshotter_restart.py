@@ -15,6 +15,7 @@ import pathlib
 import shutil
 import socket
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -233,3 +234,23 @@ def test_restart_remounts_instances_whose_daemon_died(registry, snapshotter_fact
     cd.cri.remove_image(image.ref)
     wait_for(lambda: list_snapshots(sn.address) == [], 30, "every snapshot garbage-collected")
     assert_no_stale_mount(sn, cd.dir)
+
+
+@pytest.mark.parametrize("mode", ["shared", "dedicated"])
+def test_shared_daemon_starts_with_the_snapshotter(snapshotter_factory, mode) -> None:
+    """Shared mode: the served snapshotter starts its shared nydusd at start-up, before any pull
+    (as upstream), so the first nydus container does not wait for it; a restart reattaches to
+    that daemon instead of starting a second one. Dedicated mode starts none."""
+    need_containerd_stack()
+    sn = snapshotter_factory(config={"version": 1, "daemon": {"daemon_mode": mode}})
+    if mode == "dedicated":
+        time.sleep(2)  # the shared start is asynchronous: give a wrong one time to show up
+        assert live_daemons(sn.root) == {}, sn.log()
+        return
+    wait_for(lambda: len(live_daemons(sn.root)) == 1, 30, "the shared daemon, before any pull")
+    pids = [d["pid"] for d in live_daemons(sn.root).values()]
+    assert all(not d.get("instances") for d in live_daemons(sn.root).values())
+    sn.restart()
+    wait_for(lambda: os.path.exists(sn.address), 30, "the restarted snapshotter's socket")
+    time.sleep(1)
+    assert [d["pid"] for d in live_daemons(sn.root).values()] == pids, sn.log()

@@ -167,6 +167,10 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
         sn.start()
     except SnapshotterError:
         log.exception("recovering RAFS instances failed; serving anyway")
+    if cfg.daemon.daemon_mode == "shared":
+        # as upstream: the shared nydusd starts with the snapshotter (in the background), so the
+        # first nydus image's container does not wait for the daemon process to come up
+        sn.rafs.prestart()
     group = cfgmod.socket_gid(cfg.socket_group) if cfg.socket_group else None
     server = serve(sn, cfg.address, observe=metrics.observe, group=group)
     if cfg.metrics.address:
@@ -176,7 +180,9 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
              cfg.daemon.fs_driver, cfg.daemon.daemon_mode)
     sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on {cfg.address}")
     try:
-        while not stop.wait(3600):
+        # short waits: a SIGTERM the kernel delivers to another thread (gRPC's, the daemon
+        # starter's) only runs its Python handler once the main thread wakes up
+        while not stop.wait(0.5):
             pass
     finally:
         sd_notify("STOPPING=1")

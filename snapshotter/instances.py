@@ -74,7 +74,7 @@ class Instances:
         self._manager = manager
         self._manager_factory = manager_factory
         self._mounted: dict[str, str] = {}
-        self._prestarted = False                    # shared daemon start requested (first nydus pull)
+        self._prestarted = False                    # shared daemon start requested (startup or first pull)
         self._locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
@@ -186,8 +186,9 @@ class Instances:
                 log.exception("failed to unmount RAFS instance %s", iid)
 
     def prestart(self) -> None:
-        """A nydus image is being pulled: start the shared daemon in the background (once), so
-        the container's Prepare does not wait for the daemon process to come up."""
+        """Start the shared daemon in the background, once, so the container's Prepare does not
+        wait for the daemon process to come up: at the served snapshotter's start (shared mode, as
+        upstream), else when the first nydus image is being pulled."""
         with self._lock:
             if self._prestarted:
                 return
