@@ -231,7 +231,7 @@ class InodeV5(Inode):
     def _xattr_table(self) -> tuple[dict[bytes, bytes], int]:
         if not self.raw.i_flags & C.RafsV5InodeFlags.XATTR:
             return {}, 0
-        return parse_v5_xattrs(self.fs._img._map(), self.xattr_offset, self.fs._img.size)
+        return parse_v5_xattrs(self.fs._img.buffer(), self.xattr_offset, self.fs._img.size)
 
     def xattrs(self) -> dict[bytes, bytes]:
         return dict(self._xattr_table[0])
