@@ -209,9 +209,9 @@ class BlobDevice:
             if cache is None:
                 cache = self._caches[blob.blob_id] = self.factory.get_blob_cache(blob)
                 source = self._chunk_source
-                if source is not None and getattr(cache, "chunk_source", False) is None:
+                if source is not None and cache.chunk_source is None:
                     index = blob.blob_index
-                    cache.chunk_source = lambda: (c for c in source() if c.blob_index == index)  # type: ignore[attr-defined]
+                    cache.chunk_source = lambda: (c for c in source() if c.blob_index == index)
             return cache
 
     def set_chunk_source(self, source: "Callable[[], Iterable[ChunkInfo]]") -> None:
@@ -318,8 +318,7 @@ class BlobDevice:
         jump resets it. A start-up reading two neighbouring files pays nothing, a stream reaches
         the full window within a few files.
         """
-        table = getattr(cache, "whole_blob_chunks", None)
-        table = table() if table is not None else None
+        table = cache.whole_blob_chunks()
         if not table or last >= len(table):
             return
         blob_id = cache.blob.blob_id
@@ -373,7 +372,7 @@ class BlobDevice:
         """
         cache = self._cache(self._blob(blob_index))
         if chunks is None:
-            table = getattr(cache, "whole_blob_chunks", lambda: None)()
+            table = cache.whole_blob_chunks()
             if table is None:
                 return False
             chunks = table
@@ -390,9 +389,7 @@ class BlobDevice:
         on-demand read of each blob does not wait for that extra backend round trip."""
         def load(blob: BlobInfo) -> None:
             try:
-                loader = getattr(self._cache(blob), "blob_meta", None)
-                if loader is not None:
-                    loader()
+                self._cache(blob).blob_meta()
             except Exception as exc:  # the read that needs it reports (and retries) the failure
                 log.debug("preloading the CI table of blob %s: %s", blob.blob_id, exc)
 
