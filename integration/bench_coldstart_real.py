@@ -570,10 +570,8 @@ def prepare_images(registry, modes: list[Mode], work: str) -> dict[str, str]:
 
 def stargz_available() -> str:
     """"" when the stargz peer can run here, else why not."""
-    try:
-        from integration.harness import stargz
-    except ImportError:
-        return "integration.harness.stargz is not on this checkout"
+    from integration.harness import stargz
+
     try:
         stargz.build_stargz_snapshotter()
     except Exception as exc:  # noqa: BLE001 - HarnessError with the reason

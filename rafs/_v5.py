@@ -18,7 +18,7 @@ from rafs.layout.v5 import (
     rafsv5_align,
 )
 from rafs.base import LRU, BootstrapImage, Inode, InodeAttr, Rafs, check_name, substitute_blob_id
-from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
+from storage.records import BlobIoDesc, BlobIoVec, ChunkInfo
 from storage.structs import Scalar
 
 
@@ -57,19 +57,9 @@ class RafsV5(Rafs):
                     ext.validate()
                 except FormatError as exc:
                     raise FormatError(f"v5 extended blob table entry {i}: {exc}") from None
-            blobs.append(
-                BlobInfo(
-                    blob_index=i,
-                    blob_id=substitute_blob_id(ent.blob_id, 0, len(table), blob_id_hint),
-                    chunk_count=ext.chunk_count if ext else 0,
-                    chunk_size=self.chunk_size,
-                    compressor=self.compressor,
-                    digester=self.digester,
-                    features=0,
-                    compressed_size=ext.compressed_size if ext else 0,
-                    uncompressed_size=ext.uncompressed_size if ext else 0,
-                )
-            )
+            blobs.append(ent.blob_info(
+                i, ext, chunk_size=self.chunk_size, compressor=self.compressor, digester=self.digester,
+                blob_id=substitute_blob_id(ent.blob_id, 0, len(table), blob_id_hint)))
         self.blobs = blobs
         self.blob_table = table
         self.has_ext_blob_table = bool(ext_entries)
@@ -241,7 +231,7 @@ class InodeV5(Inode):
     def _xattr_table(self) -> tuple[dict[bytes, bytes], int]:
         if not self.raw.i_flags & C.RafsV5InodeFlags.XATTR:
             return {}, 0
-        return parse_v5_xattrs(self.fs._img._map(), self.xattr_offset, self.fs._img.size)
+        return parse_v5_xattrs(self.fs._img.buffer(), self.xattr_offset, self.fs._img.size)
 
     def xattrs(self) -> dict[bytes, bytes]:
         return dict(self._xattr_table[0])

@@ -82,7 +82,8 @@ class BootstrapImage:
         finally:
             os.close(fd)
 
-    def _map(self) -> mmap.mmap:
+    def buffer(self) -> mmap.mmap:
+        """The whole mapped bootstrap (for decoders that bound their own reads)."""
         if self.mm is None:
             raise RafsError(f"bootstrap {self.path}: image is closed")
         return self.mm
@@ -90,11 +91,11 @@ class BootstrapImage:
     def read(self, offset: int, size: int, what: str) -> bytes:
         if offset < 0 or size < 0 or offset + size > self.size:
             raise FormatError(f"{what}: range {offset}+{size} outside the bootstrap ({self.size} bytes)")
-        return self._map()[offset : offset + size]
+        return self.buffer()[offset : offset + size]
 
     def parse(self, cls: type[Struct], offset: int, what: str | None = None):
         try:
-            return cls.parse(self._map(), offset)
+            return cls.parse(self.buffer(), offset)
         except StructTooShort:
             raise FormatError(
                 f"{what or cls.__name__}: {cls.SIZE} bytes at offset {offset} outside the bootstrap "
@@ -106,7 +107,7 @@ class BootstrapImage:
             raise FormatError(
                 f"{what}: {count} x {cls.SIZE} bytes at offset {offset} outside the bootstrap ({self.size} bytes)"
             )
-        return cls.parse_array(self._map(), offset, count)
+        return cls.parse_array(self.buffer(), offset, count)
 
     def close(self) -> None:
         if self.mm is not None:

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Mapping
 
 from snapshotter import labels as L
+from storage.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,7 @@ class CredentialStore:
             if data.get(key) == pair:
                 return
             data[key] = pair
-            tmp = f"{self.path}.tmp.{os.getpid()}.{threading.get_ident()}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, json.dumps(data, sort_keys=True).encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(data, sort_keys=True), perms=0o600)
 
     def labels_for(self, image_ref: str) -> dict[str, str]:
         """The credential labels remembered for ``image_ref``'s repository ({} if none)."""

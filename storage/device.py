@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,6 +20,9 @@ from storage.prefetch import DemandGate, PrefetchConfig, Prefetcher
 from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
 
 log = logging.getLogger(__name__)
+
+#: how often a read re-asks whether a blob's cache file became complete
+COMPLETE_RECHECK_SECONDS = 1.0
 
 
 class BlobReadDevice(Protocol):
@@ -38,6 +42,12 @@ class BlobReadDevice(Protocol):
 
     def read_ready(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]") -> bytes | None:
         """The bytes of ``iovec`` if all of it is local, else None; never fetches or waits."""
+        ...
+
+    def read_complete(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]", open_new: bool = True) -> bytes | None:
+        """The bytes of ``iovec`` when every blob it touches has a complete, checked cache file
+        (one ``pread`` per contiguous range), else None. ``open_new=False``: only files already
+        open (never blocks; for an event loop). Raises ``OSError`` when such a file fails."""
         ...
 
     def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low") -> None:
@@ -97,6 +107,71 @@ class _ReadAhead:
     end: int = -1
     streak: int = 0
 
+class CompleteFiles:
+    """The open complete cache files of a device's blobs (``blob_data_path``): reads from them
+    skip the chunk maps. A blob without one is asked again at most every
+    :data:`COMPLETE_RECHECK_SECONDS`. Thread-safe."""
+
+    def __init__(self, data_path: "Callable[[int], str | None]") -> None:
+        self._data_path = data_path
+        self._fds: dict[int, int] = {}  #: blob index -> fd of its complete cache file
+        self._next_check: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def read(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]", open_new: bool = True) -> bytes | None:
+        """See :meth:`BlobReadDevice.read_complete`."""
+        fds = self._fds
+        if not open_new and not fds:
+            return None
+        ranges: list[tuple[int, int, int]] = []  # (fd, offset, size); fd -1 = hole
+        for d in iovec:
+            if d.chunk is None:
+                ranges.append((-1, 0, d.size))
+                continue
+            fd = fds.get(d.blob.blob_index, -1) if not open_new else self._fd(d.blob.blob_index)  # type: ignore[union-attr]
+            if fd < 0:
+                return None
+            off = d.chunk.uncompressed_offset + d.offset
+            if ranges and ranges[-1][0] == fd and ranges[-1][1] + ranges[-1][2] == off:
+                ranges[-1] = (fd, ranges[-1][1], ranges[-1][2] + d.size)
+            else:
+                ranges.append((fd, off, d.size))
+        parts = []
+        for fd, off, n in ranges:
+            part = bytes(n) if fd < 0 else os.pread(fd, n, off)
+            if len(part) != n:
+                return None  # unexpected short cache file: let the caches decide
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _fd(self, blob_index: int) -> int:
+        fd = self._fds.get(blob_index)
+        if fd is not None:
+            return fd
+        now = time.monotonic()
+        if now < self._next_check.get(blob_index, 0.0):
+            return -1
+        self._next_check[blob_index] = now + COMPLETE_RECHECK_SECONDS
+        path = self._data_path(blob_index)
+        if not path:
+            return -1
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+        with self._lock:
+            if blob_index in self._fds:
+                os.close(fd)
+                return self._fds[blob_index]
+            self._fds[blob_index] = fd
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
 
 class BlobDevice:
     """Reads :class:`BlobIoVec` ranges spanning several blobs through their caches. Thread-safe.
@@ -124,6 +199,7 @@ class BlobDevice:
         self.demand = DemandGate(config.settle, config.start_delay)
         self.prefetcher = Prefetcher(config, self.metrics, busy=lambda: not self.demand.quiet(),
                                      demand_inflight=lambda: self.demand.inflight > 0)
+        self.complete_files = CompleteFiles(self.blob_data_path)
 
     def _cache(self, blob: BlobInfo) -> "BlobCache":
         with self._lock:
@@ -133,9 +209,9 @@ class BlobDevice:
             if cache is None:
                 cache = self._caches[blob.blob_id] = self.factory.get_blob_cache(blob)
                 source = self._chunk_source
-                if source is not None and getattr(cache, "chunk_source", False) is None:
+                if source is not None and cache.chunk_source is None:
                     index = blob.blob_index
-                    cache.chunk_source = lambda: (c for c in source() if c.blob_index == index)  # type: ignore[attr-defined]
+                    cache.chunk_source = lambda: (c for c in source() if c.blob_index == index)
             return cache
 
     def set_chunk_source(self, source: "Callable[[], Iterable[ChunkInfo]]") -> None:
@@ -220,6 +296,13 @@ class BlobDevice:
         self.metrics.read_latency.observe(time.monotonic() - start)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def read_complete(self, iovec: "BlobIoVec | Sequence[BlobIoDesc]", open_new: bool = True) -> bytes | None:
+        """The bytes of ``iovec`` straight from complete cache files (:class:`CompleteFiles`),
+        else None: then :meth:`read` or :meth:`read_ready`."""
+        if self._closed:
+            return None
+        return self.complete_files.read(iovec, open_new)
+
     def _after_read(self, cache: "BlobCache", run: "Sequence[BlobIoDesc]") -> None:
         if self.prefetcher.config.readahead > 0:
             self._read_ahead(cache, run[0].chunk.index, run[-1].chunk.index)  # type: ignore[union-attr]
@@ -235,8 +318,7 @@ class BlobDevice:
         jump resets it. A start-up reading two neighbouring files pays nothing, a stream reaches
         the full window within a few files.
         """
-        table = getattr(cache, "whole_blob_chunks", None)
-        table = table() if table is not None else None
+        table = cache.whole_blob_chunks()
         if not table or last >= len(table):
             return
         blob_id = cache.blob.blob_id
@@ -290,7 +372,7 @@ class BlobDevice:
         """
         cache = self._cache(self._blob(blob_index))
         if chunks is None:
-            table = getattr(cache, "whole_blob_chunks", lambda: None)()
+            table = cache.whole_blob_chunks()
             if table is None:
                 return False
             chunks = table
@@ -307,9 +389,7 @@ class BlobDevice:
         on-demand read of each blob does not wait for that extra backend round trip."""
         def load(blob: BlobInfo) -> None:
             try:
-                loader = getattr(self._cache(blob), "blob_meta", None)
-                if loader is not None:
-                    loader()
+                self._cache(blob).blob_meta()
             except Exception as exc:  # the read that needs it reports (and retries) the failure
                 log.debug("preloading the CI table of blob %s: %s", blob.blob_id, exc)
 
@@ -334,6 +414,7 @@ class BlobDevice:
             self._closed = True
             caches = list(self._caches)
             self._caches.clear()
+        self.complete_files.close()
         for blob_id in caches:
             self.factory.release(blob_id)
 

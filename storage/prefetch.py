@@ -220,7 +220,7 @@ class Prefetcher:
         """Hold a running speculative transfer while demand reads are in flight — unless one of
         them waits for a chunk of this blob that this (or another) speculative fetch owns."""
         deadline = time.monotonic() + MAX_PAUSE
-        waiting = getattr(cache, "has_waiters", lambda: True)
+        waiting = cache.has_waiters
         while (self._demand_inflight() and not waiting() and not self._cancelled.is_set()
                and time.monotonic() < deadline):
             self._cancelled.wait(BUSY_POLL)

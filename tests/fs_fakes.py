@@ -23,6 +23,7 @@ import time
 
 from rafs.errors import NotADirectory, NotFound
 from rafs.metadata import InodeAttr
+from storage.device import CompleteFiles
 from storage.errors import BackendError
 from storage.metrics import StorageMetrics
 from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo, Compressor, Digester
@@ -160,6 +161,7 @@ class FakeDevice:
         self.fd = os.open(blob_file, os.O_RDONLY)
         self.metrics = StorageMetrics()
         self.amplify_window = 0  # reads fetch exactly what they ask for
+        self.complete_files = CompleteFiles(self.blob_data_path)  # as BlobDevice: storage's own
 
     def read(self, iovec: BlobIoVec, ahead=None) -> bytes:
         if os.path.exists(self.blob_file + ".down"):
@@ -181,6 +183,9 @@ class FakeDevice:
     def read_ready(self, iovec: BlobIoVec) -> bytes | None:
         return None
 
+    def read_complete(self, iovec: BlobIoVec, open_new: bool = True) -> bytes | None:
+        return self.complete_files.read(iovec, open_new)
+
     def prefetch(self, iovecs, *, priority: str = "low") -> None:
         for iovec in iovecs:
             self.read(iovec)
@@ -198,6 +203,7 @@ class FakeDevice:
         pass
 
     def close(self) -> None:
+        self.complete_files.close()
         os.close(self.fd)
 
 

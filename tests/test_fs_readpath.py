@@ -80,14 +80,16 @@ def test_complete_blob_read_error_is_eio(tmp_path):
 
     async def main() -> None:
         assert await fs.read(ino, 0, 10) == DATA[:10]
-        good = dict(inst._complete)
+        fds = inst.device.complete_files._fds
+        good = dict(fds)
+        assert good  # the first read opened the complete cache file
         bad = os.open(os.devnull, os.O_WRONLY)  # pread fails: the cache file went bad
-        inst._complete.update({k: bad for k in good})
+        fds.update({k: bad for k in good})
         try:
             with pytest.raises(ops.pyfuse3.FUSEError) as err:
                 await fs.read(ino, 0, 10)
         finally:
-            inst._complete.update(good)
+            fds.update(good)
             os.close(bad)
         assert err.value.errno == errno.EIO
 

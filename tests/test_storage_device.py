@@ -162,3 +162,32 @@ def test_read_ready_waits_for_the_ci_table(tmp_path):
     assert dev.read_ready(a.iovec(0, 4096)) is None
     assert len(backend.requests) == n
     dev.close()
+
+
+def test_read_complete_preads_complete_cache_files_only(tmp_path, monkeypatch):
+    """read_complete: None until a blob's cache file is complete and checked; then its bytes with
+    no chunk-map work and no backend request; open_new=False never opens a file."""
+    import storage.device as device_mod
+
+    monkeypatch.setattr(device_mod, "COMPLETE_RECHECK_SECONDS", 0.0)  # re-ask at every read
+    a = make_blob(4, seed=5)
+    b = make_blob(4, seed=6, blob_index=1)
+    backend = MemoryBackend({a.blob_id: a.data, b.blob_id: b.data})
+    mgr = FileCacheManager(str(tmp_path), backend)
+    dev = BlobDevice([a.info, b.info], mgr, prefetch_config=PrefetchConfig(enable=False, readahead=0))
+    assert dev.read_complete(a.iovec(0, 100)) is None  # nothing cached yet
+    dev.read(a.iovec(0, 2 * 4096))
+    assert dev.read_complete(a.iovec(0, 100)) is None  # half the blob: not complete
+    dev.read(a.iovec(0, len(a.plain)))
+    assert dev.read_complete(a.iovec(10, 100), open_new=False) is None  # not opened yet
+    n = len(backend.requests)
+    assert dev.read_complete(a.iovec(10, 3 * 4096)) == a.plain[10:10 + 3 * 4096]
+    assert dev.read_complete(a.iovec(5, 50), open_new=False) == a.plain[5:55]  # now open
+    mixed = a.iovec(4096, 4096)
+    mixed.extend(b.iovec(0, 100))
+    assert dev.read_complete(mixed) is None  # blob b is not complete
+    assert len(backend.requests) == n
+    assert list(dev.complete_files._fds) == [0]
+    dev.close()
+    assert dev.complete_files._fds == {}  # closing the device closes the files
+    assert dev.read_complete(a.iovec(0, 100)) is None

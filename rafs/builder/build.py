@@ -305,7 +305,7 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
         if bootstrap_out is None:
             bootstrap_out = os.path.join(blob_dir, hashlib.sha256(boot).hexdigest())  # type: ignore[arg-type]
         atomic_write(bootstrap_out, boot, perms=0o600)
-        used = _blob_ids_of(boot)
+        used = blob_ids_of(boot)
         trace["total_build"] = time.perf_counter() - t0
         return BuildResult(bootstrap_out, used, info if has_blob else None, blob_path, chunker.bytes_in,
                            {k: round(v, 6) for k, v in trace.items()})
@@ -349,7 +349,7 @@ def _build_targz_ref(source: str | os.PathLike | BinaryIO, bootstrap_out: str | 
         meta_path = os.path.join(work, f"{info.blob_id}.blob.meta")
         write_zran_blob_meta(writer, meta_path)
     atomic_write(bootstrap_out, boot, perms=0o600)
-    return BuildResult(bootstrap_out, _blob_ids_of(boot), info, None, bytes_in,
+    return BuildResult(bootstrap_out, blob_ids_of(boot), info, None, bytes_in,
                        {"total_build": round(time.perf_counter() - t0, 6)}, meta_path)
 
 
@@ -379,7 +379,8 @@ def _apply_layer(tree: Tree, parent: Tree | None, spec: str) -> Tree:
     return overlay(parent, tree, spec)
 
 
-def _blob_ids_of(boot: bytes) -> list[str]:
+def blob_ids_of(boot: bytes) -> list[str]:
+    """The blob ids of a v6 bootstrap's blob table, in blob-index order."""
     from rafs.layout import RafsV6Blob, RafsV6SuperBlockExt
     from rafs.layout.constants import RAFSV6_EXT_SUPER_OFFSET
 

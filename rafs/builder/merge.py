@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from rafs.builder.blob import INLINE_BLOB_ID_PLACEHOLDER, BlobRecord, ChunkStore
 from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
-from rafs.builder.build import _blob_ids_of
+from rafs.builder.build import blob_ids_of
 from rafs.builder.loader import load_bootstrap
 from rafs.builder.tree import ChunkRef, Tree, apply_whiteouts_in_layer, overlay
 from rafs.errors import BuildError
@@ -126,4 +126,4 @@ def merge(bootstraps: list[str], out: str, *, blob_digests: list[str] | None = N
                             prefetch=list(prefetch or []))
     boot = write_bootstrap(tree, store, opts)
     atomic_write(out, boot, perms=0o600)
-    return MergeResult(out, _blob_ids_of(boot))
+    return MergeResult(out, blob_ids_of(boot))

@@ -22,7 +22,7 @@ from typing import Any
 
 from .bootstrap_layer import BOOTSTRAP_DIR, BOOTSTRAP_NAME
 from .errors import CheckError, SourceError
-from .layer import _Decoder, detect_compression
+from .layer import LayerDecoder, detect_compression
 from .manifest import (ANNOTATION_NYDUS_BLOB, ANNOTATION_NYDUS_BOOTSTRAP, ANNOTATION_NYDUS_FS_VERSION,
                        ANNOTATION_UNCOMPRESSED, HISTORY_COMMENT, INDEX_TYPES, MEDIA_TYPE_DOCKER_LAYER_GZIP,
                        MEDIA_TYPE_NYDUS_BLOB, MEDIA_TYPE_OCI_LAYER_GZIP, parse_json, platform_matches,
@@ -98,11 +98,11 @@ def validate_nydus_manifest(manifest: dict[str, Any], config: dict[str, Any],
 def _layer_stream(source: ImageSource, digest: str) -> io.BufferedReader:
     """The uncompressed tar of a source layer, spooled to a temp file."""
     spool = tempfile.TemporaryFile()
-    decoder: _Decoder | None = None
+    decoder: LayerDecoder | None = None
     with source.open_blob(digest) as fh:
         while chunk := fh.read(1 << 20):
             if decoder is None:
-                decoder = _Decoder(detect_compression(chunk))
+                decoder = LayerDecoder(detect_compression(chunk))
             spool.write(decoder.feed(chunk))
     spool.seek(0)
     return spool  # type: ignore[return-value]

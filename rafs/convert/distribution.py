@@ -83,8 +83,9 @@ class Distribution:
                 probe.close()
         raise SourceError(f"registry {self.host} unreachable: {last}") from last
 
-    def _request(self, repository: str, method: str, path: str, error: type[Exception],
-                 **kw: object) -> requests.Response:
+    def request(self, repository: str, method: str, path: str, error: type[Exception],
+                **kw: object) -> requests.Response:
+        """``method path`` on ``repository``'s client; a storage failure is raised as ``error``."""
         try:
             return self.client(repository).request(method, path, **kw)  # type: ignore[arg-type]
         except StorageError as exc:
@@ -92,8 +93,8 @@ class Distribution:
 
     # -- pull -----------------------------------------------------------------------------
     def get_manifest(self, ref: ImageReference) -> Fetched:
-        resp = self._request(ref.repository, "GET", f"/v2/{ref.repository}/manifests/{ref.reference}",
-                             SourceError, headers={"Accept": MANIFEST_ACCEPT})
+        resp = self.request(ref.repository, "GET", f"/v2/{ref.repository}/manifests/{ref.reference}",
+                            SourceError, headers={"Accept": MANIFEST_ACCEPT})
         if resp.status_code != 200:
             resp.close()
             raise SourceError(f"manifest {ref}: HTTP {resp.status_code}")
@@ -110,7 +111,7 @@ class Distribution:
 
     def open_blob(self, repository: str, digest: str) -> requests.Response:
         """A streaming response for the blob (caller closes it)."""
-        resp = self._request(repository, "GET", f"/v2/{repository}/blobs/{digest}", SourceError, stream=True)
+        resp = self.request(repository, "GET", f"/v2/{repository}/blobs/{digest}", SourceError, stream=True)
         if resp.status_code != 200:
             resp.close()
             raise SourceError(f"blob {repository}@{digest}: HTTP {resp.status_code}")
@@ -118,8 +119,8 @@ class Distribution:
 
     def blob_size(self, repository: str, digest: str) -> int | None:
         """``HEAD`` the blob: its size, or None when the registry does not have it."""
-        resp = self._request(repository, "HEAD", f"/v2/{repository}/blobs/{digest}", PushError,
-                             scope=f"repository:{repository}:pull,push")
+        resp = self.request(repository, "HEAD", f"/v2/{repository}/blobs/{digest}", PushError,
+                            scope=f"repository:{repository}:pull,push")
         resp.close()
         if resp.status_code == 200:
             return int(resp.headers.get("Content-Length", "0"))
@@ -135,8 +136,8 @@ class Distribution:
         ``chunk_size == 0`` uploads monolithically (``POST`` then one ``PUT`` with the body);
         otherwise ``PATCH`` requests of ``chunk_size`` bytes then a closing ``PUT``.
         """
-        resp = self._request(repository, "POST", f"/v2/{repository}/blobs/uploads/", PushError,
-                             headers={"Content-Length": "0"})
+        resp = self.request(repository, "POST", f"/v2/{repository}/blobs/uploads/", PushError,
+                            headers={"Content-Length": "0"})
         resp.close()
         if resp.status_code != 202 or "Location" not in resp.headers:
             raise PushError(f"start upload to {repository}: HTTP {resp.status_code}")
@@ -150,7 +151,7 @@ class Distribution:
                 headers = {"Content-Type": "application/octet-stream",
                            "Content-Range": f"{offset}-{offset + len(data) - 1}",
                            "Content-Length": str(len(data))}
-                resp = self._request(repository, "PATCH", location, PushError, headers=headers, data=data)
+                resp = self.request(repository, "PATCH", location, PushError, headers=headers, data=data)
                 resp.close()
                 if resp.status_code != 202:
                     raise PushError(f"upload {digest} chunk at {offset}: HTTP {resp.status_code}")
@@ -158,21 +159,21 @@ class Distribution:
                 offset += len(data)
                 if progress:
                     progress(len(data))
-            resp = self._request(repository, "PUT", _with_digest(location, digest), PushError,
-                                 headers={"Content-Length": "0"})
+            resp = self.request(repository, "PUT", _with_digest(location, digest), PushError,
+                                headers={"Content-Length": "0"})
         else:
             body = _ProgressReader(fh, size, progress)
-            resp = self._request(repository, "PUT", _with_digest(location, digest), PushError,
-                                 headers={"Content-Type": "application/octet-stream",
-                                          "Content-Length": str(size)}, data=body)
+            resp = self.request(repository, "PUT", _with_digest(location, digest), PushError,
+                                headers={"Content-Type": "application/octet-stream",
+                                         "Content-Length": str(size)}, data=body)
         resp.close()
         if resp.status_code != 201:
             raise PushError(f"finish upload {digest} to {repository}: HTTP {resp.status_code}")
 
     def put_manifest(self, ref: ImageReference, data: bytes, media_type: str) -> str:
         """Upload a manifest or index under the reference's tag (or digest); return its digest."""
-        resp = self._request(ref.repository, "PUT", f"/v2/{ref.repository}/manifests/{ref.reference}",
-                             PushError, headers={"Content-Type": media_type}, data=data)
+        resp = self.request(ref.repository, "PUT", f"/v2/{ref.repository}/manifests/{ref.reference}",
+                            PushError, headers={"Content-Type": media_type}, data=data)
         resp.close()
         if resp.status_code not in (200, 201):
             raise PushError(f"put manifest {ref}: HTTP {resp.status_code}")

@@ -116,7 +116,7 @@ def detect_compression(head: bytes) -> str:
     return "none"
 
 
-class _Decoder:
+class LayerDecoder:
     """Incremental decompressor for gzip (multi-member), zstd or plain data."""
 
     def __init__(self, kind: str) -> None:
@@ -152,14 +152,14 @@ def fetch_layer_tar(stream: BinaryIO, source_digest: str, tar_out: str,
     """Copy a layer stream to ``tar_out`` uncompressed; verify the digest; return the diff_id."""
     compressed = hashlib.sha256()
     uncompressed = hashlib.sha256()
-    decoder: _Decoder | None = None
+    decoder: LayerDecoder | None = None
     with atomic_open(tar_out, "wb") as out:  # a bad stream leaves tar_out as it was
         while chunk := stream.read(1 << 20):
             compressed.update(chunk)
             if progress:
                 progress(len(chunk))
             if decoder is None:
-                decoder = _Decoder(detect_compression(chunk))
+                decoder = LayerDecoder(detect_compression(chunk))
             try:
                 data = decoder.feed(chunk)
             except (zlib.error, zstandard.ZstdError) as exc:
@@ -180,7 +180,7 @@ def fetch_layer_gzip(stream: BinaryIO, source_digest: str, out_path: str,
     A layer that is not gzip is refused (OCI-ref images reference gzip layers only)."""
     compressed = hashlib.sha256()
     uncompressed = hashlib.sha256()
-    decoder: _Decoder | None = None
+    decoder: LayerDecoder | None = None
     with atomic_open(out_path, "wb") as out:
         while chunk := stream.read(1 << 20):
             compressed.update(chunk)
@@ -191,7 +191,7 @@ def fetch_layer_gzip(stream: BinaryIO, source_digest: str, out_path: str,
                 if kind != "gzip":
                     raise ConvertError(f"layer {source_digest} is {kind}, not gzip: --oci-ref needs gzip "
                                        "layers (convert this image without --oci-ref)")
-                decoder = _Decoder(kind)
+                decoder = LayerDecoder(kind)
             try:
                 uncompressed.update(decoder.feed(chunk))
             except zlib.error as exc:

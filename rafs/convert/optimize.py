@@ -190,7 +190,7 @@ def rebuild(bootstrap: str, paths: list[str], work: str, read_range: Any, mergin
     table = ``paths``. ``read_range(blob_id, offset, size) -> bytes`` reads a source blob."""
     from rafs.builder.blob import BlobRecord, BlobWriter, ChunkStore
     from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
-    from rafs.builder.build import _blob_ids_of
+    from rafs.builder.build import blob_ids_of
     from rafs.builder.loader import load_bootstrap
     from rafs.builder.tree import ChunkRef, Tree
     from rafs.errors import BuildError
@@ -246,7 +246,7 @@ def rebuild(bootstrap: str, paths: list[str], work: str, read_range: Any, mergin
     atomic_write(out, boot)
     meta = os.path.join(work, f"{info.blob_id}.blob.meta")
     write_blob_meta(new_blob, info, meta)
-    return Rebuilt(out, _blob_ids_of(boot), info.blob_id, new_blob, meta, len(nodes),
+    return Rebuilt(out, blob_ids_of(boot), info.blob_id, new_blob, meta, len(nodes),
                    sum(n.size for n in nodes))
 
 

@@ -28,8 +28,8 @@ def fallback_tag(digest: str) -> str:
 def referrers(client: Distribution, repo: ImageReference, subject_digest: str) -> list[dict[str, Any]] | None:
     """Referrer descriptors of ``subject_digest``: from the referrers API when the registry has
     it, else from the fallback tag (``[]`` when that tag does not exist)."""
-    resp = client._request(repo.repository, "GET", f"/v2/{repo.repository}/referrers/{subject_digest}",
-                           SourceError, headers={"Accept": MEDIA_TYPE_OCI_INDEX})
+    resp = client.request(repo.repository, "GET", f"/v2/{repo.repository}/referrers/{subject_digest}",
+                          SourceError, headers={"Accept": MEDIA_TYPE_OCI_INDEX})
     try:
         if resp.status_code == 200:
             return list(json.loads(resp.content).get("manifests") or [])
@@ -47,8 +47,8 @@ def referrers(client: Distribution, repo: ImageReference, subject_digest: str) -
 
 
 def _api_supported(client: Distribution, repo: ImageReference, subject_digest: str) -> bool:
-    resp = client._request(repo.repository, "GET", f"/v2/{repo.repository}/referrers/{subject_digest}",
-                           PushError, headers={"Accept": MEDIA_TYPE_OCI_INDEX})
+    resp = client.request(repo.repository, "GET", f"/v2/{repo.repository}/referrers/{subject_digest}",
+                          PushError, headers={"Accept": MEDIA_TYPE_OCI_INDEX})
     resp.close()
     return resp.status_code == 200
 

@@ -28,6 +28,7 @@ class OwnedDevice(BlobReadDevice):
         self.metrics = device.metrics
         self.read = device.read  # type: ignore[method-assign]  # bound once: the hot path
         self.read_ready = device.read_ready  # type: ignore[method-assign]
+        self.read_complete = device.read_complete  # type: ignore[method-assign]
         self.amplify_window = device.amplify_window
 
     def prefetch(self, iovecs: Iterable[Sequence[BlobIoDesc]], *, priority: str = "low") -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import stat
 import threading
 import time
@@ -27,8 +26,6 @@ log = logging.getLogger(__name__)
 
 #: kernel EROFS addresses v6 chunk data in 4 KiB blocks of the device file
 EROFS_BLOCK_SIZE = 4096
-#: how often a read re-asks the device whether a blob's cache file became complete
-COMPLETE_RECHECK_SECONDS = 1.0
 
 
 @dataclass
@@ -65,9 +62,6 @@ class Instance:
         self.enable_xattr = enable_xattr
         self.metrics = InstanceMetrics()
         self.mounted_at = time.time()
-        self._complete: dict[int, int] = {}  #: blob index -> fd of its complete cache file
-        self._complete_next_check: dict[int, float] = {}
-        self._complete_lock = threading.Lock()
         #: a :class:`rafs.trace.TraceRecorder` while the instance records its prefetch trace
         self.recorder: Any = None
 
@@ -80,7 +74,7 @@ class Instance:
             return b""
         start = time.monotonic()
         try:
-            data = self._read_complete(iovec)
+            data = self.device.read_complete(iovec)
             if data is None:
                 ahead = self._ahead(inode, offset, size)
                 data = self.device.read(iovec) if ahead is None else self.device.read(iovec, ahead)
@@ -106,21 +100,18 @@ class Instance:
 
     def read_ready(self, inode: Any, offset: int, size: int, iovec: BlobIoVec | None = None) -> bytes | None:
         """Read from the event loop without a thread hop when the data is local: every chunk of
-        the range lies in a blob whose complete cache file is already open (one ``pread`` per
-        contiguous range), or the device says every chunk is cached (``BlobDevice.read_ready``).
+        the range lies in a blob whose complete cache file is already open
+        (``BlobDevice.read_complete``), or the device says every chunk is cached
+        (``BlobDevice.read_ready``).
         Never fetches and never waits; None = use :meth:`read` (with the same ``iovec``) in a
         worker thread."""
         if iovec is None:
             iovec = inode.chunks(offset, size)
         if not iovec:
             return b""
-        complete = self._complete
         start = time.monotonic()
         try:
-            if complete and all(d.chunk is None or d.blob.blob_index in complete for d in iovec):
-                data = self._read_complete(iovec)
-            else:
-                data = None
+            data = self.device.read_complete(iovec, open_new=False)
             if data is None:
                 data = self.device.read_ready(iovec)
         except Exception:
@@ -131,52 +122,6 @@ class Instance:
             if self.recorder is not None:
                 self.recorder.record(inode, offset, len(data))
         return data
-
-    def _read_complete(self, iovec: BlobIoVec) -> bytes | None:
-        """Fast path once a blob's cache file is complete (``BlobDevice.blob_data_path``): one
-        ``pread`` per contiguous range of that file, no chunk-map work. None = use the device."""
-        ranges: list[tuple[int, int, int]] = []  # (fd, offset, size); fd -1 = hole
-        for d in iovec:
-            if d.chunk is None:
-                ranges.append((-1, 0, d.size))
-                continue
-            fd = self._complete_fd(d.blob.blob_index)
-            if fd < 0:
-                return None
-            off = d.chunk.uncompressed_offset + d.offset
-            if ranges and ranges[-1][0] == fd and ranges[-1][1] + ranges[-1][2] == off:
-                ranges[-1] = (fd, ranges[-1][1], ranges[-1][2] + d.size)
-            else:
-                ranges.append((fd, off, d.size))
-        parts = []
-        for fd, off, n in ranges:
-            part = bytes(n) if fd < 0 else os.pread(fd, n, off)
-            if len(part) != n:
-                return None  # unexpected short cache file: let the device decide
-            parts.append(part)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _complete_fd(self, blob_index: int) -> int:
-        fd = self._complete.get(blob_index)
-        if fd is not None:
-            return fd
-        now = time.monotonic()
-        if now < self._complete_next_check.get(blob_index, 0.0):
-            return -1
-        self._complete_next_check[blob_index] = now + COMPLETE_RECHECK_SECONDS
-        path = self.device.blob_data_path(blob_index)
-        if not path:
-            return -1
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return -1
-        with self._complete_lock:
-            if blob_index in self._complete:
-                os.close(fd)
-                return self._complete[blob_index]
-            self._complete[blob_index] = fd
-        return fd
 
     def prefetch_iovecs(self, paths: list[str] | None = None) -> list[BlobIoVec]:
         """Whole-file iovecs for ``paths``, else the image's prefetch table, else every file.
@@ -203,10 +148,6 @@ class Instance:
         return out
 
     def close(self) -> None:
-        with self._complete_lock:
-            for fd in self._complete.values():
-                os.close(fd)
-            self._complete.clear()
         for obj in (self.device, self.tree):
             close = getattr(obj, "close", None)
             if close is not None:

@@ -21,7 +21,7 @@ from rafs.layout.constants import (
     BLOB_CHUNK_FLAGS_ALL,
     validate_super_flags,
 )
-from storage.records import ChunkInfo
+from storage.records import BlobInfo, ChunkInfo, Compressor, Digester
 from storage.structs import Scalar, Struct
 
 
@@ -204,6 +204,23 @@ class RafsV5BlobTableEntry:
     readahead_offset: int
     readahead_size: int
     blob_id: str
+
+    def blob_info(self, blob_index: int, ext: "RafsV5ExtBlobEntry | None", *, chunk_size: int,
+                  compressor: Compressor, digester: Digester, blob_id: str | None = None) -> BlobInfo:
+        """This entry (and its extended entry, if the image has that table) as the storage
+        record; v5 keeps chunk size and algorithms in the superblock, so the caller passes them.
+        ``blob_id`` replaces the id on disk (an inline-bootstrap placeholder resolved by the caller)."""
+        return BlobInfo(
+            blob_index=blob_index,
+            blob_id=self.blob_id if blob_id is None else blob_id,
+            chunk_count=ext.chunk_count if ext else 0,
+            chunk_size=chunk_size,
+            compressor=compressor,
+            digester=digester,
+            features=0,
+            compressed_size=ext.compressed_size if ext else 0,
+            uncompressed_size=ext.uncompressed_size if ext else 0,
+        )
 
 
 def parse_v5_blob_table(buf: bytes | memoryview) -> list[RafsV5BlobTableEntry]:

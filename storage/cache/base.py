@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from storage.backend.base import BlobBackend, BlobReader
@@ -85,6 +85,10 @@ def process_raw_chunk(blob: BlobInfo, chunk: ChunkInfo, raw: bytes | memoryview,
 class BlobCache(ABC):
     """The per-blob cache: all IO for one :class:`BlobInfo` goes through it. Thread-safe."""
 
+    #: where chunk digests not given with a read are found (set by ``BlobDevice`` from the
+    #: bootstrap's chunk table); None until set
+    chunk_source: "Callable[[], Iterable[ChunkInfo]] | None" = None
+
     def __init__(self, blob: BlobInfo, reader: BlobReader, config: CacheConfig, metrics: StorageMetrics) -> None:
         self.blob = blob
         self.reader = reader
@@ -146,6 +150,19 @@ class BlobCache(ABC):
             except StorageError as exc:
                 bad[index] = exc
         return good, bad
+
+    def blob_meta(self) -> BlobMeta | None:
+        """The blob's CI table (loaded once); None when this cache has none."""
+        return None
+
+    def whole_blob_chunks(self) -> list[ChunkInfo] | None:
+        """The blob's chunks by index, with their digests; None when unknown to this cache."""
+        return None
+
+    def has_waiters(self) -> bool:
+        """True when a demand read waits for a chunk a speculative fetch owns (prefetch then
+        does not pause); a cache that cannot tell answers True."""
+        return True
 
     def zran_meta(self) -> BlobMeta | None:
         """The blob.meta of a ZRAN blob (its checkpoints); None when this cache has none."""
