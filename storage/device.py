@@ -121,9 +121,12 @@ class BlobDevice:
         self._chunk_source: "Callable[[], Iterable[ChunkInfo]] | None" = None
         config = prefetch_config or PrefetchConfig()
         #: demand reads in flight and when the last ended: polite prefetch starts only when quiet
-        self.demand = DemandGate(config.settle, config.start_delay)
+        self.demand = DemandGate(config.settle, config.start_delay, burst_cap=config.burst_cap,
+                                 burst_fraction=config.burst_fraction,
+                                 total_bytes=sum(b.uncompressed_size or b.compressed_size for b in blobs))
         self.prefetcher = Prefetcher(config, self.metrics, busy=lambda: not self.demand.quiet(),
-                                     demand_inflight=lambda: self.demand.inflight > 0)
+                                     demand_inflight=lambda: self.demand.inflight > 0,
+                                     sustained=self.demand.sustained)
 
     def _cache(self, blob: BlobInfo) -> "BlobCache":
         with self._lock:
@@ -181,7 +184,9 @@ class BlobDevice:
                 else:
                     parts.append(cache.read_descs(run, amplify_into=allowed.get(blob.blob_id, set())))
                 self._after_read(cache, run)
-            return b"".join(parts)
+            data = b"".join(parts)
+            self.demand.add_bytes(len(data))
+            return data
         finally:
             self.demand.end()
             self.metrics.read_latency.observe(time.monotonic() - start)

@@ -78,7 +78,10 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
         prefetch = PrefetchConfig(enable=cfg.fs_prefetch.enable,
                                   threads_count=max(1, cfg.fs_prefetch.threads_count),
                                   merging_size=cfg.fs_prefetch.merging_size,
-                                  bandwidth_rate=cfg.fs_prefetch.bandwidth_rate)
+                                  bandwidth_rate=cfg.fs_prefetch.bandwidth_rate,
+                                  burst_cap=cfg.fs_prefetch.burst_cap,
+                                  burst_fraction=cfg.fs_prefetch.burst_fraction,
+                                  demand_share=cfg.fs_prefetch.demand_share)
         device = BlobDevice(list(blobs), factory, prefetch_config=prefetch)
         device.preload_on_first_read = True  # the first read loads all CI tables in the background
         return OwnedDevice(device, factory)
