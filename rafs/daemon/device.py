@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from rafs.daemon.config import DaemonConfig
 from rafs.errors import ConfigError
 from storage.cache.base import BlobCacheManager
-from storage.device import BlobDevice, BlobReadDevice
+from storage.device import BlobDevice, BlobReadDevice, FileMap
 from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkInfo
 
 
@@ -44,6 +44,9 @@ class OwnedDevice(BlobReadDevice):
 
     def set_chunk_source(self, source: Callable[[], Iterable[ChunkInfo]]) -> None:
         self._device.set_chunk_source(source)
+
+    def set_file_map(self, same_file: "FileMap | None") -> None:
+        self._device.set_file_map(same_file)
 
     def close(self) -> None:
         try:

@@ -263,6 +263,10 @@ class Nydusd:
         blob_files = await trio.to_thread.run_sync(BlobFiles, tree)  # UnsupportedError if unaligned
         device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
         _give_chunk_source(device, tree)
+        # blob file reads carry no file: read-ahead follows the image files, not the blob
+        set_file_map = getattr(device, "set_file_map", None)  # test devices may have none
+        if set_file_map is not None:
+            set_file_map(blob_files.same_file)
         key = "root" if name == "/" else name
         inst = Instance(key, blob_files, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=False)
         _start_trace(inst, cfg)
