@@ -295,7 +295,8 @@ class BlobDevice:
                     todo = list(table[start:k])
                     st.end = max(st.end, k)
         if todo:
-            self.prefetcher.submit(cache, todo, yield_to_demand=False, readahead=True)
+            # with a file map the window is exactly what may be fetched: no amplification past it
+            self.prefetcher.submit(cache, todo, yield_to_demand=False, readahead=True, exact=same_file is not None)
 
     def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low") -> None:
         """Make the chunks of ``iovecs`` ready in the background: one unit per blob, its chunks

@@ -143,10 +143,10 @@ class Throttle:
 class _Unit:
     """One submitted chunk list: its runs are fetched by any worker, in layout order."""
 
-    __slots__ = ("cache", "polite", "left")
+    __slots__ = ("cache", "polite", "left", "exact")
 
-    def __init__(self, cache: BlobCache, polite: bool, runs: int) -> None:
-        self.cache, self.polite, self.left = cache, polite, runs
+    def __init__(self, cache: BlobCache, polite: bool, runs: int, exact: bool = False) -> None:
+        self.cache, self.polite, self.left, self.exact = cache, polite, runs, exact
 
 
 class Prefetcher:
@@ -183,15 +183,16 @@ class Prefetcher:
         self._idle = threading.Condition(self._lock)
 
     def submit(self, cache: BlobCache, chunks: Sequence[ChunkInfo], *, yield_to_demand: bool = True,
-               readahead: bool = False) -> None:
+               readahead: bool = False, exact: bool = False) -> None:
         """Queue ``chunks`` of ``cache``; ``yield_to_demand=False`` skips waiting for demand reads.
 
         ``readahead=True`` (on-demand read-ahead) is queued even when prefetch is disabled.
+        ``exact=True``: fetch these chunks only (the cache does not amplify into neighbours).
         """
         if not (self.config.enable or readahead) or self._cancelled.is_set() or not chunks:
             return
         runs = merge_runs(chunks, self.config.merging_size)
-        unit = _Unit(cache, yield_to_demand, len(runs))
+        unit = _Unit(cache, yield_to_demand, len(runs), exact)
         with self._lock:
             self._outstanding += 1
             self.metrics.prefetch_pending.inc()
@@ -228,7 +229,7 @@ class Prefetcher:
                 break
             unit, run, shared = item
             try:
-                self._run(unit.cache, run, shared)
+                self._run(unit.cache, run, shared, unit.exact)
             except StorageError as exc:
                 self.metrics.prefetch_errors.inc()
                 log.warning("prefetch of blob %s failed: %s", unit.cache.blob.blob_id, exc)
@@ -250,7 +251,7 @@ class Prefetcher:
                 self.metrics.prefetch_pending.dec()
                 self._idle.notify_all()
 
-    def _run(self, cache: BlobCache, run: list[ChunkInfo], shared: bool = False) -> None:
+    def _run(self, cache: BlobCache, run: list[ChunkInfo], shared: bool = False, exact: bool = False) -> None:
         if self._cancelled.is_set():
             return
         size = run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset
@@ -260,7 +261,8 @@ class Prefetcher:
         # a run sharing the link with sustained demand interleaves with it: no pauses
         speculation.pause = None if shared else (lambda: self._pause(cache))
         try:
-            self.metrics.prefetch_bytes.inc(cache.prefetch_chunks(run))
+            fetched = cache.prefetch_chunks(run, amplify_into=set()) if exact else cache.prefetch_chunks(run)
+            self.metrics.prefetch_bytes.inc(fetched)
         finally:
             speculation.pause = None
 

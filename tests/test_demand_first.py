@@ -273,7 +273,7 @@ def test_sustained_demand_admits_demand_share_polite_runs_that_do_not_pause():
         class blob:
             blob_id = "b"
 
-        def prefetch_chunks(self, run):
+        def prefetch_chunks(self, run, amplify_into=None):
             with lock:
                 running[0] += 1
                 peak[0] = max(peak[0], running[0])
