@@ -145,3 +145,52 @@ def test_amplification_stays_inside_the_file(image, tmp_path, driver):
         text = client.metrics() if hasattr(client, "metrics") else ""
         if text:
             assert metric(text, "nydus_storage_backend_read_bytes_total") <= (1 << 20) + 2 * 5000 + 65536
+
+
+def test_erofs_read_ahead_follows_files_not_the_blob(tmp_path):
+    """Kernel EROFS reads blob files, which carry no file: the daemon's sequential read-ahead
+    must still stop at the end of the image file being read (``BlobFiles.same_file``), not ramp
+    up over the blob into the file laid out behind it."""
+    require_stack()
+    if not erofs.detect_support().usable:
+        pytest.skip(f"kernel EROFS unusable: {erofs.detect_support().reason}")
+    from integration.harness.registry import Registry
+    from rafs.builder.build import BuildOptions, build
+    from rafs.metadata import Rafs
+    from storage.cache.state import IndexedChunkMap
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rnd = random.Random(5)
+    # a: 24 full 64 KiB chunks and a short one; b right behind it in the same blob
+    content = {"a": rnd.randbytes(24 * 65536 + 1000), "b": rnd.randbytes(32 * 65536 + 1000)}
+    for name, data in content.items():
+        (src / name).write_bytes(data)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    res = build(str(src), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(blobs),
+                options=BuildOptions(chunk_size=65536, compressor=Compressor.NONE))
+    with Rafs.open(res.bootstrap) as rafs:
+        assert len(rafs.blobs) == 1
+        blob = rafs.blobs[0]
+        idx = {n: {d.chunk.index for d in rafs.lookup_path("/" + n).chunks(0, len(c))} for n, c in content.items()}
+    assert max(idx["a"]) + 1 == min(idx["b"])  # adjacent in the blob
+    cache_dir = tmp_path / "cache"
+    with Registry() as registry:
+        registry.push_blob("test/image", (blobs / blob.blob_id).read_bytes())
+        cfg = registry_config(f"127.0.0.1:{registry.port}", str(cache_dir))
+        with nydusd(tmp_path, bootstrap=res.bootstrap, config=cfg, fs_driver="erofs") as (client, mnt, _):
+            with open(os.path.join(mnt, "a"), "rb") as f:  # sequentially, in 64 KiB reads
+                got = b"".join(iter(lambda: f.read(65536), b""))
+            assert got == content["a"]
+            time.sleep(1.0)  # read-ahead queued by the last reads lands
+            fetched = metric(client.metrics(), "nydus_storage_backend_read_bytes_total")
+    chunk_map = IndexedChunkMap(str(cache_dir / (blob.blob_id + ".chunk_map")), blob.chunk_count)
+    try:
+        ready = {i for i in range(blob.chunk_count) if chunk_map.is_ready(i)}
+    finally:
+        chunk_map.close()
+    assert idx["a"] <= ready
+    assert not ready & idx["b"], f"{len(ready & idx['b'])} chunks of b fetched reading a"
+    # a's bytes, the CI table and the kernel's 128 KiB read-ahead on the blob file at most
+    assert fetched <= len(content["a"]) + (256 << 10), fetched

@@ -118,6 +118,9 @@ class PrefetchConfig:
     merging_size: int = 1048576         #: bytes merged into one backend request
     bandwidth_rate: int = 0             #: bytes/s, 0 = unlimited
     record_trace: bool = False          #: daemons record each image's prefetch trace (nydusctl trace)
+    burst_cap: float = 4.0              #: s of unbroken on-demand reads after which prefetch ...
+    burst_fraction: float = 0.25        #: ... shares the link, once demand read this much of the image
+    demand_share: int = 1               #: prefetch requests beside sustained demand; 0 = always wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +217,10 @@ def _convert(tp: Any, value: object, where: str) -> object:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -282,6 +289,8 @@ def _validate(cfg: Config) -> Config:
             raise ConfigError(f"remote.{name}: must not be negative")
     if cfg.prefetch.threads_count < 1 or cfg.prefetch.merging_size < 0 or cfg.prefetch.bandwidth_rate < 0:
         raise ConfigError("prefetch: threads_count must be >= 1, sizes must not be negative")
+    if cfg.prefetch.burst_cap < 0 or not 0 <= cfg.prefetch.burst_fraction <= 1 or cfg.prefetch.demand_share < 0:
+        raise ConfigError("prefetch: burst_cap and demand_share must not be negative, burst_fraction must be 0..1")
     return cfg
 
 
@@ -414,7 +423,8 @@ def nydusd_config(cfg: Config) -> dict[str, Any]:
     pf = cfg.prefetch
     tmpl["fs_prefetch"] = {"enable": pf.enable, "prefetch_all": pf.prefetch_all,
                            "threads_count": pf.threads_count, "merging_size": pf.merging_size,
-                           "bandwidth_rate": pf.bandwidth_rate}
+                           "bandwidth_rate": pf.bandwidth_rate, "burst_cap": pf.burst_cap,
+                           "burst_fraction": pf.burst_fraction, "demand_share": pf.demand_share}
     if pf.record_trace:
         tmpl["fs_prefetch"]["record_trace"] = True
     return tmpl

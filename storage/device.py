@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 #: how often a read re-asks whether a blob's cache file became complete
 COMPLETE_RECHECK_SECONDS = 1.0
 
+#: ``same_file(blob_index, i, j)``: True when chunk ``j`` of the blob continues, in the same
+#: image file, the data of chunk ``i`` (the filesystem above knows; storage does not)
+FileMap = Callable[[int, int, int], bool]
+
 
 class BlobReadDevice(Protocol):
     """What a filesystem needs from a blob device: :class:`BlobDevice` is the implementation,
@@ -69,6 +73,10 @@ class BlobReadDevice(Protocol):
 
     def set_chunk_source(self, source: "Callable[[], Iterable[ChunkInfo]]") -> None:
         """Where chunk digests not given with a read are found (the bootstrap's chunk table)."""
+        ...
+
+    def set_file_map(self, same_file: "FileMap | None") -> None:
+        """Which chunks continue which within one image file: read-ahead stays inside a file."""
         ...
 
     def close(self) -> None: ...
@@ -194,11 +202,15 @@ class BlobDevice:
         #: nothing touches the backend before a read (metadata comes from the bootstrap)
         self.preload_on_first_read = False
         self._chunk_source: "Callable[[], Iterable[ChunkInfo]] | None" = None
+        self._same_file: "FileMap | None" = None
         config = prefetch_config or PrefetchConfig()
         #: demand reads in flight and when the last ended: polite prefetch starts only when quiet
-        self.demand = DemandGate(config.settle, config.start_delay)
+        self.demand = DemandGate(config.settle, config.start_delay, burst_cap=config.burst_cap,
+                                 burst_fraction=config.burst_fraction,
+                                 total_bytes=sum(b.uncompressed_size or b.compressed_size for b in blobs))
         self.prefetcher = Prefetcher(config, self.metrics, busy=lambda: not self.demand.quiet(),
-                                     demand_inflight=lambda: self.demand.inflight > 0)
+                                     demand_inflight=lambda: self.demand.inflight > 0,
+                                     sustained=self.demand.sustained)
         self.complete_files = CompleteFiles(self.blob_data_path)
 
     def _cache(self, blob: BlobInfo) -> "BlobCache":
@@ -218,6 +230,15 @@ class BlobDevice:
         """Where caches find chunk digests they were not given (read amplification, whole-blob
         prefetch, checking a complete cache file): the bootstrap's chunk table, read on first need."""
         self._chunk_source = source
+
+    def set_file_map(self, same_file: "FileMap | None") -> None:
+        """Bound sequential read-ahead by image files: ``same_file(blob_index, i, j)`` says whether
+        chunk ``j`` continues the file of chunk ``i``. For readers of raw blob ranges (the kernel
+        EROFS blob files), whose reads carry no file: without it read-ahead ramps up over the blob
+        and a sequential read of one file pulls in the files laid out behind it. ``None``: the
+        blob's chunk order alone (callers reading files, where a stream through neighbouring
+        files benefits)."""
+        self._same_file = same_file
 
     def _blob(self, blob_index: int) -> BlobInfo:
         try:
@@ -257,7 +278,9 @@ class BlobDevice:
                 else:
                     parts.append(cache.read_descs(run, amplify_into=allowed.get(blob.blob_id, set())))
                 self._after_read(cache, run)
-            return b"".join(parts)
+            data = b"".join(parts)
+            self.demand.add_bytes(len(data))
+            return data
         finally:
             self.demand.end()
             self.metrics.read_latency.observe(time.monotonic() - start)
@@ -317,17 +340,25 @@ class BlobDevice:
         every further step up to ``readahead``; refilled when less than half of it is left; any
         jump resets it. A start-up reading two neighbouring files pays nothing, a stream reaches
         the full window within a few files.
+
+        With a file map (:meth:`set_file_map`), a step counts as sequential only within one
+        image file (moving on into the next file is a jump) and the window ends at the file's
+        last chunk: read-ahead never fetches a file nobody has started reading.
         """
         table = cache.whole_blob_chunks()
         if not table or last >= len(table):
             return
         blob_id = cache.blob.blob_id
+        same_file = self._same_file
+        blob_index = cache.blob.blob_index
         todo: list[ChunkInfo] = []
         with self._lock:
             st = self._readahead.get(blob_id)
             if st is None:
                 st = self._readahead[blob_id] = _ReadAhead()
-            if first == st.last + 1:
+            if same_file is not None and any(not same_file(blob_index, i, i + 1) for i in range(first, last)):
+                st.streak, st.end = 0, -1  # the read ran into the next file: that one starts now
+            elif first == st.last + 1 and (same_file is None or same_file(blob_index, st.last, first)):
                 st.streak += 1
             elif first != st.last:  # a jump: start over (re-reads of the same chunk keep the state)
                 st.streak, st.end = 0, -1
@@ -339,13 +370,15 @@ class BlobDevice:
                 if ahead < window // 2:  # the reader passed the middle of what is in flight
                     start = max(st.end, last + 1)
                     k, size = start, ahead
-                    while k < len(table) and size < window:
+                    while k < len(table) and size < window and (
+                            same_file is None or same_file(blob_index, k - 1, k)):
                         size += table[k].compressed_size
                         k += 1
                     todo = list(table[start:k])
                     st.end = max(st.end, k)
         if todo:
-            self.prefetcher.submit(cache, todo, yield_to_demand=False, readahead=True)
+            # with a file map the window is exactly what may be fetched: no amplification past it
+            self.prefetcher.submit(cache, todo, yield_to_demand=False, readahead=True, exact=same_file is not None)
 
     def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low") -> None:
         """Make the chunks of ``iovecs`` ready in the background: one unit per blob, its chunks

@@ -3,7 +3,11 @@
 Prefetch runs below on-demand reads: a polite (low-priority) run is started only while the
 device's :class:`DemandGate` says the link is free of demand misses — none in flight, the last
 one ended ``settle`` seconds ago, and (before any demand read) ``start_delay`` seconds after the
-device was opened, so a container's start-up burst of misses has the link to itself. It is limited
+device was opened, so a container's start-up burst of misses has the link to itself. A workload
+that reads most of the image on demand would starve prefetch that way, so the gate also knows
+*sustained* demand: misses have kept the link busy for ``burst_cap`` seconds and demand has read
+``burst_fraction`` of the image's bytes. Then up to ``demand_share`` polite runs go on beside the
+demand reads (without pausing for them) instead of waiting for a gap. It is limited
 by a thread budget (``threads_count``) and a bandwidth limit (``bandwidth_rate`` bytes/s, 0 =
 unlimited) and is cancellable (``cancel()`` on unmount).
 """
@@ -42,25 +46,54 @@ class PrefetchConfig:
     readahead: int = 4 << 20  #: max bytes sequential on-demand reads keep in flight ahead; 0 = off
     settle: float = 1.5  #: polite prefetch waits this long after the last demand miss ended
     start_delay: float = 3.0  #: ... and, before any demand miss, this long after the device opened
+    burst_cap: float = 4.0  #: demand busy this long (s) without a settled gap is sustained demand ...
+    burst_fraction: float = 0.25  #: ... once demand has read this share of the image's bytes
+    demand_share: int = 1  #: polite runs that go on beside sustained demand; 0 = always wait
 
 
 class DemandGate:
     """When speculative (polite) work may use the link: tracks on-demand misses in flight.
 
     ``clock`` is injectable for tests. Thread-safe: ``begin``/``end`` bracket every demand read
-    that may fetch; :meth:`quiet` answers whether polite prefetch may start a request now.
+    that may fetch; :meth:`quiet` answers whether polite prefetch may start a request now, and
+    :meth:`sustained` whether demand has held the link so long, over so much of the image
+    (``total_bytes``, 0 = unknown: never), that prefetch should share the link instead.
     """
 
-    def __init__(self, settle: float, start_delay: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settle: float, start_delay: float, clock: Callable[[], float] = time.monotonic, *,
+                 burst_cap: float = 4.0, burst_fraction: float = 0.25, total_bytes: int = 0) -> None:
         self.settle, self.start_delay, self.clock = settle, start_delay, clock
+        self.burst_cap, self.burst_fraction, self.total_bytes = burst_cap, burst_fraction, total_bytes
         self._lock = threading.Lock()
         self.inflight = 0
         self._opened = clock()
         self._last_end: float | None = None
+        self._busy_since: float | None = None  #: start of the current unsettled demand burst
+        self.read_bytes = 0  #: bytes demand reads returned, all bursts
 
     def begin(self) -> None:
         with self._lock:
+            if not self.inflight and (self._last_end is None or self.clock() - self._last_end >= self.settle):
+                self._busy_since = self.clock()  # a new burst (the last one settled)
             self.inflight += 1
+
+    def add_bytes(self, nbytes: int) -> None:
+        """Count ``nbytes`` returned by a demand read (towards ``burst_fraction``)."""
+        with self._lock:
+            self.read_bytes += nbytes
+
+    def sustained(self) -> bool:
+        """True while the current demand burst has lasted ``burst_cap`` seconds and demand has read
+        at least ``burst_fraction`` of ``total_bytes``: a workload reading most of the image, which
+        would leave polite prefetch no gap at all."""
+        with self._lock:
+            if self._busy_since is None or self.total_bytes <= 0:
+                return False
+            now = self.clock()
+            if not self.inflight and self._last_end is not None and now - self._last_end >= self.settle:
+                return False  # settled: quiet() lets prefetch run anyway
+            return (now - self._busy_since >= self.burst_cap
+                    and self.read_bytes >= self.burst_fraction * self.total_bytes)
 
     def end(self) -> None:
         with self._lock:
@@ -110,10 +143,10 @@ class Throttle:
 class _Unit:
     """One submitted chunk list: its runs are fetched by any worker, in layout order."""
 
-    __slots__ = ("cache", "polite", "left")
+    __slots__ = ("cache", "polite", "left", "exact")
 
-    def __init__(self, cache: BlobCache, polite: bool, runs: int) -> None:
-        self.cache, self.polite, self.left = cache, polite, runs
+    def __init__(self, cache: BlobCache, polite: bool, runs: int, exact: bool = False) -> None:
+        self.cache, self.polite, self.left, self.exact = cache, polite, runs, exact
 
 
 class Prefetcher:
@@ -126,14 +159,19 @@ class Prefetcher:
 
     def __init__(self, config: PrefetchConfig, metrics: StorageMetrics,
                  busy: Callable[[], bool] = lambda: False,
-                 demand_inflight: Callable[[], bool] = lambda: False) -> None:
+                 demand_inflight: Callable[[], bool] = lambda: False,
+                 sustained: Callable[[], bool] = lambda: False) -> None:
         """``busy()``: True while polite runs must not start (the device's demand gate);
         ``demand_inflight()``: True while demand reads are in flight — running speculative
-        transfers then pause between body pieces (see :func:`storage.backend.base.yield_to_demand`)."""
+        transfers then pause between body pieces (see :func:`storage.backend.base.yield_to_demand`);
+        ``sustained()``: True while demand has held the link too long to wait for (then up to
+        ``demand_share`` polite runs start anyway and do not pause)."""
         self.config = config
         self.metrics = metrics
         self._busy = busy
         self._demand_inflight = demand_inflight
+        self._sustained = sustained
+        self._shared = 0  #: polite runs started beside sustained demand, running (under _work)
         self._high: deque[tuple[_Unit, list[ChunkInfo]]] = deque()  # runs that ignore demand reads
         self._low: deque[tuple[_Unit, list[ChunkInfo]]] = deque()  # runs that wait for demand reads
         self._work = threading.Condition(threading.Lock())
@@ -145,15 +183,16 @@ class Prefetcher:
         self._idle = threading.Condition(self._lock)
 
     def submit(self, cache: BlobCache, chunks: Sequence[ChunkInfo], *, yield_to_demand: bool = True,
-               readahead: bool = False) -> None:
+               readahead: bool = False, exact: bool = False) -> None:
         """Queue ``chunks`` of ``cache``; ``yield_to_demand=False`` skips waiting for demand reads.
 
         ``readahead=True`` (on-demand read-ahead) is queued even when prefetch is disabled.
+        ``exact=True``: fetch these chunks only (the cache does not amplify into neighbours).
         """
         if not (self.config.enable or readahead) or self._cancelled.is_set() or not chunks:
             return
         runs = merge_runs(chunks, self.config.merging_size)
-        unit = _Unit(cache, yield_to_demand, len(runs))
+        unit = _Unit(cache, yield_to_demand, len(runs), exact)
         with self._lock:
             self._outstanding += 1
             self.metrics.prefetch_pending.inc()
@@ -166,14 +205,20 @@ class Prefetcher:
             (self._low if yield_to_demand else self._high).extend((unit, run) for run in runs)
             self._work.notify_all()
 
-    def _next(self) -> tuple[_Unit, list[ChunkInfo]] | None:
-        """The next run: high-priority first; low-priority only while the demand gate is quiet."""
+    def _next(self) -> tuple[_Unit, list[ChunkInfo], bool] | None:
+        """The next run and whether it shares the link with sustained demand: high-priority
+        first; low-priority while the demand gate is quiet, or (up to ``demand_share`` at a
+        time) while demand is sustained."""
         with self._work:
             while not self._cancelled.is_set():
                 if self._high:
-                    return self._high.popleft()
-                if self._low and not self._busy():
-                    return self._low.popleft()
+                    return *self._high.popleft(), False
+                if self._low:
+                    if not self._busy():
+                        return *self._low.popleft(), False
+                    if self._shared < self.config.demand_share and self._sustained():
+                        self._shared += 1
+                        return *self._low.popleft(), True
                 self._work.wait(BUSY_POLL if self._low else 0.2)
             return None
 
@@ -182,9 +227,9 @@ class Prefetcher:
             item = self._next()
             if item is None:
                 break
-            unit, run = item
+            unit, run, shared = item
             try:
-                self._run(unit.cache, run)
+                self._run(unit.cache, run, shared, unit.exact)
             except StorageError as exc:
                 self.metrics.prefetch_errors.inc()
                 log.warning("prefetch of blob %s failed: %s", unit.cache.blob.blob_id, exc)
@@ -192,6 +237,9 @@ class Prefetcher:
                 self.metrics.prefetch_errors.inc()
                 log.exception("prefetch of blob %s crashed", unit.cache.blob.blob_id)
             finally:
+                if shared:
+                    with self._work:
+                        self._shared -= 1
                 self._run_done(unit)
 
     def _run_done(self, unit: _Unit) -> None:
@@ -203,16 +251,18 @@ class Prefetcher:
                 self.metrics.prefetch_pending.dec()
                 self._idle.notify_all()
 
-    def _run(self, cache: BlobCache, run: list[ChunkInfo]) -> None:
+    def _run(self, cache: BlobCache, run: list[ChunkInfo], shared: bool = False, exact: bool = False) -> None:
         if self._cancelled.is_set():
             return
         size = run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset
         self._throttle.acquire(size, self._cancelled)
         if self._cancelled.is_set():
             return
-        speculation.pause = lambda: self._pause(cache)
+        # a run sharing the link with sustained demand interleaves with it: no pauses
+        speculation.pause = None if shared else (lambda: self._pause(cache))
         try:
-            self.metrics.prefetch_bytes.inc(cache.prefetch_chunks(run))
+            fetched = cache.prefetch_chunks(run, amplify_into=set()) if exact else cache.prefetch_chunks(run)
+            self.metrics.prefetch_bytes.inc(fetched)
         finally:
             speculation.pause = None
 

@@ -211,3 +211,98 @@ def test_running_speculative_fetch_pauses_for_demand_unless_a_reader_waits_for_i
         speculation.pause = None
         demand.clear()
         pf.cancel()
+
+
+def test_sustained_demand_over_much_of_the_image_lets_prefetch_share_the_link():
+    clock = Clock()
+    gate = DemandGate(settle=0.5, start_delay=2.0, clock=clock, burst_cap=4.0, burst_fraction=0.25,
+                      total_bytes=1000)
+    gate.begin()
+    gate.add_bytes(300)  # already over a quarter of the image...
+    clock.now += 3.9
+    assert not gate.quiet() and not gate.sustained()  # ... but the burst is younger than burst_cap
+    clock.now += 0.1
+    assert gate.sustained()
+    gate.end()
+    clock.now += 0.4
+    gate.begin()  # within settle: the same burst goes on
+    assert gate.sustained()
+    gate.end()
+    clock.now += 0.5
+    assert gate.quiet() and not gate.sustained()  # settled: quiet() lets prefetch go anyway
+    gate.begin()  # a new burst: burst_cap counts from here
+    clock.now += 3.0
+    assert not gate.sustained()
+    clock.now += 1.0
+    assert gate.sustained()
+    gate.end()
+
+
+def test_long_demand_over_a_small_part_of_the_image_keeps_prefetch_waiting():
+    clock = Clock()
+    gate = DemandGate(settle=0.5, start_delay=2.0, clock=clock, burst_cap=4.0, burst_fraction=0.25,
+                      total_bytes=1000)
+    gate.begin()
+    gate.add_bytes(249)
+    clock.now += 60
+    assert not gate.sustained()  # busy for a minute, but on less than a quarter of the image
+    gate.add_bytes(1)
+    assert gate.sustained()
+    gate.end()
+    unknown = DemandGate(settle=0.5, start_delay=2.0, clock=clock, total_bytes=0)
+    unknown.begin()
+    unknown.add_bytes(1 << 30)
+    clock.now += 60
+    assert not unknown.sustained()  # image size unknown: never
+
+
+def test_sustained_demand_admits_demand_share_polite_runs_that_do_not_pause():
+    import threading
+    import time
+
+    from storage.backend.base import speculation, yield_to_demand
+    from storage.metrics import StorageMetrics
+    from storage.prefetch import Prefetcher
+
+    sustained = threading.Event()
+    running, peak, paused = [0], [0], []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    class Cache:
+        class blob:
+            blob_id = "b"
+
+        def prefetch_chunks(self, run, amplify_into=None):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            t = time.monotonic()
+            yield_to_demand()  # demand is in flight all along: a pausing run would wait here
+            paused.append(time.monotonic() - t)
+            release.wait(5)
+            with lock:
+                running[0] -= 1
+            return 0
+
+    def chunk(i):
+        from storage.records import ChunkInfo
+        return ChunkInfo(index=i, blob_index=0, compressed_offset=i * 4096, compressed_size=4096,
+                         uncompressed_offset=i * 4096, uncompressed_size=4096, digest=b"", flags=0)
+
+    pf = Prefetcher(PrefetchConfig(threads_count=3, merging_size=4096, demand_share=1), StorageMetrics(),
+                    busy=lambda: True, demand_inflight=lambda: True, sustained=sustained.is_set)
+    try:
+        pf.submit(Cache(), [chunk(i) for i in range(0, 12, 2)])  # 6 runs (not adjacent)
+        time.sleep(0.3)
+        assert peak[0] == 0  # demand busy, not sustained: polite runs wait
+        sustained.set()
+        time.sleep(0.5)
+        assert peak[0] == 1  # one polite run beside the demand reads, not threads_count
+        release.set()
+        assert pf.wait(10)
+        assert peak[0] == 1 and len(paused) == 6 and max(paused) < 0.5  # none paused for demand
+    finally:
+        release.set()
+        pf.cancel()
+    assert speculation.pause is None

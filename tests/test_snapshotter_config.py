@@ -94,6 +94,8 @@ address = "127.0.0.1:0"
     ("version = 1\n[metrics]\naddress = 'nohostport'", "metrics.address"),
     ("version = 1\ndaemon = 3", "daemon: expected a table"),
     ("version = [", "invalid TOML"),
+    ("version = 1\n[prefetch]\nburst_fraction = 2", "burst_fraction must be 0..1"),
+    ("version = 1\n[prefetch]\nburst_cap = 'long'", "prefetch.burst_cap: expected a number"),
 ])
 def test_bad_files(tmp_path, text, needle):
     with pytest.raises(ConfigError) as ei:
@@ -129,6 +131,17 @@ def test_nydusd_template(tmp_path):
     assert "limit_size" not in t["device"]["cache"]["config"]
     t_limited = C.nydusd_config(C.Config(root="/r", cache_manager=C.CacheManagerConfig(size_limit=1 << 30)))
     assert t_limited["device"]["cache"]["config"]["limit_size"] == 1 << 30
+    assert (t["fs_prefetch"]["burst_cap"], t["fs_prefetch"]["burst_fraction"], t["fs_prefetch"]["demand_share"]) \
+        == (4.0, 0.25, 1)
+    from rafs.daemon.config import DaemonConfig as NydusdConfig
+
+    pf = NydusdConfig.parse(t).fs_prefetch  # what the daemon makes of it
+    assert (pf.burst_cap, pf.burst_fraction, pf.demand_share) == (4.0, 0.25, 1)
+    t_sustained = C.nydusd_config(C.Config(root="/r", prefetch=C.PrefetchConfig(burst_cap=2, demand_share=0)))
+    pf = NydusdConfig.parse(t_sustained).fs_prefetch
+    assert (pf.burst_cap, pf.demand_share) == (2.0, 0)
+    with pytest.raises(Exception, match="burst_fraction"):
+        NydusdConfig.parse({"fs_prefetch": {"burst_fraction": 1.5}})
     tmpl = tmp_path / "n.json"
     tmpl.write_text(json.dumps({"device": {"backend": {"type": "registry", "config": {}}}, "mode": "cached"}))
     c2 = C.Config(root="/r", daemon=C.DaemonConfig(nydusd_config=str(tmpl)),

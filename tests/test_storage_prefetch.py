@@ -218,6 +218,50 @@ def test_read_ahead_window_ramps_up_and_resets_on_a_jump(tmp_path, monkeypatch):
     dev.close()
 
 
+def test_read_ahead_with_a_file_map_stays_inside_the_file(tmp_path, monkeypatch):
+    import storage.device as device_mod
+
+    monkeypatch.setattr(device_mod, "READAHEAD_MIN", 2 * 4096)
+    b = make_blob(32, compressor=Compressor.NONE, compressible=False)
+    files = [range(0, 6), range(6, 20), range(20, 32)]  # three files laid out back to back
+
+    def same_file(blob_index, i, j):
+        assert blob_index == b.info.blob_index
+        return any(i in f and j in f for f in files) and j == i + 1
+
+    def run(file_map):
+        backend = MemoryBackend({b.blob_id: b.data})
+        mgr = FileCacheManager(str(tmp_path / str(file_map is None)), backend, CacheConfig(amplify_io=0))
+        dev = BlobDevice([b.info], mgr, prefetch_config=PrefetchConfig(enable=False, readahead=16 * 4096))
+        dev.set_file_map(file_map)
+        cache = mgr.get_blob_cache(b.info)
+        cache.set_chunk_table(b.chunks)
+        for i in range(6):  # read the first file, chunk by chunk
+            assert dev.read(b.iovec(i * 4096, 4096)) == b.plain[i * 4096 : (i + 1) * 4096]
+            assert dev.prefetcher.wait(10)
+        ready = {i for i in range(32) if cache.chunk_map.is_ready(i)}
+        dev.close()
+        return ready
+
+    assert max(run(None)) > 6  # by the blob alone, read-ahead runs on into the next file
+    assert run(same_file) == set(files[0])  # by the file map: the file read, nothing of the next
+    # a stream moving into the next file starts over there (a jump), then ramps up within it
+    backend = MemoryBackend({b.blob_id: b.data})
+    mgr = FileCacheManager(str(tmp_path / "cross"), backend, CacheConfig(amplify_io=0))
+    dev = BlobDevice([b.info], mgr, prefetch_config=PrefetchConfig(enable=False, readahead=16 * 4096))
+    dev.set_file_map(same_file)
+    cache = mgr.get_blob_cache(b.info)
+    cache.set_chunk_table(b.chunks)
+    for i in (4, 5, 6, 7):
+        dev.read(b.iovec(i * 4096, 4096))
+        assert dev.prefetcher.wait(10)
+    assert {i for i in range(32) if cache.chunk_map.is_ready(i)} == {4, 5, 6, 7}  # 6→7: one step only
+    dev.read(b.iovec(8 * 4096, 4096))
+    assert dev.prefetcher.wait(10)
+    assert {i for i in range(32) if cache.chunk_map.is_ready(i)} == {4, 5, 6, 7, 8, 9, 10}
+    dev.close()
+
+
 def test_chunk_tables_preloaded_on_the_first_read_only(tmp_path):
     from rafs.metadata import Rafs
 

@@ -66,7 +66,7 @@ def _get(obj: dict, key: str, kind: type | tuple[type, ...], default: Any, where
     value = obj.get(key, default)
     if value is None:
         return default
-    if kind is int and isinstance(value, bool):
+    if kind in (int, (int, float)) and isinstance(value, bool):
         raise ConfigError(f"{where}{key}: expected an integer, got {value!r}")
     if not isinstance(value, kind):
         raise ConfigError(f"{where}{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
@@ -85,6 +85,11 @@ class PrefetchConfig:
     bandwidth_rate: int = 0
     record_trace: bool = False  #: record the prefetch trace (reads in first-access order)
     trace_file: str = ""  #: where the trace is written when the instance is unmounted ("" = not)
+    #: our extension: on-demand reads busy for ``burst_cap`` s without a pause, having read
+    #: ``burst_fraction`` of the image, let ``demand_share`` prefetch requests run beside them
+    burst_cap: float = 4.0
+    burst_fraction: float = 0.25
+    demand_share: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +152,15 @@ class DaemonConfig:
             bandwidth_rate=_get(pf, "bandwidth_rate", int, 0, "fs_prefetch."),
             record_trace=_get(pf, "record_trace", bool, False, "fs_prefetch."),
             trace_file=_get(pf, "trace_file", str, "", "fs_prefetch."),
+            burst_cap=float(_get(pf, "burst_cap", (int, float), 4.0, "fs_prefetch.")),
+            burst_fraction=float(_get(pf, "burst_fraction", (int, float), 0.25, "fs_prefetch.")),
+            demand_share=_get(pf, "demand_share", int, 1, "fs_prefetch."),
         )
         if prefetch.threads_count < 0:
             raise ConfigError(f"fs_prefetch.threads_count: must be >= 0, got {prefetch.threads_count}")
+        if prefetch.burst_cap < 0 or not 0 <= prefetch.burst_fraction <= 1 or prefetch.demand_share < 0:
+            raise ConfigError("fs_prefetch: burst_cap and demand_share must be >= 0, burst_fraction 0..1; got "
+                              f"{prefetch.burst_cap}, {prefetch.demand_share}, {prefetch.burst_fraction}")
         return cls(
             backend_type=btype,
             backend_config=bconf,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from rafs.daemon.config import DaemonConfig
 from rafs.errors import ConfigError
 from storage.cache.base import BlobCacheManager
-from storage.device import BlobDevice, BlobReadDevice
+from storage.device import BlobDevice, BlobReadDevice, FileMap
 from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkInfo
 
 
@@ -45,6 +45,9 @@ class OwnedDevice(BlobReadDevice):
 
     def set_chunk_source(self, source: Callable[[], Iterable[ChunkInfo]]) -> None:
         self._device.set_chunk_source(source)
+
+    def set_file_map(self, same_file: "FileMap | None") -> None:
+        self._device.set_file_map(same_file)
 
     def close(self) -> None:
         try:
@@ -79,7 +82,10 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
         prefetch = PrefetchConfig(enable=cfg.fs_prefetch.enable,
                                   threads_count=max(1, cfg.fs_prefetch.threads_count),
                                   merging_size=cfg.fs_prefetch.merging_size,
-                                  bandwidth_rate=cfg.fs_prefetch.bandwidth_rate)
+                                  bandwidth_rate=cfg.fs_prefetch.bandwidth_rate,
+                                  burst_cap=cfg.fs_prefetch.burst_cap,
+                                  burst_fraction=cfg.fs_prefetch.burst_fraction,
+                                  demand_share=cfg.fs_prefetch.demand_share)
         device = BlobDevice(list(blobs), factory, prefetch_config=prefetch)
         device.preload_on_first_read = True  # the first read loads all CI tables in the background
         return OwnedDevice(device, factory)

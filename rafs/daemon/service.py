@@ -147,8 +147,8 @@ class Nydusd:
                     self._cancel = nursery.cancel_scope
                     nursery.start_soon(self._fuse_main)
                     if self.fs_driver == "fusedev":
-                        # (the erofs blob files keep the default 128 KiB: kernel EROFS does its own
-                        # readahead, and more here would fetch neighbouring chunks of the blob)
+                        # (under erofs the blob files get none: kernel EROFS does its own per
+                        # file, see _blob_files_without_readahead)
                         nursery.start_soon(trio.to_thread.run_sync, session.tune_after_init,
                                            self._fuse_mountpoint)
                     nursery.start_soon(self._signals, signals)
@@ -263,11 +263,15 @@ class Nydusd:
         blob_files = await trio.to_thread.run_sync(BlobFiles, tree)  # UnsupportedError if unaligned
         device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
         _give_chunk_source(device, tree)
+        # blob file reads carry no file: read-ahead follows the image files, not the blob
+        set_file_map = getattr(device, "set_file_map", None)  # test devices may have none
+        if set_file_map is not None:
+            set_file_map(blob_files.same_file)
         key = "root" if name == "/" else name
         inst = Instance(key, blob_files, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=False)
         _start_trace(inst, cfg)
-        if inst.recorder is not None:  # stat(2) of our own FUSE mount: not on the event loop
-            await trio.to_thread.run_sync(self._blob_files_without_readahead)
+        # stat(2) of our own FUSE mount: not on the event loop
+        await trio.to_thread.run_sync(self._blob_files_without_readahead)
         devices = []
         for blob in blob_files.blobs:
             # the kernel reads a complete cache file directly: every chunk is checked against its
@@ -296,9 +300,12 @@ class Nydusd:
     def _blob_files_without_readahead(self) -> None:
         """Turn off the kernel's read-ahead on the blob files (``read_ahead_kb`` of the FUSE
         mount's bdi): then each read of a blob file is a range kernel EROFS asked for (its own
-        read-ahead stays within the image file being read), so a recorded trace names the files
-        a container read, not their neighbours in the blob. Best effort; only while an instance
-        records (:meth:`_restore_readahead` puts the old value back)."""
+        read-ahead stays within the image file being read). Otherwise the kernel reads on past the
+        end of a file into the next one in the blob, and that read — a demand read as far as the
+        daemon can tell — is amplified into the neighbour (measured: 1 MiB of a file nobody read
+        per file streamed), and a recorded trace would name neighbours too. The daemon's own
+        read-ahead (by the image files, ``BlobFiles.same_file``) replaces it. Best effort; while
+        erofs instances are mounted (:meth:`_restore_readahead` puts the old value back)."""
         if self._fuse_mountpoint is None or self._saved_readahead is not None:
             return
         try:
@@ -310,14 +317,13 @@ class Nydusd:
                 f.write("0")
             self._saved_readahead = (path, old)
         except OSError as exc:
-            log.warning("cannot turn off read-ahead on the blob files (the trace may name "
-                        "neighbouring files too): %s", exc)
+            log.warning("cannot turn off read-ahead on the blob files (reads may fetch, and a "
+                        "trace name, neighbouring files too): %s", exc)
 
     def _restore_readahead(self) -> None:
-        """Put the blob files' read-ahead back once no erofs instance records a trace."""
+        """Put the blob files' read-ahead back once no erofs instance is mounted."""
         if self._saved_readahead is None or any(
-                getattr(inst, "recorder", None) is not None and isinstance(inst.tree, BlobFiles)
-                for inst in (self.fs.instances().values() if self.fs else ())):
+                isinstance(inst.tree, BlobFiles) for inst in (self.fs.instances().values() if self.fs else ())):
             return
         path, old = self._saved_readahead
         self._saved_readahead = None

@@ -313,6 +313,12 @@ class BlobFiles:
             nxt = self._next_in_file.get((blob_index, nxt.index))
         return out
 
+    def same_file(self, blob_index: int, first: int, then: int) -> bool:
+        """True when chunk ``then`` of the blob continues the image file of chunk ``first`` (the
+        file map ``storage.device.BlobDevice.set_file_map`` bounds read-ahead with)."""
+        nxt = self._next_in_file.get((blob_index, first))
+        return nxt is not None and nxt.index == then
+
     def close(self) -> None:
         self.rafs.close()
 

@@ -186,8 +186,9 @@ class BlobCache(ABC):
         return None
 
     @abstractmethod
-    def prefetch_chunks(self, chunks: Sequence[ChunkInfo]) -> int:
-        """Make ``chunks`` ready without reading them back; returns bytes fetched."""
+    def prefetch_chunks(self, chunks: Sequence[ChunkInfo], amplify_into: "set[int] | None" = None) -> int:
+        """Make ``chunks`` ready without reading them back; returns bytes fetched.
+        ``amplify_into`` bounds read amplification as for :meth:`read_descs` (``set()``: none)."""
 
     def data_path(self, verify: bool = False) -> str | None:
         """The complete uncompressed blob file, when every chunk is cached and checked against

@@ -566,8 +566,8 @@ class FileBlobCache(BlobCache):
             raise CacheError(f"{self.path}: short read {len(data)} of {size} at {offset}")
         return data
 
-    def prefetch_chunks(self, chunks: Sequence[ChunkInfo]) -> int:
-        return self.ensure_ready(chunks)
+    def prefetch_chunks(self, chunks: Sequence[ChunkInfo], amplify_into: "set[int] | None" = None) -> int:
+        return self.ensure_ready(chunks, amplify_into=amplify_into)
 
     def whole_blob_chunks(self) -> list[ChunkInfo] | None:
         """The blob's chunks by index, with their digests; chunks that could not be checked

@@ -31,7 +31,7 @@ class NoCacheBlobCache(BlobCache):
         data = self._fetch([d.chunk for d in descs])  # type: ignore[misc]
         return b"".join(data[d.chunk.index][d.offset : d.offset + d.size] for d in descs)  # type: ignore[union-attr]
 
-    def prefetch_chunks(self, chunks: Sequence[ChunkInfo]) -> int:
+    def prefetch_chunks(self, chunks: Sequence[ChunkInfo], amplify_into: "set[int] | None" = None) -> int:
         return 0  # nothing to keep
 
 
