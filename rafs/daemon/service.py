@@ -27,6 +27,7 @@ from rafs import erofs
 from rafs.daemon.config import DaemonConfig, check_instance_name
 from rafs.errors import ConfigError, FormatError, MountError, NotFound, RafsError, UnsupportedError
 from rafs.fs import session
+from rafs.fs.fuse_ll import FuseSession
 from rafs.fs.instance import BlobFiles, Instance
 from rafs.fs.ops import RafsFs, no_open_unsupported_reason
 from storage.device import BlobReadDevice
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0-py"
 FS_DRIVERS = ("fusedev", "erofs")
+#: FUSE session implementations (docs/mounts.md says when to use which)
+FUSE_IMPLS = ("ll", "pyfuse3")
+DEFAULT_FUSE_IMPL = "pyfuse3"
+#: worker threads of the own FUSE loop (each with a cloned /dev/fuse fd) unless --thread-num
+DEFAULT_LL_THREADS = 2
 
 
 class DaemonState(str, enum.Enum):
@@ -92,9 +98,15 @@ class Nydusd:
 
     def __init__(self, *, mountpoint: str, apisock: str | None = None, fs_driver: str = "fusedev",
                  daemon_id: str = "", blob_dir: str | None = None, thread_num: int = 0,
-                 opener: Opener | None = None, fuse_no_open: bool | None = None) -> None:
+                 opener: Opener | None = None, fuse_no_open: bool | None = None,
+                 fuse_impl: str = DEFAULT_FUSE_IMPL) -> None:
         if fs_driver not in FS_DRIVERS:
             raise ConfigError(f"--fs-driver: expected one of {FS_DRIVERS}, got {fs_driver!r}")
+        if fuse_impl not in FUSE_IMPLS:
+            raise ConfigError(f"--fuse-impl: expected one of {FUSE_IMPLS}, got {fuse_impl!r}")
+        #: "ll": this project's own FUSE loop (rafs/fs/fuse_ll.py); "pyfuse3": libfuse via pyfuse3
+        self.fuse_impl = fuse_impl
+        self._ll: FuseSession | None = None
         self.mountpoint = os.path.abspath(mountpoint)
         self.apisock = apisock
         self.fs_driver = fs_driver
@@ -129,19 +141,20 @@ class Nydusd:
         self.shared = bootstrap is None
         if self.fs_driver == "erofs":
             erofs.require_file_backed()
-            self.fs = RafsFs(shared=True, no_open=self.fuse_no_open)
+            self.fs = RafsFs(shared=True, no_open=self.fuse_no_open, read_gets_ino=self.fuse_impl == "ll")
             if self.blob_dir is None:
                 self.blob_dir = self.mountpoint.rstrip("/") + ".blobs"
             os.makedirs(self.blob_dir, exist_ok=True)
             self._fuse_mountpoint = self.blob_dir
         else:
-            self.fs = RafsFs(shared=self.shared, no_open=self.fuse_no_open)
+            self.fs = RafsFs(shared=self.shared, no_open=self.fuse_no_open,
+                             read_gets_ino=self.fuse_impl == "ll")
             self._fuse_mountpoint = self.mountpoint
         os.makedirs(self.mountpoint, exist_ok=True)
         # SIGTERM/SIGINT are caught from before the mount until after the teardown, so a
         # signal can never kill the process half-way and leave a stale mount behind
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            session.mount(self.fs, self._fuse_mountpoint, fsname=f"nydusd-{self.daemon_id}")
+            self._mount_fuse()
             try:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
@@ -159,14 +172,29 @@ class Nydusd:
                     self.state = DaemonState.RUNNING
                     log.info("nydusd %s RUNNING (%s, %s) at %s; FUSE no_open %s", self.daemon_id,
                              self.fs_driver, "shared" if self.shared else "dedicated", self.mountpoint,
-                             "on" if self.fs.no_open else f"off ({no_open_unsupported_reason() or 'disabled'})")
+                             "on" if self.fs.no_open else f"off ({no_open_unsupported_reason(self.fuse_impl == 'll') or 'disabled'})")
                     task_status.started()
             finally:
                 with trio.CancelScope(shield=True):
                     await self._teardown()
 
+    def _mount_fuse(self) -> None:
+        assert self.fs is not None and self._fuse_mountpoint is not None
+        fsname = f"nydusd-{self.daemon_id}"
+        if self.fuse_impl == "pyfuse3":
+            session.mount(self.fs, self._fuse_mountpoint, fsname=fsname)
+            return
+        self._ll = FuseSession(self.fs, threads=self.thread_num or DEFAULT_LL_THREADS)
+        self._ll.mount(self._fuse_mountpoint, fsname=fsname, allow_other=os.geteuid() == 0)
+
     async def _fuse_main(self) -> None:
-        await pyfuse3.main()
+        if self._ll is not None:
+            # INIT is answered on a worker thread (it arrives right after mount(2)), then the
+            # session's own threads serve; this task only waits for the connection to end
+            await trio.to_thread.run_sync(self._ll.start)
+            await trio.to_thread.run_sync(self._ll.wait, abandon_on_cancel=True)
+        else:
+            await pyfuse3.main()
         # the FUSE session ended (umount from outside): nothing left to serve
         log.info("FUSE session on %s ended", self._fuse_mountpoint)
         self.shutdown()
@@ -191,7 +219,10 @@ class Nydusd:
             except RafsError as exc:
                 log.error("umount %s: %s", name, exc)
         try:
-            pyfuse3.close(unmount=True)
+            if self._ll is not None:
+                await trio.to_thread.run_sync(self._ll.stop)
+            else:
+                pyfuse3.close(unmount=True)
         except Exception as exc:  # already unmounted from outside
             log.warning("closing FUSE session: %s", exc)
         if self.fs_driver == "erofs" and self.blob_dir:
@@ -359,7 +390,9 @@ class Nydusd:
     async def _invalidate_root_entry(self, name: str, *, wait: bool = False) -> None:
         """Drop the kernel's entry of ``/<name>`` in the FUSE mount; ``wait``: done on return."""
         try:
-            if wait:  # from a worker thread: the trio loop keeps answering the kernel meanwhile
+            if self._ll is not None:
+                await trio.to_thread.run_sync(self._ll.invalidate_entry, pyfuse3.ROOT_INODE, name.encode())
+            elif wait:  # from a worker thread: the trio loop keeps answering the kernel meanwhile
                 await trio.to_thread.run_sync(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE, name.encode())
             else:
                 pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), ignore_enoent=True)
@@ -455,6 +488,7 @@ class Nydusd:
             "mountpoint": self.mountpoint,
             "blob_dir": self.blob_dir,
             "fuse_no_open": self.fs.no_open if self.fs else None,
+            "fuse_impl": self.fuse_impl,
             "instances": {
                 ("/" if n == "/" else "/" + n): {
                     "bootstrap": r.bootstrap, "fs_driver": r.fs_driver,
