@@ -38,7 +38,7 @@ VERSION = "0.1.0-py"
 FS_DRIVERS = ("fusedev", "erofs")
 #: FUSE session implementations (docs/mounts.md says when to use which)
 FUSE_IMPLS = ("ll", "pyfuse3")
-DEFAULT_FUSE_IMPL = "pyfuse3"
+DEFAULT_FUSE_IMPL = "ll"
 #: worker threads of the own FUSE loop (each with a cloned /dev/fuse fd) unless --thread-num
 DEFAULT_LL_THREADS = 2
 
