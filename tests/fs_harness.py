@@ -38,6 +38,11 @@ def _child(kwargs: dict, bootstrap: str | None, config: dict, opener_name) -> No
         opener = FakeOpener()
     elif opener_name != "real":
         opener = opener_name  # an opener object (fork: not pickled)
+    upgrade_from = kwargs.pop("upgrade_from", None)
+    if upgrade_from:  # the FUSE fds arrive over the holder's socket (SCM_RIGHTS), as with --upgrade
+        from rafs.fs.takeover import fetch_handover
+
+        kwargs["takeover"] = fetch_handover(upgrade_from)
     daemon = Nydusd(opener=opener, **kwargs)
     trio.run(daemon.run, bootstrap, config)
 

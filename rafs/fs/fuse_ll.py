@@ -68,6 +68,10 @@ MAX_READAHEAD = 1 << 20
 BUF_SIZE = MAX_PAGES * 4096 + 8192
 FUSE_DEV_IOC_CLONE = 0x8004E500     #: _IOR(229, 0, uint32_t)
 NOTIFY_INVAL_ENTRY = 3
+NOTIFY_RESEND = 7                   #: Linux 6.9: re-queue the requests taken but not answered
+UNIQUE_RESEND = 1 << 63             #: set in ``unique`` of a re-queued request
+STATE_VERSION = 1
+FAILOVER_POLICIES = ("resend", "flush")
 MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
 MNT_DETACH = 2
 
@@ -116,10 +120,52 @@ class FuseSession:
         self._stopping = False
         self._ended = threading.Event()
         self.init_state: dict[str, int] = {}
+        self._adopted = False
+        #: "resend": replayed requests are served; "flush": they are answered EIO
+        self.failover_policy = "resend"
+        self._lock = threading.Lock()
+        #: requests the kernel re-queued after a takeover (FUSE_NOTIFY_RESEND) and we answered
+        self.replayed = 0
 
     @property
     def fd(self) -> int:
         return self._fd
+
+    @property
+    def fds(self) -> list[int]:
+        """Every fd of the connection this session reads from (the main one first)."""
+        return [self._fd, *self._clones]
+
+    def handover_state(self) -> dict[str, Any]:
+        """What a successor needs besides the fds to adopt this session (JSON-able)."""
+        if not self.init_state:
+            raise MountError("FUSE session not initialised: nothing to hand over")
+        return {"version": STATE_VERSION, "mountpoint": self.mountpoint, **self.init_state}
+
+    def adopt(self, fds: list[int], state: Any, failover_policy: str = "resend") -> None:
+        """Take over a live, initialised connection: no mount, no INIT. ``start`` then serves
+        ``fds`` and asks the kernel to resend what the previous daemon had taken."""
+        if failover_policy not in FAILOVER_POLICIES:
+            raise MountError(f"failover policy: expected one of {FAILOVER_POLICIES}, got {failover_policy!r}")
+        problem = _state_problem(state)
+        if problem is None and not fds:
+            problem = "no /dev/fuse fd"
+        for fd in fds if problem is None else ():
+            try:
+                st = os.fstat(fd)
+            except OSError as exc:
+                problem = f"fd {fd}: {exc}"
+                break
+            if not stat.S_ISCHR(st.st_mode) or os.major(st.st_rdev) != 10 or os.minor(st.st_rdev) != 229:
+                problem = f"fd {fd} is not /dev/fuse"
+                break
+        if problem is not None:
+            raise MountError(f"cannot adopt the FUSE session: {problem}")
+        self._fd, self._clones = fds[0], list(fds[1:])
+        self.mountpoint = state["mountpoint"]
+        self.init_state = {k: state[k] for k in ("major", "minor", "flags", "max_readahead", "max_write")}
+        self.failover_policy = failover_policy
+        self._adopted = True
 
     # -------------------------------------------------------------- mount / unmount
 
@@ -141,27 +187,45 @@ class FuseSession:
         self.mountpoint = mountpoint
 
     def start(self) -> None:
-        """Answer INIT (on the calling thread), then serve from ``threads`` worker threads."""
-        self._handle_init()
-        fds = [self._fd]
-        for _ in range(self.threads - 1):
-            try:
-                fds.append(self._clone())
-            except OSError as exc:  # old kernels: all workers share the one fd
-                log.debug("FUSE_DEV_IOC_CLONE: %s", exc)
-                fds.append(self._fd)
-        self._clones = [f for f in fds if f != self._fd]
+        """Answer INIT (on the calling thread), then serve from ``threads`` worker threads
+        (an adopted session: from the adopted fds, after asking for a resend)."""
+        if self._adopted:
+            fds = self.fds
+        else:
+            self._handle_init()
+            fds = [self._fd]
+            for _ in range(self.threads - 1):
+                try:
+                    fds.append(self._clone())
+                except OSError as exc:  # old kernels: all workers share the one fd
+                    log.debug("FUSE_DEV_IOC_CLONE: %s", exc)
+                    fds.append(self._fd)
+            self._clones = [f for f in fds if f != self._fd]
         for i, fd in enumerate(fds):
             t = threading.Thread(target=self._serve, args=(fd,), name=f"fuse-ll-{i}", daemon=True)
             self._workers.append(t)
             t.start()
+        if self._adopted:
+            self._request_resend()
+
+    def _request_resend(self) -> None:
+        try:
+            os.write(self._fd, OUT_HEADER.pack(OUT_HEADER.size, NOTIFY_RESEND, 0))
+        except OSError as exc:  # before Linux 6.9: what the old daemon had taken stays lost
+            log.warning("FUSE_NOTIFY_RESEND refused (%s): requests in flight at the takeover hang "
+                        "until interrupted", exc)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the connection ends (unmounted or aborted); True when it has."""
         return self._ended.wait(timeout)
 
     def stop(self, *, unmount: bool = True) -> None:
+        """End the session; ``unmount=False`` (handover): leave the connection to a successor
+        and do not wait for workers blocked in read(2) (the process is about to exit)."""
         self._stopping = True
+        if not unmount:
+            self._ended.set()
+            return
         if unmount and self.mountpoint:
             if _libc.umount2(self.mountpoint.encode(), 0) != 0:
                 _libc.umount2(self.mountpoint.encode(), MNT_DETACH)
@@ -247,6 +311,12 @@ class FuseSession:
         _, opcode, unique, nodeid, *_ = IN_HEADER.unpack_from(buf)
         off = IN_HEADER.size
         fs = self.fs
+        if unique & UNIQUE_RESEND:
+            with self._lock:
+                self.replayed += 1
+            if self.failover_policy == "flush" and opcode not in (FORGET, BATCH_FORGET, INTERRUPT):
+                self._reply_err(fd, unique, errno.EIO)
+                return
         try:
             if opcode == READ:
                 fh, offset, size = READ_IN.unpack_from(buf, off)[:3]
@@ -324,3 +394,19 @@ class FuseSession:
             # plain READDIR does not count lookups (only READDIRPLUS would)
             del accept
         return bytes(out)
+
+
+def _state_problem(state: Any) -> str | None:
+    """Why ``state`` is not a usable handover state, or None."""
+    if not isinstance(state, dict):
+        return f"state is a {type(state).__name__}, not an object"
+    if state.get("version") != STATE_VERSION:
+        return f"state version {state.get('version')!r}, expected {STATE_VERSION}"
+    for key in ("major", "minor", "flags", "max_readahead", "max_write"):
+        if not isinstance(state.get(key), int) or isinstance(state.get(key), bool) or state[key] < 0:
+            return f"state field {key!r} missing or not a non-negative integer"
+    if state["major"] != KERNEL_MAJOR or state["minor"] > KERNEL_MINOR:
+        return f"protocol {state['major']}.{state['minor']} was not negotiated by this implementation"
+    if not isinstance(state.get("mountpoint"), str):
+        return "state field 'mountpoint' missing"
+    return None

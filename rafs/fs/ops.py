@@ -129,14 +129,18 @@ class RafsFs(pyfuse3.Operations):
 
     # ---------------------------------------------------------------- instance table
 
-    def add_instance(self, inst: Instance) -> None:
-        """Serve ``inst`` (shared: as ``/<inst.name>``; single: at the root)."""
+    def add_instance(self, inst: Instance, slot: int | None = None) -> None:
+        """Serve ``inst`` (shared: as ``/<inst.name>``; single: at the root); ``slot``: the one
+        it had in a daemon whose FUSE session this one took over (its inode numbers)."""
         if inst.name in self._by_name:
             raise RafsError(f"instance {inst.name!r} is already mounted")
         if not self.shared and self._slots:
             raise RafsError("a non-shared mount serves exactly one instance")
-        slot = self._next_slot
-        self._next_slot += 1
+        if slot is None:
+            slot = self._next_slot
+        elif slot in self._slots or slot < 1:
+            raise RafsError(f"instance slot {slot} is taken or invalid")
+        self._next_slot = max(self._next_slot, slot + 1)
         self._slots[slot] = inst
         self._by_name[inst.name] = slot
 
@@ -147,6 +151,9 @@ class RafsFs(pyfuse3.Operations):
             raise NotFound(f"no instance {name!r}")
         self._nodes.clear()
         return self._slots.pop(slot)
+
+    def slot_of(self, name: str) -> int:
+        return self._by_name[name]
 
     def instances(self) -> dict[str, Instance]:
         return {inst.name: inst for inst in self._slots.values()}
