@@ -27,6 +27,7 @@ from rafs.fs.takeover import FdHolder, fetch_handover, send_handover
 from tests import fs_harness
 from tests.fs_fakes import FakeOpener, make_image
 from tests.fs_harness import cleanup_mounts, require_fuse
+from tests.test_fs_erofs import _vector_tree, require_erofs, v6  # noqa: F401 - v6 is a fixture
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -213,3 +214,46 @@ def test_holder_round_trip_and_daemon_state_mismatch(tmp_path):
             os.close(f)
     finally:
         _stop(holder)
+
+
+@pytest.mark.erofs
+def test_sigkill_successor_adopts_erofs_blob_file_session(v6, tmp_path):
+    """The erofs driver: the kernel EROFS mount reads the FUSE blob file; the daemon serving it
+    dies mid-read, the successor adopts the blob-file session and the EROFS mount never notices."""
+    require_erofs()
+    require_fuse()
+    boot, data, contents = v6
+    opener = FakeOpener({boot: _vector_tree(data)})
+    open(data + ".slow", "w").write("5 2")  # sync_io.rs: one chunk stays in the daemon for 2 s
+    sock, holder = _holder(tmp_path)
+    mnt = str(tmp_path / "emnt")
+    a = b = None
+    try:
+        a, _ = _daemon(tmp_path, "ea", boot, opener, mountpoint=mnt, fs_driver="erofs", supervisor=sock)
+        assert erofs.mounted_fstype(mnt) == "erofs"
+        result = {}
+
+        def reader():
+            try:
+                result["sync_io.rs"] = open(os.path.join(mnt, "sync_io.rs"), "rb").read()
+            except OSError as exc:
+                result["error"] = exc
+
+        t = threading.Thread(target=reader)
+        t.start()
+        time.sleep(0.5)
+        os.kill(a.pid, signal.SIGKILL)
+        a.join(5)
+        b, client = _daemon(tmp_path, "eb", boot, opener, mountpoint=mnt, fs_driver="erofs",
+                            supervisor=sock, upgrade_from=sock)
+        t.join(20)
+        assert result == {"sync_io.rs": contents["sync_io.rs"]}
+        assert open(os.path.join(mnt, "lib.rs"), "rb").read() == contents["lib.rs"]
+        assert _replayed(client) >= 1
+        assert client.info()["instances"]["/"]["fs_driver"] == "erofs"
+    finally:
+        _stop(*(p for p in (a, b) if p is not None))
+        left = fs_harness.mounts_under(mnt)
+        cleanup_mounts(mnt)
+        _stop(holder)
+    assert not left, f"successor left mounts behind after SIGTERM: {left}"
