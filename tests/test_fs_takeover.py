@@ -257,3 +257,32 @@ def test_sigkill_successor_adopts_erofs_blob_file_session(v6, tmp_path):
         cleanup_mounts(mnt)
         _stop(holder)
     assert not left, f"successor left mounts behind after SIGTERM: {left}"
+
+
+def test_hot_upgrade_via_api_exit_handover(tmp_path):
+    """``PUT /api/v1/daemon/exit?handover=1``: the old daemon exits without unmounting, a
+    successor takes over, and a reader started in between gets its data from the successor."""
+    require_fuse()
+    boot, files = _tree(tmp_path)
+    sock, holder = _holder(tmp_path)
+    mnt = str(tmp_path / "mnt")
+    a = b = None
+    try:
+        a, old = _daemon(tmp_path, "a", boot, "fake", mountpoint=mnt, supervisor=sock)
+        assert open(mnt + "/d/f01", "rb").read() == files["/d/f01"]
+        old.exit(handover=True)
+        a.join(15)
+        assert a.exitcode == 0 and erofs.mounted_fstype(mnt) is not None
+        result = {}
+        t = threading.Thread(target=lambda: result.update(data=open(mnt + "/d/f02", "rb").read()))
+        t.start()  # blocks in the kernel until someone serves the connection
+        b, client = _daemon(tmp_path, "b", boot, "fake", mountpoint=mnt, supervisor=sock, upgrade_from=sock)
+        t.join(20)
+        assert result == {"data": files["/d/f02"]}
+        assert sorted(os.listdir(mnt + "/d"))[:2] == ["f00", "f01"]
+    finally:
+        _stop(*(p for p in (a, b) if p is not None))
+        left = fs_harness.mounts_under(mnt)
+        cleanup_mounts(mnt)
+        _stop(holder)
+    assert not left, f"successor left mounts behind after SIGTERM: {left}"
