@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 LOOKUP, FORGET, GETATTR, SETATTR, READLINK = 1, 2, 3, 4, 5
 OPEN, READ, WRITE, STATFS, RELEASE = 14, 15, 16, 17, 18
 GETXATTR, LISTXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 22, 23, 25, 26, 27, 28, 29
-ACCESS, CREATE, INTERRUPT, DESTROY, BATCH_FORGET = 34, 35, 36, 38, 42
+ACCESS, CREATE, INTERRUPT, DESTROY, BATCH_FORGET, READDIRPLUS = 34, 35, 36, 38, 42, 44
 OP_NAMES = {LOOKUP: "lookup", GETATTR: "getattr", READLINK: "readlink", OPEN: "open", READ: "read",
             STATFS: "statfs", RELEASE: "release", GETXATTR: "getxattr", LISTXATTR: "listxattr",
             OPENDIR: "opendir", READDIR: "readdir", ACCESS: "access"}
@@ -56,11 +56,13 @@ FOPEN_KEEP_CACHE = 1 << 1
 # INIT flags we ask for (each only if the kernel offers it)
 FUSE_ASYNC_READ = 1 << 0
 FUSE_BIG_WRITES = 1 << 5
+FUSE_DO_READDIRPLUS = 1 << 13
+FUSE_READDIRPLUS_AUTO = 1 << 14
 FUSE_ASYNC_DIO = 1 << 15
 FUSE_PARALLEL_DIROPS = 1 << 18
 FUSE_MAX_PAGES = 1 << 22
 FUSE_CACHE_SYMLINKS = 1 << 23
-WANTED_FLAGS = (FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_ASYNC_DIO | FUSE_PARALLEL_DIROPS
+WANTED_FLAGS = (FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_DO_READDIRPLUS | FUSE_READDIRPLUS_AUTO | FUSE_ASYNC_DIO | FUSE_PARALLEL_DIROPS
                 | FUSE_MAX_PAGES | FUSE_CACHE_SYMLINKS)
 MAX_WRITE = 128 * 1024
 MAX_PAGES = 256                     #: 1 MiB reads
@@ -340,9 +342,9 @@ class FuseSession:
             elif opcode == OPENDIR:
                 fh = _run(fs.opendir(nodeid, None))
                 self._reply(fd, unique, OPEN_OUT.pack(fh, FOPEN_KEEP_CACHE, 0))
-            elif opcode == READDIR:
+            elif opcode in (READDIR, READDIRPLUS):
                 fh, offset, size = READ_IN.unpack_from(buf, off)[:3]
-                self._reply(fd, unique, self._readdir(fh, offset, size))
+                self._reply(fd, unique, self._readdir(fh, offset, size, opcode == READDIRPLUS))
             elif opcode == READLINK:
                 self._reply(fd, unique, _run(fs.readlink(nodeid, None)))
             elif opcode in (RELEASE, RELEASEDIR, FLUSH):
@@ -383,16 +385,18 @@ class FuseSession:
         else:
             self._reply(fd, unique, data)
 
-    def _readdir(self, fh: int, offset: int, size: int) -> bytes:
+    def _readdir(self, fh: int, offset: int, size: int, plus: bool) -> bytes:
         out = bytearray()
         for name, entry, next_off, accept in self.fs.readdir_entries(fh, offset):
             rec = DIRENT.pack(entry.st_ino, next_off, len(name), stat.S_IFMT(entry.st_mode) >> 12) + name
             rec += b"\0" * (-len(rec) % 8)
+            if plus:  # fuse_direntplus: the entry (the kernel takes a lookup reference) + dirent
+                rec = _entry_out(entry) + rec
             if len(out) + len(rec) > size:
                 break
             out += rec
-            # plain READDIR does not count lookups (only READDIRPLUS would)
-            del accept
+            if plus:
+                accept()
         return bytes(out)
 
 
