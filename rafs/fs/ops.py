@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -124,6 +125,7 @@ class RafsFs(pyfuse3.Operations):
         self._by_name: dict[str, int] = {}
         self._next_slot = 1
         self._lookups: dict[int, int] = {}
+        self._lookup_lock = threading.Lock()
         self._nodes: dict[int, tuple[Instance, Any]] = {}  #: FUSE ino -> (instance, image inode)
         self._started = time.time()
 
@@ -225,7 +227,8 @@ class RafsFs(pyfuse3.Operations):
         return self._entry(self._gino(slot, inst, root.ino), root, PSEUDO_TIMEOUT)
 
     def _counted(self, entry: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
-        self._lookups[entry.st_ino] = self._lookups.get(entry.st_ino, 0) + 1
+        with self._lookup_lock:  # the own FUSE loop answers from several threads
+            self._lookups[entry.st_ino] = self._lookups.get(entry.st_ino, 0) + 1
         return entry
 
     # ---------------------------------------------------------------- metadata ops
@@ -246,6 +249,10 @@ class RafsFs(pyfuse3.Operations):
         return self._counted(self._entry(self._gino(slot, inst, child.ino), child))
 
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        with self._lookup_lock:
+            self._forget(inode_list)
+
+    def _forget(self, inode_list: list[tuple[int, int]]) -> None:
         for gino, nlookup in inode_list:
             left = self._lookups.get(gino, 0) - nlookup
             if left > 0:
