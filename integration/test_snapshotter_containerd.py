@@ -306,8 +306,9 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
         if fs_driver == "fusedev":  # the containers' files came through FUSE no_open where it works
             from rafs.fs.ops import no_open_unsupported_reason  # noqa: PLC0415
 
-            want = no_open_unsupported_reason() is None
-            assert [d.get("fuse_no_open") for d in live_daemons(sn.root).values()] == [want]
+            daemons = list(live_daemons(sn.root).values())
+            want = [no_open_unsupported_reason(d.get("fuse_impl") == "ll") is None for d in daemons]
+            assert [d.get("fuse_no_open") for d in daemons] == want and len(daemons) == 1
         if daemon_mode == "dedicated":
             assert len(rafs_mounts()) == 1
         with grpc.insecure_channel(f"unix:{sn.address}") as ch:

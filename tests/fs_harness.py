@@ -38,6 +38,11 @@ def _child(kwargs: dict, bootstrap: str | None, config: dict, opener_name) -> No
         opener = FakeOpener()
     elif opener_name != "real":
         opener = opener_name  # an opener object (fork: not pickled)
+    upgrade_from = kwargs.pop("upgrade_from", None)
+    if upgrade_from:  # the FUSE fds arrive over the holder's socket (SCM_RIGHTS), as with --upgrade
+        from rafs.fs.takeover import fetch_handover
+
+        kwargs["takeover"] = fetch_handover(upgrade_from)
     daemon = Nydusd(opener=opener, **kwargs)
     trio.run(daemon.run, bootstrap, config)
 
@@ -45,12 +50,15 @@ def _child(kwargs: dict, bootstrap: str | None, config: dict, opener_name) -> No
 @contextlib.contextmanager
 def running_daemon(tmp_path, *, bootstrap: str | None = None, config: dict | None = None,
                    fs_driver: str = "fusedev", opener="fake", name: str = "d",
-                   fuse_no_open: bool | None = None):
+                   fuse_no_open: bool | None = None, fuse_impl: str | None = None):
     """Yield ``(client, mountpoint, process)``; always unmounts and stops the child."""
     mnt = str(tmp_path / f"{name}-mnt")
     sock = str(tmp_path / f"{name}.sock")
     kwargs = dict(mountpoint=mnt, apisock=sock, fs_driver=fs_driver, daemon_id=name,
                   fuse_no_open=fuse_no_open)
+    fuse_impl = fuse_impl or os.environ.get("NYDUS_TEST_FUSE_IMPL")  # run a whole suite on one impl
+    if fuse_impl:
+        kwargs["fuse_impl"] = fuse_impl
     ctx = multiprocessing.get_context("fork")
     proc = ctx.Process(target=_child, args=(kwargs, bootstrap, config or {}, opener), daemon=True)
     proc.start()

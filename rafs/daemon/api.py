@@ -10,7 +10,9 @@ Endpoints (upstream paths):
   :mod:`rafs.trace`; only with ``fs_prefetch.record_trace``; ours, not upstream's)
 * ``GET /api/v1/metrics[?id=/<id>]`` — Prometheus text (``/metrics/backend``, ``/metrics/blobcache``:
   only the storage backend / cache + prefetch families)
-* ``PUT /api/v1/daemon/exit`` — unmount everything and exit
+* ``PUT /api/v1/daemon/exit`` — unmount everything and exit; ``?handover=1``: exit leaving the
+  FUSE connection (and the erofs mounts) to a successor (``--upgrade``; own FUSE loop only)
+* ``PUT /api/v1/daemon/fuse/sendfd`` — send the FUSE fds and handover state to ``--supervisor``
 
 Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500. Every malformed
 request is a 4xx with the reason: bad HTTP, a body that is not a JSON object (or nested too
@@ -198,7 +200,13 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes) -> tuple
     if path in ("/api/v1/metrics/backend", "/api/v1/metrics/blobcache") and method == "GET":
         return 200, daemon.metrics_text(query.get("id"), kind=path.rsplit("/", 1)[1])
     if path == "/api/v1/daemon/exit" and method == "PUT":
+        if query.get("handover") in ("1", "true"):
+            await daemon.send_handover()  # the holder has the newest state before we go
+            daemon.prepare_handover_exit()
         return 204, _EXIT
+    if path == "/api/v1/daemon/fuse/sendfd" and method == "PUT":
+        await daemon.send_handover()
+        return 204, None
     return 404 if method in ("GET", "POST", "PUT", "DELETE") else 405, {
         "code": "NotFound", "message": f"no endpoint {method} {url.path}"}
 
@@ -280,5 +288,8 @@ class DaemonClient:
         q = "?" + urllib.parse.urlencode({"id": instance}) if instance else ""
         return self.request("GET", f"/api/v1/metrics{q}", raw=True)
 
-    def exit(self) -> None:
-        self.request("PUT", "/api/v1/daemon/exit")
+    def exit(self, *, handover: bool = False) -> None:
+        self.request("PUT", "/api/v1/daemon/exit" + ("?handover=1" if handover else ""))
+
+    def send_fd(self) -> None:
+        self.request("PUT", "/api/v1/daemon/fuse/sendfd")

@@ -15,7 +15,7 @@ import threading
 import trio
 
 from rafs.daemon.config import DaemonConfig
-from rafs.daemon.service import FS_DRIVERS, Nydusd, Opener
+from rafs.daemon.service import DEFAULT_FUSE_IMPL, FS_DRIVERS, FUSE_IMPLS, Nydusd, Opener
 from rafs.errors import RafsError
 from rafs.cli_common import version_string
 
@@ -48,12 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer FUSE open with ENOSYS so the kernel stops sending open/release "
                         "(auto: when pyfuse3 carries misc/pyfuse3/read-ino.patch and the kernel "
                         "is 4.20+)")
+    p.add_argument("--fuse-impl", choices=list(FUSE_IMPLS), default=DEFAULT_FUSE_IMPL,
+                   help="FUSE session: 'll' (own loop over /dev/fuse, worker threads with cloned "
+                        "fds) or 'pyfuse3' (libfuse); see docs/mounts.md")
     p.add_argument("--prefetch-files", nargs="*", default=None, help="files to prefetch after mount")
     p.add_argument("--daemon", "-D", action="store_true", help="detach once RUNNING")
-    p.add_argument("--supervisor", help=argparse.SUPPRESS)
-    p.add_argument("--failover-policy", help=argparse.SUPPRESS)
+    p.add_argument("--supervisor", help="unix socket of the FUSE fd holder: the daemon sends its "
+                                        "/dev/fuse fds and handover state there (own FUSE loop only)")
+    p.add_argument("--upgrade", action="store_true",
+                   help="take over the FUSE session held at --supervisor (no new mount, no INIT)")
+    p.add_argument("--failover-policy", choices=["resend", "flush"], default="resend",
+                   help="with --upgrade: requests the previous daemon had taken are served again "
+                        "(resend) or answered EIO (flush)")
     p.add_argument("--log-rotation-size", help=argparse.SUPPRESS)
     return p
+
+
+def _takeover(args: argparse.Namespace) -> tuple[list[int], dict] | None:
+    if not args.upgrade:
+        return None
+    if not args.supervisor:
+        raise RafsError("--upgrade needs --supervisor (where the FUSE session is held)")
+    from rafs.fs.takeover import fetch_handover
+
+    return fetch_handover(args.supervisor)
 
 
 def _setup_logging(level: str, log_file: str | None) -> None:
@@ -158,7 +176,9 @@ def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
         daemon = Nydusd(mountpoint=args.mountpoint, apisock=args.apisock, fs_driver=args.fs_driver,
                         daemon_id=args.id, blob_dir=args.blob_dir, thread_num=args.thread_num,
                         opener=opener,
-                        fuse_no_open={"auto": None, "on": True, "off": False}[args.fuse_no_open])
+                        fuse_no_open={"auto": None, "on": True, "off": False}[args.fuse_no_open],
+                        fuse_impl=args.fuse_impl, supervisor=args.supervisor,
+                        takeover=_takeover(args), failover_policy=args.failover_policy)
 
         async def run() -> None:
             async with trio.open_nursery() as nursery:

@@ -27,6 +27,7 @@ from rafs import erofs
 from rafs.daemon.config import DaemonConfig, check_instance_name
 from rafs.errors import ConfigError, FormatError, MountError, NotFound, RafsError, UnsupportedError
 from rafs.fs import session
+from rafs.fs.fuse_ll import FuseSession
 from rafs.fs.instance import BlobFiles, Instance
 from rafs.fs.ops import RafsFs, no_open_unsupported_reason
 from storage.device import BlobReadDevice
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0-py"
 FS_DRIVERS = ("fusedev", "erofs")
+#: FUSE session implementations (docs/mounts.md says when to use which)
+FUSE_IMPLS = ("ll", "pyfuse3")
+DEFAULT_FUSE_IMPL = "ll"
+#: worker threads of the own FUSE loop (each with a cloned /dev/fuse fd) unless --thread-num
+DEFAULT_LL_THREADS = 2
 
 
 class DaemonState(str, enum.Enum):
@@ -92,9 +98,24 @@ class Nydusd:
 
     def __init__(self, *, mountpoint: str, apisock: str | None = None, fs_driver: str = "fusedev",
                  daemon_id: str = "", blob_dir: str | None = None, thread_num: int = 0,
-                 opener: Opener | None = None, fuse_no_open: bool | None = None) -> None:
+                 opener: Opener | None = None, fuse_no_open: bool | None = None,
+                 fuse_impl: str = DEFAULT_FUSE_IMPL, supervisor: str | None = None,
+                 takeover: tuple[list[int], Any] | None = None, failover_policy: str = "resend") -> None:
         if fs_driver not in FS_DRIVERS:
             raise ConfigError(f"--fs-driver: expected one of {FS_DRIVERS}, got {fs_driver!r}")
+        if fuse_impl not in FUSE_IMPLS:
+            raise ConfigError(f"--fuse-impl: expected one of {FUSE_IMPLS}, got {fuse_impl!r}")
+        #: "ll": this project's own FUSE loop (rafs/fs/fuse_ll.py); "pyfuse3": libfuse via pyfuse3
+        self.fuse_impl = fuse_impl
+        self._ll: FuseSession | None = None
+        #: unix socket of the fd holder (send_handover); takeover: (fds, state) fetched from it
+        self.supervisor = supervisor
+        self._takeover = takeover
+        self.failover_policy = failover_policy
+        self._handing_over = False
+        self._restored = trio.Event()
+        if takeover is not None and fuse_impl != "ll":
+            raise ConfigError("taking over a FUSE session needs --fuse-impl ll")
         self.mountpoint = os.path.abspath(mountpoint)
         self.apisock = apisock
         self.fs_driver = fs_driver
@@ -113,7 +134,7 @@ class Nydusd:
         self._cancel: trio.CancelScope | None = None
         self._lock = trio.Lock()
         self._prefetch_threads: list[threading.Thread] = []
-        self._saved_readahead: tuple[str, str] | None = None  #: (sysfs path, value) while tracing
+        self._saved_readahead: tuple[str, str] | None = None  #: (sysfs path, value) while erofs instances are mounted
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -127,21 +148,24 @@ class Nydusd:
         if self.thread_num:
             trio.to_thread.current_default_thread_limiter().total_tokens = self.thread_num
         self.shared = bootstrap is None
+        if self._takeover is not None:
+            self.shared = self._check_takeover(bootstrap)
         if self.fs_driver == "erofs":
             erofs.require_file_backed()
-            self.fs = RafsFs(shared=True, no_open=self.fuse_no_open)
+            self.fs = RafsFs(shared=True, no_open=self.fuse_no_open, read_gets_ino=self.fuse_impl == "ll")
             if self.blob_dir is None:
                 self.blob_dir = self.mountpoint.rstrip("/") + ".blobs"
             os.makedirs(self.blob_dir, exist_ok=True)
             self._fuse_mountpoint = self.blob_dir
         else:
-            self.fs = RafsFs(shared=self.shared, no_open=self.fuse_no_open)
+            self.fs = RafsFs(shared=self.shared, no_open=self.fuse_no_open,
+                             read_gets_ino=self.fuse_impl == "ll")
             self._fuse_mountpoint = self.mountpoint
         os.makedirs(self.mountpoint, exist_ok=True)
         # SIGTERM/SIGINT are caught from before the mount until after the teardown, so a
         # signal can never kill the process half-way and leave a stale mount behind
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            session.mount(self.fs, self._fuse_mountpoint, fsname=f"nydusd-{self.daemon_id}")
+            self._mount_fuse()
             try:
                 async with trio.open_nursery() as nursery:
                     self._cancel = nursery.cancel_scope
@@ -154,19 +178,48 @@ class Nydusd:
                     nursery.start_soon(self._signals, signals)
                     if self.apisock:
                         await nursery.start(api.serve, self, self.apisock)
-                    if bootstrap is not None:
+                    if self._takeover is not None:
+                        await self._restore_instances(self._takeover[1])
+                        self._restored.set()
+                    elif bootstrap is not None:
                         await self.mount_instance("/", bootstrap, config or {})
                     self.state = DaemonState.RUNNING
+                    await self._resend_handover()
                     log.info("nydusd %s RUNNING (%s, %s) at %s; FUSE no_open %s", self.daemon_id,
                              self.fs_driver, "shared" if self.shared else "dedicated", self.mountpoint,
-                             "on" if self.fs.no_open else f"off ({no_open_unsupported_reason() or 'disabled'})")
+                             "on" if self.fs.no_open else f"off ({no_open_unsupported_reason(self.fuse_impl == 'll') or 'disabled'})")
                     task_status.started()
             finally:
                 with trio.CancelScope(shield=True):
                     await self._teardown()
 
+    def _mount_fuse(self) -> None:
+        assert self.fs is not None and self._fuse_mountpoint is not None
+        fsname = f"nydusd-{self.daemon_id}"
+        if self._takeover is not None:
+            fds, state = self._takeover
+            self._ll = FuseSession(self.fs, threads=len(fds))
+            self._ll.adopt(fds, state.get("session") if isinstance(state, dict) else state,
+                           self.failover_policy)
+            log.info("adopting the FUSE session on %s (%d fds, failover policy %s)",
+                     self._fuse_mountpoint, len(fds), self.failover_policy)
+            return
+        if self.fuse_impl == "pyfuse3":
+            session.mount(self.fs, self._fuse_mountpoint, fsname=fsname)
+            return
+        self._ll = FuseSession(self.fs, threads=self.thread_num or DEFAULT_LL_THREADS)
+        self._ll.mount(self._fuse_mountpoint, fsname=fsname, allow_other=os.geteuid() == 0)
+
     async def _fuse_main(self) -> None:
-        await pyfuse3.main()
+        if self._ll is not None:
+            if self._takeover is not None:  # serve only once every instance has its old slot
+                await self._restored.wait()
+            # INIT is answered on a worker thread (it arrives right after mount(2)), then the
+            # session's own threads serve; this task only waits for the connection to end
+            await trio.to_thread.run_sync(self._ll.start)
+            await trio.to_thread.run_sync(self._ll.wait, abandon_on_cancel=True)
+        else:
+            await pyfuse3.main()
         # the FUSE session ended (umount from outside): nothing left to serve
         log.info("FUSE session on %s ended", self._fuse_mountpoint)
         self.shutdown()
@@ -185,13 +238,21 @@ class Nydusd:
 
     async def _teardown(self) -> None:
         self.state = DaemonState.STOPPED
+        if self._handing_over:  # the successor serves the FUSE connection and the erofs mounts
+            if self._ll is not None:
+                self._ll.stop(unmount=False)
+            log.info("exiting for a handover; the FUSE connection stays with the supervisor")
+            return
         for name in list(self.records):
             try:
                 await self._umount(name, lazy=True)
             except RafsError as exc:
                 log.error("umount %s: %s", name, exc)
         try:
-            pyfuse3.close(unmount=True)
+            if self._ll is not None:
+                await trio.to_thread.run_sync(lambda: self._ll.stop(unmount=not self._handing_over))
+            else:
+                pyfuse3.close(unmount=True)
         except Exception as exc:  # already unmounted from outside
             log.warning("closing FUSE session: %s", exc)
         if self.fs_driver == "erofs" and self.blob_dir:
@@ -207,6 +268,77 @@ class Nydusd:
 
     # ------------------------------------------------------------------ instances
 
+    # ------------------------------------------------------------------ failover / hot upgrade
+
+    def handover_state(self) -> dict:
+        """JSON-able state a successor needs with the FUSE fds (``--upgrade``)."""
+        if self._ll is None or self.fs is None:
+            raise UnsupportedError("handover needs the own FUSE loop (--fuse-impl ll)")
+        instances = []
+        for name, rec in self.records.items():
+            key = ("root" if name == "/" else name) if rec.fs_driver == "erofs" else (name if name != "/" else "")
+            inst = self.fs.instances()[key]
+            instances.append({"name": name, "bootstrap": rec.bootstrap, "config": inst.config,
+                              "slot": self.fs.slot_of(key), "blob_files": list(rec.blob_files)})
+        return {"version": 1, "daemon_id": self.daemon_id, "fs_driver": self.fs_driver,
+                "shared": self.shared, "mountpoint": self.mountpoint,
+                "session": self._ll.handover_state(),
+                "instances": sorted(instances, key=lambda i: i["slot"])}
+
+    async def send_handover(self) -> None:
+        """Give the supervisor the FUSE fds and the current handover state."""
+        if not self.supervisor:
+            raise ConfigError("no --supervisor socket to send the FUSE session to")
+        from rafs.fs.takeover import send_handover
+
+        state = self.handover_state()
+        await trio.to_thread.run_sync(send_handover, self.supervisor, state, self._ll.fds)
+
+    async def _resend_handover(self) -> None:
+        """Keep the supervisor's copy of the state current (instances come and go)."""
+        if self.supervisor and self._ll is not None and self.state == DaemonState.RUNNING:
+            try:
+                await self.send_handover()
+            except RafsError as exc:
+                log.warning("sending the FUSE session to %s: %s", self.supervisor, exc)
+
+    def prepare_handover_exit(self) -> None:
+        """The next shutdown leaves the FUSE connection and erofs mounts in place."""
+        if self._ll is None:
+            raise UnsupportedError("handover needs the own FUSE loop (--fuse-impl ll)")
+        self._handing_over = True
+
+    def exit_for_handover(self) -> None:
+        self.prepare_handover_exit()
+        self.shutdown()
+
+    @property
+    def replayed_requests(self) -> int:
+        return self._ll.replayed if self._ll is not None else 0
+
+    def _check_takeover(self, bootstrap: str | None) -> bool:
+        """Validate the daemon part of the takeover state; whether the daemon is shared."""
+        state = self._takeover[1] if self._takeover else None
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise MountError(f"cannot adopt the FUSE session: bad handover state {str(state)[:200]!r}")
+        if state.get("fs_driver") != self.fs_driver or state.get("mountpoint") != self.mountpoint:
+            raise MountError(f"cannot adopt the FUSE session: it belongs to a {state.get('fs_driver')} "
+                             f"daemon at {state.get('mountpoint')}, not {self.fs_driver} at {self.mountpoint}")
+        instances = state.get("instances")
+        if not isinstance(instances, list) or not all(
+                isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("bootstrap"), str)
+                and isinstance(i.get("slot"), int) for i in instances):
+            raise MountError("cannot adopt the FUSE session: bad instance list in the handover state")
+        if bootstrap is not None and [i["bootstrap"] for i in instances] != [bootstrap]:
+            raise MountError("cannot adopt the FUSE session: it serves another bootstrap")
+        return bool(state.get("shared"))
+
+    async def _restore_instances(self, state: dict) -> None:
+        for i in state["instances"]:
+            mountpoint = "/" if i["name"] == "/" else "/" + i["name"]
+            await self.mount_instance(mountpoint, i["bootstrap"], i.get("config") or {},
+                                      adopt_slot=i["slot"], adopt_devices=tuple(i.get("blob_files") or ()))
+
     def _instance_name(self, mountpoint: str) -> str:
         if not self.shared:
             if mountpoint != "/":
@@ -219,8 +351,10 @@ class Nydusd:
     def _target(self, name: str) -> str:
         return self.mountpoint if name == "/" else os.path.join(self.mountpoint, name)
 
-    async def mount_instance(self, mountpoint: str, bootstrap: str, config: dict | str) -> MountRecord:
-        """Mount one RAFS instance (``POST /api/v1/mount``)."""
+    async def mount_instance(self, mountpoint: str, bootstrap: str, config: dict | str, *,
+                             adopt_slot: int | None = None, adopt_devices: tuple[str, ...] = ()) -> MountRecord:
+        """Mount one RAFS instance (``POST /api/v1/mount``); ``adopt_slot``: re-create an
+        instance of an adopted FUSE session (same inode numbers; its erofs mount exists)."""
         name = self._instance_name(mountpoint)
         async with self._lock:
             if name in self.records:
@@ -238,16 +372,16 @@ class Nydusd:
             await trio.to_thread.run_sync(seed_blob_metas, bootstrap, list(tree.blobs), cfg)
             try:
                 if self.fs_driver == "erofs":
-                    record = await self._mount_erofs(name, bootstrap, tree, cfg)
+                    record = await self._mount_erofs(name, bootstrap, tree, cfg, adopt_slot, adopt_devices)
                 else:
                     device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
                     _give_chunk_source(device, tree)
                     inst = Instance(name if name != "/" else "", tree, device, bootstrap=bootstrap,
                                     config=cfg.raw, enable_xattr=cfg.enable_xattr)
                     _start_trace(inst, cfg)
-                    self.fs.add_instance(inst)
+                    self.fs.add_instance(inst, adopt_slot)
                     record = MountRecord(name, bootstrap, "fusedev", self._target(name))
-                    if self.shared:
+                    if self.shared and adopt_slot is None:
                         await self._invalidate_root_entry(name)
                     self._start_prefetch(inst, cfg)
             except BaseException:
@@ -257,9 +391,11 @@ class Nydusd:
                 raise
             self.records[name] = record
             log.info("mounted %s (%s) at %s", bootstrap, record.fs_driver, record.mountpoint)
+            await self._resend_handover()
             return record
 
-    async def _mount_erofs(self, name: str, bootstrap: str, tree: Any, cfg: DaemonConfig) -> MountRecord:
+    async def _mount_erofs(self, name: str, bootstrap: str, tree: Any, cfg: DaemonConfig,
+                           adopt_slot: int | None = None, adopt_devices: tuple[str, ...] = ()) -> MountRecord:
         blob_files = await trio.to_thread.run_sync(BlobFiles, tree)  # UnsupportedError if unaligned
         device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
         _give_chunk_source(device, tree)
@@ -272,6 +408,10 @@ class Nydusd:
         _start_trace(inst, cfg)
         # stat(2) of our own FUSE mount: not on the event loop
         await trio.to_thread.run_sync(self._blob_files_without_readahead)
+        if adopt_slot is not None:  # the erofs mount outlived the previous daemon: serve it as is
+            self.fs.add_instance(inst, adopt_slot)
+            self._start_prefetch(inst, cfg)
+            return MountRecord(name, bootstrap, "erofs", self._target(name), adopt_devices)
         devices = []
         for blob in blob_files.blobs:
             # the kernel reads a complete cache file directly: every chunk is checked against its
@@ -361,11 +501,14 @@ class Nydusd:
             self._restore_readahead()
         await trio.to_thread.run_sync(inst.close)
         log.info("unmounted %s", record.mountpoint)
+        await self._resend_handover()
 
     async def _invalidate_root_entry(self, name: str, *, wait: bool = False) -> None:
         """Drop the kernel's entry of ``/<name>`` in the FUSE mount; ``wait``: done on return."""
         try:
-            if wait:  # from a worker thread: the trio loop keeps answering the kernel meanwhile
+            if self._ll is not None:
+                await trio.to_thread.run_sync(self._ll.invalidate_entry, pyfuse3.ROOT_INODE, name.encode())
+            elif wait:  # from a worker thread: the trio loop keeps answering the kernel meanwhile
                 await trio.to_thread.run_sync(pyfuse3.invalidate_entry, pyfuse3.ROOT_INODE, name.encode())
             else:
                 pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), ignore_enoent=True)
@@ -461,6 +604,7 @@ class Nydusd:
             "mountpoint": self.mountpoint,
             "blob_dir": self.blob_dir,
             "fuse_no_open": self.fs.no_open if self.fs else None,
+            "fuse_impl": self.fuse_impl,
             "instances": {
                 ("/" if n == "/" else "/" + n): {
                     "bootstrap": r.bootstrap, "fs_driver": r.fs_driver,
@@ -499,6 +643,10 @@ class Nydusd:
                       "# TYPE nydusd_fuse_requests_total counter"]
             lines += [f'nydusd_fuse_requests_total{{daemon="{self.daemon_id}",op="{op}"}} {n}'
                       for op, n in self.fs.requests.items()]
+            lines += ["# HELP nydusd_fuse_requests_replayed_total Requests the kernel resent after "
+                      "this daemon took the FUSE session over (FUSE_NOTIFY_RESEND).",
+                      "# TYPE nydusd_fuse_requests_replayed_total counter",
+                      f'nydusd_fuse_requests_replayed_total{{daemon="{self.daemon_id}"}} {self.replayed_requests}']
         series = [
             ("nydusd_read_count", "counter", "FUSE reads that reached the daemon.", "read_count"),
             ("nydusd_total_read_bytes", "counter", "Bytes returned by FUSE reads.", "read_bytes"),

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -53,9 +54,10 @@ def _kernel_has_no_open(release: str | None = None) -> bool:
     return bool(m) and (int(m.group(1)), int(m.group(2))) >= (4, 20)
 
 
-def no_open_unsupported_reason() -> str | None:
-    """Why FUSE no_open cannot be used here, or None when it can."""
-    if not getattr(pyfuse3, "READ_INO_WITHOUT_FH", False):
+def no_open_unsupported_reason(read_gets_ino: bool = False) -> str | None:
+    """Why FUSE no_open cannot be used here, or None when it can (``read_gets_ino``: the session
+    hands ``read`` the inode when there is no handle, as the own loop in fuse_ll.py does)."""
+    if not read_gets_ino and not getattr(pyfuse3, "READ_INO_WITHOUT_FH", False):
         return ("stock pyfuse3 drops the inode in read() when a file has no handle "
                 "(install misc/pyfuse3/install.sh)")
     if not _kernel_has_no_open():
@@ -69,9 +71,27 @@ NODE_CACHE_SIZE = 1 << 17
 T = TypeVar("T")
 
 
+def fuse_errno(exc: BaseException, what: str) -> int:
+    """The errno for the kernel of an error raised by an op (the only errno mapping; both FUSE
+    session implementations use it), logging the failures that are not a plain "no such entry"."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc.errno
+    if isinstance(exc, StaleHandle):
+        return errno.ESTALE
+    if isinstance(exc, (NotFound, KeyError, FileNotFoundError)):
+        return errno.ENOENT
+    if isinstance(exc, (NotADirectory, NotADirectoryError)):
+        return errno.ENOTDIR
+    if isinstance(exc, (RafsError, StorageError, OSError)):
+        log.error("%s failed: %s: %s", what, type(exc).__name__, exc)
+        return errno.EIO
+    # a bug must not take the whole mount down
+    log.error("%s: unexpected %s", what, type(exc).__name__, exc_info=exc)
+    return errno.EIO
+
+
 def fuse_errors(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Map this project's errors to errno for the kernel (the only place doing so) and log
-    the failures that are not a plain "no such entry"."""
+    """Raise :func:`fuse_errno` of any error as ``pyfuse3.FUSEError``."""
 
     @functools.wraps(func)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -79,18 +99,8 @@ def fuse_errors(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]
             return await func(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except StaleHandle as exc:
-            raise pyfuse3.FUSEError(errno.ESTALE) from exc
-        except (NotFound, KeyError, FileNotFoundError) as exc:
-            raise pyfuse3.FUSEError(errno.ENOENT) from exc
-        except (NotADirectory, NotADirectoryError) as exc:
-            raise pyfuse3.FUSEError(errno.ENOTDIR) from exc
-        except (RafsError, StorageError, OSError) as exc:
-            log.error("%s failed: %s: %s", func.__name__, type(exc).__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
-        except Exception as exc:  # a bug must not take the whole mount down
-            log.exception("%s: unexpected %s", func.__name__, type(exc).__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
+        except Exception as exc:
+            raise pyfuse3.FUSEError(fuse_errno(exc, func.__name__)) from exc
 
     return wrapper
 
@@ -100,13 +110,13 @@ class RafsFs(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, *, shared: bool, no_open: bool | None = None) -> None:
+    def __init__(self, *, shared: bool, no_open: bool | None = None, read_gets_ino: bool = False) -> None:
         super().__init__()
         self.shared = shared
         #: answer ``open`` with ENOSYS once, so the kernel stops sending open/release (its
         #: "no_open" mode keeps the page cache as ``keep_cache`` does); needs a pyfuse3 whose
         #: ``read`` gets the inode when there is no handle (misc/pyfuse3/read-ino.patch)
-        why_not = no_open_unsupported_reason()
+        why_not = no_open_unsupported_reason(read_gets_ino)
         if no_open and why_not:
             raise RafsError(f"FUSE no_open unavailable: {why_not}")
         self.no_open = why_not is None if no_open is None else no_open
@@ -115,19 +125,24 @@ class RafsFs(pyfuse3.Operations):
         self._by_name: dict[str, int] = {}
         self._next_slot = 1
         self._lookups: dict[int, int] = {}
+        self._lookup_lock = threading.Lock()
         self._nodes: dict[int, tuple[Instance, Any]] = {}  #: FUSE ino -> (instance, image inode)
         self._started = time.time()
 
     # ---------------------------------------------------------------- instance table
 
-    def add_instance(self, inst: Instance) -> None:
-        """Serve ``inst`` (shared: as ``/<inst.name>``; single: at the root)."""
+    def add_instance(self, inst: Instance, slot: int | None = None) -> None:
+        """Serve ``inst`` (shared: as ``/<inst.name>``; single: at the root); ``slot``: the one
+        it had in a daemon whose FUSE session this one took over (its inode numbers)."""
         if inst.name in self._by_name:
             raise RafsError(f"instance {inst.name!r} is already mounted")
         if not self.shared and self._slots:
             raise RafsError("a non-shared mount serves exactly one instance")
-        slot = self._next_slot
-        self._next_slot += 1
+        if slot is None:
+            slot = self._next_slot
+        elif slot in self._slots or slot < 1:
+            raise RafsError(f"instance slot {slot} is taken or invalid")
+        self._next_slot = max(self._next_slot, slot + 1)
         self._slots[slot] = inst
         self._by_name[inst.name] = slot
 
@@ -138,6 +153,9 @@ class RafsFs(pyfuse3.Operations):
             raise NotFound(f"no instance {name!r}")
         self._nodes.clear()
         return self._slots.pop(slot)
+
+    def slot_of(self, name: str) -> int:
+        return self._by_name[name]
 
     def instances(self) -> dict[str, Instance]:
         return {inst.name: inst for inst in self._slots.values()}
@@ -209,7 +227,8 @@ class RafsFs(pyfuse3.Operations):
         return self._entry(self._gino(slot, inst, root.ino), root, PSEUDO_TIMEOUT)
 
     def _counted(self, entry: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
-        self._lookups[entry.st_ino] = self._lookups.get(entry.st_ino, 0) + 1
+        with self._lookup_lock:  # the own FUSE loop answers from several threads
+            self._lookups[entry.st_ino] = self._lookups.get(entry.st_ino, 0) + 1
         return entry
 
     # ---------------------------------------------------------------- metadata ops
@@ -230,6 +249,10 @@ class RafsFs(pyfuse3.Operations):
         return self._counted(self._entry(self._gino(slot, inst, child.ino), child))
 
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        with self._lookup_lock:
+            self._forget(inode_list)
+
+    def _forget(self, inode_list: list[tuple[int, int]]) -> None:
         for gino, nlookup in inode_list:
             left = self._lookups.get(gino, 0) - nlookup
             if left > 0:
@@ -268,22 +291,26 @@ class RafsFs(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, entry, next_offset, accept in self.readdir_entries(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, entry, next_offset):
+                return
+            accept()
+
+    def readdir_entries(self, fh: int, start_id: int) -> Any:
+        """``(name, entry, next_offset, accept)`` of directory ``fh`` after ``start_id``; call
+        ``accept()`` for each entry handed to the kernel with its attributes (a lookup count)."""
         self.requests["readdir"] += 1
         if self.shared and fh == pyfuse3.ROOT_INODE:
             # offsets are slot numbers: stable while instances come and go
             for slot in sorted(s for s in self._slots if s > start_id):
                 entry = self._instance_root_entry(slot)
-                if not pyfuse3.readdir_reply(token, self._slots[slot].name.encode(), entry, slot):
-                    return
-                self._counted(entry)
+                yield self._slots[slot].name.encode(), entry, slot, functools.partial(self._counted, entry)
             return
         inst, node = self._resolve(fh)
         slot = self._slot_of(fh)
         for next_offset, name, child in node.readdir(start_id):
             entry = self._entry(self._gino(slot, inst, child.ino), child)
-            if not pyfuse3.readdir_reply(token, name, entry, next_offset):
-                return
-            self._counted(entry)
+            yield name, entry, next_offset, functools.partial(self._counted, entry)
 
     async def releasedir(self, fh: int) -> None:
         return None
@@ -348,10 +375,7 @@ class RafsFs(pyfuse3.Operations):
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        try:
-            inst, node = self._resolve(fh)
-        except (KeyError, RafsError) as exc:
-            raise StaleHandle(f"inode {fh}: its instance is gone") from exc
+        inst, node = self._read_target(fh)
         try:
             # data already in the local cache: pread it right here (a thread hop costs more
             # than the read); anything that may fetch runs in a worker thread
@@ -362,6 +386,23 @@ class RafsFs(pyfuse3.Operations):
             return await trio.to_thread.run_sync(inst.read, node, off, size, iovec)
         except (StorageError, RafsError, OSError) as exc:
             raise ReadError(f"{_read_context(inst, node, off, size)}: {type(exc).__name__}: {exc}") from exc
+
+    def read_sync(self, fh: int, off: int, size: int) -> bytes:
+        """``read`` for a caller already on a worker thread (the own FUSE loop): the cached
+        fast path first, then the fetching read, on the calling thread."""
+        inst, node = self._read_target(fh)
+        try:
+            iovec = node.chunks(off, size)
+            data = inst.read_ready(node, off, size, iovec)
+            return data if data is not None else inst.read(node, off, size, iovec)
+        except (StorageError, RafsError, OSError) as exc:
+            raise ReadError(f"{_read_context(inst, node, off, size)}: {type(exc).__name__}: {exc}") from exc
+
+    def _read_target(self, fh: int) -> tuple[Instance, Any]:
+        try:
+            return self._resolve(fh)
+        except (KeyError, RafsError) as exc:
+            raise StaleHandle(f"inode {fh}: its instance is gone") from exc
 
     async def release(self, fh: int) -> None:
         self.requests["release"] += 1
