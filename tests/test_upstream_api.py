@@ -1,0 +1,102 @@
+"""The daemon API answers upstream nydusd's v1 JSON shapes (golden field/type list in
+tests/data/upstream/api_v1_shapes.json) on a real FUSE mount, and keeps the Prometheus text."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+
+from tests.fs_harness import require_fuse, running_daemon
+
+SHAPES = json.load(open(os.path.join(os.path.dirname(__file__), "data", "upstream", "api_v1_shapes.json")))
+TYPES = {"str": str, "bool": bool, "int": int, "list": list, "object": dict}
+
+
+def _check(obj: dict, shape: str) -> None:
+    for field, kind in SHAPES[shape].items():
+        assert field in obj, (shape, field, obj)
+        assert isinstance(obj[field], TYPES[kind]), (shape, field, obj[field])
+
+
+def _call(sock_path: str, method: str, target: str, body: bytes = b"", accept: str = "") -> tuple[int, str, bytes]:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(20)
+    s.connect(sock_path)
+    extra = f"Accept: {accept}\r\n" if accept else ""
+    s.sendall(f"{method} {target} HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    buf = b""
+    while chunk := s.recv(65536):
+        buf += chunk
+    s.close()
+    head, _, payload = buf.partition(b"\r\n\r\n")
+    ctype = [h.split(b":", 1)[1].strip().decode() for h in head.split(b"\r\n")
+             if h.lower().startswith(b"content-type:")][0]
+    return int(head.split(b" ", 2)[1]), ctype, payload
+
+
+def test_upstream_v1_shapes_on_a_real_mount(tmp_path):
+    require_fuse()
+    from rafs.builder import BuildOptions, build
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"hello upstream" * 100)
+    (tmp_path / "blobs").mkdir()
+    boot = build(str(src), bootstrap_out=str(tmp_path / "image.boot"), blob_dir=str(tmp_path / "blobs"),
+                 options=BuildOptions()).bootstrap
+    config = {"device": {"backend": {"type": "localfs", "config": {"dir": str(tmp_path / "blobs")}},
+                         "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}}}
+    with running_daemon(tmp_path, opener="real") as (client, mnt, _):
+        sock = client.apisock
+        client.mount("/a", boot, config)
+        assert open(os.path.join(mnt, "a", "f"), "rb").read() == b"hello upstream" * 100
+
+        status, ctype, body = _call(sock, "GET", "/api/v1/daemon")
+        info = json.loads(body)
+        assert status == 200 and "json" in ctype
+        _check(info, "DaemonInfo")
+        _check(info["version"], "BuildTimeInfo")
+        assert info["state"] == "RUNNING" and "supervisor" in info and "/a" in info["instances"]
+
+        status, ctype, body = _call(sock, "GET", "/api/v1/metrics?id=/a")
+        metric = json.loads(body)
+        assert status == 200 and "json" in ctype
+        _check(metric, "FsMetric")
+        assert metric["id"] == "/a" and metric["data_read"] >= 1400
+        assert len(metric["fop_hits"]) == 15 and metric["fop_hits"][4] >= 1  # StatsFop::Read
+        assert metric["fop_hits"][9] >= 1  # Lookup, counted by the FUSE loop
+
+        status, _, body = _call(sock, "GET", "/api/v1/metrics?id=/nope")
+        assert status == 404
+        _check(json.loads(body), "ErrorMessage")
+
+        # Prometheus text where it was: Accept text/plain, ?format=prometheus, and our client
+        for target, accept in (("/api/v1/metrics", "text/plain"), ("/api/v1/metrics?format=prometheus", "")):
+            status, ctype, body = _call(sock, "GET", target, accept=accept)
+            assert status == 200 and ctype.startswith("text/plain") and b"nydusd_read_count" in body
+        assert "nydusd_read_count" in client.metrics()
+
+        status, _, body = _call(sock, "GET", "/api/v1/daemon/backend")
+        assert status == 200 and isinstance(json.loads(body), dict)
+
+        status, _, _ = _call(sock, "PUT", "/api/v1/daemon", b'{"log_level": "debug"}')
+        assert status == 204
+        status, _, body = _call(sock, "PUT", "/api/v1/daemon", b'{"log_level": "loud"}')
+        assert status == 400 and "log_level" in json.loads(body)["message"]
+        client.umount("/a")
+
+
+def test_set_log_level_changes_the_root_logger():
+    from rafs.daemon.api import set_log_level
+
+    root = logging.getLogger()
+    old = root.level
+    try:
+        set_log_level("warn")
+        assert root.level == logging.WARNING
+        set_log_level("DEBUG")
+        assert root.level == logging.DEBUG
+    finally:
+        root.setLevel(old)
