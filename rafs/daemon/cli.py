@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supervisor", help=argparse.SUPPRESS)
     p.add_argument("--failover-policy", help=argparse.SUPPRESS)
     p.add_argument("--log-rotation-size", help=argparse.SUPPRESS)
+    p.add_argument("--upgrade", action="store_true",
+                   help="upstream hot upgrade: not supported here (exits 2)")
     return p
 
 
@@ -138,8 +140,16 @@ def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
         reason = sup.reason if not sup.ondemand else "the fscache daemon mode is not implemented by this nydusd"
         print(f"nydusd: singleton/fscache mode unavailable: {reason}", file=sys.stderr)
         return 2
+    if args.upgrade:
+        print("nydusd: --upgrade (hot upgrade from a supervisor) is not supported by this nydusd; "
+              "start it without --upgrade", file=sys.stderr)
+        return 2
     if not args.mountpoint:
         parser.error("--mountpoint is required")
+    for flag, value in (("--supervisor", args.supervisor), ("--failover-policy", args.failover_policy),
+                        ("--log-rotation-size", args.log_rotation_size)):
+        if value:
+            print(f"nydusd: warning: {flag} is accepted but not supported here (ignored)", file=sys.stderr)
     if args.daemon:
         code = _detach(args.log_file)
         if code is not None:
