@@ -87,6 +87,20 @@ def test_upstream_v1_shapes_on_a_real_mount(tmp_path):
         assert status == 400 and "log_level" in json.loads(body)["message"]
         client.umount("/a")
 
+        # upstream nydusctl's commands against the same daemon
+        from snapshotter import ctl
+
+        cfg = tmp_path / "cfg.json"
+        cfg.write_text(json.dumps(config))
+        assert ctl.main(["-S", sock, "mount", "-s", boot, "-c", str(cfg), "-m", "/b"]) == 0
+        assert open(os.path.join(mnt, "b", "f"), "rb").read() == b"hello upstream" * 100
+        assert ctl.main(["-S", sock, "set", "log-level", "info"]) == 0
+        assert ctl.main(["--sock", sock, "metrics", "--id", "/b"]) == 0
+        assert ctl.main(["-S", sock, "info"]) == 0
+        assert ctl.main(["-S", sock, "umount", "-m", "/b"]) == 0
+        assert client.info()["instances"] == {}
+        assert ctl.main(["-S", sock, "umount", "-m", "/b"]) == 1  # the daemon's 404, one line
+
 
 def test_set_log_level_changes_the_root_logger():
     from rafs.daemon.api import set_log_level
@@ -100,3 +114,11 @@ def test_set_log_level_changes_the_root_logger():
         assert root.level == logging.DEBUG
     finally:
         root.setLevel(old)
+
+
+def test_nydusctl_daemon_commands_need_a_socket(capsys):
+    from snapshotter import ctl
+
+    assert ctl.main(["info"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "-S/--sock" in err
