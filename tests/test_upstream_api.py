@@ -122,3 +122,69 @@ def test_nydusctl_daemon_commands_need_a_socket(capsys):
     assert ctl.main(["info"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "-S/--sock" in err
+
+
+V2_SAMPLE = os.path.join(os.path.dirname(__file__), "data", "upstream", "nydusd-config-v2.toml")
+
+
+def test_upstream_v2_sample_loads(caplog):
+    from rafs.daemon.config import DaemonConfig
+
+    with caplog.at_level(logging.WARNING):
+        cfg = DaemonConfig.load(V2_SAMPLE)
+    assert cfg.backend_type == "localfs" and cfg.backend_config["dir"] == "/tmp"
+    assert cfg.cache_type == "filecache" and cfg.cache_work_dir == "." and cfg.cache_compressed
+    assert cfg.device_id == "my_id" and cfg.mode == "direct" and cfg.digest_validate and cfg.enable_xattr
+    assert cfg.amplify_io == 1000000
+    pf = cfg.fs_prefetch
+    assert (pf.enable, pf.threads_count, pf.merging_size, pf.bandwidth_rate, pf.prefetch_all) == \
+        (True, 8, 1000000, 10000000, True)
+    assert "cache.enable_encryption is accepted but not supported" in caplog.text
+    # the same as JSON
+    import tomllib
+
+    obj = tomllib.load(open(V2_SAMPLE, "rb"))
+    assert DaemonConfig.parse(json.dumps(obj)) == cfg
+
+
+def test_v2_config_errors_name_the_key():
+    import pytest
+
+    from rafs.daemon.config import DaemonConfig
+    from rafs.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cache.type: 'fscache'"):
+        DaemonConfig.parse({"version": 2, "cache": {"type": "fscache"}})
+    with pytest.raises(ConfigError, match="version: only 2"):
+        DaemonConfig.parse({"version": 3})
+    with pytest.raises(ConfigError, match="rafs.mode"):
+        DaemonConfig.parse({"version": 2, "rafs": {"mode": 5}})
+
+
+def test_v2_toml_config_mounts_for_real(tmp_path):
+    require_fuse()
+    import tomllib
+
+    from rafs.builder import BuildOptions, build
+    from rafs.daemon.config import DaemonConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "g").write_bytes(b"v2 config" * 1000)
+    (tmp_path / "blobs").mkdir()
+    boot = build(str(src), bootstrap_out=str(tmp_path / "image.boot"), blob_dir=str(tmp_path / "blobs"),
+                 options=BuildOptions()).bootstrap
+    text = open(V2_SAMPLE).read()
+    text = text.replace('dir = "/tmp"', f'dir = "{tmp_path}/blobs"').replace(
+        'blob_file = "/tmp/nydus.blob.data"\n', "").replace('alt_dirs = ["/var/nydus/cache"]\n', "").replace(
+        'work_dir = "."', f'work_dir = "{tmp_path}/cache"')
+    (tmp_path / "cache").mkdir()
+    cfg_path = tmp_path / "nydusd.toml"
+    cfg_path.write_text(text)
+    v1 = DaemonConfig.load(str(cfg_path)).raw
+    assert v1 == DaemonConfig.parse(tomllib.loads(text)).raw
+    with running_daemon(tmp_path, opener="real") as (client, mnt, _):
+        client.mount("/v2", boot, tomllib.loads(text))  # the v2 object itself through the API
+        assert open(os.path.join(mnt, "v2", "g"), "rb").read() == b"v2 config" * 1000
+        client.umount("/v2")
+    assert os.listdir(tmp_path / "cache")  # the filecache work_dir was used
