@@ -112,3 +112,25 @@ def test_config_errors_name_the_field(tmp_path):
     bad.write_text(json.dumps({"kind": "Other"}))
     with pytest.raises(ConfigError, match="kind must be CredentialProviderConfig"):
         CredentialProviders.load(str(bad), str(tmp_path))
+
+
+def test_snapshotter_uses_providers_from_remote_auth(tmp_path, monkeypatch):
+    from snapshotter import config as C
+    from snapshotter import remote
+
+    cfg_path, bin_dir, calls = _setup(tmp_path, monkeypatch, fmt="json")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker"))
+    toml = (f'version = 1\nroot = "{tmp_path}/root"\n[remote.auth]\nenable_kubelet_credential_providers = true\n'
+            f'credential_provider_config = "{cfg_path}"\ncredential_provider_bin_dir = "{bin_dir}"\n'
+            'enable_cri_keychain = false\n')
+    (tmp_path / "config.toml").write_text(toml)
+    cfg = C.load(tmp_path / "config.toml")
+    assert any("remote.auth.enable_cri_keychain" in w for w in cfg.warnings)
+    labels = {"containerd.io/snapshot/cri.image-ref": "127.0.0.1:5000/team/app:1"}
+    creds = remote.registry_credentials("127.0.0.1:5000", labels, cfg)
+    assert (creds.username, creds.password) == ("bob", "pw-arg1")
+    assert remote.registry_credentials("other.test", {}, cfg) is None  # no provider matches
+    bad = toml.replace(f'credential_provider_bin_dir = "{bin_dir}"\n', "")
+    (tmp_path / "config.toml").write_text(bad)
+    with pytest.raises(C.ConfigError, match="credential_provider_bin_dir"):
+        C.load(tmp_path / "config.toml")
