@@ -68,6 +68,11 @@ def test_upstream_v1_shapes_on_a_real_mount(tmp_path):
         assert len(metric["fop_hits"]) == 15 and metric["fop_hits"][4] >= 1  # StatsFop::Read
         assert metric["fop_hits"][9] >= 1  # Lookup, counted by the FUSE loop
 
+        status, _, body = _call(sock, "GET", "/api/v1/metrics")  # global: summed, id ""
+        total = json.loads(body)
+        _check(total, "FsMetric")
+        assert status == 200 and total["id"] == "" and total["data_read"] == metric["data_read"]
+
         status, _, body = _call(sock, "GET", "/api/v1/metrics?id=/nope")
         assert status == 404
         _check(json.loads(body), "ErrorMessage")

@@ -8,8 +8,8 @@ Endpoints (upstream paths):
 * ``POST /api/v1/prefetch?mountpoint=/<id>`` body ``{"files": [...]}`` (optional) — start prefetch
 * ``GET /api/v1/trace?mountpoint=/<id>`` — the prefetch trace recorded so far (text, see
   :mod:`rafs.trace`; only with ``fs_prefetch.record_trace``; ours, not upstream's)
-* ``GET /api/v1/metrics[?id=/<id>]`` — upstream's ``FsMetric`` JSON for one instance (default
-  ``/``); with ``Accept: text/plain`` (or ``?format=prometheus``) the Prometheus text of every
+* ``GET /api/v1/metrics[?id=/<id>]`` — upstream's ``FsMetric`` JSON for one instance (without
+  ``id``: summed over all, ``id`` ""); with ``Accept: text/plain`` (or ``?format=prometheus``) the Prometheus text of every
   family instead (``/metrics/backend``, ``/metrics/blobcache``: Prometheus text of only the storage
   backend / cache + prefetch families)
 * ``PUT /api/v1/daemon`` body ``{"log_level": "debug"}`` — change the log level (upstream)
@@ -180,32 +180,34 @@ def upstream_info(daemon: Any) -> dict:
 
 
 def fs_metric(daemon: Any, only: str | None) -> dict:
-    """Upstream's ``FsMetric`` for the instance at ``only`` (default ``/``).
+    """Upstream's ``FsMetric``: of the instance at ``only``, else the sum over every instance
+    (upstream's global metrics, ``id`` "").
 
     Counted: ``data_read`` and the ``read`` slots (per instance), other operations' hits (daemon
     wide, from the FUSE loop). Not tracked, reported as zeros with ``measure_latency`` false:
     ``block_count_read``, ``read_latency_dist``, ``nr_opens``.
     """
-    want = only or "/"
     insts = daemon.fs.instances() if getattr(daemon, "fs", None) else {}
-    inst = None
-    for key, candidate in insts.items():
-        if ("/" + key if key not in ("", "root") else "/") == want:
-            inst = candidate
-    if inst is None:
-        raise NotFound(f"no instance mounted at {want}")
-    requests = dict(getattr(daemon.fs, "requests", {}) or {})
+    named = {("/" + k if k not in ("", "root") else "/"): v for k, v in insts.items()}
+    if only:
+        if only not in named:
+            raise NotFound(f"no instance mounted at {only}")
+        chosen = [named[only]]
+    else:
+        chosen = list(named.values())
+    requests = dict(getattr(getattr(daemon, "fs", None), "requests", {}) or {})
     hits = [int(requests.get(op, 0)) for op in FOPS]
     errors = [0] * len(FOPS)
     latency = [0] * len(FOPS)
-    m = inst.metrics
     read = FOPS.index("read")
-    hits[read], errors[read] = int(m.read_count), int(m.read_errors)
-    latency[read] = int(m.read_seconds * 1_000_000)
+    hits[read] = sum(int(i.metrics.read_count) for i in chosen)
+    errors[read] = sum(int(i.metrics.read_errors) for i in chosen)
+    latency[read] = int(sum(i.metrics.read_seconds for i in chosen) * 1_000_000)
     return {"files_account_enabled": False, "access_pattern_enabled": False, "measure_latency": False,
-            "id": want, "data_read": int(m.read_bytes), "block_count_read": [0] * 11,
-            "fop_hits": hits, "fop_errors": errors, "fop_cumulative_latency_total": latency,
-            "read_latency_dist": [0] * 8, "nr_opens": 0, "nr_max_opens": 0, "last_fop_tp": 0}
+            "id": only or "", "data_read": sum(int(i.metrics.read_bytes) for i in chosen),
+            "block_count_read": [0] * 11, "fop_hits": hits, "fop_errors": errors,
+            "fop_cumulative_latency_total": latency, "read_latency_dist": [0] * 8, "nr_opens": 0,
+            "nr_max_opens": 0, "last_fop_tp": 0}
 
 
 def set_log_level(level: Any) -> None:
