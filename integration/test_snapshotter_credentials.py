@@ -84,3 +84,59 @@ def test_private_registry_through_credential_helper(registry_factory, snapshotte
         cd.stop()
         sn.terminate()
         kill_recorded_daemons(sn.root)
+
+
+def test_private_registry_through_kubelet_credential_provider(registry_factory, snapshotter_factory,
+                                                             containerd_factory, tmp_path, monkeypatch):
+    """The snapshotter gets the registry's credentials only from a kubelet exec credential provider
+    (``[remote.auth]``); the docker config it could see knows nothing."""
+    if not os.path.exists("/bin/busybox"):
+        pytest.skip("/bin/busybox missing (Debian package busybox-static)")
+    import sys
+
+    reg = registry_factory(users={USER: SECRET})
+    bindir, confdir, _ = install_helper(tmp_path, reg.host)
+    source = busybox_image({"etc/hello.txt": HELLO}).push(reg, "test/busybox", "v1", auth=reg.auth)
+    target = f"{reg.host}/test/busybox:v1-nydus"
+    monkeypatch.setenv("DOCKER_CONFIG", str(confdir))
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    assert nydusify(["convert", "--source", source.ref, "--target", target, "--source-insecure",
+                     "--target-insecure", "--work-dir", str(tmp_path / "work"), "--no-progress"]) == 0
+
+    plugdir, calls = tmp_path / "plugins", tmp_path / "provider-calls.log"
+    plugdir.mkdir()
+    plugin = plugdir / "test-provider"
+    plugin.write_text(f"""#!{sys.executable}
+import json, sys
+req = json.load(sys.stdin)
+open({str(calls)!r}, "a").write(req["image"] + "\\n")
+json.dump({{"apiVersion": req["apiVersion"], "kind": "CredentialProviderResponse", "cacheKeyType": "Registry",
+           "cacheDuration": "5m", "auth": {{{reg.host!r}: {{"username": {USER!r}, "password": {SECRET!r}}}}}}}, sys.stdout)
+""")
+    plugin.chmod(0o755)
+    provcfg = tmp_path / "providers.json"
+    provcfg.write_text(json.dumps({"apiVersion": "kubelet.config.k8s.io/v1", "kind": "CredentialProviderConfig",
+                                   "providers": [{"name": "test-provider", "matchImages": [reg.host],
+                                                  "defaultCacheDuration": "1m",
+                                                  "apiVersion": "credentialprovider.kubelet.k8s.io/v1"}]}))
+    empty = tmp_path / "empty-docker"
+    empty.mkdir()
+    cfg = snapshotter_config_for(reg)
+    cfg["remote"]["docker_config"] = str(empty / "config.json")
+    cfg["remote"]["auth"] = {"enable_kubelet_credential_providers": True,
+                             "credential_provider_config": str(provcfg),
+                             "credential_provider_bin_dir": str(plugdir)}
+    sn = snapshotter_factory(config=cfg, env={"DOCKER_CONFIG": str(empty)})
+    cd = containerd_factory(snapshotters={"nydus": sn.address}, cri_snapshotter="nydus", registries=[reg])
+    try:
+        cd.cri.pull_image(target)
+        out = cd.run(target, ["/bin/cat", "/etc/hello.txt"], snapshotter="nydus", namespace="k8s.io").stdout
+        assert out == HELLO.decode()
+        assert target in calls.read_text().split(), "the snapshotter did not ask the provider"
+        logs = sn.log() + "".join(p.read_text(errors="replace")
+                                  for p in pathlib.Path(sn.root, "logs").glob("**/*") if p.is_file())
+        assert SECRET not in logs
+    finally:
+        cd.stop()
+        sn.terminate()
+        kill_recorded_daemons(sn.root)

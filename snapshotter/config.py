@@ -42,13 +42,15 @@ UNSUPPORTED_KEYS = frozenset({
     "log.log_to_stdout", "log.dir", "log.log_rotation_compress", "log.log_rotation_local_time",
     "log.log_rotation_max_age", "log.log_rotation_max_backups", "log.log_rotation_max_size",
     "metrics.hung_io_interval", "metrics.collect_interval",
+    "remote.auth.enable_kubeconfig_keychain", "remote.auth.kubeconfig_path", "remote.auth.enable_cri_keychain",
+    "remote.auth.image_service_address", "remote.auth.credential_renewal_interval",
     "remote.convert_vpc_registry",
     "snapshot.enable_nydus_overlayfs", "snapshot.nydus_overlayfs_path", "snapshot.enable_kata_volume",
     "cache_manager.gc_period",
     "experimental.enable_stargz", "experimental.enable_index_detect", "experimental.enable_backend_source",
 })
 #: upstream sections whose every key is accepted but not acted on
-UNSUPPORTED_SECTIONS = frozenset({"system", "cgroup", "image", "experimental.tarfs", "remote.auth"})
+UNSUPPORTED_SECTIONS = frozenset({"system", "cgroup", "image", "experimental.tarfs"})
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -82,6 +84,15 @@ class MirrorsDirConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteAuthConfig:
+    """``[remote.auth]`` (upstream's keys): kubelet exec credential providers."""
+
+    enable_kubelet_credential_providers: bool = False
+    credential_provider_config: str = ""     #: a kubelet CredentialProviderConfig (JSON or YAML)
+    credential_provider_bin_dir: str = ""    #: where the plugins named there are
+
+
+@dataclass(frozen=True, slots=True)
 class RemoteConfig:
     """``[remote]``: how daemons reach registries."""
 
@@ -96,6 +107,7 @@ class RemoteConfig:
     connect_timeout: int = 5
     retry_limit: int = 2
     mirrors_config: MirrorsDirConfig = field(default_factory=MirrorsDirConfig)
+    auth: RemoteAuthConfig = field(default_factory=RemoteAuthConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +269,11 @@ def _build(cls: type, data: Mapping[str, object], where: str) -> Any:
 
 
 def _validate(cfg: Config) -> Config:
+    ra = cfg.remote.auth
+    if ra.enable_kubelet_credential_providers and not (ra.credential_provider_config
+                                                       and ra.credential_provider_bin_dir):
+        raise ConfigError("remote.auth.enable_kubelet_credential_providers: needs credential_provider_config "
+                          "and credential_provider_bin_dir")
     if cfg.version != 1:
         raise ConfigError(f"version: unsupported configuration version {cfg.version} (want 1)")
     if cfg.daemon.fs_driver not in FS_DRIVERS:

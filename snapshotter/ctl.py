@@ -116,13 +116,19 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = s
 
 
-def daemon_api_get(api_sock: str, path: str, timeout: float = 10.0) -> Any:
-    """GET ``path`` from a nydusd API socket; returns the decoded JSON body."""
+def daemon_api_get(api_sock: str, path: str, timeout: float = 10.0, *, method: str = "GET",
+                   body: Any = None) -> Any:
+    """``method`` ``path`` on a nydusd API socket (JSON ``body``); returns the decoded answer."""
     if not os.path.exists(api_sock):
         raise CtlError(f"daemon API socket {api_sock} does not exist")
     conn = _UnixHTTPConnection(api_sock, timeout)
     try:
-        conn.request("GET", path, headers={"Accept": "application/json"})
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()
         body = resp.read()
     except OSError as e:
@@ -130,7 +136,7 @@ def daemon_api_get(api_sock: str, path: str, timeout: float = 10.0) -> Any:
     finally:
         conn.close()
     if resp.status // 100 != 2:
-        raise CtlError(f"daemon API GET {path}: HTTP {resp.status} "
+        raise CtlError(f"daemon API {method} {path}: HTTP {resp.status} "
                        f"{body.decode(errors='replace')[:500]}")
     if not body:
         return None
@@ -222,8 +228,15 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sock(args: argparse.Namespace) -> str:
+    sock = getattr(args, "api_sock", None) or args.sock
+    if not sock:
+        raise CtlError(f"{args.cmd}: the daemon's API socket is required (-S/--sock or --api-sock)")
+    return sock
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    info = daemon_api_get(args.api_sock, "/api/v1/daemon", args.timeout)
+    info = daemon_api_get(_sock(args), "/api/v1/daemon", args.timeout)
     print(json.dumps(info, indent=2, sort_keys=True))
     return 0
 
@@ -232,11 +245,38 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     path = METRICS_PATHS[args.kind]
     if args.id:
         path += "?id=" + urllib.parse.quote(args.id, safe="/")
-    res = daemon_api_get(args.api_sock, path, args.timeout)
-    if isinstance(res, str):
-        sys.stdout.write(res if res.endswith("\n") else res + "\n")
-    else:
-        print(json.dumps(res, indent=2, sort_keys=True))
+    while True:
+        res = daemon_api_get(_sock(args), path, args.timeout)
+        if isinstance(res, str):
+            sys.stdout.write(res if res.endswith("\n") else res + "\n")
+        else:
+            print(json.dumps(res, indent=2, sort_keys=True))
+        sys.stdout.flush()
+        if not args.interval:
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    daemon_api_get(_sock(args), "/api/v1/daemon", args.timeout, method="PUT", body={"log_level": args.value})
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    try:
+        with open(args.config, encoding="utf-8") as f:
+            config = f.read()
+    except OSError as e:
+        raise CtlError(f"--config {args.config}: {e.strerror}") from None
+    q = urllib.parse.urlencode({"mountpoint": args.mountpoint})
+    daemon_api_get(_sock(args), f"/api/v1/mount?{q}", args.timeout, method="POST",
+                   body={"fs_type": args.type, "source": os.path.abspath(args.source), "config": config})
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    q = urllib.parse.urlencode({"mountpoint": args.mountpoint})
+    daemon_api_get(_sock(args), f"/api/v1/mount?{q}", args.timeout, method="DELETE")
     return 0
 
 
@@ -326,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per API call")
     p.add_argument("--version", action="version", version=version_string("nydusctl"))
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    p.add_argument("--sock", "-S", help="nydusd API unix socket (upstream nydusctl's flag) for "
+                                        "info, metrics, set, mount, umount")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     sp = sub.add_parser("pull", help="pull IMAGE through the CRI ImageService; prints the image id")
@@ -374,11 +416,26 @@ def build_parser() -> argparse.ArgumentParser:
                             ("metrics", cmd_metrics, "nydusd metrics (GET /api/v1/metrics...; JSON or "
                                                 "Prometheus text, printed as served)")):
         sd = sub.add_parser(name, help=hlp)
-        sd.add_argument("--api-sock", required=True, help="the daemon's API unix socket")
+        sd.add_argument("--api-sock", help="the daemon's API unix socket (or -S/--sock before the command)")
         if name == "metrics":
             sd.add_argument("--kind", choices=sorted(METRICS_PATHS), default="fs")
             sd.add_argument("--id", help="RAFS instance id (shared daemons)")
+            sd.add_argument("--interval", "-I", type=float, default=0,
+                            help="print again every N seconds until interrupted")
         sd.set_defaults(func=func)
+    sset = sub.add_parser("set", help="change a daemon setting (PUT /api/v1/daemon)")
+    sset.add_argument("key", choices=["log-level"])
+    sset.add_argument("value", choices=["trace", "debug", "info", "warn", "error"])
+    sset.set_defaults(func=cmd_set)
+    smo = sub.add_parser("mount", help="mount a RAFS instance in a shared daemon (POST /api/v1/mount)")
+    smo.add_argument("--source", "-s", required=True, help="the RAFS bootstrap")
+    smo.add_argument("--config", "-c", required=True, help="nydusd JSON config file")
+    smo.add_argument("--mountpoint", "-m", required=True, help="instance path in the daemon, /<id>")
+    smo.add_argument("--type", "-t", default="rafs", choices=["rafs"])
+    smo.set_defaults(func=cmd_mount)
+    sum_ = sub.add_parser("umount", help="unmount an instance (DELETE /api/v1/mount)")
+    sum_.add_argument("--mountpoint", "-m", required=True)
+    sum_.set_defaults(func=cmd_umount)
     return p
 
 
@@ -390,6 +447,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return snapctl.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)       # exits 2 on usage errors
+    if args.cmd in ("info", "metrics", "set", "mount", "umount") and not (
+            getattr(args, "api_sock", None) or args.sock):
+        print(f"nydusctl: {args.cmd}: the daemon's API socket is required (-S/--sock SOCK {args.cmd} "
+              f"or {args.cmd} --api-sock SOCK)", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args))
     except CtlError as e:

@@ -29,7 +29,7 @@ from snapshotter.config import Config
 from snapshotter.errors import ConfigError
 from snapshotter.hosts import HostEndpoint, load_hosts
 from snapshotter.errors import FailedPrecondition, Unavailable
-from storage.backend.credentials import Credentials, docker_config_credentials
+from storage.backend.credentials import CredentialProviders, Credentials, docker_config_credentials
 from storage.backend.registry import MirrorConfig, RegistryBackend, RegistryClient, RegistryConfig
 from storage.errors import ConfigError as StorageConfigError
 from storage.errors import CredentialError, RegistryUnavailable, StorageError
@@ -40,8 +40,20 @@ log = logging.getLogger("snapshotter")
 Ping = Callable[[str, str, float], "str | None"]
 
 
+_PROVIDERS: dict[tuple[str, str], CredentialProviders] = {}
+
+
+def _providers(config_path: str, bin_dir: str) -> CredentialProviders:
+    """One :class:`CredentialProviders` (and so one response cache) per config for the process."""
+    key = (config_path, bin_dir)
+    if key not in _PROVIDERS:
+        _PROVIDERS[key] = CredentialProviders.load(config_path, bin_dir)
+    return _PROVIDERS[key]
+
+
 def registry_credentials(host: str, labels: Mapping[str, str], cfg: Config) -> Credentials | None:
-    """Credentials for ``host``: labels, then ``[remote.auths]``, then docker config (helpers too)."""
+    """Credentials for ``host``: labels, then ``[remote.auths]``, then kubelet credential providers
+    (``[remote.auth]``, for the image in the labels), then docker config (helpers too)."""
     auth = L.label_credentials(labels)
     if auth:
         return Credentials.from_auth(auth)
@@ -54,6 +66,17 @@ def registry_credentials(host: str, labels: Mapping[str, str], cfg: Config) -> C
                 raise FailedPrecondition(f'remote.auths."{host}".auth: {exc}') from exc
         if static.username:
             return Credentials(static.username, static.password)
+    ra = cfg.remote.auth
+    if ra.enable_kubelet_credential_providers:
+        image = L.image_ref(labels) or host + "/"
+        try:
+            found = _providers(ra.credential_provider_config, ra.credential_provider_bin_dir).credentials(image)
+        except CredentialError as exc:
+            raise Unavailable(f"registry credentials for {host}: {exc}") from exc
+        except StorageConfigError as exc:
+            raise FailedPrecondition(f"remote.auth.credential_provider_config: {exc}") from exc
+        if found:
+            return found
     try:
         return docker_config_credentials(host, cfg.remote.docker_config or None)
     except CredentialError as exc:

@@ -81,6 +81,20 @@ def test_nydusd_missing_bootstrap(tmp_path):
     assert f"--bootstrap {tmp_path}/nope: no such file" in line and "nydus-image create -B" in line
 
 
+def test_nydusd_upgrade_without_supervisor_one_line(tmp_path):
+    r = run("-m", "rafs.daemon.cli", "--upgrade", "--apisock", str(tmp_path / "a.sock"),
+            "--mountpoint", str(tmp_path / "mnt"))
+    assert r.returncode == 2
+    assert "--upgrade needs --supervisor" in one_line(r.stderr)
+
+
+def test_nydusd_log_rotation_size_warned(tmp_path):
+    r = run("-m", "rafs.daemon.cli", "--log-rotation-size", "100",
+            "--bootstrap", str(tmp_path / "nope"), "--mountpoint", str(tmp_path / "mnt"))
+    assert r.returncode == 2  # the missing bootstrap stops it; the warning came first
+    assert "warning: --log-rotation-size is accepted but not supported here" in r.stderr.splitlines()[0]
+
+
 def test_nydusd_invalid_bootstrap_is_not_an_exception_group(tmp_path):
     (tmp_path / "junk").write_bytes(b"junk\n")
     (tmp_path / "mnt").mkdir()

@@ -21,10 +21,12 @@ def test_help_and_usage_errors(capsys) -> None:
     out = capsys.readouterr().out
     for word in ("pull", "run", "info", "metrics", "--address"):
         assert word in out
-    for bad in ([], ["bogus"], ["pull"], ["info"], ["metrics", "--api-sock", "x", "--kind", "nope"]):
+    for bad in ([], ["bogus"], ["pull"], ["metrics", "--api-sock", "x", "--kind", "nope"],
+                ["-S", "x", "set", "log-level", "loud"], ["-S", "x", "mount", "-s", "b"]):
         with pytest.raises(SystemExit) as e:
             ctl.main(bad)
         assert e.value.code == 2, bad
+    assert ctl.main(["info"]) == 2  # no socket: one line (-S/--sock or --api-sock)
 
 
 def test_missing_containerd_socket_is_exit_1(tmp_path, capsys) -> None:

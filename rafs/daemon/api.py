@@ -8,8 +8,12 @@ Endpoints (upstream paths):
 * ``POST /api/v1/prefetch?mountpoint=/<id>`` body ``{"files": [...]}`` (optional) — start prefetch
 * ``GET /api/v1/trace?mountpoint=/<id>`` — the prefetch trace recorded so far (text, see
   :mod:`rafs.trace`; only with ``fs_prefetch.record_trace``; ours, not upstream's)
-* ``GET /api/v1/metrics[?id=/<id>]`` — Prometheus text (``/metrics/backend``, ``/metrics/blobcache``:
-  only the storage backend / cache + prefetch families)
+* ``GET /api/v1/metrics[?id=/<id>]`` — upstream's ``FsMetric`` JSON for one instance (without
+  ``id``: summed over all, ``id`` ""); with ``Accept: text/plain`` (or ``?format=prometheus``) the Prometheus text of every
+  family instead (``/metrics/backend``, ``/metrics/blobcache``: Prometheus text of only the storage
+  backend / cache + prefetch families)
+* ``PUT /api/v1/daemon`` body ``{"log_level": "debug"}`` — change the log level (upstream)
+* ``GET /api/v1/daemon/backend`` — the daemon's ``backend_collection`` (upstream)
 * ``PUT /api/v1/daemon/exit`` — unmount everything and exit; ``?handover=1``: exit leaving the
   FUSE connection (and the erofs mounts) to a successor (``--upgrade``; own FUSE loop only)
 * ``PUT /api/v1/daemon/fuse/sendfd`` — send the FUSE fds and handover state to ``--supervisor``
@@ -116,12 +120,12 @@ async def _handle(daemon: Any, stream: trio.abc.Stream) -> None:
     try:
         with trio.fail_after(60):
             try:
-                method, target, _, body = await _read_request(stream)
+                method, target, headers, body = await _read_request(stream)
             except (ValueError, UnicodeDecodeError) as exc:
                 await _send(stream, 400, {"code": "BadRequest", "message": str(exc)})
                 return
             try:
-                status, payload = await _dispatch(daemon, method, target, body)
+                status, payload = await _dispatch(daemon, method, target, body, headers)
             except Exception as exc:  # every error becomes a JSON answer, the daemon keeps going
                 status, code = _error_status(exc)
                 if status == 500:
@@ -159,12 +163,77 @@ def _json_body(body: bytes) -> dict:
     return obj
 
 
-async def _dispatch(daemon: Any, method: str, target: str, body: bytes) -> tuple[int, Any]:
+# upstream's FUSE operation order (StatsFop) for the fop_hits / fop_errors arrays
+FOPS = ("getattr", "readlink", "open", "release", "read", "statfs", "getxattr", "listxattr",
+        "opendir", "lookup", "readdir", "readdirplus", "access", "forget", "batchforget")
+_LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+               "warn": logging.WARNING, "error": logging.ERROR}
+
+
+def upstream_info(daemon: Any) -> dict:
+    """``GET /api/v1/daemon``: upstream's ``DaemonInfo`` fields plus ours (instances, ...)."""
+    info = dict(daemon.info())
+    version = {"package_ver": "", "git_commit": "", "build_time": "", "profile": "", "rustc": ""}
+    version.update(info.get("version") or {})
+    info["version"] = version
+    info.setdefault("supervisor", getattr(daemon, "supervisor", None))
+    info.setdefault("backend_collection", {})
+    return info
+
+
+def fs_metric(daemon: Any, only: str | None) -> dict:
+    """Upstream's ``FsMetric``: of the instance at ``only``, else the sum over every instance
+    (upstream's global metrics, ``id`` "").
+
+    Counted: ``data_read`` and the ``read`` slots (per instance), other operations' hits (daemon
+    wide, from the FUSE loop). Not tracked, reported as zeros with ``measure_latency`` false:
+    ``block_count_read``, ``read_latency_dist``, ``nr_opens``.
+    """
+    insts = daemon.fs.instances() if getattr(daemon, "fs", None) else {}
+    named = {("/" + k if k not in ("", "root") else "/"): v for k, v in insts.items()}
+    if only:
+        if only not in named:
+            raise NotFound(f"no instance mounted at {only}")
+        chosen = [named[only]]
+    else:
+        chosen = list(named.values())
+    requests = dict(getattr(getattr(daemon, "fs", None), "requests", {}) or {})
+    hits = [int(requests.get(op, 0)) for op in FOPS]
+    errors = [0] * len(FOPS)
+    latency = [0] * len(FOPS)
+    read = FOPS.index("read")
+    hits[read] = sum(int(i.metrics.read_count) for i in chosen)
+    errors[read] = sum(int(i.metrics.read_errors) for i in chosen)
+    latency[read] = int(sum(i.metrics.read_seconds for i in chosen) * 1_000_000)
+    return {"files_account_enabled": False, "access_pattern_enabled": False, "measure_latency": False,
+            "id": only or "", "data_read": sum(int(i.metrics.read_bytes) for i in chosen),
+            "block_count_read": [0] * 11, "fop_hits": hits, "fop_errors": errors,
+            "fop_cumulative_latency_total": latency, "read_latency_dist": [0] * 8, "nr_opens": 0,
+            "nr_max_opens": 0, "last_fop_tp": 0}
+
+
+def set_log_level(level: Any) -> None:
+    if not isinstance(level, str) or level.lower() not in _LOG_LEVELS:
+        raise ConfigError(f"log_level: expected one of {', '.join(_LOG_LEVELS)}, got {level!r}")
+    logging.getLogger().setLevel(_LOG_LEVELS[level.lower()])
+
+
+async def _dispatch(daemon: Any, method: str, target: str, body: bytes,
+                    headers: dict[str, str] | None = None) -> tuple[int, Any]:
     url = urllib.parse.urlsplit(target)
     query = dict(urllib.parse.parse_qsl(url.query))
     path = url.path.rstrip("/")
+    headers = headers or {}
     if path == "/api/v1/daemon" and method == "GET":
-        return 200, daemon.info()
+        return 200, upstream_info(daemon)
+    if path == "/api/v1/daemon" and method == "PUT":
+        req = _json_body(body)
+        if "log_level" not in req:
+            raise ConfigError("body: expected {\"log_level\": LEVEL}")
+        set_log_level(req["log_level"])
+        return 204, None
+    if path == "/api/v1/daemon/backend" and method == "GET":
+        return 200, upstream_info(daemon)["backend_collection"]
     if path == "/api/v1/mount":
         mountpoint = query.get("mountpoint")
         if not mountpoint:
@@ -196,7 +265,10 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes) -> tuple
         mountpoint = query.get("mountpoint", "/")
         return 200, await trio.to_thread.run_sync(daemon.trace_text, mountpoint)
     if path == "/api/v1/metrics" and method == "GET":
-        return 200, daemon.metrics_text(query.get("id"))
+        accept = headers.get("accept", "")
+        if query.get("format") == "prometheus" or ("text/plain" in accept and "json" not in accept):
+            return 200, daemon.metrics_text(query.get("id"))
+        return 200, fs_metric(daemon, query.get("id"))
     if path in ("/api/v1/metrics/backend", "/api/v1/metrics/blobcache") and method == "GET":
         return 200, daemon.metrics_text(query.get("id"), kind=path.rsplit("/", 1)[1])
     if path == "/api/v1/daemon/exit" and method == "PUT":
@@ -239,6 +311,8 @@ class DaemonClient:
         try:
             data = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if data is not None else {}
+            if raw:
+                headers["Accept"] = "text/plain"
             conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
             text = resp.read()

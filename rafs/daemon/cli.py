@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
         return 2
     if not args.mountpoint:
         parser.error("--mountpoint is required")
+    if args.log_rotation_size:
+        print("nydusd: warning: --log-rotation-size is accepted but not supported here (ignored)",
+              file=sys.stderr)
     if args.daemon:
         code = _detach(args.log_file)
         if code is not None:

@@ -22,7 +22,9 @@ the daemon writes that trace when the instance is unmounted.
 from __future__ import annotations
 
 import json
+import logging
 import re
+import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,51 @@ def loads_json(text: str | bytes, what: str) -> Any:
         raise ConfigError(f"{what} is not valid JSON: {exc}") from exc
     except RecursionError:
         raise ConfigError(f"{what}: JSON nested too deeply") from None
+
+
+_log = logging.getLogger(__name__)
+#: upstream ConfigV2 keys read but not acted on here (one warning each when set to a true value)
+_V2_IGNORED = ("cache.enable_encryption", "cache.enable_convergent_encryption", "cache.encryption_key",
+               "rafs.access_pattern", "rafs.latest_read_files")
+
+
+def from_v2(obj: dict) -> dict:
+    """Translate upstream nydusd's ``ConfigV2`` (``version = 2``; TOML or JSON) to the v1 layout
+    :meth:`DaemonConfig.parse` reads. ``ConfigError`` names the bad key."""
+    backend = _get(obj, "backend", dict, {}, "")
+    btype = _get(backend, "type", str, "", "backend.")
+    bconf = _get(backend, btype, dict, {}, "backend.") if btype else {}
+    cache = _get(obj, "cache", dict, {}, "")
+    ctype = _get(cache, "type", str, "", "cache.")
+    if ctype == "fscache":
+        raise ConfigError("cache.type: 'fscache' is not served by this nydusd (use 'filecache')")
+    cconf = dict(_get(cache, ctype, dict, {}, "cache.")) if ctype in ("filecache", "blobcache") else {}
+    rafs = _get(obj, "rafs", dict, {}, "")
+    pf = _get(rafs, "prefetch", dict, {}, "rafs.")
+    for dotted in _V2_IGNORED:
+        sect, _, key = dotted.partition(".")
+        if {"cache": cache, "rafs": rafs}[sect].get(key):
+            _log.warning("nydusd config key %s is accepted but not supported here (ignored)", dotted)
+    device: dict = {"backend": {"type": btype, "config": bconf},
+                    "cache": {"type": ctype, "config": cconf,
+                              "compressed": _get(cache, "compressed", bool, False, "cache.")}}
+    if "id" in obj:
+        device["id"] = _get(obj, "id", str, "", "")
+    out: dict = {"device": device}
+    for v2key, v1key, kind in (("mode", "mode", str), ("enable_xattr", "enable_xattr", bool),
+                               ("iostats_files", "iostats_files", bool), ("batch_size", "amplify_io", int)):
+        if v2key in rafs:
+            out[v1key] = _get(rafs, v2key, kind, None, "rafs.")
+    out["digest_validate"] = (_get(rafs, "validate", bool, False, "rafs.")
+                              or _get(cache, "validate", bool, False, "cache."))
+    prefetch: dict = {}
+    for v2key, v1key in (("enable", "enable"), ("threads", "threads_count"), ("batch_size", "merging_size"),
+                         ("bandwidth_limit", "bandwidth_rate"), ("prefetch_all", "prefetch_all")):
+        if v2key in pf:
+            prefetch[v1key] = pf[v2key]
+    if prefetch:
+        out["fs_prefetch"] = prefetch
+    return out
 
 
 def _get(obj: dict, key: str, kind: type | tuple[type, ...], default: Any, where: str) -> Any:
@@ -122,6 +169,10 @@ class DaemonConfig:
             obj = loads_json(obj, "nydusd config") if obj else {}
         if not isinstance(obj, dict):
             raise ConfigError(f"nydusd config must be a JSON object, got {type(obj).__name__}")
+        if "version" in obj:
+            if obj["version"] != 2 or isinstance(obj["version"], bool):
+                raise ConfigError(f"version: only 2 (upstream ConfigV2) or no version (v1), got {obj['version']!r}")
+            return cls.parse(from_v2(obj))  # raw = the v1 translation (what storage reads)
         device = _get(obj, "device", dict, {}, "")
         backend = _get(device, "backend", dict, {}, "device.")
         btype = _get(backend, "type", str, "", "device.backend.")
@@ -182,8 +233,15 @@ class DaemonConfig:
 
     @classmethod
     def load(cls, path: str) -> "DaemonConfig":
+        """A v1 JSON, a v2 JSON or a v2 TOML (upstream ``ConfigV2``) config file."""
         try:
             with open(path, "rb") as f:
-                return cls.parse(f.read())
+                data = f.read()
         except OSError as exc:
             raise ConfigError(f"cannot read nydusd config {path}: {exc}") from exc
+        if path.endswith(".toml") or not data.lstrip().startswith(b"{"):
+            try:
+                return cls.parse(tomllib.loads(data.decode("utf-8")))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"nydusd config {path}: not TOML: {exc}") from None
+        return cls.parse(data)

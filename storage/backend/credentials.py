@@ -224,7 +224,187 @@ def docker_config_credentials(host: str, config_path: str | None = None) -> Cred
     return config.credentials(host) if config is not None else None
 
 
+# ------------------------------------------------------------------ kubelet credential providers
+
+PROVIDER_REQUEST_KIND = "CredentialProviderRequest"
+PROVIDER_RESPONSE_KIND = "CredentialProviderResponse"
+PROVIDER_API_VERSIONS = ("credentialprovider.kubelet.k8s.io/v1", "credentialprovider.kubelet.k8s.io/v1beta1",
+                         "credentialprovider.kubelet.k8s.io/v1alpha1")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, where: str) -> float:
+    """A Go duration (``12h``, ``1h30m``, ``90s``, ``0``) in seconds."""
+    import re
+
+    if text in ("", "0"):
+        return 0.0
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ConfigError(f"{where}: not a duration: {text!r} (like 12h, 30m, 90s)")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def _split_image(ref: str) -> tuple[str, str, str]:
+    """``(host, port, path)`` of an image reference or a matchImages pattern."""
+    ref = ref.split("://", 1)[-1]
+    host, _, path = ref.partition("/")
+    host, _, port = host.partition(":")
+    path = path.split("@", 1)[0]
+    if ":" in path.rsplit("/", 1)[-1]:
+        path = path.rsplit(":", 1)[0]
+    return host.lower(), port, path
+
+
+def match_image(pattern: str, image: str) -> bool:
+    """kubelet's ``matchImages`` rule: host labels globbed one by one (same count), the port equal
+    when the pattern has one, the pattern's path a prefix of the image's path."""
+    import fnmatch
+
+    phost, pport, ppath = _split_image(pattern)
+    ihost, iport, ipath = _split_image(image)
+    plabels, ilabels = phost.split("."), ihost.split(".")
+    if len(plabels) != len(ilabels) or not all(fnmatch.fnmatchcase(i, p) for p, i in zip(plabels, ilabels)):
+        return False
+    if pport and pport != iport:
+        return False
+    return not ppath or ipath == ppath or ipath.startswith(ppath.rstrip("/") + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class ExecProvider:
+    name: str
+    match_images: tuple[str, ...]
+    default_cache_duration: float
+    api_version: str
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+
+class CredentialProviders:
+    """kubelet's exec credential providers (a ``CredentialProviderConfig``, JSON or YAML): for an
+    image matching a provider's ``matchImages`` the plugin ``<bin_dir>/<name>`` runs with a
+    ``CredentialProviderRequest`` on stdin; the ``auth`` of its ``CredentialProviderResponse``
+    gives the credentials, cached for ``cacheDuration`` (else the provider's
+    ``defaultCacheDuration``) by ``cacheKeyType`` (``Image``, ``Registry`` or ``Global``)."""
+
+    def __init__(self, providers: list[ExecProvider], bin_dir: str, *, timeout: float = HELPER_TIMEOUT,
+                 clock: "object | None" = None) -> None:
+        import time
+
+        self.providers = providers
+        self.bin_dir = bin_dir
+        self.timeout = timeout
+        self._clock = clock or time.monotonic
+        self._cache: dict[tuple[str, str], tuple[float, dict]] = {}
+
+    @classmethod
+    def load(cls, config_path: str, bin_dir: str) -> "CredentialProviders":
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError(f"credential provider config {config_path}: {exc.strerror}") from None
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"credential provider config {config_path}: not JSON (YAML needs PyYAML)") from None
+            try:
+                doc = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"credential provider config {config_path}: not YAML: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        where = f"credential provider config {config_path}"
+        if not isinstance(doc, dict) or doc.get("kind") != "CredentialProviderConfig":
+            raise ConfigError(f"{where}: kind must be CredentialProviderConfig")
+        providers = []
+        for i, p in enumerate(doc.get("providers") or []):
+            at = f"{where}: providers[{i}]"
+            if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not p["name"] \
+                    or "/" in p["name"]:
+                raise ConfigError(f"{at}.name: a plugin file name is required")
+            images = p.get("matchImages")
+            if not isinstance(images, list) or not images or not all(isinstance(m, str) for m in images):
+                raise ConfigError(f"{at}.matchImages: a non-empty list of image patterns is required")
+            api = p.get("apiVersion", PROVIDER_API_VERSIONS[0])
+            if api not in PROVIDER_API_VERSIONS:
+                raise ConfigError(f"{at}.apiVersion: unsupported {api!r}")
+            env = p.get("env") or []
+            if not isinstance(env, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                    for e in env):
+                raise ConfigError(f"{at}.env: expected a list of {{name, value}}")
+            args = p.get("args") or []
+            if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise ConfigError(f"{at}.args: expected a list of strings")
+            providers.append(ExecProvider(
+                p["name"], tuple(images), parse_duration(str(p.get("defaultCacheDuration", "0")),
+                                                         f"{at}.defaultCacheDuration"),
+                api, tuple(args), tuple((e["name"], str(e.get("value", ""))) for e in env)))
+        return cls(providers, bin_dir)
+
+    def credentials(self, image: str) -> Credentials | None:
+        """Credentials for pulling ``image`` (a reference with its host); None = no provider has any."""
+        host, port, path = _split_image(image)
+        for prov in self.providers:
+            if not any(match_image(m, image) for m in prov.match_images):
+                continue
+            now = self._clock()
+            auth = None
+            for key in ((prov.name, image), (prov.name, host + (":" + port if port else "")), (prov.name, "")):
+                hit = self._cache.get(key)
+                if hit and hit[0] > now:
+                    auth = hit[1]
+                    break
+            if auth is None:
+                auth = self._run(prov, image, now)
+            for pattern in sorted(auth, key=len, reverse=True):
+                if match_image(pattern, image):
+                    entry = auth[pattern]
+                    if isinstance(entry, dict) and entry.get("password"):
+                        return Credentials(str(entry.get("username", "")), str(entry["password"]))
+        return None
+
+    def _run(self, prov: ExecProvider, image: str, now: float) -> dict:
+        exe = os.path.join(self.bin_dir, prov.name)
+        what = f"credential provider {prov.name} for {image}"
+        request = json.dumps({"apiVersion": prov.api_version, "kind": PROVIDER_REQUEST_KIND, "image": image})
+        env = dict(os.environ)
+        env.update(dict(prov.env))
+        try:
+            proc = subprocess.run([exe, *prov.args], input=request.encode(), capture_output=True,
+                                  timeout=self.timeout, check=False, env=env)
+        except subprocess.TimeoutExpired:
+            raise CredentialError(f"{what}: no answer in {self.timeout:g}s") from None
+        except OSError as exc:
+            raise CredentialError(f"{what}: cannot run {exe}: {exc.strerror}") from None
+        if proc.returncode != 0:
+            text = proc.stderr.decode(errors="replace").strip()
+            raise CredentialError(f"{what} failed (exit {proc.returncode}): "
+                                  f"{text.splitlines()[0][:200] if text else 'no message'}")
+        try:
+            doc = json.loads(proc.stdout)
+            if doc.get("kind") != PROVIDER_RESPONSE_KIND:
+                raise ValueError
+            auth = doc.get("auth") or {}
+            if not isinstance(auth, dict):
+                raise ValueError
+            ttl = (parse_duration(doc["cacheDuration"], "cacheDuration") if doc.get("cacheDuration")
+                   else prov.default_cache_duration)
+            key_type = doc.get("cacheKeyType", "Image")
+        except (ValueError, AttributeError, TypeError, ConfigError):
+            raise CredentialError(f"{what}: answer is not a CredentialProviderResponse") from None
+        if ttl > 0:
+            host, port, _ = _split_image(image)
+            key = {"Image": image, "Registry": host + (":" + port if port else ""), "Global": ""}.get(key_type, image)
+            self._cache[(prov.name, key)] = (now + ttl, auth)
+        return auth
+
+
 __all__ = [
+    "CredentialProviders", "match_image", "parse_duration",
     "Credentials", "DockerConfig", "TOKEN_USERNAME", "default_docker_config_path", "docker_config_credentials",
     "helper_credentials", "server_url",
 ]
