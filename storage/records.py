@@ -73,6 +73,17 @@ class BlobInfo:
     ci_uncompressed_size: int = 0
     blob_toc_size: int = 0
     blob_toc_digest: bytes = b""
+    #: SEPARATE blobs (OCI-ref/ZRAN): the blob holding this blob's blob.meta (upstream's "ref"
+    #: blob, addressed by its sha256) and its size; ``ci_offset`` etc. are offsets in that blob
+    blob_meta_digest: bytes = b""
+    blob_meta_size: int = 0
+
+    @property
+    def blob_meta_id(self) -> str | None:
+        """Id of the blob holding the CI table when it is not this blob (SEPARATE), else None."""
+        if self.features & BlobFeatures.SEPARATE and self.blob_meta_digest.strip(b"\0"):
+            return self.blob_meta_digest.hex()
+        return None
 
     def has(self, feature: BlobFeatures) -> bool:
         return bool(self.features & feature)

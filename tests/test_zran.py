@@ -255,3 +255,96 @@ def test_targz_ref_refuses_a_non_gzip_layer(tmp_path, vectors_dir):
         build(str(tar), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(tmp_path), source_type="targz-ref",
               options=BuildOptions())
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["bgzip.tar.gz", "zran-two-streams.tar.gz"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_ref_blob_layout_merge_and_read(tmp_path, vectors_dir, name, cached):
+    """Upstream's OCI-ref layout: ``create --type targz-ref --blob-inline-meta --features
+    blob-toc`` writes only a ref blob (blob.meta zstd at offset 0, blob.digest, image.boot, TOC);
+    merge's --blob-digests/--blob-sizes/--blob-toc-digests name it in the SEPARATE blob's entry;
+    storage fetches the CI table by range from it (once: later caches reuse the cached file)."""
+    import os
+
+    import zstandard
+
+    from rafs import metadata
+    from rafs.builder import BuildOptions, build
+    from rafs.builder.merge import merge
+    from storage.meta.toc import ENTRY_BOOTSTRAP, extract_entry, read_toc, walk_sections
+
+    src = vectors_dir / ZRAN_DIR / name
+    gz = src.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    ref_path = out / "ref.blob"
+    res = build(str(src), bootstrap_out=None, blob_out=str(ref_path), source_type="targz-ref",
+                options=BuildOptions(chunk_size=0x10000, zran_spacing=64 << 10, blob_inline_meta=True,
+                                     blob_toc=True))
+    ref = ref_path.read_bytes()
+    assert sorted(os.listdir(out)) == ["ref.blob"]  # nothing else: no data copied, no loose blob.meta
+    info = res.blob
+    assert info.blob_id == hashlib.sha256(gz).hexdigest()
+    assert info.has(BlobFeatures.ZRAN) and info.has(BlobFeatures.SEPARATE)
+    assert info.blob_meta_digest == hashlib.sha256(ref).digest() and info.blob_meta_size == len(ref)
+    assert info.ci_offset == 0 and info.ci_compressor == Compressor.ZSTD
+    # reverse tar sections in upstream's order; TOC digest = sha256(entries + tar header)
+    names = [s.name for s in walk_sections(lambda o, n: ref[o:o + n], len(ref))]
+    assert names == ["blob.meta", "blob.digest", "image.boot", "rafs.blob.toc"]
+    entries, toc_digest = read_toc(lambda o, n: ref[o:o + n], len(ref))
+    assert toc_digest == info.blob_toc_digest
+    assert [e.entry_name for e in entries] == ["blob.meta", "blob.meta.header", "blob.digest", "image.boot"]
+    boot = extract_entry(lambda o, n: ref[o:o + n], next(e for e in entries if e.entry_name == ENTRY_BOOTSTRAP))
+    layer_boot = tmp_path / "layer.boot"
+    layer_boot.write_bytes(boot)
+    # the windows compress: the ref blob is much smaller than the uncompressed blob.meta
+    assert info.ci_compressed_size < info.ci_uncompressed_size
+    assert zstandard.ZstdDecompressor().decompress(ref[:info.ci_compressed_size],
+                                                  max_output_size=info.ci_uncompressed_size)
+
+    merged = tmp_path / "merged.boot"
+    merge([str(layer_boot)], str(merged), blob_digests=[info.blob_meta_digest.hex()], blob_sizes=[len(ref)],
+          blob_toc_digests=[info.blob_toc_digest.hex()])
+    files = _tar_files(gz)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ref_id = info.blob_meta_digest.hex()
+    for attempt in range(2 if cached else 1):
+        backend = MemoryBackend({info.blob_id: gz, ref_id: ref})
+        mgr = FileCacheManager(str(cache), backend, CacheConfig())
+        seen = {}
+        with metadata.Rafs.open(str(merged)) as fs:
+            (b,) = fs.blobs
+            assert b.blob_id == info.blob_id and b.blob_meta_id == ref_id and b.blob_meta_size == len(ref)
+            assert b.blob_toc_digest == info.blob_toc_digest
+            dev = BlobDevice(fs.blobs, mgr)
+            dev.set_chunk_source(fs.chunk_table)
+            for path, inode in fs.walk():
+                attr = inode.attr()
+                if path in files:
+                    seen[path] = dev.read(inode.chunks(0, attr.size)) if attr.size else b""
+            dev.close()
+        mgr.close()
+        assert seen == files
+        ref_reads = [r for r in backend.requests if r[0] == ref_id]
+        if attempt == 0:
+            # one range read of CI data + header, nothing else of the ref blob
+            assert ref_reads == [(ref_id, 0, info.ci_compressed_size + 4096)]
+        else:
+            assert ref_reads == []  # served from the cache dir
+
+
+def test_separate_blob_without_its_ref_blob_fails_clearly(tmp_path, vectors_dir):
+    from rafs.builder import BuildOptions, build
+
+    src = vectors_dir / ZRAN_DIR / "bgzip.tar.gz"
+    res = build(str(src), bootstrap_out=str(tmp_path / "boot"), blob_out=str(tmp_path / "ref"),
+                source_type="targz-ref", options=BuildOptions(chunk_size=0x10000, blob_inline_meta=True))
+    info = res.blob
+    backend = MemoryBackend({info.blob_id: src.read_bytes()})  # the ref blob is missing
+    from storage.cache.nocache import NoCacheManager
+
+    mgr = NoCacheManager(None, backend)
+    chunk = ChunkInfo(0, 0, b"", int(ChunkFlags.COMPRESSED), 0, 1, 0, 1)
+    with pytest.raises(StorageError, match=info.blob_meta_digest.hex()):
+        mgr.get_blob_cache(info).read_descs([BlobIoDesc(info, chunk, 0, 1)])

@@ -378,6 +378,7 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
             blob_toc_size=info.blob_toc_size, ci_compressor=int(info.ci_compressor), ci_offset=info.ci_offset,
             ci_compressed_size=info.ci_compressed_size, ci_uncompressed_size=info.ci_uncompressed_size,
             blob_toc_digest=info.blob_toc_digest or bytes(32),
+            blob_meta_digest=info.blob_meta_digest or bytes(32), blob_meta_size=info.blob_meta_size,
         ).pack_into(buf, blob_table_offset + i * RafsV6Blob.SIZE)
     for i, slot in enumerate(prefetch_slots):
         buf[prefetch_offset + 4 * i:prefetch_offset + 4 * i + 4] = nid(slot).to_bytes(4, "little")

@@ -8,7 +8,7 @@ import stat
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 from rafs.builder.blob import BlobRecord, BlobWriter, Chunker, ChunkStore
@@ -209,10 +209,10 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
     source_type = SOURCE_TYPE_ALIASES.get(source_type, source_type)
     if source_type not in SOURCE_TYPES:
         raise BuildError(f"unsupported source type {source_type!r} (supported: {', '.join(SOURCE_TYPES)})")
+    if source_type == "targz-ref":  # with --blob-inline-meta the bootstrap goes into the ref blob
+        return _build_targz_ref(source, bootstrap_out, blob_out, blob_dir, opts)
     if bootstrap_out is None and blob_dir is None:
         raise BuildError("either a bootstrap path or a blob dir is required")
-    if source_type == "targz-ref":
-        return _build_targz_ref(source, bootstrap_out, blob_dir, opts)
     t0 = time.perf_counter()
     trace: dict[str, float] = {}
     store = ChunkStore()
@@ -321,27 +321,54 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
             _unlink(tmp_path)
 
 
-def _build_targz_ref(source: str | os.PathLike | BinaryIO, bootstrap_out: str | None, blob_dir: str | None,
-                     opts: BuildOptions) -> BuildResult:
-    """A bootstrap whose blob is the gzip layer itself (see ``rafs.builder.zran``); writes
-    ``<blob_id>.blob.meta`` to ``blob_dir`` (else beside the bootstrap)."""
-    from rafs.builder.zran import build_zran_tree, write_zran_blob_meta
+def _build_targz_ref(source: str | os.PathLike | BinaryIO, bootstrap_out: str | None, blob_out: str | None,
+                     blob_dir: str | None, opts: BuildOptions) -> BuildResult:
+    """A bootstrap whose blob is the gzip layer itself (see ``rafs.builder.zran``).
+
+    With ``blob_inline_meta`` (upstream's ``--blob-inline-meta --features blob-toc``) the output
+    is the "ref" blob at ``blob_out`` (else ``blob_dir/<its sha256>``): blob.meta, chunk digests,
+    the bootstrap and a TOC (``rafs.builder.zran.encode_ref_blob``); the result's BlobInfo then
+    carries the ref blob's digest, size and TOC digest, as merge's ``--blob-digests``,
+    ``--blob-sizes`` and ``--blob-toc-digests`` put them in the merged blob table. Without it
+    (the older layout) ``<blob_id>.blob.meta`` is written to ``blob_dir`` (else beside the
+    bootstrap)."""
+    from rafs.builder.zran import build_zran_tree, encode_ref_blob, write_zran_blob_meta
 
     if not isinstance(source, (str, os.PathLike)):
         raise BuildError("targz-ref needs the layer as a file (its sha256 is the blob id)")
-    if opts.parent_bootstrap or opts.chunk_dict or opts.blob_inline_meta:
-        raise BuildError("targz-ref does not support --parent-bootstrap, --chunk-dict or inline meta")
+    if opts.parent_bootstrap or opts.chunk_dict:
+        raise BuildError("targz-ref does not support --parent-bootstrap or --chunk-dict")
+    ref = opts.blob_inline_meta
+    if ref and blob_out is None and blob_dir is None:
+        raise BuildError("targz-ref with --blob-inline-meta needs --blob or --blob-dir for the ref blob")
+    if not ref and bootstrap_out is None and blob_dir is None:
+        raise BuildError("either a bootstrap path or a blob dir is required")
     t0 = time.perf_counter()
     store = ChunkStore()
-    work = blob_dir or os.path.dirname(os.path.abspath(bootstrap_out))  # type: ignore[arg-type]
+    out_path = bootstrap_out or blob_out
+    work = blob_dir or os.path.dirname(os.path.abspath(out_path))  # type: ignore[arg-type]
     tree, info, writer, bytes_in = build_zran_tree(os.fspath(source), store, chunk_size=opts.chunk_size,
                                                    digester=Digester(opts.digester), spacing=opts.zran_spacing,
-                                                   work_dir=work, limits=opts.limits)
+                                                   work_dir=work, limits=opts.limits, ref_blob=ref)
     tree = _apply_layer(tree, None, opts.whiteout_spec)
     bopts = BootstrapOptions(chunk_size=opts.chunk_size, compressor=Compressor.GZIP,
                              digester=Digester(opts.digester), prefetch=list(opts.prefetch),
                              compact_inodes=opts.compact_inodes)
     boot = write_bootstrap(tree, store, bopts)
+    trace = {"total_build": 0.0}
+    if ref:
+        if info is None:
+            raise BuildError("targz-ref: the layer has no file data, so there is no ref blob to write")
+        blob, toc_digest, toc_size = encode_ref_blob(writer, boot)
+        ref_id = hashlib.sha256(blob).hexdigest()
+        blob_path = blob_out or os.path.join(blob_dir, ref_id)  # type: ignore[arg-type]
+        atomic_write(blob_path, blob, perms=0o644)
+        if bootstrap_out is not None:
+            atomic_write(bootstrap_out, boot, perms=0o600)
+        info = replace(info, blob_meta_digest=bytes.fromhex(ref_id), blob_meta_size=len(blob),
+                       blob_toc_digest=toc_digest, blob_toc_size=toc_size)
+        trace["total_build"] = round(time.perf_counter() - t0, 6)
+        return BuildResult(bootstrap_out or blob_path, _blob_ids_of(boot), info, blob_path, bytes_in, trace)
     if bootstrap_out is None:
         bootstrap_out = os.path.join(blob_dir, hashlib.sha256(boot).hexdigest())  # type: ignore[arg-type]
     meta_path = None
@@ -349,8 +376,8 @@ def _build_targz_ref(source: str | os.PathLike | BinaryIO, bootstrap_out: str | 
         meta_path = os.path.join(work, f"{info.blob_id}.blob.meta")
         write_zran_blob_meta(writer, meta_path)
     atomic_write(bootstrap_out, boot, perms=0o600)
-    return BuildResult(bootstrap_out, blob_ids_of(boot), info, None, bytes_in,
-                       {"total_build": round(time.perf_counter() - t0, 6)}, meta_path)
+    trace["total_build"] = round(time.perf_counter() - t0, 6)
+    return BuildResult(bootstrap_out, blob_ids_of(boot), info, None, bytes_in, trace, meta_path)
 
 
 def _load_parent(path: str, store: ChunkStore, chunk_size: int) -> Tree:

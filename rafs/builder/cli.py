@@ -75,7 +75,8 @@ def cmd_create(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown --features {sorted(unknown)}", file=sys.stderr)
         return 2
-    if not args.bootstrap and not args.blob_dir:
+    ref_blob_only = args.type == "targz-ref" and args.blob_inline_meta and args.blob
+    if not args.bootstrap and not args.blob_dir and not ref_blob_only:
         print("error: one of --bootstrap or --blob-dir is required", file=sys.stderr)
         return 2
     if not args.blob and not args.blob_dir and args.type != "targz-ref":

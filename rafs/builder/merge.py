@@ -21,6 +21,7 @@ from rafs.builder.loader import load_bootstrap
 from rafs.builder.tree import ChunkRef, Tree, apply_whiteouts_in_layer, overlay
 from rafs.errors import BuildError
 from storage.atomic import atomic_write
+from storage.records import BlobFeatures
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -85,14 +86,20 @@ def merge(bootstraps: list[str], out: str, *, blob_digests: list[str] | None = N
             info = rec.info
             own = i == own_index
             if own:
-                if blob_digests is not None:
+                separate = bool(info.features & BlobFeatures.SEPARATE)
+                if blob_digests is not None and separate:
+                    # upstream: for a SEPARATE (OCI-ref) blob the digest names its ref blob
+                    info = replace(info, blob_meta_digest=bytes.fromhex(_digest_hex(blob_digests[li])))
+                elif blob_digests is not None:
                     info = replace(info, blob_id=_digest_hex(blob_digests[li]))
                 elif info.blob_id == INLINE_BLOB_ID_PLACEHOLDER or not _HEX64.match(info.blob_id):
                     name = os.path.basename(path)
                     if not _HEX64.match(name):
                         raise BuildError(f"{path}: blob id is a placeholder; pass --blob-digests")
                     info = replace(info, blob_id=name)
-                if blob_sizes is not None:
+                if blob_sizes is not None and separate:
+                    info = replace(info, blob_meta_size=int(blob_sizes[li]))
+                elif blob_sizes is not None:
                     info = replace(info, compressed_size=int(blob_sizes[li]))
                 if blob_toc_digests is not None:
                     info = replace(info, blob_toc_digest=bytes.fromhex(_digest_hex(blob_toc_digests[li])))

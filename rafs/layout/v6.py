@@ -184,6 +184,8 @@ class RafsV6Blob(Struct):
             ci_uncompressed_size=self.ci_uncompressed_size,
             blob_toc_size=self.blob_toc_size,
             blob_toc_digest=self.blob_toc_digest,
+            blob_meta_digest=self.blob_meta_digest,
+            blob_meta_size=self.blob_meta_size,
         )
 
     def validate(self, index: int | None = None, chunk_size: int | None = None) -> None:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, replace
 from storage.backend.base import BlobBackend, BlobReader
 from storage.compress import decompress
 from storage.digest import digest
-from storage.errors import ChunkDigestMismatch, DecompressError, MetaFormatError, StorageError
-from storage.meta.blob_meta import BlobMeta
+from storage.errors import BlobRangeError, ChunkDigestMismatch, DecompressError, MetaFormatError, StorageError
+from storage.meta.blob_meta import BlobMeta, load_from_blob
+from storage.meta.header import BLOB_CCT_HEADER_SIZE
 from storage.metrics import StorageMetrics
 from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
 from storage.zran import inflate_zran_chunks
@@ -94,6 +95,34 @@ class BlobCache(ABC):
         self.reader = reader
         self.config = config
         self.metrics = metrics
+        #: readers of other blobs by id (the manager's backend): a SEPARATE blob's CI table is in
+        #: its ref blob (``BlobInfo.blob_meta_id``)
+        self.meta_reader: Callable[[str], BlobReader] | None = None
+        self._separate_meta: BlobMeta | None = None
+        self._separate_lock = threading.Lock()
+
+    def load_separate_meta(self) -> BlobMeta | None:
+        """A SEPARATE (OCI-ref) blob's CI table: one range read of ``ci_offset``,
+        ``ci_compressed_size`` + the 4096-byte header from its ref blob; None when the blob has
+        no ref blob or this cache no ``meta_reader``. Checked against the blob table."""
+        b = self.blob
+        ref = b.blob_meta_id
+        if ref is None or self.meta_reader is None or not b.ci_compressed_size:
+            return None
+        extent = b.ci_offset + b.ci_compressed_size + BLOB_CCT_HEADER_SIZE
+        if b.blob_meta_size and extent > b.blob_meta_size:
+            raise MetaFormatError(f"blob {b.blob_id}: CI table {b.ci_offset}+{b.ci_compressed_size} beyond "
+                                  f"its ref blob {ref} ({b.blob_meta_size} bytes)")
+        try:
+            meta = load_from_blob(self.meta_reader(ref).read, extent, ci_offset=b.ci_offset,
+                                  ci_compressed_size=b.ci_compressed_size,
+                                  ci_uncompressed_size=b.ci_uncompressed_size or None,
+                                  ci_compressor=int(b.ci_compressor), chunk_count=b.chunk_count)
+        except BlobRangeError as exc:
+            raise MetaFormatError(f"blob {b.blob_id}: CI table beyond its ref blob {ref}: {exc}") from exc
+        if not meta.header.s_features & BlobFeatures.ZRAN:
+            raise MetaFormatError(f"blob {b.blob_id}: ref blob {ref} holds a blob.meta without ZRAN")
+        return meta
 
     def fetch_run(self, run: Sequence[ChunkInfo]) -> tuple[dict[int, bytes | memoryview], dict[int, StorageError]]:
         """One backend request for a contiguous run; per chunk either its data or its error.
@@ -165,8 +194,13 @@ class BlobCache(ABC):
         return True
 
     def zran_meta(self) -> BlobMeta | None:
-        """The blob.meta of a ZRAN blob (its checkpoints); None when this cache has none."""
-        return None
+        """The blob.meta of a ZRAN blob (its checkpoints); None when this cache has none.
+        Here: the ref blob's, loaded once (a file cache keeps it on disk instead)."""
+        if self._separate_meta is None:
+            with self._separate_lock:
+                if self._separate_meta is None:
+                    self._separate_meta = self.load_separate_meta()
+        return self._separate_meta
 
     @abstractmethod
     def read_descs(self, descs: Sequence[BlobIoDesc], amplify_into: "set[int] | None" = None) -> bytes:

@@ -150,8 +150,25 @@ class FileBlobCache(BlobCache):
                     log.warning("discarding %s: %s", self.meta_path, exc)
                     meta = None
                     os.unlink(self.meta_path)
-            if meta is None and self._has_ci_table() and not self.blob.has(BlobFeatures.ZRAN):
-                # a ZRAN blob is the original gzip layer: its blob.meta only comes as a file
+            if meta is None and self.blob.blob_meta_id is not None:
+                # SEPARATE (OCI-ref): the CI table is in the ref blob, fetched by range once
+                try:
+                    meta = self.load_separate_meta()
+                    if meta is not None:
+                        self._check_meta(meta)
+                except MetaFormatError as exc:
+                    log.warning("blob %s: unusable blob.meta in ref blob %s: %s", self.blob.blob_id,
+                                self.blob.blob_meta_id, exc)
+                    meta = None
+                if meta is not None:
+                    try:
+                        write_blob_meta_file(self.meta_path, meta)
+                    except OSError as exc:
+                        log.warning("blob %s: cannot store the CI table in %s: %s", self.blob.blob_id,
+                                    self.meta_path, exc)
+            elif meta is None and self._has_ci_table() and not self.blob.has(BlobFeatures.ZRAN):
+                # a ZRAN blob of the older layout is the original gzip layer: its blob.meta only
+                # comes as a file
                 b = self.blob
                 try:
                     if b.ci_compressed_size:
@@ -751,7 +768,10 @@ class FileCacheManager(BlobCacheManager):
                     log.warning("cache disk full (%s): blob %s is read without caching", exc, blob.blob_id)
                     self.metrics.cache_write_failures.inc()
                     self._refs[blob.blob_id] = self._refs.get(blob.blob_id, 0) + 1
-                    return NoCacheBlobCache(blob, reader, self.config, self.metrics)  # type: ignore[return-value]
+                    nc = NoCacheBlobCache(blob, reader, self.config, self.metrics)
+                    nc.meta_reader = self.backend.reader
+                    return nc  # type: ignore[return-value]
+                cache.meta_reader = self.backend.reader
                 cache.after_fetch = self.maybe_enforce_limit
                 cache.fetch_pool = self._fetch_pool()
                 self._caches[blob.blob_id] = cache

@@ -48,5 +48,6 @@ class NoCacheManager(BlobCacheManager):
             cache = self._caches.get(blob.blob_id)
             if cache is None:
                 cache = NoCacheBlobCache(blob, self.backend.reader(blob.blob_id), self.config, self.metrics)
+                cache.meta_reader = self.backend.reader
                 self._caches[blob.blob_id] = cache
             return cache
