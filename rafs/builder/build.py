@@ -368,7 +368,7 @@ def _build_targz_ref(source: str | os.PathLike | BinaryIO, bootstrap_out: str | 
         info = replace(info, blob_meta_digest=bytes.fromhex(ref_id), blob_meta_size=len(blob),
                        blob_toc_digest=toc_digest, blob_toc_size=toc_size)
         trace["total_build"] = round(time.perf_counter() - t0, 6)
-        return BuildResult(bootstrap_out or blob_path, _blob_ids_of(boot), info, blob_path, bytes_in, trace)
+        return BuildResult(bootstrap_out or blob_path, blob_ids_of(boot), info, blob_path, bytes_in, trace)
     if bootstrap_out is None:
         bootstrap_out = os.path.join(blob_dir, hashlib.sha256(boot).hexdigest())  # type: ignore[arg-type]
     meta_path = None
