@@ -132,10 +132,10 @@ def debian_rootfs_tar(cache: pathlib.Path) -> pathlib.Path:
     if shutil.which("mmdebstrap") is None:
         raise BenchError("needs mmdebstrap (apt-get install mmdebstrap)")
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tar.tmp")
+    tmp = path.with_name(path.stem + ".tmp.tar")   # mmdebstrap picks its output format by suffix
     print(f"building {path.name}: mmdebstrap {SUITE} minbase + {' '.join(PACKAGES)} ...", flush=True)
     r = subprocess.run(["mmdebstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES),
-                        "--mode=root", "--quiet", SUITE, str(tmp)],
+                        "--format=tar", "--mode=root", "--quiet", SUITE, str(tmp)],
                        capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)

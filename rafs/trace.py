@@ -149,16 +149,29 @@ def trace_paths(entries: Iterable[TraceEntry]) -> list[str]:
 
 
 def _add_range(ranges: list[Range], offset: int, size: int) -> None:
-    """Append a read, merging it into the last range when they touch or overlap."""
-    if ranges:
+    """Add a read in arrival order, merged into every range it touches or overlaps (parallel
+    FUSE workers and the kernel's async read-ahead deliver one file's reads out of order: a
+    file read whole still records as one range, kept at the place of its first read)."""
+    end = offset + size
+    hit = -1
+    for i, (off, n) in enumerate(ranges):
+        if off <= end and offset <= off + n:
+            if hit < 0:
+                hit = i
+                offset, end = min(off, offset), max(off + n, end)
+                ranges[i] = (offset, end - offset)
+            else:  # the new read bridges two ranges: fold the later one into the first
+                offset, end = min(off, offset), max(off + n, end)
+                ranges[hit] = (offset, end - offset)
+                ranges[i] = (-1, 0)
+    if hit >= 0:
+        ranges[:] = [r for r in ranges if r[0] >= 0]
+        return
+    if len(ranges) >= MAX_RANGES_PER_KEY:
         last_off, last_size = ranges[-1]
-        if last_off <= offset <= last_off + last_size:
-            ranges[-1] = (last_off, max(last_size, offset + size - last_off))
-            return
-        if len(ranges) >= MAX_RANGES_PER_KEY:
-            lo = min(last_off, offset)
-            ranges[-1] = (lo, max(last_off + last_size, offset + size) - lo)
-            return
+        lo = min(last_off, offset)
+        ranges[-1] = (lo, max(last_off + last_size, end) - lo)
+        return
     ranges.append((offset, size))
 
 

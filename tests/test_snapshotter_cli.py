@@ -44,6 +44,11 @@ def proc_factory(tmp_path):
         if p.poll() is None:
             p.kill()
         p.wait()
+    # the shared nydusd starts with the snapshotter and outlives it by design: stop ours (by PID)
+    from integration.harness.util import kill_pids, pids_mentioning, unmount_all
+
+    kill_pids(pids_mentioning(str(tmp_path)))
+    unmount_all(str(tmp_path))
 
 
 def wait_socket(path: pathlib.Path, proc: subprocess.Popen, timeout: float = 20) -> None:
