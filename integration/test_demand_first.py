@@ -150,7 +150,10 @@ def test_amplification_stays_inside_the_file(image, tmp_path, driver):
 def test_erofs_read_ahead_follows_files_not_the_blob(tmp_path):
     """Kernel EROFS reads blob files, which carry no file: the daemon's sequential read-ahead
     must still stop at the end of the image file being read (``BlobFiles.same_file``), not ramp
-    up over the blob into the file laid out behind it."""
+    up over the blob into the file laid out behind it. The kernel's own 128 KiB read-ahead on the
+    blob file does cross into the next file, and that read is a demand read to the daemon (one
+    amplified range, 1 MiB): turning the kernel's read-ahead off removes it but made real-image
+    starts 1.7-5.8x slower (docs/perf.md), so it stays on unless a trace is recorded."""
     require_stack()
     if not erofs.detect_support().usable:
         pytest.skip(f"kernel EROFS unusable: {erofs.detect_support().reason}")
@@ -191,6 +194,9 @@ def test_erofs_read_ahead_follows_files_not_the_blob(tmp_path):
     finally:
         chunk_map.close()
     assert idx["a"] <= ready
-    assert not ready & idx["b"], f"{len(ready & idx['b'])} chunks of b fetched reading a"
-    # a's bytes, the CI table and the kernel's 128 KiB read-ahead on the blob file at most
-    assert fetched <= len(content["a"]) + (256 << 10), fetched
+    # of b: the kernel's read-ahead past a's end, amplified once (1 MiB), not the daemon's ramp
+    # over the whole of b (without the file map: all 32 chunks)
+    in_b = ready & idx["b"]
+    assert len(in_b) <= (1 << 20) // 65536 < len(idx["b"]), f"{len(in_b)} chunks of b fetched reading a"
+    # a's bytes, the CI table and one amplified read into b at most
+    assert fetched <= len(content["a"]) + (1 << 20) + (256 << 10), fetched
