@@ -96,6 +96,57 @@ class Histogram:
         return lines
 
 
+#: upstream nydusd's request-size classes (``request_size_index``): <1K, 1K~, 4K~, 16K~, 64K~, 128K~, 512K~, 1M~
+SIZE_CLASSES = 8
+#: upstream's backend latency classes in milliseconds: <=1, <=20, <=50, <=100, <=500, <=1000, <=2000, >2000
+LATENCY_MILLIS_BOUNDS = (1, 20, 50, 100, 500, 1000, 2000)
+
+
+def size_class(size: int) -> int:
+    """Upstream nydusd's ``request_size_index``: the size class of a ``size``-byte request."""
+    kib = size >> 10
+    for i, bound in enumerate((1, 4, 16, 64, 128, 512, 1024)):
+        if kib < bound:
+            return i
+    return 7
+
+
+def latency_class(millis: int) -> int:
+    """Upstream nydusd's ``latency_millis_range_index``."""
+    return bisect.bisect_left(LATENCY_MILLIS_BOUNDS, millis)
+
+
+class BackendDist:
+    """Backend reads by size class and latency class, as upstream nydusd's ``BackendMetrics``
+    counts them (``read_cumulative_latency_millis_dist``, ``read_count_block_size_dist``,
+    ``read_latency_sizes_dist``); every read ends here, failed ones too."""
+
+    __slots__ = ("latency_millis_total", "latency_millis_dist", "count_by_size", "latency_by_size", "_lock")
+
+    def __init__(self) -> None:
+        self.latency_millis_total = 0
+        self.latency_millis_dist = [0] * SIZE_CLASSES
+        self.count_by_size = [0] * SIZE_CLASSES
+        self.latency_by_size = [[0] * (len(LATENCY_MILLIS_BOUNDS) + 1) for _ in range(SIZE_CLASSES)]
+        self._lock = threading.Lock()
+
+    def observe(self, size: int, seconds: float) -> None:
+        millis = int(seconds * 1000)
+        s = size_class(size)
+        with self._lock:
+            self.latency_millis_total += millis
+            self.latency_millis_dist[s] += millis
+            self.count_by_size[s] += 1
+            self.latency_by_size[s][latency_class(millis)] += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"read_cumulative_latency_millis_total": self.latency_millis_total,
+                    "read_cumulative_latency_millis_dist": list(self.latency_millis_dist),
+                    "read_count_block_size_dist": list(self.count_by_size),
+                    "read_latency_sizes_dist": [list(r) for r in self.latency_by_size]}
+
+
 class StorageMetrics:
     """Every storage metric, by attribute. Names follow ``nydus_storage_*``."""
 
@@ -106,6 +157,8 @@ class StorageMetrics:
         self.backend_read_errors = Counter(f"{p}_backend_read_errors_total", "Backend reads that failed after retries.")
         self.backend_retries = Counter(f"{p}_backend_retries_total", "Backend read attempts retried.")
         self.backend_latency = Histogram(f"{p}_backend_read_latency_seconds", "Latency of one backend read.")
+        #: upstream's size/latency classes of backend reads (JSON of ``/api/v1/metrics/backend``)
+        self.backend_dist = BackendDist()
         self.cache_hits = Counter(f"{p}_cache_hits_total", "Chunk reads served from the cache.")
         self.cache_misses = Counter(f"{p}_cache_misses_total", "Chunks fetched from the backend.")
         self.cache_evictions = Counter(f"{p}_cache_evictions_total", "Blobs evicted from the cache.")

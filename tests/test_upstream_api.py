@@ -193,3 +193,200 @@ def test_v2_toml_config_mounts_for_real(tmp_path):
         assert open(os.path.join(mnt, "v2", "g"), "rb").read() == b"v2 config" * 1000
         client.umount("/v2")
     assert os.listdir(tmp_path / "cache")  # the filecache work_dir was used
+
+
+def _image(tmp_path, files: dict[str, bytes]) -> str:
+    from rafs.builder import BuildOptions, build
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    (tmp_path / "blobs").mkdir()
+    return build(str(src), bootstrap_out=str(tmp_path / "image.boot"), blob_dir=str(tmp_path / "blobs"),
+                 options=BuildOptions()).bootstrap
+
+
+def _config(tmp_path, cache: str = "blobcache", **extra) -> dict:
+    cfg = {"device": {"backend": {"type": "localfs", "config": {"dir": str(tmp_path / "blobs")}},
+                      "cache": {"type": cache, "config": {"work_dir": str(tmp_path / "cache")}}}}
+    cfg.update(extra)
+    return cfg
+
+
+def _json(sock: str, method: str, target: str, body: bytes = b"") -> tuple[int, object]:
+    status, ctype, payload = _call(sock, method, target, body)
+    assert "json" in ctype, (target, ctype)
+    return status, (json.loads(payload) if payload else None)
+
+
+def test_upstream_metrics_endpoints_answer_json(tmp_path):
+    """/metrics/backend, /blobcache, /files, /pattern answer upstream's JSON with this daemon's
+    numbers; Prometheus text stays behind Accept: text/plain / ?format=prometheus."""
+    require_fuse()
+    import time
+
+    data = os.urandom(300 << 10)
+    boot = _image(tmp_path, {"f": data, "g": b"small file"})
+    config = _config(tmp_path, access_pattern=True, latest_read_files=True)
+    with running_daemon(tmp_path, opener="real") as (client, mnt, _):
+        sock = client.apisock
+        client.mount("/a", boot, config)
+        t0 = int(time.time())
+        assert open(os.path.join(mnt, "a", "f"), "rb").read() == data
+
+        status, backend = _json(sock, "GET", "/api/v1/metrics/backend?id=/a")
+        assert status == 200
+        _check(backend, "BackendMetrics")
+        assert set(backend) == set(SHAPES["BackendMetrics"])  # upstream serializes exactly these
+        assert backend["backend_type"] == "localfs" and backend["read_count"] >= 1
+        assert backend["read_errors"] == 0 and backend["read_amount_total"] >= len(data) // 2
+        assert len(backend["read_count_block_size_dist"]) == 8
+        assert sum(backend["read_count_block_size_dist"]) == backend["read_count"]
+        assert [len(r) for r in backend["read_latency_sizes_dist"]] == [8] * 8
+        assert sum(map(sum, backend["read_latency_sizes_dist"])) == backend["read_count"]
+        assert _json(sock, "GET", "/api/v1/metrics/backend")[1]["read_count"] == backend["read_count"]  # the only one
+
+        status, cache = _json(sock, "GET", "/api/v1/metrics/blobcache?id=/a")
+        assert status == 200
+        _check(cache, "BlobcacheMetrics")
+        assert set(cache) == set(SHAPES["BlobcacheMetrics"])
+        assert cache["store_path"] == str(tmp_path / "cache") and cache["underlying_files"]
+        assert all(p.startswith(cache["store_path"] + "/") and os.path.isfile(p) for p in cache["underlying_files"])
+        assert cache["entries_count"] >= 1 and cache["total"] >= cache["entries_count"]
+        assert cache["partial_hits"] == 0 and cache["prefetch_requests_count"] == 0
+
+        for target, accept in (("/api/v1/metrics/backend?id=/a", "text/plain"),
+                               ("/api/v1/metrics/blobcache?id=/a&format=prometheus", "")):
+            status, ctype, body = _call(sock, "GET", target, accept=accept)
+            assert status == 200 and ctype.startswith("text/plain") and b"nydus_storage_" in body
+        assert "nydus_storage_backend_read_requests_total" in client.request(
+            "GET", "/api/v1/metrics/backend", raw=True)
+
+        status, pattern = _json(sock, "GET", "/api/v1/metrics/pattern?id=/a")
+        assert status == 200 and len(pattern) == 1  # only f was read
+        _check(pattern[0], "AccessPattern")
+        assert pattern[0]["nr_read"] >= 1 and abs(pattern[0]["first_access_time_secs"] - t0) <= 5
+        status, latest = _json(sock, "GET", "/api/v1/metrics/files?id=/a&latest=true")
+        assert status == 200 and latest == [pattern[0]["ino"]]
+        assert _json(sock, "GET", "/api/v1/metrics/files?id=/a&latest=true")[1] == []  # cleared
+        assert _json(sock, "GET", "/api/v1/metrics/files?id=/a") == (200, {})  # iostats_files: not collected
+        assert _json(sock, "GET", "/api/v1/metrics?id=/a")[1]["access_pattern_enabled"] is True
+
+        # a second instance without recording and without a blob cache
+        client.mount("/b", boot, _config(tmp_path, cache="dummycache"))
+        assert open(os.path.join(mnt, "b", "g"), "rb").read() == b"small file"
+        assert _json(sock, "GET", "/api/v1/metrics/pattern?id=/b") == (200, [])  # upstream: off = []
+        assert _json(sock, "GET", "/api/v1/metrics/files?id=/b&latest=true") == (200, [])
+        assert _json(sock, "GET", "/api/v1/metrics?id=/b")[1]["access_pattern_enabled"] is False
+        status, err = _json(sock, "GET", "/api/v1/metrics/blobcache?id=/b")
+        assert status == 404 and "no blob cache" in err["message"]
+        _check(_json(sock, "GET", "/api/v1/metrics/backend?id=/b")[1], "BackendMetrics")
+        for target in ("/api/v1/metrics/backend", "/api/v1/metrics/blobcache", "/api/v1/metrics/pattern",
+                       "/api/v1/metrics/files", "/api/v1/metrics/files?id=/nope"):
+            status, err = _json(sock, "GET", target)  # two instances and no id: upstream's NoCounter 404
+            assert status == 404, target
+            _check(err, "ErrorMessage")
+        client.umount("/b")
+        client.umount("/a")
+
+
+def test_v2_blobs_and_remount_answer_as_unsupported(tmp_path):
+    """/api/v2/blobs (fscache blob objects) and PUT /api/v1/mount answer as upstream nydusd
+    answers a request its daemon does not support: 501 with one message (400 when a parameter
+    is missing; deleting a blob file by id is upstream fusedev's no-op 204)."""
+    require_fuse()
+    boot = _image(tmp_path, {"f": b"x" * 100})
+    with running_daemon(tmp_path, opener="real") as (client, mnt, _):
+        sock = client.apisock
+        client.mount("/a", boot, _config(tmp_path))
+        body = json.dumps({"fs_type": "rafs", "source": boot, "config": json.dumps(_config(tmp_path))}).encode()
+        status, err = _json(sock, "PUT", "/api/v1/mount?mountpoint=/a", body)
+        assert status == 501 and err["code"] == "Unsupported" and "DELETE" in err["message"]
+        assert len(err["message"].splitlines()) == 1
+        assert open(os.path.join(mnt, "a", "f"), "rb").read() == b"x" * 100  # still served
+        for method, target, want in (("GET", "/api/v2/blobs?domain_id=d", 501),
+                                     ("PUT", "/api/v2/blobs", 501), ("POST", "/api/v2/blobs", 501),
+                                     ("DELETE", "/api/v2/blobs?domain_id=d&blob_id=b", 501),
+                                     ("GET", "/api/v2/blobs", 400), ("DELETE", "/api/v2/blobs", 400)):
+            status, err = _json(sock, method, target, b'{"type": "bootstrap", "id": "x"}' if method in (
+                "PUT", "POST") else b"")
+            assert status == want, (method, target, status, err)
+            _check(err, "ErrorMessage")
+            if want == 501:
+                assert "(DaemonAbnormal(Unsupported))" in err["message"] and "fscache" in err["message"]
+        status, ctype, payload = _call(sock, "DELETE", "/api/v2/blobs?blob_id=b")
+        assert status == 204 and payload == b""
+        client.umount("/a")
+
+
+class _GatedOpener:
+    """The real opener whose device reads wait while the file ``gate`` exists (fork: not pickled)."""
+
+    def __init__(self, gate: str) -> None:
+        from rafs.daemon.service import StorageOpener
+
+        self.real = StorageOpener()
+        self.gate = gate
+
+    def open_tree(self, bootstrap):
+        return self.real.open_tree(bootstrap)
+
+    def open_device(self, blobs, config):
+        import time
+
+        device = self.real.open_device(blobs, config)
+        read = device.read
+
+        def gated(iovec, *args):
+            while os.path.exists(self.gate):
+                time.sleep(0.02)
+            return read(iovec, *args)
+
+        device.read = gated
+        device.read_ready = lambda iovec: None
+        device.read_complete = lambda iovec, open_new=True: None
+        return device
+
+
+def test_inflight_lists_a_hanging_read(tmp_path):
+    """/api/v1/metrics/inflight: 204 when idle; a read held in the daemon is listed with
+    upstream's fields (opcode 15 = FUSE_READ) until it is answered."""
+    require_fuse()
+    import threading
+    import time
+
+    boot = _image(tmp_path, {"f": b"held" * 1000})
+    gate = tmp_path / "gate"
+    with running_daemon(tmp_path, opener=_GatedOpener(str(gate)), fuse_impl="ll") as (client, mnt, _):
+        sock = client.apisock
+        client.mount("/a", boot, _config(tmp_path))
+        path = os.path.join(mnt, "a", "f")
+        os.stat(path)
+        status, _, payload = _call(sock, "GET", "/api/v1/metrics/inflight")
+        assert status == 204 and payload == b""
+        gate.write_text("")
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(open(path, "rb").read()))
+        t0 = int(time.time())
+        reader.start()
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                status, _, payload = _call(sock, "GET", "/api/v1/metrics/inflight")
+                ops = json.loads(payload) if status == 200 else []
+                if any(op["opcode"] == 15 for op in ops):
+                    break
+                assert time.monotonic() < deadline, "the held read never showed up"
+                time.sleep(0.05)
+            for op in ops:
+                _check(op, "FuseOp")
+            read = [op for op in ops if op["opcode"] == 15][0]
+            assert read["unique"] > 0 and read["inode"] > 1 and abs(read["timestamp_secs"] - t0) <= 5
+        finally:
+            gate.unlink()
+            reader.join(10)
+        assert got == [b"held" * 1000]
+        status, _, _ = _call(sock, "GET", "/api/v1/metrics/inflight")
+        assert status == 204
+        client.umount("/a")

@@ -28,7 +28,7 @@ from rafs.daemon.config import DaemonConfig, check_instance_name
 from rafs.errors import ConfigError, FormatError, MountError, NotFound, RafsError, UnsupportedError
 from rafs.fs import session
 from rafs.fs.fuse_ll import FuseSession
-from rafs.fs.instance import BlobFiles, Instance
+from rafs.fs.instance import BlobFiles, FileAccess, Instance
 from rafs.fs.ops import RafsFs, no_open_unsupported_reason
 from storage.device import BlobReadDevice
 
@@ -379,6 +379,8 @@ class Nydusd:
                     inst = Instance(name if name != "/" else "", tree, device, bootstrap=bootstrap,
                                     config=cfg.raw, enable_xattr=cfg.enable_xattr)
                     _start_trace(inst, cfg)
+                    if cfg.access_pattern or cfg.latest_read_files:
+                        inst.access = FileAccess(pattern=cfg.access_pattern, latest=cfg.latest_read_files)
                     self.fs.add_instance(inst, adopt_slot)
                     record = MountRecord(name, bootstrap, "fusedev", self._target(name))
                     if self.shared and adopt_slot is None:
@@ -581,6 +583,11 @@ class Nydusd:
         if inst.recorder is None:
             raise NotFound(f"instance {mountpoint} does not record a trace (fs_prefetch.record_trace)")
         return inst.recorder.text()
+
+    def inflight(self) -> list[dict[str, int]] | None:
+        """FUSE requests being served now (``GET /api/v1/metrics/inflight``); None when the
+        FUSE loop is libfuse's (``--fuse-impl pyfuse3``), which does not say."""
+        return self._ll.inflight() if self._ll is not None else None
 
     def _instance(self, mountpoint: str) -> Instance:
         name = self._instance_name(mountpoint)

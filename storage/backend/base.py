@@ -106,8 +106,14 @@ class BlobReader(ABC):
             return data
 
         start = time.monotonic()
-        data = self._retry(attempt, f"read {offset}+{size}")
-        self.metrics.backend_latency.observe(time.monotonic() - start)
+        try:
+            data = self._retry(attempt, f"read {offset}+{size}")
+        except BaseException:
+            self.metrics.backend_dist.observe(size, time.monotonic() - start)
+            raise
+        elapsed = time.monotonic() - start
+        self.metrics.backend_latency.observe(elapsed)
+        self.metrics.backend_dist.observe(size, elapsed)
         self.metrics.backend_read_bytes.inc(size)
         self.metrics.backend_read_count.inc()
         return data
