@@ -291,20 +291,15 @@ def test_upstream_metrics_endpoints_answer_json(tmp_path):
         client.umount("/a")
 
 
-def test_v2_blobs_and_remount_answer_as_unsupported(tmp_path):
-    """/api/v2/blobs (fscache blob objects) and PUT /api/v1/mount answer as upstream nydusd
-    answers a request its daemon does not support: 501 with one message (400 when a parameter
-    is missing; deleting a blob file by id is upstream fusedev's no-op 204)."""
+def test_v2_blobs_answer_as_unsupported(tmp_path):
+    """/api/v2/blobs (fscache blob objects) answers as upstream nydusd answers it in fusedev
+    mode: 501 with one message (400 when a parameter is missing; deleting a blob file by id is
+    upstream fusedev's no-op 204)."""
     require_fuse()
     boot = _image(tmp_path, {"f": b"x" * 100})
     with running_daemon(tmp_path, opener="real") as (client, mnt, _):
         sock = client.apisock
         client.mount("/a", boot, _config(tmp_path))
-        body = json.dumps({"fs_type": "rafs", "source": boot, "config": json.dumps(_config(tmp_path))}).encode()
-        status, err = _json(sock, "PUT", "/api/v1/mount?mountpoint=/a", body)
-        assert status == 501 and err["code"] == "Unsupported" and "DELETE" in err["message"]
-        assert len(err["message"].splitlines()) == 1
-        assert open(os.path.join(mnt, "a", "f"), "rb").read() == b"x" * 100  # still served
         for method, target, want in (("GET", "/api/v2/blobs?domain_id=d", 501),
                                      ("PUT", "/api/v2/blobs", 501), ("POST", "/api/v2/blobs", 501),
                                      ("DELETE", "/api/v2/blobs?domain_id=d&blob_id=b", 501),
@@ -315,8 +310,47 @@ def test_v2_blobs_and_remount_answer_as_unsupported(tmp_path):
             _check(err, "ErrorMessage")
             if want == 501:
                 assert "(DaemonAbnormal(Unsupported))" in err["message"] and "fscache" in err["message"]
+                assert err["code"] == "Unsupported" and len(err["message"].splitlines()) == 1
         status, ctype, payload = _call(sock, "DELETE", "/api/v2/blobs?blob_id=b")
         assert status == 204 and payload == b""
+        client.umount("/a")
+
+
+def test_put_mount_remounts_in_place(tmp_path):
+    """PUT /api/v1/mount (upstream's remount): the instance is served from the new bootstrap and
+    config (here: another blob directory) in place, without an unmount."""
+    require_fuse()
+    from rafs.builder import BuildOptions, build
+
+    boots, configs = {}, {}
+    for gen, files in (("one", {"f": b"same", "g": b"old g"}), ("two", {"f": b"same", "g": b"new g!", "h": b"h"})):
+        src, blobs = tmp_path / gen / "src", tmp_path / gen / "blobs"
+        src.mkdir(parents=True)
+        blobs.mkdir()
+        for name, data in files.items():
+            (src / name).write_bytes(data)
+        boots[gen] = build(str(src), bootstrap_out=str(tmp_path / gen / "image.boot"), blob_dir=str(blobs),
+                           options=BuildOptions()).bootstrap
+        configs[gen] = {"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
+                                   "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}},
+                        "access_pattern": gen == "two"}
+    with running_daemon(tmp_path, opener="real") as (client, mnt, _):
+        sock = client.apisock
+        client.mount("/a", boots["one"], configs["one"])
+        assert open(os.path.join(mnt, "a", "f"), "rb").read() == b"same"
+        body = json.dumps({"fs_type": "rafs", "source": boots["two"], "config": json.dumps(configs["two"])}).encode()
+        status, _ = _json(sock, "PUT", "/api/v1/mount?mountpoint=/a", body)
+        assert status == 204
+        assert client.info()["instances"]["/a"]["bootstrap"] == boots["two"]
+        assert open(os.path.join(mnt, "a", "g"), "rb").read() == b"new g!"  # never looked up before
+        assert open(os.path.join(mnt, "a", "h"), "rb").read() == b"h"
+        assert len(_json(sock, "GET", "/api/v1/metrics/pattern?id=/a")[1]) == 2  # the new config's
+        status, err = _json(sock, "PUT", "/api/v1/mount?mountpoint=/nope", body)
+        assert status == 404
+        bad = json.dumps({"source": str(tmp_path / "missing"), "config": "{}"}).encode()
+        status, err = _json(sock, "PUT", "/api/v1/mount?mountpoint=/a", bad)
+        assert status == 400 and "source" in err["message"]
+        assert open(os.path.join(mnt, "a", "h"), "rb").read() == b"h"  # still the new image
         client.umount("/a")
 
 
@@ -349,6 +383,21 @@ class _GatedOpener:
         return device
 
 
+def _wait_idle(sock: str) -> None:
+    """Until the inflight answer is upstream's idle one, 204 without a body (a request of
+    another process, e.g. a getattr of the mount root, may be in flight for a moment)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        status, _, payload = _call(sock, "GET", "/api/v1/metrics/inflight")
+        if status == 204:
+            assert payload == b""
+            return
+        assert status == 200 and time.monotonic() < deadline, payload
+        time.sleep(0.05)
+
+
 def test_inflight_lists_a_hanging_read(tmp_path):
     """/api/v1/metrics/inflight: 204 when idle; a read held in the daemon is listed with
     upstream's fields (opcode 15 = FUSE_READ) until it is answered."""
@@ -363,8 +412,7 @@ def test_inflight_lists_a_hanging_read(tmp_path):
         client.mount("/a", boot, _config(tmp_path))
         path = os.path.join(mnt, "a", "f")
         os.stat(path)
-        status, _, payload = _call(sock, "GET", "/api/v1/metrics/inflight")
-        assert status == 204 and payload == b""
+        _wait_idle(sock)
         gate.write_text("")
         got: list[bytes] = []
         reader = threading.Thread(target=lambda: got.append(open(path, "rb").read()))
@@ -387,6 +435,5 @@ def test_inflight_lists_a_hanging_read(tmp_path):
             gate.unlink()
             reader.join(10)
         assert got == [b"held" * 1000]
-        status, _, _ = _call(sock, "GET", "/api/v1/metrics/inflight")
-        assert status == 204
+        _wait_idle(sock)
         client.umount("/a")

@@ -354,7 +354,7 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes,
         mountpoint = query.get("mountpoint")
         if not mountpoint:
             raise ConfigError("query parameter 'mountpoint' is required")
-        if method == "POST":
+        if method in ("POST", "PUT"):
             req = _json_body(body)
             if req.get("fs_type", "rafs") != "rafs":
                 raise ConfigError(f"fs_type: only 'rafs' is supported, got {req.get('fs_type')!r}")
@@ -364,14 +364,14 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes,
             config = req.get("config") or {}
             if not isinstance(config, (dict, str)):
                 raise ConfigError(f"config: expected a JSON object or its text, got {type(config).__name__}")
-            await daemon.mount_instance(mountpoint, source, config)
+            if method == "PUT":  # upstream's remount: the instance's new bootstrap and config
+                await daemon.remount_instance(mountpoint, source, config)
+            else:
+                await daemon.mount_instance(mountpoint, source, config)
             return 204, None
         if method == "DELETE":
             await daemon.umount_instance(mountpoint)
             return 204, None
-        if method == "PUT":
-            raise NotServed("PUT /api/v1/mount (remount with a new bootstrap or config) is not implemented "
-                            "by this nydusd: unmount (DELETE) and mount (POST) the instance again")
     if path == "/api/v1/prefetch" and method in ("POST", "PUT"):
         req = _json_body(body)
         files = req.get("files")

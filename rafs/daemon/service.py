@@ -396,6 +396,51 @@ class Nydusd:
             await self._resend_handover()
             return record
 
+    async def remount_instance(self, mountpoint: str, bootstrap: str, config: dict | str) -> MountRecord:
+        """Serve a mounted instance from a new bootstrap and config in place (``PUT
+        /api/v1/mount``, upstream's remount): the instance keeps its slot, so its inode numbers,
+        and every request from now on resolves in the new image; reads already running finish
+        on the old one, closed after :data:`REMOUNT_GRACE` seconds and once its demand reads
+        settled. ``fusedev`` instances only (an erofs mount is the kernel's)."""
+        name = self._instance_name(mountpoint)
+        async with self._lock:
+            record = self.records.get(name)
+            if record is None:
+                raise NotFound(f"no instance mounted at {mountpoint}")
+            if record.fs_driver != "fusedev":
+                raise UnsupportedError(f"instance {mountpoint} is an erofs mount: remount serves fusedev "
+                                       "instances only; unmount (DELETE) and mount (POST) it again")
+            cfg = DaemonConfig.parse(config)
+            if not os.path.isfile(bootstrap):
+                raise ConfigError(f"source {bootstrap[:256]!r} is not a regular file")
+            try:
+                tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
+            except (FormatError, OSError) as exc:
+                raise ConfigError(f"source {bootstrap[:256]!r} is not a RAFS bootstrap: {exc}") from exc
+            from rafs.daemon.device import seed_blob_metas
+
+            key = name if name != "/" else ""
+            try:
+                await trio.to_thread.run_sync(seed_blob_metas, bootstrap, list(tree.blobs), cfg)
+                device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
+            except BaseException:
+                tree.close()
+                raise
+            _give_chunk_source(device, tree)
+            inst = Instance(key, tree, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=cfg.enable_xattr)
+            _start_trace(inst, cfg)
+            if cfg.access_pattern or cfg.latest_read_files:
+                inst.access = FileAccess(pattern=cfg.access_pattern, latest=cfg.latest_read_files)
+            old = self.fs.replace_instance(key, inst)
+            self.records[name] = record = MountRecord(name, bootstrap, "fusedev", record.mountpoint)
+            if self.shared:
+                await self._invalidate_root_entry(name)
+            self._start_prefetch(inst, cfg)
+            threading.Thread(target=_retire, args=(old,), name=f"retire-{key}", daemon=True).start()
+            log.info("remounted %s from %s", record.mountpoint, bootstrap)
+            await self._resend_handover()
+            return record
+
     async def _mount_erofs(self, name: str, bootstrap: str, tree: Any, cfg: DaemonConfig,
                            adopt_slot: int | None = None, adopt_devices: tuple[str, ...] = ()) -> MountRecord:
         blob_files = await trio.to_thread.run_sync(BlobFiles, tree)  # UnsupportedError if unaligned
@@ -673,6 +718,21 @@ class Nydusd:
                 lines.append(f'{metric}{{id="{label}"}} {value}')
         lines += _labelled_storage_metrics(insts, only)
         return "\n".join(lines) + "\n"
+
+
+#: seconds a remounted instance's old image stays open for the reads that resolved in it
+REMOUNT_GRACE = 5.0
+
+
+def _retire(old: Instance) -> None:
+    """Close the instance a remount replaced once the reads that resolved in it are done."""
+    time.sleep(REMOUNT_GRACE)
+    try:
+        old.device.wait_demand_settled()
+        _save_trace(old)
+        old.close()
+    except Exception as exc:
+        log.warning("closing the replaced image of %s: %s", old.name or "/", exc)
 
 
 def _start_trace(inst: Instance, cfg: DaemonConfig) -> None:
