@@ -8,6 +8,8 @@ Everything here is thread-safe and dependency-free.
 from __future__ import annotations
 
 import bisect
+import collections
+import email.utils
 import threading
 from collections.abc import Iterable
 
@@ -145,6 +147,38 @@ class BackendDist:
                     "read_cumulative_latency_millis_dist": list(self.latency_millis_dist),
                     "read_count_block_size_dist": list(self.count_by_size),
                     "read_latency_sizes_dist": [list(r) for r in self.latency_by_size]}
+
+
+class ErrorHolder:
+    """The last errors worth an operator's look, in a ring bounded by count and bytes, as
+    upstream nydusd's ``ErrorHolder`` keeps them (backend reads that failed for good) and
+    ``GET /api/v1/daemon/events`` exports them. Entries are ``"<HTTP date> - <error>"``."""
+
+    def __init__(self, max_errors: int = 500, max_size: int = 50 * 1024) -> None:
+        self.max_errors = max_errors
+        self.max_size = max_size
+        self._errors: collections.deque[str] = collections.deque()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def push(self, error: str) -> None:
+        entry = f"{email.utils.formatdate(usegmt=True)} - {error}"
+        with self._lock:
+            while self._errors and (self._size + len(entry) > self.max_size or len(self._errors) >= self.max_errors):
+                self._size -= len(self._errors.popleft())
+            if len(entry) > self.max_size or self.max_errors <= 0:
+                return  # upstream: too large to hold
+            self._errors.append(entry)
+            self._size += len(entry)
+
+    def export(self) -> dict:
+        with self._lock:
+            return {"max_errors": self.max_errors, "total_errors": len(self._errors), "max_size": self.max_size,
+                    "total_size": self._size, "errors": list(self._errors)}
+
+
+#: the process's error events (one daemon a process, as upstream's global)
+EVENTS = ErrorHolder()
 
 
 class StorageMetrics:

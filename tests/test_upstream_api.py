@@ -437,3 +437,44 @@ def test_inflight_lists_a_hanging_read(tmp_path):
         assert got == [b"held" * 1000]
         _wait_idle(sock)
         client.umount("/a")
+
+
+def test_backend_failures_become_upstream_events_and_size_classes():
+    """A backend read that fails for good is an event of ``/api/v1/daemon/events`` (upstream's
+    ``ErrorHolder``: bounded ring of "<date> - <error>"); every read lands in upstream's size
+    and latency classes, failed ones too."""
+    import pytest
+
+    from storage.backend.base import BlobReader
+    from storage.errors import BackendError
+    from storage.metrics import EVENTS, ErrorHolder, latency_class, size_class
+
+    class Broken(BlobReader):
+        def _read_once(self, offset, size):
+            raise BackendError("blob is gone")
+
+        def _blob_size(self):
+            return 1 << 20
+
+    reader = Broken("b" * 64, retry_limit=0)
+    before = EVENTS.export()["total_errors"]
+    with pytest.raises(BackendError):
+        reader.read(0, 4096)
+    events = EVENTS.export()
+    assert events["total_errors"] == min(before + 1, events["max_errors"])
+    assert events["errors"][-1].endswith("read 0+4096: BackendError: blob is gone")
+    assert " GMT - blob " in events["errors"][-1]
+    dist = reader.metrics.backend_dist.snapshot()
+    assert dist["read_count_block_size_dist"] == [0, 0, 1, 0, 0, 0, 0, 0]  # 4 KiB: upstream's class 2
+
+    holder = ErrorHolder(max_errors=3, max_size=200)
+    for i in range(5):
+        holder.push(f"e{i}")
+    out = holder.export()
+    assert out["total_errors"] == 3 and [e.rsplit(" - ", 1)[1] for e in out["errors"]] == ["e2", "e3", "e4"]
+    assert out["total_size"] == sum(map(len, out["errors"])) and out["max_size"] == 200
+    # upstream's request_size_index and latency_millis_range_index boundaries
+    assert [size_class(n) for n in (0, 1023, 1024, 4096, 16384, 65536, 131072, 524288, 1 << 20, 1 << 30)] == \
+        [0, 0, 1, 2, 3, 4, 5, 6, 7, 7]
+    assert [latency_class(ms) for ms in (0, 1, 2, 20, 21, 50, 100, 500, 1000, 2000, 2001)] == \
+        [0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7]

@@ -342,12 +342,18 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes,
     headers = headers or {}
     if path == "/api/v1/daemon" and method == "GET":
         return 200, upstream_info(daemon)
-    if path == "/api/v1/daemon" and method == "PUT":
+    if path == "/api/v2/daemon" and method == "GET":  # upstream v2: without the filesystems' info
+        return 200, dict(upstream_info(daemon), backend_collection=None)
+    if path in ("/api/v1/daemon", "/api/v2/daemon") and method == "PUT":
         req = _json_body(body)
         if "log_level" not in req:
             raise ConfigError("body: expected {\"log_level\": LEVEL}")
         set_log_level(req["log_level"])
         return 204, None
+    if path == "/api/v1/daemon/events" and method == "GET":
+        from storage.metrics import EVENTS
+
+        return 200, EVENTS.export()
     if path == "/api/v1/daemon/backend" and method == "GET":
         return 200, upstream_info(daemon)["backend_collection"]
     if path == "/api/v1/mount":
