@@ -220,7 +220,7 @@ def _json(sock: str, method: str, target: str, body: bytes = b"") -> tuple[int, 
     return status, (json.loads(payload) if payload else None)
 
 
-def test_upstream_metrics_endpoints_answer_json(tmp_path):
+def test_upstream_metrics_endpoints_answer_json(tmp_path, capfd):
     """/metrics/backend, /blobcache, /files, /pattern answer upstream's JSON with this daemon's
     numbers; Prometheus text stays behind Accept: text/plain / ?format=prometheus."""
     require_fuse()
@@ -274,8 +274,10 @@ def test_upstream_metrics_endpoints_answer_json(tmp_path):
         assert _json(sock, "GET", "/api/v1/metrics?id=/a")[1]["access_pattern_enabled"] is True
 
         # a second instance without recording and without a blob cache
-        client.mount("/b", boot, _config(tmp_path, cache="dummycache"))
+        client.mount("/b", boot, _config(tmp_path, cache="dummycache", iostats_files=True))
         assert open(os.path.join(mnt, "b", "g"), "rb").read() == b"small file"
+        warned = [line for line in capfd.readouterr().err.splitlines() if "iostats_files" in line]
+        assert len(warned) == 1 and "not collected" in warned[0]  # one line naming the key
         assert _json(sock, "GET", "/api/v1/metrics/pattern?id=/b") == (200, [])  # upstream: off = []
         assert _json(sock, "GET", "/api/v1/metrics/files?id=/b&latest=true") == (200, [])
         assert _json(sock, "GET", "/api/v1/metrics?id=/b")[1]["access_pattern_enabled"] is False
@@ -345,6 +347,8 @@ def test_put_mount_remounts_in_place(tmp_path):
         assert open(os.path.join(mnt, "a", "g"), "rb").read() == b"new g!"  # never looked up before
         assert open(os.path.join(mnt, "a", "h"), "rb").read() == b"h"
         assert len(_json(sock, "GET", "/api/v1/metrics/pattern?id=/a")[1]) == 2  # the new config's
+        client.remount("/a", boots["two"], configs["two"])  # the client's call, again
+        assert len(_json(sock, "GET", "/api/v1/metrics/pattern?id=/a")[1]) == 0  # a fresh instance
         status, err = _json(sock, "PUT", "/api/v1/mount?mountpoint=/nope", body)
         assert status == 404
         bad = json.dumps({"source": str(tmp_path / "missing"), "config": "{}"}).encode()

@@ -1,27 +1,45 @@
 """nydusd's HTTP+JSON control API on a unix socket (mode 0600), and a small client.
 
-Endpoints (upstream paths):
+Endpoints (upstream paths; docs/mounts.md has the answers in full):
 
-* ``GET /api/v1/daemon`` — id, version, state (INIT/READY/RUNNING), instances
+* ``GET /api/v1/daemon`` — upstream's ``DaemonInfo`` (id, version, state, supervisor,
+  backend_collection) plus ours (instances, ...); ``GET /api/v2/daemon`` the same without the
+  filesystems' info (``backend_collection`` null)
+* ``PUT /api/v1/daemon`` (and ``/api/v2/daemon``) body ``{"log_level": "debug"}`` — log level
+* ``GET /api/v1/daemon/backend`` — the daemon's ``backend_collection``
+* ``GET /api/v1/daemon/events`` — upstream's ``ErrorHolder``: failed backend reads
 * ``POST /api/v1/mount?mountpoint=/<id>`` body ``{"fs_type":"rafs","source":<bootstrap>,"config":<json>}``
+* ``PUT /api/v1/mount?mountpoint=/<id>`` same body — upstream's remount: the instance is served
+  from the new bootstrap and config in place (fusedev instances)
 * ``DELETE /api/v1/mount?mountpoint=/<id>``
 * ``POST /api/v1/prefetch?mountpoint=/<id>`` body ``{"files": [...]}`` (optional) — start prefetch
 * ``GET /api/v1/trace?mountpoint=/<id>`` — the prefetch trace recorded so far (text, see
   :mod:`rafs.trace`; only with ``fs_prefetch.record_trace``; ours, not upstream's)
 * ``GET /api/v1/metrics[?id=/<id>]`` — upstream's ``FsMetric`` JSON for one instance (without
-  ``id``: summed over all, ``id`` ""); with ``Accept: text/plain`` (or ``?format=prometheus``) the Prometheus text of every
-  family instead (``/metrics/backend``, ``/metrics/blobcache``: Prometheus text of only the storage
-  backend / cache + prefetch families)
-* ``PUT /api/v1/daemon`` body ``{"log_level": "debug"}`` — change the log level (upstream)
-* ``GET /api/v1/daemon/backend`` — the daemon's ``backend_collection`` (upstream)
+  ``id``: summed over all, ``id`` "")
+* ``GET /api/v1/metrics/backend[?id=]``, ``/metrics/blobcache[?id=]`` — upstream's
+  ``BackendMetrics`` / ``BlobcacheMetrics`` JSON of one instance (without ``id``: the only one,
+  else 404 as upstream's ``NoCounter``)
+* on ``/metrics``, ``/metrics/backend``, ``/metrics/blobcache``: ``Accept: text/plain`` (or
+  ``?format=prometheus``) answers Prometheus text instead (every family / only the storage
+  backend / only the cache + prefetch families)
+* ``GET /api/v1/metrics/pattern[?id=]`` — upstream's access patterns (``access_pattern``; ``[]`` off)
+* ``GET /api/v1/metrics/files[?id=][&latest=true]`` — the files read since the last call
+  (``latest_read_files``; ``[]`` off); without ``latest``: ``{}`` (per-file counters are not
+  collected, upstream's answer with them off)
+* ``GET /api/v1/metrics/inflight`` — FUSE requests being served (204 when none)
+* ``/api/v2/blobs`` — upstream's fscache blob objects: answered as upstream nydusd answers them in
+  fusedev mode (501 ``...(DaemonAbnormal(Unsupported))``, 400 without parameters, 204 for
+  ``DELETE ?blob_id=``)
 * ``PUT /api/v1/daemon/exit`` — unmount everything and exit; ``?handover=1``: exit leaving the
   FUSE connection (and the erofs mounts) to a successor (``--upgrade``; own FUSE loop only)
 * ``PUT /api/v1/daemon/fuse/sendfd`` — send the FUSE fds and handover state to ``--supervisor``
 
-Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500. Every malformed
+Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500/501. Every malformed
 request is a 4xx with the reason: bad HTTP, a body that is not a JSON object (or nested too
 deeply), a ``source`` that is not a readable RAFS bootstrap, an instance name breaking
-:func:`rafs.daemon.config.check_instance_name`; 500 is left for the daemon's own failures.
+:func:`rafs.daemon.config.check_instance_name`; 500 is left for the daemon's own failures and
+501 for what upstream answers as unsupported by this kind of daemon.
 """
 
 from __future__ import annotations
@@ -483,6 +501,12 @@ class DaemonClient:
         cfg = config if isinstance(config, str) else json.dumps(config)
         q = urllib.parse.urlencode({"mountpoint": mountpoint})
         self.request("POST", f"/api/v1/mount?{q}", {"fs_type": "rafs", "source": bootstrap, "config": cfg})
+
+    def remount(self, mountpoint: str, bootstrap: str, config: dict | str) -> None:
+        """Serve the instance at ``mountpoint`` from a new bootstrap and config (upstream's remount)."""
+        cfg = config if isinstance(config, str) else json.dumps(config)
+        q = urllib.parse.urlencode({"mountpoint": mountpoint})
+        self.request("PUT", f"/api/v1/mount?{q}", {"fs_type": "rafs", "source": bootstrap, "config": cfg})
 
     def umount(self, mountpoint: str) -> None:
         q = urllib.parse.urlencode({"mountpoint": mountpoint})

@@ -360,6 +360,7 @@ class Nydusd:
             if name in self.records:
                 raise MountError(f"instance {mountpoint} is already mounted")
             cfg = DaemonConfig.parse(config)
+            _warn_not_collected(cfg)
             if not os.path.isfile(bootstrap):
                 raise ConfigError(f"source {bootstrap[:256]!r} is not a regular file")
             try:
@@ -411,6 +412,7 @@ class Nydusd:
                 raise UnsupportedError(f"instance {mountpoint} is an erofs mount: remount serves fusedev "
                                        "instances only; unmount (DELETE) and mount (POST) it again")
             cfg = DaemonConfig.parse(config)
+            _warn_not_collected(cfg)
             if not os.path.isfile(bootstrap):
                 raise ConfigError(f"source {bootstrap[:256]!r} is not a regular file")
             try:
@@ -718,6 +720,12 @@ class Nydusd:
                 lines.append(f'{metric}{{id="{label}"}} {value}')
         lines += _labelled_storage_metrics(insts, only)
         return "\n".join(lines) + "\n"
+
+
+def _warn_not_collected(cfg: DaemonConfig) -> None:
+    if cfg.iostats_files:
+        log.warning("nydusd config key iostats_files is accepted but not supported here (per-file counters are "
+                    "not collected; /api/v1/metrics/files answers {})")
 
 
 #: seconds a remounted instance's old image stays open for the reads that resolved in it
