@@ -289,6 +289,18 @@ def test_upstream_metrics_endpoints_answer_json(tmp_path, capfd):
             status, err = _json(sock, "GET", target)  # two instances and no id: upstream's NoCounter 404
             assert status == 404, target
             _check(err, "ErrorMessage")
+        # upstream nydusctl's spelling: metrics backend | cache | fsstats (JSON printed)
+        from snapshotter import ctl
+
+        capfd.readouterr()
+        for category, field in (("backend", "read_latency_sizes_dist"), ("cache", "underlying_files"),
+                                ("fsstats", "fop_hits")):
+            assert ctl.main(["-S", sock, "metrics", category, "--id", "/a"]) == 0
+            assert field in json.loads(capfd.readouterr().out)
+        assert ctl.main(["-S", sock, "metrics", "--kind", "pattern", "--id", "/a"]) == 0
+        assert json.loads(capfd.readouterr().out) == pattern
+        assert ctl.main(["-S", sock, "metrics", "--kind", "inflight"]) == 0
+        assert isinstance(json.loads(capfd.readouterr().out), list)
         client.umount("/b")
         client.umount("/a")
 
