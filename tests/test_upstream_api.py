@@ -330,11 +330,29 @@ def test_v2_blobs_answer_as_unsupported(tmp_path):
         client.umount("/a")
 
 
-def test_put_mount_remounts_in_place(tmp_path):
+def _cache_fds(pid: int, cache_dir: str) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(cache_dir + "/"):
+            out.add(target)
+    return out
+
+
+def test_put_mount_remounts_in_place(tmp_path, monkeypatch):
     """PUT /api/v1/mount (upstream's remount): the instance is served from the new bootstrap and
-    config (here: another blob directory) in place, without an unmount."""
+    config (here: another blob directory) in place, without an unmount; the old image is closed
+    after the grace period."""
     require_fuse()
+    import time
+
     from rafs.builder import BuildOptions, build
+    from rafs.daemon import service
+
+    monkeypatch.setattr(service, "REMOUNT_GRACE", 0.2)  # the forked daemon inherits it
 
     boots, configs = {}, {}
     for gen, files in (("one", {"f": b"same", "g": b"old g"}), ("two", {"f": b"same", "g": b"new g!", "h": b"h"})):
@@ -348,16 +366,23 @@ def test_put_mount_remounts_in_place(tmp_path):
         configs[gen] = {"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
                                    "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}},
                         "access_pattern": gen == "two"}
-    with running_daemon(tmp_path, opener="real") as (client, mnt, _):
+    with running_daemon(tmp_path, opener="real") as (client, mnt, proc):
         sock = client.apisock
         client.mount("/a", boots["one"], configs["one"])
         assert open(os.path.join(mnt, "a", "f"), "rb").read() == b"same"
+        old_files = _cache_fds(proc.pid, str(tmp_path / "cache"))
+        assert old_files  # image one's cache files are open
         body = json.dumps({"fs_type": "rafs", "source": boots["two"], "config": json.dumps(configs["two"])}).encode()
         status, _ = _json(sock, "PUT", "/api/v1/mount?mountpoint=/a", body)
         assert status == 204
         assert client.info()["instances"]["/a"]["bootstrap"] == boots["two"]
         assert open(os.path.join(mnt, "a", "g"), "rb").read() == b"new g!"  # never looked up before
         assert open(os.path.join(mnt, "a", "h"), "rb").read() == b"h"
+        deadline = time.monotonic() + 10
+        while old_files & _cache_fds(proc.pid, str(tmp_path / "cache")):  # the old image is closed
+            assert time.monotonic() < deadline, _cache_fds(proc.pid, str(tmp_path / "cache"))
+            time.sleep(0.05)
+        assert _cache_fds(proc.pid, str(tmp_path / "cache"))  # image two's are open
         assert len(_json(sock, "GET", "/api/v1/metrics/pattern?id=/a")[1]) == 2  # the new config's
         client.remount("/a", boots["two"], configs["two"])  # the client's call, again
         assert len(_json(sock, "GET", "/api/v1/metrics/pattern?id=/a")[1]) == 0  # a fresh instance

@@ -134,6 +134,9 @@ class Nydusd:
         self._cancel: trio.CancelScope | None = None
         self._lock = trio.Lock()
         self._prefetch_threads: list[threading.Thread] = []
+        #: instances a remount replaced, closed by _retire (or at teardown, whichever comes first)
+        self._retiring: set[Instance] = set()
+        self._retiring_lock = threading.Lock()
         self._saved_readahead: tuple[str, str] | None = None  #: (sysfs path, value) while erofs instances are mounted
 
     # ------------------------------------------------------------------ lifecycle
@@ -248,6 +251,10 @@ class Nydusd:
                 await self._umount(name, lazy=True)
             except RafsError as exc:
                 log.error("umount %s: %s", name, exc)
+        with self._retiring_lock:
+            retiring, self._retiring = list(self._retiring), set()
+        for inst in retiring:
+            await trio.to_thread.run_sync(_close_replaced, inst)
         try:
             if self._ll is not None:
                 await trio.to_thread.run_sync(lambda: self._ll.stop(unmount=not self._handing_over))
@@ -438,10 +445,26 @@ class Nydusd:
             if self.shared:
                 await self._invalidate_root_entry(name)
             self._start_prefetch(inst, cfg)
-            threading.Thread(target=_retire, args=(old,), name=f"retire-{key}", daemon=True).start()
+            with self._retiring_lock:
+                self._retiring.add(old)
+            threading.Thread(target=self._retire, args=(old,), name=f"retire-{key}", daemon=True).start()
             log.info("remounted %s from %s", record.mountpoint, bootstrap)
             await self._resend_handover()
             return record
+
+    def _retire(self, old: Instance) -> None:
+        """Close the instance a remount replaced once the reads that resolved in it are done
+        (:data:`REMOUNT_GRACE`, then its demand reads settled); teardown may come first."""
+        time.sleep(REMOUNT_GRACE)
+        try:
+            old.device.wait_demand_settled()
+        except Exception as exc:
+            log.debug("waiting for the reads of the replaced image: %s", exc)
+        with self._retiring_lock:
+            if old not in self._retiring:
+                return  # teardown closed it
+            self._retiring.discard(old)
+        _close_replaced(old)
 
     async def _mount_erofs(self, name: str, bootstrap: str, tree: Any, cfg: DaemonConfig,
                            adopt_slot: int | None = None, adopt_devices: tuple[str, ...] = ()) -> MountRecord:
@@ -732,11 +755,8 @@ def _warn_not_collected(cfg: DaemonConfig) -> None:
 REMOUNT_GRACE = 5.0
 
 
-def _retire(old: Instance) -> None:
-    """Close the instance a remount replaced once the reads that resolved in it are done."""
-    time.sleep(REMOUNT_GRACE)
+def _close_replaced(old: Instance) -> None:
     try:
-        old.device.wait_demand_settled()
         _save_trace(old)
         old.close()
     except Exception as exc:
