@@ -45,9 +45,10 @@ def _check_props(name: str, schema: dict, obj: object) -> None:
         if obj[prop] is None and (name, prop) in NULLABLE:
             continue
         want = TYPE_UPSTREAM.get((name, prop)) or TYPES[spec.get("type", "object")]
-        assert isinstance(obj[prop], want) and not (want is int and isinstance(obj[prop], bool)), (name, prop, obj[prop])
+        value = obj[prop]
+        assert isinstance(value, want) and not (want is int and isinstance(value, bool)), (name, prop, value)
         if "enum" in spec:
-            assert obj[prop] in spec["enum"], (name, prop, obj[prop])
+            assert value in spec["enum"], (name, prop, value)
 
 
 def _routes(doc: dict) -> set[tuple[str, str]]:

@@ -55,7 +55,7 @@ from typing import Any
 import trio
 
 from rafs.daemon.config import DaemonConfig, loads_json
-from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
+from rafs.errors import ConfigError, MountError, NotFound, NotServed, RafsError, UnsupportedError
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,6 @@ class ApiError(RafsError):
         self.status = status
         self.code = code
         self.message = message
-
-
-class NotServed(UnsupportedError):
-    """An upstream endpoint this daemon does not implement: 501, as upstream nydusd answers a
-    request its daemon kind does not support (``DaemonErrorKind::Unsupported``)."""
 
 
 def _error_status(exc: BaseException) -> tuple[int, str]:
