@@ -519,3 +519,12 @@ def test_backend_failures_become_upstream_events_and_size_classes():
         [0, 0, 1, 2, 3, 4, 5, 6, 7, 7]
     assert [latency_class(ms) for ms in (0, 1, 2, 20, 21, 50, 100, 500, 1000, 2000, 2001)] == \
         [0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7]
+
+
+def test_inflight_with_libfuse_loop_is_not_served(tmp_path):
+    """libfuse's loop (``--fuse-impl pyfuse3``) does not say which requests it is serving: 501
+    with one line, as upstream answers what its daemon does not support."""
+    require_fuse()
+    with running_daemon(tmp_path, fuse_impl="pyfuse3") as (client, mnt, _):
+        status, err = _json(client.apisock, "GET", "/api/v1/metrics/inflight")
+        assert status == 501 and err["code"] == "Unsupported" and "--fuse-impl ll" in err["message"]
