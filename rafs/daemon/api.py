@@ -254,7 +254,7 @@ def _one_instance(daemon: Any, only: str | None) -> tuple[str, Any]:
 def backend_metrics(daemon: Any, only: str | None) -> dict:
     """Upstream's ``BackendMetrics`` of one instance's storage backend (``read_count`` counts
     failed reads too, latencies in milliseconds, upstream's size and latency classes)."""
-    label, inst = _one_instance(daemon, only)
+    _, inst = _one_instance(daemon, only)
     m = inst.device.metrics
     errors = int(m.backend_read_errors.value)
     out = {"backend_type": DaemonConfig.parse(inst.config).backend_type,
