@@ -15,6 +15,11 @@ class UnsupportedError(RafsError, NotImplementedError):
     """A valid but unsupported image feature (e.g. encryption)."""
 
 
+class NotServed(UnsupportedError):
+    """An upstream nydusd API request this daemon does not serve: the API answers 501, as
+    upstream answers a request its kind of daemon does not support."""
+
+
 class NotFound(RafsError, FileNotFoundError):
     """No such path or inode in the image."""
 

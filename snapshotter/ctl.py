@@ -150,7 +150,10 @@ def daemon_api_get(api_sock: str, path: str, timeout: float = 10.0, *, method: s
 
 
 METRICS_PATHS = {"fs": "/api/v1/metrics", "backend": "/api/v1/metrics/backend",
-                 "blobcache": "/api/v1/metrics/blobcache"}
+                 "blobcache": "/api/v1/metrics/blobcache", "files": "/api/v1/metrics/files",
+                 "pattern": "/api/v1/metrics/pattern", "inflight": "/api/v1/metrics/inflight"}
+#: upstream nydusctl's ``metrics <category>`` -> --kind
+METRICS_CATEGORIES = {"backend": "backend", "cache": "blobcache", "fsstats": "fs"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,11 +245,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    path = METRICS_PATHS[args.kind]
-    if args.id:
+    kind = METRICS_CATEGORIES[args.category] if args.category else args.kind
+    path = METRICS_PATHS[kind]
+    if args.id and kind != "inflight":
         path += "?id=" + urllib.parse.quote(args.id, safe="/")
     while True:
         res = daemon_api_get(_sock(args), path, args.timeout)
+        if res is None and kind == "inflight":
+            res = []  # 204: no request in flight
         if isinstance(res, str):
             sys.stdout.write(res if res.endswith("\n") else res + "\n")
         else:
@@ -418,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
         sd = sub.add_parser(name, help=hlp)
         sd.add_argument("--api-sock", help="the daemon's API unix socket (or -S/--sock before the command)")
         if name == "metrics":
+            sd.add_argument("category", nargs="?", choices=sorted(METRICS_CATEGORIES),
+                            help="upstream nydusctl's category: backend, cache (= --kind blobcache), "
+                                 "fsstats (= --kind fs)")
             sd.add_argument("--kind", choices=sorted(METRICS_PATHS), default="fs")
             sd.add_argument("--id", help="RAFS instance id (shared daemons)")
             sd.add_argument("--interval", "-I", type=float, default=0,

@@ -438,6 +438,30 @@ class BlobDevice:
         checked now (reads the whole file once; a wrong chunk is reset and the answer is None)."""
         return self._cache(self._blob(blob_index)).data_path(verify)
 
+    def cache_report(self) -> dict:
+        """What upstream nydusd's ``BlobcacheMetrics`` reports that the caches know: the cache
+        files of the blobs opened so far (``underlying_files``), the cache directory
+        (``store_path``, "" without a file cache), chunks ready in them (``entries_count``), every
+        blob of the device complete (``data_all_ready``), and the prefetcher's worker threads,
+        chunks submitted before merging, summed unit time and first-submit / last-idle times."""
+        with self._lock:
+            caches = list(self._caches.values())
+        files = sorted(p for p in (getattr(c, "path", None) for c in caches) if p)
+        entries, all_ready = 0, len(caches) == len(self.blobs)
+        for c in caches:
+            chunk_map = getattr(c, "chunk_map", None)
+            if chunk_map is None:
+                all_ready = False
+                continue
+            entries += chunk_map.ready_count()
+            all_ready = all_ready and chunk_map.all_ready()
+        return {"underlying_files": files, "store_path": getattr(self.factory, "work_dir", None) or "",
+                "entries_count": entries, "data_all_ready": bool(all_ready and self.blobs),
+                "prefetch_workers": self.prefetcher.workers,
+                "prefetch_unmerged_chunks": self.prefetcher.unmerged_chunks,
+                "prefetch_cumulative_time_millis": self.prefetcher.cumulative_millis,
+                "prefetch_begin_ns": self.prefetcher.begin_ns, "prefetch_end_ns": self.prefetcher.end_ns}
+
     def close(self) -> None:
         """Cancel prefetch and release the blob caches (idempotent)."""
         self.prefetcher.cancel()

@@ -8,6 +8,8 @@ Everything here is thread-safe and dependency-free.
 from __future__ import annotations
 
 import bisect
+import collections
+import email.utils
 import threading
 from collections.abc import Iterable
 
@@ -96,6 +98,89 @@ class Histogram:
         return lines
 
 
+#: upstream nydusd's request-size classes (``request_size_index``): <1K, 1K~, 4K~, 16K~, 64K~, 128K~, 512K~, 1M~
+SIZE_CLASSES = 8
+#: upstream's backend latency classes in milliseconds: <=1, <=20, <=50, <=100, <=500, <=1000, <=2000, >2000
+LATENCY_MILLIS_BOUNDS = (1, 20, 50, 100, 500, 1000, 2000)
+
+
+def size_class(size: int) -> int:
+    """Upstream nydusd's ``request_size_index``: the size class of a ``size``-byte request."""
+    kib = size >> 10
+    for i, bound in enumerate((1, 4, 16, 64, 128, 512, 1024)):
+        if kib < bound:
+            return i
+    return 7
+
+
+def latency_class(millis: int) -> int:
+    """Upstream nydusd's ``latency_millis_range_index``."""
+    return bisect.bisect_left(LATENCY_MILLIS_BOUNDS, millis)
+
+
+class BackendDist:
+    """Backend reads by size class and latency class, as upstream nydusd's ``BackendMetrics``
+    counts them (``read_cumulative_latency_millis_dist``, ``read_count_block_size_dist``,
+    ``read_latency_sizes_dist``); every read ends here, failed ones too."""
+
+    __slots__ = ("latency_millis_total", "latency_millis_dist", "count_by_size", "latency_by_size", "_lock")
+
+    def __init__(self) -> None:
+        self.latency_millis_total = 0
+        self.latency_millis_dist = [0] * SIZE_CLASSES
+        self.count_by_size = [0] * SIZE_CLASSES
+        self.latency_by_size = [[0] * (len(LATENCY_MILLIS_BOUNDS) + 1) for _ in range(SIZE_CLASSES)]
+        self._lock = threading.Lock()
+
+    def observe(self, size: int, seconds: float) -> None:
+        millis = int(seconds * 1000)
+        s = size_class(size)
+        with self._lock:
+            self.latency_millis_total += millis
+            self.latency_millis_dist[s] += millis
+            self.count_by_size[s] += 1
+            self.latency_by_size[s][latency_class(millis)] += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"read_cumulative_latency_millis_total": self.latency_millis_total,
+                    "read_cumulative_latency_millis_dist": list(self.latency_millis_dist),
+                    "read_count_block_size_dist": list(self.count_by_size),
+                    "read_latency_sizes_dist": [list(r) for r in self.latency_by_size]}
+
+
+class ErrorHolder:
+    """The last errors worth an operator's look, in a ring bounded by count and bytes, as
+    upstream nydusd's ``ErrorHolder`` keeps them (backend reads that failed for good) and
+    ``GET /api/v1/daemon/events`` exports them. Entries are ``"<HTTP date> - <error>"``."""
+
+    def __init__(self, max_errors: int = 500, max_size: int = 50 * 1024) -> None:
+        self.max_errors = max_errors
+        self.max_size = max_size
+        self._errors: collections.deque[str] = collections.deque()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def push(self, error: str) -> None:
+        entry = f"{email.utils.formatdate(usegmt=True)} - {error}"
+        with self._lock:
+            while self._errors and (self._size + len(entry) > self.max_size or len(self._errors) >= self.max_errors):
+                self._size -= len(self._errors.popleft())
+            if len(entry) > self.max_size or self.max_errors <= 0:
+                return  # upstream: too large to hold
+            self._errors.append(entry)
+            self._size += len(entry)
+
+    def export(self) -> dict:
+        with self._lock:
+            return {"max_errors": self.max_errors, "total_errors": len(self._errors), "max_size": self.max_size,
+                    "total_size": self._size, "errors": list(self._errors)}
+
+
+#: the process's error events (one daemon a process, as upstream's global)
+EVENTS = ErrorHolder()
+
+
 class StorageMetrics:
     """Every storage metric, by attribute. Names follow ``nydus_storage_*``."""
 
@@ -106,6 +191,8 @@ class StorageMetrics:
         self.backend_read_errors = Counter(f"{p}_backend_read_errors_total", "Backend reads that failed after retries.")
         self.backend_retries = Counter(f"{p}_backend_retries_total", "Backend read attempts retried.")
         self.backend_latency = Histogram(f"{p}_backend_read_latency_seconds", "Latency of one backend read.")
+        #: upstream's size/latency classes of backend reads (JSON of ``/api/v1/metrics/backend``)
+        self.backend_dist = BackendDist()
         self.cache_hits = Counter(f"{p}_cache_hits_total", "Chunk reads served from the cache.")
         self.cache_misses = Counter(f"{p}_cache_misses_total", "Chunks fetched from the backend.")
         self.cache_evictions = Counter(f"{p}_cache_evictions_total", "Blobs evicted from the cache.")

@@ -143,10 +143,11 @@ class Throttle:
 class _Unit:
     """One submitted chunk list: its runs are fetched by any worker, in layout order."""
 
-    __slots__ = ("cache", "polite", "left", "exact")
+    __slots__ = ("cache", "polite", "left", "exact", "born")
 
     def __init__(self, cache: BlobCache, polite: bool, runs: int, exact: bool = False) -> None:
         self.cache, self.polite, self.left, self.exact = cache, polite, runs, exact
+        self.born = time.monotonic()
 
 
 class Prefetcher:
@@ -178,6 +179,13 @@ class Prefetcher:
         self._cancelled = threading.Event()
         self._throttle = Throttle(config.bandwidth_rate)
         self._threads: list[threading.Thread] = []
+        #: upstream nydusd's prefetch accounting (``BlobcacheMetrics``): chunks submitted before
+        #: merging, the summed submit-to-done time of the units, wall-clock ns of the first
+        #: submit and of the last time the queue ran empty
+        self.unmerged_chunks = 0
+        self.cumulative_millis = 0
+        self.begin_ns = 0
+        self.end_ns = 0
         self._lock = threading.Lock()
         self._outstanding = 0
         self._idle = threading.Condition(self._lock)
@@ -194,6 +202,9 @@ class Prefetcher:
         runs = merge_runs(chunks, self.config.merging_size)
         unit = _Unit(cache, yield_to_demand, len(runs), exact)
         with self._lock:
+            self.unmerged_chunks += len(chunks)
+            if not self.begin_ns:
+                self.begin_ns = time.time_ns()
             self._outstanding += 1
             self.metrics.prefetch_pending.inc()
             want = min(max(1, self.config.threads_count), max(len(runs), len(self._threads)))
@@ -247,7 +258,10 @@ class Prefetcher:
             unit.left -= 1
             if unit.left == 0:
                 self.metrics.prefetch_requests.inc()
+                self.cumulative_millis += int((time.monotonic() - unit.born) * 1000)
                 self._outstanding -= 1
+                if not self._outstanding:
+                    self.end_ns = time.time_ns()
                 self.metrics.prefetch_pending.dec()
                 self._idle.notify_all()
 
@@ -305,6 +319,12 @@ class Prefetcher:
             threads = list(self._threads)
         for t in threads:
             t.join(timeout=5)
+
+    @property
+    def workers(self) -> int:
+        """Worker threads started so far."""
+        with self._lock:
+            return len(self._threads)
 
     @property
     def cancelled(self) -> bool:

@@ -193,3 +193,338 @@ def test_v2_toml_config_mounts_for_real(tmp_path):
         assert open(os.path.join(mnt, "v2", "g"), "rb").read() == b"v2 config" * 1000
         client.umount("/v2")
     assert os.listdir(tmp_path / "cache")  # the filecache work_dir was used
+
+
+def _image(tmp_path, files: dict[str, bytes]) -> str:
+    from rafs.builder import BuildOptions, build
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    (tmp_path / "blobs").mkdir()
+    return build(str(src), bootstrap_out=str(tmp_path / "image.boot"), blob_dir=str(tmp_path / "blobs"),
+                 options=BuildOptions()).bootstrap
+
+
+def _config(tmp_path, cache: str = "blobcache", **extra) -> dict:
+    cfg = {"device": {"backend": {"type": "localfs", "config": {"dir": str(tmp_path / "blobs")}},
+                      "cache": {"type": cache, "config": {"work_dir": str(tmp_path / "cache")}}}}
+    cfg.update(extra)
+    return cfg
+
+
+def _json(sock: str, method: str, target: str, body: bytes = b"") -> tuple[int, object]:
+    status, ctype, payload = _call(sock, method, target, body)
+    assert "json" in ctype, (target, ctype)
+    return status, (json.loads(payload) if payload else None)
+
+
+def test_upstream_metrics_endpoints_answer_json(tmp_path, capfd):
+    """/metrics/backend, /blobcache, /files, /pattern answer upstream's JSON with this daemon's
+    numbers; Prometheus text stays behind Accept: text/plain / ?format=prometheus."""
+    require_fuse()
+    import time
+
+    data = os.urandom(300 << 10)
+    boot = _image(tmp_path, {"f": data, "g": b"small file"})
+    config = _config(tmp_path, access_pattern=True, latest_read_files=True)
+    with running_daemon(tmp_path, opener="real") as (client, mnt, _):
+        sock = client.apisock
+        client.mount("/a", boot, config)
+        t0 = int(time.time())
+        assert open(os.path.join(mnt, "a", "f"), "rb").read() == data
+
+        status, backend = _json(sock, "GET", "/api/v1/metrics/backend?id=/a")
+        assert status == 200
+        _check(backend, "BackendMetrics")
+        assert set(backend) == set(SHAPES["BackendMetrics"])  # upstream serializes exactly these
+        assert backend["backend_type"] == "localfs" and backend["read_count"] >= 1
+        assert backend["read_errors"] == 0 and backend["read_amount_total"] >= len(data) // 2
+        assert len(backend["read_count_block_size_dist"]) == 8
+        assert sum(backend["read_count_block_size_dist"]) == backend["read_count"]
+        assert [len(r) for r in backend["read_latency_sizes_dist"]] == [8] * 8
+        assert sum(map(sum, backend["read_latency_sizes_dist"])) == backend["read_count"]
+        assert _json(sock, "GET", "/api/v1/metrics/backend")[1]["read_count"] == backend["read_count"]  # the only one
+
+        status, cache = _json(sock, "GET", "/api/v1/metrics/blobcache?id=/a")
+        assert status == 200
+        _check(cache, "BlobcacheMetrics")
+        assert set(cache) == set(SHAPES["BlobcacheMetrics"])
+        assert cache["store_path"] == str(tmp_path / "cache") and cache["underlying_files"]
+        assert all(p.startswith(cache["store_path"] + "/") and os.path.isfile(p) for p in cache["underlying_files"])
+        assert cache["entries_count"] >= 1 and cache["total"] >= cache["entries_count"]
+        assert cache["partial_hits"] == 0 and cache["prefetch_requests_count"] == 0
+
+        for target, accept in (("/api/v1/metrics/backend?id=/a", "text/plain"),
+                               ("/api/v1/metrics/blobcache?id=/a&format=prometheus", "")):
+            status, ctype, body = _call(sock, "GET", target, accept=accept)
+            assert status == 200 and ctype.startswith("text/plain") and b"nydus_storage_" in body
+        assert "nydus_storage_backend_read_requests_total" in client.request(
+            "GET", "/api/v1/metrics/backend", raw=True)
+
+        status, pattern = _json(sock, "GET", "/api/v1/metrics/pattern?id=/a")
+        assert status == 200 and len(pattern) == 1  # only f was read
+        _check(pattern[0], "AccessPattern")
+        assert pattern[0]["nr_read"] >= 1 and abs(pattern[0]["first_access_time_secs"] - t0) <= 5
+        status, latest = _json(sock, "GET", "/api/v1/metrics/files?id=/a&latest=true")
+        assert status == 200 and latest == [pattern[0]["ino"]]
+        assert _json(sock, "GET", "/api/v1/metrics/files?id=/a&latest=true")[1] == []  # cleared
+        assert _json(sock, "GET", "/api/v1/metrics/files?id=/a") == (200, {})  # iostats_files: not collected
+        assert _json(sock, "GET", "/api/v1/metrics?id=/a")[1]["access_pattern_enabled"] is True
+
+        # a second instance without recording and without a blob cache
+        client.mount("/b", boot, _config(tmp_path, cache="dummycache", iostats_files=True))
+        assert open(os.path.join(mnt, "b", "g"), "rb").read() == b"small file"
+        warned = [line for line in capfd.readouterr().err.splitlines() if "iostats_files" in line]
+        assert len(warned) == 1 and "not collected" in warned[0]  # one line naming the key
+        assert _json(sock, "GET", "/api/v1/metrics/pattern?id=/b") == (200, [])  # upstream: off = []
+        assert _json(sock, "GET", "/api/v1/metrics/files?id=/b&latest=true") == (200, [])
+        assert _json(sock, "GET", "/api/v1/metrics?id=/b")[1]["access_pattern_enabled"] is False
+        status, err = _json(sock, "GET", "/api/v1/metrics/blobcache?id=/b")
+        assert status == 404 and "no blob cache" in err["message"]
+        _check(_json(sock, "GET", "/api/v1/metrics/backend?id=/b")[1], "BackendMetrics")
+        for target in ("/api/v1/metrics/backend", "/api/v1/metrics/blobcache", "/api/v1/metrics/pattern",
+                       "/api/v1/metrics/files", "/api/v1/metrics/files?id=/nope"):
+            status, err = _json(sock, "GET", target)  # two instances and no id: upstream's NoCounter 404
+            assert status == 404, target
+            _check(err, "ErrorMessage")
+        # upstream nydusctl's spelling: metrics backend | cache | fsstats (JSON printed)
+        from snapshotter import ctl
+
+        capfd.readouterr()
+        for category, field in (("backend", "read_latency_sizes_dist"), ("cache", "underlying_files"),
+                                ("fsstats", "fop_hits")):
+            assert ctl.main(["-S", sock, "metrics", category, "--id", "/a"]) == 0
+            assert field in json.loads(capfd.readouterr().out)
+        assert ctl.main(["-S", sock, "metrics", "--kind", "pattern", "--id", "/a"]) == 0
+        assert json.loads(capfd.readouterr().out) == pattern
+        assert ctl.main(["-S", sock, "metrics", "--kind", "inflight"]) == 0
+        assert isinstance(json.loads(capfd.readouterr().out), list)
+        client.umount("/b")
+        client.umount("/a")
+
+
+def test_v2_blobs_answer_as_unsupported(tmp_path):
+    """/api/v2/blobs (fscache blob objects) answers as upstream nydusd answers it in fusedev
+    mode: 501 with one message (400 when a parameter is missing; deleting a blob file by id is
+    upstream fusedev's no-op 204)."""
+    require_fuse()
+    boot = _image(tmp_path, {"f": b"x" * 100})
+    with running_daemon(tmp_path, opener="real") as (client, mnt, _):
+        sock = client.apisock
+        client.mount("/a", boot, _config(tmp_path))
+        for method, target, want in (("GET", "/api/v2/blobs?domain_id=d", 501),
+                                     ("PUT", "/api/v2/blobs", 501), ("POST", "/api/v2/blobs", 501),
+                                     ("DELETE", "/api/v2/blobs?domain_id=d&blob_id=b", 501),
+                                     ("GET", "/api/v2/blobs", 400), ("DELETE", "/api/v2/blobs", 400)):
+            status, err = _json(sock, method, target, b'{"type": "bootstrap", "id": "x"}' if method in (
+                "PUT", "POST") else b"")
+            assert status == want, (method, target, status, err)
+            _check(err, "ErrorMessage")
+            if want == 501:
+                assert "(DaemonAbnormal(Unsupported))" in err["message"] and "fscache" in err["message"]
+                assert err["code"] == "Unsupported" and len(err["message"].splitlines()) == 1
+        status, ctype, payload = _call(sock, "DELETE", "/api/v2/blobs?blob_id=b")
+        assert status == 204 and payload == b""
+        client.umount("/a")
+
+
+def _cache_fds(pid: int, cache_dir: str) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(cache_dir + "/"):
+            out.add(target)
+    return out
+
+
+def test_put_mount_remounts_in_place(tmp_path, monkeypatch):
+    """PUT /api/v1/mount (upstream's remount): the instance is served from the new bootstrap and
+    config (here: another blob directory) in place, without an unmount; the old image is closed
+    after the grace period."""
+    require_fuse()
+    import time
+
+    from rafs.builder import BuildOptions, build
+    from rafs.daemon import service
+
+    monkeypatch.setattr(service, "REMOUNT_GRACE", 0.2)  # the forked daemon inherits it
+
+    boots, configs = {}, {}
+    for gen, files in (("one", {"f": b"same", "g": b"old g"}), ("two", {"f": b"same", "g": b"new g!", "h": b"h"})):
+        src, blobs = tmp_path / gen / "src", tmp_path / gen / "blobs"
+        src.mkdir(parents=True)
+        blobs.mkdir()
+        for name, data in files.items():
+            (src / name).write_bytes(data)
+        boots[gen] = build(str(src), bootstrap_out=str(tmp_path / gen / "image.boot"), blob_dir=str(blobs),
+                           options=BuildOptions()).bootstrap
+        configs[gen] = {"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
+                                   "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}},
+                        "access_pattern": gen == "two"}
+    with running_daemon(tmp_path, opener="real") as (client, mnt, proc):
+        sock = client.apisock
+        client.mount("/a", boots["one"], configs["one"])
+        assert open(os.path.join(mnt, "a", "f"), "rb").read() == b"same"
+        old_files = _cache_fds(proc.pid, str(tmp_path / "cache"))
+        assert old_files  # image one's cache files are open
+        body = json.dumps({"fs_type": "rafs", "source": boots["two"], "config": json.dumps(configs["two"])}).encode()
+        status, _ = _json(sock, "PUT", "/api/v1/mount?mountpoint=/a", body)
+        assert status == 204
+        assert client.info()["instances"]["/a"]["bootstrap"] == boots["two"]
+        assert open(os.path.join(mnt, "a", "g"), "rb").read() == b"new g!"  # never looked up before
+        assert open(os.path.join(mnt, "a", "h"), "rb").read() == b"h"
+        deadline = time.monotonic() + 10
+        while old_files & _cache_fds(proc.pid, str(tmp_path / "cache")):  # the old image is closed
+            assert time.monotonic() < deadline, _cache_fds(proc.pid, str(tmp_path / "cache"))
+            time.sleep(0.05)
+        assert _cache_fds(proc.pid, str(tmp_path / "cache"))  # image two's are open
+        assert len(_json(sock, "GET", "/api/v1/metrics/pattern?id=/a")[1]) == 2  # the new config's
+        client.remount("/a", boots["two"], configs["two"])  # the client's call, again
+        assert len(_json(sock, "GET", "/api/v1/metrics/pattern?id=/a")[1]) == 0  # a fresh instance
+        status, err = _json(sock, "PUT", "/api/v1/mount?mountpoint=/nope", body)
+        assert status == 404
+        bad = json.dumps({"source": str(tmp_path / "missing"), "config": "{}"}).encode()
+        status, err = _json(sock, "PUT", "/api/v1/mount?mountpoint=/a", bad)
+        assert status == 400 and "source" in err["message"]
+        assert open(os.path.join(mnt, "a", "h"), "rb").read() == b"h"  # still the new image
+        client.umount("/a")
+
+
+class _GatedOpener:
+    """The real opener whose device reads wait while the file ``gate`` exists (fork: not pickled)."""
+
+    def __init__(self, gate: str) -> None:
+        from rafs.daemon.service import StorageOpener
+
+        self.real = StorageOpener()
+        self.gate = gate
+
+    def open_tree(self, bootstrap):
+        return self.real.open_tree(bootstrap)
+
+    def open_device(self, blobs, config):
+        import time
+
+        device = self.real.open_device(blobs, config)
+        read = device.read
+
+        def gated(iovec, *args):
+            while os.path.exists(self.gate):
+                time.sleep(0.02)
+            return read(iovec, *args)
+
+        device.read = gated
+        device.read_ready = lambda iovec: None
+        device.read_complete = lambda iovec, open_new=True: None
+        return device
+
+
+def _wait_idle(sock: str) -> None:
+    """Until the inflight answer is upstream's idle one, 204 without a body (a request of
+    another process, e.g. a getattr of the mount root, may be in flight for a moment)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        status, _, payload = _call(sock, "GET", "/api/v1/metrics/inflight")
+        if status == 204:
+            assert payload == b""
+            return
+        assert status == 200 and time.monotonic() < deadline, payload
+        time.sleep(0.05)
+
+
+def test_inflight_lists_a_hanging_read(tmp_path):
+    """/api/v1/metrics/inflight: 204 when idle; a read held in the daemon is listed with
+    upstream's fields (opcode 15 = FUSE_READ) until it is answered."""
+    require_fuse()
+    import threading
+    import time
+
+    boot = _image(tmp_path, {"f": b"held" * 1000})
+    gate = tmp_path / "gate"
+    with running_daemon(tmp_path, opener=_GatedOpener(str(gate)), fuse_impl="ll") as (client, mnt, _):
+        sock = client.apisock
+        client.mount("/a", boot, _config(tmp_path))
+        path = os.path.join(mnt, "a", "f")
+        os.stat(path)
+        _wait_idle(sock)
+        gate.write_text("")
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(open(path, "rb").read()))
+        t0 = int(time.time())
+        reader.start()
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                status, _, payload = _call(sock, "GET", "/api/v1/metrics/inflight")
+                ops = json.loads(payload) if status == 200 else []
+                if any(op["opcode"] == 15 for op in ops):
+                    break
+                assert time.monotonic() < deadline, "the held read never showed up"
+                time.sleep(0.05)
+            for op in ops:
+                _check(op, "FuseOp")
+            read = [op for op in ops if op["opcode"] == 15][0]
+            assert read["unique"] > 0 and read["inode"] > 1 and abs(read["timestamp_secs"] - t0) <= 5
+        finally:
+            gate.unlink()
+            reader.join(10)
+        assert got == [b"held" * 1000]
+        _wait_idle(sock)
+        client.umount("/a")
+
+
+def test_backend_failures_become_upstream_events_and_size_classes():
+    """A backend read that fails for good is an event of ``/api/v1/daemon/events`` (upstream's
+    ``ErrorHolder``: bounded ring of "<date> - <error>"); every read lands in upstream's size
+    and latency classes, failed ones too."""
+    import pytest
+
+    from storage.backend.base import BlobReader
+    from storage.errors import BackendError
+    from storage.metrics import EVENTS, ErrorHolder, latency_class, size_class
+
+    class Broken(BlobReader):
+        def _read_once(self, offset, size):
+            raise BackendError("blob is gone")
+
+        def _blob_size(self):
+            return 1 << 20
+
+    reader = Broken("b" * 64, retry_limit=0)
+    before = EVENTS.export()["total_errors"]
+    with pytest.raises(BackendError):
+        reader.read(0, 4096)
+    events = EVENTS.export()
+    assert events["total_errors"] == min(before + 1, events["max_errors"])
+    assert events["errors"][-1].endswith("read 0+4096: BackendError: blob is gone")
+    assert " GMT - blob " in events["errors"][-1]
+    dist = reader.metrics.backend_dist.snapshot()
+    assert dist["read_count_block_size_dist"] == [0, 0, 1, 0, 0, 0, 0, 0]  # 4 KiB: upstream's class 2
+
+    holder = ErrorHolder(max_errors=3, max_size=200)
+    for i in range(5):
+        holder.push(f"e{i}")
+    out = holder.export()
+    assert out["total_errors"] == 3 and [e.rsplit(" - ", 1)[1] for e in out["errors"]] == ["e2", "e3", "e4"]
+    assert out["total_size"] == sum(map(len, out["errors"])) and out["max_size"] == 200
+    # upstream's request_size_index and latency_millis_range_index boundaries
+    assert [size_class(n) for n in (0, 1023, 1024, 4096, 16384, 65536, 131072, 524288, 1 << 20, 1 << 30)] == \
+        [0, 0, 1, 2, 3, 4, 5, 6, 7, 7]
+    assert [latency_class(ms) for ms in (0, 1, 2, 20, 21, 50, 100, 500, 1000, 2000, 2001)] == \
+        [0, 0, 1, 1, 2, 2, 3, 4, 5, 6, 7]
+
+
+def test_inflight_with_libfuse_loop_is_not_served(tmp_path):
+    """libfuse's loop (``--fuse-impl pyfuse3``) does not say which requests it is serving: 501
+    with one line, as upstream answers what its daemon does not support."""
+    require_fuse()
+    with running_daemon(tmp_path, fuse_impl="pyfuse3") as (client, mnt, _):
+        status, err = _json(client.apisock, "GET", "/api/v1/metrics/inflight")
+        assert status == 501 and err["code"] == "Unsupported" and "--fuse-impl ll" in err["message"]

@@ -1,27 +1,45 @@
 """nydusd's HTTP+JSON control API on a unix socket (mode 0600), and a small client.
 
-Endpoints (upstream paths):
+Endpoints (upstream paths; docs/mounts.md has the answers in full):
 
-* ``GET /api/v1/daemon`` — id, version, state (INIT/READY/RUNNING), instances
+* ``GET /api/v1/daemon`` — upstream's ``DaemonInfo`` (id, version, state, supervisor,
+  backend_collection) plus ours (instances, ...); ``GET /api/v2/daemon`` the same without the
+  filesystems' info (``backend_collection`` null)
+* ``PUT /api/v1/daemon`` (and ``/api/v2/daemon``) body ``{"log_level": "debug"}`` — log level
+* ``GET /api/v1/daemon/backend`` — the daemon's ``backend_collection``
+* ``GET /api/v1/daemon/events`` — upstream's ``ErrorHolder``: failed backend reads
 * ``POST /api/v1/mount?mountpoint=/<id>`` body ``{"fs_type":"rafs","source":<bootstrap>,"config":<json>}``
+* ``PUT /api/v1/mount?mountpoint=/<id>`` same body — upstream's remount: the instance is served
+  from the new bootstrap and config in place (fusedev instances)
 * ``DELETE /api/v1/mount?mountpoint=/<id>``
 * ``POST /api/v1/prefetch?mountpoint=/<id>`` body ``{"files": [...]}`` (optional) — start prefetch
 * ``GET /api/v1/trace?mountpoint=/<id>`` — the prefetch trace recorded so far (text, see
   :mod:`rafs.trace`; only with ``fs_prefetch.record_trace``; ours, not upstream's)
 * ``GET /api/v1/metrics[?id=/<id>]`` — upstream's ``FsMetric`` JSON for one instance (without
-  ``id``: summed over all, ``id`` ""); with ``Accept: text/plain`` (or ``?format=prometheus``) the Prometheus text of every
-  family instead (``/metrics/backend``, ``/metrics/blobcache``: Prometheus text of only the storage
-  backend / cache + prefetch families)
-* ``PUT /api/v1/daemon`` body ``{"log_level": "debug"}`` — change the log level (upstream)
-* ``GET /api/v1/daemon/backend`` — the daemon's ``backend_collection`` (upstream)
+  ``id``: summed over all, ``id`` "")
+* ``GET /api/v1/metrics/backend[?id=]``, ``/metrics/blobcache[?id=]`` — upstream's
+  ``BackendMetrics`` / ``BlobcacheMetrics`` JSON of one instance (without ``id``: the only one,
+  else 404 as upstream's ``NoCounter``)
+* on ``/metrics``, ``/metrics/backend``, ``/metrics/blobcache``: ``Accept: text/plain`` (or
+  ``?format=prometheus``) answers Prometheus text instead (every family / only the storage
+  backend / only the cache + prefetch families)
+* ``GET /api/v1/metrics/pattern[?id=]`` — upstream's access patterns (``access_pattern``; ``[]`` off)
+* ``GET /api/v1/metrics/files[?id=][&latest=true]`` — the files read since the last call
+  (``latest_read_files``; ``[]`` off); without ``latest``: ``{}`` (per-file counters are not
+  collected, upstream's answer with them off)
+* ``GET /api/v1/metrics/inflight`` — FUSE requests being served (204 when none)
+* ``/api/v2/blobs`` — upstream's fscache blob objects: answered as upstream nydusd answers them in
+  fusedev mode (501 ``...(DaemonAbnormal(Unsupported))``, 400 without parameters, 204 for
+  ``DELETE ?blob_id=``)
 * ``PUT /api/v1/daemon/exit`` — unmount everything and exit; ``?handover=1``: exit leaving the
   FUSE connection (and the erofs mounts) to a successor (``--upgrade``; own FUSE loop only)
 * ``PUT /api/v1/daemon/fuse/sendfd`` — send the FUSE fds and handover state to ``--supervisor``
 
-Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500. Every malformed
+Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500/501. Every malformed
 request is a 4xx with the reason: bad HTTP, a body that is not a JSON object (or nested too
 deeply), a ``source`` that is not a readable RAFS bootstrap, an instance name breaking
-:func:`rafs.daemon.config.check_instance_name`; 500 is left for the daemon's own failures.
+:func:`rafs.daemon.config.check_instance_name`; 500 is left for the daemon's own failures and
+501 for what upstream answers as unsupported by this kind of daemon.
 """
 
 from __future__ import annotations
@@ -36,8 +54,8 @@ from typing import Any
 
 import trio
 
-from rafs.daemon.config import loads_json
-from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
+from rafs.daemon.config import DaemonConfig, loads_json
+from rafs.errors import ConfigError, MountError, NotFound, NotServed, RafsError, UnsupportedError
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -46,7 +64,7 @@ MAX_BODY = 1 << 20
 _EXIT = object()
 _REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request", 404: "Not Found",
             405: "Method Not Allowed", 409: "Conflict", 422: "Unprocessable Entity",
-            500: "Internal Server Error"}
+            500: "Internal Server Error", 501: "Not Implemented"}
 
 
 class ApiError(RafsError):
@@ -60,6 +78,8 @@ class ApiError(RafsError):
 
 
 def _error_status(exc: BaseException) -> tuple[int, str]:
+    if isinstance(exc, NotServed):
+        return 501, "Unsupported"
     if isinstance(exc, NotFound):
         return 404, "NotFound"
     if isinstance(exc, UnsupportedError):
@@ -205,11 +225,120 @@ def fs_metric(daemon: Any, only: str | None) -> dict:
     hits[read] = sum(int(i.metrics.read_count) for i in chosen)
     errors[read] = sum(int(i.metrics.read_errors) for i in chosen)
     latency[read] = int(sum(i.metrics.read_seconds for i in chosen) * 1_000_000)
-    return {"files_account_enabled": False, "access_pattern_enabled": False, "measure_latency": False,
+    pattern = any(getattr(getattr(i, "access", None), "pattern", False) for i in chosen)
+    return {"files_account_enabled": False, "access_pattern_enabled": pattern, "measure_latency": False,
             "id": only or "", "data_read": sum(int(i.metrics.read_bytes) for i in chosen),
             "block_count_read": [0] * 11, "fop_hits": hits, "fop_errors": errors,
             "fop_cumulative_latency_total": latency, "read_latency_dist": [0] * 8, "nr_opens": 0,
             "nr_max_opens": 0, "last_fop_tp": 0}
+
+
+def _named_instances(daemon: Any) -> dict[str, Any]:
+    insts = daemon.fs.instances() if getattr(daemon, "fs", None) else {}
+    return {("/" + k if k not in ("", "root") else "/"): v for k, v in insts.items()}
+
+
+def _one_instance(daemon: Any, only: str | None) -> tuple[str, Any]:
+    """The instance ``id`` names, or the only one mounted when no ``id`` is given — upstream's
+    rule for the per-filesystem metrics (else its ``NoCounter`` 404)."""
+    named = _named_instances(daemon)
+    if only:
+        if only not in named:
+            raise NotFound(f"no instance mounted at {only}")
+        return only, named[only]
+    if len(named) != 1:
+        raise NotFound(f"{len(named)} instances are mounted: name one with ?id=/<instance>")
+    return next(iter(named.items()))
+
+
+def backend_metrics(daemon: Any, only: str | None) -> dict:
+    """Upstream's ``BackendMetrics`` of one instance's storage backend (``read_count`` counts
+    failed reads too, latencies in milliseconds, upstream's size and latency classes)."""
+    _, inst = _one_instance(daemon, only)
+    m = inst.device.metrics
+    errors = int(m.backend_read_errors.value)
+    out = {"backend_type": DaemonConfig.parse(inst.config).backend_type,
+           "read_count": int(m.backend_read_count.value) + errors, "read_errors": errors,
+           "read_amount_total": int(m.backend_read_bytes.value)}
+    out.update(m.backend_dist.snapshot())
+    return out
+
+
+def blobcache_metrics(daemon: Any, only: str | None) -> dict:
+    """Upstream's ``BlobcacheMetrics`` of one instance's blob cache (404 without a file cache).
+
+    Hits are counted per chunk here: ``whole_hits`` = chunks served from the cache, ``total`` =
+    chunks read (hits + fetched), ``partial_hits`` 0 (a chunk is ready or not);
+    ``buffered_backend_size`` is 0 (no such buffer)."""
+    label, inst = _one_instance(daemon, only)
+    cfg = DaemonConfig.parse(inst.config)
+    report = getattr(inst.device, "cache_report", None)
+    if cfg.cache_type not in ("blobcache", "filecache") or report is None:
+        raise NotFound(f"instance {label} has no blob cache (device.cache.type {cfg.cache_type or 'none'!r})")
+    rep = report()
+    m = inst.device.metrics
+    hits, misses = int(m.cache_hits.value), int(m.cache_misses.value)
+    begin, end = rep["prefetch_begin_ns"], rep["prefetch_end_ns"]
+    return {"underlying_files": rep["underlying_files"], "store_path": rep["store_path"],
+            "partial_hits": 0, "whole_hits": hits, "total": hits + misses,
+            "entries_count": rep["entries_count"], "prefetch_data_amount": int(m.prefetch_bytes.value),
+            "prefetch_requests_count": int(m.prefetch_requests.value),
+            "prefetch_workers": rep["prefetch_workers"],
+            "prefetch_unmerged_chunks": rep["prefetch_unmerged_chunks"],
+            "prefetch_cumulative_time_millis": rep["prefetch_cumulative_time_millis"],
+            "prefetch_begin_time_secs": begin // 1_000_000_000,
+            "prefetch_begin_time_millis": begin // 1_000_000 % 1000,
+            "prefetch_end_time_secs": end // 1_000_000_000, "prefetch_end_time_millis": end // 1_000_000 % 1000,
+            "buffered_backend_size": 0, "data_all_ready": rep["data_all_ready"]}
+
+
+def files_metrics(daemon: Any, only: str | None, latest: bool) -> Any:
+    """``/api/v1/metrics/files``: with ``latest=true`` the inodes read since the last such call
+    (``latest_read_files``; ``[]`` when it is off, as upstream); else upstream's per-file
+    counters map, which this daemon does not collect (``iostats_files``): ``{}``, upstream's
+    answer with the counters off."""
+    _, inst = _one_instance(daemon, only)
+    if latest:
+        access = getattr(inst, "access", None)
+        return access.take_latest() if access is not None and access.latest else []
+    return {}
+
+
+def access_patterns(daemon: Any, only: str | None) -> list:
+    """``/api/v1/metrics/pattern``: upstream's ``AccessPattern`` list (``access_pattern``;
+    ``[]`` when it is off, as upstream)."""
+    _, inst = _one_instance(daemon, only)
+    access = getattr(inst, "access", None)
+    return access.patterns() if access is not None and access.pattern else []
+
+
+def inflight(daemon: Any) -> list | None:
+    """``/api/v1/metrics/inflight``: the FUSE requests being served; None (204) when none."""
+    get = getattr(daemon, "inflight", None)
+    ops = get() if get is not None else None
+    if ops is None:
+        raise NotServed("in-flight FUSE requests are known only to the own FUSE loop (--fuse-impl ll)")
+    return ops or None
+
+
+def _blobs_v2(method: str, query: dict[str, str]) -> tuple[int, Any]:
+    """``/api/v2/blobs``: upstream's blob-object API of fscache mode. Answered as upstream
+    nydusd answers it in fusedev mode: a 400 for a request missing its parameters, deleting a
+    blob file (``blob_id`` only) is a no-op 204, the rest is 501 (``DaemonAbnormal(Unsupported)``)."""
+    why = "fscache blob objects (/api/v2/blobs) are not served: this nydusd has no fscache mode"
+    if method == "GET":
+        if "domain_id" not in query:
+            raise ConfigError("GET /api/v2/blobs: query parameter 'domain_id' is required")
+        raise NotServed(f"GetBlobObjects(DaemonAbnormal(Unsupported)): {why}")
+    if method in ("PUT", "POST"):
+        raise NotServed(f"CreateBlobObject(DaemonAbnormal(Unsupported)): {why}")
+    if method == "DELETE":
+        if "domain_id" in query:
+            raise NotServed(f"DeleteBlobObject(DaemonAbnormal(Unsupported)): {why}")
+        if "blob_id" in query:
+            return 204, None  # upstream's fusedev daemon: no fscache cache to cull
+        raise ConfigError("DELETE /api/v2/blobs: query parameter 'domain_id' or 'blob_id' is required")
+    return 405, {"code": "NotFound", "message": f"no endpoint {method} /api/v2/blobs"}
 
 
 def set_log_level(level: Any) -> None:
@@ -226,19 +355,25 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes,
     headers = headers or {}
     if path == "/api/v1/daemon" and method == "GET":
         return 200, upstream_info(daemon)
-    if path == "/api/v1/daemon" and method == "PUT":
+    if path == "/api/v2/daemon" and method == "GET":  # upstream v2: without the filesystems' info
+        return 200, dict(upstream_info(daemon), backend_collection=None)
+    if path in ("/api/v1/daemon", "/api/v2/daemon") and method == "PUT":
         req = _json_body(body)
         if "log_level" not in req:
             raise ConfigError("body: expected {\"log_level\": LEVEL}")
         set_log_level(req["log_level"])
         return 204, None
+    if path == "/api/v1/daemon/events" and method == "GET":
+        from storage.metrics import EVENTS
+
+        return 200, EVENTS.export()
     if path == "/api/v1/daemon/backend" and method == "GET":
         return 200, upstream_info(daemon)["backend_collection"]
     if path == "/api/v1/mount":
         mountpoint = query.get("mountpoint")
         if not mountpoint:
             raise ConfigError("query parameter 'mountpoint' is required")
-        if method == "POST":
+        if method in ("POST", "PUT"):
             req = _json_body(body)
             if req.get("fs_type", "rafs") != "rafs":
                 raise ConfigError(f"fs_type: only 'rafs' is supported, got {req.get('fs_type')!r}")
@@ -248,7 +383,10 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes,
             config = req.get("config") or {}
             if not isinstance(config, (dict, str)):
                 raise ConfigError(f"config: expected a JSON object or its text, got {type(config).__name__}")
-            await daemon.mount_instance(mountpoint, source, config)
+            if method == "PUT":  # upstream's remount: the instance's new bootstrap and config
+                await daemon.remount_instance(mountpoint, source, config)
+            else:
+                await daemon.mount_instance(mountpoint, source, config)
             return 204, None
         if method == "DELETE":
             await daemon.umount_instance(mountpoint)
@@ -270,7 +408,21 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes,
             return 200, daemon.metrics_text(query.get("id"))
         return 200, fs_metric(daemon, query.get("id"))
     if path in ("/api/v1/metrics/backend", "/api/v1/metrics/blobcache") and method == "GET":
-        return 200, daemon.metrics_text(query.get("id"), kind=path.rsplit("/", 1)[1])
+        accept = headers.get("accept", "")
+        if query.get("format") == "prometheus" or ("text/plain" in accept and "json" not in accept):
+            return 200, daemon.metrics_text(query.get("id"), kind=path.rsplit("/", 1)[1])
+        if path.endswith("/backend"):
+            return 200, backend_metrics(daemon, query.get("id"))
+        return 200, await trio.to_thread.run_sync(blobcache_metrics, daemon, query.get("id"))
+    if path == "/api/v1/metrics/files" and method == "GET":
+        return 200, files_metrics(daemon, query.get("id"), query.get("latest") == "true")
+    if path == "/api/v1/metrics/pattern" and method == "GET":
+        return 200, access_patterns(daemon, query.get("id"))
+    if path == "/api/v1/metrics/inflight" and method == "GET":
+        ops = inflight(daemon)
+        return (200, ops) if ops else (204, None)
+    if path == "/api/v2/blobs":
+        return _blobs_v2(method, query)
     if path == "/api/v1/daemon/exit" and method == "PUT":
         if query.get("handover") in ("1", "true"):
             await daemon.send_handover()  # the holder has the newest state before we go
@@ -344,6 +496,12 @@ class DaemonClient:
         cfg = config if isinstance(config, str) else json.dumps(config)
         q = urllib.parse.urlencode({"mountpoint": mountpoint})
         self.request("POST", f"/api/v1/mount?{q}", {"fs_type": "rafs", "source": bootstrap, "config": cfg})
+
+    def remount(self, mountpoint: str, bootstrap: str, config: dict | str) -> None:
+        """Serve the instance at ``mountpoint`` from a new bootstrap and config (upstream's remount)."""
+        cfg = config if isinstance(config, str) else json.dumps(config)
+        q = urllib.parse.urlencode({"mountpoint": mountpoint})
+        self.request("PUT", f"/api/v1/mount?{q}", {"fs_type": "rafs", "source": bootstrap, "config": cfg})
 
     def umount(self, mountpoint: str) -> None:
         q = urllib.parse.urlencode({"mountpoint": mountpoint})

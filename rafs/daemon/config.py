@@ -66,8 +66,7 @@ def loads_json(text: str | bytes, what: str) -> Any:
 
 _log = logging.getLogger(__name__)
 #: upstream ConfigV2 keys read but not acted on here (one warning each when set to a true value)
-_V2_IGNORED = ("cache.enable_encryption", "cache.enable_convergent_encryption", "cache.encryption_key",
-               "rafs.access_pattern", "rafs.latest_read_files")
+_V2_IGNORED = ("cache.enable_encryption", "cache.enable_convergent_encryption", "cache.encryption_key")
 
 
 def from_v2(obj: dict) -> dict:
@@ -94,7 +93,9 @@ def from_v2(obj: dict) -> dict:
         device["id"] = _get(obj, "id", str, "", "")
     out: dict = {"device": device}
     for v2key, v1key, kind in (("mode", "mode", str), ("enable_xattr", "enable_xattr", bool),
-                               ("iostats_files", "iostats_files", bool), ("batch_size", "amplify_io", int)):
+                               ("iostats_files", "iostats_files", bool), ("batch_size", "amplify_io", int),
+                               ("access_pattern", "access_pattern", bool),
+                               ("latest_read_files", "latest_read_files", bool)):
         if v2key in rafs:
             out[v1key] = _get(rafs, v2key, kind, None, "rafs.")
     out["digest_validate"] = (_get(rafs, "validate", bool, False, "rafs.")
@@ -154,6 +155,10 @@ class DaemonConfig:
     mode: str = "direct"
     digest_validate: bool = False  #: re-check chunk digests on every read (always checked on entering the cache)
     iostats_files: bool = False
+    #: record which files are read (``/api/v1/metrics/pattern``; upstream's key)
+    access_pattern: bool = False
+    #: record the files read since the last ``/api/v1/metrics/files?latest=true`` (upstream's key)
+    latest_read_files: bool = False
     enable_xattr: bool = True
     amplify_io: int = 1 << 20
     #: our extension: a read amplified past the end of its file takes neighbouring files' chunks
@@ -224,6 +229,8 @@ class DaemonConfig:
             mode=mode,
             digest_validate=_get(obj, "digest_validate", bool, False, ""),
             iostats_files=_get(obj, "iostats_files", bool, False, ""),
+            access_pattern=_get(obj, "access_pattern", bool, False, ""),
+            latest_read_files=_get(obj, "latest_read_files", bool, False, ""),
             enable_xattr=_get(obj, "enable_xattr", bool, True, ""),
             amplify_io=_get(obj, "amplify_io", int, 1 << 20, ""),
             amplify_neighbours=_get(obj, "amplify_neighbours", int, AMPLIFY_NEIGHBOURS, ""),

@@ -30,6 +30,7 @@ class OwnedDevice(BlobReadDevice):
         self.read_ready = device.read_ready  # type: ignore[method-assign]
         self.read_complete = device.read_complete  # type: ignore[method-assign]
         self.amplify_window = device.amplify_window
+        self.cache_report = device.cache_report
 
     def prefetch(self, iovecs: Iterable[Sequence[BlobIoDesc]], *, priority: str = "low") -> None:
         self._device.prefetch(iovecs, priority=priority)

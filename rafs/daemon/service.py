@@ -28,7 +28,7 @@ from rafs.daemon.config import DaemonConfig, check_instance_name
 from rafs.errors import ConfigError, FormatError, MountError, NotFound, RafsError, UnsupportedError
 from rafs.fs import session
 from rafs.fs.fuse_ll import FuseSession
-from rafs.fs.instance import BlobFiles, Instance
+from rafs.fs.instance import BlobFiles, FileAccess, Instance
 from rafs.fs.ops import RafsFs, no_open_unsupported_reason
 from storage.device import BlobReadDevice
 
@@ -134,6 +134,9 @@ class Nydusd:
         self._cancel: trio.CancelScope | None = None
         self._lock = trio.Lock()
         self._prefetch_threads: list[threading.Thread] = []
+        #: instances a remount replaced, closed by _retire (or at teardown, whichever comes first)
+        self._retiring: set[Instance] = set()
+        self._retiring_lock = threading.Lock()
         self._saved_readahead: tuple[str, str] | None = None  #: (sysfs path, value) while tracing
 
     # ------------------------------------------------------------------ lifecycle
@@ -248,6 +251,10 @@ class Nydusd:
                 await self._umount(name, lazy=True)
             except RafsError as exc:
                 log.error("umount %s: %s", name, exc)
+        with self._retiring_lock:
+            retiring, self._retiring = list(self._retiring), set()
+        for inst in retiring:
+            await trio.to_thread.run_sync(_close_replaced, inst)
         try:
             if self._ll is not None:
                 await trio.to_thread.run_sync(lambda: self._ll.stop(unmount=not self._handing_over))
@@ -360,6 +367,7 @@ class Nydusd:
             if name in self.records:
                 raise MountError(f"instance {mountpoint} is already mounted")
             cfg = DaemonConfig.parse(config)
+            _warn_not_collected(cfg)
             if not os.path.isfile(bootstrap):
                 raise ConfigError(f"source {bootstrap[:256]!r} is not a regular file")
             try:
@@ -379,6 +387,8 @@ class Nydusd:
                     inst = Instance(name if name != "/" else "", tree, device, bootstrap=bootstrap,
                                     config=cfg.raw, enable_xattr=cfg.enable_xattr)
                     _start_trace(inst, cfg)
+                    if cfg.access_pattern or cfg.latest_read_files:
+                        inst.access = FileAccess(pattern=cfg.access_pattern, latest=cfg.latest_read_files)
                     self.fs.add_instance(inst, adopt_slot)
                     record = MountRecord(name, bootstrap, "fusedev", self._target(name))
                     if self.shared and adopt_slot is None:
@@ -393,6 +403,68 @@ class Nydusd:
             log.info("mounted %s (%s) at %s", bootstrap, record.fs_driver, record.mountpoint)
             await self._resend_handover()
             return record
+
+    async def remount_instance(self, mountpoint: str, bootstrap: str, config: dict | str) -> MountRecord:
+        """Serve a mounted instance from a new bootstrap and config in place (``PUT
+        /api/v1/mount``, upstream's remount): the instance keeps its slot, so its inode numbers,
+        and every request from now on resolves in the new image; reads already running finish
+        on the old one, closed after :data:`REMOUNT_GRACE` seconds and once its demand reads
+        settled. ``fusedev`` instances only (an erofs mount is the kernel's)."""
+        name = self._instance_name(mountpoint)
+        async with self._lock:
+            record = self.records.get(name)
+            if record is None:
+                raise NotFound(f"no instance mounted at {mountpoint}")
+            if record.fs_driver != "fusedev":
+                raise UnsupportedError(f"instance {mountpoint} is an erofs mount: remount serves fusedev "
+                                       "instances only; unmount (DELETE) and mount (POST) it again")
+            cfg = DaemonConfig.parse(config)
+            _warn_not_collected(cfg)
+            if not os.path.isfile(bootstrap):
+                raise ConfigError(f"source {bootstrap[:256]!r} is not a regular file")
+            try:
+                tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
+            except (FormatError, OSError) as exc:
+                raise ConfigError(f"source {bootstrap[:256]!r} is not a RAFS bootstrap: {exc}") from exc
+            from rafs.daemon.device import seed_blob_metas
+
+            key = name if name != "/" else ""
+            try:
+                await trio.to_thread.run_sync(seed_blob_metas, bootstrap, list(tree.blobs), cfg)
+                device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
+            except BaseException:
+                tree.close()
+                raise
+            _give_chunk_source(device, tree)
+            inst = Instance(key, tree, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=cfg.enable_xattr)
+            _start_trace(inst, cfg)
+            if cfg.access_pattern or cfg.latest_read_files:
+                inst.access = FileAccess(pattern=cfg.access_pattern, latest=cfg.latest_read_files)
+            old = self.fs.replace_instance(key, inst)
+            self.records[name] = record = MountRecord(name, bootstrap, "fusedev", record.mountpoint)
+            if self.shared:
+                await self._invalidate_root_entry(name)
+            self._start_prefetch(inst, cfg)
+            with self._retiring_lock:
+                self._retiring.add(old)
+            threading.Thread(target=self._retire, args=(old,), name=f"retire-{key}", daemon=True).start()
+            log.info("remounted %s from %s", record.mountpoint, bootstrap)
+            await self._resend_handover()
+            return record
+
+    def _retire(self, old: Instance) -> None:
+        """Close the instance a remount replaced once the reads that resolved in it are done
+        (:data:`REMOUNT_GRACE`, then its demand reads settled); teardown may come first."""
+        time.sleep(REMOUNT_GRACE)
+        try:
+            old.device.wait_demand_settled()
+        except Exception as exc:
+            log.debug("waiting for the reads of the replaced image: %s", exc)
+        with self._retiring_lock:
+            if old not in self._retiring:
+                return  # teardown closed it
+            self._retiring.discard(old)
+        _close_replaced(old)
 
     async def _mount_erofs(self, name: str, bootstrap: str, tree: Any, cfg: DaemonConfig,
                            adopt_slot: int | None = None, adopt_devices: tuple[str, ...] = ()) -> MountRecord:
@@ -582,6 +654,11 @@ class Nydusd:
             raise NotFound(f"instance {mountpoint} does not record a trace (fs_prefetch.record_trace)")
         return inst.recorder.text()
 
+    def inflight(self) -> list[dict[str, int]] | None:
+        """FUSE requests being served now (``GET /api/v1/metrics/inflight``); None when the
+        FUSE loop is libfuse's (``--fuse-impl pyfuse3``), which does not say."""
+        return self._ll.inflight() if self._ll is not None else None
+
     def _instance(self, mountpoint: str) -> Instance:
         name = self._instance_name(mountpoint)
         record = self.records.get(name)
@@ -666,6 +743,24 @@ class Nydusd:
                 lines.append(f'{metric}{{id="{label}"}} {value}')
         lines += _labelled_storage_metrics(insts, only)
         return "\n".join(lines) + "\n"
+
+
+def _warn_not_collected(cfg: DaemonConfig) -> None:
+    if cfg.iostats_files:
+        log.warning("nydusd config key iostats_files is accepted but not supported here (per-file counters are "
+                    "not collected; /api/v1/metrics/files answers {})")
+
+
+#: seconds a remounted instance's old image stays open for the reads that resolved in it
+REMOUNT_GRACE = 5.0
+
+
+def _close_replaced(old: Instance) -> None:
+    try:
+        _save_trace(old)
+        old.close()
+    except Exception as exc:
+        log.warning("closing the replaced image of %s: %s", old.name or "/", exc)
 
 
 def _start_trace(inst: Instance, cfg: DaemonConfig) -> None:

@@ -20,6 +20,7 @@ import os
 import stat
 import struct
 import threading
+import time
 from typing import Any
 
 import pyfuse3
@@ -128,6 +129,14 @@ class FuseSession:
         self._lock = threading.Lock()
         #: requests the kernel re-queued after a takeover (FUSE_NOTIFY_RESEND) and we answered
         self.replayed = 0
+        #: per worker fd: (nodeid, opcode, unique, wall-clock second) of the request it is serving
+        self._inflight: dict[int, tuple[int, int, int, int]] = {}
+
+    def inflight(self) -> list[dict[str, int]]:
+        """The requests the workers are serving now, as upstream nydusd's
+        ``/api/v1/metrics/inflight`` lists them (``inode`` is the FUSE node id)."""
+        return [{"inode": n, "opcode": o, "unique": u, "timestamp_secs": t}
+                for n, o, u, t in list(self._inflight.values())]
 
     @property
     def fd(self) -> int:
@@ -292,7 +301,13 @@ class FuseSession:
                     if exc.errno != errno.ENODEV and not self._stopping:
                         log.error("reading /dev/fuse: %s", exc)
                     return
-                self._dispatch(fd, buf)
+                if len(buf) >= IN_HEADER.size:
+                    _, opcode, unique, nodeid, *_ = IN_HEADER.unpack_from(buf)
+                    self._inflight[fd] = (nodeid, opcode, unique, int(time.time()))
+                try:
+                    self._dispatch(fd, buf)
+                finally:
+                    self._inflight.pop(fd, None)
         finally:
             self._ended.set()
 

@@ -49,6 +49,44 @@ class InstanceMetrics:
                 self.read_errors += 1
 
 
+class FileAccess:
+    """Which files of an instance are read, as upstream nydusd records them: the access pattern
+    (``access_pattern``: per inode the reads and the first read's wall-clock time) and the files
+    read since the last export (``latest_read_files``). Inode numbers are the image's."""
+
+    def __init__(self, *, pattern: bool, latest: bool) -> None:
+        self.pattern = pattern
+        self.latest = latest
+        self._lock = threading.Lock()
+        self._patterns: dict[int, list[int]] = {}  # ino -> [reads, first secs, first nanos]
+        self._latest: set[int] = set()
+
+    def record(self, ino: int) -> None:
+        with self._lock:
+            if self.pattern:
+                rec = self._patterns.get(ino)
+                if rec is None:
+                    now = time.time_ns()
+                    self._patterns[ino] = [1, now // 1_000_000_000, now % 1_000_000_000]
+                else:
+                    rec[0] += 1
+            if self.latest:
+                self._latest.add(ino)
+
+    def patterns(self) -> list[dict[str, int]]:
+        """Upstream's ``AccessPattern`` list (files read at least once)."""
+        with self._lock:
+            return [{"ino": ino, "nr_read": n, "first_access_time_secs": s, "first_access_time_nanos": ns}
+                    for ino, (n, s, ns) in sorted(self._patterns.items())]
+
+    def take_latest(self) -> list[int]:
+        """The inodes read since the previous call, ascending (upstream clears them too)."""
+        with self._lock:
+            out = sorted(self._latest)
+            self._latest.clear()
+            return out
+
+
 class Instance:
     """One mounted image: ``tree`` (Rafs-like metadata) and ``device`` (a ``BlobDevice``)."""
 
@@ -64,6 +102,8 @@ class Instance:
         self.mounted_at = time.time()
         #: a :class:`rafs.trace.TraceRecorder` while the instance records its prefetch trace
         self.recorder: Any = None
+        #: a :class:`FileAccess` with ``access_pattern`` / ``latest_read_files``
+        self.access: FileAccess | None = None
 
     def read(self, inode: Any, offset: int, size: int, iovec: BlobIoVec | None = None) -> bytes:
         """Blocking read of a regular file range through the device (run in a worker thread);
@@ -84,6 +124,8 @@ class Instance:
         self.metrics.add_read(len(data), time.monotonic() - start, True)
         if self.recorder is not None:
             self.recorder.record(inode, offset, len(data))
+        if self.access is not None:
+            self.access.record(inode.ino)
         return data
 
     def _ahead(self, inode: Any, offset: int, size: int) -> BlobIoVec | None:
@@ -121,6 +163,8 @@ class Instance:
             self.metrics.add_read(len(data), time.monotonic() - start, True)
             if self.recorder is not None:
                 self.recorder.record(inode, offset, len(data))
+            if self.access is not None:
+                self.access.record(inode.ino)
         return data
 
     def prefetch_iovecs(self, paths: list[str] | None = None) -> list[BlobIoVec]:

@@ -154,6 +154,19 @@ class RafsFs(pyfuse3.Operations):
         self._nodes.clear()
         return self._slots.pop(slot)
 
+    def replace_instance(self, name: str, inst: Instance) -> Instance:
+        """Serve ``inst`` in place of the instance ``name`` (same slot, so the same inode
+        numbers): every later request resolves its inode in ``inst``; returns the old one."""
+        slot = self._by_name.get(name)
+        if slot is None:
+            raise NotFound(f"no instance {name!r}")
+        if inst.name != name:
+            raise RafsError(f"instance {inst.name!r} cannot replace {name!r}")
+        old = self._slots[slot]
+        self._slots[slot] = inst
+        self._nodes.clear()
+        return old
+
     def slot_of(self, name: str) -> int:
         return self._by_name[name]
 

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from storage.errors import BackendError, BlobRangeError, TransientBackendError, TruncatedRead
-from storage.metrics import StorageMetrics
+from storage.metrics import EVENTS, StorageMetrics
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,14 @@ class BlobReader(ABC):
             return data
 
         start = time.monotonic()
-        data = self._retry(attempt, f"read {offset}+{size}")
-        self.metrics.backend_latency.observe(time.monotonic() - start)
+        try:
+            data = self._retry(attempt, f"read {offset}+{size}")
+        except BaseException:
+            self.metrics.backend_dist.observe(size, time.monotonic() - start)
+            raise
+        elapsed = time.monotonic() - start
+        self.metrics.backend_latency.observe(elapsed)
+        self.metrics.backend_dist.observe(size, elapsed)
         self.metrics.backend_read_bytes.inc(size)
         self.metrics.backend_read_count.inc()
         return data
@@ -120,6 +126,7 @@ class BlobReader(ABC):
             except TransientBackendError as exc:
                 if attempt >= self.retry_limit:
                     self.metrics.backend_read_errors.inc()
+                    EVENTS.push(f"blob {self.blob_id}: {what}: {type(exc).__name__}: {exc}")
                     log.warning("blob %s: %s failed after %d attempts: %s", self.blob_id, what, attempt + 1, exc)
                     raise
                 delay = min(MAX_BACKOFF, BASE_BACKOFF * (2 ** attempt))
@@ -127,8 +134,9 @@ class BlobReader(ABC):
                 self.metrics.backend_retries.inc()
                 attempt += 1
                 time.sleep(delay)
-            except BackendError:
+            except BackendError as exc:
                 self.metrics.backend_read_errors.inc()
+                EVENTS.push(f"blob {self.blob_id}: {what}: {type(exc).__name__}: {exc}")
                 raise
 
 
