@@ -79,6 +79,15 @@ def blob_descriptor(blob_id: str, size: int, *, ref_layer: bool = False) -> Desc
     return Descriptor(MEDIA_TYPE_NYDUS_BLOB, f"sha256:{blob_id}", size, annotations)
 
 
+def ref_blob_descriptor(ref_digest: str, size: int, source_digest: str) -> Descriptor:
+    """An OCI-ref (zran) image layer as upstream's converter writes it: the layer's "ref" blob
+    (blob.meta with the ZRAN contexts + bootstrap + TOC), marked a nydus blob, with
+    ``nydus-ref`` naming the original gzip layer that holds the data. Its diff_id in the config
+    is the ref blob digest (upstream's ``containerd.io/uncompressed``, dropped from the manifest)."""
+    return Descriptor(MEDIA_TYPE_NYDUS_BLOB, ref_digest, size,
+                      ((ANNOTATION_NYDUS_BLOB, "true"), (ANNOTATION_NYDUS_REF_LAYER, source_digest)))
+
+
 def bootstrap_descriptor(digest: str, size: int, fs_version: int, *, docker: bool = False) -> Descriptor:
     """The bootstrap layer (always the last layer)."""
     media_type = MEDIA_TYPE_DOCKER_LAYER_GZIP if docker else MEDIA_TYPE_OCI_LAYER_GZIP
