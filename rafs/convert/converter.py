@@ -15,8 +15,8 @@ from .layer import (LayerOptions, LayerResult, convert_layer, layer_key, load_re
                     remove_stale_temp_dirs)
 from .manifest import (INDEX_TYPES, MANIFEST_TYPES, MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_INDEX,
                        MEDIA_TYPE_OCI_MANIFEST, Descriptor, blob_descriptor, bootstrap_descriptor,
-                       build_index, build_manifest, ref_blob_descriptor, canonical_json, convertible_platforms,
-                       parse_json, platform_matches, platform_string, rewrite_config,
+                       build_index, build_manifest, canonical_json, convertible_platforms,
+                       parse_json, platform_matches, platform_string, ref_blob_descriptor, rewrite_config,
                        sha256_digest, source_layers)
 from .push import Pusher, PushStats, progress_bar
 from .reference import parse_reference
