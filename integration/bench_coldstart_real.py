@@ -17,6 +17,7 @@ Modes (``MODES``): ``oci`` (containerd's overlayfs snapshotter: the baseline), `
 project's snapshotter with its default config: fs_driver erofs, prefetch on), ``nydus-fusedev``
 and ``nydus-noprefetch`` (one setting changed each), and ``stargz`` (the peer
 stargz-snapshotter on an eStargz copy, when ``integration.harness.stargz`` can build it).
+``zran`` (not in the defaults): the ``nydusify convert --oci-ref`` image, default snapshotter config.
 
 Per trial: time to first output, registry bytes and blob GETs (registry access log, whole trial),
 link bytes before the first output (the proxy's counter), and the critical-path timestamps:
@@ -109,6 +110,7 @@ MODES: tuple[Mode, ...] = (
     Mode("nydus-noprefetch", "nydus", "nydus", {"prefetch": {"enable": False}},
          label="nydus, prefetch off"),
     Mode("stargz", "stargz", "estargz", label="stargz-snapshotter, eStargz"),
+    Mode("zran", "nydus", "zran", label="nydus OCI-ref (zran, --oci-ref), defaults (erofs, prefetch on)"),
 )
 MODES_BY_NAME = {m.name: m for m in MODES}
 DEFAULT_MODES = ("oci", "nydus", "nydus-fusedev", "nydus-noprefetch", "stargz")
@@ -558,6 +560,14 @@ def prepare_images(registry, modes: list[Mode], work: str) -> dict[str, str]:
             raise BenchError("nydusify convert failed")
         print(f"nydusify convert (defaults): {time.monotonic() - t:.1f} s", flush=True)
         tags.add("nydus")
+    if any(m.tag == "zran" for m in modes):
+        t = time.monotonic()
+        if nydusify(["convert", "--source", oci.ref, "--target", f"{registry.host}/bench/debian:zran",
+                     "--source-insecure", "--target-insecure", "--work-dir", os.path.join(work, "zran"),
+                     "--no-progress", "--oci-ref"]) != 0:
+            raise BenchError("nydusify convert --oci-ref failed")
+        print(f"nydusify convert --oci-ref: {time.monotonic() - t:.1f} s", flush=True)
+        tags.add("zran")
     if any(m.tag == "estargz" for m in modes):
         from integration.harness.stargz import convert_to_estargz
 

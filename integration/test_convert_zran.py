@@ -12,7 +12,6 @@ from integration import convert_images as ci
 from integration.test_convert_e2e import get, run_convert
 from rafs.convert.check import check
 from rafs.convert.cli import main as nydusify
-from storage.meta.blob_meta import parse_blob_meta_file
 from storage.records import BlobFeatures
 
 REF = "containerd.io/snapshot/nydus-ref"
@@ -22,7 +21,15 @@ def _gzip_image():
     return ci.build_image([(tar, "gzip") for tar, _ in ci.sample_layers()])
 
 
-def test_oci_ref_convert_pushes_only_the_bootstrap_and_checks(registry, tmp_path):
+def test_oci_ref_convert_pushes_ref_blobs_and_the_bootstrap_and_checks(registry, tmp_path):
+    """Upstream's --oci-ref layout: per OCI layer a small "ref" blob layer (nydus blob media type,
+    ``nydus-ref`` = the original gzip layer digest), then the bootstrap layer; the original layers
+    stay the data blobs and are not uploaded again."""
+    import hashlib
+
+    from rafs import metadata
+    from storage.meta.toc import read_toc
+
     image = _gzip_image()
     ci.push_image(registry, "src/app", "v1", image)
     src_layers = [d["digest"] for d in get(registry.host, "src/app", "manifests", "v1").json()["layers"]]
@@ -31,21 +38,42 @@ def test_oci_ref_convert_pushes_only_the_bootstrap_and_checks(registry, tmp_path
                           "--oci-ref", "--zran-spacing", "0x10000")
     manifest = get(registry.host, "src/app", "manifests", "zran").json()
     *blobs, boot = manifest["layers"]
-    assert [b["digest"] for b in blobs] == src_layers  # the original layers are the blobs
-    for b in blobs:
-        assert b["annotations"] == {"containerd.io/snapshot/nydus-blob": "true", REF: b["digest"]}
-    # uploads: the bootstrap layer and the config only; no data blob
-    assert set(summary["uploaded"]) == {boot["digest"], manifest["config"]["digest"]}
+    assert len(blobs) == len(src_layers)
+    for b, src in zip(blobs, src_layers):
+        assert b["mediaType"] == "application/vnd.oci.image.layer.nydus.blob.v1"
+        assert b["annotations"] == {"containerd.io/snapshot/nydus-blob": "true", REF: src}
+        assert b["digest"] != src
+    assert boot["annotations"] == {"containerd.io/snapshot/nydus-bootstrap": "true",
+                                   "containerd.io/snapshot/nydus-fs-version": "6"}
+    config = get(registry.host, "src/app", "blobs", manifest["config"]["digest"]).json()
+    assert config["rootfs"]["diff_ids"][:-1] == [b["digest"] for b in blobs]
+    # uploads: the ref blobs, the bootstrap layer and the config; no original layer again
+    assert set(summary["uploaded"]) == {b["digest"] for b in blobs} | {boot["digest"], manifest["config"]["digest"]}
     puts = [e.path for e in registry.access_log()[mark:] if e.method == "PUT" and "/blobs/" in e.path]
-    assert len(puts) == 2
+    assert len(puts) == len(blobs) + 2
+    refs = {}
+    for b in blobs:
+        data = get(registry.host, "src/app", "blobs", b["digest"]).content
+        entries, _ = read_toc(lambda o, n, d=data: d[o:o + n], len(data))
+        assert [e.entry_name for e in entries] == ["blob.meta", "blob.meta.header", "blob.digest", "image.boot"]
+        refs[b["digest"]] = data
     raw = gzip.decompress(get(registry.host, "src/app", "blobs", boot["digest"]).content)
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
-        for b in blobs:
-            meta = parse_blob_meta_file(tar.extractfile(f"image/{b['digest'][7:]}.blob.meta").read())
-            assert meta.features & BlobFeatures.ZRAN and meta.zran_contexts()
-    extra = len(raw)
-    total = sum(b["size"] for b in blobs)
-    print(f"oci-ref extra stored: {boot['size']} B gzip bootstrap layer ({extra} B raw) for {total} B of layers")
+        assert sorted(tar.getnames()) == ["image", "image/image.boot"]
+        bootstrap = tar.extractfile("image/image.boot").read()
+    path = tmp_path / "image.boot"
+    path.write_bytes(bootstrap)
+    with metadata.Rafs.open(str(path)) as fs:  # blob table: data = original layer, meta = ref blob
+        assert [bl.blob_id for bl in fs.blobs] == [d[7:] for d in src_layers]
+        for bl, b in zip(fs.blobs, blobs):
+            assert bl.has(BlobFeatures.ZRAN) and bl.has(BlobFeatures.SEPARATE)
+            assert bl.blob_meta_id == b["digest"][7:] and bl.blob_meta_size == b["size"]
+            assert bl.blob_toc_digest == read_toc(lambda o, n, d=refs[b["digest"]]: d[o:o + n], b["size"])[1]
+            assert hashlib.sha256(refs[b["digest"]]).hexdigest() == b["digest"][7:]
+    extra = boot["size"] + sum(b["size"] for b in blobs)
+    total = sum(get(registry.host, "src/app", "manifests", "v1").json()["layers"][i]["size"]
+                for i in range(len(src_layers)))
+    print(f"oci-ref extra stored: {extra} B (ref blobs + bootstrap layer) for {total} B of layers")
     report = check(f"{registry.host}/src/app:v1", f"{registry.host}/src/app:zran", source_insecure=True,
                    target_insecure=True)
     assert report.problems == [] and report.files_compared > 5

@@ -348,3 +348,58 @@ def test_separate_blob_without_its_ref_blob_fails_clearly(tmp_path, vectors_dir)
     chunk = ChunkInfo(0, 0, b"", int(ChunkFlags.COMPRESSED), 0, 1, 0, 1)
     with pytest.raises(StorageError, match=info.blob_meta_digest.hex()):
         mgr.get_blob_cache(info).read_descs([BlobIoDesc(info, chunk, 0, 1)])
+
+
+def _dirs_only_gzip_layer() -> bytes:
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        d = tarfile.TarInfo("etc")
+        d.type, d.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(d)
+        tar.addfile(tarfile.TarInfo("etc/empty"))
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+@pytest.mark.parametrize("name", ["bgzip.tar.gz", "dirs-only"])
+def test_converter_oci_ref_layer_is_a_ref_blob_and_merges(tmp_path, vectors_dir, name):
+    """``nydusify convert --oci-ref`` per layer (rafs/convert/layer.py): the gzip layer is kept as the
+    data blob and a ref blob is written (a layer without file data gets neither); the merge names
+    the ref blob in the SEPARATE blob entry; ``optimize`` refuses such an image clearly."""
+    from rafs import metadata
+    from rafs.convert.errors import ConvertError
+    from rafs.convert.layer import LayerOptions, build_ref_layer, merge_layers
+    from rafs.convert.optimize import rebuild
+    from storage.meta.toc import read_toc
+
+    gz = _dirs_only_gzip_layer() if name == "dirs-only" else (vectors_dir / ZRAN_DIR / name).read_bytes()
+    layer_dir = tmp_path / "layer"
+    layer_dir.mkdir()
+    (layer_dir / "layer.gz").write_bytes(gz)
+    opts = LayerOptions(oci_ref=True, zran_spacing=256 << 10)
+    out = build_ref_layer(str(layer_dir / "layer.gz"), str(layer_dir), opts)
+    if name == "dirs-only":  # a directory and an empty file: bootstrap alone, nothing to push
+        assert out["blob_id"] is None and out["extra"] == {"oci_ref": True}
+        assert sorted(p.name for p in layer_dir.iterdir()) == ["layer.boot"]
+        return
+    ref = (layer_dir / "ref.blob").read_bytes()
+    extra = out["extra"]
+    assert out["blob_id"] == hashlib.sha256(gz).hexdigest() and out["blob"] == "layer.gz"
+    assert extra["ref_digest"] == "sha256:" + hashlib.sha256(ref).hexdigest() and extra["ref_size"] == len(ref)
+    assert extra["toc_digest"] == "sha256:" + read_toc(lambda o, n: ref[o:o + n], len(ref))[1].hex()
+
+    from rafs.convert.layer import LayerResult
+
+    res = LayerResult(key="k", source_digest="sha256:" + out["blob_id"], diff_id="", bootstrap=str(layer_dir / "layer.boot"),
+                      blob_id=out["blob_id"], blob_size=len(gz), blob=str(layer_dir / "layer.gz"), extra=extra)
+    merged = tmp_path / "image.boot"
+    assert merge_layers([res], str(merged), opts) == [out["blob_id"]]
+    with metadata.Rafs.open(str(merged)) as fs:
+        (b,) = fs.blobs
+        assert b.has(BlobFeatures.ZRAN) and b.has(BlobFeatures.SEPARATE)
+        assert b.blob_meta_id == extra["ref_digest"][7:] and b.blob_meta_size == len(ref)
+        assert b.blob_toc_digest.hex() == extra["toc_digest"][7:]
+    with pytest.raises(ConvertError, match="zran"):
+        rebuild(str(merged), ["/"], str(tmp_path), lambda *a: b"")

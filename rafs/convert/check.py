@@ -24,6 +24,7 @@ from .bootstrap_layer import BOOTSTRAP_DIR, BOOTSTRAP_NAME
 from .errors import CheckError, SourceError
 from .layer import LayerDecoder, detect_compression
 from .manifest import (ANNOTATION_NYDUS_BLOB, ANNOTATION_NYDUS_BOOTSTRAP, ANNOTATION_NYDUS_FS_VERSION,
+                       ANNOTATION_NYDUS_REF_LAYER,
                        ANNOTATION_UNCOMPRESSED, HISTORY_COMMENT, INDEX_TYPES, MEDIA_TYPE_DOCKER_LAYER_GZIP,
                        MEDIA_TYPE_NYDUS_BLOB, MEDIA_TYPE_OCI_LAYER_GZIP, parse_json, platform_matches,
                        platform_string, source_layers)
@@ -221,21 +222,30 @@ def _check_one(report: CheckReport, target: ImageSource, manifest: dict[str, Any
     for blob_id, meta in extract_blob_metas(boot_bytes).items():  # ZRAN blobs need theirs to be read
         with open(os.path.join(plat_dir, f"{blob_id}.blob.meta"), "wb") as fh:
             fh.write(meta)
+    manifest_blobs = []
     for blob in layers[:-1]:
-        path = os.path.join(plat_dir, blob["digest"][7:])
-        h = hashlib.sha256()
-        with target.open_blob(blob["digest"]) as fh, open(path, "wb") as out:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
-        if "sha256:" + h.hexdigest() != blob["digest"]:
-            report.problems.append(f"{prefix}blob {blob['digest']} content does not match its digest")
+        # an OCI-ref layer is its ref blob (blob.meta + bootstrap); the data blob is the original
+        # gzip layer named by nydus-ref, which must be in the target repository too
+        data = (blob.get("annotations") or {}).get(ANNOTATION_NYDUS_REF_LAYER)
+        for digest in [blob["digest"]] + ([data] if data and data != blob["digest"] else []):
+            path = os.path.join(plat_dir, digest[7:])
+            h = hashlib.sha256()
+            try:
+                with target.open_blob(digest) as fh, open(path, "wb") as out:
+                    while chunk := fh.read(1 << 20):
+                        h.update(chunk)
+                        out.write(chunk)
+            except SourceError as exc:
+                report.problems.append(f"{prefix}blob {digest}: {exc}")
+                return
+            if "sha256:" + h.hexdigest() != digest:
+                report.problems.append(f"{prefix}blob {digest} content does not match its digest")
+        manifest_blobs.append((data or blob["digest"])[7:])
     try:
         actual, blob_ids = nydus_tree_and_blobs(bootstrap, plat_dir)
     except (SourceError, OSError) as exc:
         report.problems.append(f"{prefix}cannot read the nydus image: {exc}")
         return
-    manifest_blobs = [b["digest"][7:] for b in layers[:-1]]
     if sorted(blob_ids) != sorted(manifest_blobs):
         report.problems.append(f"{prefix}bootstrap blob table {blob_ids} != manifest blobs {manifest_blobs}")
     expected = source_tree(source, src_manifest)

@@ -122,8 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="attach the nydus image to the source manifest as an OCI referrer (subject); "
                            "the target must be in the source's repository")
     conv.add_argument("--oci-ref", action="store_true",
-                      help="OCI-ref (zran) image: the gzip layers stay the data blobs; only the bootstrap "
-                           "layer, config and manifest are pushed (gzip layers only)")
+                      help="OCI-ref (zran) image, upstream's layout: the gzip layers stay the data blobs; "
+                           "pushed are a small ref blob per layer (gzip checkpoints + layer bootstrap), the "
+                           "bootstrap layer, config and manifest (gzip layers only)")
     conv.add_argument("--zran-spacing", type=lambda s: int(s, 0), default=1 << 20,
                       help="--oci-ref: uncompressed bytes between gzip checkpoints (default 1 MiB)")
     conv.add_argument("--push-chunk-size", type=lambda s: int(s, 0), default=0,

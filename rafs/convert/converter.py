@@ -16,7 +16,7 @@ from .layer import (LayerOptions, LayerResult, convert_layer, layer_key, load_re
 from .manifest import (INDEX_TYPES, MANIFEST_TYPES, MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_INDEX,
                        MEDIA_TYPE_OCI_MANIFEST, Descriptor, blob_descriptor, bootstrap_descriptor,
                        build_index, build_manifest, canonical_json, convertible_platforms,
-                       parse_json, platform_matches, platform_string, rewrite_config,
+                       parse_json, platform_matches, platform_string, ref_blob_descriptor, rewrite_config,
                        sha256_digest, source_layers)
 from .push import Pusher, PushStats, progress_bar
 from .reference import parse_reference
@@ -214,13 +214,14 @@ class Converter:
         for blob_id in blob_ids:
             local = blob_files.get(blob_id)
             if local is not None and local.blob and local.extra.get("oci_ref"):
-                # the original gzip layer is the blob: push it only if the target lacks it
-                if self.pusher.exists(f"sha256:{blob_id}") is None:
-                    self.pusher.push_file(f"sha256:{blob_id}", local.blob)
-                size = local.blob_size
-                if local.blob_meta:
-                    metas.append((blob_id, local.blob_meta))
-                blob_descs.append(blob_descriptor(blob_id, size, ref_layer=True))
+                # upstream's OCI-ref layout: the manifest layer is the small ref blob (blob.meta +
+                # bootstrap + TOC); the original gzip layer stays the data blob, pushed only when
+                # the target repository lacks it (nydusd reads it by range under its own digest)
+                self.pusher.push_file(f"sha256:{blob_id}", local.blob)
+                ref_digest, ref_path = str(local.extra["ref_digest"]), str(local.extra["ref_blob"])
+                self.pusher.push_file(ref_digest, ref_path)
+                blob_descs.append(ref_blob_descriptor(ref_digest, int(local.extra["ref_size"]),  # type: ignore[call-overload]
+                                                      f"sha256:{blob_id}"))
                 continue
             if local is not None and local.blob:
                 self.pusher.push_file(f"sha256:{blob_id}", local.blob)

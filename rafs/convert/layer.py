@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import BinaryIO
 
 import zstandard
@@ -29,6 +29,9 @@ from .errors import ConvertError, SourceError
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 RESULT_FILE = "result.json"
 LAYOUT_VERSION = 1
+#: OCI-ref outputs: 2 = upstream's ref blob per layer (blob.meta + bootstrap + TOC), 1 (unkeyed) =
+#: the older layout with the blob.meta in the bootstrap layer
+REF_LAYOUT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,8 @@ class LayerResult:
 def layer_key(source_digest: str, options: LayerOptions, parent_keys: Sequence[str]) -> str:
     material = {"v": LAYOUT_VERSION, "layer": source_digest, "options": options.key_material(),
                 "parents": list(parent_keys)}
+    if options.oci_ref:
+        material["ref_layout"] = REF_LAYOUT
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
@@ -92,6 +97,11 @@ def load_result(work_dir: str, key: str) -> LayerResult | None:
             raw[name] = os.path.join(layer_dir, raw[name])
             if not os.path.exists(raw[name]):
                 return None
+    extra = raw.get("extra")
+    if isinstance(extra, dict) and extra.get("ref_blob"):
+        extra["ref_blob"] = os.path.join(layer_dir, str(extra["ref_blob"]))
+        if not os.path.exists(extra["ref_blob"]):
+            return None
     try:
         return LayerResult(**raw)
     except TypeError:
@@ -207,27 +217,47 @@ def fetch_layer_gzip(stream: BinaryIO, source_digest: str, out_path: str,
 
 
 def build_ref_layer(gz_path: str, out_dir: str, options: LayerOptions) -> dict[str, object]:
-    """targz-ref build of one gzip layer: bootstrap + ``<blob_id>.blob.meta``; the layer file is
-    kept as the blob (pushed only when the target repository lacks it)."""
+    """targz-ref build of one gzip layer in upstream's OCI-ref layout (``nydus-image create --type
+    targz-ref --blob-inline-meta --features blob-toc``): a per-layer bootstrap plus the layer's
+    "ref" blob (``ref.blob``: zstd blob.meta with the ZRAN contexts, chunk digests, bootstrap, TOC).
+    The gzip layer file is kept as the data blob (pushed only when the target lacks it); the ref
+    blob's digest, size and TOC go to ``extra`` for the merge and the manifest."""
     from rafs.builder import BuildOptions
     from rafs.builder.build import build
     from rafs.errors import BuildError
 
     bootstrap = os.path.join(out_dir, "layer.boot")
+    ref_path = os.path.join(out_dir, "ref.blob")
+    opts = BuildOptions(chunk_size=options.chunk_size, whiteout_spec="none",
+                        prefetch=list(options.prefetch_patterns), zran_spacing=options.zran_spacing,
+                        blob_inline_meta=True, blob_toc=True)
     try:
-        result = build(gz_path, bootstrap_out=bootstrap, blob_dir=out_dir, source_type="targz-ref",
-                       options=BuildOptions(chunk_size=options.chunk_size, whiteout_spec="none",
-                                            prefetch=list(options.prefetch_patterns),
-                                            zran_spacing=options.zran_spacing))
+        try:
+            result = build(gz_path, bootstrap_out=bootstrap, blob_out=ref_path, source_type="targz-ref",
+                           options=opts)
+        except BuildError as exc:
+            if "no file data" not in str(exc):
+                raise
+            # no chunk, so no data blob and no ref blob: the layer is its bootstrap alone
+            result = build(gz_path, bootstrap_out=bootstrap, blob_dir=out_dir, source_type="targz-ref",
+                           options=replace(opts, blob_inline_meta=False, blob_toc=False))
     except BuildError as exc:
         raise ConvertError(f"building the layer failed: {exc}") from exc
     out: dict[str, object] = {"bootstrap": "layer.boot", "blob_id": None, "blob_size": 0, "blob": None,
                               "blob_meta": None, "extra": {"oci_ref": True}}
-    if result.blob is not None and result.blob_meta_path:
-        out.update(blob_id=result.blob.blob_id, blob="layer.gz", blob_size=os.path.getsize(gz_path),
-                   blob_meta=os.path.basename(result.blob_meta_path))
+    if result.blob is not None and os.path.exists(ref_path):
+        info = result.blob
+        with open(ref_path, "rb") as fh:
+            ref_digest = "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
+        out.update(blob_id=info.blob_id, blob="layer.gz", blob_size=os.path.getsize(gz_path),
+                   extra={"oci_ref": True, "ref_blob": "ref.blob", "ref_digest": ref_digest,
+                          "ref_size": os.path.getsize(ref_path),
+                          "toc_digest": "sha256:" + bytes(info.blob_toc_digest).hex(),
+                          "toc_size": int(info.blob_toc_size)})
     else:
         os.unlink(gz_path)
+        if os.path.exists(ref_path):
+            os.unlink(ref_path)
     return out
 
 
@@ -369,9 +399,20 @@ def merge_layers(results: Sequence[LayerResult], out: str, options: LayerOptions
 
     if not results:
         raise ConvertError("an image needs at least one layer")
+    ref: dict[str, list] = {}
+    if options.oci_ref:
+        # upstream's merge --blob-digests/--blob-sizes/--blob-toc-digests: for the SEPARATE (ZRAN)
+        # blob of each layer they name its ref blob (blob_meta_digest/size); the blob id stays
+        # the gzip layer's digest. A layer without data has no blob; its entry is never read.
+        none = "0" * 64
+        extras = [r.extra if r.blob_id else {} for r in results]
+        ref = {"blob_digests": [str(e.get("ref_digest") or none) for e in extras],
+               "blob_sizes": [int(e.get("ref_size") or 0) for e in extras],   # type: ignore[call-overload]
+               "blob_toc_digests": [str(e.get("toc_digest") or none) for e in extras],
+               "blob_toc_sizes": [int(e.get("toc_size") or 0) for e in extras]}  # type: ignore[call-overload]
     try:
         merged = merge([r.bootstrap for r in results], out, whiteout_spec="oci",
-                       prefetch=list(options.prefetch_patterns))
+                       prefetch=list(options.prefetch_patterns), **ref)
     except BuildError as exc:
         raise ConvertError(f"merging the layer bootstraps failed: {exc}") from exc
     return list(merged.blob_ids)

@@ -70,13 +70,18 @@ class Descriptor:
         return out
 
 
-def blob_descriptor(blob_id: str, size: int, *, ref_layer: bool = False) -> Descriptor:
-    """A nydus data-blob layer (the blob id is the sha256 of the blob file). ``ref_layer``: an
-    OCI-ref (zran) image, whose blob is the original gzip layer (upstream's ``nydus-ref``)."""
-    annotations: tuple[tuple[str, str], ...] = ((ANNOTATION_NYDUS_BLOB, "true"),)
-    if ref_layer:
-        annotations += ((ANNOTATION_NYDUS_REF_LAYER, f"sha256:{blob_id}"),)
-    return Descriptor(MEDIA_TYPE_NYDUS_BLOB, f"sha256:{blob_id}", size, annotations)
+def blob_descriptor(blob_id: str, size: int) -> Descriptor:
+    """A nydus data-blob layer (the blob id is the sha256 of the blob file)."""
+    return Descriptor(MEDIA_TYPE_NYDUS_BLOB, f"sha256:{blob_id}", size, ((ANNOTATION_NYDUS_BLOB, "true"),))
+
+
+def ref_blob_descriptor(ref_digest: str, size: int, source_digest: str) -> Descriptor:
+    """An OCI-ref (zran) image layer as upstream's converter writes it: the layer's "ref" blob
+    (blob.meta with the ZRAN contexts + bootstrap + TOC), marked a nydus blob, with
+    ``nydus-ref`` naming the original gzip layer that holds the data. Its diff_id in the config
+    is the ref blob digest (upstream's ``containerd.io/uncompressed``, dropped from the manifest)."""
+    return Descriptor(MEDIA_TYPE_NYDUS_BLOB, ref_digest, size,
+                      ((ANNOTATION_NYDUS_BLOB, "true"), (ANNOTATION_NYDUS_REF_LAYER, source_digest)))
 
 
 def bootstrap_descriptor(digest: str, size: int, fs_version: int, *, docker: bool = False) -> Descriptor:

@@ -195,9 +195,14 @@ def rebuild(bootstrap: str, paths: list[str], work: str, read_range: Any, mergin
     from rafs.builder.tree import ChunkRef, Tree
     from rafs.errors import BuildError
 
+    from storage.records import BlobFeatures
+
     from .layer import write_blob_meta
 
     loaded = load_bootstrap(bootstrap)
+    if any(rec.info.features & BlobFeatures.ZRAN for rec in loaded.blobs):
+        raise ConvertError("optimize does not support OCI-ref (zran) images: their chunks are gzip spans "
+                           "of the original layers, not nydus chunks to copy (optimize the full conversion)")
     store = ChunkStore()
     for rec in loaded.blobs:
         store.add_blob(BlobRecord(rec.info, list(rec.chunks)))
