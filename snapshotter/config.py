@@ -63,7 +63,7 @@ class DaemonConfig:
     fs_driver: str = "erofs"            #: fusedev | erofs | fscache
     daemon_mode: str = "shared"         #: shared (one daemon, many instances) | dedicated (one per image)
     nydusd_config: str = ""             #: path of a nydusd JSON template; "" = built-in template
-    recover_policy: str = "restart"     #: none | restart (remount: running containers lose the mount) | failover (FUSE session held)
+    recover_policy: str = "failover"    #: none | restart (remount: running containers lose the mount) | failover (FUSE session held)
     threads_number: int = 4             #: FUSE worker threads per daemon (0 = default, 4)
     nydusd_path: str = ""               #: nydusd executable; "" (or missing file, with a warning) = the bundled one
     failover_policy: str = "resend"     #: failover: requests the dead daemon had taken are resent | flush (EIO)

@@ -18,7 +18,7 @@ def test_dataclass_defaults():
     assert (c.version, c.root, c.address, c.cleanup_on_close) == (
         1, "/var/lib/containerd/io.containerd.snapshotter.v1.nydus",
         "/run/containerd-nydus/containerd-nydus-grpc.sock", False)
-    assert c.daemon == C.DaemonConfig("erofs", "shared", "", "restart", 4)
+    assert c.daemon == C.DaemonConfig("erofs", "shared", "", "failover", 4)
     assert c.remote == C.RemoteConfig((), False, {}, {}, "", True, 5, 5, 2)
     assert c.cache_manager == C.CacheManagerConfig(False, "", 0, True)
     assert c.prefetch == C.PrefetchConfig(True, False, 4, 1048576, 0, False)
