@@ -34,11 +34,12 @@ DAEMON_MODES = ("shared", "dedicated")
 #: upstream's top-level ``daemon_mode`` values → ours (``none`` = no nydusd is not built here)
 UPSTREAM_DAEMON_MODES = {"multiple": "dedicated", "dedicated": "dedicated", "shared": "shared"}
 RECOVER_POLICIES = ("none", "restart", "failover")
+FAILOVER_POLICIES = ("resend", "flush")
 
 #: upstream keys accepted but not acted on (features not built here): one warning each
 UNSUPPORTED_KEYS = frozenset({
     "uid", "gid",
-    "daemon.nydusimage_path", "daemon.log_rotation_size", "daemon.failover_policy",
+    "daemon.nydusimage_path", "daemon.log_rotation_size",
     "log.log_to_stdout", "log.dir", "log.log_rotation_compress", "log.log_rotation_local_time",
     "log.log_rotation_max_age", "log.log_rotation_max_backups", "log.log_rotation_max_size",
     "metrics.hung_io_interval", "metrics.collect_interval",
@@ -62,9 +63,10 @@ class DaemonConfig:
     fs_driver: str = "erofs"            #: fusedev | erofs | fscache
     daemon_mode: str = "shared"         #: shared (one daemon, many instances) | dedicated (one per image)
     nydusd_config: str = ""             #: path of a nydusd JSON template; "" = built-in template
-    recover_policy: str = "restart"     #: none | restart (re-attach live daemons, restart dead ones) | failover (= restart)
+    recover_policy: str = "failover"    #: none | restart (remount: running containers lose the mount) | failover (FUSE session held)
     threads_number: int = 4             #: FUSE worker threads per daemon (0 = default, 4)
     nydusd_path: str = ""               #: nydusd executable; "" (or missing file, with a warning) = the bundled one
+    failover_policy: str = "resend"     #: failover: requests the dead daemon had taken are resent | flush (EIO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +285,9 @@ def _validate(cfg: Config) -> Config:
     if cfg.daemon.recover_policy not in RECOVER_POLICIES:
         raise ConfigError(f"daemon.recover_policy: {cfg.daemon.recover_policy!r} is not one of "
                           f"{', '.join(RECOVER_POLICIES)}")
+    if cfg.daemon.failover_policy not in FAILOVER_POLICIES:
+        raise ConfigError(f"daemon.failover_policy: {cfg.daemon.failover_policy!r} is not one of "
+                          f"{', '.join(FAILOVER_POLICIES)}")
     if not 0 <= cfg.daemon.threads_number <= 1024:
         raise ConfigError("daemon.threads_number: must be 0..1024 (0 = default)")
     if cfg.log.level.lower() not in LOG_LEVELS:
@@ -368,9 +373,6 @@ def from_dict(data: Mapping[str, object]) -> Config:
         raise ConfigError("version: missing (the file must start with `version = 1`)")
     ours, warnings = _upstream(data)
     cfg = _build(Config, ours, "")
-    if cfg.daemon.recover_policy == "failover":
-        warnings.append("daemon.recover_policy = \"failover\" is served as \"restart\" here (live daemons "
-                        "are re-attached, dead ones restarted; no FUSE session handoff)")
     if cfg.daemon.threads_number == 0:
         cfg = cfg.replace(daemon=dataclasses.replace(cfg.daemon, threads_number=4))
     if cfg.daemon.nydusd_path and not os.path.isfile(cfg.daemon.nydusd_path):

@@ -50,7 +50,12 @@ def default_manager_factory(config: Config) -> InstanceManager:
                          fs_driver=config.daemon.fs_driver,  # type: ignore[arg-type]
                          nydusd_config=nydusd_config(config),
                          nydusd_cmd=[config.daemon.nydusd_path] if config.daemon.nydusd_path else None,
-                         log_level=level if level in ("debug", "info", "warning", "error") else "info")
+                         log_level=level if level in ("debug", "info", "warning", "error") else "info",
+                         recover_policy=config.daemon.recover_policy,
+                         failover_policy=config.daemon.failover_policy,
+                         # failover: a dead daemon's readers wait in the kernel until the successor
+                         # serves, so notice deaths sooner than the restart policy does
+                         monitor_interval=0.5 if config.daemon.recover_policy == "failover" else 2.0)
 
 
 def check_fs_driver(config: Config, cachefiles_dev: str = "/dev/cachefiles") -> None:

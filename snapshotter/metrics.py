@@ -6,7 +6,12 @@
 * ``snapshotter_rafs_instances`` — mounted RAFS instances; ``snapshotter_daemon_states{state}``;
 * ``snapshotter_cache_usage_bytes`` — allocated bytes in the blob cache dir;
 * ``snapshotter_backend_read_bytes{daemon}`` — bytes the RAFS daemons' mounted instances read
-  from the registry (``nydus_storage_backend_read_bytes_total`` of each live daemon).
+  from the registry (``nydus_storage_backend_read_bytes_total`` of each live daemon);
+* ``snapshotter_daemon_failovers_total{outcome}`` — dead daemons replaced under
+  ``recover_policy = "failover"`` (``ok``: the successor adopted the FUSE session; ``restarted``:
+  it could not and the daemon was restarted, its mounts lost);
+* ``snapshotter_daemon_failover_elapsed_seconds`` — histogram of ``ok`` failovers, from noticing
+  the death to the successor RUNNING (readers of the mount wait in the kernel meanwhile).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -58,8 +63,30 @@ class _StateCollector(Collector):
                     backend.add_metric([daemon_id], n)
         yield states
         yield backend
+        yield from _failover_metrics(mgr)
         yield GaugeMetricFamily("snapshotter_cache_usage_bytes", "Allocated bytes of the blob cache",
                                 value=self.sn.cache_size())
+
+
+FAILOVER_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30)
+
+
+def _failover_metrics(mgr: object) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+    counter = CounterMetricFamily("snapshotter_daemon_failovers", "Dead nydusd daemons failed over, by outcome",
+                                  labels=["outcome"])
+    stats = getattr(mgr, "failovers", None)
+    counts, durations, total = {}, [], 0.0
+    if stats is not None:
+        counts, durations, total, _ = stats.snapshot()
+    for outcome in ("ok", "restarted"):
+        counter.add_metric([outcome], counts.get(outcome, 0))
+    yield counter
+    buckets = [(str(float(le)), sum(d <= le for d in durations)) for le in FAILOVER_BUCKETS]
+    buckets.append(("+Inf", len(durations)))
+    hist = HistogramMetricFamily("snapshotter_daemon_failover_elapsed_seconds",
+                                 "Time from a daemon's death to its successor serving the held FUSE session")
+    hist.add_metric([], buckets, total)
+    yield hist
 
 
 def _backend_bytes(mgr: object, instance_id: str) -> float | None:

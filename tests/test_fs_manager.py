@@ -159,3 +159,95 @@ def test_liveness_monitor_restarts_dead_daemon(manager_factory, images):
         time.sleep(0.1)
     assert open(f"{mb}/id", "rb").read() == b"bbb"
     assert next(iter(m._records.values())).pid != old
+
+
+READER = r"""
+import json, os, sys
+paths = json.loads(sys.argv[1]); stop = sys.argv[2]; errors = []; good = 0
+while not os.path.exists(stop):
+    for path, want in paths.items():
+        try:
+            with open(path, "rb", buffering=0) as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                if f.read() != want.encode():
+                    errors.append(path + ": wrong data")
+            good += 1
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+print(json.dumps({"errors": errors, "good": good}))
+"""
+
+
+def _readers(paths: dict[str, bytes], stop: str, n: int = 2) -> list:
+    """Reader processes (not threads: a file of the FUSE mount open in the manager's process
+    would be flushed by the fork of the successor's Popen, which blocks while no daemon serves)."""
+    import subprocess
+
+    arg = json.dumps({k: v.decode() for k, v in paths.items()})
+    return [subprocess.Popen([sys.executable, "-c", READER, arg, stop], stdout=subprocess.PIPE)
+            for _ in range(n)]
+
+
+def _reader_results(procs: list, stop: str) -> tuple[list, int]:
+    open(stop, "w").close()
+    errors, good = [], 0
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        r = json.loads(out)
+        errors += r["errors"]
+        good += r["good"]
+    return errors, good
+
+
+def _wait_failover(m, old_pid, n=1, timeout=90):
+    deadline = time.monotonic() + timeout
+    while m.failovers.snapshot()[0].get("ok", 0) < n:
+        assert time.monotonic() < deadline, f"no failover: {m.failovers.snapshot()}"
+        time.sleep(0.05)
+    assert next(iter(m._records.values())).pid != old_pid
+
+
+@pytest.mark.parametrize("mode", ["shared", "dedicated"])
+def test_failover_keeps_the_mount_and_readers_see_no_error(manager_factory, images, mode):
+    """recover_policy=failover: the manager holds each daemon's FUSE session; a SIGKILLed
+    daemon is replaced by an --upgrade successor, the mount never goes away, readers get no error."""
+    from rafs.fs.takeover import fetch_handover
+
+    m = manager_factory(mode, monitor_interval=0.2, recover_policy="failover")
+    ma = m.mount("a", images["a"], None, None)
+    paths = {f"{ma}/id": b"aaa", f"{ma}/dir/f": b"data-a"}
+    if mode == "shared":
+        mb = m.mount("b", images["b"], None, None)
+        paths[f"{mb}/id"] = b"bbb"
+    rec = next(iter(m._records.values()))
+    assert rec.supervisor == m.supervisor_path(rec.daemon_id) and m._holders[rec.daemon_id].held
+    fds, state = fetch_handover(rec.supervisor)
+    for fd in fds:
+        os.close(fd)
+    assert len(state["instances"]) == (2 if mode == "shared" else 1)  # the mount table is held
+    stop = os.path.join(m.root, "stop-readers")
+    readers = _readers(paths, stop)
+    try:
+        for n in (1, 2):
+            old = next(iter(m._records.values())).pid
+            time.sleep(0.3)
+            os.kill(old, signal.SIGKILL)
+            _wait_failover(m, old, n)
+        time.sleep(0.5)
+    finally:
+        errors, good = _reader_results(readers, stop)
+    assert errors == [] and good > 0
+    assert erofs.mounted_fstype(rec.mountpoint) is not None  # never unmounted
+    counts, durations, _, events = m.failovers.snapshot()
+    assert counts == {"ok": 2} and len(durations) == 2 and events[-1].outcome == "ok"
+    # the successor's handover reached the holder: a third kill fails over too
+    assert m._holders[rec.daemon_id].held
+
+
+def test_restart_policy_starts_no_holder(manager_factory, images):
+    m = manager_factory("shared")
+    m.mount("a", images["a"], None, None)
+    rec = next(iter(m._records.values()))
+    assert rec.supervisor == "" and not m._holders
+    with pytest.raises(ConfigError):
+        manager_factory("shared", recover_policy="later")

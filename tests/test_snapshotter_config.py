@@ -18,7 +18,7 @@ def test_dataclass_defaults():
     assert (c.version, c.root, c.address, c.cleanup_on_close) == (
         1, "/var/lib/containerd/io.containerd.snapshotter.v1.nydus",
         "/run/containerd-nydus/containerd-nydus-grpc.sock", False)
-    assert c.daemon == C.DaemonConfig("erofs", "shared", "", "restart", 4)
+    assert c.daemon == C.DaemonConfig("erofs", "shared", "", "failover", 4)
     assert c.remote == C.RemoteConfig((), False, {}, {}, "", True, 5, 5, 2)
     assert c.cache_manager == C.CacheManagerConfig(False, "", 0, True)
     assert c.prefetch == C.PrefetchConfig(True, False, 4, 1048576, 0, False)
@@ -163,7 +163,8 @@ def test_upstream_file_loads_unchanged():
         "/run/containerd-nydus/containerd-nydus-grpc.sock", False)
     assert c.daemon.daemon_mode == "dedicated"          # top-level upstream key, honoured
     assert c.daemon.fs_driver == "fusedev"
-    assert c.daemon.recover_policy == "failover"
+    assert c.daemon.recover_policy == "failover"          # served (fd holder + nydusd --upgrade)
+    assert c.daemon.failover_policy == "resend"
     assert c.daemon.threads_number == 4
     assert c.daemon.nydusd_config == "/etc/nydus/nydusd-config.fusedev.json"
     assert c.log.level == "info"
@@ -173,14 +174,15 @@ def test_upstream_file_loads_unchanged():
     assert c.remote.mirrors_config.dir == ""
     # one warning line per unsupported key, each naming it
     joined = "\n".join(c.warnings)
-    for key in ("system.enable", "system.debug.pprof_address", "cgroup.memory_limit", "daemon.failover_policy",
+    for key in ("system.enable", "system.debug.pprof_address", "cgroup.memory_limit",
                 "log.log_rotation_max_size", "metrics.hung_io_interval", "remote.convert_vpc_registry",
                 "remote.auth.enable_cri_keychain", "snapshot.enable_nydus_overlayfs", "cache_manager.gc_period",
                 "image.validate_signature", "experimental.enable_stargz", "experimental.tarfs.export_mode",
-                "daemon.nydusimage_path", "daemon.recover_policy", "daemon.nydusd_path"):
+                "daemon.nydusimage_path", "daemon.nydusd_path"):
         assert sum(f"{key} " in w or f"{key}:" in w for w in c.warnings) == 1, (key, joined)
     assert all("\n" not in w for w in c.warnings)
     assert c.daemon.nydusd_path == ""   # /usr/local/bin/nydusd is absent here: the bundled one
+    assert not any("daemon.recover_policy" in w or "daemon.failover_policy" in w for w in c.warnings)
 
 
 def test_upstream_daemon_mode_values(tmp_path):
@@ -198,3 +200,10 @@ def test_unknown_keys_still_refused_outside_upstream_sections(tmp_path):
     # inside an upstream section of features not built here: accepted with a warning
     c = C.load(write(tmp_path, 'version = 1\n[cgroup]\nenable = true\n'))
     assert c.warnings == ("configuration key cgroup.enable is accepted but not supported here (ignored)",)
+
+
+def test_failover_policy_is_validated():
+    c = C.from_dict({"version": 1, "daemon": {"recover_policy": "failover", "failover_policy": "flush"}})
+    assert (c.daemon.recover_policy, c.daemon.failover_policy) == ("failover", "flush")
+    with pytest.raises(ConfigError, match="daemon.failover_policy"):
+        C.from_dict({"version": 1, "daemon": {"failover_policy": "later"}})

@@ -12,8 +12,22 @@ line naming why. Daemon records are JSON files under ``<root>/daemons`` (temp + 
 a restarted manager reattaches to live daemons (``recover()``); a dead daemon's vestiges
 (stale FUSE mount → lazy unmount, socket) are cleaned and it is restarted with its instances.
 
+``recover_policy``: ``restart`` (and ``none``, whose difference is the caller's: it skips
+:meth:`DaemonManager.recover` at start) — a dead daemon's mounts are cleaned and it is restarted,
+its instances remounted (running containers lose them). ``failover`` — the manager is the
+daemons' *supervisor*: it keeps an fd holder (:class:`rafs.fs.takeover.FdHolder`, a thread of
+this process) per daemon on ``supervisor/<id>.sock``, starts nydusd with ``--supervisor`` and
+asks it for its ``/dev/fuse`` fds and handover state (``PUT /api/v1/daemon/fuse/sendfd``) once
+RUNNING and after each mount change; a dead daemon is replaced by ``nydusd --upgrade`` adopting
+the held FUSE connection (no unmount, no remount: running containers keep reading; requests the
+dead daemon had taken are replayed, ``failover_policy = resend``, or answered EIO, ``flush``).
+When that is impossible (nothing held: the daemon died before its first handover, or this
+process restarted since and could not re-attach), it falls back to ``restart``. The held fds die
+with this process; :meth:`recover` re-attaches live daemons and asks them to send again.
+
 Files under ``root``: ``daemons/<id>.json``, ``socket/<id>/api.sock``, ``traces/<instance>.trace``,
-``config/<id>[/<instance>]/config.json``, ``logs/<id>/nydusd.log``, ``mnt``/``mnt-erofs``.
+``config/<id>[/<instance>]/config.json``, ``logs/<id>/nydusd.log``, ``mnt``/``mnt-erofs``,
+``supervisor/<id>.sock`` (failover).
 """
 
 from __future__ import annotations
@@ -27,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from rafs import erofs
@@ -35,11 +49,52 @@ from rafs.daemon.api import ApiError, DaemonClient
 from rafs.daemon.config import check_instance_name
 from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
 from rafs.fs.session import is_stale_mount
+from rafs.fs.takeover import FdHolder
 from storage.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECOVER_POLICIES = ("none", "restart", "failover")
+FAILOVER_POLICIES = ("resend", "flush")
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverEvent:
+    """One failover of a dead daemon (``outcome``: ``ok``, or ``restarted`` when the successor
+    could not adopt the session and the daemon was restarted instead)."""
+
+    daemon_id: str
+    old_pid: int
+    new_pid: int
+    seconds: float      #: from noticing the death to the successor RUNNING
+    outcome: str
+    at: float           #: time.time() when it ended
+
+
+class FailoverStats:
+    """Failovers so far (the snapshotter's metrics read them): counts by outcome, durations."""
+
+    MAX_EVENTS = 1000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+        self.seconds_sum = 0.0
+        self.durations: list[float] = []       #: every ``ok`` duration (for histogram buckets)
+        self.events: list[FailoverEvent] = []  #: the newest MAX_EVENTS
+
+    def record(self, event: FailoverEvent) -> None:
+        with self._lock:
+            self.counts[event.outcome] = self.counts.get(event.outcome, 0) + 1
+            if event.outcome == "ok":
+                self.seconds_sum += event.seconds
+                self.durations.append(event.seconds)
+            self.events = (self.events + [event])[-self.MAX_EVENTS:]
+
+    def snapshot(self) -> tuple[dict[str, int], list[float], float, list[FailoverEvent]]:
+        with self._lock:
+            return dict(self.counts), list(self.durations), self.seconds_sum, list(self.events)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +130,7 @@ class DaemonRecord:
     pid: int = 0
     blob_dir: str | None = None
     instances: dict[str, InstanceRecord] = field(default_factory=dict)
+    supervisor: str = ""  #: the --supervisor socket it was started with ("" = none)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -84,7 +140,8 @@ class DaemonRecord:
     @classmethod
     def from_json(cls, d: dict) -> "DaemonRecord":
         inst = {k: InstanceRecord(**v) for k, v in d.get("instances", {}).items()}
-        return cls(**{**d, "instances": inst})
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in known}, "instances": inst})
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -119,13 +176,22 @@ class DaemonManager:
     def __init__(self, root: str, *, mode: Literal["shared", "dedicated"] = "shared",
                  fs_driver: Literal["fusedev", "erofs"] = "fusedev", nydusd_config: dict | None = None,
                  nydusd_cmd: list[str] | None = None, log_level: str = "info",
-                 start_timeout: float = 30.0, monitor_interval: float | None = 2.0) -> None:
+                 start_timeout: float = 30.0, monitor_interval: float | None = 2.0,
+                 recover_policy: str = "restart", failover_policy: str = "resend") -> None:
         if mode not in ("shared", "dedicated"):
             raise ConfigError(f"daemon mode: expected 'shared' or 'dedicated', got {mode!r}")
         if fs_driver not in ("fusedev", "erofs"):
             raise ConfigError(f"fs_driver: expected 'fusedev' or 'erofs', got {fs_driver!r}")
+        if recover_policy not in RECOVER_POLICIES:
+            raise ConfigError(f"recover_policy: expected one of {RECOVER_POLICIES}, got {recover_policy!r}")
+        if failover_policy not in FAILOVER_POLICIES:
+            raise ConfigError(f"failover_policy: expected one of {FAILOVER_POLICIES}, got {failover_policy!r}")
         self.root = os.path.abspath(root)
         self.mode = mode
+        self.recover_policy = recover_policy
+        self.failover_policy = failover_policy
+        self.failovers = FailoverStats()
+        self._holders: dict[str, FdHolder] = {}
         self.fs_driver = fs_driver
         self.nydusd_config = copy.deepcopy(nydusd_config or {})
         self.nydusd_cmd = nydusd_cmd or [sys.executable, "-m", "rafs.daemon.cli"]
@@ -260,7 +326,10 @@ class DaemonManager:
                     self._lazy_umount(inst.mountpoint)
                 instances = dict(rec.instances)
                 del instances[instance_id]
-                self._save(replace(rec, instances=instances))
+                rec = replace(rec, instances=instances)
+                self._save(rec)
+                if rec.supervisor and self.recover_policy == "failover" and self._alive(rec):
+                    self._send_fd(rec)
             else:
                 self._stop_daemon(rec)
                 self._drop(rec.daemon_id)
@@ -281,6 +350,8 @@ class DaemonManager:
             for rec in list(self._records.values()):
                 if self._alive(rec):
                     log.info("daemon %s (pid %d) is alive, reattached", rec.daemon_id, rec.pid)
+                    if self.recover_policy == "failover":
+                        self._reattach_supervisor(rec)
                     continue
                 try:
                     self._recover_daemon(rec)
@@ -372,7 +443,10 @@ class DaemonManager:
             raise MountError(f"mounting {instance_id} in daemon {daemon_id}: {exc.message}") from exc
         mountpoint = os.path.join(rec.mountpoint, instance_id)
         instances = {**rec.instances, instance_id: InstanceRecord(instance_id, bootstrap, cfg_path, mountpoint)}
-        self._save(replace(rec, instances=instances))
+        rec = replace(rec, instances=instances)
+        self._save(rec)
+        if rec.supervisor and self.recover_policy == "failover":
+            self._send_fd(rec)  # the holder's state has the new mount table (the daemon sends too)
         return mountpoint
 
     def _mount_dedicated(self, instance_id: str, bootstrap: str, config: dict, driver: str,
@@ -389,12 +463,22 @@ class DaemonManager:
     def _alive(self, rec: DaemonRecord) -> bool:
         return DaemonClient(rec.apisock, timeout=5).state() == "RUNNING"
 
-    def _start_daemon(self, rec: DaemonRecord) -> DaemonRecord:
-        """Spawn nydusd for ``rec`` and wait until it is RUNNING; clears vestiges first."""
-        self._clear_vestiges(rec)
+    def _start_daemon(self, rec: DaemonRecord, *, upgrade: bool = False) -> DaemonRecord:
+        """Spawn nydusd for ``rec`` and wait until it is RUNNING; clears vestiges first.
+
+        ``upgrade``: the successor of a dead daemon adopting the FUSE session its fd holder
+        keeps (``--upgrade``): nothing is unmounted, only the dead daemon's API socket removed."""
+        if upgrade:
+            try:
+                os.unlink(rec.apisock)
+            except FileNotFoundError:
+                pass
+        else:
+            self._clear_vestiges(rec)
         os.makedirs(os.path.dirname(rec.apisock), exist_ok=True)
         os.makedirs(os.path.dirname(rec.log_file), exist_ok=True)
-        os.makedirs(rec.mountpoint, exist_ok=True)
+        if not upgrade:  # (upgrade: it is the held FUSE mount; a stat would wait for the successor)
+            os.makedirs(rec.mountpoint, exist_ok=True)
         cmd = [*self.nydusd_cmd, "fuse", "--mountpoint", rec.mountpoint, "--apisock", rec.apisock,
                "--id", rec.daemon_id, "--fs-driver", rec.fs_driver, "--log-level", self.log_level]
         if rec.blob_dir:
@@ -402,46 +486,181 @@ class DaemonManager:
         if not rec.shared:
             inst = next(iter(rec.instances.values()))
             cmd += ["--bootstrap", inst.bootstrap, "--config", inst.config_path]
+        supervisor = ""
+        if self.recover_policy == "failover":
+            supervisor = self._holder(rec.daemon_id).path
+            cmd += ["--supervisor", supervisor]
+            if upgrade:
+                cmd += ["--upgrade", "--failover-policy", self.failover_policy]
+        elif rec.daemon_id in self._holders:  # the policy changed: nothing to hold any more
+            self._close_holder(rec.daemon_id)
         env = dict(os.environ)
         env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(rec.log_file, "ab") as logf:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                     env=env, start_new_session=True)
         self._procs[rec.daemon_id] = proc
-        rec = replace(rec, pid=proc.pid)
+        rec = replace(rec, pid=proc.pid, supervisor=supervisor)
         deadline = time.monotonic() + self.start_timeout
         client = DaemonClient(rec.apisock, timeout=5)
         while client.state() != "RUNNING":
             if proc.poll() is not None:
                 raise MountError(f"nydusd {rec.daemon_id} exited with {proc.returncode}: {self._log_tail(rec)}")
             if time.monotonic() > deadline:
-                self._kill(rec)
+                if upgrade:  # leave the mounts alone: the caller decides (restart clears them)
+                    self._reap(rec)
+                else:
+                    self._kill(rec)
                 raise MountError(f"nydusd {rec.daemon_id} not RUNNING after {self.start_timeout:.0f} s: "
                                  f"{self._log_tail(rec)}")
             time.sleep(0.05)
         self._save(rec)
-        log.info("started nydusd %s (pid %d, %s) at %s", rec.daemon_id, rec.pid, rec.fs_driver, rec.mountpoint)
+        if supervisor:
+            self._send_fd(rec)
+        log.info("%s nydusd %s (pid %d, %s) at %s", "upgraded" if upgrade else "started", rec.daemon_id,
+                 rec.pid, rec.fs_driver, rec.mountpoint)
         return rec
 
     def _recover_daemon(self, rec: DaemonRecord) -> DaemonRecord:
+        """A dead (or unresponsive) daemon: fail it over when its FUSE session is held
+        (``recover_policy = failover``), else clean its mounts, restart it, remount its instances."""
+        holder = self._holders.get(rec.daemon_id)
+        if self.recover_policy == "failover" and holder is not None and holder.held and rec.supervisor:
+            t0 = time.monotonic()
+            try:
+                return self._failover_daemon(rec, t0)
+            except RafsError as exc:
+                log.error("failover of daemon %s failed (%s); restarting it instead (its running "
+                          "containers lose their mounts)", rec.daemon_id, exc)
+                new = self._restart_daemon(rec)
+                self.failovers.record(FailoverEvent(rec.daemon_id, rec.pid, new.pid, time.monotonic() - t0,
+                                                    "restarted", time.time()))
+                return new
+        if self.recover_policy == "failover":
+            log.warning("daemon %s: no FUSE session held for it (it died before handing it over, or "
+                        "this process restarted since); restarting instead of failing over", rec.daemon_id)
+        return self._restart_daemon(rec)
+
+    def _failover_daemon(self, rec: DaemonRecord, t0: float) -> DaemonRecord:
+        log.warning("daemon %s (pid %d) is dead: failing over to a successor (--upgrade, %s)",
+                    rec.daemon_id, rec.pid, self.failover_policy)
+        self._reap(rec)
+        new = self._start_daemon(replace(rec, pid=0), upgrade=True)
+        if rec.shared:  # instances the handover state missed (its last send failed): mount them now
+            try:
+                have = set((DaemonClient(new.apisock).info().get("instances") or {}))
+            except (OSError, ApiError, ValueError):
+                have = set()
+            missing = [iid for iid in rec.instances if "/" + iid not in have and iid not in have]
+            if missing:
+                log.warning("daemon %s: successor lacks instances %s; mounting them", rec.daemon_id, missing)
+                self._mount_records(new, {iid: rec.instances[iid] for iid in missing})
+        seconds = time.monotonic() - t0
+        self.failovers.record(FailoverEvent(rec.daemon_id, rec.pid, new.pid, seconds, "ok", time.time()))
+        log.warning("failover of daemon %s done in %.3f s (pid %d -> %d)", rec.daemon_id, seconds,
+                    rec.pid, new.pid)
+        return new
+
+    def _restart_daemon(self, rec: DaemonRecord) -> DaemonRecord:
         """Clean a dead daemon's mounts and socket, restart it, remount its instances."""
         log.warning("daemon %s (pid %d) is dead: cleaning up and restarting", rec.daemon_id, rec.pid)
+        holder = self._holders.get(rec.daemon_id)
+        if holder is not None:  # end the held connection: blocked readers fail instead of hanging
+            holder.drop()
         self._kill(rec)
         new = self._start_daemon(replace(rec, pid=0))
         if rec.shared:
-            client = DaemonClient(new.apisock)
-            kept = {}
-            for iid, inst in rec.instances.items():
-                try:
-                    with open(inst.config_path, encoding="utf-8") as f:
-                        cfg = json.load(f)
-                    client.mount("/" + iid, inst.bootstrap, cfg)
-                    kept[iid] = inst
-                except (OSError, ValueError, ApiError) as exc:
-                    log.error("cannot remount %s: %s", iid, exc)
+            kept = self._mount_records(new, rec.instances)
             new = replace(new, instances=kept)
             self._save(new)
         return new
+
+    def _mount_records(self, rec: DaemonRecord, instances: dict[str, InstanceRecord]) -> dict[str, InstanceRecord]:
+        client = DaemonClient(rec.apisock)
+        kept = {}
+        for iid, inst in instances.items():
+            try:
+                with open(inst.config_path, encoding="utf-8") as f:
+                    cfg = json.load(f)
+                client.mount("/" + iid, inst.bootstrap, cfg)
+                kept[iid] = inst
+            except (OSError, ValueError, ApiError) as exc:
+                log.error("cannot remount %s: %s", iid, exc)
+        return kept
+
+    # ------------------------------------------------------------------ fd holders (failover)
+
+    def supervisor_path(self, daemon_id: str) -> str:
+        return os.path.join(self.root, "supervisor", f"{daemon_id}.sock")
+
+    def _holder(self, daemon_id: str) -> FdHolder:
+        """The running fd holder of ``daemon_id`` (started on first use)."""
+        holder = self._holders.get(daemon_id)
+        if holder is None:
+            path = self.supervisor_path(daemon_id)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            holder = FdHolder(path)
+            threading.Thread(target=holder.serve_forever, name=f"fd-holder-{daemon_id}", daemon=True).start()
+            self._holders[daemon_id] = holder
+        return holder
+
+    def _close_holder(self, daemon_id: str) -> None:
+        holder = self._holders.pop(daemon_id, None)
+        if holder is not None:
+            holder.close()
+
+    def _send_fd(self, rec: DaemonRecord) -> bool:
+        """Ask the daemon to (re)send its FUSE fds and handover state to its holder."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                DaemonClient(rec.apisock, timeout=10).send_fd()
+                break
+            except ApiError as exc:  # right after RUNNING the kernel's INIT may still be under way
+                if "not initialised" in exc.message and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                err: Exception = exc
+            except (OSError, ValueError) as exc:
+                err = exc
+            log.warning("daemon %s did not hand its FUSE session to %s (%s): if it dies it is "
+                        "restarted, not failed over", rec.daemon_id, rec.supervisor or "(no supervisor)", err)
+            return False
+        return True
+
+    def _reattach_supervisor(self, rec: DaemonRecord) -> None:
+        """A live daemon found at start: hold its FUSE session again (our fds died with the
+        previous process); a daemon started without ``--supervisor`` cannot be held."""
+        if not rec.supervisor:
+            log.warning("daemon %s was started without --supervisor (recover_policy was not failover): "
+                        "it is restarted, not failed over, if it dies", rec.daemon_id)
+            return
+        if rec.supervisor != self.supervisor_path(rec.daemon_id):
+            log.warning("daemon %s hands its session to %s, not %s: not held", rec.daemon_id,
+                        rec.supervisor, self.supervisor_path(rec.daemon_id))
+            return
+        self._holder(rec.daemon_id)
+        if self._send_fd(rec):
+            log.info("daemon %s: FUSE session held again (%s)", rec.daemon_id, rec.supervisor)
+
+    def _reap(self, rec: DaemonRecord) -> None:
+        """SIGKILL the daemon if its pid still runs and wait for it; unlike :meth:`_kill` its
+        mounts stay (the FUSE connection is held for a successor)."""
+        if rec.pid > 0 and self._pid_alive(rec):
+            try:
+                os.kill(rec.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc = self._procs.pop(rec.daemon_id, None)
+        if proc is not None:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                log.error("nydusd %s (pid %d) did not exit after SIGKILL", rec.daemon_id, proc.pid)
+        elif rec.pid > 0:
+            deadline = time.monotonic() + 10
+            while _pid_is_nydusd(rec.pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
 
     def _stop_daemon(self, rec: DaemonRecord) -> None:
         client = DaemonClient(rec.apisock, timeout=10)
@@ -453,6 +672,7 @@ class DaemonManager:
         while self._pid_alive(rec) and time.monotonic() < deadline:
             time.sleep(0.05)
         self._kill(rec)
+        self._close_holder(rec.daemon_id)
 
     def _pid_alive(self, rec: DaemonRecord) -> bool:
         proc = self._procs.get(rec.daemon_id)

@@ -158,13 +158,15 @@ class Nydusd:
             self.fs = RafsFs(shared=True, no_open=self.fuse_no_open, read_gets_ino=self.fuse_impl == "ll")
             if self.blob_dir is None:
                 self.blob_dir = self.mountpoint.rstrip("/") + ".blobs"
-            os.makedirs(self.blob_dir, exist_ok=True)
+            if self._takeover is None:  # (adopting: it is the held FUSE mount; a stat would wait for us)
+                os.makedirs(self.blob_dir, exist_ok=True)
             self._fuse_mountpoint = self.blob_dir
         else:
             self.fs = RafsFs(shared=self.shared, no_open=self.fuse_no_open,
                              read_gets_ino=self.fuse_impl == "ll")
             self._fuse_mountpoint = self.mountpoint
-        os.makedirs(self.mountpoint, exist_ok=True)
+        if self._takeover is None or self.fs_driver == "erofs":  # (see above; erofs: mountpoint is a plain dir)
+            os.makedirs(self.mountpoint, exist_ok=True)
         # SIGTERM/SIGINT are caught from before the mount until after the teardown, so a
         # signal can never kill the process half-way and leave a stale mount behind
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -478,7 +480,9 @@ class Nydusd:
         key = "root" if name == "/" else name
         inst = Instance(key, blob_files, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=False)
         _start_trace(inst, cfg)
-        if inst.recorder is not None:  # stat(2) of our own FUSE mount: not on the event loop
+        # stat(2) of our own FUSE mount: not on the event loop; not when adopting a session (nobody
+        # serves it yet: the stat would wait for us; the previous daemon set read-ahead already)
+        if inst.recorder is not None and adopt_slot is None:
             await trio.to_thread.run_sync(self._blob_files_without_readahead)
         if adopt_slot is not None:  # the erofs mount outlived the previous daemon: serve it as is
             self.fs.add_instance(inst, adopt_slot)

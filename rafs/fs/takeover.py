@@ -13,6 +13,7 @@ import array
 import json
 import os
 import socket
+import threading
 from typing import Any
 
 from rafs.errors import MountError
@@ -73,31 +74,83 @@ def fetch_handover(path: str, *, timeout: float = 5.0) -> tuple[list[int], dict]
 
 
 class FdHolder:
-    """Serve ``send_handover``/``fetch_handover`` on ``path`` (blocking; one client at a time)."""
+    """Serve ``send_handover``/``fetch_handover`` on ``path`` (blocking; one client at a time).
 
-    def __init__(self, path: str) -> None:
+    :meth:`serve_forever` runs until :meth:`close` (from another thread), which also closes the
+    held fds; :attr:`held` says whether it holds a session. ``path`` is replaced if it exists
+    (a previous holder's socket: that holder is gone, a unix socket cannot be shared)."""
+
+    def __init__(self, path: str, *, client_timeout: float = 10.0) -> None:
         self.path = path
         self.state: bytes | None = None
         self.fds: list[int] = []
+        self.client_timeout = client_timeout
+        self._lock = threading.Lock()
+        self._closed = False
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock.bind(path)
+        os.chmod(path, 0o600)
         self._sock.listen(8)
+
+    @property
+    def held(self) -> bool:
+        with self._lock:
+            return self.state is not None and bool(self.fds)
 
     def serve_forever(self) -> None:
         while True:
-            conn, _ = self._sock.accept()
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._closed:
+                    return
+                raise
             with conn:
-                self._handle(conn)
+                conn.settimeout(self.client_timeout)
+                try:
+                    self._handle(conn)
+                except OSError:  # a client that went away mid-request: keep serving the others
+                    if self._closed:
+                        return
+
+    def drop(self) -> None:
+        """Close the held fds (the FUSE connection ends if nobody else holds one)."""
+        with self._lock:
+            fds, self.fds, self.state = self.fds, [], None
+        for fd in fds:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Stop serving, remove the socket, close the held fds."""
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.drop()
 
     def _handle(self, conn: socket.socket) -> None:
         msg, fds = _recv(conn)
         if msg.startswith(b"P"):
-            for fd in self.fds:
+            with self._lock:
+                old, self.state, self.fds = self.fds, msg[1:], fds
+            for fd in old:
                 os.close(fd)
-            self.state, self.fds = msg[1:], fds
             conn.sendall(b"ok")
-        elif msg == b"G" and self.state is not None:
-            _send(conn, b"S" + self.state, self.fds)
+            return
+        with self._lock:
+            state, held = self.state, list(self.fds)
+        if msg == b"G" and state is not None:
+            _send(conn, b"S" + state, held)
         else:
             for fd in fds:
                 os.close(fd)
