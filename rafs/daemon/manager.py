@@ -446,7 +446,7 @@ class DaemonManager:
         rec = replace(rec, instances=instances)
         self._save(rec)
         if rec.supervisor and self.recover_policy == "failover":
-            self._send_fd(rec)  # the holder's state has the new mount table (the daemon sends too)
+            self._send_fd_soon(rec)  # the holder's state has the new mount table (the daemon sends too)
         return mountpoint
 
     def _mount_dedicated(self, instance_id: str, bootstrap: str, config: dict, driver: str,
@@ -516,7 +516,7 @@ class DaemonManager:
             time.sleep(0.05)
         self._save(rec)
         if supervisor:
-            self._send_fd(rec)
+            self._send_fd_soon(rec)
         log.info("%s nydusd %s (pid %d, %s) at %s", "upgraded" if upgrade else "started", rec.daemon_id,
                  rec.pid, rec.fs_driver, rec.mountpoint)
         return rec
@@ -608,6 +608,12 @@ class DaemonManager:
         holder = self._holders.pop(daemon_id, None)
         if holder is not None:
             holder.close()
+
+    def _send_fd_soon(self, rec: DaemonRecord) -> None:
+        """:meth:`_send_fd` in the background: off the path of the container waiting for its
+        mount (the kernel's INIT may still be under way; measured ≈ 0.1 s on a first start)."""
+        threading.Thread(target=self._send_fd, args=(rec,), name=f"sendfd-{rec.daemon_id}",
+                         daemon=True).start()
 
     def _send_fd(self, rec: DaemonRecord) -> bool:
         """Ask the daemon to (re)send its FUSE fds and handover state to its holder."""
