@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from integration.harness.util import short_tempdir, unmount_all
+from integration.harness.util import kill_pids, pids_mentioning, short_tempdir, unmount_all
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFORMANCE = REPO / "integration" / "conformance"
@@ -66,6 +66,8 @@ def test_containerd_conformance_suite(tmp_path: pathlib.Path) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)     # its snapshotters die with it (PDEATHSIG)
             proc.wait()
+        # each case's shared nydusd started with its snapshotter and outlives it by design
+        kill_pids(pids_mentioning(work))
         unmount_all(work)
         shutil.rmtree(work, ignore_errors=True)
     got = verdicts(out)
