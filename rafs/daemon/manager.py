@@ -688,17 +688,7 @@ class DaemonManager:
 
     def _kill(self, rec: DaemonRecord) -> None:
         """SIGKILL an unresponsive daemon (by its recorded pid) and clear its vestiges."""
-        if rec.pid > 0 and self._pid_alive(rec):
-            try:
-                os.kill(rec.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc = self._procs.pop(rec.daemon_id, None)
-        if proc is not None:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                log.error("nydusd %s (pid %d) did not exit after SIGKILL", rec.daemon_id, proc.pid)
+        self._reap(rec)
         self._clear_vestiges(rec)
 
     def _clear_vestiges(self, rec: DaemonRecord) -> None:

@@ -368,14 +368,7 @@ class Nydusd:
         async with self._lock:
             if name in self.records:
                 raise MountError(f"instance {mountpoint} is already mounted")
-            cfg = DaemonConfig.parse(config)
-            _warn_not_collected(cfg)
-            if not os.path.isfile(bootstrap):
-                raise ConfigError(f"source {bootstrap[:256]!r} is not a regular file")
-            try:
-                tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
-            except (FormatError, OSError) as exc:  # the caller's source is not a usable bootstrap
-                raise ConfigError(f"source {bootstrap[:256]!r} is not a RAFS bootstrap: {exc}") from exc
+            cfg, tree = await self._open_source(bootstrap, config)
             device = None
             from rafs.daemon.device import seed_blob_metas
 
@@ -406,6 +399,19 @@ class Nydusd:
             await self._resend_handover()
             return record
 
+    async def _open_source(self, bootstrap: str, config: dict | str) -> tuple[DaemonConfig, Any]:
+        """The instance config and the opened tree of a mount/remount request's bootstrap;
+        :class:`ConfigError` when the caller's source is not a usable bootstrap."""
+        cfg = DaemonConfig.parse(config)
+        _warn_not_collected(cfg)
+        if not os.path.isfile(bootstrap):
+            raise ConfigError(f"source {bootstrap[:256]!r} is not a regular file")
+        try:
+            tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
+        except (FormatError, OSError) as exc:
+            raise ConfigError(f"source {bootstrap[:256]!r} is not a RAFS bootstrap: {exc}") from exc
+        return cfg, tree
+
     async def remount_instance(self, mountpoint: str, bootstrap: str, config: dict | str) -> MountRecord:
         """Serve a mounted instance from a new bootstrap and config in place (``PUT
         /api/v1/mount``, upstream's remount): the instance keeps its slot, so its inode numbers,
@@ -420,14 +426,7 @@ class Nydusd:
             if record.fs_driver != "fusedev":
                 raise UnsupportedError(f"instance {mountpoint} is an erofs mount: remount serves fusedev "
                                        "instances only; unmount (DELETE) and mount (POST) it again")
-            cfg = DaemonConfig.parse(config)
-            _warn_not_collected(cfg)
-            if not os.path.isfile(bootstrap):
-                raise ConfigError(f"source {bootstrap[:256]!r} is not a regular file")
-            try:
-                tree = await trio.to_thread.run_sync(self.opener.open_tree, bootstrap)
-            except (FormatError, OSError) as exc:
-                raise ConfigError(f"source {bootstrap[:256]!r} is not a RAFS bootstrap: {exc}") from exc
+            cfg, tree = await self._open_source(bootstrap, config)
             from rafs.daemon.device import seed_blob_metas
 
             key = name if name != "/" else ""
