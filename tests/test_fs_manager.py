@@ -48,6 +48,9 @@ def manager_factory(tmp_path):
             m.shutdown(keep_records=False)
         except Exception:
             pass
+    for m in made:  # fd keepers (own processes) left by a failed test
+        for holder in list(m._holders.values()):
+            holder.close()
     for m in made:  # kill anything left by pid, then lazy-unmount
         for rec in list(m._records.values()):
             if rec.pid > 0:
@@ -199,6 +202,13 @@ def _reader_results(procs: list, stop: str) -> tuple[list, int]:
     return errors, good
 
 
+def _wait_held(m, rec, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not m._holders[rec.daemon_id].held:
+        assert time.monotonic() < deadline, "the daemon's FUSE session never reached its keeper"
+        time.sleep(0.05)
+
+
 def _wait_failover(m, old_pid, n=1, timeout=90):
     deadline = time.monotonic() + timeout
     while m.failovers.snapshot()[0].get("ok", 0) < n:
@@ -220,7 +230,8 @@ def test_failover_keeps_the_mount_and_readers_see_no_error(manager_factory, imag
         mb = m.mount("b", images["b"], None, None)
         paths[f"{mb}/id"] = b"bbb"
     rec = next(iter(m._records.values()))
-    assert rec.supervisor == m.supervisor_path(rec.daemon_id) and m._holders[rec.daemon_id].held
+    assert rec.supervisor == m.supervisor_path(rec.daemon_id)
+    _wait_held(m, rec)  # (the handover runs in the background, the keeper process may still be starting)
     fds, state = fetch_handover(rec.supervisor)
     for fd in fds:
         os.close(fd)
@@ -241,7 +252,48 @@ def test_failover_keeps_the_mount_and_readers_see_no_error(manager_factory, imag
     counts, durations, _, events = m.failovers.snapshot()
     assert counts == {"ok": 2} and len(durations) == 2 and events[-1].outcome == "ok"
     # the successor's handover reached the holder: a third kill fails over too
-    assert m._holders[rec.daemon_id].held
+    _wait_held(m, rec)
+
+
+def test_keeper_outlives_the_manager_so_a_daemon_dying_with_it_is_failed_over(manager_factory, images):
+    """The fd keeper is a process of its own: the manager that started it goes (as a SIGKILLed
+    snapshotter does), its daemon is SIGKILLed too, a new manager's recover() attaches to the same
+    keeper and fails the daemon over; the readers, blocked meanwhile, see no error."""
+    from rafs.fs.takeover import holder_status
+
+    m1 = manager_factory("shared", recover_policy="failover")
+    ma = m1.mount("a", images["a"], None, None)
+    rec = next(iter(m1._records.values()))
+    _wait_held(m1, rec)
+    keeper_pid = m1._holders[rec.daemon_id].pid
+    assert keeper_pid not in (0, os.getpid()) and os.getsid(keeper_pid) == keeper_pid  # own session
+    stop = os.path.join(m1.root, "stop-readers")
+    readers = _readers({f"{ma}/id": b"aaa", f"{ma}/dir/f": b"data-a"}, stop)
+    try:
+        time.sleep(0.3)
+        m1._stop.set()  # the manager "dies": it forgets everything it held in memory
+        m1._records.clear()
+        m1._holders.clear()
+        os.kill(rec.pid, signal.SIGKILL)
+        time.sleep(1.0)  # readers now wait in the kernel: nobody serves, the keeper holds
+        assert holder_status(rec.supervisor)["held"] and holder_status(rec.supervisor)["pid"] == keeper_pid
+        m2 = manager_factory("shared", recover_policy="failover")
+        m2.recover()
+        counts, _, _, events = m2.failovers.snapshot()
+        assert counts == {"ok": 1} and events[0].old_pid == rec.pid, (counts, events)
+        assert m2._holders[rec.daemon_id].pid == keeper_pid
+        time.sleep(0.5)
+    finally:
+        errors, good = _reader_results(readers, stop)
+    assert errors == [] and good > 0
+    assert erofs.mounted_fstype(rec.mountpoint) is not None
+    # the keeper stops with its daemon
+    m2.shutdown(keep_records=False)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{keeper_pid}") and open(f"/proc/{keeper_pid}/stat").read().split()[2] != "Z":
+        assert time.monotonic() < deadline, "keeper still running after its daemon stopped"
+        time.sleep(0.05)
+    assert not os.path.exists(rec.supervisor)
 
 
 def test_restart_policy_starts_no_holder(manager_factory, images):

@@ -15,19 +15,20 @@ a restarted manager reattaches to live daemons (``recover()``); a dead daemon's 
 ``recover_policy``: ``restart`` (and ``none``, whose difference is the caller's: it skips
 :meth:`DaemonManager.recover` at start) — a dead daemon's mounts are cleaned and it is restarted,
 its instances remounted (running containers lose them). ``failover`` — the manager is the
-daemons' *supervisor*: it keeps an fd holder (:class:`rafs.fs.takeover.FdHolder`, a thread of
-this process) per daemon on ``supervisor/<id>.sock``, starts nydusd with ``--supervisor`` and
+daemons' *supervisor*: it keeps an fd keeper (:class:`rafs.fs.takeover.FdKeeper`, a small
+process of its own session) per daemon on ``supervisor/<id>.sock``, starts nydusd with ``--supervisor`` and
 asks it for its ``/dev/fuse`` fds and handover state (``PUT /api/v1/daemon/fuse/sendfd``) once
 RUNNING and after each mount change; a dead daemon is replaced by ``nydusd --upgrade`` adopting
 the held FUSE connection (no unmount, no remount: running containers keep reading; requests the
 dead daemon had taken are replayed, ``failover_policy = resend``, or answered EIO, ``flush``).
 When that is impossible (nothing held: the daemon died before its first handover, or this
-process restarted since and could not re-attach), it falls back to ``restart``. The held fds die
-with this process; :meth:`recover` re-attaches live daemons and asks them to send again.
+process restarted since and could not re-attach), it falls back to ``restart``. The keepers outlive
+this process: a successor manager attaches to them by socket path, so a daemon that died together
+with the snapshotter is still failed over (:meth:`recover`); a keeper stops with its daemon.
 
 Files under ``root``: ``daemons/<id>.json``, ``socket/<id>/api.sock``, ``traces/<instance>.trace``,
 ``config/<id>[/<instance>]/config.json``, ``logs/<id>/nydusd.log``, ``mnt``/``mnt-erofs``,
-``supervisor/<id>.sock`` (failover).
+``supervisor/<id>.sock`` (failover), ``logs/<id>/keeper.log``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from rafs.daemon.api import ApiError, DaemonClient
 from rafs.daemon.config import check_instance_name
 from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
 from rafs.fs.session import is_stale_mount
-from rafs.fs.takeover import FdHolder
+from rafs.fs.takeover import FdKeeper, holder_status
 from storage.atomic import atomic_open
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ class DaemonManager:
         self.recover_policy = recover_policy
         self.failover_policy = failover_policy
         self.failovers = FailoverStats()
-        self._holders: dict[str, FdHolder] = {}
+        self._holders: dict[str, FdKeeper] = {}
         self.fs_driver = fs_driver
         self.nydusd_config = copy.deepcopy(nydusd_config or {})
         self.nydusd_cmd = nydusd_cmd or [sys.executable, "-m", "rafs.daemon.cli"]
@@ -525,6 +526,9 @@ class DaemonManager:
         """A dead (or unresponsive) daemon: fail it over when its FUSE session is held
         (``recover_policy = failover``), else clean its mounts, restart it, remount its instances."""
         holder = self._holders.get(rec.daemon_id)
+        if (holder is None and self.recover_policy == "failover" and rec.supervisor
+                and rec.supervisor == self.supervisor_path(rec.daemon_id) and holder_status(rec.supervisor)):
+            holder = self._holder(rec.daemon_id)  # its keeper outlived the process that started it
         if self.recover_policy == "failover" and holder is not None and holder.held and rec.supervisor:
             t0 = time.monotonic()
             try:
@@ -538,7 +542,7 @@ class DaemonManager:
                 return new
         if self.recover_policy == "failover":
             log.warning("daemon %s: no FUSE session held for it (it died before handing it over, or "
-                        "this process restarted since); restarting instead of failing over", rec.daemon_id)
+                        "its keeper is gone); restarting instead of failing over", rec.daemon_id)
         return self._restart_daemon(rec)
 
     def _failover_daemon(self, rec: DaemonRecord, t0: float) -> DaemonRecord:
@@ -593,14 +597,18 @@ class DaemonManager:
     def supervisor_path(self, daemon_id: str) -> str:
         return os.path.join(self.root, "supervisor", f"{daemon_id}.sock")
 
-    def _holder(self, daemon_id: str) -> FdHolder:
-        """The running fd holder of ``daemon_id`` (started on first use)."""
+    def _holder(self, daemon_id: str) -> FdKeeper:
+        """The fd keeper of ``daemon_id``: the one already serving its socket (it outlived a
+        previous manager), else a new one (started here, ready by the first handover)."""
         holder = self._holders.get(daemon_id)
         if holder is None:
             path = self.supervisor_path(daemon_id)
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            holder = FdHolder(path)
-            threading.Thread(target=holder.serve_forever, name=f"fd-holder-{daemon_id}", daemon=True).start()
+            logf = os.path.join(self.root, "logs", daemon_id, "keeper.log")
+            os.makedirs(os.path.dirname(logf), exist_ok=True)
+            env = dict(os.environ)  # (the keeper imports rafs from this checkout, as nydusd does)
+            env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            holder = FdKeeper.attach(path, log_file=logf, env=env)
             self._holders[daemon_id] = holder
         return holder
 
@@ -617,6 +625,11 @@ class DaemonManager:
 
     def _send_fd(self, rec: DaemonRecord) -> bool:
         """Ask the daemon to (re)send its FUSE fds and handover state to its holder."""
+        holder = self._holders.get(rec.daemon_id)
+        if holder is not None and not holder.wait_ready():
+            log.warning("daemon %s: its fd keeper at %s did not start (see its keeper.log): if it dies "
+                        "it is restarted, not failed over", rec.daemon_id, holder.path)
+            return False
         deadline = time.monotonic() + 5
         while True:
             try:

@@ -4,7 +4,10 @@ A daemon started with a *supervisor* socket sends its handover state (JSON) and 
 ``/dev/fuse`` fds there with ``SCM_RIGHTS`` whenever the state changes; the holder keeps them
 open, so the kernel connection (and the requests the daemon had taken) outlives the daemon. A
 successor fetches both and adopts the session (:meth:`FuseSession.adopt`) without a new mount
-or INIT. The holder here is the one the tests use; in production it is the snapshotter's job.
+or INIT. :class:`FdHolder` serves that protocol; :class:`FdKeeper` runs one as its own process
+(``python -m rafs.fs.takeover <socket>``, own session), so the held connection outlives both the
+daemon and the process that started the keeper (the snapshotter): any later process attaches to
+it by its socket path.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import array
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
-from typing import Any
+import time
 
 from rafs.errors import MountError
 
@@ -102,7 +107,7 @@ class FdHolder:
             return self.state is not None and bool(self.fds)
 
     def serve_forever(self) -> None:
-        while True:
+        while not self._closed:
             try:
                 conn, _ = self._sock.accept()
             except OSError:
@@ -113,6 +118,8 @@ class FdHolder:
                 conn.settimeout(self.client_timeout)
                 try:
                     self._handle(conn)
+                    if self._closed:  # a "Q" request
+                        return
                 except OSError:  # a client that went away mid-request: keep serving the others
                     if self._closed:
                         return
@@ -147,6 +154,17 @@ class FdHolder:
                 os.close(fd)
             conn.sendall(b"ok")
             return
+        if msg == b"H":  # status: whether it holds a session, who serves
+            conn.sendall(json.dumps({"held": self.held, "pid": os.getpid(), "fds": len(self.fds)}).encode())
+            return
+        if msg == b"D":
+            self.drop()
+            conn.sendall(b"ok")
+            return
+        if msg == b"Q":  # stop: close the held fds, remove the socket, end serve_forever
+            conn.sendall(b"ok")
+            self.close()
+            return
         with self._lock:
             state, held = self.state, list(self.fds)
         if msg == b"G" and state is not None:
@@ -157,5 +175,101 @@ class FdHolder:
             conn.sendall(b"E nothing held" if msg == b"G" else b"E bad request")
 
 
-def holder_main(path: str) -> Any:  # pragma: no cover - runs in a child process
-    FdHolder(path).serve_forever()
+def _request(path: str, verb: bytes, timeout: float) -> bytes:
+    with _connect(path, timeout) as sock:
+        sock.sendall(verb)
+        return sock.recv(4096)
+
+
+def holder_status(path: str, *, timeout: float = 2.0) -> dict | None:
+    """``{"held": bool, "pid": int, "fds": int}`` of the holder serving ``path``, None if none does."""
+    try:
+        reply = _request(path, b"H", timeout)
+        return json.loads(reply)
+    except (MountError, OSError, ValueError):
+        return None
+
+
+class FdKeeper:
+    """An :class:`FdHolder` in a process of its own (own session: a SIGKILL of its starter, or a
+    signal to the starter's process group, does not reach it), attached by socket path.
+
+    :meth:`attach` returns the keeper already serving ``path`` (it survived the process that
+    started it) or starts one; :meth:`close` stops it (the held fds close with it)."""
+
+    READY_TIMEOUT = 10.0
+
+    def __init__(self, path: str, pid: int, proc: subprocess.Popen | None = None) -> None:
+        self.path = path
+        self.pid = pid
+        self._proc = proc
+
+    @classmethod
+    def attach(cls, path: str, *, log_file: str | None = None, env: dict | None = None) -> "FdKeeper":
+        status = holder_status(path)
+        if status is not None:
+            return cls(path, int(status.get("pid", 0)))
+        out = open(log_file, "ab") if log_file else subprocess.DEVNULL
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "rafs.fs.takeover", path], stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=out, env=env, start_new_session=True, close_fds=True)
+        finally:
+            if log_file:
+                out.close()
+        return cls(path, proc.pid, proc)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the keeper answers (a fresh one is importing); False if it died or did not."""
+        deadline = time.monotonic() + (self.READY_TIMEOUT if timeout is None else timeout)
+        while holder_status(self.path, timeout=1.0) is None:
+            if self._proc is not None and self._proc.poll() is not None:
+                return False
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    @property
+    def held(self) -> bool:
+        status = holder_status(self.path)
+        return bool(status and status.get("held"))
+
+    def alive(self) -> bool:
+        return holder_status(self.path) is not None
+
+    def drop(self) -> None:
+        """Close the held fds (the FUSE connection ends if nobody else holds one)."""
+        try:
+            _request(self.path, b"D", 5.0)
+        except (MountError, OSError):
+            pass
+
+    def close(self) -> None:
+        """Stop the keeper (its held fds close) and wait for it to exit."""
+        try:
+            _request(self.path, b"Q", 5.0)
+        except (MountError, OSError):
+            pass
+        if self._proc is not None:
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+            return
+        deadline = time.monotonic() + 10
+        while self.pid > 0 and os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs as the keeper process
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m rafs.fs.takeover <supervisor socket>", file=sys.stderr)
+        return 2
+    FdHolder(args[0]).serve_forever()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
