@@ -64,13 +64,8 @@ def _cached(path: str, offsets: list[int]) -> float:
         os.close(fd)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reads", type=int, default=20000)
-    args = p.parse_args(argv)
-    if os.geteuid() != 0:
-        print("needs root (FUSE mounts)", file=sys.stderr)
-        return 2
+def measure(reads: int) -> dict[str, tuple[float, float]]:
+    """``{"native"|"ll"|"pyfuse3": (O_DIRECT us/request, cached random us/read)}`` (needs root)."""
     from tests.fs_fakes import make_image
     from tests.fs_harness import running_daemon
 
@@ -85,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         spec["complete"] = True
         json.dump(spec, open(boot, "w"))
         rng = random.Random(7)
-        offsets = [rng.randrange(SIZE // 4096) * 4096 for _ in range(args.reads)]
+        offsets = [rng.randrange(SIZE // 4096) * 4096 for _ in range(reads)]
         native = str(tmp / "image.blob")
         # the fast path preads the cache file through the page cache: that (warm) is the floor
         _warm(native, offsets)
@@ -95,15 +90,26 @@ def main(argv: list[str] | None = None) -> int:
                 path = os.path.join(mnt, "big")
                 _cached(path, offsets[:100])  # warm up lookups
                 rows[impl] = (_odirect(path, offsets), _cached(path, offsets))
-        print(f"{'':8} {'O_DIRECT 4 KiB us/req':>22} {'cached random 4 KiB us/read':>28}")
-        for name, (od, ca) in rows.items():
-            print(f"{name:8} {od:22.1f} {ca:28.1f}")
-        print(f"ll saves {rows['pyfuse3'][0] - rows['ll'][0]:.1f} us per request "
-              f"({rows['ll'][0] - rows['native'][0]:.1f} vs {rows['pyfuse3'][0] - rows['native'][0]:.1f} "
-              "us above native)")
-        return 0
+        return rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reads", type=int, default=20000)
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("needs root (FUSE mounts)", file=sys.stderr)
+        return 2
+    rows = measure(args.reads)
+    print(f"{'':8} {'O_DIRECT 4 KiB us/req':>22} {'cached random 4 KiB us/read':>28}")
+    for name, (od, ca) in rows.items():
+        print(f"{name:8} {od:22.1f} {ca:28.1f}")
+    print(f"ll saves {rows['pyfuse3'][0] - rows['ll'][0]:.1f} us per request "
+          f"({rows['ll'][0] - rows['native'][0]:.1f} vs {rows['pyfuse3'][0] - rows['native'][0]:.1f} "
+          "us above native)")
+    return 0
 
 
 if __name__ == "__main__":
