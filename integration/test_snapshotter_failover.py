@@ -260,11 +260,35 @@ def _wait_successor(sn, pid: int) -> None:
 #: scenario: (events, longest read allowed). ``nydusd``: SIGKILL the daemon; ``both``: SIGKILL the
 #: daemon and the snapshotter at the same moment, then start the snapshotter again (its start,
 #: ≈ 1–2 s, is in the bound: nothing serves the mount until it fails the daemon over).
-SCENARIOS = {"nydusd": (SCALE_KILLS, STALL_BOUND), "both": (SCALE_KILLS, 8.0)}
+#: ``upgrade``: a hot upgrade through the snapshotter's system controller (PUT
+#: /api/v1/daemons/upgrade on <root>/system.sock): no detection delay, so the nydusd bound holds.
+SCENARIOS = {"nydusd": (SCALE_KILLS, STALL_BOUND), "both": (SCALE_KILLS, 8.0), "upgrade": (5, STALL_BOUND)}
+
+
+def _upgrade(root: str) -> dict:
+    """``PUT /api/v1/daemons/upgrade`` on the snapshotter's system controller socket."""
+    import http.client
+    import socket
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(120)
+            self.sock.connect(os.path.join(root, "system.sock"))
+
+    conn = Conn("localhost")
+    try:
+        conn.request("PUT", "/api/v1/daemons/upgrade")
+        resp = conn.getresponse()
+        body = json.loads(resp.read() or b"{}")
+        assert resp.status == 200, (resp.status, body)
+        return body
+    finally:
+        conn.close()
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("scenario", ["nydusd", "both"])
+@pytest.mark.parametrize("scenario", ["nydusd", "both", "upgrade"])
 @pytest.mark.parametrize("fs_driver", ["fusedev", "erofs"])
 def test_ten_containers_read_through_failovers(registry, snapshotter_factory, containerd_factory,
                                                tmp_path, fs_driver, scenario):
@@ -306,13 +330,14 @@ def test_ten_containers_read_through_failovers(registry, snapshotter_factory, co
         # and a first read through it (it opens the blob's cache files and a registry connection)
         probe = cd.run(image.ref, ["/bin/md5sum", "/data/probe"], snapshotter=SNAPSHOTTER, namespace="k8s.io",
                        check=False, timeout=120)
-        assert probe.stdout.split()[:1] == [sums["/data/probe"]], (probe.stdout, probe.stderr)
+        assert probe.stdout.split()[:1] == [sums["/data/probe"]], (probe.returncode, probe.stdout, probe.stderr,
+                                                                   sn.log()[-3000:])
         time.sleep(0.5)
         keeper = _keeper_pid(sn.root)
 
         def fds() -> dict[str, dict[str, int]]:
             out = {"keeper": _fds(keeper, sn.root), "nydusd": _fds(_daemon_pid(sn.root), sn.root)}
-            if scenario == "nydusd":  # (a restarted snapshotter is another process)
+            if scenario != "both":  # (a restarted snapshotter is another process)
                 out["snapshotter"] = _fds(sn.pid, sn.root)
             return out
 
@@ -337,7 +362,11 @@ def test_ten_containers_read_through_failovers(registry, snapshotter_factory, co
         for _ in range(events):
             pid = _daemon_pid(sn.root)
             assert pid and pid not in killed
-            os.kill(pid, signal.SIGKILL)
+            if scenario == "upgrade":
+                got = _upgrade(sn.root)["upgraded"]
+                assert [(e["old_pid"], e["outcome"]) for e in got] == [(pid, "upgraded")], got
+            else:
+                os.kill(pid, signal.SIGKILL)
             if scenario == "both":
                 os.kill(sn.pid, signal.SIGKILL)
                 sn.kill9()  # (reaps it)
@@ -355,7 +384,10 @@ def test_ten_containers_read_through_failovers(registry, snapshotter_factory, co
             assert p.returncode == 0, (c, p.returncode, p.stdout[-2000:], p.stderr[-2000:])
             stalls += _check_reader(p.stdout, sums, c)
         log = pathlib.Path(sn.log_path).read_text(errors="replace")  # (every process's, all of it)
-        assert log.count("failover of daemon") >= events + 1, log[-3000:]
+        if scenario == "upgrade":
+            assert log.count("upgrade of daemon") == events and log.count("failover of daemon") >= 1, log[-3000:]
+        else:
+            assert log.count("failover of daemon") >= events + 1, log[-3000:]
         assert "restarting it instead" not in log and "instead of failing over" not in log, log[-3000:]
         done = [float(x) for x in re.findall(r"failover of daemon \S+ done in ([0-9.]+) s", log)]
         time.sleep(0.5)

@@ -173,6 +173,9 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
         sn.rafs.prestart()
     group = cfgmod.socket_gid(cfg.socket_group) if cfg.socket_group else None
     server = serve(sn, cfg.address, observe=metrics.observe, group=group)
+    from snapshotter.system import SystemController  # noqa: PLC0415
+
+    system = SystemController(sn.rafs, os.path.join(cfg.root, "system.sock")).start()  # (hot upgrade)
     if cfg.metrics.address:
         host, port = metrics.serve(cfg.metrics.address)
         log.info("metrics on http://%s:%d/metrics", host, port)
@@ -187,6 +190,7 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
     finally:
         sd_notify("STOPPING=1")
         server.stop(grace=5).wait(10)
+        system.stop()
         metrics.shutdown()
         sn.close()
         try:

@@ -8,7 +8,7 @@
 * ``snapshotter_backend_read_bytes{daemon}`` — bytes the RAFS daemons' mounted instances read
   from the registry (``nydus_storage_backend_read_bytes_total`` of each live daemon);
 * ``snapshotter_daemon_failovers_total{outcome}`` — dead daemons replaced under
-  ``recover_policy = "failover"`` (``ok``: the successor adopted the FUSE session; ``restarted``:
+  ``recover_policy = "failover"`` and hot upgrades (``upgraded``; ``ok``: the successor adopted the FUSE session; ``restarted``:
   it could not and the daemon was restarted, its mounts lost);
 * ``snapshotter_daemon_failover_elapsed_seconds`` — histogram of ``ok`` failovers, from noticing
   the death to the successor RUNNING (readers of the mount wait in the kernel meanwhile).
@@ -78,7 +78,7 @@ def _failover_metrics(mgr: object) -> Iterator[CounterMetricFamily | HistogramMe
     counts, durations, total = {}, [], 0.0
     if stats is not None:
         counts, durations, total, _ = stats.snapshot()
-    for outcome in ("ok", "restarted"):
+    for outcome in ("ok", "restarted", "upgraded"):
         counter.add_metric([outcome], counts.get(outcome, 0))
     yield counter
     buckets = [(str(float(le)), sum(d <= le for d in durations)) for le in FAILOVER_BUCKETS]

@@ -296,6 +296,39 @@ def test_keeper_outlives_the_manager_so_a_daemon_dying_with_it_is_failed_over(ma
     assert not os.path.exists(rec.supervisor)
 
 
+def test_hot_upgrade_keeps_the_mount_and_readers_see_no_error(manager_factory, images):
+    """DaemonManager.upgrade: the daemon hands its session to its keeper and exits, a successor
+    adopts it; readers see no error; an event per daemon (outcome upgraded). Under the restart
+    policy it is refused."""
+    from rafs.errors import UnsupportedError
+
+    m = manager_factory("shared", recover_policy="failover")
+    ma = m.mount("a", images["a"], None, None)
+    mb = m.mount("b", images["b"], None, None)
+    rec = next(iter(m._records.values()))
+    _wait_held(m, rec)
+    stop = os.path.join(m.root, "stop-readers")
+    readers = _readers({f"{ma}/id": b"aaa", f"{ma}/dir/f": b"data-a", f"{mb}/id": b"bbb"}, stop)
+    pids = [rec.pid]
+    try:
+        for _ in range(2):
+            time.sleep(0.3)
+            events = m.upgrade()
+            assert [(e.old_pid, e.outcome) for e in events] == [(pids[-1], "upgraded")], events
+            pids.append(events[0].new_pid)
+            assert next(iter(m._records.values())).pid == pids[-1] and not os.path.exists(f"/proc/{pids[-2]}/cmdline")
+        time.sleep(0.3)
+    finally:
+        errors, good = _reader_results(readers, stop)
+    assert errors == [] and good > 0
+    assert erofs.mounted_fstype(rec.mountpoint) is not None
+    assert m.failovers.snapshot()[0] == {"upgraded": 2}
+    r = DaemonManager(os.path.join(os.path.dirname(m.root), "restart-root"), nydusd_cmd=FAKE_CMD,
+                      monitor_interval=None)  # (recover_policy restart)
+    with pytest.raises(UnsupportedError):
+        r.upgrade()
+
+
 def test_restart_policy_starts_no_holder(manager_factory, images):
     m = manager_factory("shared")
     m.mount("a", images["a"], None, None)

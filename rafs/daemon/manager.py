@@ -63,7 +63,8 @@ FAILOVER_POLICIES = ("resend", "flush")
 @dataclass(frozen=True, slots=True)
 class FailoverEvent:
     """One failover of a dead daemon (``outcome``: ``ok``, or ``restarted`` when the successor
-    could not adopt the session and the daemon was restarted instead)."""
+    could not adopt the session and the daemon was restarted instead), or one hot upgrade
+    (``upgraded``; ``restarted`` likewise)."""
 
     daemon_id: str
     old_pid: int
@@ -283,6 +284,11 @@ class DaemonManager:
             if self.mode == "shared":
                 return self._mount_shared(instance_id, bootstrap, config, driver)
             return self._mount_dedicated(instance_id, bootstrap, config, driver, mountpoint_hint)
+
+    def daemons(self) -> list[DaemonRecord]:
+        """The daemons as recorded (pid, driver, mountpoint, instances)."""
+        with self._lock:
+            return list(self._records.values())
 
     def trace_path(self, instance_id: str) -> str:
         """Where an instance's prefetch trace is written when it is unmounted (``record_trace``)."""
@@ -545,9 +551,56 @@ class DaemonManager:
                         "its keeper is gone); restarting instead of failing over", rec.daemon_id)
         return self._restart_daemon(rec)
 
-    def _failover_daemon(self, rec: DaemonRecord, t0: float) -> DaemonRecord:
-        log.warning("daemon %s (pid %d) is dead: failing over to a successor (--upgrade, %s)",
-                    rec.daemon_id, rec.pid, self.failover_policy)
+    def upgrade(self, daemon_id: str | None = None, *, nydusd_cmd: list[str] | None = None) -> list[FailoverEvent]:
+        """Hot upgrade of every live daemon (or ``daemon_id``) to the nydusd installed now
+        (``nydusd_cmd``, if given, replaces the command for this and later starts): the daemon
+        sends its FUSE session to its keeper and exits leaving the connection
+        (``PUT /api/v1/daemon/exit?handover=1``), a successor adopts it (``--upgrade``); readers
+        wait in the kernel meanwhile. Needs ``recover_policy = "failover"``. One event per daemon
+        (outcome ``upgraded``, or ``restarted`` when the successor could not adopt the session)."""
+        if self.recover_policy != "failover":
+            raise UnsupportedError("hot upgrade needs recover_policy = \"failover\" (a keeper holds the FUSE "
+                                   f"session across the exchange); it is {self.recover_policy!r}")
+        events = []
+        with self._lock:
+            if nydusd_cmd:
+                self.nydusd_cmd = list(nydusd_cmd)
+            recs = [r for r in self._records.values() if daemon_id in (None, r.daemon_id)]
+            if daemon_id is not None and not recs:
+                raise NotFound(f"no daemon {daemon_id!r}")
+            for rec in recs:
+                if not self._alive(rec):
+                    log.warning("upgrade: daemon %s is not RUNNING; left to the liveness monitor", rec.daemon_id)
+                    continue
+                if not rec.supervisor or not self._send_fd(rec) or not self._holder(rec.daemon_id).held:
+                    raise MountError(f"upgrade: daemon {rec.daemon_id}'s FUSE session is not held (started "
+                                     "without --supervisor, or its keeper is gone): not upgraded")
+                t0 = time.monotonic()
+                try:
+                    DaemonClient(rec.apisock, timeout=10).exit(handover=True)
+                except (OSError, ApiError) as exc:
+                    raise MountError(f"upgrade: daemon {rec.daemon_id} refused to hand over: {exc}") from exc
+                deadline = time.monotonic() + 10
+                while self._pid_alive(rec) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                try:
+                    new = self._failover_daemon(rec, t0, kind="upgraded")
+                except RafsError as exc:
+                    log.error("upgrade of daemon %s failed (%s); restarting it instead (its running "
+                              "containers lose their mounts)", rec.daemon_id, exc)
+                    new = self._restart_daemon(rec)
+                    self.failovers.record(FailoverEvent(rec.daemon_id, rec.pid, new.pid, time.monotonic() - t0,
+                                                        "restarted", time.time()))
+                events.append(self.failovers.snapshot()[3][-1])
+        return events
+
+    def _failover_daemon(self, rec: DaemonRecord, t0: float, *, kind: str = "ok") -> DaemonRecord:
+        if kind == "upgraded":
+            log.warning("daemon %s (pid %d) handed over: upgrading to a successor (--upgrade, %s)",
+                        rec.daemon_id, rec.pid, self.failover_policy)
+        else:
+            log.warning("daemon %s (pid %d) is dead: failing over to a successor (--upgrade, %s)",
+                        rec.daemon_id, rec.pid, self.failover_policy)
         self._reap(rec)
         new = self._start_daemon(replace(rec, pid=0), upgrade=True)
         if rec.shared:  # instances the handover state missed (its last send failed): mount them now
@@ -560,9 +613,9 @@ class DaemonManager:
                 log.warning("daemon %s: successor lacks instances %s; mounting them", rec.daemon_id, missing)
                 self._mount_records(new, {iid: rec.instances[iid] for iid in missing})
         seconds = time.monotonic() - t0
-        self.failovers.record(FailoverEvent(rec.daemon_id, rec.pid, new.pid, seconds, "ok", time.time()))
-        log.warning("failover of daemon %s done in %.3f s (pid %d -> %d)", rec.daemon_id, seconds,
-                    rec.pid, new.pid)
+        self.failovers.record(FailoverEvent(rec.daemon_id, rec.pid, new.pid, seconds, kind, time.time()))
+        log.warning("%s of daemon %s done in %.3f s (pid %d -> %d)", "upgrade" if kind == "upgraded" else "failover",
+                    rec.daemon_id, seconds, rec.pid, new.pid)
         return new
 
     def _restart_daemon(self, rec: DaemonRecord) -> DaemonRecord:
