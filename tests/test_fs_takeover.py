@@ -286,3 +286,31 @@ def test_hot_upgrade_via_api_exit_handover(tmp_path):
         cleanup_mounts(mnt)
         _stop(holder)
     assert not left, f"successor left mounts behind after SIGTERM: {left}"
+
+
+def test_keeper_process_survives_its_starter_and_ends_with_its_socket(tmp_path):
+    """FdKeeper: a process of its own session, attached again by path; it holds what it was sent
+    and exits (closing the fds) when its socket is removed (its root went away)."""
+    from rafs.fs.takeover import FdKeeper, holder_status
+
+    path = str(tmp_path / "k.sock")
+    keeper = FdKeeper.attach(path)
+    try:
+        assert keeper.wait_ready()
+        assert os.getsid(keeper.pid) == keeper.pid and holder_status(path) == {"held": False, "pid": keeper.pid, "fds": 0}
+        r, w = os.pipe()
+        send_handover(path, {"version": 1}, [r])
+        os.close(r)
+        again = FdKeeper.attach(path)  # as a restarted snapshotter does
+        assert again.pid == keeper.pid and again.held
+        os.unlink(path)
+        deadline = time.monotonic() + 10
+        while keeper._proc.poll() is None:
+            assert time.monotonic() < deadline, "keeper still running after its socket was removed"
+            time.sleep(0.05)
+        with pytest.raises(BrokenPipeError):  # the held read end was closed with it
+            os.write(w, b"x")
+        os.close(w)
+    finally:
+        if keeper._proc.poll() is None:
+            keeper.close()

@@ -262,12 +262,40 @@ class FdKeeper:
             time.sleep(0.02)
 
 
+def _watch_socket(holder: FdHolder, period: float) -> None:
+    """End the keeper when its socket is gone or replaced (its root was removed, or another
+    holder took the path): nobody can reach the held session any more."""
+    try:
+        ino = os.stat(holder.path).st_ino
+    except OSError:
+        ino = -1
+    while not holder._closed:
+        time.sleep(period)
+        try:
+            same = os.stat(holder.path).st_ino == ino
+        except OSError:
+            same = False
+        if not same and not holder._closed:
+            print(f"fd keeper: {holder.path} is gone or replaced; closing the held fds and exiting",
+                  file=sys.stderr, flush=True)
+            holder._closed = True
+            try:
+                holder._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            holder._sock.close()
+            holder.drop()
+            return
+
+
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs as the keeper process
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m rafs.fs.takeover <supervisor socket>", file=sys.stderr)
         return 2
-    FdHolder(args[0]).serve_forever()
+    holder = FdHolder(args[0])
+    threading.Thread(target=_watch_socket, args=(holder, 2.0), daemon=True).start()
+    holder.serve_forever()
     return 0
 
 
