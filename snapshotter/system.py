@@ -5,7 +5,7 @@ As upstream nydus-snapshotter's system controller (its ``/api/v1/daemons`` and
 
     curl --unix-socket <root>/system.sock http://localhost/api/v1/daemons
     curl --unix-socket <root>/system.sock -X PUT http://localhost/api/v1/daemons/upgrade \
-         [-d '{"nydusd_path": "/usr/local/bin/nydusd"}']
+         [-d '{"nydusd_path": "<the new nydusd executable>"}']
 
 * ``GET /api/v1/daemons`` — ``[{"id", "pid", "fs_driver", "mountpoint", "instances"}]``.
 * ``PUT /api/v1/daemons/upgrade`` — hot upgrade of every live daemon to the nydusd installed now
