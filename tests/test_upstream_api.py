@@ -83,8 +83,17 @@ def test_upstream_v1_shapes_on_a_real_mount(tmp_path):
             assert status == 200 and ctype.startswith("text/plain") and b"nydusd_read_count" in body
         assert "nydusd_read_count" in client.metrics()
 
+        # upstream: the instance's RafsSuperMeta; 'mountpoint' is required
         status, _, body = _call(sock, "GET", "/api/v1/daemon/backend")
-        assert status == 200 and isinstance(json.loads(body), dict)
+        assert status == 400 and "'mountpoint' should be specified" in json.loads(body)["message"]
+        status, _, body = _call(sock, "GET", "/api/v1/daemon/backend?mountpoint=/a")
+        meta = json.loads(body)
+        assert status == 200
+        _check(meta, "RafsSuperMeta")
+        assert meta["version"] == 0x600 and meta["magic"] == 0xE0F5E1E2 and meta["inodes_count"] == 2
+        assert meta["flags"] == {"bits": meta["flags"]["bits"]} and meta["flags"]["bits"] > 0
+        assert meta["attr_timeout"] == {"secs": 1 << 32, "nanos": 0} and meta["chunk_size"] == 1 << 20
+        assert _call(sock, "GET", "/api/v1/daemon/backend?mountpoint=/nope")[0] == 404
 
         status, _, _ = _call(sock, "PUT", "/api/v1/daemon", b'{"log_level": "debug"}')
         assert status == 204

@@ -55,7 +55,7 @@ from typing import Any
 import trio
 
 from rafs.daemon.config import DaemonConfig, loads_json
-from rafs.errors import ConfigError, MountError, NotFound, NotServed, RafsError, UnsupportedError
+from rafs.errors import ConfigError, MountError, NotFound, NotServed, RafsError, StateError, UnsupportedError
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ class ApiError(RafsError):
 def _error_status(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, NotServed):
         return 501, "Unsupported"
+    if isinstance(exc, StateError):
+        return 400, "UnexpectedEvent"
     if isinstance(exc, NotFound):
         return 404, "NotFound"
     if isinstance(exc, UnsupportedError):
@@ -199,6 +201,48 @@ def upstream_info(daemon: Any) -> dict:
     info.setdefault("supervisor", getattr(daemon, "supervisor", None))
     info.setdefault("backend_collection", {})
     return info
+
+
+#: upstream's default attr/entry timeout (seconds), serialized as a Rust Duration
+_RAFS_DEFAULT_TIMEOUT = {"secs": 1 << 32, "nanos": 0}
+
+
+def backend_info(daemon: Any, mountpoint: str | None) -> dict:
+    """``GET /api/v1/daemon/backend?mountpoint=/<id>``: upstream's answer, the instance's RAFS
+    super block metadata (``RafsSuperMeta``: version 0x500/0x600, table offsets, ``flags`` as
+    ``{"bits": N}``, timeouts as ``{"secs", "nanos"}``); 400 without ``mountpoint``."""
+    if not mountpoint:
+        raise ConfigError("'mountpoint' should be specified in query string")
+    inst = daemon._instance(mountpoint)
+    tree = getattr(inst.tree, "rafs", inst.tree)  # erofs blob files: the RAFS image they present
+    info = tree.info()
+    v6 = info.get("version") == 6
+    sb = getattr(tree, "sb", None)
+    out = {"magic": int(getattr(sb, "s_magic", 0)), "version": 0x600 if v6 else 0x500,
+           "sb_size": 0 if v6 else int(getattr(sb, "s_sb_size", 0)), "root_inode": int(info.get("root_ino") or 0),
+           "chunk_size": int(info.get("chunk_size") or 0), "batch_size": 0,
+           "inodes_count": int(info.get("inode_count") or 0), "flags": {"bits": int(info.get("flags") or 0)},
+           "inode_table_entries": 0, "inode_table_offset": 0, "blob_table_size": 0, "blob_table_offset": 0,
+           "extended_blob_table_offset": 0, "extended_blob_table_entries": 0, "blob_device_table_count": 0,
+           "blob_device_table_offset": 0, "prefetch_table_offset": 0, "prefetch_table_entries": 0,
+           "attr_timeout": dict(_RAFS_DEFAULT_TIMEOUT), "entry_timeout": dict(_RAFS_DEFAULT_TIMEOUT),
+           "is_chunk_dict": False, "meta_blkaddr": 0, "root_nid": 0, "chunk_table_offset": 0,
+           "chunk_table_size": 0}
+    out["blob_table_offset"], out["blob_table_size"] = (int(x) for x in info["blob_table"])
+    if v6:
+        out["meta_blkaddr"] = int(info.get("meta_blkaddr") or 0)
+        out["root_nid"] = int(getattr(sb, "s_root_nid", 0))
+        out["blob_device_table_count"] = int(getattr(sb, "s_extra_devices", 0))
+        out["blob_device_table_offset"] = int(getattr(sb, "s_devt_slotoff", 0)) * 128
+        out["chunk_table_offset"], out["chunk_table_size"] = (int(x) for x in info["chunk_table"])
+        offset, size = info["prefetch_table"]
+        out["prefetch_table_offset"], out["prefetch_table_entries"] = int(offset), int(size) // 4
+    else:
+        out["inode_table_offset"], out["inode_table_entries"] = (int(x) for x in info["inode_table"])
+        out["extended_blob_table_offset"], out["extended_blob_table_entries"] = (
+            int(x) for x in info["extended_blob_table"])
+        out["prefetch_table_offset"], out["prefetch_table_entries"] = (int(x) for x in info["prefetch_table"])
+    return out
 
 
 def fs_metric(daemon: Any, only: str | None) -> dict:
@@ -368,7 +412,7 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes,
 
         return 200, EVENTS.export()
     if path == "/api/v1/daemon/backend" and method == "GET":
-        return 200, upstream_info(daemon)["backend_collection"]
+        return 200, await trio.to_thread.run_sync(backend_info, daemon, query.get("mountpoint"))
     if path == "/api/v1/mount":
         mountpoint = query.get("mountpoint")
         if not mountpoint:
@@ -424,12 +468,21 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes,
     if path == "/api/v2/blobs":
         return _blobs_v2(method, query)
     if path == "/api/v1/daemon/exit" and method == "PUT":
-        if query.get("handover") in ("1", "true"):
+        handover = query.get("handover")
+        if handover in ("1", "true") or (handover is None and daemon.keeps_connection_on_exit()):
             await daemon.send_handover()  # the holder has the newest state before we go
             daemon.prepare_handover_exit()
+        elif handover not in (None, "0", "false"):
+            raise ConfigError(f"handover: expected 1/true or 0/false, got {handover[:32]!r}")
         return 204, _EXIT
     if path == "/api/v1/daemon/fuse/sendfd" and method == "PUT":
         await daemon.send_handover()
+        return 204, None
+    if path == "/api/v1/daemon/fuse/takeover" and method == "PUT":
+        await daemon.takeover()
+        return 204, None
+    if path == "/api/v1/daemon/start" and method == "PUT":
+        await daemon.start_service()
         return 204, None
     return 404 if method in ("GET", "POST", "PUT", "DELETE") else 405, {
         "code": "NotFound", "message": f"no endpoint {method} {url.path}"}
@@ -520,8 +573,20 @@ class DaemonClient:
         q = "?" + urllib.parse.urlencode({"id": instance}) if instance else ""
         return self.request("GET", f"/api/v1/metrics{q}", raw=True)
 
-    def exit(self, *, handover: bool = False) -> None:
-        self.request("PUT", "/api/v1/daemon/exit" + ("?handover=1" if handover else ""))
+    def exit(self, *, handover: bool | None = False) -> None:
+        """``handover`` True: leave the FUSE connection to a successor; False: unmount
+        everything; None: upstream's exit (leaves it when the daemon has a supervisor)."""
+        query = {True: "?handover=1", False: "?handover=0", None: ""}[handover]
+        self.request("PUT", "/api/v1/daemon/exit" + query)
+
+    def takeover(self) -> None:
+        """Upstream's ``PUT /api/v1/daemon/fuse/takeover``: an ``--upgrade`` daemon in INIT
+        adopts the session its supervisor holds (READY)."""
+        self.request("PUT", "/api/v1/daemon/fuse/takeover")
+
+    def start(self) -> None:
+        """Upstream's ``PUT /api/v1/daemon/start``: a READY daemon serves (RUNNING)."""
+        self.request("PUT", "/api/v1/daemon/start")
 
     def send_fd(self) -> None:
         self.request("PUT", "/api/v1/daemon/fuse/sendfd")

@@ -503,7 +503,15 @@ class DaemonManager:
         rec = replace(rec, pid=proc.pid, supervisor=supervisor)
         deadline = time.monotonic() + self.start_timeout
         client = DaemonClient(rec.apisock, timeout=5)
-        while client.state() != "RUNNING":
+        while (state := client.state()) != "RUNNING":
+            if upgrade and state == "INIT":  # upstream's successor sequence: takeover, then start
+                try:
+                    client.takeover()
+                    client.start()
+                except (OSError, ApiError) as exc:
+                    self._reap(rec)
+                    raise MountError(f"nydusd {rec.daemon_id} could not take the FUSE session over: {exc}") from exc
+                continue
             if proc.poll() is not None:
                 raise MountError(f"nydusd {rec.daemon_id} exited with {proc.returncode}: {self._log_tail(rec)}")
             if time.monotonic() > deadline:
