@@ -279,14 +279,26 @@ def test_upstream_metrics_endpoints_answer_json(tmp_path, capfd):
         status, latest = _json(sock, "GET", "/api/v1/metrics/files?id=/a&latest=true")
         assert status == 200 and latest == [pattern[0]["ino"]]
         assert _json(sock, "GET", "/api/v1/metrics/files?id=/a&latest=true")[1] == []  # cleared
-        assert _json(sock, "GET", "/api/v1/metrics/files?id=/a") == (200, {})  # iostats_files: not collected
+        assert _json(sock, "GET", "/api/v1/metrics/files?id=/a") == (200, {})  # iostats_files off: upstream's {}
         assert _json(sock, "GET", "/api/v1/metrics?id=/a")[1]["access_pattern_enabled"] is True
 
-        # a second instance without recording and without a blob cache
+        # a second instance with per-file counters, without the other recording and a blob cache
         client.mount("/b", boot, _config(tmp_path, cache="dummycache", iostats_files=True))
         assert open(os.path.join(mnt, "b", "g"), "rb").read() == b"small file"
-        warned = [line for line in capfd.readouterr().err.splitlines() if "iostats_files" in line]
-        assert len(warned) == 1 and "not collected" in warned[0]  # one line naming the key
+        with open(os.path.join(mnt, "b", "f"), "rb", buffering=0) as f:
+            assert f.read(4096) == data[:4096]
+        assert not [line for line in capfd.readouterr().err.splitlines() if "iostats_files" in line]
+        status, stats = _json(sock, "GET", "/api/v1/metrics/files?id=/b")
+        assert status == 200 and len(stats) == 2, stats  # upstream's InodeIoStats per inode read
+        for counters in stats.values():
+            _check(counters, "InodeIoStats")
+            assert len(counters["block_count_read"]) == 8 and len(counters["fop_hits"]) == 15
+            assert counters["total_fops"] == counters["fop_hits"][4] >= 1 and counters["fop_errors"][4] == 0
+        by_size = sorted(stats.values(), key=lambda c: c["data_read"])
+        assert by_size[0]["data_read"] == len(b"small file") and by_size[0]["block_count_read"][0] >= 1
+        assert by_size[1]["data_read"] >= 4096
+        assert _json(sock, "GET", "/api/v1/metrics?id=/b")[1]["files_account_enabled"] is True
+        assert _json(sock, "GET", "/api/v1/metrics?id=/a")[1]["files_account_enabled"] is False
         assert _json(sock, "GET", "/api/v1/metrics/pattern?id=/b") == (200, [])  # upstream: off = []
         assert _json(sock, "GET", "/api/v1/metrics/files?id=/b&latest=true") == (200, [])
         assert _json(sock, "GET", "/api/v1/metrics?id=/b")[1]["access_pattern_enabled"] is False
@@ -537,3 +549,14 @@ def test_inflight_with_libfuse_loop_is_not_served(tmp_path):
     with running_daemon(tmp_path, fuse_impl="pyfuse3") as (client, mnt, _):
         status, err = _json(client.apisock, "GET", "/api/v1/metrics/inflight")
         assert status == 501 and err["code"] == "Unsupported" and "--fuse-impl ll" in err["message"]
+
+
+def test_request_size_classes_match_upstream():
+    """``block_count_read`` classes: the boundaries upstream's own unit test pins
+    (utils/src/metrics.rs ``test_request_size_index``)."""
+    from rafs.fs.instance import request_size_index
+
+    cases = {0x0: 0, 0x3FF: 0, 0x400: 1, 0xFFF: 1, 0x1000: 2, 0x3FFF: 2, 0x4000: 3, 0xFFFF: 3,
+             0x1_0000: 4, 0x1_FFFF: 4, 0x2_0000: 5, 0x7_FFFF: 5, 0x8_0000: 6, 0xF_FFFF: 6,
+             0x10_0000: 7, (1 << 64) - 1: 7}
+    assert {size: request_size_index(size) for size in cases} == cases

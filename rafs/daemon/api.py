@@ -270,9 +270,10 @@ def fs_metric(daemon: Any, only: str | None) -> dict:
     errors[read] = sum(int(i.metrics.read_errors) for i in chosen)
     latency[read] = int(sum(i.metrics.read_seconds for i in chosen) * 1_000_000)
     pattern = any(getattr(getattr(i, "access", None), "pattern", False) for i in chosen)
-    return {"files_account_enabled": False, "access_pattern_enabled": pattern, "measure_latency": False,
+    files = any(getattr(getattr(i, "access", None), "files", False) for i in chosen)
+    return {"files_account_enabled": files, "access_pattern_enabled": pattern, "measure_latency": False,
             "id": only or "", "data_read": sum(int(i.metrics.read_bytes) for i in chosen),
-            "block_count_read": [0] * 11, "fop_hits": hits, "fop_errors": errors,
+            "block_count_read": [0] * 8, "fop_hits": hits, "fop_errors": errors,
             "fop_cumulative_latency_total": latency, "read_latency_dist": [0] * 8, "nr_opens": 0,
             "nr_max_opens": 0, "last_fop_tp": 0}
 
@@ -339,13 +340,14 @@ def blobcache_metrics(daemon: Any, only: str | None) -> dict:
 def files_metrics(daemon: Any, only: str | None, latest: bool) -> Any:
     """``/api/v1/metrics/files``: with ``latest=true`` the inodes read since the last such call
     (``latest_read_files``; ``[]`` when it is off, as upstream); else upstream's per-file
-    counters map, which this daemon does not collect (``iostats_files``): ``{}``, upstream's
-    answer with the counters off."""
+    counters (``iostats_files``): inode number -> ``InodeIoStats`` (reads only: ``total_fops``,
+    ``data_read``, ``block_count_read``, the ``read`` slot of ``fop_hits``/``fop_errors``);
+    ``{}`` when they are off, as upstream."""
     _, inst = _one_instance(daemon, only)
+    access = getattr(inst, "access", None)
     if latest:
-        access = getattr(inst, "access", None)
         return access.take_latest() if access is not None and access.latest else []
-    return {}
+    return access.file_stats() if access is not None and access.files else {}
 
 
 def access_patterns(daemon: Any, only: str | None) -> list:
