@@ -560,3 +560,24 @@ def test_request_size_classes_match_upstream():
              0x1_0000: 4, 0x1_FFFF: 4, 0x2_0000: 5, 0x7_FFFF: 5, 0x8_0000: 6, 0xF_FFFF: 6,
              0x10_0000: 7, (1 << 64) - 1: 7}
     assert {size: request_size_index(size) for size in cases} == cases
+
+
+def test_put_mount_of_an_erofs_instance_is_refused_precisely(tmp_path):
+    """Remount under the erofs driver: the kernel's EROFS mount cannot change its image in
+    place (upstream's erofs/fscache mode has no remount either): 501 with what to do instead;
+    the instance keeps serving."""
+    require_fuse()
+    from tests.test_fs_erofs import require_erofs
+
+    require_erofs()
+    boot = _image(tmp_path, {"f": b"erofs remount" * 400})
+    config = _config(tmp_path)
+    with running_daemon(tmp_path, opener="real", fs_driver="erofs") as (client, mnt, _):
+        client.mount("/e", boot, config)
+        assert client.info()["instances"]["/e"]["fs_driver"] == "erofs"
+        body = json.dumps({"fs_type": "rafs", "source": boot, "config": json.dumps(config)}).encode()
+        status, err = _json(client.apisock, "PUT", "/api/v1/mount?mountpoint=/e", body)
+        assert status == 501 and err["code"] == "Unsupported", err
+        assert "Remount(MountFilesystem(Unsupported))" in err["message"] and "DELETE" in err["message"]
+        assert open(os.path.join(mnt, "e", "f"), "rb").read() == b"erofs remount" * 400
+        client.umount("/e")

@@ -25,7 +25,8 @@ import trio
 
 from rafs import erofs
 from rafs.daemon.config import DaemonConfig, check_instance_name
-from rafs.errors import ConfigError, FormatError, MountError, NotFound, RafsError, StateError, UnsupportedError
+from rafs.errors import (ConfigError, FormatError, MountError, NotFound, NotServed, RafsError, StateError,
+                         UnsupportedError)
 from rafs.fs import session
 from rafs.fs.fuse_ll import FuseSession
 from rafs.fs.instance import BlobFiles, FileAccess, Instance
@@ -518,15 +519,17 @@ class Nydusd:
         /api/v1/mount``, upstream's remount): the instance keeps its slot, so its inode numbers,
         and every request from now on resolves in the new image; reads already running finish
         on the old one, closed after :data:`REMOUNT_GRACE` seconds and once its demand reads
-        settled. ``fusedev`` instances only (an erofs mount is the kernel's)."""
+        settled. ``fusedev`` instances only (an erofs mount is the kernel's: 501)."""
         name = self._instance_name(mountpoint)
         async with self._lock:
             record = self.records.get(name)
             if record is None:
                 raise NotFound(f"no instance mounted at {mountpoint}")
             if record.fs_driver != "fusedev":
-                raise UnsupportedError(f"instance {mountpoint} is an erofs mount: remount serves fusedev "
-                                       "instances only; unmount (DELETE) and mount (POST) it again")
+                # upstream's erofs mode (fscache) has no remount either: 501, its Unsupported
+                raise NotServed(f"Remount(MountFilesystem(Unsupported)): instance {mountpoint} is a kernel "
+                                "EROFS mount (fs driver erofs), which cannot change its image in place; "
+                                "remount serves fusedev instances only: unmount (DELETE) and mount (POST) it again")
             cfg, tree = await self._open_source(bootstrap, config)
             from rafs.daemon.device import seed_blob_metas
 
