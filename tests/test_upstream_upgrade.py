@@ -73,8 +73,13 @@ def _kill(*procs: subprocess.Popen) -> None:
                 p.wait(5)
 
 
-def test_upstream_hot_upgrade_sequence_keeps_the_mount_serving(tmp_path):
+@pytest.mark.parametrize("driver", ["fusedev", "erofs"])
+def test_upstream_hot_upgrade_sequence_keeps_the_mount_serving(tmp_path, driver):
     require_fuse()
+    if driver == "erofs":
+        from tests.test_fs_erofs import require_erofs
+
+        require_erofs()
     files = {f"f{i}": os.urandom(64 << 10) + bytes([i]) for i in range(6)}
     boot = _image(tmp_path, files)
     config = _config(tmp_path)
@@ -83,7 +88,8 @@ def test_upstream_hot_upgrade_sequence_keeps_the_mount_serving(tmp_path):
     a_sock, b_sock = str(tmp_path / "api1.sock"), str(tmp_path / "api2.sock")
     a = b = None
     try:
-        a = _spawn(tmp_path, "a", "--mountpoint", mnt, "--apisock", a_sock, "--supervisor", holder_sock)
+        a = _spawn(tmp_path, "a", "--mountpoint", mnt, "--apisock", a_sock, "--supervisor", holder_sock,
+                   "--fs-driver", driver)
         _wait_state(a_sock, a, "RUNNING", tmp_path, "a")
         body = json.dumps({"fs_type": "rafs", "source": boot, "config": json.dumps(config)}).encode()
         assert _call(a_sock, "POST", "/api/v1/mount?mountpoint=/img", body)[0] == 204
@@ -95,7 +101,7 @@ def test_upstream_hot_upgrade_sequence_keeps_the_mount_serving(tmp_path):
         assert _put(a_sock, "/api/v1/daemon/fuse/sendfd") == (204, None)  # upstream's SendStates
 
         b = _spawn(tmp_path, "b", "--mountpoint", mnt, "--apisock", b_sock, "--supervisor", holder_sock,
-                   "--upgrade")
+                   "--upgrade", "--fs-driver", driver)
         _wait_state(b_sock, b, "INIT", tmp_path, "b")
         status, err = _put(b_sock, "/api/v1/daemon/start")  # start before takeover: refused
         assert status == 400 and err["code"] == "UnexpectedEvent", err
@@ -104,7 +110,7 @@ def test_upstream_hot_upgrade_sequence_keeps_the_mount_serving(tmp_path):
         takeover_s = time.monotonic() - t0
         assert _state(b_sock) == "READY"
         _, _, info = _call(b_sock, "GET", "/api/v1/daemon")
-        assert "/img" in json.loads(info)["instances"]  # restored from the holder's state
+        assert json.loads(info)["instances"]["/img"]["fs_driver"] == driver  # restored from the holder's state
         status, err = _put(b_sock, "/api/v1/daemon/fuse/takeover")  # once only
         assert status == 400 and err["code"] == "UnexpectedEvent", err
         # the old daemon still serves until it exits
@@ -113,13 +119,15 @@ def test_upstream_hot_upgrade_sequence_keeps_the_mount_serving(tmp_path):
 
         assert _put(a_sock, "/api/v1/daemon/exit") == (204, None)  # upstream: exit without umount
         assert a.wait(15) == 0
-        assert erofs.mounted_fstype(mnt) is not None
+        assert erofs.mounted_fstype(os.path.join(mnt, "img") if driver == "erofs" else mnt) is not None
         result = {}
         reader = threading.Thread(target=lambda: result.update(
             data=open(os.path.join(mnt, "img", "f2"), "rb").read()))
-        reader.start()  # nobody serves the connection now: the read waits in the kernel
+        reader.start()  # nobody serves the FUSE connection now: a read reaching it waits in the kernel
         time.sleep(0.3)
-        assert reader.is_alive() and _state(b_sock) == "READY"
+        assert _state(b_sock) == "READY"
+        if driver == "fusedev":  # (erofs: the kernel may find the data in the cache file instead)
+            assert reader.is_alive()
 
         assert _put(b_sock, "/api/v1/daemon/start") == (204, None)
         assert _state(b_sock) == "RUNNING"
@@ -135,7 +143,7 @@ def test_upstream_hot_upgrade_sequence_keeps_the_mount_serving(tmp_path):
         print(f"takeover answered in {takeover_s:.3f} s")
     finally:
         _kill(*(p for p in (a, b) if p is not None))
-        left = fs_harness.mounts_under(mnt)
+        left = fs_harness.mounts_under(mnt)  # (with <mnt>.blobs, the erofs driver's blob files)
         cleanup_mounts(mnt)
         _stop(holder)
     assert not left, f"the successor left mounts behind after SIGTERM: {left}"
