@@ -6,11 +6,12 @@ Endpoints (upstream paths; docs/mounts.md has the answers in full):
   backend_collection) plus ours (instances, ...); ``GET /api/v2/daemon`` the same without the
   filesystems' info (``backend_collection`` null)
 * ``PUT /api/v1/daemon`` (and ``/api/v2/daemon``) body ``{"log_level": "debug"}`` — log level
-* ``GET /api/v1/daemon/backend`` — the daemon's ``backend_collection``
+* ``GET /api/v1/daemon/backend?mountpoint=/<id>`` — upstream's answer: the instance's RAFS
+  super block metadata (``RafsSuperMeta``)
 * ``GET /api/v1/daemon/events`` — upstream's ``ErrorHolder``: failed backend reads
 * ``POST /api/v1/mount?mountpoint=/<id>`` body ``{"fs_type":"rafs","source":<bootstrap>,"config":<json>}``
 * ``PUT /api/v1/mount?mountpoint=/<id>`` same body — upstream's remount: the instance is served
-  from the new bootstrap and config in place (fusedev instances)
+  from the new bootstrap and config in place (fusedev instances; erofs ones: 501)
 * ``DELETE /api/v1/mount?mountpoint=/<id>``
 * ``POST /api/v1/prefetch?mountpoint=/<id>`` body ``{"files": [...]}`` (optional) — start prefetch
 * ``GET /api/v1/trace?mountpoint=/<id>`` — the prefetch trace recorded so far (text, see
@@ -25,17 +26,22 @@ Endpoints (upstream paths; docs/mounts.md has the answers in full):
   backend / only the cache + prefetch families)
 * ``GET /api/v1/metrics/pattern[?id=]`` — upstream's access patterns (``access_pattern``; ``[]`` off)
 * ``GET /api/v1/metrics/files[?id=][&latest=true]`` — the files read since the last call
-  (``latest_read_files``; ``[]`` off); without ``latest``: ``{}`` (per-file counters are not
-  collected, upstream's answer with them off)
+  (``latest_read_files``; ``[]`` off); without ``latest``: upstream's per-file counters
+  (``iostats_files``; ``{}`` off)
 * ``GET /api/v1/metrics/inflight`` — FUSE requests being served (204 when none)
 * ``/api/v2/blobs`` — upstream's fscache blob objects: answered as upstream nydusd answers them in
   fusedev mode (501 ``...(DaemonAbnormal(Unsupported))``, 400 without parameters, 204 for
   ``DELETE ?blob_id=``)
-* ``PUT /api/v1/daemon/exit`` — unmount everything and exit; ``?handover=1``: exit leaving the
-  FUSE connection (and the erofs mounts) to a successor (``--upgrade``; own FUSE loop only)
+* ``PUT /api/v1/daemon/exit`` — exit; with a ``--supervisor`` holding the session (upstream's
+  exit) leaving the FUSE connection (and the erofs mounts) to a successor, else unmounting
+  everything first; ``?handover=1`` / ``?handover=0`` force either
 * ``PUT /api/v1/daemon/fuse/sendfd`` — send the FUSE fds and handover state to ``--supervisor``
+* ``PUT /api/v1/daemon/fuse/takeover`` — upstream's Takeover (INIT -> READY) of an ``--upgrade``
+  daemon: adopt the session the supervisor holds, not serving yet
+* ``PUT /api/v1/daemon/start`` — upstream's Start (READY -> RUNNING): serve it
 
-Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500/501. Every malformed
+Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500/501 (400
+``UnexpectedEvent``: a lifecycle request the daemon's state does not allow, as upstream). Every malformed
 request is a 4xx with the reason: bad HTTP, a body that is not a JSON object (or nested too
 deeply), a ``source`` that is not a readable RAFS bootstrap, an instance name breaking
 :func:`rafs.daemon.config.check_instance_name`; 500 is left for the daemon's own failures and
