@@ -193,3 +193,36 @@ def test_exit_without_supervisor_unmounts(tmp_path):
     finally:
         _kill(*(p for p in (a,) if p is not None))
         cleanup_mounts(mnt)
+
+
+def test_a_ready_successor_stopped_before_start_leaves_the_old_daemon_serving(tmp_path):
+    """An upgrade abandoned after ``takeover`` (the successor SIGTERMed in READY): the session
+    is still the old daemon's, so the successor exits without unmounting and reads go on."""
+    require_fuse()
+    files = {"f": os.urandom(32 << 10), "g": os.urandom(8 << 10)}
+    boot = _image(tmp_path, files)
+    holder_sock, holder = _holder(tmp_path)
+    mnt = str(tmp_path / "mnt")
+    a_sock, b_sock = str(tmp_path / "api1.sock"), str(tmp_path / "api2.sock")
+    a = b = None
+    try:
+        a = _spawn(tmp_path, "a", "--mountpoint", mnt, "--apisock", a_sock, "--supervisor", holder_sock)
+        _wait_state(a_sock, a, "RUNNING", tmp_path, "a")
+        body = json.dumps({"fs_type": "rafs", "source": boot, "config": json.dumps(_config(tmp_path))}).encode()
+        assert _call(a_sock, "POST", "/api/v1/mount?mountpoint=/img", body)[0] == 204
+        assert open(os.path.join(mnt, "img", "f"), "rb").read() == files["f"]
+        assert _put(a_sock, "/api/v1/daemon/fuse/sendfd") == (204, None)
+        b = _spawn(tmp_path, "b", "--mountpoint", mnt, "--apisock", b_sock, "--supervisor", holder_sock, "--upgrade")
+        _wait_state(b_sock, b, "INIT", tmp_path, "b")
+        assert _put(b_sock, "/api/v1/daemon/fuse/takeover") == (204, None)
+        b.send_signal(signal.SIGTERM)
+        assert b.wait(15) == 0
+        assert _state(a_sock) == "RUNNING"
+        assert open(os.path.join(mnt, "img", "g"), "rb").read() == files["g"]
+        assert [m for m in fs_harness.mounts_under(mnt) if m == mnt]
+    finally:
+        _kill(*(p for p in (a, b) if p is not None))
+        left = fs_harness.mounts_under(mnt)
+        cleanup_mounts(mnt)
+        _stop(holder)
+    assert not left, f"the old daemon left mounts behind after SIGTERM: {left}"
