@@ -308,7 +308,7 @@ class DaemonManager:
         with self._lock:
             if driver == "erofs":
                 if self._erofs_support is None:
-                    self._erofs_support = erofs.detect_support()
+                    self._erofs_support = erofs.detect_support(self.root)
                 if not self._erofs_support.usable:
                     driver = "fusedev"
             daemon_id = f"shared-{driver}"
@@ -412,7 +412,7 @@ class DaemonManager:
         if self.fs_driver != "erofs":
             return "fusedev"
         if self._erofs_support is None:
-            self._erofs_support = erofs.detect_support()
+            self._erofs_support = erofs.detect_support(self.root)
         if not self._erofs_support.usable:
             log.warning("fs_driver erofs unavailable, using fusedev: %s", self._erofs_support.reason)
             return "fusedev"
