@@ -178,9 +178,21 @@ def daemon_pids(state: str) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("fs_driver", ["erofs", "fusedev"])
+def configmap_daemon_settings() -> dict:
+    """The ``[daemon]`` table of the DaemonSet's ConfigMap (misc/k8s/containerd.yaml)."""
+    import yaml
+
+    with open(REPO / "misc/k8s/containerd.yaml") as f:
+        cm = next(d for d in yaml.safe_load_all(f) if d and d["kind"] == "ConfigMap")
+    return toml.loads(cm["data"]["config.toml"])["daemon"]
+
+
+# erofs with the ConfigMap's daemon settings (recover_policy "restart"), fusedev with the
+# snapshotter's defaults (recover_policy "failover": the fd holders die with the old pod)
+@pytest.mark.parametrize("fs_driver,daemon", [("erofs", configmap_daemon_settings()), ("fusedev", {})],
+                         ids=["erofs-configmap", "fusedev-failover"])
 def test_a_snapshotter_container_restart_leaves_running_containers_reading(image_layout, registry, containerd_factory,
-                                                                            tmp_path, fs_driver):
+                                                                            tmp_path, fs_driver, daemon):
     ref = f"{registry.host}/pynydus/nydus-snapshotter:test"
     subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{image_layout}:test",
                     f"docker://{ref}"], check=True, timeout=600)
@@ -204,7 +216,7 @@ def test_a_snapshotter_container_restart_leaves_running_containers_reading(image
     cgroup = f"pynydus-test-{uuid.uuid4().hex[:8]}"
     # prefetch off: a file not read before the restart is not in the cache either
     cfg = snapshotter_config_for(registry, prefetch=False) | {"root": state, "address": address}
-    cfg["daemon"] = {"fs_driver": fs_driver, "cgroup": cgroup}
+    cfg["daemon"] = daemon | {"fs_driver": fs_driver, "cgroup": cgroup}
     with open(os.path.join(etc, "config.toml"), "w") as f:
         toml.dump(cfg, f)
     subprocess.run(["mount", "--bind", state, state], check=True)
