@@ -28,6 +28,11 @@ with this process; :meth:`recover` re-attaches live daemons and asks them to sen
 Files under ``root``: ``daemons/<id>.json``, ``socket/<id>/api.sock``, ``traces/<instance>.trace``,
 ``config/<id>[/<instance>]/config.json``, ``logs/<id>/nydusd.log``, ``mnt``/``mnt-erofs``,
 ``supervisor/<id>.sock`` (failover).
+
+``cgroup`` (``[daemon] cgroup``): each daemon is moved, right after it is spawned, into that
+cgroup at the top of every hierarchy under ``cgroup_fs`` (:mod:`rafs.daemon.cgroup`), so a
+runtime killing the snapshotter's container (its cgroup) leaves the daemons serving; the next
+snapshotter reattaches to them (``recover()``). "" leaves them in the snapshotter's cgroup.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from typing import Any, Literal
 
 from rafs import erofs
 from rafs.daemon.api import ApiError, DaemonClient
+from rafs.daemon.cgroup import DaemonCgroup
 from rafs.daemon.config import check_instance_name
 from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
 from rafs.fs.session import is_stale_mount
@@ -177,7 +183,8 @@ class DaemonManager:
                  fs_driver: Literal["fusedev", "erofs"] = "fusedev", nydusd_config: dict | None = None,
                  nydusd_cmd: list[str] | None = None, log_level: str = "info",
                  start_timeout: float = 30.0, monitor_interval: float | None = 2.0,
-                 recover_policy: str = "restart", failover_policy: str = "resend") -> None:
+                 recover_policy: str = "restart", failover_policy: str = "resend",
+                 cgroup: str = "", cgroup_fs: str = "/sys/fs/cgroup") -> None:
         if mode not in ("shared", "dedicated"):
             raise ConfigError(f"daemon mode: expected 'shared' or 'dedicated', got {mode!r}")
         if fs_driver not in ("fusedev", "erofs"):
@@ -187,6 +194,7 @@ class DaemonManager:
         if failover_policy not in FAILOVER_POLICIES:
             raise ConfigError(f"failover_policy: expected one of {FAILOVER_POLICIES}, got {failover_policy!r}")
         self.root = os.path.abspath(root)
+        self.cgroup = DaemonCgroup(cgroup, cgroup_fs) if cgroup else None
         self.mode = mode
         self.recover_policy = recover_policy
         self.failover_policy = failover_policy
@@ -300,7 +308,7 @@ class DaemonManager:
         with self._lock:
             if driver == "erofs":
                 if self._erofs_support is None:
-                    self._erofs_support = erofs.detect_support()
+                    self._erofs_support = erofs.detect_support(self.root)
                 if not self._erofs_support.usable:
                     driver = "fusedev"
             daemon_id = f"shared-{driver}"
@@ -368,6 +376,8 @@ class DaemonManager:
                     self._save(replace(rec, pid=0))
                 else:
                     self._drop(rec.daemon_id)
+            if self.cgroup is not None:
+                self.cgroup.remove()
 
     def daemon_client(self, instance_id: str) -> DaemonClient:
         """The API client of the daemon serving ``instance_id`` (metrics, prefetch)."""
@@ -402,7 +412,7 @@ class DaemonManager:
         if self.fs_driver != "erofs":
             return "fusedev"
         if self._erofs_support is None:
-            self._erofs_support = erofs.detect_support()
+            self._erofs_support = erofs.detect_support(self.root)
         if not self._erofs_support.usable:
             log.warning("fs_driver erofs unavailable, using fusedev: %s", self._erofs_support.reason)
             return "fusedev"
@@ -500,6 +510,12 @@ class DaemonManager:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                     env=env, start_new_session=True)
         self._procs[rec.daemon_id] = proc
+        if self.cgroup is not None:  # before it serves: nothing it starts stays behind
+            try:
+                self.cgroup.attach(proc.pid)
+            except MountError as exc:
+                log.error("%s: daemon %s stays in the snapshotter's cgroup (stopping the snapshotter's "
+                          "container stops it)", exc, rec.daemon_id)
         rec = replace(rec, pid=proc.pid, supervisor=supervisor)
         deadline = time.monotonic() + self.start_timeout
         client = DaemonClient(rec.apisock, timeout=5)

@@ -217,7 +217,7 @@ class Nydusd:
         if self._takeover is not None:
             self.shared = self._check_takeover(bootstrap)
         if self.fs_driver == "erofs":
-            erofs.require_file_backed()
+            erofs.require_file_backed(os.path.dirname(self.mountpoint.rstrip("/")))
             self.fs = RafsFs(shared=True, no_open=self.fuse_no_open, read_gets_ino=self.fuse_impl == "ll")
             if self.blob_dir is None:
                 self.blob_dir = self.mountpoint.rstrip("/") + ".blobs"
