@@ -1,0 +1,51 @@
+"""Helpers for the tests of ``misc/install.sh`` (integration/test_install.py,
+integration/test_install_chroot.py): the wheels it installs from, running it, and listing a tree
+to compare before and after.
+
+The ``wheels`` fixture (integration/conftest.py, session scope) calls :func:`build_wheels` once
+per test run, however many modules use it."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+INSTALL = REPO / "misc" / "install.sh"
+CLIS = ["nydus-snapshotter", "containerd-nydus-grpc", "nydusd", "nydus-image", "nydusify", "nydusctl"]
+
+
+def build_wheels(out: pathlib.Path) -> pathlib.Path:
+    """The wheels ``misc/install.sh install`` needs, in ``out``. Dependency wheels and the patched
+    pyfuse3 wheel are reused from dist/ when present (the pynydus wheel is always rebuilt from
+    this checkout); without them this runs ``misc/install.sh build`` (gcc, libfuse3-dev and the
+    package index; about 10 minutes)."""
+    dist = REPO / "dist"
+    if list(dist.glob("pyfuse3-*+pynydus*.whl")) and list(dist.glob("grpcio-*.whl")):
+        for w in dist.glob("*.whl"):
+            if not w.name.startswith("pynydus-"):
+                shutil.copy(w, out)
+        r = subprocess.run([sys.executable, "-m", "build", "-q", "--wheel", "--outdir", str(out), str(REPO)],
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        shutil.rmtree(REPO / "build", ignore_errors=True)
+    else:
+        r = subprocess.run([str(INSTALL), "build", "--dist", str(out)], capture_output=True, text=True, timeout=3000)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list(out.glob("pynydus-*.whl"))) == 1
+    return out
+
+
+def install(root: pathlib.Path, wheels: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+    """``misc/install.sh ARGS --root ROOT --dist WHEELS`` from this host; asserts success."""
+    r = subprocess.run([str(INSTALL), *args, "--root", str(root), "--dist", str(wheels)], capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def tree(root: pathlib.Path) -> list[str]:
+    """Every path below ``root``, relative and sorted (symlinks are not followed)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
