@@ -91,7 +91,30 @@ put() {
   record "${dest#"$ROOT"}"
 }
 
+# what install needs on the node besides the wheels (Debian 12 minbase lacks the last two):
+# python3 >= 3.11, its venv module (ensurepip: python3-venv) and libfuse3 (pyfuse3 links it).
+# All that is missing is named in one message, before anything is written.
+check_node() {
+  local missing=()
+  if [[ ! -x $PY ]]; then
+    missing+=("$PY (Debian package python3)")
+  elif ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    missing+=("Python >= 3.11 as $PY (found $("$PY" -V 2>&1))")
+  else
+    "$PY" -c 'import venv, ensurepip' 2>/dev/null \
+      || missing+=("the venv module with ensurepip for $PY (Debian package python3-venv)")
+    "$PY" -c 'import ctypes; ctypes.CDLL("libfuse3.so.3")' 2>/dev/null \
+      || missing+=("libfuse3.so.3 (Debian package fuse3 or libfuse3-3)")
+  fi
+  if ((${#missing[@]})); then
+    die "missing on this node${ROOT:+ (for --root: on this host)}: $(printf '%s; ' "${missing[@]}")install them and run again"
+  fi
+  [[ -x $ROOT/sbin/modprobe || -x $ROOT/usr/sbin/modprobe ]] \
+    || log "note: no modprobe (Debian package kmod): the unit's ExecStartPre cannot load the fuse module"
+}
+
 install() {
+  check_node
   compgen -G "$DIST/pynydus-*.whl" >/dev/null || build
   local t
   for t in "${CLIS[@]}"; do  # never clobber what another install put there
@@ -145,6 +168,7 @@ uninstall() {
     state=$("$P/bin/python" -c 'import sys; from snapshotter import config; print(config.load(sys.argv[1]).root)' \
       "$ROOT/etc/nydus/config.toml" 2>/dev/null || true)
   fi
+  if ((PURGE)) && [[ -n $state ]]; then command -v awk >/dev/null || die "--purge needs awk (Debian package mawk)"; fi
   if ((PURGE)) && [[ -n $state ]] && awk -v d="$ROOT$state" '$2 == d || index($2, d "/") == 1 {f=1} END {exit !f}' /proc/self/mounts; then
     die "--purge: filesystems are still mounted under $ROOT$state (stop the containers using them first)"
   fi
