@@ -7,10 +7,12 @@ per test run, however many modules use it."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import subprocess
 import sys
+from typing import Iterable
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 INSTALL = REPO / "misc" / "install.sh"
@@ -46,6 +48,13 @@ def install(root: pathlib.Path, wheels: pathlib.Path, *args: str) -> subprocess.
     return r
 
 
-def tree(root: pathlib.Path) -> list[str]:
-    """Every path below ``root``, relative and sorted (symlinks are not followed)."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+def tree(root: pathlib.Path, skip: Iterable[str] = ()) -> list[str]:
+    """Every path below ``root``, relative and sorted (symlinks are not followed), without
+    descending into the directories named (relative) in ``skip``, e.g. mount points."""
+    skip = {os.path.normpath(p) for p in skip}
+    out = []
+    for d, dirs, names in os.walk(root):
+        rel = os.path.relpath(d, root)
+        out += [os.path.normpath(os.path.join(rel, n)) for n in dirs + names]
+        dirs[:] = [n for n in dirs if os.path.normpath(os.path.join(rel, n)) not in skip]
+    return sorted(out)

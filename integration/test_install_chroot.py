@@ -1,0 +1,225 @@
+"""The host install on a clean root filesystem: a Debian bookworm minbase root made by mmdebstrap
+with only what a node has before our install (python3, python3-venv, fuse3, kmod). Inside it, as
+``chroot``: ``misc/install.sh`` names what is missing when python3-venv and libfuse3 are hidden,
+then installs from the wheels; every CLI answers ``--version`` from PATH; containerd's snapshotter
+conformance suite (integration/conformance, run on the host) passes against the INSTALLED
+``nydus-snapshotter --config /etc/nydus/config.toml``, started per case inside the chroot; and
+``uninstall --purge`` leaves the root as it was.
+
+The root gets a fresh procfs and sysfs, /dev (rbind, slave: with /dev/fuse), the checkout and the
+wheels read-only, and the suite's work directory at the same path as on the host, as a shared
+mount so that mounts made on either side are seen on the other. All of it is unmounted and every
+process running in the root is stopped (by PID) afterwards.
+
+Slow (marked): the first run builds the root tar with mmdebstrap (apt's mirror, about 1 minute)
+into ``.cache/`` keyed by suite and package list; later runs reuse it. Skipped when mmdebstrap is
+missing or cannot reach its package source, and without the Go suite (test_conformance.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from integration.harness.util import kill_pids, mounts_under, pid_alive, pids_mentioning, unmount_all
+from integration.install_support import CLIS, REPO, tree
+from integration.test_conformance import CASES, build_suite, verdicts
+
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+SUITE = "bookworm"
+#: a node before our install: python3 + python3-venv (install.sh's virtualenv), fuse3 (libfuse3
+#: for pyfuse3), kmod (the unit's modprobe); util-linux, coreutils, mawk come with minbase
+PACKAGES = ("python3", "python3-venv", "fuse3", "kmod")
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+UNREACHABLE = ("Could not resolve", "Temporary failure resolving", "Failed to fetch", "Unable to connect",
+               "Network is unreachable", "Connection refused", "Release file")
+SRC, DIST = "/mnt/pynydus-src", "/mnt/pynydus-dist"   # where the checkout and the wheels appear
+
+
+def root_tar(cache: pathlib.Path) -> pathlib.Path:
+    """The mmdebstrap root tar for (SUITE, PACKAGES), built once and kept in ``cache``."""
+    key = hashlib.sha256(f"{SUITE} minbase {','.join(sorted(PACKAGES))}".encode()).hexdigest()[:12]
+    path = cache / f"debian-{SUITE}-{key}.tar"
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f"debian-{SUITE}-{key}.{os.getpid()}.tmp.tar"   # mmdebstrap picks the format by suffix
+    r = subprocess.run(["mmdebstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES), "--format=tar",
+                        "--mode=root", "--quiet", SUITE, str(tmp)], capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        if any(m in r.stderr for m in UNREACHABLE):
+            pytest.skip(f"mmdebstrap cannot reach its package source: {r.stderr[-500:]}")
+        raise AssertionError(f"mmdebstrap failed: {r.stderr[-3000:]}")
+    os.rename(tmp, path)
+    return path
+
+
+def in_root(root: pathlib.Path, *argv: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``argv`` run inside ``root`` with a clean environment (nothing of this checkout's)."""
+    return subprocess.run(["chroot", str(root), "/usr/bin/env", "-i", f"PATH={PATH}", "HOME=/root", "LANG=C.UTF-8",
+                           *argv], capture_output=True, text=True, timeout=timeout, cwd="/")
+
+
+def pids_in(root: pathlib.Path) -> list[int]:
+    """Live processes whose root directory is ``root``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/root") == str(root) and pid_alive(int(entry)):
+                    out.append(int(entry))
+            except OSError:
+                continue
+    return out
+
+
+def mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def clean_root(tmp_path: pathlib.Path):
+    """(root, work): a fresh root from the cached tar with /proc, /sys, /dev, the checkout and the
+    wheels mounted (see the module doc), and a short host directory ``work`` mounted at the same path
+    inside; yields after the mounts, undoes all of them afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("chroot and mounts need root")
+    for tool in ("mmdebstrap", "chroot"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} missing (Debian package {'mmdebstrap' if tool == 'mmdebstrap' else 'coreutils'})")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse missing")
+    tar = root_tar(REPO / ".cache")
+    base = tempfile.mkdtemp(prefix="pyn-chroot-")
+    work = tempfile.mkdtemp(prefix="pyn-cc-")          # short: the suite's sockets live below it
+    root = pathlib.Path(base) / "root"
+    root.mkdir()
+    try:
+        subprocess.run(["tar", "-C", str(root), "-xf", str(tar)], check=True, timeout=600)
+        yield root, work
+    finally:
+        kill_pids(pids_mentioning(work) + pids_in(root))
+        unmount_all(base)
+        unmount_all(work)
+        left = mounts_under(base) + mounts_under(work)
+        assert not left, f"still mounted, {base} and {work} kept: {left}"
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def mount_into(root: pathlib.Path, wheels: pathlib.Path, work: str) -> list[str]:
+    """The mounts of the module doc; returns the mount points (relative to ``root``)."""
+    points = ["proc", "sys", "dev", SRC.lstrip("/"), DIST.lstrip("/"), work.lstrip("/")]
+    for d in points[3:]:
+        (root / d).mkdir(parents=True)
+    mount("-t", "proc", "proc", str(root / "proc"))
+    mount("-t", "sysfs", "sysfs", str(root / "sys"))
+    mount("--rbind", "/dev", str(root / "dev"))
+    mount("--make-rslave", str(root / "dev"))          # unmounting here never reaches the host's /dev
+    for src, dest in ((REPO, SRC), (wheels, DIST)):
+        mount("--bind", str(src), str(root / dest.lstrip("/")))
+        mount("-o", "remount,bind,ro", str(root / dest.lstrip("/")))
+    # work: its own peer group, so the suite's mounts (host side) and the snapshotter's (root side)
+    # show on both sides and the suite's unmounts reach both
+    mount("--bind", work, work)
+    mount("--make-private", work)
+    mount("--make-shared", work)
+    mount("--bind", work, str(root / work.lstrip("/")))
+    return points
+
+
+def install(root: pathlib.Path) -> None:
+    t0 = time.monotonic()
+    r = in_root(root, "/bin/bash", f"{SRC}/misc/install.sh", "install", "--dist", DIST)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "installed pynydus" in r.stderr and "note: no modprobe" not in r.stderr, r.stderr[-3000:]
+    print(f"install in the clean root: {time.monotonic() - t0:.1f} s")
+
+
+def uninstall_purge(root: pathlib.Path) -> None:
+    r = in_root(root, "/bin/bash", f"{SRC}/misc/install.sh", "uninstall", "--purge")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def diff(before: list[str], after: list[str]) -> str:
+    return f"added: {sorted(set(after) - set(before))[:20]}, removed: {sorted(set(before) - set(after))[:20]}"
+
+
+def test_installed_snapshotter_passes_conformance_in_a_clean_root(clean_root, wheels, tmp_path):
+    root, work = clean_root
+    binary = build_suite()                             # skips without the Go suite
+    points = mount_into(root, wheels, work)
+    before = tree(root, skip=points)
+
+    # install.sh names what is missing (here: python3-venv and libfuse3) and writes nothing
+    hidden = [*root.glob("usr/lib/python3.*/ensurepip"), *root.glob("usr/lib/*/libfuse3.so.3")]
+    assert len(hidden) == 2, hidden
+    for p in hidden:
+        p.rename(p.with_name(p.name + ".hidden"))
+    try:
+        r = in_root(root, "/bin/bash", f"{SRC}/misc/install.sh", "install", "--dist", DIST)
+    finally:
+        for p in hidden:
+            p.with_name(p.name + ".hidden").rename(p)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "python3-venv" in r.stderr and "libfuse3" in r.stderr, r.stderr[-3000:]
+    assert tree(root, skip=points) == before
+
+    # install; every CLI from PATH (/usr/local/bin -> /opt/pynydus/bin); uninstall leaves the root as it was
+    install(root)
+    for cli in CLIS:
+        r = in_root(root, cli, "--version", timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith(f"{cli} ") and "(pynydus)" in r.stdout, \
+            (cli, r.stdout, r.stderr[-2000:])
+    r = in_root(root, "python3", "-c", "import os; print(os.path.realpath('/usr/local/bin/nydus-snapshotter'))")
+    assert r.stdout.strip() == "/opt/pynydus/bin/nydus-snapshotter", r.stdout + r.stderr
+    uninstall_purge(root)
+    after = tree(root, skip=points)
+    assert after == before, diff(before, after)
+
+    # installed again: the conformance suite on the host, the installed snapshotter inside the root
+    install(root)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    argv = ["chroot", str(root), "/usr/bin/env", "-i", f"PATH={PATH}", "HOME=/root",
+            "nydus-snapshotter", "--config", "/etc/nydus/config.toml"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"TMPDIR": work, "CONFORMANCE_LOG_DIR": str(logs), "CONFORMANCE_SNAPSHOTTER": json.dumps(argv)}
+    t0 = time.monotonic()
+    proc = subprocess.Popen([str(binary), "-test.v", "-test.count=1", "-test.timeout=15m"], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=1000)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)           # its snapshotters die with it (PDEATHSIG)
+            proc.wait()
+        kill_pids(pids_mentioning(work))               # each case's shared nydusd outlives its snapshotter
+    print(f"conformance suite against the chroot's snapshotter: {time.monotonic() - t0:.1f} s")
+    got = verdicts(out)
+    failed = sorted(name for name, v in got.items() if v == "FAIL")
+    assert not failed and set(got) == CASES, f"failed: {failed}, missing: {CASES - set(got)}\n{out[-6000:]}"
+    assert [name for name, v in got.items() if v == "SKIP"] == ["Rename"], got
+    assert proc.returncode == 0, out[-3000:]
+    case_logs = sorted(logs.glob("*.log"))
+    assert len(case_logs) == len(CASES), case_logs                    # one snapshotter per case
+    for log in case_logs:
+        assert "nydus-snapshotter serving on" in log.read_text(), log.read_text()[-2000:]
+    assert not pids_in(root), "a process still runs in the root"
+
+    # uninstall after serving: nothing of ours is left. Not the install's, so not compared: the
+    # root's /tmp, where a snapshotter or nydusd stopped by the suite while starting can leave a
+    # temp file (rafs/erofs.py's EROFS probe file; the name tempfile's first use creates and unlinks)
+    uninstall_purge(root)
+    after = [p for p in tree(root, skip=points) if p in before or not p.startswith("tmp/")]
+    assert after == before, diff(before, after)
