@@ -9,7 +9,8 @@
 #            misc/pyfuse3/read-ino.patch, and of every dependency into --dist (default dist/);
 #            needs gcc, pkg-config, libfuse3-dev, patch, python3-dev and the package index once.
 #            Copy that directory to the nodes: install needs neither a compiler nor the network.
-# install    (run build first when --dist holds no pynydus wheel) creates or upgrades the
+# install    needs python3 (>= 3.11), python3-venv and fuse3 (libfuse3) on the node and checks them
+#            first. (Runs build first when --dist holds no pynydus wheel.) Creates or upgrades the
 #            virtualenv --prefix (default /opt/pynydus) from the wheels in --dist only; links
 #            nydus-snapshotter, containerd-nydus-grpc, nydusd, nydus-image, nydusify and nydusctl into /usr/local/bin;
 #            installs /etc/systemd/system/nydus-snapshotter.service, /etc/logrotate.d/nydus-snapshotter
