@@ -1,10 +1,12 @@
 """The host install on a clean root filesystem: a Debian bookworm minbase root made by mmdebstrap
 with only what a node has before our install (python3, python3-venv, fuse3, kmod). Inside it, as
 ``chroot``: ``misc/install.sh`` names what is missing when python3-venv and libfuse3 are hidden,
-then installs from the wheels; every CLI answers ``--version`` from PATH; containerd's snapshotter
-conformance suite (integration/conformance, run on the host) passes against the INSTALLED
-``nydus-snapshotter --config /etc/nydus/config.toml``, started per case inside the chroot; and
-``uninstall --purge`` leaves the root as it was.
+then installs from the wheels; every CLI answers ``--version`` from PATH and ``uninstall --purge``
+leaves the root as it was; installed again, the installed nydus-image and nydusd build and serve
+an image from inside the root (fusedev with pyfuse3 and with the own loop, kernel EROFS where
+usable), containerd's snapshotter conformance suite (integration/conformance, run on the host)
+passes against the INSTALLED ``nydus-snapshotter --config /etc/nydus/config.toml``, started per
+case inside the chroot, and ``uninstall --purge`` leaves the root as it was again (but for /tmp).
 
 The root gets a fresh procfs and sysfs, /dev (rbind, slave: with /dev/fuse), the checkout and the
 wheels read-only, and the suite's work directory at the same path as on the host, as a shared
@@ -29,9 +31,11 @@ import time
 
 import pytest
 
-from integration.harness.util import kill_pids, mounts_under, pid_alive, pids_mentioning, unmount_all
+from integration.harness.util import kill_pids, mounts_under, pid_alive, pids_mentioning, unmount_all, wait_until
 from integration.install_support import CLIS, REPO, tree
 from integration.test_conformance import CASES, build_suite, verdicts
+from rafs import erofs
+from rafs.daemon.api import DaemonClient
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -43,6 +47,8 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 UNREACHABLE = ("Could not resolve", "Temporary failure resolving", "Failed to fetch", "Unable to connect",
                "Network is unreachable", "Connection refused", "Release file")
 SRC, DIST = "/mnt/pynydus-src", "/mnt/pynydus-dist"   # where the checkout and the wheels appear
+HELLO = b"hello from a clean root\n"
+BIG = bytes(range(256)) * 12289                          # 3 MiB + 256 bytes: several chunks
 
 
 def root_tar(cache: pathlib.Path) -> pathlib.Path:
@@ -151,6 +157,51 @@ def uninstall_purge(root: pathlib.Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def serve_image_in_root(root: pathlib.Path, work: str, fs_driver: str, fuse_impl: str) -> None:
+    """The installed ``nydus-image`` builds a small image in ``work`` and the installed ``nydusd``
+    mounts it inside the root (FUSE or kernel EROFS); the host reads it through the shared mount,
+    then nydusd is stopped (SIGTERM by PID) and must leave no mount behind."""
+    src, img = os.path.join(work, "img-src"), os.path.join(work, "img")
+    if not os.path.isdir(src):
+        os.makedirs(os.path.join(src, "etc"))
+        os.makedirs(os.path.join(img, "blobs"))
+        with open(os.path.join(src, "etc/hello.txt"), "wb") as f:
+            f.write(HELLO)
+        with open(os.path.join(src, "big.bin"), "wb") as f:
+            f.write(BIG)
+        r = in_root(root, "nydus-image", "create", "--bootstrap", f"{img}/bootstrap", "--blob-dir",
+                    f"{img}/blobs", src)
+        assert r.returncode == 0, r.stderr[-3000:]
+    name = f"{fs_driver}-{fuse_impl}"
+    mnt, sock, cfg = (os.path.join(work, f"{name}{ext}") for ext in ("-mnt", ".sock", ".json"))
+    with open(cfg, "w") as f:
+        json.dump({"device": {"backend": {"type": "localfs", "config": {"dir": f"{img}/blobs"}},
+                              "cache": {"type": "blobcache", "config": {"work_dir": f"{work}/{name}-cache"}}}}, f)
+    proc = subprocess.Popen(["chroot", str(root), "/usr/bin/env", "-i", f"PATH={PATH}", "nydusd", "fuse",
+                             "--mountpoint", mnt, "--apisock", sock, "--bootstrap", f"{img}/bootstrap", "--config",
+                             cfg, "--fs-driver", fs_driver, "--fuse-impl", fuse_impl, "--log-file",
+                             f"{work}/{name}.log"], stdin=subprocess.DEVNULL, cwd="/", start_new_session=True)
+    try:
+        client = DaemonClient(sock, timeout=20)
+        wait_until(lambda: proc.poll() is not None or os.path.exists(sock) and client.state() == "RUNNING", 60,
+                   f"nydusd {name} in the root RUNNING")
+        assert proc.poll() is None, open(f"{work}/{name}.log").read()[-3000:]
+        with open(os.path.join(mnt, "etc/hello.txt"), "rb") as f:      # from the host, through the mount
+            assert f.read() == HELLO
+        with open(os.path.join(mnt, "big.bin"), "rb") as f:
+            assert f.read() == BIG
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, open(f"{work}/{name}.log").read()[-3000:]
+    assert not mounts_under(mnt), f"nydusd {name} left mounts behind: {mounts_under(mnt)}"
+
+
 def diff(before: list[str], after: list[str]) -> str:
     return f"added: {sorted(set(after) - set(before))[:20]}, removed: {sorted(set(before) - set(after))[:20]}"
 
@@ -187,8 +238,14 @@ def test_installed_snapshotter_passes_conformance_in_a_clean_root(clean_root, wh
     after = tree(root, skip=points)
     assert after == before, diff(before, after)
 
-    # installed again: the conformance suite on the host, the installed snapshotter inside the root
+    # installed again: the installed nydusd serves an image from inside the root (patched pyfuse3
+    # on the root's libfuse3, the own FUSE loop, kernel EROFS where the kernel has it) ...
     install(root)
+    serve_image_in_root(root, work, "fusedev", "pyfuse3")
+    serve_image_in_root(root, work, "fusedev", "ll")
+    if erofs.detect_support().usable:
+        serve_image_in_root(root, work, "erofs", "ll")
+    # ... and the conformance suite on the host passes against the installed snapshotter inside it
     logs = tmp_path / "logs"
     logs.mkdir()
     argv = ["chroot", str(root), "/usr/bin/env", "-i", f"PATH={PATH}", "HOME=/root",
