@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import stat
 import subprocess
 import sys
 from typing import Iterable
@@ -48,13 +49,22 @@ def install(root: pathlib.Path, wheels: pathlib.Path, *args: str) -> subprocess.
     return r
 
 
-def tree(root: pathlib.Path, skip: Iterable[str] = ()) -> list[str]:
+def tree(root: pathlib.Path, skip: Iterable[str] = (), detail: bool = False) -> list[str]:
     """Every path below ``root``, relative and sorted (symlinks are not followed), without
-    descending into the directories named (relative) in ``skip``, e.g. mount points."""
+    descending into the directories named (relative) in ``skip``, e.g. mount points. ``detail``
+    adds each entry's mode and owner, and size and mtime for all but directories (whose mtime
+    changes with their entries): "path mode uid:gid [size mtime_ns]"."""
     skip = {os.path.normpath(p) for p in skip}
     out = []
     for d, dirs, names in os.walk(root):
         rel = os.path.relpath(d, root)
-        out += [os.path.normpath(os.path.join(rel, n)) for n in dirs + names]
+        for n in dirs + names:
+            p = os.path.normpath(os.path.join(rel, n))
+            if detail:
+                st = os.lstat(os.path.join(d, n))
+                p += f" {st.st_mode:o} {st.st_uid}:{st.st_gid}"
+                if not stat.S_ISDIR(st.st_mode):
+                    p += f" {st.st_size} {st.st_mtime_ns}"
+            out.append(p)
         dirs[:] = [n for n in dirs if os.path.normpath(os.path.join(rel, n)) not in skip]
     return sorted(out)

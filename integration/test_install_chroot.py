@@ -95,14 +95,15 @@ def mount(*args: str) -> None:
 
 @pytest.fixture
 def clean_root(tmp_path: pathlib.Path):
-    """(root, work): a fresh root from the cached tar with /proc, /sys, /dev, the checkout and the
-    wheels mounted (see the module doc), and a short host directory ``work`` mounted at the same path
-    inside; yields after the mounts, undoes all of them afterwards."""
+    """(root, work): a fresh root extracted from the cached tar and a short, empty host directory
+    ``work`` (the test mounts them with :func:`mount_into`). Afterwards every process in the root
+    or mentioning ``work`` is stopped by PID, everything mounted below either is unmounted, and
+    both are removed (kept, and the test fails, if a mount would not go)."""
     if os.geteuid() != 0:
         pytest.skip("chroot and mounts need root")
-    for tool in ("mmdebstrap", "chroot"):
+    for tool, package in (("mmdebstrap", "mmdebstrap"), ("chroot", "coreutils")):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} missing (Debian package {'mmdebstrap' if tool == 'mmdebstrap' else 'coreutils'})")
+            pytest.skip(f"{tool} missing (Debian package {package})")
     if not os.path.exists("/dev/fuse"):
         pytest.skip("/dev/fuse missing")
     tar = root_tar(REPO / ".cache")
@@ -210,7 +211,7 @@ def test_installed_snapshotter_passes_conformance_in_a_clean_root(clean_root, wh
     root, work = clean_root
     binary = build_suite()                             # skips without the Go suite
     points = mount_into(root, wheels, work)
-    before = tree(root, skip=points)
+    before = tree(root, skip=points, detail=True)
 
     # install.sh names what is missing (here: python3-venv and libfuse3) and writes nothing
     hidden = [*root.glob("usr/lib/python3.*/ensurepip"), *root.glob("usr/lib/*/libfuse3.so.3")]
@@ -224,7 +225,7 @@ def test_installed_snapshotter_passes_conformance_in_a_clean_root(clean_root, wh
             p.with_name(p.name + ".hidden").rename(p)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "python3-venv" in r.stderr and "libfuse3" in r.stderr, r.stderr[-3000:]
-    assert tree(root, skip=points) == before
+    assert tree(root, skip=points, detail=True) == before
 
     # install; every CLI from PATH (/usr/local/bin -> /opt/pynydus/bin); uninstall leaves the root as it was
     install(root)
@@ -235,7 +236,7 @@ def test_installed_snapshotter_passes_conformance_in_a_clean_root(clean_root, wh
     r = in_root(root, "python3", "-c", "import os; print(os.path.realpath('/usr/local/bin/nydus-snapshotter'))")
     assert r.stdout.strip() == "/opt/pynydus/bin/nydus-snapshotter", r.stdout + r.stderr
     uninstall_purge(root)
-    after = tree(root, skip=points)
+    after = tree(root, skip=points, detail=True)
     assert after == before, diff(before, after)
 
     # installed again: the installed nydusd serves an image from inside the root (patched pyfuse3
@@ -278,5 +279,5 @@ def test_installed_snapshotter_passes_conformance_in_a_clean_root(clean_root, wh
     # root's /tmp, where a snapshotter or nydusd stopped by the suite while starting can leave a
     # temp file (rafs/erofs.py's EROFS probe file; the name tempfile's first use creates and unlinks)
     uninstall_purge(root)
-    after = [p for p in tree(root, skip=points) if p in before or not p.startswith("tmp/")]
+    after = [p for p in tree(root, skip=points, detail=True) if p in before or not p.startswith("tmp/")]
     assert after == before, diff(before, after)
