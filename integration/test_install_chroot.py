@@ -1,7 +1,7 @@
 """The host install on a clean root filesystem: a Debian bookworm minbase root made by mmdebstrap
 with only what a node has before our install (python3, python3-venv, fuse3, kmod). Inside it, as
-``chroot``: ``misc/install.sh`` names what is missing when python3-venv and libfuse3 are hidden,
-then installs from the wheels; every CLI answers ``--version`` from PATH and ``uninstall --purge``
+``chroot``: ``misc/install.sh`` names what is missing when python3-venv and libfuse3 are hidden
+(and all that ``build`` lacks there), then installs from the wheels; every CLI answers ``--version`` from PATH and ``uninstall --purge``
 leaves the root as it was; installed again, the installed nydus-image and nydusd build and serve
 an image from inside the root (fusedev with pyfuse3 and with the own loop, kernel EROFS where
 usable), containerd's snapshotter conformance suite (integration/conformance, run on the host)
@@ -225,6 +225,13 @@ def test_installed_snapshotter_passes_conformance_in_a_clean_root(clean_root, wh
             p.with_name(p.name + ".hidden").rename(p)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "python3-venv" in r.stderr and "libfuse3" in r.stderr, r.stderr[-3000:]
+    assert tree(root, skip=points, detail=True) == before
+
+    # build on a node that has none of its tools: named, nothing written
+    r = in_root(root, "/bin/bash", f"{SRC}/misc/install.sh", "build", "--dist", "/root/dist")
+    assert r.returncode == 1, r.stderr[-3000:]
+    for need in ("gcc", "pkg-config", "patch", "libfuse3-dev", "python3-dev"):
+        assert f"Debian package {need}" in r.stderr, r.stderr[-3000:]
     assert tree(root, skip=points, detail=True) == before
 
     # install; every CLI from PATH (/usr/local/bin -> /opt/pynydus/bin); uninstall leaves the root as it was

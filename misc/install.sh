@@ -7,7 +7,8 @@
 #
 # build      wheels of this project (python -m build), of pyfuse3 rebuilt with
 #            misc/pyfuse3/read-ino.patch, and of every dependency into --dist (default dist/);
-#            needs gcc, pkg-config, libfuse3-dev, patch, python3-dev and the package index once.
+#            needs gcc, pkg-config, libfuse3-dev, patch, python3-dev, python3-venv and the package
+#            index once (the packages are checked first).
 #            Copy that directory to the nodes: install needs neither a compiler nor the network.
 # install    needs python3 (>= 3.11), python3-venv and fuse3 (libfuse3) on the node and checks them
 #            first. (Runs build first when --dist holds no pynydus wheel.) Creates or upgrades the
@@ -49,7 +50,20 @@ done
 P="$ROOT$PREFIX"
 MANIFEST="$P/share/pynydus/installed-files"
 
+# what build needs besides the package index; all that is missing is named in one message
+check_build() {
+  local missing=() t
+  for t in gcc pkg-config patch; do command -v "$t" >/dev/null || missing+=("$t (Debian package $t)"); done
+  [[ -e /usr/include/fuse3/fuse_lowlevel.h ]] || missing+=("the libfuse3 headers (Debian package libfuse3-dev)")
+  [[ -x $PY ]] && "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || missing+=("Python.h for $PY (Debian package python3-dev)")
+  [[ -x $PY ]] && "$PY" -c 'import venv, ensurepip' 2>/dev/null \
+    || missing+=("the venv module with ensurepip for $PY (Debian package python3-venv)")
+  ((${#missing[@]} == 0)) || die "build needs: $(printf '%s; ' "${missing[@]}")install them and run again"
+}
+
 build() {
+  check_build
   local tmp
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' RETURN
