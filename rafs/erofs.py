@@ -187,10 +187,11 @@ def _probe_file_backed(probe_dir: str | None = None) -> tuple[bool, str]:
     try:
         while probe_dir and not os.path.isdir(probe_dir):
             probe_dir = os.path.dirname(probe_dir.rstrip("/")) or None
-        with tempfile.NamedTemporaryFile(prefix="erofs-probe-", dir=probe_dir) as tmp:
+        # unnamed (O_TMPFILE where the fs has it): a process killed mid-probe leaves no file behind
+        with tempfile.TemporaryFile(prefix="erofs-probe-", dir=probe_dir) as tmp:
             tmp.write(b"\0" * 2 * EROFS_BLOCK_SIZE)
             tmp.flush()
-            err = _fsconfig(fd, FSCONFIG_SET_STRING, "source", tmp.name)
+            err = _fsconfig(fd, FSCONFIG_SET_STRING, "source", f"/proc/self/fd/{tmp.fileno()}")
             if err == 0:
                 err = _fsconfig(fd, FSCONFIG_CMD_CREATE, None, None)
             msg = _fs_messages(fd)
