@@ -378,8 +378,6 @@ class Nydusd:
                     record = await self._mount_erofs(name, bootstrap, tree, cfg, adopt_slot, adopt_devices)
                 else:
                     device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
-                    if adopt_slot is None:
-                        _warm_backend(device)
                     _give_chunk_source(device, tree)
                     inst = Instance(name if name != "/" else "", tree, device, bootstrap=bootstrap,
                                     config=cfg.raw, enable_xattr=cfg.enable_xattr)
@@ -391,6 +389,8 @@ class Nydusd:
                     if self.shared and adopt_slot is None:
                         await self._invalidate_root_entry(name)
                     self._start_prefetch(inst, cfg)
+                    if adopt_slot is None:  # after the mount: its few ms need no company on the GIL;
+                        _warm_backend(device)  # the container's first read is tens of ms away
             except BaseException:
                 if device is not None:
                     device.close()
