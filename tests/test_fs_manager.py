@@ -37,8 +37,7 @@ def manager_factory(tmp_path):
 
     def make(mode="shared", **kw):
         kw.setdefault("monitor_interval", None)
-        kw.setdefault("nydusd_cmd", FAKE_CMD)
-        m = DaemonManager(str(root), mode=mode, fs_driver="fusedev", nydusd_config={}, **kw)
+        m = DaemonManager(str(root), mode=mode, fs_driver="fusedev", nydusd_config={}, nydusd_cmd=FAKE_CMD, **kw)
         made.append(m)
         return m
 
@@ -252,42 +251,3 @@ def test_restart_policy_starts_no_holder(manager_factory, images):
     assert rec.supervisor == "" and not m._holders
     with pytest.raises(ConfigError):
         manager_factory("shared", recover_policy="later")
-
-
-_READY_PROBE = """
-import os, sys
-fd = os.environ.get("_NYDUSD_READY_FD")
-with open(sys.argv[1], "w") as f:
-    try:
-        os.fstat(int(fd))
-        f.write("open")
-    except (TypeError, ValueError, OSError):
-        f.write("missing")
-if sys.argv[2] == "drop":      # a nydusd that knows no ready pipe: it keeps the fd, never writes
-    os.environ.pop("_NYDUSD_READY_FD")
-elif sys.argv[2] == "close":   # one that closes it unwritten
-    os.close(int(os.environ.pop("_NYDUSD_READY_FD")))
-from tests.fake_nydusd import main, FakeOpener
-sys.exit(main(sys.argv[3:], opener=FakeOpener()))
-"""
-
-
-@pytest.mark.parametrize("pipe", ["use", "drop", "close"])
-def test_start_waits_on_the_ready_pipe_or_polls(manager_factory, images, tmp_path, monkeypatch, pipe):
-    """The manager wakes on nydusd's ready byte instead of sleeping between API polls; a nydusd
-    that ignores the pipe (nydusd_path) is still waited for by polling."""
-    import rafs.daemon.manager as manager_mod
-
-    probe = tmp_path / "probe"
-    m = manager_factory(recover_policy="restart",
-                        nydusd_cmd=[sys.executable, "-c", _READY_PROBE, str(probe), pipe])
-    sleeps = []
-    real_sleep = time.sleep
-    monkeypatch.setattr(manager_mod.time, "sleep", lambda s: (sleeps.append(s), real_sleep(s)))
-    mnt = m.mount("a", images["a"], None, None)
-    monkeypatch.setattr(manager_mod.time, "sleep", real_sleep)
-    assert probe.read_text() == "open"  # the daemon got the write end of the pipe
-    assert open(os.path.join(mnt, "id"), "rb").read() == b"aaa"
-    if pipe == "use":
-        assert sleeps == [], "waited for the daemon in sleep/poll steps despite its ready byte"
-    assert m.instances()["a"].state == "RUNNING"

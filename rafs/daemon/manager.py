@@ -36,7 +36,6 @@ import copy
 import json
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -504,45 +503,24 @@ class DaemonManager:
             self._close_holder(rec.daemon_id)
         env = dict(os.environ)
         env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        # our nydusd writes one byte to this pipe once RUNNING (the fd its --daemon mode uses):
-        # the wait below wakes on it instead of at the next 50 ms poll of the API
-        ready_r, ready_w = os.pipe()
-        env["_NYDUSD_READY_FD"] = str(ready_w)
-        try:
-            with open(rec.log_file, "ab") as logf:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                        env=env, start_new_session=True, pass_fds=(ready_w,))
-        except BaseException:
-            os.close(ready_r)
-            raise
-        finally:
-            os.close(ready_w)
+        with open(rec.log_file, "ab") as logf:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                    env=env, start_new_session=True)
         self._procs[rec.daemon_id] = proc
         rec = replace(rec, pid=proc.pid, supervisor=supervisor)
         deadline = time.monotonic() + self.start_timeout
         client = DaemonClient(rec.apisock, timeout=5)
-        try:
-            while client.state() != "RUNNING":
-                if proc.poll() is not None:
-                    raise MountError(f"nydusd {rec.daemon_id} exited with {proc.returncode}: {self._log_tail(rec)}")
-                if time.monotonic() > deadline:
-                    if upgrade:  # leave the mounts alone: the caller decides (restart clears them)
-                        self._reap(rec)
-                    else:
-                        self._kill(rec)
-                    raise MountError(f"nydusd {rec.daemon_id} not RUNNING after {self.start_timeout:.0f} s: "
-                                     f"{self._log_tail(rec)}")
-                # the ready byte (or EOF: it exited or closed the pipe), else poll again in 50 ms
-                # (a nydusd that knows no ready pipe: nydusd_path)
-                if ready_r >= 0 and select.select([ready_r], [], [], 0.05)[0]:
-                    if not os.read(ready_r, 1):
-                        os.close(ready_r)
-                        ready_r = -1
-                elif ready_r < 0:
-                    time.sleep(0.05)
-        finally:
-            if ready_r >= 0:
-                os.close(ready_r)
+        while client.state() != "RUNNING":
+            if proc.poll() is not None:
+                raise MountError(f"nydusd {rec.daemon_id} exited with {proc.returncode}: {self._log_tail(rec)}")
+            if time.monotonic() > deadline:
+                if upgrade:  # leave the mounts alone: the caller decides (restart clears them)
+                    self._reap(rec)
+                else:
+                    self._kill(rec)
+                raise MountError(f"nydusd {rec.daemon_id} not RUNNING after {self.start_timeout:.0f} s: "
+                                 f"{self._log_tail(rec)}")
+            time.sleep(0.05)
         self._save(rec)
         if supervisor:
             self._send_fd_soon(rec)
