@@ -490,6 +490,8 @@ class Nydusd:
                     if self.shared and adopt_slot is None:
                         await self._invalidate_root_entry(name)
                     self._start_prefetch(inst, cfg)
+                    if adopt_slot is None:  # after the mount: its few ms need no company on the GIL;
+                        _warm_backend(device)  # the container's first read is tens of ms away
             except BaseException:
                 if device is not None:
                     device.close()
@@ -574,8 +576,15 @@ class Nydusd:
 
     async def _mount_erofs(self, name: str, bootstrap: str, tree: Any, cfg: DaemonConfig,
                            adopt_slot: int | None = None, adopt_devices: tuple[str, ...] = ()) -> MountRecord:
-        blob_files = await trio.to_thread.run_sync(BlobFiles, tree)  # UnsupportedError if unaligned
+        # the device first, so that its backend warms (connection, token) during the walk below
         device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
+        if adopt_slot is None:
+            _warm_backend(device)
+        try:
+            blob_files = await trio.to_thread.run_sync(BlobFiles, tree)  # UnsupportedError if unaligned
+        except BaseException:
+            device.close()
+            raise
         _give_chunk_source(device, tree)
         # blob file reads carry no file: read-ahead follows the image files, not the blob
         set_file_map = getattr(device, "set_file_map", None)  # test devices may have none
@@ -861,6 +870,27 @@ def _warn_not_collected(cfg: DaemonConfig) -> None:
 
 #: seconds a remounted instance's old image stays open for the reads that resolved in it
 REMOUNT_GRACE = 5.0
+
+
+def _warm_backend(device: Any) -> None:
+    """Open the backend's connection and auth (TLS, registry token) in the background while the
+    mount and the container's start go on, so the first read does not wait for them; a failure
+    is only logged: the read connects and authenticates itself and reports its own error."""
+    warm = getattr(device, "warm", None)  # test devices may have none
+    if warm is None:
+        return
+
+    def work() -> None:
+        t0 = time.monotonic()
+        try:
+            warm()
+        except Exception as exc:  # noqa: BLE001 - best effort by design
+            log.info("warming the backend failed after %.3fs (the first read connects itself): %s",
+                     time.monotonic() - t0, exc)
+            return
+        log.debug("backend warmed in %.3fs", time.monotonic() - t0)
+
+    threading.Thread(target=work, name="backend-warm", daemon=True).start()
 
 
 def _close_replaced(old: Instance) -> None:
