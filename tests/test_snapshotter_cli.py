@@ -204,3 +204,7 @@ def test_sd_notify_ready_after_socket_listens(tmp_path):
             if p.poll() is None:
                 p.kill()
             p.wait()
+            from integration.harness.util import kill_pids, pids_mentioning, unmount_all
+
+            kill_pids(pids_mentioning(str(tmp_path)))  # the shared nydusd it started (by PID)
+            unmount_all(str(tmp_path))
