@@ -18,6 +18,7 @@ APT_PACKAGES=(
   containerd runc docker-registry erofs-utils fuse3 libfuse3-dev pkg-config
   skopeo umoci fio busybox-static curl iproute2 gcc python3-dev python3-venv
   golang-go golang-github-containerd-containerd-dev patch
+  mmdebstrap  # the snapshotter image (integration/test_image.py) and the clean-root install test
 )
 DEMO_APT_PACKAGES=(mmdebstrap)
 # the peer stargz-snapshotter (Go library + ctr-remote), benchmarks only; tests skip without it

@@ -459,7 +459,7 @@ def measure_read(ctd, ref: str, argv: list[str], timeout: float) -> int:
 
 
 def run_trial(mode: Mode, workload: str, rate_mb_s: float, repeat: int, ref: str, registry,
-              link: Link, *, measure: bool, log_dir: str = "", timeout: float = 300) -> Trial:
+              link: Link, *, measure: bool, log_dir: str = "", timeout: float = 300, settle: float = 0.0) -> Trial:
     from integration.harness.containerd import Containerd
     from integration.harness.snapshotter import SnapshotterProcess
 
@@ -486,6 +486,8 @@ def run_trial(mode: Mode, workload: str, rate_mb_s: float, repeat: int, ref: str
         sn_name = {"overlayfs": "overlayfs", "nydus": "nydus", "stargz": "stargz"}[mode.kind]
         ctd = Containerd(snapshotters=snapshotters, cri_snapshotter=sn_name, mirrors=[link.host]).start()
         ctd.cri  # noqa: B018 - connect before t0
+        if settle:  # as on a node up for a while: the snapshotter's pre-started daemon is RUNNING
+            time.sleep(settle)
         mark = registry.log_mark()
         sent0 = link.sent
         t0 = time.time()
@@ -773,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="", help="output file stem (default coldstart_real, "
                                                 "coldstart_real_quick with --quick)")
     ap.add_argument("--keep-logs", default="", help="copy each trial's logs under this directory")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds between starting the snapshotter/containerd and the pull (default 0: "
+                         "the daemon the snapshotter pre-starts may still be starting when the pull begins)")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="no trials: merge the trials of earlier runs' JSON files (e.g. one run per "
                          "rate) into one summary, JSON and chart (--name)")
@@ -837,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
                                 continue
                             t = run_trial(mode, wl, rate, r, refs[mode.name], registry, link,
                                           measure=not args.no_read_measure and r == 0 and rate == rates[0],
-                                          log_dir=args.keep_logs)
+                                          log_dir=args.keep_logs, settle=args.settle)
                             trials.append(t)
                             write(False)
                             status = f"ERROR {t.error.strip()[-300:]}" if t.error else repr(t.output)

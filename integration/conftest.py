@@ -19,11 +19,14 @@ also when the test fails.
                           snapshotter ``nydus``, mirror for ``registry``.
 * ``lazy_containerd``     the same with background prefetch off (exact on-demand byte counts);
                           its snapshotter is ``lazy_containerd.snapshotter``.
+* ``wheels``              directory with the wheels ``misc/install.sh install`` installs from;
+                          built once per session (integration/install_support.py).
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 from typing import Any, Callable, Iterator
 
@@ -33,6 +36,7 @@ from integration.harness.containerd import Containerd
 from integration.harness.images import PushedImage, busybox_image as _busybox_image
 from integration.harness.registry import Registry
 from integration.harness.snapshotter import SnapshotterProcess
+from integration.install_support import build_wheels
 
 HELLO = b"hello from pynydus\n"
 
@@ -52,6 +56,12 @@ def need_containerd_stack() -> None:
     _need("docker-registry", "docker-registry")
     if not os.path.exists("/bin/busybox"):
         pytest.skip("/bin/busybox missing (Debian package busybox-static)")
+
+
+@pytest.fixture(scope="session")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The wheels of ``misc/install.sh build`` (shared by the install tests: built once)."""
+    return build_wheels(tmp_path_factory.mktemp("wheels"))
 
 
 @pytest.fixture

@@ -3,62 +3,28 @@ logrotate, config; the installed snapshotter serves and tells systemd it is read
 removes exactly what install added.
 
 Installs under a temporary --root (never into this machine's /usr/local or /etc). Needs the wheels
-of `misc/install.sh build`: dependency wheels and the patched pyfuse3 wheel are reused from dist/
-when present (the pynydus wheel is always rebuilt from this checkout); without them the test runs
-the whole build first (gcc, libfuse3-dev and the package index; about 10 minutes)."""
+of `misc/install.sh build` (the session's ``wheels`` fixture, integration/conftest.py: dependency
+wheels and the patched pyfuse3 wheel are reused from dist/ when present, the pynydus wheel is
+always rebuilt from this checkout; without them the whole build runs first, about 10 minutes).
+integration/test_install_chroot.py runs the same install inside a clean Debian root."""
 
 from __future__ import annotations
 
 import os
-import pathlib
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 
 import grpc
 import pytest
 import toml
 
+from integration.install_support import CLIS, INSTALL, REPO, install, tree
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-INSTALL = REPO / "misc" / "install.sh"
-CLIS = ["nydus-snapshotter", "containerd-nydus-grpc", "nydusd", "nydus-image", "nydusify", "nydusctl"]
-
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="needs Debian's /usr/bin/python3")
-
-
-@pytest.fixture(scope="module")
-def wheels(tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("wheels")
-    dist = REPO / "dist"
-    if list(dist.glob("pyfuse3-*+pynydus*.whl")) and list(dist.glob("grpcio-*.whl")):
-        for w in dist.glob("*.whl"):
-            if not w.name.startswith("pynydus-"):
-                shutil.copy(w, out)
-        r = subprocess.run([sys.executable, "-m", "build", "-q", "--wheel", "--outdir", str(out), str(REPO)],
-                           capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, r.stderr[-3000:]
-        shutil.rmtree(REPO / "build", ignore_errors=True)
-    else:
-        r = subprocess.run([str(INSTALL), "build", "--dist", str(out)], capture_output=True, text=True, timeout=3000)
-        assert r.returncode == 0, r.stderr[-3000:]
-    assert len(list(out.glob("pynydus-*.whl"))) == 1
-    return out
-
-
-def install(root: pathlib.Path, wheels: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(INSTALL), *args, "--root", str(root), "--dist", str(wheels)], capture_output=True,
-                       text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def tree(root: pathlib.Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
 def test_install_serve_upgrade_uninstall(wheels, tmp_path):

@@ -45,8 +45,13 @@ def setup(vectors_dir, tmp_path):
     assert not left, f"mounts left behind: {left}"
 
 
-def test_erofs_preferred_with_fusedev_fallback(setup):
+def test_erofs_preferred_with_fusedev_fallback(setup, monkeypatch):
     tex, make = setup
+
+    def walked_twice(bootstrap):  # shared mode: the daemon checks the image, not the manager
+        raise AssertionError(f"the manager walked {bootstrap} for kernel EROFS itself")
+
+    monkeypatch.setattr("rafs.daemon.manager.erofs_image_problem", walked_twice)
     m = make(mode="shared", fs_driver="erofs")
     v6 = m.mount("v6", str(tex / "bootstrap/rafs-v6-2.2.boot"), None, None)
     v5 = m.mount("v5", str(tex / "repeatable/sha256-nocompress-repeatable"), None, None)

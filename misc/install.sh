@@ -7,9 +7,11 @@
 #
 # build      wheels of this project (python -m build), of pyfuse3 rebuilt with
 #            misc/pyfuse3/read-ino.patch, and of every dependency into --dist (default dist/);
-#            needs gcc, pkg-config, libfuse3-dev, patch, python3-dev and the package index once.
+#            needs gcc, pkg-config, libfuse3-dev, patch, python3-dev, python3-venv and the package
+#            index once (the packages are checked first).
 #            Copy that directory to the nodes: install needs neither a compiler nor the network.
-# install    (run build first when --dist holds no pynydus wheel) creates or upgrades the
+# install    needs python3 (>= 3.11), python3-venv and fuse3 (libfuse3) on the node and checks them
+#            first. (Runs build first when --dist holds no pynydus wheel.) Creates or upgrades the
 #            virtualenv --prefix (default /opt/pynydus) from the wheels in --dist only; links
 #            nydus-snapshotter, containerd-nydus-grpc, nydusd, nydus-image, nydusify and nydusctl into /usr/local/bin;
 #            installs /etc/systemd/system/nydus-snapshotter.service, /etc/logrotate.d/nydus-snapshotter
@@ -48,7 +50,20 @@ done
 P="$ROOT$PREFIX"
 MANIFEST="$P/share/pynydus/installed-files"
 
+# what build needs besides the package index; all that is missing is named in one message
+check_build() {
+  local missing=() t
+  for t in gcc pkg-config patch; do command -v "$t" >/dev/null || missing+=("$t (Debian package $t)"); done
+  [[ -e /usr/include/fuse3/fuse_lowlevel.h ]] || missing+=("the libfuse3 headers (Debian package libfuse3-dev)")
+  [[ -x $PY ]] && "$PY" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    || missing+=("Python.h for $PY (Debian package python3-dev)")
+  [[ -x $PY ]] && "$PY" -c 'import venv, ensurepip' 2>/dev/null \
+    || missing+=("the venv module with ensurepip for $PY (Debian package python3-venv)")
+  ((${#missing[@]} == 0)) || die "build needs: $(printf '%s; ' "${missing[@]}")install them and run again"
+}
+
 build() {
+  check_build
   local tmp
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' RETURN
@@ -91,7 +106,30 @@ put() {
   record "${dest#"$ROOT"}"
 }
 
+# what install needs on the node besides the wheels (Debian 12 minbase lacks the last two):
+# python3 >= 3.11, its venv module (ensurepip: python3-venv) and libfuse3 (pyfuse3 links it).
+# All that is missing is named in one message, before anything is written.
+check_node() {
+  local missing=()
+  if [[ ! -x $PY ]]; then
+    missing+=("$PY (Debian package python3)")
+  elif ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    missing+=("Python >= 3.11 as $PY (found $("$PY" -V 2>&1))")
+  else
+    "$PY" -c 'import venv, ensurepip' 2>/dev/null \
+      || missing+=("the venv module with ensurepip for $PY (Debian package python3-venv)")
+    "$PY" -c 'import ctypes; ctypes.CDLL("libfuse3.so.3")' 2>/dev/null \
+      || missing+=("libfuse3.so.3 (Debian package fuse3 or libfuse3-3)")
+  fi
+  if ((${#missing[@]})); then
+    die "missing on this node${ROOT:+ (for --root: on this host)}: $(printf '%s; ' "${missing[@]}")install them and run again"
+  fi
+  [[ -x $ROOT/sbin/modprobe || -x $ROOT/usr/sbin/modprobe ]] \
+    || log "note: no modprobe (Debian package kmod): the unit's ExecStartPre cannot load the fuse module"
+}
+
 install() {
+  check_node
   compgen -G "$DIST/pynydus-*.whl" >/dev/null || build
   local t
   for t in "${CLIS[@]}"; do  # never clobber what another install put there
@@ -145,6 +183,7 @@ uninstall() {
     state=$("$P/bin/python" -c 'import sys; from snapshotter import config; print(config.load(sys.argv[1]).root)' \
       "$ROOT/etc/nydus/config.toml" 2>/dev/null || true)
   fi
+  if ((PURGE)) && [[ -n $state ]]; then command -v awk >/dev/null || die "--purge needs awk (Debian package mawk)"; fi
   if ((PURGE)) && [[ -n $state ]] && awk -v d="$ROOT$state" '$2 == d || index($2, d "/") == 1 {f=1} END {exit !f}' /proc/self/mounts; then
     die "--purge: filesystems are still mounted under $ROOT$state (stop the containers using them first)"
   fi

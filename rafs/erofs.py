@@ -141,8 +141,12 @@ def _fs_messages(fd: int) -> str:
     return "; ".join(out)
 
 
-def detect_support() -> ErofsSupport:
-    """Probe the running kernel for EROFS, file-backed mounts and fscache on-demand mode."""
+def detect_support(probe_dir: str | None = None) -> ErofsSupport:
+    """Probe the running kernel for EROFS, file-backed mounts and fscache on-demand mode.
+
+    ``probe_dir``: where the file-backed probe's image file is made (its nearest existing
+    ancestor; default the temp dir). The kernel refuses files of some filesystems (overlayfs,
+    e.g. a container's /tmp: ENOTBLK) and takes others, so probe where the images will be."""
     try:
         with open("/proc/filesystems", encoding="ascii") as f:
             have = any(line.split()[-1] == "erofs" for line in f if line.strip())
@@ -162,7 +166,7 @@ def detect_support() -> ErofsSupport:
         ondemand = err == 0 and "not supported" not in ondemand_msg
     finally:
         os.close(fd)
-    file_backed, fb_msg = _probe_file_backed()
+    file_backed, fb_msg = _probe_file_backed(probe_dir)
     reasons = []
     if not file_backed:
         reasons.append(f"no file-backed EROFS mounts (CONFIG_EROFS_FS_BACKED_BY_FILE): {fb_msg}")
@@ -174,17 +178,20 @@ def detect_support() -> ErofsSupport:
     return ErofsSupport(True, file_backed, ondemand, "; ".join(reasons) or "ok")
 
 
-def _probe_file_backed() -> tuple[bool, str]:
+def _probe_file_backed(probe_dir: str | None = None) -> tuple[bool, str]:
     """Create a superblock from an all-zero regular file: ENOTBLK = unsupported, else supported."""
     try:
         fd = _fsopen("erofs")
     except OSError as exc:
         return False, str(exc)
     try:
-        with tempfile.NamedTemporaryFile(prefix="erofs-probe-") as tmp:
+        while probe_dir and not os.path.isdir(probe_dir):
+            probe_dir = os.path.dirname(probe_dir.rstrip("/")) or None
+        # unnamed (O_TMPFILE where the fs has it): a process killed mid-probe leaves no file behind
+        with tempfile.TemporaryFile(prefix="erofs-probe-", dir=probe_dir) as tmp:
             tmp.write(b"\0" * 2 * EROFS_BLOCK_SIZE)
             tmp.flush()
-            err = _fsconfig(fd, FSCONFIG_SET_STRING, "source", tmp.name)
+            err = _fsconfig(fd, FSCONFIG_SET_STRING, "source", f"/proc/self/fd/{tmp.fileno()}")
             if err == 0:
                 err = _fsconfig(fd, FSCONFIG_CMD_CREATE, None, None)
             msg = _fs_messages(fd)
@@ -200,9 +207,9 @@ def _probe_file_backed() -> tuple[bool, str]:
     return True, msg or errno.errorcode.get(err, str(err))
 
 
-def require_file_backed() -> ErofsSupport:
+def require_file_backed(probe_dir: str | None = None) -> ErofsSupport:
     """Return the support record, or raise :class:`UnsupportedError` with its one-line reason."""
-    sup = detect_support()
+    sup = detect_support(probe_dir)
     if not sup.usable:
         raise UnsupportedError(f"kernel EROFS driver unusable: {sup.reason}")
     return sup

@@ -20,6 +20,11 @@ class NotServed(UnsupportedError):
     upstream answers a request its kind of daemon does not support."""
 
 
+class StateError(RafsError):
+    """A daemon lifecycle request that its current state does not allow (upstream's
+    ``UnexpectedEvent``, e.g. ``takeover`` on a daemon that is not waiting in INIT): 400."""
+
+
 class NotFound(RafsError, FileNotFoundError):
     """No such path or inode in the image."""
 

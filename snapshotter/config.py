@@ -67,6 +67,7 @@ class DaemonConfig:
     threads_number: int = 4             #: FUSE worker threads per daemon (0 = default, 4)
     nydusd_path: str = ""               #: nydusd executable; "" (or missing file, with a warning) = the bundled one
     failover_policy: str = "resend"     #: failover: requests the dead daemon had taken are resent | flush (EIO)
+    cgroup: str = ""                    #: cgroup (under each hierarchy root) daemons move to, outliving the snapshotter's container; "" = stay
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +289,8 @@ def _validate(cfg: Config) -> Config:
     if cfg.daemon.failover_policy not in FAILOVER_POLICIES:
         raise ConfigError(f"daemon.failover_policy: {cfg.daemon.failover_policy!r} is not one of "
                           f"{', '.join(FAILOVER_POLICIES)}")
+    if cfg.daemon.cgroup and any(p in (".", "..") for p in cfg.daemon.cgroup.split("/")):
+        raise ConfigError(f"daemon.cgroup: {cfg.daemon.cgroup!r} must not contain '.' or '..'")
     if not 0 <= cfg.daemon.threads_number <= 1024:
         raise ConfigError("daemon.threads_number: must be 0..1024 (0 = default)")
     if cfg.log.level.lower() not in LOG_LEVELS:

@@ -53,6 +53,7 @@ def default_manager_factory(config: Config) -> InstanceManager:
                          log_level=level if level in ("debug", "info", "warning", "error") else "info",
                          recover_policy=config.daemon.recover_policy,
                          failover_policy=config.daemon.failover_policy,
+                         cgroup=config.daemon.cgroup,
                          # failover: a dead daemon's readers wait in the kernel until the successor
                          # serves, so notice deaths sooner than the restart policy does
                          monitor_interval=0.5 if config.daemon.recover_policy == "failover" else 2.0)
@@ -137,11 +138,14 @@ class Instances:
             return os.path.join(snapshot_dir(self.root, iid), "mnt")
         return os.path.join(self.root, "mnt", iid)
 
-    def ensure(self, iid: str, name: str, prepare: Callable[[], tuple[str, dict[str, Any], str]]) -> str:
+    def ensure(self, iid: str, name: str, prepare: Callable[[], tuple[str, dict[str, Any], str, Any]]) -> str:
         """The mountpoint of instance ``iid`` (snapshot ``name``), mounting it when needed.
 
         ``prepare()`` (called under the instance lock, only when a mount is needed) returns
-        ``(bootstrap path, nydusd backend config, image ref)``; it raises the caller's errors.
+        ``(bootstrap path, nydusd backend config, image ref, probe)``; it raises the caller's
+        errors. ``probe`` (or None) is a check running meanwhile (the registry's reachability):
+        ``probe.check()`` is called after the mount, and when it raises, the fresh mount is undone
+        and its error raised — before the mount's own error when both failed, as when it ran first.
         """
         with self._instance_lock(iid):
             mp = self._mounted.get(iid)
@@ -152,14 +156,27 @@ class Instances:
                 except OSError as exc:  # ENOTCONN: its daemon died; the manager recovers it
                     log.warning("RAFS instance %s at %s is broken (%s); remounting", iid, mp, exc)
                     del self._mounted[iid]
-            bootstrap, backend, ref = prepare()
+            bootstrap, backend, ref, probe = prepare()
             t0 = time.monotonic()
             try:
                 mp = self.manager.mount(iid, bootstrap, self.mountpoint_hint(iid), backend)
             except SnapshotterError:
+                if probe is not None:
+                    probe.check()
                 raise
             except Exception as exc:  # the manager's own errors (rafs/storage) → UNAVAILABLE
+                if probe is not None:
+                    probe.check()
                 raise Unavailable(f"failed to mount RAFS instance for {name}: {exc}") from exc
+            if probe is not None:
+                try:
+                    probe.check()
+                except BaseException:
+                    try:
+                        self.manager.umount(iid)
+                    except Exception:  # noqa: BLE001 - Cleanup retries what is left
+                        log.exception("failed to unmount RAFS instance %s after a failed registry probe", iid)
+                    raise
             log.info("RAFS instance %s for %s mounted at %s in %.3fs", iid, ref, mp, time.monotonic() - t0)
             self._mounted[iid] = mp
             return mp

@@ -13,7 +13,8 @@
 * credentials: the pull labels, then ``[remote.auths]``, then docker's ``config.json`` and its
   credential helpers (:mod:`storage.backend.credentials`, the module nydusd and nydusify use);
 * with ``check_registry``, :func:`check_reachable` asks storage's ``RegistryBackend.ping`` whether
-  some endpoint answers, with the same mirror failover as reads.
+  some endpoint answers, with the same mirror failover as reads; a container's Prepare runs it
+  as a :class:`ReachabilityProbe` beside the instance mount and checks it before answering.
 
 Secrets never reach a log line or an error message.
 """
@@ -21,6 +22,7 @@ Secrets never reach a log line or an error message.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -178,6 +180,29 @@ def check_reachable(image_ref: str, registry: RegistryConfig, ping: Ping | None 
         backend.close()
 
 
+class ReachabilityProbe:
+    """:func:`check_reachable` in a background thread, so that the registry's round trips
+    overlap the instance mount instead of preceding it; :meth:`check` waits for it and raises
+    its error (the same :class:`Unavailable`) when no endpoint answered."""
+
+    def __init__(self, image_ref: str, registry: RegistryConfig, ping: Ping | None = None) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(image_ref, registry, ping),
+                                        name="registry-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self, image_ref: str, registry: RegistryConfig, ping: Ping | None) -> None:
+        try:
+            check_reachable(image_ref, registry, ping)
+        except BaseException as exc:  # noqa: BLE001 - handed to check()
+            self._error = exc
+
+    def check(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def mirror_entry(m: MirrorConfig) -> dict[str, Any]:
     """nydusd's ``mirrors[]`` entry: host and auth_through, plus what a hosts.toml set."""
     entry: dict[str, Any] = {"host": m.host, "auth_through": m.auth_through}
@@ -192,11 +217,26 @@ def mirror_entry(m: MirrorConfig) -> dict[str, Any]:
 
 def backend_config(image_ref: str, labels: Mapping[str, str], cfg: Config,
                    ping: Ping | None = None) -> dict[str, Any]:
-    """The nydusd ``device.backend`` for an image (registry host/repo, auth, mirrors)."""
+    """The nydusd ``device.backend`` for an image (registry host/repo, auth, mirrors), after
+    the ``check_registry`` probe."""
+    config, probe = backend_config_probing(image_ref, labels, cfg, ping)
+    if probe is not None:
+        probe.check()
+    return config
+
+
+def backend_config_probing(image_ref: str, labels: Mapping[str, str], cfg: Config,
+                           ping: Ping | None = None) -> tuple[dict[str, Any], ReachabilityProbe | None]:
+    """:func:`backend_config` with its ``check_registry`` probe still running (None when off):
+    the caller mounts meanwhile and calls ``probe.check()`` before using the mount."""
     registry = registry_config(image_ref, cfg, ping)
-    if cfg.remote.check_registry:
-        check_reachable(image_ref, registry, ping)
-    auth = registry_auth(L.parse_image_ref(image_ref).host, labels, cfg) or ""
+    probe = ReachabilityProbe(image_ref, registry, ping) if cfg.remote.check_registry else None
+    try:
+        auth = registry_auth(L.parse_image_ref(image_ref).host, labels, cfg) or ""
+    except BaseException:
+        if probe is not None:
+            probe.check()  # an unreachable registry is reported first, as when it was probed first
+        raise
     config: dict[str, Any] = {
         "scheme": registry.scheme, "host": registry.host, "repo": registry.repo, "auth": auth,
         "skip_verify": registry.skip_verify, "timeout": cfg.remote.timeout,
@@ -205,4 +245,4 @@ def backend_config(image_ref: str, labels: Mapping[str, str], cfg: Config,
         config["mirrors"] = [mirror_entry(m) for m in registry.mirrors]
     if cfg.remote.docker_config:
         config["docker_config"] = cfg.remote.docker_config  # nydusd's own lookup reads the same file
-    return {"type": "registry", "config": config}
+    return {"type": "registry", "config": config}, probe

@@ -38,7 +38,7 @@ from snapshotter.filters import compile_filters
 from snapshotter.instances import InstanceManager, Instances
 from snapshotter.metastore import Info, Kind, MetaStore, Snapshot, Usage
 from snapshotter.mounts import Mount, OverlayOptions, native_mounts, remote_mounts, snapshot_dir, upper_path
-from snapshotter.remote import Ping, backend_config
+from snapshotter.remote import Ping, ReachabilityProbe, backend_config_probing
 from storage.cache.filecache import blob_usage, cache_dir_usage, gc_cache_dir
 
 log = logging.getLogger("snapshotter")
@@ -428,7 +428,7 @@ class Snapshotter:
     def _instance(self, meta_id: str, meta_info: Info, labels: Mapping[str, str]) -> str:
         """Mount (or reuse) the RAFS instance of meta snapshot ``meta_id``; returns its mountpoint."""
 
-        def prepare() -> tuple[str, dict[str, Any], str]:
+        def prepare() -> tuple[str, dict[str, Any], str, ReachabilityProbe | None]:
             boot = find_bootstrap(upper_path(self.root, meta_id))
             if boot is None:
                 raise FailedPrecondition(f"nydus meta layer {meta_info.name} has no bootstrap file")
@@ -444,7 +444,8 @@ class Snapshotter:
                     f"failed to find image ref of snapshot {meta_info.name}: label {L.CRI_IMAGE_REF} missing")
             if L.PULL_SECRET not in merged:  # credentials of the pull, kept out of the metastore
                 merged.update(self.credentials.labels_for(ref))
-            return boot, backend_config(ref, merged, self.config, self._ping), ref
+            backend, probe = backend_config_probing(ref, merged, self.config, self._ping)
+            return boot, backend, ref, probe
 
         return self.rafs.ensure(meta_id, meta_info.name, prepare)
 

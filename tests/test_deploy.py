@@ -83,6 +83,8 @@ def test_manifest_paths_match_the_snapshotter_config(variant, tmp_path):
     assert host_path(mounts[sock_dir]) == sock_dir
     assert host_path(mounts["/dev/fuse"]) == "/dev/fuse"
     assert host_path(mounts[containerd_sock]) == containerd_sock
+    # the daemons leave the pod's cgroup (so they outlive the pod): the host's cgroup tree is there
+    assert cfg.daemon.cgroup and host_path(mounts["/sys/fs/cgroup"]) == "/sys/fs/cgroup"
     # registry credentials: the optional dockerconfigjson Secret, where [remote] docker_config points
     cred = mounts[os.path.dirname(cfg.remote.docker_config)]
     assert volumes[cred["name"]]["secret"]["optional"] is True

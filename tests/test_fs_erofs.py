@@ -183,3 +183,11 @@ def test_erofs_shared_remount_of_same_instance_right_away(v6, tmp_path):
             assert open(os.path.join(target, "sync_io.rs"), "rb").read() == contents["sync_io.rs"]
             client.umount("/img")
             assert erofs.mounted_fstype(target) is None
+
+
+def test_detect_support_probes_where_it_is_told(tmp_path):
+    # the file-backed probe's file goes to the nearest existing ancestor of probe_dir (where the
+    # images live: a container's /tmp may be overlayfs, whose files the kernel refuses)
+    here = erofs.detect_support(str(tmp_path / "not" / "yet"))
+    assert here == erofs.detect_support(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone

@@ -329,6 +329,31 @@ def test_hot_upgrade_keeps_the_mount_and_readers_see_no_error(manager_factory, i
         r.upgrade()
 
 
+def test_daemon_cgroup_holds_the_fd_keeper_too(manager_factory, images):
+    """[daemon] cgroup: the keeper must outlive the snapshotter's container as the daemon does,
+    so it is moved into the daemons' cgroup as well; shutdown stops both and removes the cgroup."""
+    import uuid
+
+    from rafs.daemon.cgroup import DaemonCgroup
+
+    if not os.path.isdir("/sys/fs/cgroup"):
+        pytest.skip("no /sys/fs/cgroup")
+    path = f"pynydus-test-{uuid.uuid4().hex[:8]}/daemons"
+    m = manager_factory("shared", recover_policy="failover", cgroup=path)
+    m.mount("a", images["a"], None, None)
+    rec = next(iter(m._records.values()))
+    _wait_held(m, rec)
+    keeper = m._holders[rec.daemon_id].pid
+    for pid in (rec.pid, keeper):
+        lines = DaemonCgroup.of(pid)
+        assert lines and all(line.endswith(":/" + path) for line in lines), (pid, lines)
+    m.shutdown(keep_records=False)
+    deadline = time.monotonic() + 10
+    while m.cgroup.remove() and time.monotonic() < deadline:  # exited tasks leave asynchronously
+        time.sleep(0.1)
+    assert not any(os.path.exists(os.path.join(h, path.split("/")[0])) for h in m.cgroup.hierarchies)
+
+
 def test_restart_policy_starts_no_holder(manager_factory, images):
     m = manager_factory("shared")
     m.mount("a", images["a"], None, None)

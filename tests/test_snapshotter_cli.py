@@ -204,9 +204,7 @@ def test_sd_notify_ready_after_socket_listens(tmp_path):
             if p.poll() is None:
                 p.kill()
             p.wait()
-            # the shared nydusd it started at its start, and that daemon's fd keeper, outlive it
-            # by design: stop them (by PID, they name this root) and unmount what they left
             from integration.harness.util import kill_pids, pids_mentioning, unmount_all
 
-            kill_pids(pids_mentioning(str(tmp_path / "root")))
+            kill_pids(pids_mentioning(str(tmp_path)))  # the shared nydusd it started and its fd keeper (by PID)
             unmount_all(str(tmp_path))

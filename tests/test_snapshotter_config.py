@@ -207,3 +207,10 @@ def test_failover_policy_is_validated():
     assert (c.daemon.recover_policy, c.daemon.failover_policy) == ("failover", "flush")
     with pytest.raises(ConfigError, match="daemon.failover_policy"):
         C.from_dict({"version": 1, "daemon": {"failover_policy": "later"}})
+
+
+def test_daemon_cgroup_is_validated():
+    assert C.from_dict({"version": 1}).daemon.cgroup == ""
+    assert C.from_dict({"version": 1, "daemon": {"cgroup": "pynydus-daemons"}}).daemon.cgroup == "pynydus-daemons"
+    with pytest.raises(ConfigError, match="daemon.cgroup"):
+        C.from_dict({"version": 1, "daemon": {"cgroup": "../escape"}})

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 
 import grpc
 import pytest
@@ -404,3 +405,37 @@ def test_data_layer_with_missing_or_other_parent(h):
     assert code == grpc.StatusCode.ALREADY_EXISTS and 'parent ""' in msg
     assert h.list('labels."containerd.io/snapshot.ref"==sha256:c1,parent=="sha256:c2"') == []
     assert h.list() == ["sha256:c1", "sha256:c2"]
+
+
+def test_registry_probe_runs_beside_the_mount(h, bootstrap):
+    """The check_registry probe overlaps the instance mount: here the registry only answers once
+    the mount has started (serially, the probe would wait for it in vain and fail)."""
+    meta = pull_image(h, bootstrap)
+    mount_started = threading.Event()
+    real_mount, real_ping = h.manager.mount, h.sn._ping
+
+    def mount(*args):
+        mount_started.set()
+        return real_mount(*args)
+
+    def ping(scheme, host, timeout):
+        return None if mount_started.wait(10) else "the probe ran before the mount, not beside it"
+
+    h.manager.mount = mount
+    h.sn._ping = ping
+    h.prepare("ctr", meta)
+    assert h.manager.instances()  # mounted, and the probe's answer accepted
+
+
+def test_failed_registry_probe_undoes_the_mount_and_wins_over_a_mount_error(h, bootstrap):
+    meta = pull_image(h, bootstrap)
+    h.ping_errors["127.0.0.1:5000"] = "connection refused"
+    code, msg = code_of(h.prepare, "ctr", meta)
+    assert code == grpc.StatusCode.UNAVAILABLE and "unreachable" in msg
+    assert h.manager.ops("mount") and not h.manager.instances(), "the mount of a refused Prepare was kept"
+    h.manager.fail_mount = RuntimeError("daemon died")  # both fail: the registry's error, as before
+    code, msg2 = code_of(h.prepare, "ctr", meta)
+    assert code == grpc.StatusCode.UNAVAILABLE and msg2 == msg
+    h.manager.fail_mount = None
+    del h.ping_errors["127.0.0.1:5000"]
+    h.prepare("ctr", meta)

@@ -180,3 +180,47 @@ def test_ping_goes_through_mirror_failover():
     finally:
         origin.close()
         mirror.close()
+
+
+def test_warm_takes_the_token_so_the_first_read_needs_one_request():
+    tokens = []
+
+    def registry(h):
+        if h.path.startswith("/token"):
+            tokens.append(h.path)
+            return _reply(h, 200, b'{"token": "t1", "expires_in": 300}')
+        if h.headers.get("Authorization") != "Bearer t1":
+            return _reply(h, 401, headers=[("WWW-Authenticate",
+                                            f'Bearer realm="{reg.url}/token",service="reg"')])
+        if h.path == "/v2/":
+            return _reply(h, 200, b"{}")
+        return _serve_range(h)
+
+    reg = _Server(registry)
+    try:
+        client = RegistryClient(reg.host, "r", scheme="http")
+        client.warm()
+        assert client.token_requests == 1 and "scope=repository%3Ar%3Apull" in tokens[0]
+        n = len(reg.seen)
+        assert client.read_blob_range(BLOB_ID, 10, 20) == BLOB[10:30]
+        assert reg.seen[n:] == [("GET", f"/v2/r/blobs/sha256:{BLOB_ID}", "Bearer t1")]  # no 401 first
+        assert client.token_requests == 1
+        client.close()
+    finally:
+        reg.close()
+
+
+def test_backend_warm_failure_leaves_health_alone():
+    down = _Server(lambda h: _reply(h, 200))
+    down.close()  # a mirror that refuses connections
+    origin = _Server(lambda h: _reply(h, 200, b"{}") if h.path == "/v2/" else _serve_range(h))
+    try:
+        backend = RegistryBackend(RegistryConfig(host=origin.host, repo="r", scheme="http",
+                                                 mirrors=(MirrorConfig(host=down.url),)))
+        with pytest.raises(RegistryUnavailable):
+            backend.warm()  # the endpoint a read tries first is the mirror
+        assert all(ep.usable() and ep._failed_at is None for ep, _ in backend.endpoints)
+        assert not origin.seen
+        backend.close()
+    finally:
+        origin.close()

@@ -83,8 +83,17 @@ def test_upstream_v1_shapes_on_a_real_mount(tmp_path):
             assert status == 200 and ctype.startswith("text/plain") and b"nydusd_read_count" in body
         assert "nydusd_read_count" in client.metrics()
 
+        # upstream: the instance's RafsSuperMeta; 'mountpoint' is required
         status, _, body = _call(sock, "GET", "/api/v1/daemon/backend")
-        assert status == 200 and isinstance(json.loads(body), dict)
+        assert status == 400 and "'mountpoint' should be specified" in json.loads(body)["message"]
+        status, _, body = _call(sock, "GET", "/api/v1/daemon/backend?mountpoint=/a")
+        meta = json.loads(body)
+        assert status == 200
+        _check(meta, "RafsSuperMeta")
+        assert meta["version"] == 0x600 and meta["magic"] == 0xE0F5E1E2 and meta["inodes_count"] == 2
+        assert meta["flags"] == {"bits": meta["flags"]["bits"]} and meta["flags"]["bits"] > 0
+        assert meta["attr_timeout"] == {"secs": 1 << 32, "nanos": 0} and meta["chunk_size"] == 1 << 20
+        assert _call(sock, "GET", "/api/v1/daemon/backend?mountpoint=/nope")[0] == 404
 
         status, _, _ = _call(sock, "PUT", "/api/v1/daemon", b'{"log_level": "debug"}')
         assert status == 204
@@ -270,14 +279,26 @@ def test_upstream_metrics_endpoints_answer_json(tmp_path, capfd):
         status, latest = _json(sock, "GET", "/api/v1/metrics/files?id=/a&latest=true")
         assert status == 200 and latest == [pattern[0]["ino"]]
         assert _json(sock, "GET", "/api/v1/metrics/files?id=/a&latest=true")[1] == []  # cleared
-        assert _json(sock, "GET", "/api/v1/metrics/files?id=/a") == (200, {})  # iostats_files: not collected
+        assert _json(sock, "GET", "/api/v1/metrics/files?id=/a") == (200, {})  # iostats_files off: upstream's {}
         assert _json(sock, "GET", "/api/v1/metrics?id=/a")[1]["access_pattern_enabled"] is True
 
-        # a second instance without recording and without a blob cache
+        # a second instance with per-file counters, without the other recording and a blob cache
         client.mount("/b", boot, _config(tmp_path, cache="dummycache", iostats_files=True))
         assert open(os.path.join(mnt, "b", "g"), "rb").read() == b"small file"
-        warned = [line for line in capfd.readouterr().err.splitlines() if "iostats_files" in line]
-        assert len(warned) == 1 and "not collected" in warned[0]  # one line naming the key
+        with open(os.path.join(mnt, "b", "f"), "rb", buffering=0) as f:
+            assert f.read(4096) == data[:4096]
+        assert not [line for line in capfd.readouterr().err.splitlines() if "iostats_files" in line]
+        status, stats = _json(sock, "GET", "/api/v1/metrics/files?id=/b")
+        assert status == 200 and len(stats) == 2, stats  # upstream's InodeIoStats per inode read
+        for counters in stats.values():
+            _check(counters, "InodeIoStats")
+            assert len(counters["block_count_read"]) == 8 and len(counters["fop_hits"]) == 15
+            assert counters["total_fops"] == counters["fop_hits"][4] >= 1 and counters["fop_errors"][4] == 0
+        by_size = sorted(stats.values(), key=lambda c: c["data_read"])
+        assert by_size[0]["data_read"] == len(b"small file") and by_size[0]["block_count_read"][0] >= 1
+        assert by_size[1]["data_read"] >= 4096
+        assert _json(sock, "GET", "/api/v1/metrics?id=/b")[1]["files_account_enabled"] is True
+        assert _json(sock, "GET", "/api/v1/metrics?id=/a")[1]["files_account_enabled"] is False
         assert _json(sock, "GET", "/api/v1/metrics/pattern?id=/b") == (200, [])  # upstream: off = []
         assert _json(sock, "GET", "/api/v1/metrics/files?id=/b&latest=true") == (200, [])
         assert _json(sock, "GET", "/api/v1/metrics?id=/b")[1]["access_pattern_enabled"] is False
@@ -528,3 +549,35 @@ def test_inflight_with_libfuse_loop_is_not_served(tmp_path):
     with running_daemon(tmp_path, fuse_impl="pyfuse3") as (client, mnt, _):
         status, err = _json(client.apisock, "GET", "/api/v1/metrics/inflight")
         assert status == 501 and err["code"] == "Unsupported" and "--fuse-impl ll" in err["message"]
+
+
+def test_request_size_classes_match_upstream():
+    """``block_count_read`` classes: the boundaries upstream's own unit test pins
+    (utils/src/metrics.rs ``test_request_size_index``)."""
+    from rafs.fs.instance import request_size_index
+
+    cases = {0x0: 0, 0x3FF: 0, 0x400: 1, 0xFFF: 1, 0x1000: 2, 0x3FFF: 2, 0x4000: 3, 0xFFFF: 3,
+             0x1_0000: 4, 0x1_FFFF: 4, 0x2_0000: 5, 0x7_FFFF: 5, 0x8_0000: 6, 0xF_FFFF: 6,
+             0x10_0000: 7, (1 << 64) - 1: 7}
+    assert {size: request_size_index(size) for size in cases} == cases
+
+
+def test_put_mount_of_an_erofs_instance_is_refused_precisely(tmp_path):
+    """Remount under the erofs driver: the kernel's EROFS mount cannot change its image in
+    place (upstream's erofs/fscache mode has no remount either): 501 with what to do instead;
+    the instance keeps serving."""
+    require_fuse()
+    from tests.test_fs_erofs import require_erofs
+
+    require_erofs()
+    boot = _image(tmp_path, {"f": b"erofs remount" * 400})
+    config = _config(tmp_path)
+    with running_daemon(tmp_path, opener="real", fs_driver="erofs") as (client, mnt, _):
+        client.mount("/e", boot, config)
+        assert client.info()["instances"]["/e"]["fs_driver"] == "erofs"
+        body = json.dumps({"fs_type": "rafs", "source": boot, "config": json.dumps(config)}).encode()
+        status, err = _json(client.apisock, "PUT", "/api/v1/mount?mountpoint=/e", body)
+        assert status == 501 and err["code"] == "Unsupported", err
+        assert "Remount(MountFilesystem(Unsupported))" in err["message"] and "DELETE" in err["message"]
+        assert open(os.path.join(mnt, "e", "f"), "rb").read() == b"erofs remount" * 400
+        client.umount("/e")

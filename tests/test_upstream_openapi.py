@@ -22,6 +22,10 @@ TYPES = {"string": str, "integer": int, "boolean": bool, "array": list, "object"
 NOT_SENT_UPSTREAM = {"RafsBackend": {"id", "read_latency_dist"}, "Blobcache": {"id", "prefetch_mr_count"}}
 #: document types upstream nydusd's serializer contradicts (it sends a number / a list)
 TYPE_UPSTREAM = {("RafsBackend", "read_count"): int, ("Blobcache", "underlying_files"): list}
+#: routes upstream nydusd serves (``HTTP_ROUTES`` in api/src/http_handler.rs at the pinned commit)
+#: that its OpenAPI documents leave out; upstream nydus-snapshotter drives hot upgrade and
+#: failover with the first three (pkg/daemon/client.go). ``/config`` is not served here.
+UNDOCUMENTED_V1 = {("/daemon/start", "PUT"), ("/daemon/fuse/sendfd", "PUT"), ("/daemon/fuse/takeover", "PUT")}
 #: Option<String> fields upstream serializes as null when unset
 NULLABLE = {("DaemonInfo", "supervisor"), ("DaemonInfo", "backend_collection")}
 
@@ -71,7 +75,7 @@ def test_every_openapi_endpoint_is_served_with_its_schema(tmp_path):
         ("v1", "/daemon", "GET"): ("/api/v1/daemon", b"", 200, "DaemonInfo"),
         ("v1", "/daemon", "PUT"): ("/api/v1/daemon", b'{"log_level": "info"}', 204, None),
         ("v1", "/daemon/events", "GET"): ("/api/v1/daemon/events", b"", 200, "Events"),
-        ("v1", "/daemon/backend", "GET"): ("/api/v1/daemon/backend", b"", 200, "DaemonFsBackend"),
+        ("v1", "/daemon/backend", "GET"): ("/api/v1/daemon/backend?mountpoint=/a", b"", 200, "DaemonFsBackend"),
         ("v1", "/mount", "PUT"): ("/api/v1/mount?mountpoint=/a", mount_body, 204, None),
         ("v1", "/metrics", "GET"): ("/api/v1/metrics?id=/a", b"", 200, "RafsMetrics"),
         ("v1", "/metrics/files", "GET"): ("/api/v1/metrics/files?id=/a&latest=true", b"", 200, None),
@@ -87,9 +91,17 @@ def test_every_openapi_endpoint_is_served_with_its_schema(tmp_path):
         ("v2", "/blobs", "PUT"): ("/api/v2/blobs", b'{"type": "bootstrap", "id": "b"}', 501, "ErrorMsg"),
         ("v2", "/blobs", "DELETE"): ("/api/v2/blobs?domain_id=d", b"", 501, "ErrorMsg"),
     }
-    skipped = {("v1", "/daemon/exit", "PUT")}  # ends the daemon: test_fs_daemon covers it
+    # a daemon that is RUNNING and was not started --upgrade: the successor's steps are refused
+    # with upstream's 400 UnexpectedEvent; sendfd needs a --supervisor (tests/test_upstream_upgrade.py
+    # runs them all in upstream's order, and exit, on real processes)
+    requests.update({
+        ("v1", "/daemon/fuse/takeover", "PUT"): ("/api/v1/daemon/fuse/takeover", b"", 400, "ErrorMsg"),
+        ("v1", "/daemon/start", "PUT"): ("/api/v1/daemon/start", b"", 400, "ErrorMsg"),
+        ("v1", "/daemon/fuse/sendfd", "PUT"): ("/api/v1/daemon/fuse/sendfd", b"", 400, "ErrorMsg"),
+    })
+    skipped = {("v1", "/daemon/exit", "PUT")}  # ends the daemon: test_upstream_upgrade covers it
     documented = {("v1", *r) for r in _routes(V1)} | {("v2", *r) for r in _routes(V2)}
-    assert documented == set(requests) | skipped  # a new upstream endpoint fails here
+    assert documented | {("v1", *r) for r in UNDOCUMENTED_V1} == set(requests) | skipped  # new endpoints fail here
     with running_daemon(tmp_path, opener="real") as (client, mnt, _):
         sock = client.apisock
         client.mount("/a", boot, config)

@@ -6,11 +6,12 @@ Endpoints (upstream paths; docs/mounts.md has the answers in full):
   backend_collection) plus ours (instances, ...); ``GET /api/v2/daemon`` the same without the
   filesystems' info (``backend_collection`` null)
 * ``PUT /api/v1/daemon`` (and ``/api/v2/daemon``) body ``{"log_level": "debug"}`` — log level
-* ``GET /api/v1/daemon/backend`` — the daemon's ``backend_collection``
+* ``GET /api/v1/daemon/backend?mountpoint=/<id>`` — upstream's answer: the instance's RAFS
+  super block metadata (``RafsSuperMeta``)
 * ``GET /api/v1/daemon/events`` — upstream's ``ErrorHolder``: failed backend reads
 * ``POST /api/v1/mount?mountpoint=/<id>`` body ``{"fs_type":"rafs","source":<bootstrap>,"config":<json>}``
 * ``PUT /api/v1/mount?mountpoint=/<id>`` same body — upstream's remount: the instance is served
-  from the new bootstrap and config in place (fusedev instances)
+  from the new bootstrap and config in place (fusedev instances; erofs ones: 501)
 * ``DELETE /api/v1/mount?mountpoint=/<id>``
 * ``POST /api/v1/prefetch?mountpoint=/<id>`` body ``{"files": [...]}`` (optional) — start prefetch
 * ``GET /api/v1/trace?mountpoint=/<id>`` — the prefetch trace recorded so far (text, see
@@ -25,17 +26,22 @@ Endpoints (upstream paths; docs/mounts.md has the answers in full):
   backend / only the cache + prefetch families)
 * ``GET /api/v1/metrics/pattern[?id=]`` — upstream's access patterns (``access_pattern``; ``[]`` off)
 * ``GET /api/v1/metrics/files[?id=][&latest=true]`` — the files read since the last call
-  (``latest_read_files``; ``[]`` off); without ``latest``: ``{}`` (per-file counters are not
-  collected, upstream's answer with them off)
+  (``latest_read_files``; ``[]`` off); without ``latest``: upstream's per-file counters
+  (``iostats_files``; ``{}`` off)
 * ``GET /api/v1/metrics/inflight`` — FUSE requests being served (204 when none)
 * ``/api/v2/blobs`` — upstream's fscache blob objects: answered as upstream nydusd answers them in
   fusedev mode (501 ``...(DaemonAbnormal(Unsupported))``, 400 without parameters, 204 for
   ``DELETE ?blob_id=``)
-* ``PUT /api/v1/daemon/exit`` — unmount everything and exit; ``?handover=1``: exit leaving the
-  FUSE connection (and the erofs mounts) to a successor (``--upgrade``; own FUSE loop only)
+* ``PUT /api/v1/daemon/exit`` — exit; with a ``--supervisor`` holding the session (upstream's
+  exit) leaving the FUSE connection (and the erofs mounts) to a successor, else unmounting
+  everything first; ``?handover=1`` / ``?handover=0`` force either
 * ``PUT /api/v1/daemon/fuse/sendfd`` — send the FUSE fds and handover state to ``--supervisor``
+* ``PUT /api/v1/daemon/fuse/takeover`` — upstream's Takeover (INIT -> READY) of an ``--upgrade``
+  daemon: adopt the session the supervisor holds, not serving yet
+* ``PUT /api/v1/daemon/start`` — upstream's Start (READY -> RUNNING): serve it
 
-Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500/501. Every malformed
+Errors answer ``{"code": <name>, "message": <text>}`` with 400/404/409/422/500/501 (400
+``UnexpectedEvent``: a lifecycle request the daemon's state does not allow, as upstream). Every malformed
 request is a 4xx with the reason: bad HTTP, a body that is not a JSON object (or nested too
 deeply), a ``source`` that is not a readable RAFS bootstrap, an instance name breaking
 :func:`rafs.daemon.config.check_instance_name`; 500 is left for the daemon's own failures and
@@ -55,7 +61,7 @@ from typing import Any
 import trio
 
 from rafs.daemon.config import DaemonConfig, loads_json
-from rafs.errors import ConfigError, MountError, NotFound, NotServed, RafsError, UnsupportedError
+from rafs.errors import ConfigError, MountError, NotFound, NotServed, RafsError, StateError, UnsupportedError
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -80,6 +86,8 @@ class ApiError(RafsError):
 def _error_status(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, NotServed):
         return 501, "Unsupported"
+    if isinstance(exc, StateError):
+        return 400, "UnexpectedEvent"
     if isinstance(exc, NotFound):
         return 404, "NotFound"
     if isinstance(exc, UnsupportedError):
@@ -201,6 +209,48 @@ def upstream_info(daemon: Any) -> dict:
     return info
 
 
+#: upstream's default attr/entry timeout (seconds), serialized as a Rust Duration
+_RAFS_DEFAULT_TIMEOUT = {"secs": 1 << 32, "nanos": 0}
+
+
+def backend_info(daemon: Any, mountpoint: str | None) -> dict:
+    """``GET /api/v1/daemon/backend?mountpoint=/<id>``: upstream's answer, the instance's RAFS
+    super block metadata (``RafsSuperMeta``: version 0x500/0x600, table offsets, ``flags`` as
+    ``{"bits": N}``, timeouts as ``{"secs", "nanos"}``); 400 without ``mountpoint``."""
+    if not mountpoint:
+        raise ConfigError("'mountpoint' should be specified in query string")
+    inst = daemon._instance(mountpoint)
+    tree = getattr(inst.tree, "rafs", inst.tree)  # erofs blob files: the RAFS image they present
+    info = tree.info()
+    v6 = info.get("version") == 6
+    sb = getattr(tree, "sb", None)
+    out = {"magic": int(getattr(sb, "s_magic", 0)), "version": 0x600 if v6 else 0x500,
+           "sb_size": 0 if v6 else int(getattr(sb, "s_sb_size", 0)), "root_inode": int(info.get("root_ino") or 0),
+           "chunk_size": int(info.get("chunk_size") or 0), "batch_size": 0,
+           "inodes_count": int(info.get("inode_count") or 0), "flags": {"bits": int(info.get("flags") or 0)},
+           "inode_table_entries": 0, "inode_table_offset": 0, "blob_table_size": 0, "blob_table_offset": 0,
+           "extended_blob_table_offset": 0, "extended_blob_table_entries": 0, "blob_device_table_count": 0,
+           "blob_device_table_offset": 0, "prefetch_table_offset": 0, "prefetch_table_entries": 0,
+           "attr_timeout": dict(_RAFS_DEFAULT_TIMEOUT), "entry_timeout": dict(_RAFS_DEFAULT_TIMEOUT),
+           "is_chunk_dict": False, "meta_blkaddr": 0, "root_nid": 0, "chunk_table_offset": 0,
+           "chunk_table_size": 0}
+    out["blob_table_offset"], out["blob_table_size"] = (int(x) for x in info["blob_table"])
+    if v6:
+        out["meta_blkaddr"] = int(info.get("meta_blkaddr") or 0)
+        out["root_nid"] = int(getattr(sb, "s_root_nid", 0))
+        out["blob_device_table_count"] = int(getattr(sb, "s_extra_devices", 0))
+        out["blob_device_table_offset"] = int(getattr(sb, "s_devt_slotoff", 0)) * 128
+        out["chunk_table_offset"], out["chunk_table_size"] = (int(x) for x in info["chunk_table"])
+        offset, size = info["prefetch_table"]
+        out["prefetch_table_offset"], out["prefetch_table_entries"] = int(offset), int(size) // 4
+    else:
+        out["inode_table_offset"], out["inode_table_entries"] = (int(x) for x in info["inode_table"])
+        out["extended_blob_table_offset"], out["extended_blob_table_entries"] = (
+            int(x) for x in info["extended_blob_table"])
+        out["prefetch_table_offset"], out["prefetch_table_entries"] = (int(x) for x in info["prefetch_table"])
+    return out
+
+
 def fs_metric(daemon: Any, only: str | None) -> dict:
     """Upstream's ``FsMetric``: of the instance at ``only``, else the sum over every instance
     (upstream's global metrics, ``id`` "").
@@ -226,9 +276,10 @@ def fs_metric(daemon: Any, only: str | None) -> dict:
     errors[read] = sum(int(i.metrics.read_errors) for i in chosen)
     latency[read] = int(sum(i.metrics.read_seconds for i in chosen) * 1_000_000)
     pattern = any(getattr(getattr(i, "access", None), "pattern", False) for i in chosen)
-    return {"files_account_enabled": False, "access_pattern_enabled": pattern, "measure_latency": False,
+    files = any(getattr(getattr(i, "access", None), "files", False) for i in chosen)
+    return {"files_account_enabled": files, "access_pattern_enabled": pattern, "measure_latency": False,
             "id": only or "", "data_read": sum(int(i.metrics.read_bytes) for i in chosen),
-            "block_count_read": [0] * 11, "fop_hits": hits, "fop_errors": errors,
+            "block_count_read": [0] * 8, "fop_hits": hits, "fop_errors": errors,
             "fop_cumulative_latency_total": latency, "read_latency_dist": [0] * 8, "nr_opens": 0,
             "nr_max_opens": 0, "last_fop_tp": 0}
 
@@ -295,13 +346,14 @@ def blobcache_metrics(daemon: Any, only: str | None) -> dict:
 def files_metrics(daemon: Any, only: str | None, latest: bool) -> Any:
     """``/api/v1/metrics/files``: with ``latest=true`` the inodes read since the last such call
     (``latest_read_files``; ``[]`` when it is off, as upstream); else upstream's per-file
-    counters map, which this daemon does not collect (``iostats_files``): ``{}``, upstream's
-    answer with the counters off."""
+    counters (``iostats_files``): inode number -> ``InodeIoStats`` (reads only: ``total_fops``,
+    ``data_read``, ``block_count_read``, the ``read`` slot of ``fop_hits``/``fop_errors``);
+    ``{}`` when they are off, as upstream."""
     _, inst = _one_instance(daemon, only)
+    access = getattr(inst, "access", None)
     if latest:
-        access = getattr(inst, "access", None)
         return access.take_latest() if access is not None and access.latest else []
-    return {}
+    return access.file_stats() if access is not None and access.files else {}
 
 
 def access_patterns(daemon: Any, only: str | None) -> list:
@@ -368,7 +420,7 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes,
 
         return 200, EVENTS.export()
     if path == "/api/v1/daemon/backend" and method == "GET":
-        return 200, upstream_info(daemon)["backend_collection"]
+        return 200, await trio.to_thread.run_sync(backend_info, daemon, query.get("mountpoint"))
     if path == "/api/v1/mount":
         mountpoint = query.get("mountpoint")
         if not mountpoint:
@@ -424,12 +476,21 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes,
     if path == "/api/v2/blobs":
         return _blobs_v2(method, query)
     if path == "/api/v1/daemon/exit" and method == "PUT":
-        if query.get("handover") in ("1", "true"):
+        handover = query.get("handover")
+        if handover in ("1", "true") or (handover is None and daemon.keeps_connection_on_exit()):
             await daemon.send_handover()  # the holder has the newest state before we go
             daemon.prepare_handover_exit()
+        elif handover not in (None, "0", "false"):
+            raise ConfigError(f"handover: expected 1/true or 0/false, got {handover[:32]!r}")
         return 204, _EXIT
     if path == "/api/v1/daemon/fuse/sendfd" and method == "PUT":
         await daemon.send_handover()
+        return 204, None
+    if path == "/api/v1/daemon/fuse/takeover" and method == "PUT":
+        await daemon.takeover()
+        return 204, None
+    if path == "/api/v1/daemon/start" and method == "PUT":
+        await daemon.start_service()
         return 204, None
     return 404 if method in ("GET", "POST", "PUT", "DELETE") else 405, {
         "code": "NotFound", "message": f"no endpoint {method} {url.path}"}
@@ -520,8 +581,20 @@ class DaemonClient:
         q = "?" + urllib.parse.urlencode({"id": instance}) if instance else ""
         return self.request("GET", f"/api/v1/metrics{q}", raw=True)
 
-    def exit(self, *, handover: bool = False) -> None:
-        self.request("PUT", "/api/v1/daemon/exit" + ("?handover=1" if handover else ""))
+    def exit(self, *, handover: bool | None = False) -> None:
+        """``handover`` True: leave the FUSE connection to a successor; False: unmount
+        everything; None: upstream's exit (leaves it when the daemon has a supervisor)."""
+        query = {True: "?handover=1", False: "?handover=0", None: ""}[handover]
+        self.request("PUT", "/api/v1/daemon/exit" + query)
+
+    def takeover(self) -> None:
+        """Upstream's ``PUT /api/v1/daemon/fuse/takeover``: an ``--upgrade`` daemon in INIT
+        adopts the session its supervisor holds (READY)."""
+        self.request("PUT", "/api/v1/daemon/fuse/takeover")
+
+    def start(self) -> None:
+        """Upstream's ``PUT /api/v1/daemon/start``: a READY daemon serves (RUNNING)."""
+        self.request("PUT", "/api/v1/daemon/start")
 
     def send_fd(self) -> None:
         self.request("PUT", "/api/v1/daemon/fuse/sendfd")

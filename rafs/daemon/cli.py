@@ -56,22 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--supervisor", help="unix socket of the FUSE fd holder: the daemon sends its "
                                         "/dev/fuse fds and handover state there (own FUSE loop only)")
     p.add_argument("--upgrade", action="store_true",
-                   help="take over the FUSE session held at --supervisor (no new mount, no INIT)")
+                   help="successor of a daemon whose FUSE session --supervisor holds: serve only the API "
+                        "in state INIT until PUT /api/v1/daemon/fuse/takeover (adopt the session and its "
+                        "instances: READY) and PUT /api/v1/daemon/start (RUNNING), as upstream")
     p.add_argument("--failover-policy", choices=["resend", "flush"], default="resend",
                    help="with --upgrade: requests the previous daemon had taken are served again "
                         "(resend) or answered EIO (flush)")
     p.add_argument("--log-rotation-size", help=argparse.SUPPRESS)
     return p
-
-
-def _takeover(args: argparse.Namespace) -> tuple[list[int], dict] | None:
-    if not args.upgrade:
-        return None
-    if not args.supervisor:
-        raise RafsError("--upgrade needs --supervisor (where the FUSE session is held)")
-    from rafs.fs.takeover import fetch_handover
-
-    return fetch_handover(args.supervisor)
 
 
 def _setup_logging(level: str, log_file: str | None) -> None:
@@ -176,12 +168,15 @@ def main(argv: list[str] | None = None, *, opener: Opener | None = None) -> int:
                             "(the file nydus-image create -B writes)")
         if args.bootstrap is None and not args.apisock:
             raise RafsError("a shared daemon (no --bootstrap) needs --apisock to receive mounts")
+        if args.upgrade and not (args.supervisor and args.apisock):
+            raise RafsError("--upgrade needs --supervisor (where the FUSE session is held) and --apisock "
+                            "(the takeover and start requests come through the API)")
         daemon = Nydusd(mountpoint=args.mountpoint, apisock=args.apisock, fs_driver=args.fs_driver,
                         daemon_id=args.id, blob_dir=args.blob_dir, thread_num=args.thread_num,
                         opener=opener,
                         fuse_no_open={"auto": None, "on": True, "off": False}[args.fuse_no_open],
                         fuse_impl=args.fuse_impl, supervisor=args.supervisor,
-                        takeover=_takeover(args), failover_policy=args.failover_policy)
+                        upgrade=args.upgrade, failover_policy=args.failover_policy)
 
         async def run() -> None:
             async with trio.open_nursery() as nursery:

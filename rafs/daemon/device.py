@@ -50,6 +50,12 @@ class OwnedDevice(BlobReadDevice):
     def set_file_map(self, same_file: "FileMap | None") -> None:
         self._device.set_file_map(same_file)
 
+    def warm(self) -> None:
+        """Open the backend's connection and auth ahead of the first read (``BlobBackend.warm``)."""
+        backend = getattr(self._factory, "backend", None)
+        if backend is not None:
+            backend.warm()
+
     def close(self) -> None:
         try:
             self._device.close()

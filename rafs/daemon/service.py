@@ -25,7 +25,8 @@ import trio
 
 from rafs import erofs
 from rafs.daemon.config import DaemonConfig, check_instance_name
-from rafs.errors import ConfigError, FormatError, MountError, NotFound, RafsError, UnsupportedError
+from rafs.errors import (ConfigError, FormatError, MountError, NotFound, NotServed, RafsError, StateError,
+                         UnsupportedError)
 from rafs.fs import session
 from rafs.fs.fuse_ll import FuseSession
 from rafs.fs.instance import BlobFiles, FileAccess, Instance
@@ -100,7 +101,8 @@ class Nydusd:
                  daemon_id: str = "", blob_dir: str | None = None, thread_num: int = 0,
                  opener: Opener | None = None, fuse_no_open: bool | None = None,
                  fuse_impl: str = DEFAULT_FUSE_IMPL, supervisor: str | None = None,
-                 takeover: tuple[list[int], Any] | None = None, failover_policy: str = "resend") -> None:
+                 takeover: tuple[list[int], Any] | None = None, failover_policy: str = "resend",
+                 upgrade: bool = False) -> None:
         if fs_driver not in FS_DRIVERS:
             raise ConfigError(f"--fs-driver: expected one of {FS_DRIVERS}, got {fs_driver!r}")
         if fuse_impl not in FUSE_IMPLS:
@@ -114,8 +116,16 @@ class Nydusd:
         self.failover_policy = failover_policy
         self._handing_over = False
         self._restored = trio.Event()
-        if takeover is not None and fuse_impl != "ll":
+        #: --upgrade: wait in INIT for the API's takeover + start (upstream's successor sequence)
+        self.upgrade = upgrade
+        self._bootstrap: str | None = None
+        self._taking_over = False
+        self._start_requested = trio.Event()
+        self._running = trio.Event()
+        if (takeover is not None or upgrade) and fuse_impl != "ll":
             raise ConfigError("taking over a FUSE session needs --fuse-impl ll")
+        if upgrade and not supervisor:
+            raise ConfigError("--upgrade needs --supervisor (where the FUSE session is held)")
         self.mountpoint = os.path.abspath(mountpoint)
         self.apisock = apisock
         self.fs_driver = fs_driver
@@ -143,18 +153,71 @@ class Nydusd:
 
     async def run(self, bootstrap: str | None = None, config: dict | None = None,
                   *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Mount, then serve until SIGTERM/SIGINT, ``PUT /api/v1/daemon/exit`` or shutdown()."""
+        """Mount, then serve until SIGTERM/SIGINT, ``PUT /api/v1/daemon/exit`` or shutdown().
+
+        ``upgrade`` (``nydusd --upgrade``) without a ``takeover`` given: upstream's successor
+        sequence — only the API is served, in state INIT, until ``PUT
+        /api/v1/daemon/fuse/takeover`` (:meth:`takeover`: the FUSE session and instances are
+        adopted from the supervisor, READY, nothing served yet) and ``PUT /api/v1/daemon/start``
+        (:meth:`start_service`: RUNNING); ``task_status`` is started once the API answers."""
         import signal
 
         from rafs.daemon import api
 
         if self.thread_num:
             trio.to_thread.current_default_thread_limiter().total_tokens = self.thread_num
+        self._bootstrap = bootstrap
+        waiting = self.upgrade and self._takeover is None
+        if waiting and not self.apisock:
+            raise ConfigError("--upgrade needs --apisock: the takeover is driven through the API")
+        if not waiting:
+            self._prepare(bootstrap)
+        # SIGTERM/SIGINT are caught from before the mount until after the teardown, so a
+        # signal can never kill the process half-way and leave a stale mount behind
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            if not waiting:
+                self._mount_fuse()
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._cancel = nursery.cancel_scope
+                    nursery.start_soon(self._signals, signals)
+                    if self.apisock:
+                        await nursery.start(api.serve, self, self.apisock)
+                    if waiting:
+                        log.info("nydusd %s INIT: waiting for PUT /api/v1/daemon/fuse/takeover and "
+                                 "/api/v1/daemon/start (supervisor %s)", self.daemon_id, self.supervisor)
+                        task_status.started()
+                        await self._start_requested.wait()  # takeover() has made it READY
+                    nursery.start_soon(self._fuse_main)
+                    if self.fs_driver == "fusedev":
+                        # (under erofs the blob files get none: kernel EROFS does its own per
+                        # file, see _blob_files_without_readahead)
+                        nursery.start_soon(trio.to_thread.run_sync, session.tune_after_init,
+                                           self._fuse_mountpoint)
+                    if self._takeover is not None and not self._restored.is_set():
+                        await self._restore_instances(self._takeover[1])
+                        self._restored.set()
+                    elif bootstrap is not None and self._takeover is None:
+                        await self.mount_instance("/", bootstrap, config or {})
+                    self.state = DaemonState.RUNNING
+                    self._running.set()
+                    await self._resend_handover()
+                    log.info("nydusd %s RUNNING (%s, %s) at %s; FUSE no_open %s", self.daemon_id,
+                             self.fs_driver, "shared" if self.shared else "dedicated", self.mountpoint,
+                             "on" if self.fs.no_open else f"off ({no_open_unsupported_reason(self.fuse_impl == 'll') or 'disabled'})")
+                    if not waiting:
+                        task_status.started()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._teardown()
+
+    def _prepare(self, bootstrap: str | None) -> None:
+        """Check an adopted session's state, build the filesystem and its directories."""
         self.shared = bootstrap is None
         if self._takeover is not None:
             self.shared = self._check_takeover(bootstrap)
         if self.fs_driver == "erofs":
-            erofs.require_file_backed()
+            erofs.require_file_backed(os.path.dirname(self.mountpoint.rstrip("/")))
             self.fs = RafsFs(shared=True, no_open=self.fuse_no_open, read_gets_ino=self.fuse_impl == "ll")
             if self.blob_dir is None:
                 self.blob_dir = self.mountpoint.rstrip("/") + ".blobs"
@@ -167,36 +230,67 @@ class Nydusd:
             self._fuse_mountpoint = self.mountpoint
         if self._takeover is None or self.fs_driver == "erofs":  # (see above; erofs: mountpoint is a plain dir)
             os.makedirs(self.mountpoint, exist_ok=True)
-        # SIGTERM/SIGINT are caught from before the mount until after the teardown, so a
-        # signal can never kill the process half-way and leave a stale mount behind
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            self._mount_fuse()
+
+    async def takeover(self) -> None:
+        """``PUT /api/v1/daemon/fuse/takeover`` (upstream's Takeover event, INIT -> READY): fetch
+        the FUSE fds and handover state from the supervisor, adopt the session and re-create its
+        instances (same inode numbers, the erofs mounts as they are) — without serving yet: the
+        previous daemon may still be serving, until ``exit``; :meth:`start_service` serves."""
+        if not (self.upgrade and self.state == DaemonState.INIT and self._takeover is None):
+            raise StateError(f'Upgrade(DaemonAbnormal(UnexpectedEvent("Takeover"))): daemon is {self.state.value}; '
+                             "takeover is for a daemon started with --upgrade, once, in INIT")
+        if self._taking_over:
+            raise StateError('Upgrade(DaemonAbnormal(UnexpectedEvent("Takeover"))): a takeover is under way')
+        self._taking_over = True
+        from rafs.fs.takeover import fetch_handover
+
+        try:
+            fds, state = await trio.to_thread.run_sync(fetch_handover, self.supervisor)
+            self._takeover = (fds, state)
             try:
-                async with trio.open_nursery() as nursery:
-                    self._cancel = nursery.cancel_scope
-                    nursery.start_soon(self._fuse_main)
-                    if self.fs_driver == "fusedev":
-                        # (under erofs the blob files get none: kernel EROFS does its own per
-                        # file, see _blob_files_without_readahead)
-                        nursery.start_soon(trio.to_thread.run_sync, session.tune_after_init,
-                                           self._fuse_mountpoint)
-                    nursery.start_soon(self._signals, signals)
-                    if self.apisock:
-                        await nursery.start(api.serve, self, self.apisock)
-                    if self._takeover is not None:
-                        await self._restore_instances(self._takeover[1])
-                        self._restored.set()
-                    elif bootstrap is not None:
-                        await self.mount_instance("/", bootstrap, config or {})
-                    self.state = DaemonState.RUNNING
-                    await self._resend_handover()
-                    log.info("nydusd %s RUNNING (%s, %s) at %s; FUSE no_open %s", self.daemon_id,
-                             self.fs_driver, "shared" if self.shared else "dedicated", self.mountpoint,
-                             "on" if self.fs.no_open else f"off ({no_open_unsupported_reason(self.fuse_impl == 'll') or 'disabled'})")
-                    task_status.started()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self._teardown()
+                self._prepare(self._bootstrap)
+                self._mount_fuse()
+                await self._restore_instances(state)
+            except BaseException:
+                await self._undo_takeover()
+                raise
+            self._restored.set()
+            self.state = DaemonState.READY
+            log.info("nydusd %s READY: FUSE session on %s adopted from %s with %d instance(s)",
+                     self.daemon_id, self._fuse_mountpoint, self.supervisor, len(self.records))
+        finally:
+            self._taking_over = False
+
+    async def _undo_takeover(self) -> None:
+        """A takeover failed half-way: close what it opened (nothing is unmounted: the
+        session and its mounts belong to the previous daemon and the supervisor), back to INIT."""
+        for name in list(self.records):
+            inst = self.fs.remove_instance(("root" if name == "/" else name) if self.records[name].fs_driver == "erofs"
+                                           else (name if name != "/" else ""))
+            del self.records[name]
+            await trio.to_thread.run_sync(inst.close)
+        fds = self._takeover[0] if self._takeover else []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._takeover, self._ll, self.fs = None, None, None
+
+    async def start_service(self) -> None:
+        """``PUT /api/v1/daemon/start`` (upstream's Start event, READY -> RUNNING): serve the
+        adopted FUSE session (the kernel resends what the previous daemon had taken)."""
+        if self.state != DaemonState.READY or self._start_requested.is_set():
+            raise StateError(f'Configure(DaemonAbnormal(UnexpectedEvent("Start"))): daemon is {self.state.value}; '
+                             "start needs READY (after PUT /api/v1/daemon/fuse/takeover)")
+        self._start_requested.set()
+        await self._running.wait()
+
+    def keeps_connection_on_exit(self) -> bool:
+        """Whether ``PUT /api/v1/daemon/exit`` leaves the FUSE connection and the erofs mounts
+        (upstream's exit, which never unmounts): when a supervisor holds the session for a
+        successor; a daemon without one unmounts (nothing could serve its mounts any more)."""
+        return bool(self.supervisor) and self._ll is not None and bool(self._ll.init_state)
 
     def _mount_fuse(self) -> None:
         assert self.fs is not None and self._fuse_mountpoint is not None
@@ -236,12 +330,18 @@ class Nydusd:
             return
 
     def shutdown(self) -> None:
-        """Stop serving (callable from the trio loop)."""
+        """Stop serving (callable from the trio loop). A daemon that took a session over but was
+        never started (READY) leaves it as it is: it is still the previous daemon's (or the
+        supervisor's), not this one's to unmount."""
+        if self.state == DaemonState.READY:
+            self._handing_over = True
         self.state = DaemonState.STOPPED
         if self._cancel is not None:
             self._cancel.cancel()
 
     async def _teardown(self) -> None:
+        if self.state == DaemonState.READY:
+            self._handing_over = True  # (see shutdown)
         self.state = DaemonState.STOPPED
         if self._handing_over:  # the successor serves the FUSE connection and the erofs mounts
             if self._ll is not None:
@@ -260,7 +360,7 @@ class Nydusd:
         try:
             if self._ll is not None:
                 await trio.to_thread.run_sync(lambda: self._ll.stop(unmount=not self._handing_over))
-            else:
+            elif self.fs is not None:  # (None: an --upgrade daemon that never took over mounted nothing)
                 pyfuse3.close(unmount=True)
         except Exception as exc:  # already unmounted from outside
             log.warning("closing FUSE session: %s", exc)
@@ -382,13 +482,16 @@ class Nydusd:
                     inst = Instance(name if name != "/" else "", tree, device, bootstrap=bootstrap,
                                     config=cfg.raw, enable_xattr=cfg.enable_xattr)
                     _start_trace(inst, cfg)
-                    if cfg.access_pattern or cfg.latest_read_files:
-                        inst.access = FileAccess(pattern=cfg.access_pattern, latest=cfg.latest_read_files)
+                    if cfg.access_pattern or cfg.latest_read_files or cfg.iostats_files:
+                        inst.access = FileAccess(pattern=cfg.access_pattern, latest=cfg.latest_read_files,
+                                                 files=cfg.iostats_files)
                     self.fs.add_instance(inst, adopt_slot)
                     record = MountRecord(name, bootstrap, "fusedev", self._target(name))
                     if self.shared and adopt_slot is None:
                         await self._invalidate_root_entry(name)
                     self._start_prefetch(inst, cfg)
+                    if adopt_slot is None:  # after the mount: its few ms need no company on the GIL;
+                        _warm_backend(device)  # the container's first read is tens of ms away
             except BaseException:
                 if device is not None:
                     device.close()
@@ -403,7 +506,8 @@ class Nydusd:
         """The instance config and the opened tree of a mount/remount request's bootstrap;
         :class:`ConfigError` when the caller's source is not a usable bootstrap."""
         cfg = DaemonConfig.parse(config)
-        _warn_not_collected(cfg)
+        if self.fs_driver == "erofs":
+            _warn_not_collected(cfg)
         if not os.path.isfile(bootstrap):
             raise ConfigError(f"source {bootstrap[:256]!r} is not a regular file")
         try:
@@ -417,15 +521,17 @@ class Nydusd:
         /api/v1/mount``, upstream's remount): the instance keeps its slot, so its inode numbers,
         and every request from now on resolves in the new image; reads already running finish
         on the old one, closed after :data:`REMOUNT_GRACE` seconds and once its demand reads
-        settled. ``fusedev`` instances only (an erofs mount is the kernel's)."""
+        settled. ``fusedev`` instances only (an erofs mount is the kernel's: 501)."""
         name = self._instance_name(mountpoint)
         async with self._lock:
             record = self.records.get(name)
             if record is None:
                 raise NotFound(f"no instance mounted at {mountpoint}")
             if record.fs_driver != "fusedev":
-                raise UnsupportedError(f"instance {mountpoint} is an erofs mount: remount serves fusedev "
-                                       "instances only; unmount (DELETE) and mount (POST) it again")
+                # upstream's erofs mode (fscache) has no remount either: 501, its Unsupported
+                raise NotServed(f"Remount(MountFilesystem(Unsupported)): instance {mountpoint} is a kernel "
+                                "EROFS mount (fs driver erofs), which cannot change its image in place; "
+                                "remount serves fusedev instances only: unmount (DELETE) and mount (POST) it again")
             cfg, tree = await self._open_source(bootstrap, config)
             from rafs.daemon.device import seed_blob_metas
 
@@ -439,8 +545,9 @@ class Nydusd:
             _give_chunk_source(device, tree)
             inst = Instance(key, tree, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=cfg.enable_xattr)
             _start_trace(inst, cfg)
-            if cfg.access_pattern or cfg.latest_read_files:
-                inst.access = FileAccess(pattern=cfg.access_pattern, latest=cfg.latest_read_files)
+            if cfg.access_pattern or cfg.latest_read_files or cfg.iostats_files:
+                inst.access = FileAccess(pattern=cfg.access_pattern, latest=cfg.latest_read_files,
+                                         files=cfg.iostats_files)
             old = self.fs.replace_instance(key, inst)
             self.records[name] = record = MountRecord(name, bootstrap, "fusedev", record.mountpoint)
             if self.shared:
@@ -469,8 +576,15 @@ class Nydusd:
 
     async def _mount_erofs(self, name: str, bootstrap: str, tree: Any, cfg: DaemonConfig,
                            adopt_slot: int | None = None, adopt_devices: tuple[str, ...] = ()) -> MountRecord:
-        blob_files = await trio.to_thread.run_sync(BlobFiles, tree)  # UnsupportedError if unaligned
+        # the device first, so that its backend warms (connection, token) during the walk below
         device = await trio.to_thread.run_sync(self.opener.open_device, list(tree.blobs), cfg)
+        if adopt_slot is None:
+            _warm_backend(device)
+        try:
+            blob_files = await trio.to_thread.run_sync(BlobFiles, tree)  # UnsupportedError if unaligned
+        except BaseException:
+            device.close()
+            raise
         _give_chunk_source(device, tree)
         # blob file reads carry no file: read-ahead follows the image files, not the blob
         set_file_map = getattr(device, "set_file_map", None)  # test devices may have none
@@ -750,12 +864,33 @@ class Nydusd:
 
 def _warn_not_collected(cfg: DaemonConfig) -> None:
     if cfg.iostats_files:
-        log.warning("nydusd config key iostats_files is accepted but not supported here (per-file counters are "
-                    "not collected; /api/v1/metrics/files answers {})")
+        log.warning("nydusd config key iostats_files: per-file counters are not collected under the erofs "
+                    "driver (the kernel reads the image; /api/v1/metrics/files answers {})")
 
 
 #: seconds a remounted instance's old image stays open for the reads that resolved in it
 REMOUNT_GRACE = 5.0
+
+
+def _warm_backend(device: Any) -> None:
+    """Open the backend's connection and auth (TLS, registry token) in the background while the
+    mount and the container's start go on, so the first read does not wait for them; a failure
+    is only logged: the read connects and authenticates itself and reports its own error."""
+    warm = getattr(device, "warm", None)  # test devices may have none
+    if warm is None:
+        return
+
+    def work() -> None:
+        t0 = time.monotonic()
+        try:
+            warm()
+        except Exception as exc:  # noqa: BLE001 - best effort by design
+            log.info("warming the backend failed after %.3fs (the first read connects itself): %s",
+                     time.monotonic() - t0, exc)
+            return
+        log.debug("backend warmed in %.3fs", time.monotonic() - t0)
+
+    threading.Thread(target=work, name="backend-warm", daemon=True).start()
 
 
 def _close_replaced(old: Instance) -> None:

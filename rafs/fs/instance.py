@@ -49,19 +49,61 @@ class InstanceMetrics:
                 self.read_errors += 1
 
 
+#: upstream's per-file counters (``InodeIoStats``): FUSE operation slots (StatsFop order), the
+#: slot of ``read``, and the request size classes of ``block_count_read``
+FILE_FOPS = 15
+READ_FOP = 4
+BLOCK_READ_SIZES = 8
+
+
+def request_size_index(size: int) -> int:
+    """Upstream's size class of a read of ``size`` bytes (<=1K, 4K, 16K, 64K, 128K, 512K, 1M, more)."""
+    leading_zeros = 64 - (size >> 10).bit_length()
+    shift = (max(leading_zeros, 53) - 53) << 2
+    return (0x0112_2334_5567 >> shift) & 0xF
+
+
 class FileAccess:
     """Which files of an instance are read, as upstream nydusd records them: the access pattern
-    (``access_pattern``: per inode the reads and the first read's wall-clock time) and the files
-    read since the last export (``latest_read_files``). Inode numbers are the image's."""
+    (``access_pattern``: per inode the reads and the first read's wall-clock time), the files
+    read since the last export (``latest_read_files``) and per-file read counters
+    (``iostats_files``). Inode numbers are the image's."""
 
-    def __init__(self, *, pattern: bool, latest: bool) -> None:
+    def __init__(self, *, pattern: bool, latest: bool, files: bool = False) -> None:
         self.pattern = pattern
         self.latest = latest
+        self.files = files
         self._lock = threading.Lock()
         self._patterns: dict[int, list[int]] = {}  # ino -> [reads, first secs, first nanos]
         self._latest: set[int] = set()
+        self._files: dict[int, dict[str, Any]] = {}  # ino -> upstream's InodeIoStats
 
-    def record(self, ino: int) -> None:
+    def record_file(self, ino: int, size: int, ok: bool) -> None:
+        """One read of ``ino`` for ``iostats_files`` (``size`` bytes returned; failed: 0)."""
+        with self._lock:
+            rec = self._files.get(ino)
+            if rec is None:
+                rec = self._files[ino] = {"total_fops": 0, "data_read": 0,
+                                          "block_count_read": [0] * BLOCK_READ_SIZES,
+                                          "fop_hits": [0] * FILE_FOPS, "fop_errors": [0] * FILE_FOPS}
+            rec["total_fops"] += 1
+            if ok:
+                rec["fop_hits"][READ_FOP] += 1
+                rec["data_read"] += size
+                rec["block_count_read"][request_size_index(size)] += 1
+            else:
+                rec["fop_errors"][READ_FOP] += 1
+
+    def file_stats(self) -> dict[str, dict[str, Any]]:
+        """Upstream's ``/metrics/files`` answer: inode number (a string key) -> counters."""
+        with self._lock:
+            return {str(ino): {k: (list(v) if isinstance(v, list) else v) for k, v in rec.items()}
+                    for ino, rec in sorted(self._files.items())}
+
+    def record(self, ino: int, size: int = 0) -> None:
+        """One successful read of ``ino`` returning ``size`` bytes."""
+        if self.files:
+            self.record_file(ino, size, True)
         with self._lock:
             if self.pattern:
                 rec = self._patterns.get(ino)
@@ -120,12 +162,14 @@ class Instance:
                 data = self.device.read(iovec) if ahead is None else self.device.read(iovec, ahead)
         except Exception:
             self.metrics.add_read(0, time.monotonic() - start, False)
+            if self.access is not None and self.access.files:
+                self.access.record_file(inode.ino, 0, False)
             raise
         self.metrics.add_read(len(data), time.monotonic() - start, True)
         if self.recorder is not None:
             self.recorder.record(inode, offset, len(data))
         if self.access is not None:
-            self.access.record(inode.ino)
+            self.access.record(inode.ino, len(data))
         return data
 
     def _ahead(self, inode: Any, offset: int, size: int) -> BlobIoVec | None:
@@ -158,13 +202,15 @@ class Instance:
                 data = self.device.read_ready(iovec)
         except Exception:
             self.metrics.add_read(0, time.monotonic() - start, False)
+            if self.access is not None and self.access.files:
+                self.access.record_file(inode.ino, 0, False)
             raise
         if data is not None:
             self.metrics.add_read(len(data), time.monotonic() - start, True)
             if self.recorder is not None:
                 self.recorder.record(inode, offset, len(data))
             if self.access is not None:
-                self.access.record(inode.ino)
+                self.access.record(inode.ino, len(data))
         return data
 
     def prefetch_iovecs(self, paths: list[str] | None = None) -> list[BlobIoVec]:

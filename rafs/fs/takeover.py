@@ -203,6 +203,7 @@ class FdKeeper:
         self.path = path
         self.pid = pid
         self._proc = proc
+        self.started = proc is not None  #: started here (not one that outlived an earlier process)
 
     @classmethod
     def attach(cls, path: str, *, log_file: str | None = None, env: dict | None = None) -> "FdKeeper":

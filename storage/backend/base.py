@@ -160,6 +160,11 @@ class BlobBackend(ABC):
     def _new_reader(self, blob_id: str) -> BlobReader:
         """Create the driver's reader for ``blob_id``."""
 
+    def warm(self) -> None:
+        """Make the first read cheaper by opening ahead of it what it would open (connections,
+        auth tokens). Best effort and optional: the default does nothing; a failure raises the
+        driver's error and changes nothing a read relies on."""
+
     def close(self) -> None:
         """Release connections and files."""
 

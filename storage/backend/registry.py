@@ -289,6 +289,12 @@ class RegistryClient:
         except _TRANSPORT_ERRORS as exc:
             raise RegistryUnavailable(f"GET {url}: {transport_reason(exc)}") from exc
 
+    def warm(self) -> None:
+        """Do now what the first blob read would do first: connect (TCP, TLS; the connection
+        stays in the pool) and, when ``/v2/`` asks for auth, take the challenge and fetch this
+        repository's pull token (cached as reads use it). Raises like :meth:`request`."""
+        self.request("GET", "/v2/", scope=self._scope("GET")).close()
+
     def get(self, path: str, **kwargs) -> requests.Response:
         return self.request("GET", path, **kwargs)
 
@@ -558,6 +564,12 @@ class RegistryBackend(BlobBackend):
         if served is not None:
             served("origin")
         return result
+
+    def warm(self) -> None:
+        """Warm (:meth:`RegistryClient.warm`) the endpoint the next read tries first: the first
+        usable proxy/mirror, else the origin. A failure leaves every health state alone."""
+        client = next((ep.client for ep, _ in self.endpoints if ep.usable()), self.client)
+        client.warm()
 
     def ping(self, probe: Callable[[RegistryClient], None] | None = None) -> str:
         """The base URL of the first endpoint that answers, in read order (proxy, healthy mirrors,
