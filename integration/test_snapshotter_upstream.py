@@ -51,6 +51,20 @@ def upstream_config(tmp_path: pathlib.Path) -> dict:
     return cfg
 
 
+def system_get(sock: pathlib.Path, path: str) -> object:
+    """GET ``path`` from the snapshotter's system controller on ``sock``."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"200", data
+    return json.loads(body)
+
+
 def closed_port() -> str:
     """``127.0.0.1:PORT`` where nothing listens (connection refused)."""
     with socket.socket() as s:
@@ -87,6 +101,10 @@ def test_upstream_config_toml_runs_lazy_pull(registry_factory, snapshotter_facto
             assert log.count(f"configuration key {key} is accepted but not supported") == 1, key
         assert "daemon.failover_policy" not in log and 'served as "restart"' not in log
         assert "Traceback" not in log
+        # [system] address: upstream's system controller answers there, with the daemon it runs
+        assert "configuration key system.address" not in log
+        daemons = system_get(tmp_path / "system.sock", "/api/v1/daemons")
+        assert [d["fs_driver"] for d in daemons] == ["fusedev"] and daemons[0]["pid"] > 0
     finally:
         cd.stop()
         sn.terminate()

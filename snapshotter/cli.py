@@ -175,7 +175,7 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
     server = serve(sn, cfg.address, observe=metrics.observe, group=group)
     from snapshotter.system import SystemController  # noqa: PLC0415
 
-    system = SystemController(sn.rafs, os.path.join(cfg.root, "system.sock")).start()  # (hot upgrade)
+    system = SystemController(sn.rafs, cfg.system_address).start() if cfg.system.enable else None  # (hot upgrade)
     if cfg.metrics.address:
         host, port = metrics.serve(cfg.metrics.address)
         log.info("metrics on http://%s:%d/metrics", host, port)
@@ -190,7 +190,8 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
     finally:
         sd_notify("STOPPING=1")
         server.stop(grace=5).wait(10)
-        system.stop()
+        if system is not None:
+            system.stop()
         metrics.shutdown()
         sn.close()
         try:

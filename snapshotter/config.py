@@ -51,7 +51,7 @@ UNSUPPORTED_KEYS = frozenset({
     "experimental.enable_stargz", "experimental.enable_index_detect", "experimental.enable_backend_source",
 })
 #: upstream sections whose every key is accepted but not acted on
-UNSUPPORTED_SECTIONS = frozenset({"system", "cgroup", "image", "experimental.tarfs"})
+UNSUPPORTED_SECTIONS = frozenset({"system.debug", "cgroup", "image", "experimental.tarfs"})
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error")
 LOG_FORMATS = ("text", "json")
 
@@ -154,6 +154,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SystemConfig:
+    """``[system]`` (upstream's keys): the system controller (``GET /api/v1/daemons``,
+    ``PUT /api/v1/daemons/upgrade``) on a unix socket (mode 0600)."""
+
+    enable: bool = True
+    address: str = ""                   #: socket path; "" = <root>/system.sock
+
+
+@dataclass(frozen=True, slots=True)
 class SnapshotConfig:
     """``[snapshot]``: overlay details."""
 
@@ -184,10 +193,15 @@ class Config:
     prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)
     #: one line per accepted-but-unsupported upstream key (not a file key)
     warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def system_address(self) -> str:
+        return self.system.address or os.path.join(self.root, "system.sock")
 
     @property
     def cache_dir(self) -> str:

@@ -1,7 +1,8 @@
 """The snapshotter's system controller: operator requests over HTTP on a unix socket.
 
 As upstream nydus-snapshotter's system controller (its ``/api/v1/daemons`` and
-``/api/v1/daemons/upgrade`` endpoints), on ``<root>/system.sock`` (mode 0600)::
+``/api/v1/daemons/upgrade`` endpoints), on ``[system] address`` (default ``<root>/system.sock``,
+mode 0600; ``[system] enable = false`` turns it off)::
 
     curl --unix-socket <root>/system.sock http://localhost/api/v1/daemons
     curl --unix-socket <root>/system.sock -X PUT http://localhost/api/v1/daemons/upgrade \
@@ -105,6 +106,7 @@ class SystemController:
     def __init__(self, instances: Any, path: str) -> None:
         self.path = path
         try:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
             os.unlink(path)  # a previous process's socket
         except FileNotFoundError:
             pass

@@ -208,3 +208,23 @@ def test_sd_notify_ready_after_socket_listens(tmp_path):
 
             kill_pids(pids_mentioning(str(tmp_path)))  # the shared nydusd it started and its fd keeper (by PID)
             unmount_all(str(tmp_path))
+
+
+@pytest.mark.parametrize("enable", [True, False])
+def test_system_controller_socket_follows_the_system_section(proc_factory, tmp_path, enable):
+    sock, system = tmp_path / "s.sock", tmp_path / "ctl" / "system.sock"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'version = 1\n[daemon]\ndaemon_mode = "dedicated"\n'
+                   f'[system]\nenable = {str(enable).lower()}\naddress = "{system}"\n')
+    p = proc_factory("serve", "--root", str(tmp_path / "root"), "--address", str(sock), "--config", str(cfg))
+    wait_socket(sock, p)
+    deadline = time.monotonic() + 5
+    while enable and not system.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert system.exists() == enable
+    assert not (tmp_path / "root" / "system.sock").exists()
+    if enable:
+        assert stat.S_IMODE(os.stat(system).st_mode) == 0o600
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+    assert not system.exists()  # removed on shutdown

@@ -174,7 +174,10 @@ def test_upstream_file_loads_unchanged():
     assert c.remote.mirrors_config.dir == ""
     # one warning line per unsupported key, each naming it
     joined = "\n".join(c.warnings)
-    for key in ("system.enable", "system.debug.pprof_address", "cgroup.memory_limit",
+    assert c.system == C.SystemConfig(enable=True, address="/run/containerd-nydus/system.sock")
+    assert c.system_address == "/run/containerd-nydus/system.sock"
+    assert not any("system.enable" in w or "system.address" in w for w in c.warnings)
+    for key in ("system.debug.pprof_address", "cgroup.memory_limit",
                 "log.log_rotation_max_size", "metrics.hung_io_interval", "remote.convert_vpc_registry",
                 "remote.auth.enable_cri_keychain", "snapshot.enable_nydus_overlayfs", "cache_manager.gc_period",
                 "image.validate_signature", "experimental.enable_stargz", "experimental.tarfs.export_mode",
@@ -214,3 +217,12 @@ def test_daemon_cgroup_is_validated():
     assert C.from_dict({"version": 1, "daemon": {"cgroup": "pynydus-daemons"}}).daemon.cgroup == "pynydus-daemons"
     with pytest.raises(ConfigError, match="daemon.cgroup"):
         C.from_dict({"version": 1, "daemon": {"cgroup": "../escape"}})
+
+
+def test_system_controller_defaults_under_the_root_and_can_be_off(tmp_path):
+    c = C.load(write(tmp_path, f'version = 1\nroot = "{tmp_path}/r"\n'))
+    assert c.system.enable and c.system_address == f"{tmp_path}/r/system.sock"
+    c = C.load(write(tmp_path, 'version = 1\n[system]\nenable = false\n'))
+    assert not c.system.enable
+    with pytest.raises(ConfigError, match="unknown configuration key system.bogus"):
+        C.load(write(tmp_path, 'version = 1\n[system]\nbogus = 1\n'))
