@@ -23,7 +23,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -34,11 +33,10 @@ import toml
 
 from integration.conftest import HELLO, need_containerd_stack, snapshotter_config_for
 from integration.harness.images import busybox_image, generated_files
-from integration.harness.util import unmount_all, wait_until
+from integration.harness.util import stop_state_root, wait_until
 from integration.test_ctl import nydusctl
 from rafs.convert.cli import main as nydusify
 from rafs.daemon.cgroup import DaemonCgroup
-from rafs.daemon.manager import _pid_is_nydusd
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.containerd, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -130,7 +128,7 @@ def test_image_runs_as_the_proxy_snapshotter(image_layout, registry, busybox_ima
                                                            check=False).returncode != 0:
                 time.sleep(0.5)
             host.stop()
-        unmount_all(state)  # the RAFS mounts and the shared bind mount itself
+        stop_state_root(state)  # its daemons and fd keepers, the RAFS mounts, the shared bind mount
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -326,14 +324,8 @@ def test_a_snapshotter_container_restart_leaves_running_containers_reading(image
                 except Exception:  # noqa: BLE001 - host.stop() below kills what is left
                     pass
             host.stop()
-        # the daemons outlive every snapshotter container by design: stop them by PID
-        for pid in daemon_pids(state).values():
-            if pid > 0 and _pid_is_nydusd(pid):
-                os.kill(pid, signal.SIGKILL)
-                deadline = time.monotonic() + 10
-                while _pid_is_nydusd(pid) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-        unmount_all(state)
+        # the daemons and their fd keepers outlive every snapshotter container by design
+        stop_state_root(state)
         cg = DaemonCgroup(cgroup)
         deadline = time.monotonic() + 10
         while cg.remove() and time.monotonic() < deadline:

@@ -20,6 +20,7 @@ import grpc
 import pytest
 import toml
 
+from integration.harness.util import stop_state_root
 from integration.install_support import CLIS, INSTALL, REPO, install, tree
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
@@ -73,6 +74,7 @@ def test_install_serve_upgrade_uninstall(wheels, tmp_path):
             if p.poll() is None:
                 p.kill()
             p.wait()
+            stop_state_root(str(tmp_path / "state"))  # the shared nydusd outlives its snapshotter
 
     # upgrade in place keeps an edited config; uninstall keeps config, removes everything else
     (root / "etc/nydus/config.toml").write_text((REPO / "config.toml.example").read_text() + "\n# edited\n")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import shutil
 import signal
 import socket
@@ -93,19 +95,74 @@ def mounts_under(prefix: str) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
-def unmount_all(prefix: str) -> list[str]:
-    """Lazily unmount everything under ``prefix``; returns what was unmounted."""
+def _fuse_connections_under(prefix: str) -> list[str]:
+    """fusectl ``abort`` files of the FUSE mounts at or below ``prefix``."""
+    prefix = os.path.realpath(prefix).rstrip("/")
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            head, _, tail = line.partition(" - ")
+            fields = head.split()
+            if len(fields) < 5 or not tail.startswith("fuse"):
+                continue
+            mnt = fields[4].replace("\\040", " ")
+            if mnt == prefix or mnt.startswith(prefix + "/"):
+                out.append(f"/sys/fs/fuse/connections/{fields[2].split(':')[1]}/abort")
+    return out
+
+
+def unmount_all(prefix: str, timeout: float = 30.0) -> list[str]:
+    """Unmount everything under ``prefix`` (lazily where a plain umount fails); returns what was
+    unmounted.
+
+    Never hangs on a FUSE mount whose server is gone while its session is still held (a killed
+    nydusd whose fd keeper lives): ``umount`` runs with ``--no-canonicalize`` (no stat of the
+    mount point, which would wait for an answer forever) and a timeout, after which the FUSE
+    connection is aborted through fusectl and the mount detached."""
     done = []
     for _ in range(3):
         mnts = mounts_under(prefix)
         if not mnts:
             break
         for m in mnts:
-            r = subprocess.run(["umount", m], capture_output=True)
-            if r.returncode != 0:
-                subprocess.run(["umount", "-l", m], capture_output=True)
+            try:
+                ok = subprocess.run(["umount", "--no-canonicalize", m], capture_output=True,
+                                    timeout=timeout).returncode == 0
+            except subprocess.TimeoutExpired:
+                ok = False
+            if not ok:
+                for abort in _fuse_connections_under(m):
+                    try:
+                        with open(abort, "w") as f:
+                            f.write("1")
+                    except OSError:
+                        pass
+                subprocess.run(["umount", "--no-canonicalize", "-l", m], capture_output=True, timeout=timeout)
             done.append(m)
     return done
+
+
+def stop_state_root(root: str) -> None:
+    """Stop what a snapshotter state root leaves running by design (its nydusd daemons and their
+    FUSE fd keepers outlive the snapshotter), by PID from the root's own records, then unmount
+    everything under it."""
+    from rafs.daemon.manager import _pid_is_nydusd
+    from rafs.fs.takeover import holder_status
+
+    pids = []
+    for rec in pathlib.Path(root, "daemons").glob("*.json"):
+        try:
+            pid = int(json.loads(rec.read_text()).get("pid") or 0)
+        except (OSError, ValueError):
+            continue
+        if pid > 0 and _pid_is_nydusd(pid):
+            pids.append(pid)
+    for sock in pathlib.Path(root, "supervisor").glob("*.sock"):
+        status = holder_status(str(sock), timeout=1.0)
+        if status and status.get("pid"):
+            pids.append(int(status["pid"]))
+    kill_pids(pids)
+    unmount_all(root)
 
 
 def pids_mentioning(*texts: str, exclude: int | None = None) -> list[int]:
