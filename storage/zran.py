@@ -260,12 +260,8 @@ def inflate_zran_chunks(meta: BlobMeta, chunks: Sequence[ChunkInfo],
                         read: Callable[[int, int], bytes]) -> dict[int, bytes | StorageError]:
     """The uncompressed data of ZRAN ``chunks`` (by CI index) or, per chunk, why not.
 
-    One ``read(offset, size)`` of the gzip blob covers what the chunks need; each context is
-    inflated once, from its checkpoint only as far as its last wanted chunk (the compressed end of
-    that chunk's CI entry, as upstream's reader does: the rest of the context is neither fetched
-    nor inflated), and its chunks are cut out of the output. Should the shortened span not inflate
-    that far (a CI entry whose compressed extent falls short), the whole context is read and
-    inflated instead.
+    One ``read(offset, size)`` of the gzip blob covers every context the chunks need; each
+    context is inflated once and its chunks are cut out of its output.
     """
     h = meta.header
     by_ctx: dict[int, list[tuple[ChunkInfo, int]]] = {}
@@ -283,30 +279,14 @@ def inflate_zran_chunks(meta: BlobMeta, chunks: Sequence[ChunkInfo],
     if not by_ctx:
         return result
     contexts = {i: ZranContext.parse(meta.ci_data, h.s_ci_zran_offset + i * ZranContext.SIZE) for i in by_ctx}
-    spans: dict[int, tuple[int, int]] = {}  # context -> (compressed end, uncompressed length) wanted
-    for i, items in by_ctx.items():
-        x = contexts[i]
-        full_end = x.in_offset + x.in_len
-        out_len = min(x.out_len, max(off + c.uncompressed_size for c, off in items))
-        in_end = max(meta.chunks[c.index].compressed_offset + meta.chunks[c.index].compressed_size
-                     for c, _ in items)
-        spans[i] = (min(full_end, max(in_end, x.in_offset + 1)), out_len)
     lo = min(x.in_offset for x in contexts.values())
-    hi = max(end for end, _ in spans.values())
+    hi = max(x.in_offset + x.in_len for x in contexts.values())
     raw = memoryview(read(lo, hi - lo))
     for i, items in by_ctx.items():
         x = contexts[i]
-        end, out_len = spans[i]
-        window = meta.zran_dictionary(x)
         try:
-            try:
-                out = inflate_at(raw[x.in_offset - lo : end - lo], bits=x.ctx_bits, prev_byte=x.ctx_byte,
-                                 window=window, out_len=out_len)
-            except ZranError:
-                if end >= x.in_offset + x.in_len:
-                    raise
-                whole = read(x.in_offset, x.in_len)  # the shortened span fell short: all of it
-                out = inflate_at(whole, bits=x.ctx_bits, prev_byte=x.ctx_byte, window=window, out_len=out_len)
+            out = inflate_at(raw[x.in_offset - lo : x.in_offset - lo + x.in_len], bits=x.ctx_bits,
+                             prev_byte=x.ctx_byte, window=meta.zran_dictionary(x), out_len=x.out_len)
         except StorageError as exc:
             for c, _ in items:
                 result[c.index] = exc
@@ -314,7 +294,7 @@ def inflate_zran_chunks(meta: BlobMeta, chunks: Sequence[ChunkInfo],
         for c, off in items:
             if off + c.uncompressed_size > len(out):
                 result[c.index] = MetaFormatError(
-                    f"chunk {c.index}: {off}+{c.uncompressed_size} beyond ZRAN context {i} ({x.out_len} bytes)")
+                    f"chunk {c.index}: {off}+{c.uncompressed_size} beyond ZRAN context {i} ({len(out)} bytes)")
             else:
                 result[c.index] = out[off : off + c.uncompressed_size]
     return result

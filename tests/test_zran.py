@@ -114,9 +114,8 @@ def test_upstream_zran_blob_meta_is_consistent(vectors_dir):
 
 # -- the cache reading an unchanged gzip layer ------------------------------------------------------
 
-def _zran_image(gz: bytes, chunk: int = 40_000, spacing: int = 64 << 10, ci_in_len=None):
-    """A ZRAN blob.meta for ``gz`` cut into fixed ``chunk``-sized pieces of its tar stream
-    (``ci_in_len``: replaces each CI entry's compressed size, to make it fall short)."""
+def _zran_image(gz: bytes, chunk: int = 40_000, spacing: int = 64 << 10):
+    """A ZRAN blob.meta for ``gz`` cut into fixed ``chunk``-sized pieces of its tar stream."""
     full = gzip.decompress(gz)
     bounds: list[tuple[int, int]] = []
     points = list(scan_gzip([gz], spacing=spacing, boundaries=bounds))
@@ -124,8 +123,7 @@ def _zran_image(gz: bytes, chunk: int = 40_000, spacing: int = 64 << 10, ci_in_l
     contexts, places = plan_contexts(points, bounds, extents)
     cis, infos = [], []
     for i, ((o, n), pl) in enumerate(zip(extents, places)):
-        cis.append(BlobChunk(i, pl.in_offset, pl.in_len if ci_in_len is None else ci_in_len,
-                             i * ((chunk + 4095) & ~4095), n,
+        cis.append(BlobChunk(i, pl.in_offset, pl.in_len, i * ((chunk + 4095) & ~4095), n,
                              int(CiFlags.COMPRESSED | CiFlags.ZRAN), pl.context_index << 32 | pl.context_offset))
         infos.append(ChunkInfo(0, i, hashlib.sha256(full[o : o + n]).digest(), int(ChunkFlags.COMPRESSED),
                                pl.in_offset, pl.in_len, cis[-1].uncompressed_offset, n))
@@ -163,68 +161,6 @@ def test_cache_reads_zran_chunks_from_the_gzip_blob(tmp_path, vectors_dir, name)
     # every request was a range of the gzip blob, never all of it for a big blob
     if len(gz) > 1 << 20:
         assert max(size for _, _, size in backend.requests) < len(gz) / 4
-    dev.close()
-
-
-def _cache(tmp_path, gz, meta, info, chunks):
-    """A file cache over ``gz`` that knows every chunk (with its digest), as a mounted image does."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    write_blob_meta_file(str(cache / f"{info.blob_id}.blob.meta"), meta)
-    backend = MemoryBackend({info.blob_id: gz})
-    mgr = FileCacheManager(str(cache), backend, CacheConfig())
-    mgr.get_blob_cache(info).set_chunk_table(chunks)
-    return backend, BlobDevice([info], mgr)
-
-
-def test_first_read_in_a_context_fetches_and_inflates_only_up_to_its_chunk(tmp_path, vectors_dir):
-    gz = (vectors_dir / ZRAN_DIR / "bgzip.tar.gz").read_bytes()
-    full, meta, info, chunks, extents = _zran_image(gz, chunk=40_000, spacing=512 << 10)
-    ctxs = meta.zran_contexts()
-    groups: dict[int, list[int]] = {}
-    for ci in meta.chunks:
-        groups.setdefault(ci.context_index, []).append(ci.index)
-    k, group = max(groups.items(), key=lambda kv: len(kv[1]))
-    assert len(group) >= 8
-    x = ctxs[k]
-    backend, dev = _cache(tmp_path, gz, meta, info, chunks)
-    first = group[1]
-    (o, n), c = extents[first], chunks[first]
-    assert dev.read([BlobIoDesc(info, c, 0, n)]) == full[o : o + n]
-    ((_, off, size),) = backend.requests
-    ci = meta.chunks[first]
-    # from the checkpoint to the chunk's compressed end: a fraction of the context
-    assert off == x.in_offset and size == ci.compressed_offset + ci.compressed_size - x.in_offset
-    assert size < x.in_len / 2
-    # the chunk before it was inflated on the way: cached, no traffic
-    (o0, n0), c0 = extents[group[0]], chunks[group[0]]
-    assert dev.read([BlobIoDesc(info, c0, 0, n0)]) == full[o0 : o0 + n0]
-    assert len(backend.requests) == 1
-    # a later chunk of the same context: the context is being read through, all of it is fetched
-    last = group[-1]
-    (o, n), c = extents[last], chunks[last]
-    assert dev.read([BlobIoDesc(info, c, 0, n)]) == full[o : o + n]
-    assert len(backend.requests) == 2 and backend.requests[1][1] == x.in_offset
-    for i in group:
-        (o, n), c = extents[i], chunks[i]
-        assert dev.read([BlobIoDesc(info, c, 0, n)]) == full[o : o + n]
-    # (read amplification may fetch the next context's chunks; none of this context again)
-    assert [r for r in backend.requests if x.in_offset <= r[1] < x.in_offset + x.in_len] == backend.requests[:2]
-    dev.close()
-
-
-def test_a_ci_entry_whose_compressed_extent_falls_short_reads_the_whole_context(tmp_path, vectors_dir):
-    gz = (vectors_dir / ZRAN_DIR / "bgzip.tar.gz").read_bytes()
-    full, meta, info, chunks, extents = _zran_image(gz, chunk=40_000, spacing=512 << 10, ci_in_len=1)
-    backend, dev = _cache(tmp_path, gz, meta, info, chunks)
-    order = list(range(len(chunks)))
-    random.Random(5).shuffle(order)
-    for i in order[:12]:
-        (o, n), c = extents[i], chunks[i]
-        assert dev.read([BlobIoDesc(info, c, 0, n)]) == full[o : o + n]
-    # each miss: the short span, then the whole context
-    assert any(size == meta.zran_contexts()[meta.chunks[order[0]].context_index].in_len
-               for _, _, size in backend.requests)
     dev.close()
 
 

@@ -289,14 +289,9 @@ class FileBlobCache(BlobCache):
             run.append(nxt)
 
     def _zran_runs(self, owned: list[ChunkInfo]) -> list[list[ChunkInfo]]:
-        """ZRAN: a context is inflated from its checkpoint up to its last wanted chunk, so the
-        chunks of the owned chunks' contexts that lie before that end (free: they are inflated
-        anyway), and that nobody else is fetching (and whose digest is known when validating),
-        are claimed and cached too. The first read in a context stops there (a cold start touches
-        many contexts once: fetching each to its end would fetch up to a spacing's worth of data
-        per context nobody reads); once another chunk of the context is cached it is being read
-        through, and the whole context is claimed (a sequential reader fetches its span at most
-        twice). Runs are groups of consecutive contexts up to ``merging_size`` compressed bytes."""
+        """ZRAN: a context is inflated whole, so every chunk of the owned chunks' contexts that
+        nobody else is fetching (and whose digest is known when validating) is claimed and cached
+        too; runs are groups of consecutive contexts up to ``merging_size`` compressed bytes."""
         meta = self.blob_meta()
         table = self._chunk_table
         if meta is None or table is None:
@@ -312,14 +307,8 @@ class FileBlobCache(BlobCache):
             by_ctx.setdefault(meta.chunks[c.index].context_index if c.index < meta.chunk_count else -1, []).append(c)
         taken = {c.index for c in owned}
         for k, chunks in by_ctx.items():
-            group = self._zran_groups.get(k, ())
-            read_through = any(i not in taken and self.chunk_map.is_ready(i) for i in group)
-            end = max((meta.chunks[c.index].context_offset + meta.chunks[c.index].uncompressed_size
-                       for c in chunks if c.index < meta.chunk_count), default=0)
-            for i in group:
+            for i in self._zran_groups.get(k, ()):
                 if i in taken or i >= len(table):
-                    continue
-                if not read_through and meta.chunks[i].context_offset + meta.chunks[i].uncompressed_size > end:
                     continue
                 sibling = self._with_digest(table[i])
                 if self._checkable(sibling) and self.chunk_map.try_mark_pending(i) is ChunkState.OWNED:
