@@ -17,7 +17,8 @@ Modes (``MODES``): ``oci`` (containerd's overlayfs snapshotter: the baseline), `
 project's snapshotter with its default config: fs_driver erofs, prefetch on), ``nydus-fusedev``
 and ``nydus-noprefetch`` (one setting changed each), and ``stargz`` (the peer
 stargz-snapshotter on an eStargz copy, when ``integration.harness.stargz`` can build it).
-``zran`` (not in the defaults): the ``nydusify convert --oci-ref`` image, default snapshotter config.
+``zran`` (not in the defaults): the ``nydusify convert --oci-ref`` image, default snapshotter config;
+``zran-1m`` ... ``zran-8m``: the same at ``--zran-spacing`` 1, 2, 4, 8 MiB (``bench_zran`` runs these).
 
 Per trial: time to first output, registry bytes and blob GETs (registry access log, whole trial),
 link bytes before the first output (the proxy's counter), and the critical-path timestamps:
@@ -111,7 +112,9 @@ MODES: tuple[Mode, ...] = (
          label="nydus, prefetch off"),
     Mode("stargz", "stargz", "estargz", label="stargz-snapshotter, eStargz"),
     Mode("zran", "nydus", "zran", label="nydus OCI-ref (zran, --oci-ref), defaults (erofs, prefetch on)"),
-)
+) + tuple(Mode(f"zran-{mib}m", "nydus", f"zran-{mib}m",
+               label=f"nydus OCI-ref (zran, --oci-ref --zran-spacing {mib} MiB), defaults (erofs, prefetch on)")
+          for mib in (1, 2, 4, 8))
 MODES_BY_NAME = {m.name: m for m in MODES}
 DEFAULT_MODES = ("oci", "nydus", "nydus-fusedev", "nydus-noprefetch", "stargz")
 
@@ -562,14 +565,16 @@ def prepare_images(registry, modes: list[Mode], work: str) -> dict[str, str]:
             raise BenchError("nydusify convert failed")
         print(f"nydusify convert (defaults): {time.monotonic() - t:.1f} s", flush=True)
         tags.add("nydus")
-    if any(m.tag == "zran" for m in modes):
+    for tag in sorted({m.tag for m in modes if m.tag.startswith("zran")}):
+        # "zran": the converter's default spacing; "zran-<N>m": --zran-spacing N MiB
+        spacing = ["--zran-spacing", str(int(tag[5:-1]) << 20)] if tag != "zran" else []
         t = time.monotonic()
-        if nydusify(["convert", "--source", oci.ref, "--target", f"{registry.host}/bench/debian:zran",
-                     "--source-insecure", "--target-insecure", "--work-dir", os.path.join(work, "zran"),
-                     "--no-progress", "--oci-ref"]) != 0:
-            raise BenchError("nydusify convert --oci-ref failed")
-        print(f"nydusify convert --oci-ref: {time.monotonic() - t:.1f} s", flush=True)
-        tags.add("zran")
+        if nydusify(["convert", "--source", oci.ref, "--target", f"{registry.host}/bench/debian:{tag}",
+                     "--source-insecure", "--target-insecure", "--work-dir", os.path.join(work, tag),
+                     "--no-progress", "--oci-ref", *spacing]) != 0:
+            raise BenchError(f"nydusify convert --oci-ref {' '.join(spacing)} failed")
+        print(f"nydusify convert --oci-ref {' '.join(spacing)}: {time.monotonic() - t:.1f} s", flush=True)
+        tags.add(tag)
     if any(m.tag == "estargz" for m in modes):
         from integration.harness.stargz import convert_to_estargz
 

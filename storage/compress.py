@@ -18,6 +18,9 @@ from storage.records import Compressor
 
 #: zstd level used by the builder (upstream uses the zstd default, 3)
 ZSTD_LEVEL = 3
+#: zstd level of an OCI-ref (zran) ref blob's blob.meta and bootstrap: small, written once, stored
+#: as the whole "extra" of such an image (any level decodes the same, upstream's reader included)
+REF_META_ZSTD_LEVEL = 19
 
 _local = threading.local()
 
@@ -38,11 +41,14 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
         return _local.decompressor
 
 
-def compress(algo: Compressor, data: bytes) -> bytes:
-    """Compress ``data``; the caller stores it raw when the result is not smaller."""
+def compress(algo: Compressor, data: bytes, *, zstd_level: int | None = None) -> bytes:
+    """Compress ``data`` (zstd at ``zstd_level``, default :data:`ZSTD_LEVEL`); the caller stores
+    it raw when the result is not smaller."""
     if algo == Compressor.NONE:
         return bytes(data)
     if algo == Compressor.ZSTD:
+        if zstd_level is not None and zstd_level != ZSTD_LEVEL:
+            return zstandard.ZstdCompressor(level=zstd_level).compress(data)
         return _zstd_compressor().compress(data)
     if algo == Compressor.LZ4_BLOCK:
         return lz4.block.compress(data, store_size=False)

@@ -8,7 +8,7 @@ import threading
 import pytest
 import zstandard
 
-from storage.compress import compress, decompress
+from storage.compress import REF_META_ZSTD_LEVEL, ZSTD_LEVEL, compress, decompress
 from storage.errors import DecompressError
 from storage.records import Compressor
 
@@ -21,6 +21,19 @@ def test_round_trip(algo):
     if algo != Compressor.GZIP:  # gzip stops at the size asked for (zlib max_length)
         with pytest.raises(DecompressError):
             decompress(algo, packed, len(data) - 1)
+
+
+def test_zstd_level_of_ref_blob_meta_decodes_the_same_and_is_smaller():
+    # text-like data, as the 32 KiB windows of a ZRAN blob.meta are
+    rng = __import__("random").Random(1)
+    words = [bytes(rng.choice(b"abcdefghijklmnop") for _ in range(rng.randint(2, 9))) for _ in range(400)]
+    data = b" ".join(rng.choice(words) for _ in range(60_000))
+    high = compress(Compressor.ZSTD, data, zstd_level=REF_META_ZSTD_LEVEL)
+    default = compress(Compressor.ZSTD, data)
+    assert REF_META_ZSTD_LEVEL > ZSTD_LEVEL
+    assert decompress(Compressor.ZSTD, high, len(data)) == data
+    assert len(high) < len(default)
+    assert compress(Compressor.ZSTD, data, zstd_level=ZSTD_LEVEL) == default
 
 
 def test_zstd_output_is_a_standard_frame_with_its_size():

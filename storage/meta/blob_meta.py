@@ -93,14 +93,16 @@ class BlobMeta:
 
     @classmethod
     def build(cls, chunks: Sequence[BlobChunk], *, features: int, ci_compressor: Compressor,
-              ci_offset: int, zran: Sequence[tuple[ZranContext, bytes]] = ()) -> tuple["BlobMeta", bytes]:
+              ci_offset: int, zran: Sequence[tuple[ZranContext, bytes]] = (),
+              zstd_level: int | None = None) -> tuple["BlobMeta", bytes]:
         """Builder side: encode the CI array for a blob whose CI starts at ``ci_offset``.
 
         Returns ``(meta, section)`` where ``section`` = compressed CI ‖ 4096-byte header,
         exactly the ``blob.meta`` section content.  The CI array is stored raw (compressor
         NONE) when compression does not make it smaller.  ``zran``: (context, window) pairs of a
         ZRAN blob, stored after the CI array as upstream does (contexts, then the windows; each
-        context's ``dict_offset``/``dict_size`` are filled in here).
+        context's ``dict_offset``/``dict_size`` are filled in here). ``zstd_level``: for a zstd
+        ``ci_compressor`` (default: the builder's level).
         """
         v2 = bool(features & BlobFeatures.CHUNK_INFO_V2)
         ci_data = encode_ci_array(chunks, v2=v2)
@@ -115,7 +117,7 @@ class BlobMeta:
             area = b"".join(packed_ctx) + b"".join(windows)
             zran_extra = dict(s_ci_zran_count=len(zran), s_ci_zran_size=len(area))
             ci_data += area
-        packed = compress(ci_compressor, ci_data) if ci_data else b""
+        packed = compress(ci_compressor, ci_data, zstd_level=zstd_level) if ci_data else b""
         if ci_compressor == Compressor.NONE or len(packed) >= len(ci_data):
             packed, ci_compressor = ci_data, Compressor.NONE
         header = BlobCompressionContextHeader.new(
