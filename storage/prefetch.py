@@ -100,11 +100,14 @@ class DemandGate:
             self.inflight -= 1
             self._last_end = self.clock()
 
-    def wait_quiet(self, cancelled: Callable[[], bool] = lambda: False, poll: float = 0.02) -> bool:
+    def wait_quiet(self, cancelled: Callable[[], bool] = lambda: False, poll: float = 0.02, *,
+                   or_sustained: bool = False) -> bool:
         """Block until :meth:`quiet` (True) or ``cancelled()`` (False): callers that prepare
         speculative work with CPU (e.g. walking a whole image for its prefetch list) keep it
-        off the start-up burst too."""
-        while not self.quiet():
+        off the start-up burst too. ``or_sustained``: also return True once demand is
+        :meth:`sustained` — a workload reading most of the image never leaves a settled gap, and
+        work queued only after one would never be queued at all."""
+        while not (self.quiet() or (or_sustained and self.sustained())):
             if cancelled():
                 return False
             time.sleep(poll)

@@ -306,3 +306,36 @@ def test_sustained_demand_admits_demand_share_polite_runs_that_do_not_pause():
         release.set()
         pf.cancel()
     assert speculation.pause is None
+
+
+def test_wait_quiet_or_sustained_returns_under_read_most_demand():
+    """A read-most workload never leaves a settled gap: work queued only after one (the whole-image
+    prefetch) would never be queued; with ``or_sustained`` it is, once demand is sustained."""
+    import threading
+
+    clock = Clock()
+    gate = DemandGate(settle=0.5, start_delay=2.0, clock=clock, burst_cap=4.0, burst_fraction=0.25,
+                      total_bytes=1000)
+    gate.begin()  # demand in flight from here on, never settling
+    stop = threading.Event()
+    results: dict[str, bool] = {}
+
+    def wait(name: str, **kw) -> None:
+        results[name] = gate.wait_quiet(stop.is_set, poll=0.001, **kw)
+
+    plain = threading.Thread(target=wait, args=("plain",))
+    either = threading.Thread(target=wait, args=("either",), kwargs={"or_sustained": True})
+    plain.start()
+    either.start()
+    either.join(0.2)
+    assert either.is_alive()  # not sustained yet (young burst, little read): waits
+    gate.add_bytes(300)
+    clock.now += 4.0  # sustained now
+    either.join(2)
+    assert not either.is_alive() and results["either"] is True
+    plain.join(0.2)
+    assert plain.is_alive()  # the plain wait still waits for a settled gap ...
+    stop.set()
+    plain.join(2)
+    assert results["plain"] is False  # ... until cancelled
+    gate.end()
