@@ -339,3 +339,70 @@ def test_wait_quiet_or_sustained_returns_under_read_most_demand():
     plain.join(2)
     assert results["plain"] is False  # ... until cancelled
     gate.end()
+
+
+def test_default_policy_a_start_up_never_counts_as_sustained_a_read_most_workload_does():
+    """The defaults (issue 12, read-most): a start-up that reads a lot within ``burst_cap`` keeps
+    the link to itself; a workload still missing after it, over a tenth of the image, is
+    sustained demand and every prefetch worker may share the link."""
+    cfg = PrefetchConfig()
+    assert (cfg.burst_cap, cfg.burst_fraction, cfg.demand_share) == (4.0, 0.1, 4)
+    clock = Clock()
+    gate = DemandGate(cfg.settle, cfg.start_delay, clock=clock, burst_cap=cfg.burst_cap,
+                      burst_fraction=cfg.burst_fraction, total_bytes=500 << 20)
+    gate.begin()
+    gate.add_bytes(60 << 20)  # a heavy start (gcc, numpy) reads up to ~50 MB within 2-3 s
+    clock.now += 3.0
+    assert not gate.sustained()
+    clock.now += 1.0  # still missing after burst_cap, over a tenth of the image: read-most
+    assert gate.sustained()
+    gate.end()
+    gate.begin()
+    gate.add_bytes(1)
+    gate2 = DemandGate(cfg.settle, cfg.start_delay, clock=clock, burst_cap=cfg.burst_cap,
+                       burst_fraction=cfg.burst_fraction, total_bytes=500 << 20)
+    gate2.begin()
+    gate2.add_bytes(40 << 20)  # long, but under a tenth of the image: prefetch keeps waiting
+    clock.now += 60
+    assert not gate2.sustained()
+
+
+def test_default_demand_share_lets_every_worker_share_the_link_with_sustained_demand():
+    import threading
+    import time
+
+    from storage.metrics import StorageMetrics
+    from storage.prefetch import Prefetcher
+    from storage.records import ChunkInfo
+
+    running, peak = [0], [0]
+    lock = threading.Lock()
+    release = threading.Event()
+
+    class Cache:
+        class blob:
+            blob_id = "b"
+
+        def prefetch_chunks(self, run, amplify_into=None):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            release.wait(5)
+            with lock:
+                running[0] -= 1
+            return 0
+
+    chunks = [ChunkInfo(index=i, blob_index=0, compressed_offset=i * 8192, compressed_size=4096,
+                        uncompressed_offset=i * 4096, uncompressed_size=4096, digest=b"", flags=0)
+              for i in range(8)]
+    pf = Prefetcher(PrefetchConfig(threads_count=4, merging_size=4096), StorageMetrics(),
+                    busy=lambda: True, demand_inflight=lambda: True, sustained=lambda: True)
+    try:
+        pf.submit(Cache(), chunks)  # 8 runs, not adjacent
+        deadline = time.monotonic() + 3
+        while peak[0] < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert peak[0] == 4  # all four workers beside demand, not one
+    finally:
+        release.set()
+        pf.cancel()
