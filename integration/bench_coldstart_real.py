@@ -19,6 +19,8 @@ and ``nydus-noprefetch`` (one setting changed each), and ``stargz`` (the peer
 stargz-snapshotter on an eStargz copy, when ``integration.harness.stargz`` can build it).
 ``zran`` (not in the defaults): the ``nydusify convert --oci-ref`` image, default snapshotter config;
 ``zran-1m`` ... ``zran-8m``: the same at ``--zran-spacing`` 1, 2, 4, 8 MiB (``bench_zran`` runs these).
+``nydus-share1`` / ``nydus-fusedev-share1`` (not in the defaults): the sustained-demand settings
+before the read-most tuning (``burst_fraction`` 0.25, ``demand_share`` 1), for A/B runs.
 
 Per trial: time to first output, registry bytes and blob GETs (registry access log, whole trial),
 link bytes before the first output (the proxy's counter), and the critical-path timestamps:
@@ -111,6 +113,12 @@ MODES: tuple[Mode, ...] = (
     Mode("nydus-noprefetch", "nydus", "nydus", {"prefetch": {"enable": False}},
          label="nydus, prefetch off"),
     Mode("stargz", "stargz", "estargz", label="stargz-snapshotter, eStargz"),
+    # the sustained-demand settings before issue 12's read-most tuning (A/B against the defaults)
+    Mode("nydus-share1", "nydus", "nydus", {"prefetch": {"burst_fraction": 0.25, "demand_share": 1}},
+         label="nydus, erofs, burst_fraction 0.25, demand_share 1"),
+    Mode("nydus-fusedev-share1", "nydus", "nydus",
+         {"daemon": {"fs_driver": "fusedev"}, "prefetch": {"burst_fraction": 0.25, "demand_share": 1}},
+         label="nydus, fusedev, burst_fraction 0.25, demand_share 1"),
     Mode("zran", "nydus", "zran", label="nydus OCI-ref (zran, --oci-ref), defaults (erofs, prefetch on)"),
 ) + tuple(Mode(f"zran-{mib}m", "nydus", f"zran-{mib}m",
                label=f"nydus OCI-ref (zran, --oci-ref --zran-spacing {mib} MiB), defaults (erofs, prefetch on)")

@@ -134,8 +134,8 @@ class PrefetchConfig:
     bandwidth_rate: int = 0             #: bytes/s, 0 = unlimited
     record_trace: bool = False          #: daemons record each image's prefetch trace (nydusctl trace)
     burst_cap: float = 4.0              #: s of unbroken on-demand reads after which prefetch ...
-    burst_fraction: float = 0.25        #: ... shares the link, once demand read this much of the image
-    demand_share: int = 1               #: prefetch requests beside sustained demand; 0 = always wait
+    burst_fraction: float = 0.1         #: ... shares the link, once demand read this much of the image
+    demand_share: int = 4               #: prefetch requests beside sustained demand; 0 = always wait
 
 
 @dataclass(frozen=True, slots=True)

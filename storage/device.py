@@ -62,8 +62,9 @@ class BlobReadDevice(Protocol):
         """Queue a whole blob for background prefetch; False when its chunk list is unknown."""
         ...
 
-    def wait_demand_settled(self) -> bool:
-        """Block until on-demand reads have settled (True) or the device closes (False)."""
+    def wait_demand_settled(self, or_sustained: bool = False) -> bool:
+        """Block until on-demand reads have settled (True) or the device closes (False);
+        ``or_sustained``: or until demand is sustained (a read-most workload)."""
         ...
 
     def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
@@ -412,10 +413,12 @@ class BlobDevice:
         self.prefetcher.submit(cache, chunks)
         return True
 
-    def wait_demand_settled(self) -> bool:
+    def wait_demand_settled(self, or_sustained: bool = False) -> bool:
         """Block until the demand gate is quiet (True) or the device is closed (False): for
-        callers preparing speculative work with CPU, e.g. walking an image for its prefetch list."""
-        return self.demand.wait_quiet(lambda: self.prefetcher.cancelled)
+        callers preparing speculative work with CPU, e.g. walking an image for its prefetch list.
+        ``or_sustained``: also True once demand is sustained (:meth:`DemandGate.sustained`), so
+        the prefetch of a read-most workload is queued at all and can share the link."""
+        return self.demand.wait_quiet(lambda: self.prefetcher.cancelled, or_sustained=or_sustained)
 
     def load_chunk_tables(self) -> list[threading.Thread]:
         """Load every blob's CI table now, in background threads (one per blob), so the first

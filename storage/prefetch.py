@@ -47,8 +47,8 @@ class PrefetchConfig:
     settle: float = 1.5  #: polite prefetch waits this long after the last demand miss ended
     start_delay: float = 3.0  #: ... and, before any demand miss, this long after the device opened
     burst_cap: float = 4.0  #: demand busy this long (s) without a settled gap is sustained demand ...
-    burst_fraction: float = 0.25  #: ... once demand has read this share of the image's bytes
-    demand_share: int = 1  #: polite runs that go on beside sustained demand; 0 = always wait
+    burst_fraction: float = 0.1  #: ... once demand has read this share of the image's bytes
+    demand_share: int = 4  #: polite runs that go on beside sustained demand (at most threads_count); 0 = always wait
 
 
 class DemandGate:
@@ -61,7 +61,7 @@ class DemandGate:
     """
 
     def __init__(self, settle: float, start_delay: float, clock: Callable[[], float] = time.monotonic, *,
-                 burst_cap: float = 4.0, burst_fraction: float = 0.25, total_bytes: int = 0) -> None:
+                 burst_cap: float = 4.0, burst_fraction: float = 0.1, total_bytes: int = 0) -> None:
         self.settle, self.start_delay, self.clock = settle, start_delay, clock
         self.burst_cap, self.burst_fraction, self.total_bytes = burst_cap, burst_fraction, total_bytes
         self._lock = threading.Lock()
@@ -100,11 +100,14 @@ class DemandGate:
             self.inflight -= 1
             self._last_end = self.clock()
 
-    def wait_quiet(self, cancelled: Callable[[], bool] = lambda: False, poll: float = 0.02) -> bool:
+    def wait_quiet(self, cancelled: Callable[[], bool] = lambda: False, poll: float = 0.02, *,
+                   or_sustained: bool = False) -> bool:
         """Block until :meth:`quiet` (True) or ``cancelled()`` (False): callers that prepare
         speculative work with CPU (e.g. walking a whole image for its prefetch list) keep it
-        off the start-up burst too."""
-        while not self.quiet():
+        off the start-up burst too. ``or_sustained``: also return True once demand is
+        :meth:`sustained` — a workload reading most of the image never leaves a settled gap, and
+        work queued only after one would never be queued at all."""
+        while not (self.quiet() or (or_sustained and self.sustained())):
             if cancelled():
                 return False
             time.sleep(poll)

@@ -193,7 +193,7 @@ class FakeDevice:
     def prefetch_blob(self, blob_index: int) -> bool:
         return False  # no chunk list: callers fall back to per-file prefetch
 
-    def wait_demand_settled(self) -> bool:
+    def wait_demand_settled(self, or_sustained: bool = False) -> bool:
         return True
 
     def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:

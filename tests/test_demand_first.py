@@ -306,3 +306,103 @@ def test_sustained_demand_admits_demand_share_polite_runs_that_do_not_pause():
         release.set()
         pf.cancel()
     assert speculation.pause is None
+
+
+def test_wait_quiet_or_sustained_returns_under_read_most_demand():
+    """A read-most workload never leaves a settled gap: work queued only after one (the whole-image
+    prefetch) would never be queued; with ``or_sustained`` it is, once demand is sustained."""
+    import threading
+
+    clock = Clock()
+    gate = DemandGate(settle=0.5, start_delay=2.0, clock=clock, burst_cap=4.0, burst_fraction=0.25,
+                      total_bytes=1000)
+    gate.begin()  # demand in flight from here on, never settling
+    stop = threading.Event()
+    results: dict[str, bool] = {}
+
+    def wait(name: str, **kw) -> None:
+        results[name] = gate.wait_quiet(stop.is_set, poll=0.001, **kw)
+
+    plain = threading.Thread(target=wait, args=("plain",))
+    either = threading.Thread(target=wait, args=("either",), kwargs={"or_sustained": True})
+    plain.start()
+    either.start()
+    either.join(0.2)
+    assert either.is_alive()  # not sustained yet (young burst, little read): waits
+    gate.add_bytes(300)
+    clock.now += 4.0  # sustained now
+    either.join(2)
+    assert not either.is_alive() and results["either"] is True
+    plain.join(0.2)
+    assert plain.is_alive()  # the plain wait still waits for a settled gap ...
+    stop.set()
+    plain.join(2)
+    assert results["plain"] is False  # ... until cancelled
+    gate.end()
+
+
+def test_default_policy_a_start_up_never_counts_as_sustained_a_read_most_workload_does():
+    """The defaults (issue 12, read-most): a start-up that reads a lot within ``burst_cap`` keeps
+    the link to itself; a workload still missing after it, over a tenth of the image, is
+    sustained demand and every prefetch worker may share the link."""
+    cfg = PrefetchConfig()
+    assert (cfg.burst_cap, cfg.burst_fraction, cfg.demand_share) == (4.0, 0.1, 4)
+    clock = Clock()
+    gate = DemandGate(cfg.settle, cfg.start_delay, clock=clock, burst_cap=cfg.burst_cap,
+                      burst_fraction=cfg.burst_fraction, total_bytes=500 << 20)
+    gate.begin()
+    gate.add_bytes(60 << 20)  # a heavy start (gcc, numpy) reads up to ~50 MB within 2-3 s
+    clock.now += 3.0
+    assert not gate.sustained()
+    clock.now += 1.0  # still missing after burst_cap, over a tenth of the image: read-most
+    assert gate.sustained()
+    gate.end()
+    gate.begin()
+    gate.add_bytes(1)
+    gate2 = DemandGate(cfg.settle, cfg.start_delay, clock=clock, burst_cap=cfg.burst_cap,
+                       burst_fraction=cfg.burst_fraction, total_bytes=500 << 20)
+    gate2.begin()
+    gate2.add_bytes(40 << 20)  # long, but under a tenth of the image: prefetch keeps waiting
+    clock.now += 60
+    assert not gate2.sustained()
+
+
+def test_default_demand_share_lets_every_worker_share_the_link_with_sustained_demand():
+    import threading
+    import time
+
+    from storage.metrics import StorageMetrics
+    from storage.prefetch import Prefetcher
+    from storage.records import ChunkInfo
+
+    running, peak = [0], [0]
+    lock = threading.Lock()
+    release = threading.Event()
+
+    class Cache:
+        class blob:
+            blob_id = "b"
+
+        def prefetch_chunks(self, run, amplify_into=None):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            release.wait(5)
+            with lock:
+                running[0] -= 1
+            return 0
+
+    chunks = [ChunkInfo(index=i, blob_index=0, compressed_offset=i * 8192, compressed_size=4096,
+                        uncompressed_offset=i * 4096, uncompressed_size=4096, digest=b"", flags=0)
+              for i in range(8)]
+    pf = Prefetcher(PrefetchConfig(threads_count=4, merging_size=4096), StorageMetrics(),
+                    busy=lambda: True, demand_inflight=lambda: True, sustained=lambda: True)
+    try:
+        pf.submit(Cache(), chunks)  # 8 runs, not adjacent
+        deadline = time.monotonic() + 3
+        while peak[0] < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert peak[0] == 4  # all four workers beside demand, not one
+    finally:
+        release.set()
+        pf.cancel()

@@ -205,8 +205,9 @@ def test_a_prefetch_table_naming_files_is_prefetched_first_in_table_order(tmp_pa
         def prefetch(self, iovecs, *, priority="low"):
             calls.append(([sum(d.size for d in v) for v in iovecs], priority))
 
-        def wait_demand_settled(self):
+        def wait_demand_settled(self, or_sustained=False):
             calls.append("waited")
+            assert or_sustained  # a read-most workload never settles: sustained demand will do
             return True
 
         def prefetch_blob(self, blob_index):

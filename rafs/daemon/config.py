@@ -136,8 +136,8 @@ class PrefetchConfig:
     #: our extension: on-demand reads busy for ``burst_cap`` s without a pause, having read
     #: ``burst_fraction`` of the image, let ``demand_share`` prefetch requests run beside them
     burst_cap: float = 4.0
-    burst_fraction: float = 0.25
-    demand_share: int = 1
+    burst_fraction: float = 0.1
+    demand_share: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +209,8 @@ class DaemonConfig:
             record_trace=_get(pf, "record_trace", bool, False, "fs_prefetch."),
             trace_file=_get(pf, "trace_file", str, "", "fs_prefetch."),
             burst_cap=float(_get(pf, "burst_cap", (int, float), 4.0, "fs_prefetch.")),
-            burst_fraction=float(_get(pf, "burst_fraction", (int, float), 0.25, "fs_prefetch.")),
-            demand_share=_get(pf, "demand_share", int, 1, "fs_prefetch."),
+            burst_fraction=float(_get(pf, "burst_fraction", (int, float), 0.1, "fs_prefetch.")),
+            demand_share=_get(pf, "demand_share", int, 4, "fs_prefetch."),
         )
         if prefetch.threads_count < 0:
             raise ConfigError(f"fs_prefetch.threads_count: must be >= 0, got {prefetch.threads_count}")

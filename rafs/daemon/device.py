@@ -38,8 +38,8 @@ class OwnedDevice(BlobReadDevice):
     def prefetch_blob(self, blob_index: int) -> bool:
         return self._device.prefetch_blob(blob_index)
 
-    def wait_demand_settled(self) -> bool:
-        return self._device.wait_demand_settled()
+    def wait_demand_settled(self, or_sustained: bool = False) -> bool:
+        return self._device.wait_demand_settled(or_sustained)
 
     def blob_data_path(self, blob_index: int, verify: bool = False) -> str | None:
         return self._device.blob_data_path(blob_index, verify)

@@ -726,8 +726,10 @@ class Nydusd:
             try:
                 # walking a whole image for its iovecs takes seconds of CPU (and the GIL): not
                 # while the container's first reads are being served; a start-up set is what
-                # those reads are about to ask for, so it does not wait
-                if not startup_set and not inst.device.wait_demand_settled():
+                # those reads are about to ask for, so it does not wait. Sustained demand (a
+                # workload reading most of the image) never settles: the prefetch is queued then
+                # too, or it would never share the link (demand_share)
+                if not startup_set and not inst.device.wait_demand_settled(or_sustained=True):
                     return
                 if not paths and self._prefetch_whole_blobs(inst, tree, cfg):
                     return

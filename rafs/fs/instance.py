@@ -329,14 +329,16 @@ class BlobFiles:
         #: per blob: its chunks by uncompressed offset; the next chunk of the same image file
         self.chunks_by_blob, self._next_in_file = blob_chunk_tables(rafs)
         self._starts = {b: [c.uncompressed_offset for c in cs] for b, cs in self.chunks_by_blob.items()}
+        #: per blob: end of its last chunk's data (asked on every read: not a pass over the chunks)
+        self._data_end = {b: max((c.uncompressed_offset + c.uncompressed_size for c in cs), default=0)
+                          for b, cs in self.chunks_by_blob.items()}
         self.root = _BlobNode(self, 1, None)
         self.files = [_BlobNode(self, i + 2, b) for i, b in enumerate(self.blobs)]
         self.inode_count = 1 + len(self.files)
 
     def data_end(self, blob_index: int) -> int:
         """End of the last chunk's uncompressed data (the bytes a complete cache file holds)."""
-        chunks = self.chunks_by_blob.get(blob_index, [])
-        return max((c.uncompressed_offset + c.uncompressed_size for c in chunks), default=0)
+        return self._data_end.get(blob_index, 0)
 
     def data_size(self, blob_index: int) -> int:
         """Size of the blob file: the data rounded up to whole 4 KiB EROFS blocks."""

@@ -112,6 +112,8 @@ class FileBlobCache(BlobCache):
         self._digest_lock = threading.Lock()
         self._verified_lock = threading.Lock()
         self._chunk_table: list[ChunkInfo] | None = None
+        #: (chunk table, its checkable chunks): whole_blob_chunks without an O(chunks) pass per call
+        self._checkable_memo: tuple[list[ChunkInfo], list[ChunkInfo]] | None = None
         self._zran_groups: dict[int, list[int]] | None = None  # ZRAN context -> its chunk indexes
         self.after_fetch: Callable[[], None] | None = None  #: set by the manager (size limit)
         self.fetch_pool: ThreadPoolExecutor | None = None  #: set by the manager (parallel runs)
@@ -588,7 +590,8 @@ class FileBlobCache(BlobCache):
 
     def whole_blob_chunks(self) -> list[ChunkInfo] | None:
         """The blob's chunks by index, with their digests; chunks that could not be checked
-        (digest unknown while validating) are left out."""
+        (digest unknown while validating) are left out. The list is shared between calls (it is
+        built once per chunk table): callers must not change it."""
         self.blob_meta()
         table = self._chunk_table
         if table is None and self.chunk_source is not None:  # no CI table: the bootstrap's chunks
@@ -601,7 +604,13 @@ class FileBlobCache(BlobCache):
             table = [self._with_digest(c) for c in table]
             if all(c.digest for c in table):
                 self._chunk_table = table
-        return [c for c in table if self._checkable(c)]
+        memo = self._checkable_memo
+        if memo is not None and memo[0] is table:
+            return memo[1]  # the same table: on-demand read-ahead asks on every read
+        checkable = [c for c in table if self._checkable(c)]
+        if table is self._chunk_table:  # settled (digests known): keep the filtered list
+            self._checkable_memo = (table, checkable)
+        return checkable
 
     def data_path(self, verify: bool = False) -> str | None:
         """The complete cache file once every chunk is ready and checked by this process;
