@@ -18,7 +18,7 @@ from storage.meta.blob_meta import BlobMeta, load_from_blob
 from storage.meta.header import BLOB_CCT_HEADER_SIZE
 from storage.metrics import StorageMetrics
 from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
-from storage.zran import inflate_zran_chunks
+from storage.zran import ZranReader
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class BlobCache(ABC):
         self.meta_reader: Callable[[str], BlobReader] | None = None
         self._separate_meta: BlobMeta | None = None
         self._separate_lock = threading.Lock()
+        self._zran_reader: ZranReader | None = None
+        self._zran_lock = threading.Lock()
 
     def load_separate_meta(self) -> BlobMeta | None:
         """A SEPARATE (OCI-ref) blob's CI table: one range read of ``ci_offset``,
@@ -158,17 +160,29 @@ class BlobCache(ABC):
                 bad[c.index] = exc2
         return good, bad
 
+    def zran_reader(self) -> ZranReader:
+        """The ZRAN blob's reader (created once: it keeps inflate streams live between reads)."""
+        r = self._zran_reader
+        if r is None:
+            with self._zran_lock:
+                r = self._zran_reader
+                if r is None:
+                    meta = self.zran_meta()
+                    if meta is None:
+                        raise MetaFormatError(f"blob {self.blob.blob_id}: ZRAN blob without its blob.meta")
+                    r = self._zran_reader = ZranReader(meta, self.reader.read)
+        return r
+
     def _fetch_zran_run(self, run: Sequence[ChunkInfo]) -> tuple[dict[int, bytes | memoryview],
                                                                   dict[int, StorageError]]:
-        """A ZRAN blob is an original gzip layer: inflate the chunks from their checkpoints, then
-        check each like an uncompressed chunk (size, digest)."""
-        meta = self.zran_meta()
-        if meta is None:
-            raise MetaFormatError(f"blob {self.blob.blob_id}: ZRAN blob without its blob.meta")
+        """A ZRAN blob is an original gzip layer: inflate the chunks from their contexts
+        (:class:`~storage.zran.ZranReader`), then check each like an uncompressed chunk (size,
+        digest). A context whose data is wrong loses its live stream."""
+        reader = self.zran_reader()
         good: dict[int, bytes | memoryview] = {}
         bad: dict[int, StorageError] = {}
         by_index = {c.index: c for c in run}
-        for index, data in inflate_zran_chunks(meta, run, self.reader.read).items():
+        for index, data in reader.read_chunks(run).items():
             if isinstance(data, StorageError):
                 bad[index] = data
                 continue
@@ -178,6 +192,7 @@ class BlobCache(ABC):
                 good[index] = process_raw_chunk(self.blob, plain, data, self.config.validate_digest, self.metrics)
             except StorageError as exc:
                 bad[index] = exc
+                reader.drop(reader.meta.chunks[index].context_index)
         return good, bad
 
     def blob_meta(self) -> BlobMeta | None:
@@ -230,7 +245,9 @@ class BlobCache(ABC):
         return None
 
     def close(self) -> None:
-        """Release files."""
+        """Release files (and a ZRAN blob's inflate streams)."""
+        if self._zran_reader is not None:
+            self._zran_reader.close()
 
 
 class BlobCacheManager(ABC):
