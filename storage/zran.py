@@ -321,6 +321,10 @@ LIVE_STREAMS_PER_BLOB = 16
 READ_GAP = 16 << 10
 
 
+class SkippedChunk(StorageError):
+    """An optional chunk a :class:`ZranReader` did not inflate (it lies behind the live stream)."""
+
+
 class _Context:
     """One ZRAN context's live stream and the readers waiting for its chunks."""
 
@@ -441,8 +445,11 @@ class ZranReader:
                 c.stream = None
                 del self._live[k]
 
-    def read_chunks(self, chunks: Sequence[ChunkInfo]) -> dict[int, bytes | memoryview | StorageError]:
-        """The uncompressed data of ZRAN ``chunks`` (by CI index) or, per chunk, why not."""
+    def read_chunks(self, chunks: Sequence[ChunkInfo], optional: "set[int] | frozenset[int]" = frozenset()
+                    ) -> dict[int, bytes | memoryview | StorageError]:
+        """The uncompressed data of ZRAN ``chunks`` (by CI index) or, per chunk, why not.
+        ``optional`` chunks (wanted only because they come for free) that lie behind a
+        context's live stream get a :class:`SkippedChunk` error instead of restarting it."""
         meta = self.meta
         h = meta.header
         by_ctx: dict[int, list[tuple[ChunkInfo, int]]] = {}
@@ -478,7 +485,7 @@ class ZranReader:
             for c in ctxs:  # ascending context order: no deadlock between readers
                 c.lock.acquire()
                 locked.append(c)
-            self._read_locked(ks, ctxs, contexts, by_ctx, result)
+            self._read_locked(ks, ctxs, contexts, by_ctx, result, optional)
         finally:
             for c in reversed(locked):
                 c.lock.release()
@@ -495,7 +502,8 @@ class ZranReader:
 
     def _read_locked(self, ks: list[int], ctxs: list[_Context], contexts: dict[int, ZranContext],
                      by_ctx: dict[int, list[tuple[ChunkInfo, int]]],
-                     result: dict[int, bytes | memoryview | StorageError]) -> None:
+                     result: dict[int, bytes | memoryview | StorageError],
+                     optional: "set[int] | frozenset[int]") -> None:
         plans: list[_Plan] = []
         for k, c in zip(ks, ctxs):
             x = contexts[k]
@@ -507,11 +515,17 @@ class ZranReader:
                         result[ch.index] = data
                     else:
                         need.append((ch, off))
+            s = c.stream
+            if s is not None and optional:  # free chunks behind the live stream: not worth a restart
+                behind = [ch for ch, off in need if ch.index in optional and off < s.out_pos]
+                if behind:
+                    for ch in behind:
+                        result[ch.index] = SkippedChunk(f"chunk {ch.index}: behind ZRAN context {k}'s stream")
+                    need = [(ch, off) for ch, off in need if ch.index not in result]
             if not need:
                 continue
             lo = min(off for _, off in need)
             out_end = max(off + ch.uncompressed_size for ch, off in need)
-            s = c.stream
             if s is None or s.out_pos > lo:  # none, or already past a wanted chunk: from the checkpoint
                 try:
                     s = ZranStream(in_offset=x.in_offset, bits=x.ctx_bits, prev_byte=x.ctx_byte,

@@ -22,7 +22,7 @@ from storage.meta.blob_meta import BlobMeta, load_blob_meta_file, write_blob_met
 from storage.prefetch import PrefetchConfig
 from storage.meta.chunk_info import BlobChunk, CiFlags
 from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo, Compressor, Digester
-from storage.zran import ZranError, ZranReader, ZranStream, inflate_at, plan_contexts, scan_gzip
+from storage.zran import SkippedChunk, ZranError, ZranReader, ZranStream, inflate_at, plan_contexts, scan_gzip
 
 ZRAN_DIR = "dragonflyoss-nydus/tests/texture/zran"
 VECTORS = ["zran-single-stream.tar.gz", "zran-two-streams.tar.gz", "bgzip.tar.gz", "zran-zero-file.tar.gz"]
@@ -292,6 +292,11 @@ def test_a_miss_behind_the_stream_reads_from_the_checkpoint_and_keeps_the_stream
     assert log[1][0] == x.in_offset and reader.position(k) == pos  # the further stream is kept
     get(group[7])  # continues the live stream: fetches only after what the first read fetched
     assert len(log) == 3 and log[2][0] == log[0][0] + log[0][1]
+    # a chunk wanted only because it comes for free is left out rather than restart the context
+    got = reader.read_chunks([chunks[group[3]], chunks[group[9]]], optional={group[3]})
+    assert isinstance(got[group[3]], SkippedChunk) and isinstance(got[group[3]], StorageError)
+    assert bytes(got[group[9]]) == full[extents[group[9]][0] : sum(extents[group[9]])]
+    assert all(off != x.in_offset for off, _ in log[3:])
     reader.close()
     assert reader.live_streams() == 0
 

@@ -126,14 +126,17 @@ class BlobCache(ABC):
             raise MetaFormatError(f"blob {b.blob_id}: ref blob {ref} holds a blob.meta without ZRAN")
         return meta
 
-    def fetch_run(self, run: Sequence[ChunkInfo]) -> tuple[dict[int, bytes | memoryview], dict[int, StorageError]]:
+    def fetch_run(self, run: Sequence[ChunkInfo], optional: "set[int] | frozenset[int]" = frozenset()
+                  ) -> tuple[dict[int, bytes | memoryview], dict[int, StorageError]]:
         """One backend request for a contiguous run; per chunk either its data or its error.
+        ``optional``: chunks fetched only because they come for free (a ZRAN reader may leave
+        them out, with an error, rather than start a context again from its checkpoint).
 
         A chunk whose data is wrong (digest mismatch, or it does not decompress) is logged once
         naming blob, chunk and source, and read once more from the next source (mirror, then
         origin); if that is wrong too, its error is returned and it must not be cached."""
         if self.blob.has(BlobFeatures.ZRAN):
-            return self._fetch_zran_run(run)
+            return self._fetch_zran_run(run, optional)
         start = run[0].compressed_offset
         end = run[-1].compressed_offset + run[-1].compressed_size
         raw = memoryview(self.reader.read(start, end - start))
@@ -173,8 +176,8 @@ class BlobCache(ABC):
                     r = self._zran_reader = ZranReader(meta, self.reader.read)
         return r
 
-    def _fetch_zran_run(self, run: Sequence[ChunkInfo]) -> tuple[dict[int, bytes | memoryview],
-                                                                  dict[int, StorageError]]:
+    def _fetch_zran_run(self, run: Sequence[ChunkInfo], optional: "set[int] | frozenset[int]" = frozenset()
+                        ) -> tuple[dict[int, bytes | memoryview], dict[int, StorageError]]:
         """A ZRAN blob is an original gzip layer: inflate the chunks from their contexts
         (:class:`~storage.zran.ZranReader`), then check each like an uncompressed chunk (size,
         digest). A context whose data is wrong loses its live stream."""
@@ -182,7 +185,7 @@ class BlobCache(ABC):
         good: dict[int, bytes | memoryview] = {}
         bad: dict[int, StorageError] = {}
         by_index = {c.index: c for c in run}
-        for index, data in reader.read_chunks(run).items():
+        for index, data in reader.read_chunks(run, optional).items():
             if isinstance(data, StorageError):
                 bad[index] = data
                 continue

@@ -412,7 +412,7 @@ class FileBlobCache(BlobCache):
         """Fetch, process, write, sync and mark one run; returns (bytes fetched, error for ``wanted``)."""
         indices = [c.index for c in run]
         try:
-            good, bad = self.fetch_run(run)
+            good, bad = self.fetch_run(run, {c.index for c in run if c.index not in wanted})
         except StorageError as exc:
             self.chunk_map.clear_pending(indices)
             return 0, exc
