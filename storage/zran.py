@@ -4,7 +4,9 @@ A ZRAN blob is an unchanged gzip layer. Its ``blob.meta`` holds checkpoints ("ZR
 ``storage.meta.blob_meta.ZranContext``): where a deflate block starts in the compressed stream
 (``in_offset`` = first whole byte, plus ``ctx_bits`` bits at the top of the byte before it,
 ``ctx_byte``), the uncompressed position there and the 32 KiB window that precedes it. Reading a
-chunk inflates ``in_len`` bytes from the checkpoint into ``out_len`` bytes of output.
+chunk inflates from the checkpoint (a context covers ``in_len`` compressed bytes, ``out_len``
+of output) as far as the chunk; :class:`ZranReader` keeps that stream live, so a later chunk of
+the same context continues it instead of starting at the checkpoint again.
 
 API::
 
