@@ -4,12 +4,16 @@ A ZRAN blob is an unchanged gzip layer. Its ``blob.meta`` holds checkpoints ("ZR
 ``storage.meta.blob_meta.ZranContext``): where a deflate block starts in the compressed stream
 (``in_offset`` = first whole byte, plus ``ctx_bits`` bits at the top of the byte before it,
 ``ctx_byte``), the uncompressed position there and the 32 KiB window that precedes it. Reading a
-chunk inflates ``in_len`` bytes from the checkpoint into ``out_len`` bytes of output.
+chunk inflates from the checkpoint (a context covers ``in_len`` compressed bytes, ``out_len``
+of output) as far as the chunk; :class:`ZranReader` keeps that stream live, so a later chunk of
+the same context continues it instead of starting at the checkpoint again.
 
 API::
 
     data = inflate_at(compressed, bits=ctx_bits, prev_byte=ctx_byte, window=dict, out_len=n)
-    chunks = inflate_zran_chunks(blob_meta, chunk_infos, read)          # index -> bytes | error
+    s = ZranStream(in_offset=..., bits=..., prev_byte=..., window=...); s.feed(b); s.inflate(n)
+    reader = ZranReader(blob_meta, read)        # one per blob: live streams between reads
+    chunks = reader.read_chunks(chunk_infos)    # index -> bytes | error
     for p in scan_gzip(pieces, spacing=1 << 20, on_data=...): ...   # Checkpoint records
 
 Python's ``zlib`` module cannot start inflating in the middle of a byte (it has no
@@ -28,6 +32,7 @@ import bisect
 import ctypes
 import ctypes.util
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -120,22 +125,102 @@ class _Inflater:
         return self.z.msg.decode(errors="replace") if self.z.msg else f"zlib error {rc}"
 
 
-def _skip_gzip_header(z: _Inflater) -> None:
-    """After a member's trailer: parse the next member's gzip header, leave ``z`` in raw mode."""
-    scratch = ctypes.create_string_buffer(64)
-    z.reset(_GZIP)
-    while True:
-        z.z.next_out = ctypes.addressof(scratch)
-        z.z.avail_out = len(scratch)
-        before = z.z.avail_in
-        rc = z.inflate(Z_BLOCK)  # gzip mode with Z_BLOCK stops right after the header
-        if rc != Z_OK:
-            raise ZranError(f"gzip member header: {z.msg(rc)}")
-        if z.z.data_type & 0x80:
-            break
-        if z.z.avail_in == 0 or z.z.avail_in == before:
-            raise ZranError("gzip member header truncated")
-    z.reset(_RAW)
+class ZranStream:
+    """A live inflate from one checkpoint that can be fed its compressed input piece by piece.
+
+    ``feed`` appends the next compressed bytes (``in_pos`` = blob offset of the end of what was
+    fed); ``inflate(n)`` makes up to ``n`` more bytes of output and returns fewer only when the
+    input fed so far runs out (feed more, then call it again). Gzip member trailers and headers
+    are crossed wherever the input is cut. ``out_pos``: output made since the checkpoint. A
+    :class:`ZranError` leaves the stream unusable; ``close`` frees the zlib state.
+    """
+
+    def __init__(self, *, in_offset: int, bits: int, prev_byte: int, window: bytes) -> None:
+        self._z: _Inflater | None = _Inflater(_RAW)
+        z = self._z
+        try:
+            bits &= 7
+            if bits:
+                z.check(z.lib.inflatePrime(z.zp, bits, (prev_byte & 0xFF) >> (8 - bits)), "inflatePrime")
+            if window:
+                z.check(z.lib.inflateSetDictionary(z.zp, window, len(window)), "inflateSetDictionary")
+        except BaseException:
+            self.close()
+            raise
+        self.in_pos = in_offset  #: blob offset just past the compressed bytes fed so far
+        self.out_pos = 0  #: uncompressed bytes made since the checkpoint
+        self._pending = b""  # fed, not yet consumed by zlib: blob bytes [in_pos - len, in_pos)
+        self._trailer = 0  # bytes of a member's trailer still to skip
+        self._header = False  # parsing the next member's gzip header
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self._pending = self._pending + bytes(data) if self._pending else bytes(data)
+        self.in_pos += len(data)
+
+    def inflate(self, n: int) -> bytes:
+        z = self._z
+        if z is None:
+            raise ZranError("inflate stream closed")
+        out = ctypes.create_string_buffer(n)
+        src = self._pending
+        inbuf = ctypes.create_string_buffer(src, len(src))
+        z.z.next_in = ctypes.addressof(inbuf)
+        z.z.avail_in = len(src)
+        produced = 0
+        try:
+            while produced < n:
+                if self._trailer:
+                    k = min(self._trailer, z.z.avail_in)
+                    z.z.next_in += k
+                    z.z.avail_in -= k
+                    self._trailer -= k
+                    if self._trailer:
+                        break  # more input needed
+                    z.reset(_GZIP)
+                    self._header = True
+                if self._header:
+                    if not z.z.avail_in:
+                        break
+                    scratch = ctypes.create_string_buffer(64)
+                    z.z.next_out = ctypes.addressof(scratch)
+                    z.z.avail_out = len(scratch)
+                    before = z.z.avail_in
+                    rc = z.inflate(Z_BLOCK)  # gzip mode with Z_BLOCK stops right after the header
+                    if rc not in (Z_OK, Z_BUF_ERROR) or z.z.avail_out != len(scratch):
+                        raise ZranError(f"gzip member header: {z.msg(rc)}")
+                    if z.z.data_type & 0x80:
+                        z.reset(_RAW)
+                        self._header = False
+                    elif z.z.avail_in == before:
+                        raise ZranError("gzip member header: inflate made no progress")
+                    continue
+                z.z.next_out = ctypes.addressof(out) + produced
+                z.z.avail_out = n - produced
+                avail_in = z.z.avail_in
+                rc = z.inflate(Z_NO_FLUSH)
+                made = (n - produced) - z.z.avail_out
+                produced += made
+                if rc == Z_STREAM_END:  # end of a gzip member: its trailer, then the next member
+                    self._trailer = 8
+                elif rc == Z_BUF_ERROR or (rc == Z_OK and not made and z.z.avail_in == avail_in):
+                    break  # the input fed so far is used up
+                elif rc != Z_OK:
+                    raise ZranError(f"inflate from checkpoint: {z.msg(rc)}")
+        except BaseException:
+            self.close()
+            raise
+        self._pending = src[len(src) - z.z.avail_in :] if z.z.avail_in else b""
+        self.out_pos += produced
+        return out.raw[:produced]
+
+    def close(self) -> None:
+        z, self._z = self._z, None
+        if z is not None:
+            z.lib.inflateEnd(z.zp)
+            self._pending = b""
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def inflate_at(compressed: bytes | memoryview, *, bits: int, prev_byte: int, window: bytes,
@@ -147,41 +232,15 @@ def inflate_at(compressed: bytes | memoryview, *, bits: int, prev_byte: int, win
     checkpoint (≤ 32 KiB). Crosses gzip member boundaries. Raises :class:`ZranError` when the
     data does not inflate to ``out_len`` bytes.
     """
-    bits &= 7
-    src = bytes(compressed)
-    inbuf = ctypes.create_string_buffer(src, len(src))
-    out = ctypes.create_string_buffer(out_len)
-    with _Inflater(_RAW) as z:
-        if bits:
-            z.check(z.lib.inflatePrime(z.zp, bits, (prev_byte & 0xFF) >> (8 - bits)), "inflatePrime")
-        if window:
-            z.check(z.lib.inflateSetDictionary(z.zp, window, len(window)), "inflateSetDictionary")
-        z.z.next_in = ctypes.addressof(inbuf)
-        z.z.avail_in = len(src)
-        produced = 0
-        while produced < out_len:
-            z.z.next_out = ctypes.addressof(out) + produced
-            z.z.avail_out = out_len - produced
-            avail_in = z.z.avail_in
-            rc = z.inflate(Z_NO_FLUSH)
-            progress = (out_len - z.z.avail_out) - produced
-            produced += progress
-            if produced >= out_len:
-                break
-            if rc == Z_STREAM_END:  # end of a gzip member: its trailer, then the next member
-                if z.z.avail_in < 8:
-                    raise ZranError(f"gzip member ended after {produced} of {out_len} bytes")
-                z.z.next_in += 8
-                z.z.avail_in -= 8
-                _skip_gzip_header(z)
-            elif rc == Z_OK:
-                if not progress and z.z.avail_in == avail_in:
-                    raise ZranError("inflate made no progress")
-            elif rc == Z_BUF_ERROR:
-                raise ZranError(f"compressed data ended after {produced} of {out_len} bytes")
-            else:
-                raise ZranError(f"inflate from checkpoint: {z.msg(rc)}")
-    return out.raw
+    s = ZranStream(in_offset=0, bits=bits, prev_byte=prev_byte, window=window)
+    try:
+        s.feed(compressed)
+        out = s.inflate(out_len)
+    finally:
+        s.close()
+    if len(out) < out_len:
+        raise ZranError(f"compressed data ended after {len(out)} of {out_len} bytes")
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,48 +315,301 @@ def scan_gzip(pieces: Iterable[bytes], *, spacing: int, on_data: Callable[[bytes
             boundaries.append((total_in, total_out))
 
 
-def inflate_zran_chunks(meta: BlobMeta, chunks: Sequence[ChunkInfo],
-                        read: Callable[[int, int], bytes]) -> dict[int, bytes | StorageError]:
-    """The uncompressed data of ZRAN ``chunks`` (by CI index) or, per chunk, why not.
+#: live inflate streams a :class:`ZranReader` keeps per blob (each ~40 KiB of zlib state plus
+#: the unread rest of one deflate block); a context whose stream was closed starts again at its
+#: checkpoint
+LIVE_STREAMS_PER_BLOB = 16
+#: planned reads of neighbouring contexts at most this far apart are one backend request
+READ_GAP = 16 << 10
 
-    One ``read(offset, size)`` of the gzip blob covers every context the chunks need; each
-    context is inflated once and its chunks are cut out of its output.
+
+class SkippedChunk(StorageError):
+    """An optional chunk a :class:`ZranReader` did not inflate (it lies behind the live stream)."""
+
+
+class _Context:
+    """One ZRAN context's live stream and the readers waiting for its chunks."""
+
+    __slots__ = ("lock", "stream", "waiting", "handoff")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  #: held by the one reader advancing this context
+        self.stream: ZranStream | None = None
+        self.waiting: dict[int, int] = {}  #: chunk index -> readers that want it from here
+        self.handoff: dict[int, bytes] = {}  #: chunk index -> its data, made by another reader
+
+
+@dataclass(slots=True)
+class _Plan:
+    index: int
+    ctx: _Context
+    x: ZranContext
+    stream: ZranStream
+    need: list[tuple[ChunkInfo, int]]
+    out_end: int  #: context output offset to inflate to
+    in_end: int  #: blob offset to fetch to (first try)
+
+
+class ZranReader:
+    """Reads ZRAN chunks of one gzip blob, keeping a few inflate streams live between reads.
+
+    The first read in a context fetches and inflates from its checkpoint only as far as the
+    wanted chunks (to the compressed end of their CI entries); the stream stays live, so a later
+    read further into the same context fetches only the compressed bytes after those fetched
+    before and inflates on from where the last read stopped — never from the checkpoint again
+    while the stream lives. A read behind a stream's position starts a new stream at the
+    checkpoint (the file cache has most such chunks already: it claims every chunk on the way).
+    Should a CI entry's compressed extent fall short, the rest of the context is fetched. At
+    most ``max_streams`` streams live (least recently used closed first).
+
+    Thread-safe: one reader advances a context at a time (others wait for its lock); a reader
+    registers the chunks it wants before waiting, and the advancing reader hands it every such
+    chunk it inflates on the way, so the waiter continues from where that reader stopped.
     """
-    h = meta.header
-    by_ctx: dict[int, list[tuple[ChunkInfo, int]]] = {}
-    result: dict[int, bytes | StorageError] = {}
-    for c in chunks:
-        if not 0 <= c.index < meta.chunk_count or not meta.chunks[c.index].is_zran:
-            result[c.index] = MetaFormatError(f"chunk {c.index} is not a ZRAN chunk of this blob.meta")
-            continue
-        ci = meta.chunks[c.index]
-        if ci.context_index >= h.s_ci_zran_count:
-            result[c.index] = MetaFormatError(f"chunk {c.index}: ZRAN context {ci.context_index} "
-                                              f"beyond {h.s_ci_zran_count}")
-            continue
-        by_ctx.setdefault(ci.context_index, []).append((c, ci.context_offset))
-    if not by_ctx:
-        return result
-    contexts = {i: ZranContext.parse(meta.ci_data, h.s_ci_zran_offset + i * ZranContext.SIZE) for i in by_ctx}
-    lo = min(x.in_offset for x in contexts.values())
-    hi = max(x.in_offset + x.in_len for x in contexts.values())
-    raw = memoryview(read(lo, hi - lo))
-    for i, items in by_ctx.items():
-        x = contexts[i]
+
+    def __init__(self, meta: BlobMeta, read: Callable[[int, int], bytes],
+                 max_streams: int = LIVE_STREAMS_PER_BLOB) -> None:
+        self.meta = meta
+        self._read = read
+        self.max_streams = max(0, max_streams)
+        self._mutex = threading.Lock()  # contexts, waiting/handoff, the LRU (never waits for a context lock)
+        self._contexts: dict[int, _Context] = {}
+        self._live: OrderedDict[int, None] = OrderedDict()  # contexts with a stream, least recent first
+        self._groups: dict[int, list[tuple[int, int, int]]] | None = None
+
+    def groups(self) -> dict[int, list[tuple[int, int, int]]]:
+        """Context -> its chunks as ``(context offset, uncompressed size, index)``, by offset."""
+        if self._groups is None:
+            groups: dict[int, list[tuple[int, int, int]]] = {}
+            for ci in self.meta.chunks:
+                if ci.is_zran:
+                    groups.setdefault(ci.context_index, []).append((ci.context_offset, ci.uncompressed_size, ci.index))
+            for g in groups.values():
+                g.sort()
+            self._groups = groups
+        return self._groups
+
+    def position(self, k: int) -> int | None:
+        """How far (context output offset) context ``k``'s live stream has inflated; None without one."""
+        c = self._contexts.get(k)
+        s = c.stream if c is not None else None
+        return s.out_pos if s is not None else None
+
+    def live_streams(self) -> int:
+        with self._mutex:
+            return len(self._live)
+
+    def drop(self, k: int) -> None:
+        """Close context ``k``'s stream (its data turned out wrong): its next read starts at the checkpoint."""
+        c = self._contexts.get(k)
+        if c is None:
+            return
+        with c.lock:
+            self._forget(k, c)
+
+    def close(self) -> None:
+        for k, c in list(self._contexts.items()):
+            with c.lock:
+                self._forget(k, c)
+
+    def _forget(self, k: int, c: _Context) -> None:  # caller holds c.lock
+        if c.stream is not None:
+            c.stream.close()
+            c.stream = None
+        with self._mutex:
+            self._live.pop(k, None)
+
+    def _keep(self, k: int, c: _Context, s: ZranStream) -> None:
+        """Make ``s`` context ``k``'s live stream (caller holds ``c.lock``); close the least
+        recently used streams over the limit whose context nobody is reading."""
+        if c.stream is not None and c.stream is not s:
+            c.stream.close()
+        c.stream = s
+        with self._mutex:
+            self._live[k] = None
+            self._live.move_to_end(k)
+            for old in list(self._live):
+                if len(self._live) <= self.max_streams:
+                    break
+                oc = self._contexts[old]
+                if old == k:
+                    continue
+                if oc.lock.acquire(blocking=False):  # never wait here: its reader may want _mutex
+                    try:
+                        if oc.stream is not None:
+                            oc.stream.close()
+                            oc.stream = None
+                    finally:
+                        oc.lock.release()
+                    del self._live[old]
+            if len(self._live) > self.max_streams and k in self._live:  # max_streams 0: keep none
+                s.close()
+                c.stream = None
+                del self._live[k]
+
+    def read_chunks(self, chunks: Sequence[ChunkInfo], optional: "set[int] | frozenset[int]" = frozenset()
+                    ) -> dict[int, bytes | memoryview | StorageError]:
+        """The uncompressed data of ZRAN ``chunks`` (by CI index) or, per chunk, why not.
+        ``optional`` chunks (wanted only because they come for free) that lie behind a
+        context's live stream get a :class:`SkippedChunk` error instead of restarting it."""
+        meta = self.meta
+        h = meta.header
+        by_ctx: dict[int, list[tuple[ChunkInfo, int]]] = {}
+        result: dict[int, bytes | memoryview | StorageError] = {}
+        contexts: dict[int, ZranContext] = {}
+        for c in chunks:
+            if not 0 <= c.index < meta.chunk_count or not meta.chunks[c.index].is_zran:
+                result[c.index] = MetaFormatError(f"chunk {c.index} is not a ZRAN chunk of this blob.meta")
+                continue
+            ci = meta.chunks[c.index]
+            k = ci.context_index
+            if k >= h.s_ci_zran_count:
+                result[c.index] = MetaFormatError(f"chunk {c.index}: ZRAN context {k} beyond {h.s_ci_zran_count}")
+                continue
+            x = contexts.get(k)
+            if x is None:
+                x = contexts[k] = ZranContext.parse(meta.ci_data, h.s_ci_zran_offset + k * ZranContext.SIZE)
+            if ci.context_offset + c.uncompressed_size > x.out_len:
+                result[c.index] = MetaFormatError(f"chunk {c.index}: {ci.context_offset}+{c.uncompressed_size} "
+                                                  f"beyond ZRAN context {k} ({x.out_len} bytes)")
+                continue
+            by_ctx.setdefault(k, []).append((c, ci.context_offset))
+        if not by_ctx:
+            return result
+        ks = sorted(by_ctx)
+        with self._mutex:
+            ctxs = [self._contexts.setdefault(k, _Context()) for k in ks]
+            for k, c in zip(ks, ctxs):
+                for ch, _ in by_ctx[k]:
+                    c.waiting[ch.index] = c.waiting.get(ch.index, 0) + 1
+        locked: list[_Context] = []
         try:
-            out = inflate_at(raw[x.in_offset - lo : x.in_offset - lo + x.in_len], bits=x.ctx_bits,
-                             prev_byte=x.ctx_byte, window=meta.zran_dictionary(x), out_len=x.out_len)
-        except StorageError as exc:
-            for c, _ in items:
-                result[c.index] = exc
-            continue
-        for c, off in items:
-            if off + c.uncompressed_size > len(out):
-                result[c.index] = MetaFormatError(
-                    f"chunk {c.index}: {off}+{c.uncompressed_size} beyond ZRAN context {i} ({len(out)} bytes)")
+            for c in ctxs:  # ascending context order: no deadlock between readers
+                c.lock.acquire()
+                locked.append(c)
+            self._read_locked(ks, ctxs, contexts, by_ctx, result, optional)
+        finally:
+            for c in reversed(locked):
+                c.lock.release()
+            with self._mutex:
+                for k, c in zip(ks, ctxs):
+                    for ch, _ in by_ctx[k]:
+                        n = c.waiting.get(ch.index, 0) - 1
+                        if n > 0:
+                            c.waiting[ch.index] = n
+                        else:
+                            c.waiting.pop(ch.index, None)
+                            c.handoff.pop(ch.index, None)
+        return result
+
+    def _read_locked(self, ks: list[int], ctxs: list[_Context], contexts: dict[int, ZranContext],
+                     by_ctx: dict[int, list[tuple[ChunkInfo, int]]],
+                     result: dict[int, bytes | memoryview | StorageError],
+                     optional: "set[int] | frozenset[int]") -> None:
+        plans: list[_Plan] = []
+        for k, c in zip(ks, ctxs):
+            x = contexts[k]
+            need: list[tuple[ChunkInfo, int]] = []
+            with self._mutex:
+                for ch, off in by_ctx[k]:
+                    data = c.handoff.get(ch.index)
+                    if data is not None:  # another reader inflated it for us
+                        result[ch.index] = data
+                    else:
+                        need.append((ch, off))
+            s = c.stream
+            if s is not None and optional:  # free chunks behind the live stream: not worth a restart
+                behind = [ch for ch, off in need if ch.index in optional and off < s.out_pos]
+                if behind:
+                    for ch in behind:
+                        result[ch.index] = SkippedChunk(f"chunk {ch.index}: behind ZRAN context {k}'s stream")
+                    need = [(ch, off) for ch, off in need if ch.index not in result]
+            if not need:
+                continue
+            lo = min(off for _, off in need)
+            out_end = max(off + ch.uncompressed_size for ch, off in need)
+            if s is None or s.out_pos > lo:  # none, or already past a wanted chunk: from the checkpoint
+                try:
+                    s = ZranStream(in_offset=x.in_offset, bits=x.ctx_bits, prev_byte=x.ctx_byte,
+                                   window=self.meta.zran_dictionary(x))
+                except StorageError as exc:
+                    for ch, _ in need:
+                        result[ch.index] = exc
+                    continue
+            ctx_end = x.in_offset + x.in_len
+            in_end = min(ctx_end, max(self.meta.chunks[ch.index].compressed_offset
+                                      + self.meta.chunks[ch.index].compressed_size for ch, _ in need))
+            plans.append(_Plan(k, c, x, s, need, out_end, max(in_end, s.in_pos)))
+        # one backend request per group of neighbouring spans, each span from where its stream stopped
+        spans = sorted((p for p in plans if p.in_end > p.stream.in_pos), key=lambda p: p.stream.in_pos)
+        groups: list[list[_Plan]] = []
+        for p in spans:
+            if groups and p.stream.in_pos <= max(q.in_end for q in groups[-1]) + READ_GAP:
+                groups[-1].append(p)
             else:
-                result[c.index] = out[off : off + c.uncompressed_size]
-    return result
+                groups.append([p])
+        failed: dict[int, StorageError] = {}
+        for g in groups:
+            lo = g[0].stream.in_pos
+            hi = max(p.in_end for p in g)
+            try:
+                raw = memoryview(self._read(lo, hi - lo))
+            except StorageError as exc:
+                for p in g:
+                    failed[p.index] = exc
+                continue
+            for p in g:
+                p.stream.feed(raw[p.stream.in_pos - lo : p.in_end - lo])
+        for p in plans:
+            self._inflate(p, failed.get(p.index), result)
+
+    def _inflate(self, p: _Plan, error: StorageError | None,
+                 result: dict[int, bytes | memoryview | StorageError]) -> None:
+        s, c, x = p.stream, p.ctx, p.x
+        start = s.out_pos
+        if error is not None:  # the fetch failed: the live stream (if that is ``s``) is still good
+            if c.stream is not s:
+                s.close()
+            for ch, _ in p.need:
+                result[ch.index] = error
+            return
+        try:
+            parts = [s.inflate(p.out_end - s.out_pos)]
+            ctx_end = x.in_offset + x.in_len
+            while s.out_pos < p.out_end:
+                if s.in_pos >= ctx_end:
+                    raise ZranError(f"ZRAN context {p.index}: compressed data ended after {s.out_pos} "
+                                    f"of {p.out_end} bytes")
+                s.feed(self._read(s.in_pos, ctx_end - s.in_pos))  # the CI extent fell short: the rest
+                parts.append(s.inflate(p.out_end - s.out_pos))
+        except StorageError as exc:
+            if c.stream is s:
+                self._forget(p.index, c)
+            else:
+                s.close()
+            for ch, _ in p.need:
+                result[ch.index] = exc
+            return
+        out = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
+        mine = {ch.index for ch, _ in p.need}
+        for ch, off in p.need:
+            result[ch.index] = out[off - start : off - start + ch.uncompressed_size]
+        with self._mutex:  # chunks other readers wait for, made on the way
+            for off, size, i in self.groups().get(p.index, ()):
+                if off >= start and off + size <= p.out_end and c.waiting.get(i, 0) > (i in mine):
+                    c.handoff[i] = bytes(out[off - start : off - start + size])
+        if s.out_pos >= x.out_len:  # the whole context is inflated: nothing left to continue
+            if c.stream is s:
+                self._forget(p.index, c)
+            else:
+                s.close()
+        elif c.stream is s or c.stream is None or c.stream.out_pos <= s.out_pos:
+            self._keep(p.index, c, s)
+        else:  # a stream from the checkpoint for chunks behind the live one: keep the live one
+            s.close()
+            with self._mutex:
+                if p.index in self._live:
+                    self._live.move_to_end(p.index)
 
 
 #: the most uncompressed data one context may cover (upstream's decoder refuses more)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import random
+import threading
+import time
 import zlib
 
 import pytest
@@ -13,12 +15,14 @@ import pytest
 from storage.backend.memory import MemoryBackend
 from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
+from storage.cache.nocache import NoCacheManager
 from storage.device import BlobDevice
 from storage.errors import ChunkDigestMismatch, StorageError
 from storage.meta.blob_meta import BlobMeta, load_blob_meta_file, write_blob_meta_file
+from storage.prefetch import PrefetchConfig
 from storage.meta.chunk_info import BlobChunk, CiFlags
 from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo, Compressor, Digester
-from storage.zran import ZranError, inflate_at, plan_contexts, scan_gzip
+from storage.zran import SkippedChunk, ZranError, ZranReader, ZranStream, inflate_at, plan_contexts, scan_gzip
 
 ZRAN_DIR = "dragonflyoss-nydus/tests/texture/zran"
 VECTORS = ["zran-single-stream.tar.gz", "zran-two-streams.tar.gz", "bgzip.tar.gz", "zran-zero-file.tar.gz"]
@@ -71,6 +75,28 @@ def test_random_access_from_every_checkpoint(gz):
         assert got == full[p.out_offset : p.out_offset + n]
 
 
+def test_a_stream_fed_in_pieces_inflates_like_one_call(gz):
+    """Input cut anywhere (inside member trailers and headers too), output asked for in pieces."""
+    full = gzip.decompress(gz)
+    points = list(scan_gzip([gz], spacing=0))
+    rng = random.Random(2)
+    for p in points[:: max(1, len(points) // 12)]:
+        s = ZranStream(in_offset=p.in_offset, bits=p.bits, prev_byte=p.prev_byte, window=p.window)
+        want = len(full) - p.out_offset
+        got = []
+        while s.out_pos < want:
+            if s.in_pos < len(gz) and rng.random() < 0.6:
+                s.feed(gz[s.in_pos : s.in_pos + rng.choice([1, 7, 300, 5000])])
+            ask = min(want - s.out_pos, rng.choice([0, 1, 999, 40_000]))
+            piece = s.inflate(ask)
+            assert len(piece) <= ask
+            got.append(piece)
+            if ask and not piece and s.in_pos >= len(gz):
+                break
+        assert b"".join(got) == full[p.out_offset :]
+        s.close()
+
+
 def test_unaligned_and_member_checkpoints_are_exercised(vectors_dir):
     points = list(scan_gzip([_synthetic()], spacing=0))
     assert sum(1 for p in points if p.bits) > 50  # inflatePrime really used
@@ -114,8 +140,9 @@ def test_upstream_zran_blob_meta_is_consistent(vectors_dir):
 
 # -- the cache reading an unchanged gzip layer ------------------------------------------------------
 
-def _zran_image(gz: bytes, chunk: int = 40_000, spacing: int = 64 << 10):
-    """A ZRAN blob.meta for ``gz`` cut into fixed ``chunk``-sized pieces of its tar stream."""
+def _zran_image(gz: bytes, chunk: int = 40_000, spacing: int = 64 << 10, ci_in_len=None):
+    """A ZRAN blob.meta for ``gz`` cut into fixed ``chunk``-sized pieces of its tar stream
+    (``ci_in_len``: replaces each CI entry's compressed size, to make it fall short)."""
     full = gzip.decompress(gz)
     bounds: list[tuple[int, int]] = []
     points = list(scan_gzip([gz], spacing=spacing, boundaries=bounds))
@@ -123,7 +150,8 @@ def _zran_image(gz: bytes, chunk: int = 40_000, spacing: int = 64 << 10):
     contexts, places = plan_contexts(points, bounds, extents)
     cis, infos = [], []
     for i, ((o, n), pl) in enumerate(zip(extents, places)):
-        cis.append(BlobChunk(i, pl.in_offset, pl.in_len, i * ((chunk + 4095) & ~4095), n,
+        cis.append(BlobChunk(i, pl.in_offset, pl.in_len if ci_in_len is None else ci_in_len,
+                             i * ((chunk + 4095) & ~4095), n,
                              int(CiFlags.COMPRESSED | CiFlags.ZRAN), pl.context_index << 32 | pl.context_offset))
         infos.append(ChunkInfo(0, i, hashlib.sha256(full[o : o + n]).digest(), int(ChunkFlags.COMPRESSED),
                                pl.in_offset, pl.in_len, cis[-1].uncompressed_offset, n))
@@ -161,6 +189,250 @@ def test_cache_reads_zran_chunks_from_the_gzip_blob(tmp_path, vectors_dir, name)
     # every request was a range of the gzip blob, never all of it for a big blob
     if len(gz) > 1 << 20:
         assert max(size for _, _, size in backend.requests) < len(gz) / 4
+    dev.close()
+
+
+# -- live inflate streams: a later miss in a context continues where the last one stopped ---------
+
+def _cache(tmp_path, gz, meta, info, chunks, backend=None, readahead=0):
+    """A file cache over ``gz`` that knows every chunk (with its digest), as a mounted image does
+    (sequential read-ahead off unless given: it would fetch in the background)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_blob_meta_file(str(cache / f"{info.blob_id}.blob.meta"), meta)
+    backend = backend or MemoryBackend({info.blob_id: gz})
+    mgr = FileCacheManager(str(cache), backend, CacheConfig())
+    mgr.get_blob_cache(info).set_chunk_table(chunks)
+    return backend, BlobDevice([info], mgr, prefetch_config=PrefetchConfig(readahead=readahead))
+
+
+def _groups(meta) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for ci in meta.chunks:
+        groups.setdefault(ci.context_index, []).append(ci.index)
+    return groups
+
+
+def _ranges(backend, lo=0, hi=1 << 62):
+    return [(off, size) for _, off, size in backend.requests if lo <= off < hi]
+
+
+def _assert_disjoint_and_contiguous(ranges):
+    for (a, n), (b, _) in zip(ranges, ranges[1:]):
+        assert b == a + n, ranges  # each fetch starts where the one before it ended
+
+
+@pytest.mark.parametrize("name,chunk,spacing", [("bgzip.tar.gz", 40_000, 512 << 10),
+                                                ("zran-two-streams.tar.gz", 700, 1 << 20),
+                                                ("synthetic", 5000, 1 << 20)])
+def test_later_misses_in_a_context_continue_its_stream(tmp_path, vectors_dir, name, chunk, spacing):
+    gz = _synthetic() if name == "synthetic" else (vectors_dir / ZRAN_DIR / name).read_bytes()
+    full, meta, info, chunks, extents = _zran_image(gz, chunk=chunk, spacing=spacing)
+    k, group = max(_groups(meta).items(), key=lambda kv: len(kv[1]))
+    assert len(group) >= 8
+    x = meta.zran_contexts()[k]
+    backend, dev = _cache(tmp_path, gz, meta, info, chunks)
+
+    def read(i):
+        (o, n), c = extents[i], chunks[i]
+        assert dev.read([BlobIoDesc(info, c, 0, n)]) == full[o : o + n]
+
+    def ci_end(i):
+        return meta.chunks[i].compressed_offset + meta.chunks[i].compressed_size
+
+    read(group[2])  # first miss: from the checkpoint to the chunk's compressed end only
+    assert _ranges(backend) == [(x.in_offset, ci_end(group[2]) - x.in_offset)]
+    read(group[0])  # inflated on the way: cached
+    read(group[1])
+    assert len(backend.requests) == 1
+    for i in group[3:]:  # each further miss fetches only the bytes after the last fetch
+        read(i)
+    ranges = _ranges(backend)
+    assert ranges[0][0] == x.in_offset and len(ranges) >= 2
+    _assert_disjoint_and_contiguous(ranges)
+    assert sum(n for _, n in ranges) <= x.in_len  # the context's span, once
+    for i in group:  # all cached now
+        read(i)
+    assert len(backend.requests) == len(ranges)
+    dev.close()
+
+
+def _reader(gz, meta, max_streams=16, gate=None):
+    """A ZranReader over ``gz`` that logs its range reads (and waits for ``gate`` on the first)."""
+    log: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def read(off, size):
+        with lock:
+            log.append((off, size))
+            first = len(log) == 1
+        if gate is not None and first:
+            assert gate.wait(30)
+        return gz[off : off + size]
+
+    return ZranReader(meta, read, max_streams=max_streams), log
+
+
+def test_a_miss_behind_the_stream_reads_from_the_checkpoint_and_keeps_the_stream(vectors_dir):
+    gz = (vectors_dir / ZRAN_DIR / "bgzip.tar.gz").read_bytes()
+    full, meta, info, chunks, extents = _zran_image(gz, chunk=40_000, spacing=512 << 10)
+    k, group = max(_groups(meta).items(), key=lambda kv: len(kv[1]))
+    x = meta.zran_contexts()[k]
+    reader, log = _reader(gz, meta)
+
+    def get(i):
+        (o, n) = extents[i]
+        data = reader.read_chunks([chunks[i]])[i]
+        assert bytes(data) == full[o : o + n]
+
+    get(group[5])
+    pos = reader.position(k)
+    assert pos == meta.chunks[group[5]].context_offset + meta.chunks[group[5]].uncompressed_size
+    get(group[2])  # behind the stream, nothing cached here: a new stream from the checkpoint
+    assert log[1][0] == x.in_offset and reader.position(k) == pos  # the further stream is kept
+    get(group[7])  # continues the live stream: fetches only after what the first read fetched
+    assert len(log) == 3 and log[2][0] == log[0][0] + log[0][1]
+    # a chunk wanted only because it comes for free is left out rather than restart the context
+    got = reader.read_chunks([chunks[group[3]], chunks[group[9]]], optional={group[3]})
+    assert isinstance(got[group[3]], SkippedChunk) and isinstance(got[group[3]], StorageError)
+    assert bytes(got[group[9]]) == full[extents[group[9]][0] : sum(extents[group[9]])]
+    assert all(off != x.in_offset for off, _ in log[3:])
+    reader.close()
+    assert reader.live_streams() == 0
+
+
+def test_streams_over_the_limit_are_closed_least_recently_used_first(vectors_dir):
+    gz = (vectors_dir / ZRAN_DIR / "bgzip.tar.gz").read_bytes()
+    full, meta, info, chunks, extents = _zran_image(gz, chunk=40_000, spacing=256 << 10)
+    groups = [g for _, g in sorted(_groups(meta).items()) if len(g) >= 4]
+    assert len(groups) >= 4
+    ctx = [meta.chunks[g[0]].context_index for g in groups]
+    xs = meta.zran_contexts()
+    reader, log = _reader(gz, meta, max_streams=2)
+    for g in groups[:3]:
+        assert bytes(reader.read_chunks([chunks[g[1]]])[g[1]]) == full[extents[g[1]][0] : sum(extents[g[1]])]
+    assert reader.live_streams() == 2
+    assert reader.position(ctx[0]) is None and reader.position(ctx[1]) and reader.position(ctx[2])
+    n = len(log)
+    i = groups[0][2]  # the closed one starts at its checkpoint again
+    assert bytes(reader.read_chunks([chunks[i]])[i]) == full[extents[i][0] : sum(extents[i])]
+    assert log[n][0] == xs[ctx[0]].in_offset
+    assert reader.position(ctx[1]) is None  # now the least recently used
+    # a context inflated to its end keeps no stream
+    last = groups[3][-1]
+    assert bytes(reader.read_chunks([chunks[last]])[last]) == full[extents[last][0] : sum(extents[last])]
+    assert reader.position(ctx[3]) is None
+    reader.close()
+
+
+def test_concurrent_misses_in_a_context_wait_for_the_one_inflating(vectors_dir):
+    gz = (vectors_dir / ZRAN_DIR / "bgzip.tar.gz").read_bytes()
+    full, meta, info, chunks, extents = _zran_image(gz, chunk=40_000, spacing=512 << 10)
+    k, group = max(_groups(meta).items(), key=lambda kv: len(kv[1]))
+    x = meta.zran_contexts()[k]
+    gate = threading.Event()
+    reader, log = _reader(gz, meta, gate=gate)
+    got: dict[int, bytes] = {}
+
+    def get(i):
+        got[i] = bytes(reader.read_chunks([chunks[i]])[i])
+
+    first = threading.Thread(target=get, args=(group[6],))
+    first.start()
+    while not log:  # the first reader is fetching (and holds the context)
+        time.sleep(0.005)
+    others = [threading.Thread(target=get, args=(i,)) for i in (group[3], group[8], group[1])]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(reader._contexts[k].waiting) < 4 and time.monotonic() < deadline:  # all registered
+        time.sleep(0.005)
+    gate.set()
+    for t in [first, *others]:
+        t.join(30)
+    for i in (group[6], group[3], group[8], group[1]):
+        assert got[i] == full[extents[i][0] : sum(extents[i])]
+    # chunks behind the first reader's end were handed over; the one past it continued the stream
+    assert log[0][0] == x.in_offset and len(log) == 2 and log[1][0] == sum(log[0])
+    assert reader._contexts[k].waiting == {} and reader._contexts[k].handoff == {}
+    reader.close()
+
+
+def test_concurrent_reads_through_the_cache_are_right(tmp_path, vectors_dir):
+    gz = (vectors_dir / ZRAN_DIR / "bgzip.tar.gz").read_bytes()
+    full, meta, info, chunks, extents = _zran_image(gz, chunk=20_000, spacing=512 << 10)
+    backend, dev = _cache(tmp_path, gz, meta, info, chunks, readahead=4 << 20)
+    order = list(range(len(chunks)))
+    random.Random(11).shuffle(order)
+    errors = []
+
+    def worker(part):
+        try:
+            for i in part:
+                (o, n), c = extents[i], chunks[i]
+                assert dev.read([BlobIoDesc(info, c, 0, n)]) == full[o : o + n]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(order[t::6],)) for t in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    for i in range(len(chunks)):
+        (o, n), c = extents[i], chunks[i]
+        assert dev.read([BlobIoDesc(info, c, 0, n)]) == full[o : o + n]
+    dev.close()
+
+
+def test_corrupt_data_in_a_context_raises_and_drops_its_stream(tmp_path, vectors_dir):
+    gz = bytearray((vectors_dir / ZRAN_DIR / "bgzip.tar.gz").read_bytes())
+    full, meta, info, chunks, extents = _zran_image(bytes(gz), chunk=40_000, spacing=512 << 10)
+    k, group = max(_groups(meta).items(), key=lambda kv: len(kv[1]))
+    bad_at = meta.chunks[group[-1]].compressed_offset + meta.chunks[group[-1]].compressed_size // 2
+    for j in range(bad_at, bad_at + 64):
+        gz[j] ^= 0x5A
+    backend, dev = _cache(tmp_path, bytes(gz), meta, info, chunks)
+    (o, n), c = extents[group[1]], chunks[group[1]]
+    assert dev.read([BlobIoDesc(info, c, 0, n)]) == full[o : o + n]  # before the damage
+    (o, n), c = extents[group[-1]], chunks[group[-1]]
+    with pytest.raises(StorageError):
+        dev.read([BlobIoDesc(info, c, 0, n)])
+    assert dev._cache(info).zran_reader().position(k) is None  # the stream is gone
+    with pytest.raises(StorageError):  # again (from the checkpoint): still an error, never data
+        dev.read([BlobIoDesc(info, c, 0, n)])
+    (o, n), c = extents[group[2]], chunks[group[2]]
+    assert dev.read([BlobIoDesc(info, c, 0, n)]) == full[o : o + n]
+    dev.close()
+
+
+def test_without_a_cache_reading_on_continues_the_stream(vectors_dir):
+    gz = (vectors_dir / ZRAN_DIR / "bgzip.tar.gz").read_bytes()
+    full, meta, info, chunks, extents = _zran_image(gz, chunk=40_000, spacing=512 << 10)
+    backend = MemoryBackend({info.blob_id: gz})
+    dev = BlobDevice([info], NoCacheManager(None, backend), prefetch_config=PrefetchConfig(readahead=0))
+    # the ref blob's blob.meta is not there for a no-cache device: hand it the CI table
+    dev._cache(info)._separate_meta = meta
+    for i in range(len(chunks)):
+        (o, n), c = extents[i], chunks[i]
+        assert dev.read([BlobIoDesc(info, c, 0, n)]) == full[o : o + n]
+    assert backend.bytes_requested() < len(gz) * 1.1  # not a context's span per chunk
+    dev.close()
+
+
+def test_a_ci_entry_whose_compressed_extent_falls_short_reads_the_rest_of_the_context(tmp_path, vectors_dir):
+    gz = (vectors_dir / ZRAN_DIR / "bgzip.tar.gz").read_bytes()
+    full, meta, info, chunks, extents = _zran_image(gz, chunk=40_000, spacing=512 << 10, ci_in_len=1)
+    backend, dev = _cache(tmp_path, gz, meta, info, chunks)
+    order = list(range(len(chunks)))
+    random.Random(5).shuffle(order)
+    for i in order[:12]:
+        (o, n), c = extents[i], chunks[i]
+        assert dev.read([BlobIoDesc(info, c, 0, n)]) == full[o : o + n]
+    xs = meta.zran_contexts()
+    assert any(off + size == xs[meta.chunks[order[0]].context_index].in_offset
+               + xs[meta.chunks[order[0]].context_index].in_len for _, off, size in backend.requests)
     dev.close()
 
 

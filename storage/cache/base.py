@@ -18,7 +18,7 @@ from storage.meta.blob_meta import BlobMeta, load_from_blob
 from storage.meta.header import BLOB_CCT_HEADER_SIZE
 from storage.metrics import StorageMetrics
 from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
-from storage.zran import inflate_zran_chunks
+from storage.zran import ZranReader
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,8 @@ class BlobCache(ABC):
         self.meta_reader: Callable[[str], BlobReader] | None = None
         self._separate_meta: BlobMeta | None = None
         self._separate_lock = threading.Lock()
+        self._zran_reader: ZranReader | None = None
+        self._zran_lock = threading.Lock()
 
     def load_separate_meta(self) -> BlobMeta | None:
         """A SEPARATE (OCI-ref) blob's CI table: one range read of ``ci_offset``,
@@ -124,14 +126,17 @@ class BlobCache(ABC):
             raise MetaFormatError(f"blob {b.blob_id}: ref blob {ref} holds a blob.meta without ZRAN")
         return meta
 
-    def fetch_run(self, run: Sequence[ChunkInfo]) -> tuple[dict[int, bytes | memoryview], dict[int, StorageError]]:
+    def fetch_run(self, run: Sequence[ChunkInfo], optional: "set[int] | frozenset[int]" = frozenset()
+                  ) -> tuple[dict[int, bytes | memoryview], dict[int, StorageError]]:
         """One backend request for a contiguous run; per chunk either its data or its error.
+        ``optional``: chunks fetched only because they come for free (a ZRAN reader may leave
+        them out, with an error, rather than start a context again from its checkpoint).
 
         A chunk whose data is wrong (digest mismatch, or it does not decompress) is logged once
         naming blob, chunk and source, and read once more from the next source (mirror, then
         origin); if that is wrong too, its error is returned and it must not be cached."""
         if self.blob.has(BlobFeatures.ZRAN):
-            return self._fetch_zran_run(run)
+            return self._fetch_zran_run(run, optional)
         start = run[0].compressed_offset
         end = run[-1].compressed_offset + run[-1].compressed_size
         raw = memoryview(self.reader.read(start, end - start))
@@ -158,17 +163,29 @@ class BlobCache(ABC):
                 bad[c.index] = exc2
         return good, bad
 
-    def _fetch_zran_run(self, run: Sequence[ChunkInfo]) -> tuple[dict[int, bytes | memoryview],
-                                                                  dict[int, StorageError]]:
-        """A ZRAN blob is an original gzip layer: inflate the chunks from their checkpoints, then
-        check each like an uncompressed chunk (size, digest)."""
-        meta = self.zran_meta()
-        if meta is None:
-            raise MetaFormatError(f"blob {self.blob.blob_id}: ZRAN blob without its blob.meta")
+    def zran_reader(self) -> ZranReader:
+        """The ZRAN blob's reader (created once: it keeps inflate streams live between reads)."""
+        r = self._zran_reader
+        if r is None:
+            with self._zran_lock:
+                r = self._zran_reader
+                if r is None:
+                    meta = self.zran_meta()
+                    if meta is None:
+                        raise MetaFormatError(f"blob {self.blob.blob_id}: ZRAN blob without its blob.meta")
+                    r = self._zran_reader = ZranReader(meta, self.reader.read)
+        return r
+
+    def _fetch_zran_run(self, run: Sequence[ChunkInfo], optional: "set[int] | frozenset[int]" = frozenset()
+                        ) -> tuple[dict[int, bytes | memoryview], dict[int, StorageError]]:
+        """A ZRAN blob is an original gzip layer: inflate the chunks from their contexts
+        (:class:`~storage.zran.ZranReader`), then check each like an uncompressed chunk (size,
+        digest). A context whose data is wrong loses its live stream."""
+        reader = self.zran_reader()
         good: dict[int, bytes | memoryview] = {}
         bad: dict[int, StorageError] = {}
         by_index = {c.index: c for c in run}
-        for index, data in inflate_zran_chunks(meta, run, self.reader.read).items():
+        for index, data in reader.read_chunks(run, optional).items():
             if isinstance(data, StorageError):
                 bad[index] = data
                 continue
@@ -178,6 +195,7 @@ class BlobCache(ABC):
                 good[index] = process_raw_chunk(self.blob, plain, data, self.config.validate_digest, self.metrics)
             except StorageError as exc:
                 bad[index] = exc
+                reader.drop(reader.meta.chunks[index].context_index)
         return good, bad
 
     def blob_meta(self) -> BlobMeta | None:
@@ -230,7 +248,9 @@ class BlobCache(ABC):
         return None
 
     def close(self) -> None:
-        """Release files."""
+        """Release files (and a ZRAN blob's inflate streams)."""
+        if self._zran_reader is not None:
+            self._zran_reader.close()
 
 
 class BlobCacheManager(ABC):

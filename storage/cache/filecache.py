@@ -114,7 +114,6 @@ class FileBlobCache(BlobCache):
         self._chunk_table: list[ChunkInfo] | None = None
         #: (chunk table, its checkable chunks): whole_blob_chunks without an O(chunks) pass per call
         self._checkable_memo: tuple[list[ChunkInfo], list[ChunkInfo]] | None = None
-        self._zran_groups: dict[int, list[int]] | None = None  # ZRAN context -> its chunk indexes
         self.after_fetch: Callable[[], None] | None = None  #: set by the manager (size limit)
         self.fetch_pool: ThreadPoolExecutor | None = None  #: set by the manager (parallel runs)
         self.meta_path = os.path.join(work_dir, blob.blob_id + META_SUFFIX)
@@ -291,27 +290,35 @@ class FileBlobCache(BlobCache):
             run.append(nxt)
 
     def _zran_runs(self, owned: list[ChunkInfo]) -> list[list[ChunkInfo]]:
-        """ZRAN: a context is inflated whole, so every chunk of the owned chunks' contexts that
-        nobody else is fetching (and whose digest is known when validating) is claimed and cached
-        too; runs are groups of consecutive contexts up to ``merging_size`` compressed bytes."""
+        """ZRAN: a context is inflated from its live stream's position (or its checkpoint, see
+        :class:`~storage.zran.ZranReader`) up to the end of its last owned chunk, so the other
+        chunks on the way that nobody else is fetching (and whose digest is known when
+        validating) are claimed and cached too; chunks after it are left for a later read, which
+        continues the stream. Runs are groups of consecutive contexts up to ``merging_size``
+        compressed bytes."""
         meta = self.blob_meta()
         table = self._chunk_table
         if meta is None or table is None:
             return [[c] for c in owned]
-        if self._zran_groups is None:
-            groups: dict[int, list[int]] = {}
-            for ci in meta.chunks:
-                if ci.is_zran:
-                    groups.setdefault(ci.context_index, []).append(ci.index)
-            self._zran_groups = groups
+        reader = self.zran_reader()
+        groups = reader.groups()
         by_ctx: dict[int, list[ChunkInfo]] = {}
         for c in owned:
             by_ctx.setdefault(meta.chunks[c.index].context_index if c.index < meta.chunk_count else -1, []).append(c)
         taken = {c.index for c in owned}
         for k, chunks in by_ctx.items():
-            for i in self._zran_groups.get(k, ()):
-                if i in taken or i >= len(table):
+            placed = [meta.chunks[c.index] for c in chunks if c.index < meta.chunk_count]
+            if k < 0 or not placed:
+                continue
+            lo = min(ci.context_offset for ci in placed)
+            end = max(ci.context_offset + ci.uncompressed_size for ci in placed)
+            pos = reader.position(k)
+            start = pos if pos is not None and pos <= lo else 0
+            for off, size, i in groups.get(k, ()):
+                if off < start or i in taken or i >= len(table):
                     continue
+                if off + size > end:
+                    break
                 sibling = self._with_digest(table[i])
                 if self._checkable(sibling) and self.chunk_map.try_mark_pending(i) is ChunkState.OWNED:
                     taken.add(i)
@@ -405,7 +412,7 @@ class FileBlobCache(BlobCache):
         """Fetch, process, write, sync and mark one run; returns (bytes fetched, error for ``wanted``)."""
         indices = [c.index for c in run]
         try:
-            good, bad = self.fetch_run(run)
+            good, bad = self.fetch_run(run, {c.index for c in run if c.index not in wanted})
         except StorageError as exc:
             self.chunk_map.clear_pending(indices)
             return 0, exc
@@ -627,6 +634,7 @@ class FileBlobCache(BlobCache):
         return blob_disk_usage(self.work_dir, self.blob.blob_id)
 
     def close(self) -> None:
+        super().close()
         self.chunk_map.close()
         if self._fd >= 0:
             os.close(self._fd)
