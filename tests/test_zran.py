@@ -22,7 +22,8 @@ from storage.meta.blob_meta import BlobMeta, load_blob_meta_file, write_blob_met
 from storage.prefetch import PrefetchConfig
 from storage.meta.chunk_info import BlobChunk, CiFlags
 from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo, Compressor, Digester
-from storage.zran import SkippedChunk, ZranError, ZranReader, ZranStream, inflate_at, plan_contexts, scan_gzip
+from storage.zran import (SkippedChunk, ZranError, ZranReader, ZranStream, inflate_at, plan_contexts, scan_gzip,
+                          trim_window)
 
 ZRAN_DIR = "dragonflyoss-nydus/tests/texture/zran"
 VECTORS = ["zran-single-stream.tar.gz", "zran-two-streams.tar.gz", "bgzip.tar.gz", "zran-zero-file.tar.gz"]
@@ -111,6 +112,56 @@ def test_spacing_limits_checkpoints():
     sparse = list(scan_gzip([gz], spacing=100_000))
     assert len(sparse) < len(dense) / 10
     assert all(b.out_offset - a.out_offset >= 100_000 for a, b in zip(sparse, sparse[1:]))
+
+
+
+def test_trimmed_windows_inflate_like_the_real_ones(gz):
+    """Every checkpoint's trimmed window gives the same output as its real one, to the stream's end."""
+    full = gzip.decompress(gz)
+    points = list(scan_gzip([gz], spacing=0))
+    for p in points:
+        t = trim_window(gz[p.in_offset :], p)
+        assert len(t) == len(p.window)
+        assert all(a in (0, b) for a, b in zip(t, p.window))  # bytes are kept or zeroed, never changed
+        got = inflate_at(gz[p.in_offset :], bits=p.bits, prev_byte=p.prev_byte, window=t,
+                         out_len=len(full) - p.out_offset)
+        assert got == full[p.out_offset :]
+
+
+def _text_gzip() -> bytes:
+    """Text with long-range repeats (word soup), deflate blocks ending mid-byte."""
+    rng = random.Random(11)
+    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 12))) for _ in range(3000)]
+    return _unaligned_gzip(b" ".join(rng.choice(words) for _ in range(60_000)), members=1)
+
+
+def test_trimming_keeps_exactly_the_window_bytes_the_stream_copies():
+    gz = _text_gzip()
+    full = gzip.decompress(gz)
+    points = [p for p in scan_gzip([gz], spacing=20_000) if len(p.window) == 32768]
+    assert len(points) >= 5
+    rng = random.Random(3)
+    kept_total = 0
+    for p in points[:5]:
+        t = trim_window(gz[p.in_offset :], p)
+        kept = [i for i, b in enumerate(t) if b]
+        dropped = [i for i, (a, b) in enumerate(zip(t, p.window)) if b and not a]
+        kept_total += len(kept)
+        assert kept and dropped
+        rest = len(full) - p.out_offset
+
+        def out(window: bytes) -> bytes:
+            return inflate_at(gz[p.in_offset :], bits=p.bits, prev_byte=p.prev_byte, window=window, out_len=rest)
+
+        for i in rng.sample(kept, 10):  # a kept byte changed: the output changes
+            w = bytearray(p.window)
+            w[i] ^= 0x5A
+            assert out(bytes(w)) != full[p.out_offset :], f"window byte {i} was kept but nothing copies it"
+        for i in rng.sample(dropped, 10):  # a dropped byte changed: the output does not
+            w = bytearray(p.window)
+            w[i] ^= 0x5A
+            assert out(bytes(w)) == full[p.out_offset :], f"window byte {i} was zeroed but is copied"
+    assert kept_total < 5 * 32768 / 2  # most of a window is never copied (the point of trimming)
 
 
 def test_bad_input_raises_zran_error(vectors_dir):
