@@ -127,8 +127,8 @@ def _parser() -> argparse.ArgumentParser:
                            "bootstrap layer, config and manifest (gzip layers only)")
     conv.add_argument("--zran-spacing", type=lambda s: int(s, 0), default=2 << 20,
                       help="--oci-ref: uncompressed bytes between gzip checkpoints (default 2 MiB: on the "
-                           "190 MB Debian bench image 2.57 %% extra stored, cold start 1.39-1.48x full nydus; "
-                           "4 MiB: 1.90 %%, 1.45-1.67x; 1 MiB: 3.81 %%, 1.42-1.48x)")
+                           "190 MB Debian bench image 1.49 %% extra stored, cold start 1.35x full nydus; "
+                           "4 MiB: 1.38 %%, 1.46x; 1 MiB: 1.72 %%, 1.25x)")
     conv.add_argument("--push-chunk-size", type=lambda s: int(s, 0), default=0,
                       help="upload blobs in PATCH chunks of this size (0: monolithic)")
     conv.add_argument("--no-progress", action="store_true", help="no progress bars")
