@@ -54,25 +54,30 @@ def _expected(layers: list[bytes], value=lambda data: data) -> dict:
 @pytest.fixture(scope="module")
 def zran_image(tmp_path_factory):
     require_stack()
+    layers = [ci.compress_layer(tar, "gzip").data for tar, _ in ci.sample_layers()]
+    boot, blobs = _build_zran(layers, tmp_path_factory.mktemp("zran"), spacing=256 << 10)
+    return layers, boot, blobs
+
+
+def _build_zran(layers: list[bytes], work: pathlib.Path, *, spacing: int) -> tuple[str, str]:
+    """A targz-ref build of each gzip layer, merged: (bootstrap, dir of the layers as blobs)."""
     from rafs.builder import BuildOptions, build
     from rafs.builder.merge import merge
 
-    work = tmp_path_factory.mktemp("zran")
-    blobs = work / "blobs"
-    image = work / "image"
+    blobs, image = work / "blobs", work / "image"
     blobs.mkdir()
     image.mkdir()
-    layers = [ci.compress_layer(tar, "gzip").data for tar, _ in ci.sample_layers()]
     boots = []
     for i, gz in enumerate(layers):
         src = work / f"layer{i}.tar.gz"
         src.write_bytes(gz)
         res = build(str(src), bootstrap_out=str(work / f"layer{i}.boot"), blob_dir=str(image),
-                    source_type="targz-ref", options=BuildOptions(whiteout_spec="none", zran_spacing=256 << 10))
-        os.replace(src, blobs / res.blob.blob_id)  # the registry/localfs blob is the layer itself
+                    source_type="targz-ref", options=BuildOptions(whiteout_spec="none", zran_spacing=spacing))
+        if res.blob is not None:  # a layer without file data has no blob
+            os.replace(src, blobs / res.blob.blob_id)  # the registry/localfs blob is the layer itself
         boots.append(res.bootstrap)
     merge(boots, str(image / "image.boot"), whiteout_spec="oci")
-    return layers, str(image / "image.boot"), str(blobs)
+    return str(image / "image.boot"), str(blobs)
 
 
 @pytest.mark.parametrize("driver", ["fusedev", "erofs"])
@@ -151,26 +156,11 @@ def debian_zran(tmp_path_factory):
         pytest.skip("the Debian image needs mmdebstrap (./run.sh test installs it)")
     from integration.install_support import REPO
     from integration.test_install_chroot import root_tar
-    from rafs.builder import BuildOptions, build
-    from rafs.builder.merge import merge
 
     layers = _debian_layers(root_tar(REPO / ".cache"))
-    work = tmp_path_factory.mktemp("zran-debian")
-    blobs, image = work / "blobs", work / "image"
-    blobs.mkdir()
-    image.mkdir()
-    boots = []
-    for i, gz in enumerate(layers):
-        src = work / f"layer{i}.tar.gz"
-        src.write_bytes(gz)
-        res = build(str(src), bootstrap_out=str(work / f"layer{i}.boot"), blob_dir=str(image),
-                    source_type="targz-ref", options=BuildOptions(whiteout_spec="none", zran_spacing=2 << 20))
-        if res.blob is not None:
-            os.replace(src, blobs / res.blob.blob_id)
-        boots.append(res.bootstrap)
-    merge(boots, str(image / "image.boot"), whiteout_spec="oci")
+    boot, blobs = _build_zran(layers, tmp_path_factory.mktemp("zran-debian"), spacing=2 << 20)
     expect = _expected(layers, lambda data: hashlib.sha256(data).hexdigest())
-    return layers, str(image / "image.boot"), str(blobs), expect
+    return layers, boot, blobs, expect
 
 
 @pytest.mark.slow
