@@ -22,7 +22,7 @@ from storage.meta.blob_meta import BlobMeta, load_blob_meta_file, write_blob_met
 from storage.prefetch import PrefetchConfig
 from storage.meta.chunk_info import BlobChunk, CiFlags
 from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo, Compressor, Digester
-from storage.zran import (SkippedChunk, ZranError, ZranReader, ZranStream, inflate_at, plan_contexts, scan_gzip,
+from storage.zran import (Checkpoint, SkippedChunk, ZranError, ZranReader, ZranStream, inflate_at, plan_contexts, scan_gzip,
                           trim_window)
 
 ZRAN_DIR = "dragonflyoss-nydus/tests/texture/zran"
@@ -162,6 +162,23 @@ def test_trimming_keeps_exactly_the_window_bytes_the_stream_copies():
             w[i] ^= 0x5A
             assert out(bytes(w)) == full[p.out_offset :], f"window byte {i} was zeroed but is copied"
     assert kept_total < 5 * 32768 / 2  # most of a window is never copied (the point of trimming)
+
+
+
+def test_trimming_follows_copies_of_copies_past_32_kib():
+    """Window bytes reach output far beyond 32 KiB only through copies of earlier output: those
+    are kept (found in the first 32 KiB), bytes last in reach only after 32 KiB are not."""
+    rng = random.Random(5)
+    window = bytes(rng.randrange(128) for _ in range(32768))
+    noise = bytes(rng.randrange(128, 256) for _ in range(32_000))  # matches nothing in the window
+    data = b"\xff\xfe\xfd" + window[1000:1300] + noise + window[1000:1300] + window[20000:20100]
+    c = zlib.compressobj(9, zlib.DEFLATED, -15, zdict=window)
+    comp = c.compress(data) + c.flush()
+    p = Checkpoint(in_offset=0, out_offset=0, bits=0, prev_byte=0, window=window)
+    t = trim_window(comp, p)
+    kept = {i for i, b in enumerate(t) if b}
+    assert kept == {i for i in range(1000, 1300) if window[i]}  # window[20000:] is out of reach by then
+    assert inflate_at(comp, bits=0, prev_byte=0, window=t, out_len=len(data)) == data
 
 
 def test_bad_input_raises_zran_error(vectors_dir):
