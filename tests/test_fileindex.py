@@ -106,8 +106,4 @@ def test_erofs_chunk_tables_from_the_walk_match_the_v6_chunk_table(rafs):
     walk_tables, walk_next = _materialize(blob_chunk_tables(_NoChunkTable(rafs)))
     assert walk_tables == fast_tables
     assert walk_next == fast_next and fast_next
-    assert fast_tables == index_tables(rafs)
-
-
-def index_tables(rafs):
-    return FileChunkIndex(rafs).chunks_by_blob
+    assert fast_tables == FileChunkIndex(rafs).chunks_by_blob

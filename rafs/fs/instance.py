@@ -551,8 +551,9 @@ def _chunk_table_by_blob(rafs: Any) -> dict[int, BlobChunks] | None:
         full = [s == chunk_size for s in sizes]
         follows = list(map(eq, index[1:], [i + 1 for i in index]))
         nxt = [k + 1 if f and g else -1 for k, (f, g) in enumerate(zip(full, follows))]
-        nxt.append(-1)
-        tables[blob_index] = BlobChunks(starts, sizes, index, nxt[: len(ps)], [None] * len(ps), ps, cols.entry)
+        if ps:
+            nxt.append(-1)  # the last chunk ends its file
+        tables[blob_index] = BlobChunks(starts, sizes, index, nxt, [None] * len(ps), ps, cols.entry)
     return tables
 
 
