@@ -6,6 +6,7 @@ project's builder."""
 from __future__ import annotations
 
 import bisect
+import pathlib
 import random
 import shutil
 
@@ -24,6 +25,7 @@ from storage.records import BlobIoDesc
 from storage.structs import StructTooShort
 from tests.builder_helpers import CHUNK, make_tree
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIELDS = ("blob_index", "index", "flags", "compressed_size", "uncompressed_size",
           "compressed_offset", "uncompressed_offset", "file_offset", "crc32")
 
@@ -39,7 +41,8 @@ def _layer(root, seed: int, n: int) -> None:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """{name: bootstrap}: one layer with every file type, and two merged layers (two blobs)."""
+    """{name: bootstrap}: one layer with every file type, two merged layers (two blobs), and
+    this repository's source in 4 KiB chunks (many files of several chunks)."""
     d = tmp_path_factory.mktemp("cols")
     (d / "blobs").mkdir()
     out = {}
@@ -55,6 +58,11 @@ def images(tmp_path_factory):
               options=BuildOptions(chunk_size=CHUNK))
     out["merged"] = str(d / "merged.boot")
     merge(layers, out["merged"])
+    out["source"] = str(d / "source.boot")  # a real tree: this repository's own packages
+    shutil.copytree(ROOT / "rafs", d / "source" / "rafs", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "storage", d / "source" / "storage", ignore=shutil.ignore_patterns("__pycache__"))
+    build(str(d / "source"), bootstrap_out=out["source"], blob_dir=str(d / "blobs"),
+          options=BuildOptions(chunk_size=0x1000))
     return out
 
 
@@ -110,13 +118,14 @@ def _eager_range(files, chunks, blob_index, offset, size):
     return out
 
 
-@pytest.mark.parametrize("name", ["tree", "merged"])
+@pytest.mark.parametrize("name", ["tree", "merged", "source"])
 def test_lazy_chunks_equal_the_eager_ones_on_a_built_image(images, name):
     with Rafs.open(images[name]) as rafs:
         chunks, nxt = _eager(rafs)
         files = BlobFiles(rafs)
         assert all(c is None for t in files.tables.values() for c in t.infos)  # nothing made yet
         assert len(files.tables) == (2 if name == "merged" else 1)
+        assert sum(map(len, chunks.values())) > (200 if name == "source" else 50)
         got_chunks, got_next = _materialize(files.tables)
         assert got_chunks == chunks
         assert got_next == nxt and nxt  # files of several chunks continue
@@ -128,7 +137,7 @@ def test_lazy_chunks_equal_the_eager_ones_on_a_built_image(images, name):
         assert not files.same_file(0, 1 << 23, 0) and not files.same_file(7, 0, 1)
 
 
-@pytest.mark.parametrize("name", ["tree", "merged"])
+@pytest.mark.parametrize("name", ["tree", "merged", "source"])
 def test_blob_range_and_file_ahead_equal_the_eager_ones(images, name):
     rnd = random.Random(5)
     with Rafs.open(images[name]) as rafs:
