@@ -60,6 +60,22 @@ class InodeAttr:
     blocks: int  #: 512-byte blocks
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkColumns:
+    """The v6 chunk table as one list per field, in table order: what the erofs blob files need
+    of every chunk, without a :class:`ChunkInfo` per chunk. ``entry(pos)`` is the ChunkInfo of
+    table entry ``pos``, equal to the one :meth:`Rafs.chunk_table` yields."""
+
+    blob_index: list[int]
+    index: list[int]
+    uncompressed_offset: list[int]
+    uncompressed_size: list[int]
+    entry: Callable[[int], ChunkInfo]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
 class BootstrapImage:
     """A read-only mmap of a bootstrap with bounds-checked access."""
 
@@ -108,6 +124,14 @@ class BootstrapImage:
                 f"{what}: {count} x {cls.SIZE} bytes at offset {offset} outside the bootstrap ({self.size} bytes)"
             )
         return cls.parse_array(self.buffer(), offset, count)
+
+    def parse_columns(self, cls: type[Struct], offset: int, count: int, what: str, *names: str) -> list[list[int]]:
+        """The fields ``names`` of a table of ``count`` structs, one list per field (:meth:`Struct.parse_columns`)."""
+        if count < 0 or offset < 0 or offset + count * cls.SIZE > self.size:
+            raise FormatError(
+                f"{what}: {count} x {cls.SIZE} bytes at offset {offset} outside the bootstrap ({self.size} bytes)"
+            )
+        return cls.parse_columns(self.buffer(), offset, count, *names)
 
     def close(self) -> None:
         if self.mm is not None:
@@ -310,6 +334,11 @@ class Rafs(abc.ABC):
     @abc.abstractmethod
     def chunk_table(self) -> Iterator[ChunkInfo]:
         """Every chunk the bootstrap records (v6 chunk table; v5: per-inode chunk infos, deduplicated)."""
+
+    def chunk_columns(self) -> "ChunkColumns | None":
+        """The v6 chunk table as columns, every entry checked as :meth:`chunk_table` checks it
+        (the same :class:`FormatError` for the first bad entry); None without a chunk table (v5)."""
+        return None
 
 
 class Inode(abc.ABC):

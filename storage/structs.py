@@ -32,9 +32,14 @@ This module is the only place in the project that calls :mod:`struct` directly.
 from __future__ import annotations
 
 import struct
+import sys
 from typing import Any, ClassVar
 
 _CODES = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q", "i8": "b", "i16": "h", "i32": "i", "i64": "q"}
+
+
+#: columns come from strided memoryview casts (native order) where that order is little-endian
+_COLUMNS_BY_CAST = sys.byteorder == "little"
 
 
 class StructTooShort(ValueError):
@@ -52,13 +57,16 @@ class Struct(metaclass=_StructMeta):
     _codec: ClassVar[struct.Struct]
     _names: ClassVar[tuple[str, ...]]
     _defaults: ClassVar[tuple[Any, ...]]
+    _columns: ClassVar[dict[str, tuple[int, str]]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         fmt = "<"
         defaults = []
+        columns = {}  # numeric field -> (byte offset in the struct, struct code)
         for name, ftype in cls.FIELDS:
             if ftype in _CODES:
+                columns[name] = (struct.calcsize(fmt), _CODES[ftype])
                 fmt += _CODES[ftype]
                 defaults.append(0)
             elif ftype.endswith("s") and ftype[:-1].isdigit():
@@ -70,6 +78,7 @@ class Struct(metaclass=_StructMeta):
         cls.SIZE = cls._codec.size
         cls._names = tuple(name for name, _ in cls.FIELDS)
         cls._defaults = tuple(defaults)
+        cls._columns = columns
 
     __slots__ = ("__dict__",)
 
@@ -104,6 +113,32 @@ class Struct(metaclass=_StructMeta):
             obj = cls.__new__(cls)
             obj.__dict__.update(zip(names, values))
             out.append(obj)
+        return out
+
+    @classmethod
+    def parse_columns(cls, buf: bytes | bytearray | memoryview, offset: int, count: int,
+                      *names: str) -> list[list[int]]:
+        """The numeric fields ``names`` of ``count`` consecutive structs starting at ``offset``,
+        one list per field in table order: a large table read without an object per row (a
+        strided view of each field where the machine is little-endian, else one unpack per row)."""
+        if count < 0 or offset < 0 or offset + count * cls.SIZE > len(buf):
+            raise StructTooShort(
+                f"{cls.__name__}[{count}]: need {count * cls.SIZE} bytes at offset {offset}, "
+                f"buffer has {len(buf)}"
+            )
+        data = bytes(buf[offset : offset + count * cls.SIZE])
+        out = []
+        for name in names:
+            try:
+                at, code = cls._columns[name]
+            except KeyError:
+                raise TypeError(f"{cls.__name__}: {name!r} is not a numeric field") from None
+            width = struct.calcsize(code)
+            if _COLUMNS_BY_CAST and at % width == 0 and cls.SIZE % width == 0:
+                out.append(memoryview(data).cast(code)[at // width :: cls.SIZE // width].tolist())
+            else:
+                one = struct.Struct(f"<{at}x{code}{cls.SIZE - at - width}x")
+                out.append([v for (v,) in one.iter_unpack(data)])
         return out
 
     @classmethod

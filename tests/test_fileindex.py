@@ -94,8 +94,16 @@ class _NoChunkTable:
         return getattr(self._rafs, name)
 
 
+def _materialize(tables):
+    chunks = {b: [t.chunk(k) for k in range(len(t))] for b, t in tables.items()}
+    nxt = {(b, t.chunk(k).index): t.next_chunk(k) for b, t in tables.items() for k in range(len(t))
+           if t.next_chunk(k) is not None}
+    return chunks, nxt
+
+
 def test_erofs_chunk_tables_from_the_walk_match_the_v6_chunk_table(rafs):
-    fast_tables, fast_next = blob_chunk_tables(rafs)
-    walk_tables, walk_next = blob_chunk_tables(_NoChunkTable(rafs))
+    fast_tables, fast_next = _materialize(blob_chunk_tables(rafs))
+    walk_tables, walk_next = _materialize(blob_chunk_tables(_NoChunkTable(rafs)))
     assert walk_tables == fast_tables
-    assert walk_next == fast_next
+    assert walk_next == fast_next and fast_next
+    assert fast_tables == FileChunkIndex(rafs).chunks_by_blob

@@ -14,6 +14,8 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import reduce
+from operator import add, eq, gt, le, or_
 from typing import Any, Iterator
 
 from rafs.errors import NotADirectory, NotFound, UnsupportedError
@@ -326,19 +328,16 @@ class BlobFiles:
         self.rafs = rafs
         self.version = rafs.version
         self.blobs: list[BlobInfo] = list(rafs.blobs)
-        #: per blob: its chunks by uncompressed offset; the next chunk of the same image file
-        self.chunks_by_blob, self._next_in_file = blob_chunk_tables(rafs)
-        self._starts = {b: [c.uncompressed_offset for c in cs] for b, cs in self.chunks_by_blob.items()}
-        #: per blob: end of its last chunk's data (asked on every read: not a pass over the chunks)
-        self._data_end = {b: max((c.uncompressed_offset + c.uncompressed_size for c in cs), default=0)
-                          for b, cs in self.chunks_by_blob.items()}
+        #: per blob: its chunks by uncompressed offset and the chunk → file boundary map
+        self.tables = blob_chunk_tables(rafs)
         self.root = _BlobNode(self, 1, None)
         self.files = [_BlobNode(self, i + 2, b) for i, b in enumerate(self.blobs)]
         self.inode_count = 1 + len(self.files)
 
     def data_end(self, blob_index: int) -> int:
         """End of the last chunk's uncompressed data (the bytes a complete cache file holds)."""
-        return self._data_end.get(blob_index, 0)
+        table = self.tables.get(blob_index)
+        return 0 if table is None else table.data_end
 
     def data_size(self, blob_index: int) -> int:
         """Size of the blob file: the data rounded up to whole 4 KiB EROFS blocks."""
@@ -364,25 +363,27 @@ class BlobFiles:
     def blob_range(self, blob_index: int, offset: int, size: int) -> BlobIoVec:
         """The iovec of ``size`` bytes at ``offset`` of the blob's uncompressed data; gaps are holes."""
         blob = self.blobs[blob_index]
-        chunks = self.chunks_by_blob.get(blob_index, [])
-        starts = self._starts.get(blob_index, [])
+        table = self.tables.get(blob_index, _EMPTY_TABLE)
+        starts, sizes, infos = table.starts, table.sizes, table.infos
+        count = len(starts)
         end = min(offset + size, self.data_size(blob_index))
         out = BlobIoVec()
         pos = offset
         i = max(bisect.bisect_right(starts, pos) - 1, 0)
         while pos < end:
-            chunk = chunks[i] if i < len(chunks) else None
-            if chunk is None or pos < chunk.uncompressed_offset:
-                gap_end = end if chunk is None else min(end, chunk.uncompressed_offset)
+            start = starts[i] if i < count else end
+            if pos < start:
+                gap_end = min(end, start)
                 out.append(BlobIoDesc(None, None, 0, gap_end - pos))
                 pos = gap_end
                 continue
-            chunk_end = chunk.uncompressed_offset + chunk.uncompressed_size
+            chunk_end = start + sizes[i]
             if pos >= chunk_end:
                 i += 1
                 continue
             n = min(end, chunk_end) - pos
-            out.append(BlobIoDesc(blob, chunk, pos - chunk.uncompressed_offset, n))
+            chunk = infos[i] or table.chunk(i)
+            out.append(BlobIoDesc(blob, chunk, pos - start, n))
             pos += n
             i += 1
         return out
@@ -391,89 +392,172 @@ class BlobFiles:
         """The chunks (up to ``window`` bytes) that follow, in the same image file, the chunk
         holding the last byte of ``[offset, offset+size)`` of the blob file: the chunk → file
         boundary map read amplification of kernel EROFS reads is bounded by."""
-        starts = self._starts.get(blob_index, [])
-        i = bisect.bisect_right(starts, max(offset + size - 1, 0)) - 1
+        table = self.tables.get(blob_index, _EMPTY_TABLE)
+        i = bisect.bisect_right(table.starts, max(offset + size - 1, 0)) - 1
         out = BlobIoVec()
         if i < 0:
             return out
         blob = self.blobs[blob_index]
-        nxt = self._next_in_file.get((blob_index, self.chunks_by_blob[blob_index][i].index))
+        nxt, sizes = table.nxt, table.sizes
+        j = nxt[i]
         total = 0
-        while nxt is not None and total < window:
-            out.append(BlobIoDesc(blob, nxt, 0, nxt.uncompressed_size))
-            total += nxt.uncompressed_size
-            nxt = self._next_in_file.get((blob_index, nxt.index))
+        while j >= 0 and total < window:
+            out.append(BlobIoDesc(blob, table.infos[j] or table.chunk(j), 0, sizes[j]))
+            total += sizes[j]
+            j = nxt[j]
         return out
 
     def same_file(self, blob_index: int, first: int, then: int) -> bool:
         """True when chunk ``then`` of the blob continues the image file of chunk ``first`` (the
         file map ``storage.device.BlobDevice.set_file_map`` bounds read-ahead with)."""
-        nxt = self._next_in_file.get((blob_index, first))
-        return nxt is not None and nxt.index == then
+        table = self.tables.get(blob_index)
+        if table is None:
+            return False
+        k = table.rank.get(first)
+        if k is None:
+            return False
+        j = table.nxt[k]
+        return j >= 0 and table.index[j] == then
 
     def close(self) -> None:
         self.rafs.close()
 
 
-def blob_chunk_tables(rafs: Any) -> tuple[dict[int, list[ChunkInfo]], dict[tuple[int, int], ChunkInfo]]:
-    """Every blob's chunks sorted by uncompressed offset, checked for EROFS-compatible layout,
-    and the chunk → file boundary map: ``(blob index, chunk index)`` → the next chunk of the
-    same file in the same blob (absent for a file's last chunk).
+class BlobChunks:
+    """One blob's chunks sorted by uncompressed offset, as columns: ``starts`` (uncompressed
+    offsets), ``sizes``, ``index`` (ci index), ``nxt`` (the position of the next chunk of the same
+    image file, -1 after a file's last chunk) and ``rank`` (ci index → position). The
+    :class:`ChunkInfo` of position ``k`` is made on first use (:meth:`chunk`) from the chunk
+    table entry ``pos[k]``; ``infos`` holds those made so far."""
 
-    From the v6 chunk table when it lists every chunk of every blob (no walk of the inode tree:
-    this runs on the critical path of every erofs mount); a file's chunks are then the
-    consecutive ones up to the first shorter than the image's chunk size (fixed-size chunking:
-    only a file's last chunk is short). Otherwise from a walk of every file (exact).
+    __slots__ = ("starts", "sizes", "index", "nxt", "rank", "infos", "data_end", "_pos", "_entry")
+
+    def __init__(self, starts: list[int], sizes: list[int], index: list[int], nxt: list[int],
+                 infos: list[ChunkInfo | None], pos: list[int] | None = None,
+                 entry: Any = None) -> None:
+        self.starts = starts
+        self.sizes = sizes
+        self.index = index
+        self.nxt = nxt
+        self.infos = infos
+        self.rank = dict(zip(index, range(len(index))))
+        #: end of the last chunk's data (asked on every read: not a pass over the chunks; the
+        #: chunks are checked not to overlap before anything reads it)
+        self.data_end = starts[-1] + sizes[-1] if starts else 0
+        self._pos = pos
+        self._entry = entry
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def chunk(self, k: int) -> ChunkInfo:
+        """The ChunkInfo at position ``k`` (made once; two threads making it at once make equal ones)."""
+        c = self.infos[k]
+        if c is None:
+            c = self.infos[k] = self._entry(self._pos[k])
+        return c
+
+    def next_chunk(self, k: int) -> ChunkInfo | None:
+        """The chunk after position ``k`` in the same image file, None after a file's last."""
+        j = self.nxt[k]
+        return None if j < 0 else self.chunk(j)
+
+
+_EMPTY_TABLE = BlobChunks([], [], [], [], [])
+
+
+def blob_chunk_tables(rafs: Any) -> dict[int, BlobChunks]:
+    """Every blob's chunks sorted by uncompressed offset (:class:`BlobChunks`), checked for
+    EROFS-compatible layout, with the chunk → file boundary map (the next chunk of the same file
+    in the same blob; none for a file's last chunk).
+
+    From the v6 chunk table read as columns when it lists every chunk of every blob (no walk of
+    the inode tree and no :class:`ChunkInfo` per chunk: this runs on the critical path of every
+    erofs mount); a file's chunks are then the consecutive ones up to the first shorter than the
+    image's chunk size (fixed-size chunking: only a file's last chunk is short). Otherwise from a
+    walk of every file (exact).
     Raises :class:`UnsupportedError` when the image is not v6 or a chunk is not 4 KiB aligned.
     """
     if rafs.version != 6:
         raise UnsupportedError(f"kernel EROFS needs a RAFS v6 image, this bootstrap is v{rafs.version}")
     tables = _chunk_table_by_blob(rafs)
-    next_in_file: dict[tuple[int, int], ChunkInfo] = {}
-    if tables is not None:
-        for blob_index, cs in tables.items():
-            for c in cs:
-                if c.uncompressed_offset % EROFS_BLOCK_SIZE:
-                    raise UnsupportedError(
-                        f"kernel EROFS needs 4 KiB aligned chunks: chunk {c.index} of blob "
-                        f"{rafs.blobs[blob_index].blob_id} is at uncompressed offset {c.uncompressed_offset:#x}")
-            for a, b in zip(cs, cs[1:]):
-                if a.uncompressed_size == rafs.chunk_size and b.index == a.index + 1:
-                    next_in_file[(blob_index, a.index)] = b
+    if tables is None:
+        tables = _walk_chunk_tables(rafs)
     else:
-        tables, next_in_file = _walk_chunk_tables(rafs)
-    for cs in tables.values():
-        for a, b in zip(cs, cs[1:]):
-            if a.uncompressed_offset + a.uncompressed_size > b.uncompressed_offset:
+        for blob_index, t in tables.items():
+            if reduce(or_, t.starts, 0) % EROFS_BLOCK_SIZE:
+                k = next(k for k, s in enumerate(t.starts) if s % EROFS_BLOCK_SIZE)
                 raise UnsupportedError(
-                    f"chunks {a.index} and {b.index} overlap in the uncompressed blob"
-                )
-    return tables, next_in_file
+                    f"kernel EROFS needs 4 KiB aligned chunks: chunk {t.index[k]} of blob "
+                    f"{rafs.blobs[blob_index].blob_id} is at uncompressed offset {t.starts[k]:#x}")
+    for t in tables.values():
+        ends = list(map(add, t.starts, t.sizes))
+        if any(map(gt, ends, t.starts[1:])):
+            k = next(k for k, (e, s) in enumerate(zip(ends, t.starts[1:])) if e > s)
+            raise UnsupportedError(
+                f"chunks {t.index[k]} and {t.index[k + 1]} overlap in the uncompressed blob"
+            )
+    return tables
 
 
-def _chunk_table_by_blob(rafs: Any) -> dict[int, list[ChunkInfo]] | None:
+def _chunk_table_by_blob(rafs: Any) -> dict[int, BlobChunks] | None:
     """The v6 chunk table per blob, when it holds exactly chunks ``0..chunk_count-1`` of every
     blob; else None (then only a walk of the files finds every chunk)."""
     if not getattr(rafs, "chunk_table_count", 0):
         return None
-    seen: dict[tuple[int, int], ChunkInfo] = {}
-    for c in rafs.chunk_table():
-        seen.setdefault((c.blob_index, c.index), c)
-    tables: dict[int, list[ChunkInfo]] = {}
-    for (blob_index, _), c in seen.items():
-        tables.setdefault(blob_index, []).append(c)
+    cols = rafs.chunk_columns()
+    if cols is None:
+        return None
+    bidx, idx, uoff, usize = cols.blob_index, cols.index, cols.uncompressed_offset, cols.uncompressed_size
+    count = len(idx)
+    # table positions per blob (blobs in order of first appearance), a (blob, ci index) repeated
+    # in the table counting once: its first entry
+    keys = [(b << 24) | i for b, i in zip(bidx, idx)]
+    first: Any = range(count)
+    if len(set(keys)) != count:
+        seen: dict[int, int] = {}
+        for p, key in enumerate(keys):
+            seen.setdefault(key, p)
+        first = sorted(seen.values())
+    by_blob: dict[int, list[int]] = {}
+    if count and min(bidx) == max(bidx):
+        by_blob[bidx[0]] = list(first)
+    else:
+        for p in first:
+            by_blob.setdefault(bidx[p], []).append(p)
     for blob in rafs.blobs:
-        cs = tables.get(blob.blob_index, [])
-        if blob.chunk_count and len(cs) != blob.chunk_count:
+        ps = by_blob.get(blob.blob_index, [])
+        if blob.chunk_count and len(ps) != blob.chunk_count:
             return None
-        if cs and (min(c.index for c in cs) != 0 or max(c.index for c in cs) != len(cs) - 1):
-            return None
-    for cs in tables.values():
-        cs.sort(key=lambda c: c.uncompressed_offset)
+        if ps:
+            ci = [idx[p] for p in ps]
+            if min(ci) != 0 or max(ci) != len(ps) - 1:
+                return None
+    chunk_size = rafs.chunk_size
+    tables: dict[int, BlobChunks] = {}
+    for blob_index, ps in by_blob.items():
+        if len(ps) == count:  # one blob, no repeated entry: the columns are its chunks
+            starts, sizes, index = uoff, usize, idx
+        else:
+            starts = [uoff[p] for p in ps]
+            sizes = [usize[p] for p in ps]
+            index = [idx[p] for p in ps]
+        if not all(map(le, starts, starts[1:])):  # builders write them in offset order
+            ps.sort(key=uoff.__getitem__)  # stable: table order among equal offsets
+            starts = [uoff[p] for p in ps]
+            sizes = [usize[p] for p in ps]
+            index = [idx[p] for p in ps]
+        # the next position continues the file: this chunk is full and the next is the next ci
+        full = [s == chunk_size for s in sizes]
+        follows = list(map(eq, index[1:], [i + 1 for i in index]))
+        nxt = [k + 1 if f and g else -1 for k, (f, g) in enumerate(zip(full, follows))]
+        if ps:
+            nxt.append(-1)  # the last chunk ends its file
+        tables[blob_index] = BlobChunks(starts, sizes, index, nxt, [None] * len(ps), ps, cols.entry)
     return tables
 
 
-def _walk_chunk_tables(rafs: Any) -> tuple[dict[int, list[ChunkInfo]], dict[tuple[int, int], ChunkInfo]]:
+def _walk_chunk_tables(rafs: Any) -> dict[int, BlobChunks]:
     """The chunk tables and chunk → file boundary map from a walk of every file (exact)."""
     index = FileChunkIndex(rafs)
     for c in index.chunks.values():  # walk order: the first unaligned chunk a file reaches
@@ -485,4 +569,15 @@ def _walk_chunk_tables(rafs: Any) -> tuple[dict[int, list[ChunkInfo]], dict[tupl
                 f"{rafs.blobs[c.blob_index].blob_id} is at uncompressed offset "
                 f"{c.uncompressed_offset:#x}"
             )
-    return index.chunks_by_blob, index.next_map
+    next_map = index.next_map
+    tables: dict[int, BlobChunks] = {}
+    for blob_index, cs in index.chunks_by_blob.items():
+        rank = {c.index: k for k, c in enumerate(cs)}
+        nxt = []
+        for c in cs:
+            n = next_map.get((blob_index, c.index))
+            nxt.append(-1 if n is None else rank[n.index])
+        tables[blob_index] = BlobChunks([c.uncompressed_offset for c in cs],
+                                        [c.uncompressed_size for c in cs],
+                                        [c.index for c in cs], nxt, list(cs))
+    return tables
