@@ -9,6 +9,9 @@ Endpoints (upstream paths; docs/mounts.md has the answers in full):
 * ``GET /api/v1/daemon/backend?mountpoint=/<id>`` — upstream's answer: the instance's RAFS
   super block metadata (``RafsSuperMeta``)
 * ``GET /api/v1/daemon/events`` — upstream's ``ErrorHolder``: failed backend reads
+* ``PUT /api/v1/config[?id=/<id>]`` body ``{"registry_auth": <base64 user:password>, "proxy_url": ...}``
+  — upstream's runtime config of the instances' backends (credential rotation without a
+  remount); ``GET`` the same path: the keys set, ``registry_auth`` as a ``sha256:`` fingerprint
 * ``POST /api/v1/mount?mountpoint=/<id>`` body ``{"fs_type":"rafs","source":<bootstrap>,"config":<json>}``
 * ``PUT /api/v1/mount?mountpoint=/<id>`` same body — upstream's remount: the instance is served
   from the new bootstrap and config in place (fusedev instances; erofs ones: 501)
@@ -419,6 +422,12 @@ async def _dispatch(daemon: Any, method: str, target: str, body: bytes,
         from storage.metrics import EVENTS
 
         return 200, EVENTS.export()
+    if path == "/api/v1/config" and method == "GET":
+        return 200, daemon.runtime_config(query.get("id"))
+    if path == "/api/v1/config" and method == "PUT":
+        daemon.update_config(query.get("id"), _json_body(body))
+        await daemon.resend_handover()  # a successor starts with the new values
+        return 204, None
     if path == "/api/v1/daemon/backend" and method == "GET":
         return 200, await trio.to_thread.run_sync(backend_info, daemon, query.get("mountpoint"))
     if path == "/api/v1/mount":
@@ -586,6 +595,16 @@ class DaemonClient:
         everything; None: upstream's exit (leaves it when the daemon has a supervisor)."""
         query = {True: "?handover=1", False: "?handover=0", None: ""}[handover]
         self.request("PUT", "/api/v1/daemon/exit" + query)
+
+    def update_config(self, mountpoint: str | None, values: dict[str, str]) -> None:
+        """Upstream's ``PUT /api/v1/config?id=``: e.g. ``{"registry_auth": <base64 user:password>}``
+        for the instance at ``mountpoint`` (None: every instance)."""
+        q = "?" + urllib.parse.urlencode({"id": mountpoint}) if mountpoint else ""
+        self.request("PUT", f"/api/v1/config{q}", values)
+
+    def get_config(self, mountpoint: str | None = None) -> dict[str, str]:
+        q = "?" + urllib.parse.urlencode({"id": mountpoint}) if mountpoint else ""
+        return self.request("GET", f"/api/v1/config{q}")
 
     def takeover(self) -> None:
         """Upstream's ``PUT /api/v1/daemon/fuse/takeover``: an ``--upgrade`` daemon in INIT

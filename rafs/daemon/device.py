@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from rafs.daemon.config import DaemonConfig
 from rafs.errors import ConfigError
+from storage.backend.base import BlobBackend
 from storage.cache.base import BlobCacheManager
 from storage.device import BlobDevice, BlobReadDevice, FileMap
 from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkInfo
@@ -50,9 +51,14 @@ class OwnedDevice(BlobReadDevice):
     def set_file_map(self, same_file: "FileMap | None") -> None:
         self._device.set_file_map(same_file)
 
+    @property
+    def backend(self) -> "BlobBackend | None":
+        """The backend the device reads through (credential and proxy hot reload)."""
+        return getattr(self._factory, "backend", None)
+
     def warm(self) -> None:
         """Open the backend's connection and auth ahead of the first read (``BlobBackend.warm``)."""
-        backend = getattr(self._factory, "backend", None)
+        backend = self.backend
         if backend is not None:
             backend.warm()
 

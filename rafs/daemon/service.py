@@ -13,10 +13,12 @@ fs drivers:
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import os
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -148,6 +150,9 @@ class Nydusd:
         self._retiring: set[Instance] = set()
         self._retiring_lock = threading.Lock()
         self._saved_readahead: tuple[str, str] | None = None  #: (sysfs path, value) while tracing
+        #: upstream's runtime config (PUT /api/v1/config) per instance name: applied to the
+        #: instance's backend, kept over a remount and handed to a successor; dropped at umount
+        self._runtime_config: dict[str, dict[str, str]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -201,7 +206,7 @@ class Nydusd:
                         await self.mount_instance("/", bootstrap, config or {})
                     self.state = DaemonState.RUNNING
                     self._running.set()
-                    await self._resend_handover()
+                    await self.resend_handover()
                     log.info("nydusd %s RUNNING (%s, %s) at %s; FUSE no_open %s", self.daemon_id,
                              self.fs_driver, "shared" if self.shared else "dedicated", self.mountpoint,
                              "on" if self.fs.no_open else f"off ({no_open_unsupported_reason(self.fuse_impl == 'll') or 'disabled'})")
@@ -388,7 +393,8 @@ class Nydusd:
             key = ("root" if name == "/" else name) if rec.fs_driver == "erofs" else (name if name != "/" else "")
             inst = self.fs.instances()[key]
             instances.append({"name": name, "bootstrap": rec.bootstrap, "config": inst.config,
-                              "slot": self.fs.slot_of(key), "blob_files": list(rec.blob_files)})
+                              "slot": self.fs.slot_of(key), "blob_files": list(rec.blob_files),
+                              "runtime_config": self._runtime_config.get(name, {})})
         return {"version": 1, "daemon_id": self.daemon_id, "fs_driver": self.fs_driver,
                 "shared": self.shared, "mountpoint": self.mountpoint,
                 "session": self._ll.handover_state(),
@@ -403,7 +409,7 @@ class Nydusd:
         state = self.handover_state()
         await trio.to_thread.run_sync(send_handover, self.supervisor, state, self._ll.fds)
 
-    async def _resend_handover(self) -> None:
+    async def resend_handover(self) -> None:
         """Keep the supervisor's copy of the state current (instances come and go)."""
         if self.supervisor and self._ll is not None and self.state == DaemonState.RUNNING:
             try:
@@ -447,6 +453,9 @@ class Nydusd:
             mountpoint = "/" if i["name"] == "/" else "/" + i["name"]
             await self.mount_instance(mountpoint, i["bootstrap"], i.get("config") or {},
                                       adopt_slot=i["slot"], adopt_devices=tuple(i.get("blob_files") or ()))
+            runtime = i.get("runtime_config")
+            if runtime:
+                self.update_config(mountpoint, runtime)
 
     def _instance_name(self, mountpoint: str) -> str:
         if not self.shared:
@@ -499,7 +508,7 @@ class Nydusd:
                 raise
             self.records[name] = record
             log.info("mounted %s (%s) at %s", bootstrap, record.fs_driver, record.mountpoint)
-            await self._resend_handover()
+            await self.resend_handover()
             return record
 
     async def _open_source(self, bootstrap: str, config: dict | str) -> tuple[DaemonConfig, Any]:
@@ -548,6 +557,11 @@ class Nydusd:
             if cfg.access_pattern or cfg.latest_read_files or cfg.iostats_files:
                 inst.access = FileAccess(pattern=cfg.access_pattern, latest=cfg.latest_read_files,
                                          files=cfg.iostats_files)
+            try:
+                _apply_runtime_config(inst, self._runtime_config.get(name, {}))
+            except BaseException:
+                inst.close()
+                raise
             old = self.fs.replace_instance(key, inst)
             self.records[name] = record = MountRecord(name, bootstrap, "fusedev", record.mountpoint)
             if self.shared:
@@ -557,7 +571,7 @@ class Nydusd:
                 self._retiring.add(old)
             threading.Thread(target=self._retire, args=(old,), name=f"retire-{key}", daemon=True).start()
             log.info("remounted %s from %s", record.mountpoint, bootstrap)
-            await self._resend_handover()
+            await self.resend_handover()
             return record
 
     def _retire(self, old: Instance) -> None:
@@ -685,12 +699,13 @@ class Nydusd:
             if self.shared:
                 await self._invalidate_root_entry(name)
         del self.records[name]
+        self._runtime_config.pop(name, None)
         await trio.to_thread.run_sync(_save_trace, inst)
         if inst.recorder is not None:
             self._restore_readahead()
         await trio.to_thread.run_sync(inst.close)
         log.info("unmounted %s", record.mountpoint)
-        await self._resend_handover()
+        await self.resend_handover()
 
     async def _invalidate_root_entry(self, name: str, *, wait: bool = False) -> None:
         """Drop the kernel's entry of ``/<name>`` in the FUSE mount; ``wait``: done on return."""
@@ -772,6 +787,47 @@ class Nydusd:
         if inst.recorder is None:
             raise NotFound(f"instance {mountpoint} does not record a trace (fs_prefetch.record_trace)")
         return inst.recorder.text()
+
+    def update_config(self, mountpoint: str | None, values: Any) -> None:
+        """``PUT /api/v1/config[?id=/<name>]``, upstream's runtime config of an instance's backend:
+        ``registry_auth`` (docker's base64 ``user:password``; ``""`` anonymous) takes effect from
+        the next backend request on, cached registry tokens dropped; ``proxy_url`` (``""``:
+        none) routes the origin's requests through an HTTP(S) proxy. Without ``mountpoint``
+        every instance. The whole request is checked before anything changes."""
+        if not isinstance(values, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in values.items()):
+            raise ConfigError('body: expected a JSON object of strings, e.g. {"registry_auth": "<base64 user:password>"}')
+        for key in values:
+            if key == "dragonfly_scheduler_endpoint":
+                raise NotServed("dragonfly_scheduler_endpoint: this nydusd has no Dragonfly SDK routing; "
+                                "route through a Dragonfly proxy with device.backend.config.proxy instead")
+            if key not in RUNTIME_CONFIG_KEYS:
+                raise ConfigError(f"unknown config key {key[:64]!r}: expected one of {', '.join(RUNTIME_CONFIG_KEYS)}")
+        if mountpoint:
+            names = [self._instance_name(mountpoint)]
+            if names[0] not in self.records:
+                raise NotFound(f"no instance mounted at {mountpoint}")
+        else:
+            names = list(self.records)
+        targets = [(name, self._instance("/" if name == "/" else "/" + name)) for name in names]
+        for name, inst in targets:
+            _check_runtime_config(name, inst, values)
+        for name, inst in targets:
+            _apply_runtime_config(inst, values)
+            self._runtime_config.setdefault(name, {}).update(values)
+
+    def runtime_config(self, mountpoint: str | None) -> dict[str, str]:
+        """``GET /api/v1/config[?id=/<name>]``: the keys set for that instance (without ``id``:
+        every instance's, as ``"<id>:<key>"``, upstream's map). Credentials are never answered in
+        clear: ``registry_auth`` reads ``sha256:<first 16 hex digits>`` of the value (``""``
+        stays ``""``), enough to tell which credential an instance holds."""
+        if mountpoint:
+            name = self._instance_name(mountpoint)
+            if name not in self.records:
+                raise NotFound(f"no instance mounted at {mountpoint}")
+            return {k: _masked(k, v) for k, v in self._runtime_config.get(name, {}).items()}
+        return {f"{'/' if name == '/' else '/' + name}:{k}": _masked(k, v)
+                for name, values in self._runtime_config.items() for k, v in values.items()}
 
     def inflight(self) -> list[dict[str, int]] | None:
         """FUSE requests being served now (``GET /api/v1/metrics/inflight``); None when the
@@ -872,6 +928,56 @@ def _warn_not_collected(cfg: DaemonConfig) -> None:
 
 #: seconds a remounted instance's old image stays open for the reads that resolved in it
 REMOUNT_GRACE = 5.0
+
+
+#: upstream's ``/api/v1/config`` keys this daemon applies (``nydus_utils::config::Keys``; the
+#: third, ``dragonfly_scheduler_endpoint``, answers 501)
+RUNTIME_CONFIG_KEYS = ("registry_auth", "proxy_url")
+
+
+def _check_runtime_config(name: str, inst: Instance, values: dict[str, str]) -> None:
+    """:class:`ConfigError` unless every value can be applied to ``inst``'s backend."""
+    from storage.backend.credentials import Credentials
+    from storage.errors import StorageError
+
+    backend = getattr(inst.device, "backend", None)
+    where = f"instance {'/' if name == '/' else '/' + name}"
+    if backend is None:
+        raise ConfigError(f"{where} has no storage backend to configure")
+    if backend.kind != "registry":
+        raise ConfigError(f"{where}: its {backend.kind} backend takes neither registry_auth nor proxy_url")
+    auth = values.get("registry_auth")
+    if auth:
+        try:
+            creds = Credentials.from_auth(auth)
+        except StorageError as exc:
+            raise ConfigError(f"registry_auth: {exc}") from exc
+        if not (creds.username or creds.identity_token):
+            raise ConfigError("registry_auth: expected base64 of user:password")
+    proxy = values.get("proxy_url")
+    if proxy and urllib.parse.urlsplit(proxy).scheme not in ("http", "https", "socks5", "socks5h"):
+        raise ConfigError(f"proxy_url: expected an http(s):// or socks5:// URL, got {proxy[:128]!r}")
+
+
+def _apply_runtime_config(inst: Instance, values: dict[str, str]) -> None:
+    from storage.errors import StorageError
+
+    if not values:
+        return
+    backend = getattr(inst.device, "backend", None)
+    try:
+        if "registry_auth" in values:
+            backend.update_auth(values["registry_auth"])
+        if "proxy_url" in values:
+            backend.update_proxy(values["proxy_url"])
+    except StorageError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _masked(key: str, value: str) -> str:
+    if key != "registry_auth" or not value:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:16]
 
 
 def _warm_backend(device: Any) -> None:

@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from storage.errors import BackendError, BlobRangeError, TransientBackendError, TruncatedRead
+from storage.errors import BackendError, BlobRangeError, ConfigError, TransientBackendError, TruncatedRead
 from storage.metrics import EVENTS, StorageMetrics
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,21 @@ class BlobBackend(ABC):
         """Make the first read cheaper by opening ahead of it what it would open (connections,
         auth tokens). Best effort and optional: the default does nothing; a failure raises the
         driver's error and changes nothing a read relies on."""
+
+    def update_auth(self, auth: str) -> None:
+        """Use new credentials from the next request on (upstream's ``registry_auth`` hot reload):
+        ``auth`` is docker's base64 ``user:password``, ``""`` drops them (anonymous).
+        Backends without registry credentials raise :class:`ConfigError`."""
+        raise ConfigError(f"the {self.kind} backend takes no registry credentials (registry_auth)")
+
+    def update_proxy(self, url: str) -> None:
+        """Send the next requests through the HTTP(S) proxy ``url`` (``""``: directly); upstream's
+        ``proxy_url`` hot reload. Backends that make no HTTP requests raise :class:`ConfigError`."""
+        raise ConfigError(f"the {self.kind} backend makes no HTTP requests (proxy_url)")
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__.removesuffix("Backend").lower() or "blob"
 
     def close(self) -> None:
         """Release connections and files."""

@@ -148,6 +148,19 @@ class RegistryClient:
     def base_url(self) -> str:
         return f"{self.scheme}://{self.host}"
 
+    def set_credentials(self, credentials: Credentials) -> None:
+        """Authenticate with ``credentials`` from the next request on: the tokens fetched with the
+        old ones are dropped (a request in flight finishes with what it had)."""
+        with self._lock:
+            self.credentials = credentials
+            self._tokens.clear()
+
+    def set_proxy(self, url: str) -> None:
+        """Send the next requests through the HTTP(S) proxy ``url``; ``""``: directly."""
+        proxies = {"http": url, "https": url} if url else {}
+        for session in (self.session, self._spec_session):
+            session.proxies = dict(proxies)
+
     def blob_path(self, digest: str) -> str:
         if ":" not in digest:
             digest = "sha256:" + digest
@@ -515,6 +528,7 @@ class RegistryBackend(BlobBackend):
         self.client = RegistryClient(config.host, config.repo, scheme=config.scheme, credentials=creds,
                                      registry_token=config.registry_token, **common)
         self.endpoints: list[tuple[_Endpoint, bool]] = []  # (endpoint, may fall back)
+        self._auth_clients = [self.client]  #: the clients that send the registry's credentials
         if config.proxy and config.proxy.url:
             p = config.proxy
             scheme = "http" if p.use_http else config.scheme
@@ -522,15 +536,36 @@ class RegistryBackend(BlobBackend):
                                           registry_token=config.registry_token, proxy_url=p.url, **common)
             self.endpoints.append((_Endpoint(f"proxy {p.url}", proxy_client, p.ping_url, p.check_interval),
                                    p.fallback))
+            self._auth_clients.append(proxy_client)
         for m in config.mirrors:
             mirror_client = RegistryClient(m.host, config.repo, scheme=config.scheme,
                                            credentials=creds if m.auth_through else None,
                                            headers=m.headers, **common)
             self.endpoints.append((_Endpoint(f"mirror {m.host}", mirror_client, m.ping_url,
                                              m.health_check_interval), True))
+            if m.auth_through:
+                self._auth_clients.append(mirror_client)
 
     def _new_reader(self, blob_id: str) -> BlobReader:
         return _RegistryReader(self, blob_id)
+
+    def update_auth(self, auth: str) -> None:
+        """New credentials for the origin, the proxy and the mirrors that pass auth through
+        (``auth_through``); ``""``: anonymous. :class:`ConfigError` if ``auth`` is not base64 of
+        ``user:password``, and then nothing changes."""
+        creds = Credentials.from_auth(auth) if auth else Credentials()
+        if auth and not (creds.identity_token or creds.username):
+            raise ConfigError("registry_auth: expected base64 of user:password")
+        for client in self._auth_clients:
+            client.set_credentials(creds)
+        log.info("registry %s/%s: credentials replaced (%s)", self.config.host, self.config.repo,
+                 "anonymous" if not auth else "user " + (creds.username or "<identity token>"))
+
+    def update_proxy(self, url: str) -> None:
+        """The origin's requests go through the HTTP(S) proxy ``url`` (``""``: directly)."""
+        if url and urllib.parse.urlsplit(url).scheme not in ("http", "https", "socks5", "socks5h"):
+            raise ConfigError(f"proxy_url: expected an http(s):// or socks5:// URL, got {url[:128]!r}")
+        self.client.set_proxy(url)
 
     def _call(self, what: str, fn, *, after: str = "", served=None):
         """``fn(client)`` through the first healthy proxy/mirror that answers, else the origin.
