@@ -143,3 +143,95 @@ json.dump({{"apiVersion": req["apiVersion"], "kind": "CredentialProviderResponse
         cd.stop()
         sn.terminate()
         kill_recorded_daemons(sn.root)
+
+
+def test_rotated_password_reaches_a_running_container_through_credential_renewal(
+        registry_factory, snapshotter_factory, containerd_factory, tmp_path):
+    """``[remote.auth] credential_renewal_interval`` (upstream's): the registry password is rotated
+    while a container runs (htpasswd rewritten, the credential helper answers the new one); the
+    snapshotter's renewal hands the new credentials to the running nydusd (``PUT
+    /api/v1/config``) and the container's first read of a file after the rotation succeeds."""
+    import hashlib
+    import random
+    import shutil
+    import threading
+    import time
+
+    from integration.harness.images import nydus_image
+    from integration.harness.registry import htpasswd_line
+    from rafs import builder
+
+    if not os.path.exists("/bin/busybox"):
+        pytest.skip("/bin/busybox missing (Debian package busybox-static)")
+    old, new = "before-rotation-pw", "after-rotation-pw"
+    reg = registry_factory(users={USER: old})
+    bindir, confdir, secret_file = tmp_path / "bin", tmp_path / "docker", tmp_path / "helper-secret"
+    bindir.mkdir()
+    confdir.mkdir()
+    secret_file.write_text(old)
+    helper = bindir / "docker-credential-rotating"
+    helper.write_text(f"""#!/bin/sh
+[ "$1" = get ] || exit 2
+read -r url
+[ "$url" = "{reg.host}" ] || {{ echo "credentials not found in native keychain"; exit 1; }}
+printf '{{"ServerURL": "%s", "Username": "{USER}", "Secret": "%s"}}\\n' "$url" "$(cat {secret_file})"
+""")
+    helper.chmod(0o755)
+    (confdir / "config.json").write_text(json.dumps({"auths": {reg.host: {}}, "credHelpers": {reg.host: "rotating"}}))
+
+    root = tmp_path / "rootfs"
+    for d in ("bin", "etc", "data"):
+        (root / d).mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    for app in ("sh", "md5sum", "sleep", "echo"):
+        (root / "bin" / app).symlink_to("busybox")
+    rnd = random.Random(15)
+    sums = {}
+    for name in ("before", "after"):  # 3 MiB each: amplification cannot fetch "after" with "before"
+        data = rnd.randbytes(3 << 20)
+        (root / "data" / name).write_bytes(data)
+        sums[name] = hashlib.md5(data).hexdigest()
+    builder.build(str(root), bootstrap_out=str(tmp_path / "image.boot"), blob_out=str(tmp_path / "blob"))
+    image = nydus_image((tmp_path / "image.boot").read_bytes(), [(tmp_path / "blob").read_bytes()]).push(
+        reg, "test/rotating", "v1", auth=reg.auth)
+
+    cfg = snapshotter_config_for(reg, prefetch=False)
+    cfg["remote"]["docker_config"] = str(confdir / "config.json")
+    cfg["remote"]["auth"] = {"credential_renewal_interval": "1s"}
+    sn = snapshotter_factory(config=cfg, env={"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"})
+    cd = containerd_factory(snapshotters={"nydus": sn.address}, cri_snapshotter="nydus", registries=[reg])
+    try:
+        cd.cri.pull_image(image.ref)
+        mark = reg.log_mark()
+        # the first file read whole before the rotation, its sum left in the container's upper dir
+        script = "md5sum /data/before > /before.md5; sleep 8; cat /before.md5; md5sum /data/after 2>&1 || echo ERR; echo DONE"
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("p", cd.run(
+            image.ref, ["/bin/sh", "-c", script], snapshotter="nydus", namespace="k8s.io", check=False, timeout=120)))
+        t.start()
+        deadline = time.monotonic() + 60
+        while not [p for p in pathlib.Path(sn.root, "snapshots").glob("*/fs/before.md5") if p.stat().st_size]:
+            assert time.monotonic() < deadline, "the container never read /data/before"
+            time.sleep(0.05)
+        assert [e for e in reg.access_log()[mark:] if e.blob_digest and e.status in (200, 206)]
+        # rotate: the registry only takes the new password from now on (docker-registry reloads its
+        # htpasswd file), the helper answers the new one
+        with open(os.path.join(reg.dir, "htpasswd"), "w") as f:
+            f.write(htpasswd_line(USER, new) + "\n")
+        secret_file.write_text(new)
+        rotated = reg.log_mark()
+        t.join(150)
+        p = result["p"]
+        assert "DONE" in p.stdout, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+        lines = dict(reversed(line.split()) for line in p.stdout.splitlines() if line.startswith(tuple("0123456789abcdef")))
+        assert lines == {"/data/before": sums["before"], "/data/after": sums["after"]}, p.stdout
+        assert "ERR" not in p.stdout
+        assert [e for e in reg.access_log()[rotated:] if e.blob_digest and e.status in (200, 206)], \
+            "no blob read after the rotation"
+        log = sn.log()
+        assert "renewed from docker" in log, log[-3000:]
+        assert new not in log and old not in log
+    finally:
+        cd.stop()
+        sn.terminate()
+        kill_recorded_daemons(sn.root)

@@ -176,6 +176,10 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
     from snapshotter.system import SystemController  # noqa: PLC0415
 
     system = SystemController(sn.rafs, cfg.system_address).start() if cfg.system.enable else None  # (hot upgrade)
+    renewal_interval = cfg.remote.auth.renewal_seconds
+    if renewal_interval > 0:
+        sn.renewal.start(renewal_interval, stop)
+        log.info("registry credentials of running instances renewed every %gs", renewal_interval)
     if cfg.metrics.address:
         host, port = metrics.serve(cfg.metrics.address)
         log.info("metrics on http://%s:%d/metrics", host, port)

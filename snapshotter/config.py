@@ -25,6 +25,8 @@ from typing import Any, Mapping
 import tomllib
 
 from snapshotter.errors import ConfigError
+from storage.backend.credentials import parse_duration
+from storage.errors import ConfigError as StorageConfigError
 
 DEFAULT_ROOT = "/var/lib/containerd/io.containerd.snapshotter.v1.nydus"
 DEFAULT_ADDRESS = "/run/containerd-nydus/containerd-nydus-grpc.sock"
@@ -44,7 +46,7 @@ UNSUPPORTED_KEYS = frozenset({
     "log.log_rotation_max_age", "log.log_rotation_max_backups", "log.log_rotation_max_size",
     "metrics.hung_io_interval", "metrics.collect_interval",
     "remote.auth.enable_kubeconfig_keychain", "remote.auth.kubeconfig_path", "remote.auth.enable_cri_keychain",
-    "remote.auth.image_service_address", "remote.auth.credential_renewal_interval",
+    "remote.auth.image_service_address",
     "remote.convert_vpc_registry",
     "snapshot.enable_nydus_overlayfs", "snapshot.nydus_overlayfs_path", "snapshot.enable_kata_volume",
     "cache_manager.gc_period",
@@ -93,6 +95,14 @@ class RemoteAuthConfig:
     enable_kubelet_credential_providers: bool = False
     credential_provider_config: str = ""     #: a kubelet CredentialProviderConfig (JSON or YAML)
     credential_provider_bin_dir: str = ""    #: where the plugins named there are
+    #: upstream's: every so often (a Go duration; "0s" off) ask the renewable credential sources
+    #: (kubelet providers, docker config and its helpers) again for each running instance's image
+    #: and hand changed credentials to its nydusd (``PUT /api/v1/config``), no remount
+    credential_renewal_interval: str = "0s"
+
+    @property
+    def renewal_seconds(self) -> float:
+        return parse_duration(self.credential_renewal_interval, "remote.auth.credential_renewal_interval")
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +297,10 @@ def _build(cls: type, data: Mapping[str, object], where: str) -> Any:
 
 def _validate(cfg: Config) -> Config:
     ra = cfg.remote.auth
+    try:
+        ra.renewal_seconds
+    except StorageConfigError as exc:
+        raise ConfigError(str(exc)) from None
     if ra.enable_kubelet_credential_providers and not (ra.credential_provider_config
                                                        and ra.credential_provider_bin_dir):
         raise ConfigError("remote.auth.enable_kubelet_credential_providers: needs credential_provider_config "

@@ -64,8 +64,28 @@ class _StateCollector(Collector):
         yield states
         yield backend
         yield from _failover_metrics(mgr)
+        yield from _renewal_metrics(self.sn)
         yield GaugeMetricFamily("snapshotter_cache_usage_bytes", "Allocated bytes of the blob cache",
                                 value=self.sn.cache_size())
+
+
+def _renewal_metrics(sn: "Snapshotter") -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """Upstream's credential renewal series (``[remote.auth] credential_renewal_interval``)."""
+    renewal = getattr(sn, "renewal", None)
+    if renewal is None:
+        return
+    counts, tracked = renewal.snapshot()
+    renewals = CounterMetricFamily("snapshotter_credential_renewals",
+                                   "Credential renewal attempts by image ref and result (success or failure)",
+                                   labels=["image_ref", "result"])
+    for (ref, result), n in sorted(counts.items()):
+        renewals.add_metric([ref, result], n)
+    yield renewals
+    entries = GaugeMetricFamily("snapshotter_credential_store_entries",
+                                "Credentials tracked for renewal per image ref", labels=["image_ref"])
+    for ref in sorted(tracked):
+        entries.add_metric([ref], 1)
+    yield entries
 
 
 FAILOVER_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30)

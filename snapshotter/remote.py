@@ -53,21 +53,32 @@ def _providers(config_path: str, bin_dir: str) -> CredentialProviders:
     return _PROVIDERS[key]
 
 
+#: credential sources a renewal asks again (upstream's renewable providers): the pull's own labels
+#: and the static ``[remote.auths]`` cannot change while an instance runs
+RENEWABLE_SOURCES = ("kubelet", "docker")
+
+
 def registry_credentials(host: str, labels: Mapping[str, str], cfg: Config) -> Credentials | None:
     """Credentials for ``host``: labels, then ``[remote.auths]``, then kubelet credential providers
     (``[remote.auth]``, for the image in the labels), then docker config (helpers too)."""
+    return resolve_credentials(host, labels, cfg)[0]
+
+
+def resolve_credentials(host: str, labels: Mapping[str, str], cfg: Config) -> tuple[Credentials | None, str]:
+    """:func:`registry_credentials` and where they came from: ``labels``, ``static``, ``kubelet``,
+    ``docker`` (``""`` when none did: anonymous)."""
     auth = L.label_credentials(labels)
     if auth:
-        return Credentials.from_auth(auth)
+        return Credentials.from_auth(auth), "labels"
     static = cfg.remote.auths.get(host)
     if static is not None:
         if static.auth:
             try:
-                return Credentials.from_auth(static.auth)
+                return Credentials.from_auth(static.auth), "static"
             except StorageConfigError as exc:
                 raise FailedPrecondition(f'remote.auths."{host}".auth: {exc}') from exc
         if static.username:
-            return Credentials(static.username, static.password)
+            return Credentials(static.username, static.password), "static"
     ra = cfg.remote.auth
     if ra.enable_kubelet_credential_providers:
         image = L.image_ref(labels) or host + "/"
@@ -78,13 +89,14 @@ def registry_credentials(host: str, labels: Mapping[str, str], cfg: Config) -> C
         except StorageConfigError as exc:
             raise FailedPrecondition(f"remote.auth.credential_provider_config: {exc}") from exc
         if found:
-            return found
+            return found, "kubelet"
     try:
-        return docker_config_credentials(host, cfg.remote.docker_config or None)
+        found = docker_config_credentials(host, cfg.remote.docker_config or None)
     except CredentialError as exc:
         raise Unavailable(f"registry credentials for {host}: {exc}") from exc
     except StorageConfigError as exc:
         raise FailedPrecondition(f"registry credentials for {host}: {exc}") from exc
+    return found, ("docker" if found else "")
 
 
 def registry_auth(host: str, labels: Mapping[str, str], cfg: Config) -> str | None:

@@ -39,6 +39,7 @@ from snapshotter.instances import InstanceManager, Instances
 from snapshotter.metastore import Info, Kind, MetaStore, Snapshot, Usage
 from snapshotter.mounts import Mount, OverlayOptions, native_mounts, remote_mounts, snapshot_dir, upper_path
 from snapshotter.remote import Ping, ReachabilityProbe, backend_config_probing
+from snapshotter.renewal import CredentialRenewal
 from storage.cache.filecache import blob_usage, cache_dir_usage, gc_cache_dir
 
 log = logging.getLogger("snapshotter")
@@ -145,6 +146,7 @@ class Snapshotter:
         self.overlay = _host_overlay_options(config.snapshot.enable_overlayfs_volatile)
         self.rafs = Instances(config, self._needed_instances, manager=manager, manager_factory=manager_factory)
         self._ping = ping
+        self.renewal = CredentialRenewal(self)
         self.referrers = None
         if config.experimental.enable_referrer_detect:
             from snapshotter.referrer import ReferrerDetector
@@ -470,6 +472,21 @@ class Snapshotter:
     def instances(self) -> dict[str, str]:
         """Mounted RAFS instances: meta snapshot id → mountpoint."""
         return self.rafs.mounted()
+
+    def instance_refs(self) -> dict[str, str]:
+        """Mounted RAFS instances: meta snapshot id → the image reference in its labels."""
+        mounted = self.rafs.mounted()
+        if not mounted:
+            return {}
+        with self.ms.transaction(writable=False) as tx:
+            snaps = store.snapshots_by_id(tx)
+        refs = {}
+        for sid in mounted:
+            found = snaps.get(sid)
+            ref = L.image_ref(found[0].labels) if found else None
+            if ref:
+                refs[sid] = ref
+        return refs
 
     def _remove_dir(self, sid: str) -> bool:
         path = snapshot_dir(self.root, sid)

@@ -350,6 +350,35 @@ class DaemonManager:
                 self._stop_daemon(rec)
                 self._drop(rec.daemon_id)
 
+    def update_auth(self, instance_id: str, auth: str) -> bool:
+        """Give instance ``instance_id`` new registry credentials (docker's base64 ``user:password``;
+        ``""`` anonymous): its config file (what a restart or failover mounts with) is rewritten
+        and its running daemon told through upstream's ``PUT /api/v1/config``, with no remount.
+        False when the instance already has them; :class:`NotFound` for an unknown instance,
+        :class:`ConfigError` when its backend is not a registry."""
+        with self._lock:
+            found = self._find_instance(instance_id)
+            if found is None:
+                raise NotFound(f"no RAFS instance {instance_id!r}")
+            rec, inst = found
+            try:
+                with open(inst.config_path, encoding="utf-8") as f:
+                    cfg = json.load(f)
+                backend = cfg["device"]["backend"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"instance {instance_id}: unreadable config {inst.config_path}: {exc}") from exc
+            if not isinstance(backend, dict) or backend.get("type") != "registry":
+                raise ConfigError(f"instance {instance_id}: its backend is not a registry")
+            settings = backend.setdefault("config", {})
+            if settings.get("auth", "") == auth:
+                return False
+            settings["auth"] = auth
+            _write_json(inst.config_path, cfg)
+            if self._alive(rec):
+                DaemonClient(rec.apisock).update_config("/" + instance_id if rec.shared else "/",
+                                                        {"registry_auth": auth})
+            return True
+
     def instances(self) -> dict[str, InstanceState]:
         with self._lock:
             out = {}
