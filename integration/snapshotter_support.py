@@ -68,3 +68,23 @@ def assert_no_stale_mount(sn, *dirs: str) -> None:
 def daemon_instance_count(root: str) -> int:
     """RAFS instances served by the live daemons of the snapshotter with this root."""
     return sum(len(d.get("instances") or {}) for d in live_daemons(root).values())
+
+
+def busybox_nydus_image(tmp: pathlib.Path, files: dict[str, bytes], apps: tuple[str, ...] = ("sh", "cat")):
+    """A nydus image (``integration.harness.images.nydus_image``) built by this project's builder
+    from a busybox rootfs with ``apps`` linked to busybox and ``files`` (``path`` → bytes)."""
+    import shutil
+
+    from integration.harness.images import nydus_image
+    from rafs import builder
+
+    root = tmp / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    for app in apps:
+        (root / "bin" / app).symlink_to("busybox")
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    builder.build(str(root), bootstrap_out=str(tmp / "image.boot"), blob_out=str(tmp / "blob"))
+    return nydus_image((tmp / "image.boot").read_bytes(), [(tmp / "blob").read_bytes()])

@@ -153,13 +153,11 @@ def test_rotated_password_reaches_a_running_container_through_credential_renewal
     /api/v1/config``) and the container's first read of a file after the rotation succeeds."""
     import hashlib
     import random
-    import shutil
     import threading
     import time
 
-    from integration.harness.images import nydus_image
     from integration.harness.registry import htpasswd_line
-    from rafs import builder
+    from integration.snapshotter_support import busybox_nydus_image
 
     if not os.path.exists("/bin/busybox"):
         pytest.skip("/bin/busybox missing (Debian package busybox-static)")
@@ -179,20 +177,10 @@ printf '{{"ServerURL": "%s", "Username": "{USER}", "Secret": "%s"}}\\n' "$url" "
     helper.chmod(0o755)
     (confdir / "config.json").write_text(json.dumps({"auths": {reg.host: {}}, "credHelpers": {reg.host: "rotating"}}))
 
-    root = tmp_path / "rootfs"
-    for d in ("bin", "etc", "data"):
-        (root / d).mkdir(parents=True)
-    shutil.copy("/bin/busybox", root / "bin" / "busybox")
-    for app in ("sh", "md5sum", "sleep", "echo"):
-        (root / "bin" / app).symlink_to("busybox")
-    rnd = random.Random(15)
-    sums = {}
-    for name in ("before", "after"):  # 3 MiB each: amplification cannot fetch "after" with "before"
-        data = rnd.randbytes(3 << 20)
-        (root / "data" / name).write_bytes(data)
-        sums[name] = hashlib.md5(data).hexdigest()
-    builder.build(str(root), bootstrap_out=str(tmp_path / "image.boot"), blob_out=str(tmp_path / "blob"))
-    image = nydus_image((tmp_path / "image.boot").read_bytes(), [(tmp_path / "blob").read_bytes()]).push(
+    rnd = random.Random(15)  # 3 MiB each: amplification cannot fetch "after" with "before"
+    files = {f"data/{name}": rnd.randbytes(3 << 20) for name in ("before", "after")}
+    sums = {name: hashlib.md5(files[f"data/{name}"]).hexdigest() for name in ("before", "after")}
+    image = busybox_nydus_image(tmp_path, files, ("sh", "md5sum", "sleep", "cat")).push(
         reg, "test/rotating", "v1", auth=reg.auth)
 
     cfg = snapshotter_config_for(reg, prefetch=False)

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 from rafs._blobfile import LocalBlobs
 from rafs.errors import RafsError
 from rafs.metadata import Inode, Rafs
-from storage.atomic import atomic_open
+from storage.atomic import atomic_open, hold_signals, release_signals
 from storage.digest import digest
 
 
@@ -54,8 +54,14 @@ def unpack_dir(fs: Rafs, blobs: LocalBlobs, output: str) -> UnpackReport:
             raise RafsError(f"{output}: exists and is not an empty directory")
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".unpack-", dir=parent)
+    held = hold_signals()  # a Ctrl-C / SIGTERM right after the mkdir must still remove it
     try:
+        tmp = tempfile.mkdtemp(prefix=".unpack-", dir=parent)
+    except BaseException:
+        release_signals(held)
+        raise
+    try:
+        release_signals(held)
         report = _write_tree(fs, blobs, tmp)
         if os.path.isdir(output):
             os.rmdir(output)

@@ -44,7 +44,7 @@ UNSUPPORTED_KEYS = frozenset({
     "daemon.nydusimage_path", "daemon.log_rotation_size",
     "log.log_to_stdout", "log.dir", "log.log_rotation_compress", "log.log_rotation_local_time",
     "log.log_rotation_max_age", "log.log_rotation_max_backups", "log.log_rotation_max_size",
-    "metrics.hung_io_interval", "metrics.collect_interval",
+    "metrics.collect_interval",
     "remote.auth.enable_kubeconfig_keychain", "remote.auth.kubeconfig_path", "remote.auth.enable_cri_keychain",
     "remote.auth.image_service_address",
     "remote.convert_vpc_registry",
@@ -161,6 +161,12 @@ class MetricsConfig:
     """``[metrics]``."""
 
     address: str = ""                   #: "host:port" for the Prometheus endpoint; "" = off
+    #: upstream's: a FUSE request in flight this long counts in ``nydusd_hung_io_counts``
+    hung_io_interval: str = "10s"
+
+    @property
+    def hung_io_seconds(self) -> float:
+        return parse_duration(self.hung_io_interval, "metrics.hung_io_interval")
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +305,7 @@ def _validate(cfg: Config) -> Config:
     ra = cfg.remote.auth
     try:
         ra.renewal_seconds
+        cfg.metrics.hung_io_seconds
     except StorageConfigError as exc:
         raise ConfigError(str(exc)) from None
     if ra.enable_kubelet_credential_providers and not (ra.credential_provider_config

@@ -147,6 +147,8 @@ class Snapshotter:
         self.rafs = Instances(config, self._needed_instances, manager=manager, manager_factory=manager_factory)
         self._ping = ping
         self.renewal = CredentialRenewal(self)
+        self.gc_deleted = 0  #: cache blobs deleted by gc_cache (metrics)
+        self.gc_errors = 0   #: gc_cache passes that failed
         self.referrers = None
         if config.experimental.enable_referrer_detect:
             from snapshotter.referrer import ReferrerDetector
@@ -532,10 +534,13 @@ class Snapshotter:
         if not os.path.isdir(self.config.cache_dir):
             return []
         try:
-            return gc_cache_dir(self.config.cache_dir, self.blobs_in_use())
+            deleted = gc_cache_dir(self.config.cache_dir, self.blobs_in_use())
         except OSError:  # GC must never fail Cleanup
             log.warning("cache GC of %s failed", self.config.cache_dir, exc_info=True)
+            self.gc_errors += 1
             return []
+        self.gc_deleted += len(deleted)
+        return deleted
 
     def counts(self) -> dict[str, int]:
         with self.ms.transaction(writable=False) as tx:

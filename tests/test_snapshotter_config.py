@@ -178,7 +178,7 @@ def test_upstream_file_loads_unchanged():
     assert c.system_address == "/run/containerd-nydus/system.sock"
     assert not any("system.enable" in w or "system.address" in w for w in c.warnings)
     for key in ("system.debug.pprof_address", "cgroup.memory_limit",
-                "log.log_rotation_max_size", "metrics.hung_io_interval", "remote.convert_vpc_registry",
+                "log.log_rotation_max_size", "metrics.collect_interval", "remote.convert_vpc_registry",
                 "remote.auth.enable_cri_keychain", "snapshot.enable_nydus_overlayfs", "cache_manager.gc_period",
                 "image.validate_signature", "experimental.enable_stargz", "experimental.tarfs.export_mode",
                 "daemon.nydusimage_path", "daemon.nydusd_path"):
@@ -186,6 +186,9 @@ def test_upstream_file_loads_unchanged():
     assert all("\n" not in w for w in c.warnings)
     assert c.daemon.nydusd_path == ""   # /usr/local/bin/nydusd is absent here: the bundled one
     assert not any("daemon.recover_policy" in w or "daemon.failover_policy" in w for w in c.warnings)
+    # honoured now, so not warned: upstream's values are read
+    assert not any("hung_io_interval" in w or "credential_renewal_interval" in w for w in c.warnings)
+    assert (c.metrics.hung_io_seconds, c.remote.auth.renewal_seconds) == (10.0, 0.0)
 
 
 def test_upstream_daemon_mode_values(tmp_path):

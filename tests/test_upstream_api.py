@@ -460,6 +460,22 @@ def _wait_idle(sock: str) -> None:
         time.sleep(0.05)
 
 
+def _hung_io_counts(sock: str, interval: str) -> float:
+    """``nydusd_hung_io_counts`` as the snapshotter's upstream collector reports it for one daemon."""
+    import types
+
+    from snapshotter import config as C
+    from snapshotter.metrics import _UpstreamCollector
+
+    cfg = C.from_dict({"version": 1, "root": "/nonexistent", "metrics": {"hung_io_interval": interval}})
+    rec = types.SimpleNamespace(apisock=sock, pid=0, daemon_id="d", shared=True, instances={})
+    mgr = types.SimpleNamespace(daemons=lambda: [rec], events={})
+    sn = types.SimpleNamespace(config=cfg, rafs=types.SimpleNamespace(manager_if_started=mgr),
+                               instance_refs=dict, cache_size=lambda: 0, blobs_in_use=set)
+    fams = {f.name: f for f in _UpstreamCollector(sn).collect()}
+    return fams["nydusd_hung_io_counts"].samples[0].value
+
+
 def test_inflight_lists_a_hanging_read(tmp_path):
     """/api/v1/metrics/inflight: 204 when idle; a read held in the daemon is listed with
     upstream's fields (opcode 15 = FUSE_READ) until it is answered."""
@@ -493,6 +509,8 @@ def test_inflight_lists_a_hanging_read(tmp_path):
                 _check(op, "FuseOp")
             read = [op for op in ops if op["opcode"] == 15][0]
             assert read["unique"] > 0 and read["inode"] > 1 and abs(read["timestamp_secs"] - t0) <= 5
+            # the snapshotter's upstream series count it as hung past [metrics] hung_io_interval
+            assert _hung_io_counts(sock, "0s") >= 1 and _hung_io_counts(sock, "1h") == 0
         finally:
             gate.unlink()
             reader.join(10)

@@ -16,7 +16,7 @@ from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
 from rafs.builder.source import LayerLimits, open_layer, spool_tar_files, walk_directory, walk_tar
 from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer
 from rafs.errors import BuildError
-from storage.atomic import atomic_write
+from storage.atomic import atomic_write, hold_signals, release_signals
 from storage.records import BlobInfo, Compressor, Digester
 
 SOURCE_TYPES = ("dir-rafs", "tar-rafs", "targz-rafs", "targz-ref")
@@ -228,10 +228,16 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
     tmp_path = None
     f = None
     writer = None
+    held = hold_signals()  # a Ctrl-C / SIGTERM right after mkstemp must still remove the file
     if out_dir is not None:
-        fd, tmp_path = tempfile.mkstemp(dir=out_dir, prefix=".tmp-blob.")
-        f = os.fdopen(fd, "wb", buffering=1 << 20)
+        try:
+            fd, tmp_path = tempfile.mkstemp(dir=out_dir, prefix=".tmp-blob.")
+            f = os.fdopen(fd, "wb", buffering=1 << 20)
+        except BaseException:
+            release_signals(held)
+            raise
     try:
+        release_signals(held)
         writer = BlobWriter(f, blob_index=len(store.blobs), chunk_size=opts.chunk_size,
                             compressor=Compressor(opts.compressor), digester=Digester(opts.digester),
                             threads=opts.threads)

@@ -202,6 +202,10 @@ class DaemonManager:
         self.recover_policy = recover_policy
         self.failover_policy = failover_policy
         self.failovers = FailoverStats()
+        #: upstream's daemon lifetime events (``nydusd_lifetime_event_counts``): RUNNING (a daemon
+        #: started or a successor took over), DIED (found dead), DESTROYED (stopped by us)
+        self.events: dict[str, int] = {"RUNNING": 0, "DIED": 0, "DESTROYED": 0}
+        self._events_lock = threading.Lock()
         self._holders: dict[str, FdKeeper] = {}
         self.fs_driver = fs_driver
         self.nydusd_config = copy.deepcopy(nydusd_config or {})
@@ -583,6 +587,7 @@ class DaemonManager:
                                  f"{self._log_tail(rec)}")
             time.sleep(0.05)
         self._save(rec)
+        self._event("RUNNING")
         if supervisor:
             self._send_fd_soon(rec)
         log.info("%s nydusd %s (pid %d, %s) at %s", "upgraded" if upgrade else "started", rec.daemon_id,
@@ -592,6 +597,7 @@ class DaemonManager:
     def _recover_daemon(self, rec: DaemonRecord) -> DaemonRecord:
         """A dead (or unresponsive) daemon: fail it over when its FUSE session is held
         (``recover_policy = failover``), else clean its mounts, restart it, remount its instances."""
+        self._event("DIED")
         holder = self._holders.get(rec.daemon_id)
         if (holder is None and self.recover_policy == "failover" and rec.supervisor
                 and rec.supervisor == self.supervisor_path(rec.daemon_id) and holder_status(rec.supervisor)):
@@ -801,7 +807,12 @@ class DaemonManager:
             while _pid_is_nydusd(rec.pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
 
+    def _event(self, name: str) -> None:
+        with self._events_lock:
+            self.events[name] = self.events.get(name, 0) + 1
+
     def _stop_daemon(self, rec: DaemonRecord) -> None:
+        self._event("DESTROYED")
         client = DaemonClient(rec.apisock, timeout=10)
         try:
             client.exit()
