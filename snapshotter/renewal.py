@@ -20,22 +20,33 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from snapshotter import labels as L
+from snapshotter.config import Config
 from snapshotter.errors import SnapshotterError
+from snapshotter.instances import Instances
+from snapshotter.pull_credentials import CredentialStore
 from snapshotter.remote import RENEWABLE_SOURCES, resolve_credentials
 
-if TYPE_CHECKING:
-    from snapshotter.snapshot import Snapshotter
-
 log = logging.getLogger("snapshotter")
+
+
+class RenewalSource(Protocol):
+    """What renewal needs of the snapshotter (``snapshotter.snapshot.Snapshotter``)."""
+
+    config: Config
+    credentials: CredentialStore  #: the pull's own credentials (CRI labels), which are not renewed
+    rafs: Instances
+
+    def instance_refs(self) -> dict[str, str]:
+        """Mounted RAFS instances: instance id → image reference."""
 
 
 class CredentialRenewal:
     """One snapshotter's renewal: :meth:`renew_once` is a pass, :meth:`start` the periodic loop."""
 
-    def __init__(self, sn: "Snapshotter") -> None:
+    def __init__(self, sn: RenewalSource) -> None:
         self.sn = sn
         self._lock = threading.Lock()
         self._tracked: set[str] = set()                 #: image refs with a renewable source
