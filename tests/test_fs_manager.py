@@ -361,3 +361,35 @@ def test_restart_policy_starts_no_holder(manager_factory, images):
     assert rec.supervisor == "" and not m._holders
     with pytest.raises(ConfigError):
         manager_factory("shared", recover_policy="later")
+
+
+def test_update_auth_changes_the_config_only_once_the_daemon_has_it(manager_factory, images):
+    """``update_auth``: unchanged credentials are a no-op; the config file is rewritten only after
+    the daemon took them (here it cannot: its fake device has no registry backend), and a dead
+    daemon changes nothing, so the caller's next attempt finds the difference again."""
+    from rafs.daemon.api import ApiError
+    from rafs.errors import ConfigError, MountError, NotFound
+
+    m = manager_factory("shared")
+    backend = {"type": "registry", "config": {"host": "127.0.0.1:1", "repo": "r", "scheme": "http", "auth": "b2xk"}}
+    m.mount("a", images["a"], None, backend)
+    rec = next(iter(m._records.values()))
+    path = rec.instances["a"].config_path
+    before = open(path).read()
+    assert m.update_auth("a", "b2xk") is False
+    with pytest.raises(ApiError, match="no storage backend"):
+        m.update_auth("a", "bmV3")
+    assert open(path).read() == before
+    os.kill(rec.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while m._alive(rec):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with pytest.raises(MountError, match="not running"):
+        m.update_auth("a", "bmV3")
+    assert open(path).read() == before
+    with pytest.raises(NotFound):
+        m.update_auth("zzz", "bmV3")
+    m.mount("b", images["b"], None, {"type": "localfs", "config": {"dir": "/nonexistent"}})
+    with pytest.raises(ConfigError, match="not a registry"):
+        m.update_auth("b", "bmV3")

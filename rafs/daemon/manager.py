@@ -359,7 +359,8 @@ class DaemonManager:
         ``""`` anonymous): its config file (what a restart or failover mounts with) is rewritten
         and its running daemon told through upstream's ``PUT /api/v1/config``, with no remount.
         False when the instance already has them; :class:`NotFound` for an unknown instance,
-        :class:`ConfigError` when its backend is not a registry."""
+        :class:`ConfigError` when its backend is not a registry, :class:`MountError` when its
+        daemon is not running (nothing changed: call again once it is)."""
         with self._lock:
             found = self._find_instance(instance_id)
             if found is None:
@@ -376,11 +377,14 @@ class DaemonManager:
             settings = backend.setdefault("config", {})
             if settings.get("auth", "") == auth:
                 return False
+            if not self._alive(rec):  # (its successor must be told too: the caller tries again)
+                raise MountError(f"instance {instance_id}: its daemon {rec.daemon_id} is not running")
+            # the daemon first: the file records what the daemon has (a failure leaves both as
+            # they were, and the next call finds them different again)
+            DaemonClient(rec.apisock).update_config("/" + instance_id if rec.shared else "/",
+                                                    {"registry_auth": auth})
             settings["auth"] = auth
             _write_json(inst.config_path, cfg)
-            if self._alive(rec):
-                DaemonClient(rec.apisock).update_config("/" + instance_id if rec.shared else "/",
-                                                        {"registry_auth": auth})
             return True
 
     def instances(self) -> dict[str, InstanceState]:
