@@ -3,7 +3,8 @@ snapshotter sends with ``credential_renewal_interval``) against a real docker-re
 htpasswd auth, a real nydusd and real FUSE / kernel EROFS mounts: an instance mounted with a wrong
 password fails its reads, the new ``registry_auth`` makes them succeed without a remount, the
 answer of ``GET /api/v1/config`` never holds the secret, bad requests get precise 4xx/501 answers,
-and a failover successor keeps the new credentials."""
+a failover successor keeps the new credentials, and ``proxy_url`` routes the instance's reads
+through a forward proxy (kept by the successor too)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 import pytest
 
 from integration.fs_support import require_stack
-from integration.storage_registry import REGISTRY_BIN, LocalRegistry
+from integration.storage_registry import REGISTRY_BIN, FaultProxy, LocalRegistry
 from rafs import erofs
 from rafs.daemon.api import ApiError, DaemonClient
 from rafs.daemon.manager import DaemonManager
@@ -55,7 +56,7 @@ def test_registry_auth_rotates_on_a_running_instance_and_survives_failover(tmp_p
     res = build(str(src), bootstrap_out=str(tmp_path / "image.boot"), blob_dir=str(blobs),
                 options=BuildOptions(chunk_size=0x10000))
     reg = LocalRegistry(str(tmp_path), auth="htpasswd", users={USER: SECRET})
-    manager = None
+    manager = proxy = None
     try:
         reg.registry.push_blob(REPO, (blobs / res.blob_ids[0]).read_bytes(), auth=(USER, SECRET))
         cfg = {"device": {"backend": {"type": "registry", "config": {}},
@@ -91,8 +92,11 @@ def test_registry_auth_rotates_on_a_running_instance_and_survives_failover(tmp_p
         with pytest.raises(ApiError) as err:
             client.update_config("/nothing", {"registry_auth": GOOD})
         assert err.value.status == 404
-        # the refused requests changed nothing
+        # the refused requests changed nothing; proxy_url sends the next reads through a proxy
+        proxy = FaultProxy()
+        client.update_config("/img1", {"proxy_url": proxy.url})
         assert open(os.path.join(mp, "second"), "rb").read() == files["second"]
+        assert proxy.blob_gets(), "proxy_url: no blob read went through the proxy"
 
         # a successor adopts the session and the instance with the rotated credentials, not the
         # mount's stale ones: a file never read before comes from the registry after the failover
@@ -100,12 +104,15 @@ def test_registry_auth_rotates_on_a_running_instance_and_survives_failover(tmp_p
         os.kill(old_pid, signal.SIGKILL)
         _wait(lambda: manager.failovers.snapshot()[0].get("ok", 0) >= 1,
               f"no failover: {manager.failovers.snapshot()}", timeout=90)
-        mark = reg.registry.log_mark()
+        mark, via_proxy = reg.registry.log_mark(), len(proxy.blob_gets())
         assert open(os.path.join(mp, "third"), "rb").read() == files["third"]
         assert reg.registry.blob_fetches(since=mark), "the file was not read from the registry after the failover"
+        assert len(proxy.blob_gets()) > via_proxy, "the successor dropped proxy_url"
         successor = DaemonClient(next(iter(manager._records.values())).apisock)
-        assert successor.get_config("/img1") == {"registry_auth": fingerprint}
+        assert successor.get_config("/img1") == {"registry_auth": fingerprint, "proxy_url": proxy.url}
     finally:
         if manager is not None:
             manager.shutdown(keep_records=False)
+        if proxy is not None:
+            proxy.close()
         reg.stop()

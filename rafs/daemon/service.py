@@ -955,8 +955,8 @@ def _check_runtime_config(name: str, inst: Instance, values: dict[str, str]) -> 
         if not (creds.username or creds.identity_token):
             raise ConfigError("registry_auth: expected base64 of user:password")
     proxy = values.get("proxy_url")
-    if proxy and urllib.parse.urlsplit(proxy).scheme not in ("http", "https", "socks5", "socks5h"):
-        raise ConfigError(f"proxy_url: expected an http(s):// or socks5:// URL, got {proxy[:128]!r}")
+    if proxy and urllib.parse.urlsplit(proxy).scheme not in ("http", "https"):
+        raise ConfigError(f"proxy_url: expected an http:// or https:// URL, got {proxy[:128]!r}")
 
 
 def _apply_runtime_config(inst: Instance, values: dict[str, str]) -> None:

@@ -563,8 +563,8 @@ class RegistryBackend(BlobBackend):
 
     def update_proxy(self, url: str) -> None:
         """The origin's requests go through the HTTP(S) proxy ``url`` (``""``: directly)."""
-        if url and urllib.parse.urlsplit(url).scheme not in ("http", "https", "socks5", "socks5h"):
-            raise ConfigError(f"proxy_url: expected an http(s):// or socks5:// URL, got {url[:128]!r}")
+        if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ConfigError(f"proxy_url: expected an http:// or https:// URL, got {url[:128]!r}")
         self.client.set_proxy(url)
 
     def _call(self, what: str, fn, *, after: str = "", served=None):
