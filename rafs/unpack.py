@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import shutil
 import stat
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from rafs._blobfile import LocalBlobs
 from rafs.errors import RafsError
 from rafs.metadata import Inode, Rafs
-from storage.atomic import atomic_open, hold_signals, release_signals
+from storage.atomic import atomic_open
 from storage.digest import digest
 
 
@@ -54,20 +54,17 @@ def unpack_dir(fs: Rafs, blobs: LocalBlobs, output: str) -> UnpackReport:
             raise RafsError(f"{output}: exists and is not an empty directory")
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    held = hold_signals()  # a Ctrl-C / SIGTERM right after the mkdir must still remove it
+    # named first and made inside the try: a Ctrl-C / SIGTERM right after the mkdir still removes it
+    tmp = os.path.join(parent, ".unpack-" + secrets.token_hex(16))
     try:
-        tmp = tempfile.mkdtemp(prefix=".unpack-", dir=parent)
-    except BaseException:
-        release_signals(held)
-        raise
-    try:
-        release_signals(held)
+        os.mkdir(tmp, 0o700)
         report = _write_tree(fs, blobs, tmp)
         if os.path.isdir(output):
             os.rmdir(output)
         os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if not (isinstance(exc, FileExistsError) and exc.filename == tmp):  # (never someone else's)
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
 

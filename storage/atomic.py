@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
-import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -48,22 +46,3 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, perms: int = 0o6
         data = data.encode("utf-8")
     with atomic_open(path, "wb", perms=perms) as f:
         f.write(data)
-
-
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def hold_signals() -> Any:
-    """Hold SIGINT and SIGTERM back (in the main thread, where their Python handlers run; None
-    elsewhere) until :func:`release_signals`. Around creating a temporary output, released as the
-    first step of the ``try`` that removes it on an exception: a signal can then never land between
-    the output's creation and the code that cleans it up (it is delivered at the release)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-
-
-def release_signals(held: Any) -> None:
-    """Undo :func:`hold_signals`; a signal that arrived meanwhile is handled now."""
-    if held is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import stat
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from rafs.builder.bootstrap import BootstrapOptions, write_bootstrap
 from rafs.builder.source import LayerLimits, open_layer, spool_tar_files, walk_directory, walk_tar
 from rafs.builder.tree import Inode, Tree, apply_whiteouts_in_layer
 from rafs.errors import BuildError
-from storage.atomic import atomic_write, hold_signals, release_signals
+from storage.atomic import atomic_write
 from storage.records import BlobInfo, Compressor, Digester
 
 SOURCE_TYPES = ("dir-rafs", "tar-rafs", "targz-rafs", "targz-ref")
@@ -228,16 +229,13 @@ def build(source: str | os.PathLike | BinaryIO, *, bootstrap_out: str | None, bl
     tmp_path = None
     f = None
     writer = None
-    held = hold_signals()  # a Ctrl-C / SIGTERM right after mkstemp must still remove the file
-    if out_dir is not None:
-        try:
-            fd, tmp_path = tempfile.mkstemp(dir=out_dir, prefix=".tmp-blob.")
-            f = os.fdopen(fd, "wb", buffering=1 << 20)
-        except BaseException:
-            release_signals(held)
-            raise
     try:
-        release_signals(held)
+        if out_dir is not None:
+            # named first and made inside the try: a Ctrl-C / SIGTERM right after the create
+            # still finds it in the finally below (O_EXCL: a 128-bit name is never someone else's)
+            tmp_path = os.path.join(out_dir, ".tmp-blob." + secrets.token_hex(16))
+            f = os.fdopen(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600),
+                          "wb", buffering=1 << 20)
         writer = BlobWriter(f, blob_index=len(store.blobs), chunk_size=opts.chunk_size,
                             compressor=Compressor(opts.compressor), digester=Digester(opts.digester),
                             threads=opts.threads)

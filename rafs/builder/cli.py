@@ -8,8 +8,10 @@ trace (:mod:`rafs.trace`; recognized by its ``#`` header or tab-separated ranges
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import select
 import sys
 
 from rafs.builder.source import LayerLimits
@@ -35,6 +37,28 @@ def _read_prefetch(policy: str) -> list[str]:
     except RafsError as exc:  # a malformed trace: one line, usage error
         print(f"error: prefetch list on stdin: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class _InterruptibleReader(io.RawIOBase):
+    """A pipe read that Ctrl-C / SIGTERM always interrupts: it waits in ``select`` with a short
+    timeout, so Python runs a pending signal handler between waits. (A plain blocking read of a
+    stalled pipe does not return when the signal lands just before the ``read`` call, while the
+    buffered reader's C code runs: the handler then never runs.)"""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        while not select.select([self.fd], [], [], 0.25)[0]:
+            pass
+        return os.readv(self.fd, [buf])
+
+
+def _interruptible_stdin() -> io.BufferedReader:
+    return io.BufferedReader(_InterruptibleReader(sys.stdin.fileno()), 1 << 20)
 
 
 def _read_prefetch_stdin(policy: str) -> list[str]:
@@ -98,7 +122,7 @@ def cmd_create(args: argparse.Namespace) -> int:
                         limits=LayerLimits(args.max_file_size, args.max_layer_size, args.max_entries))
     source = args.SOURCE
     if source == "-":
-        source = sys.stdin.buffer
+        source = _interruptible_stdin()
     try:
         result = build(source, bootstrap_out=args.bootstrap, blob_out=args.blob, blob_dir=args.blob_dir,
                        source_type=args.type, options=opts)
