@@ -34,6 +34,32 @@ def _tar(entries: list[tuple[str, int, bytes | None]]) -> bytes:
     return out.getvalue()
 
 
+#: runs argv with SIGINT and SIGTERM at their defaults and unblocked, as a command started from an
+#: interactive shell does, whatever the test runner inherited (a runner started in the background
+#: without job control has SIGINT ignored, which Python keeps); exec keeps the pid
+_FROM_A_SHELL = ("import os, signal, sys\n"
+                 "for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_DFL)\n"
+                 "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})\n"
+                 "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
+
+
+def _from_a_shell(*args: str) -> list[str]:
+    return [sys.executable, "-c", _FROM_A_SHELL, *args]
+
+
+def _signal_state(pid: int) -> str:
+    """Each thread's signal masks, for a failure message."""
+    out = []
+    try:
+        for tid in sorted(os.listdir(f"/proc/{pid}/task")):
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                out.append(tid + " " + " ".join(line.strip() for line in f if line.startswith(
+                    ("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))))
+    except OSError as exc:
+        out.append(str(exc))
+    return "\n".join(out)
+
+
 def _leftovers(d: pathlib.Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name.startswith("."))
 
@@ -114,9 +140,10 @@ def _wait_for(pred, timeout: float = 60.0) -> None:
 def test_signal_during_create_removes_temp_output(tmp_path, sig):
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "rafs.cli", "create", "-t", "tar-rafs",
-                             "-B", str(out / "b.boot"), "-D", str(out), "-"],
-                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_from_a_shell("-m", "rafs.cli", "create", "-t", "tar-rafs",
+                                          "-B", str(out / "b.boot"), "-D", str(out), "-"),
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONFAULTHANDLER="1"))
     try:
         # a file entry whose data never finishes arriving: create blocks, its temp blob open
         head = _tar([("slow", 10 << 20, None)])
@@ -124,7 +151,13 @@ def test_signal_during_create_removes_temp_output(tmp_path, sig):
         proc.stdin.flush()
         _wait_for(lambda: _leftovers(out))
         proc.send_signal(sig)
-        rc = proc.wait(60)
+        try:
+            rc = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            state = _signal_state(proc.pid)
+            proc.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack on stderr
+            proc.wait(10)
+            pytest.fail(f"create ignored signal {sig} for 60 s\n{state}\n{proc.stderr.read().decode()[-4000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -145,8 +178,8 @@ def test_signal_during_unpack_removes_temp_output(tmp_path, sig):
     res = build(str(src), bootstrap_out=str(tmp_path / "img.boot"), blob_dir=str(blobs))
     parent = tmp_path / "dest"
     parent.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "rafs.cli", "unpack", str(res.bootstrap), "-D", str(blobs),
-                             "--output", str(parent / "out")], cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_from_a_shell("-m", "rafs.cli", "unpack", str(res.bootstrap), "-D", str(blobs),
+                                          "--output", str(parent / "out")), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
         _wait_for(lambda: _leftovers(parent) or proc.poll() is not None)
