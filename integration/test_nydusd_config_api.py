@@ -11,11 +11,11 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import time
 
 import pytest
 
 from integration.fs_support import require_stack
+from integration.snapshotter_support import wait_for
 from integration.storage_registry import REGISTRY_BIN, FaultProxy, LocalRegistry
 from rafs import erofs
 from rafs.daemon.api import ApiError, DaemonClient
@@ -27,13 +27,6 @@ USER, SECRET = "rotator", "N3w-s3cret-after-rotation"
 GOOD = base64.b64encode(f"{USER}:{SECRET}".encode()).decode()
 STALE = base64.b64encode(f"{USER}:expired-password".encode()).decode()
 REPO = "private/rotated"
-
-
-def _wait(cond, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("driver", ["fusedev", "erofs"])
@@ -67,7 +60,7 @@ def test_registry_auth_rotates_on_a_running_instance_and_survives_failover(tmp_p
         mp = manager.mount("img1", res.bootstrap, None, {"type": "registry", "config": {
             "scheme": "http", "host": reg.host, "repo": REPO, "auth": STALE, "retry_limit": 0}})
         rec = next(iter(manager._records.values()))
-        _wait(lambda: manager._holders[rec.daemon_id].held, "the FUSE session never reached its keeper")
+        wait_for(lambda: manager._holders[rec.daemon_id].held, 60, "the FUSE session to reach its keeper")
         client = DaemonClient(rec.apisock)
 
         with pytest.raises(OSError):  # the mount's password is no longer valid
@@ -102,8 +95,7 @@ def test_registry_auth_rotates_on_a_running_instance_and_survives_failover(tmp_p
         # mount's stale ones: a file never read before comes from the registry after the failover
         old_pid = rec.pid
         os.kill(old_pid, signal.SIGKILL)
-        _wait(lambda: manager.failovers.snapshot()[0].get("ok", 0) >= 1,
-              f"no failover: {manager.failovers.snapshot()}", timeout=90)
+        wait_for(lambda: manager.failovers.snapshot()[0].get("ok", 0) >= 1, 90, "the failover")
         mark, via_proxy = reg.registry.log_mark(), len(proxy.blob_gets())
         assert open(os.path.join(mp, "third"), "rb").read() == files["third"]
         assert reg.registry.blob_fetches(since=mark), "the file was not read from the registry after the failover"

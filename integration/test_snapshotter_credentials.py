@@ -154,10 +154,9 @@ def test_rotated_password_reaches_a_running_container_through_credential_renewal
     import hashlib
     import random
     import threading
-    import time
 
     from integration.harness.registry import htpasswd_line
-    from integration.snapshotter_support import busybox_nydus_image
+    from integration.snapshotter_support import busybox_nydus_image, wait_for
 
     if not os.path.exists("/bin/busybox"):
         pytest.skip("/bin/busybox missing (Debian package busybox-static)")
@@ -197,10 +196,8 @@ printf '{{"ServerURL": "%s", "Username": "{USER}", "Secret": "%s"}}\\n' "$url" "
         t = threading.Thread(target=lambda: result.setdefault("p", cd.run(
             image.ref, ["/bin/sh", "-c", script], snapshotter="nydus", namespace="k8s.io", check=False, timeout=120)))
         t.start()
-        deadline = time.monotonic() + 60
-        while not [p for p in pathlib.Path(sn.root, "snapshots").glob("*/fs/before.md5") if p.stat().st_size]:
-            assert time.monotonic() < deadline, "the container never read /data/before"
-            time.sleep(0.05)
+        wait_for(lambda: [p for p in pathlib.Path(sn.root, "snapshots").glob("*/fs/before.md5") if p.stat().st_size],
+                 60, "the container to read /data/before", interval=0.05)
         assert [e for e in reg.access_log()[mark:] if e.blob_digest and e.status in (200, 206)]
         # rotate: the registry only takes the new password from now on (docker-registry reloads its
         # htpasswd file), the helper answers the new one

@@ -12,14 +12,13 @@ import pathlib
 import random
 import socket
 import threading
-import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from integration.conftest import snapshotter_config_for
-from integration.snapshotter_support import busybox_nydus_image
+from integration.snapshotter_support import busybox_nydus_image, wait_for
 from integration.test_snapshotter_containerd import SNAPSHOTTER, kill_recorded_daemons
 
 pytestmark = [pytest.mark.containerd, pytest.mark.root, pytest.mark.timeout(300)]
@@ -93,10 +92,8 @@ def test_scrape_has_upstream_series_for_a_running_nydus_container(registry, snap
         t = threading.Thread(target=lambda: cd.run(image.ref, ["/bin/sh", "-c", script], snapshotter=SNAPSHOTTER,
                                                    namespace="k8s.io", check=False, timeout=120), daemon=True)
         t.start()
-        deadline = time.monotonic() + 60
-        while not [p for p in pathlib.Path(sn.root, "snapshots").glob("*/fs/sums") if p.stat().st_size]:
-            assert time.monotonic() < deadline, "the container never read its files"
-            time.sleep(0.1)
+        wait_for(lambda: [p for p in pathlib.Path(sn.root, "snapshots").glob("*/fs/sums") if p.stat().st_size],
+                 60, "the container to read its files")
         written = next(p for p in pathlib.Path(sn.root, "snapshots").glob("*/fs/sums") if p.stat().st_size)
         assert {line.split()[1]: line.split()[0] for line in written.read_text().splitlines()} == \
             {k: sums[k] for k in ("/data/f0", "/data/f1")}

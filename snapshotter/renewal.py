@@ -51,7 +51,6 @@ class CredentialRenewal:
         self._lock = threading.Lock()
         self._tracked: set[str] = set()                 #: image refs with a renewable source
         self.counts: dict[tuple[str, str], int] = {}    #: (image ref, success|failure) -> attempts
-        self._thread: threading.Thread | None = None
 
     def renew_once(self) -> dict[str, str]:
         """Ask the renewable sources again for every mounted instance's image; returns instance id
@@ -118,6 +117,6 @@ class CredentialRenewal:
                 except Exception:  # noqa: BLE001 - the loop outlives a bad pass
                     log.exception("credential renewal pass failed")
 
-        self._thread = threading.Thread(target=loop, name="credential-renewal", daemon=True)
-        self._thread.start()
-        return self._thread
+        thread = threading.Thread(target=loop, name="credential-renewal", daemon=True)
+        thread.start()
+        return thread

@@ -18,7 +18,6 @@ import logging
 import os
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -936,8 +935,9 @@ RUNTIME_CONFIG_KEYS = ("registry_auth", "proxy_url")
 
 
 def _check_runtime_config(name: str, inst: Instance, values: dict[str, str]) -> None:
-    """:class:`ConfigError` unless every value can be applied to ``inst``'s backend."""
-    from storage.backend.credentials import Credentials
+    """:class:`ConfigError` unless every value can be applied to ``inst``'s backend (the
+    backend's own checks, run before any instance changes)."""
+    from storage.backend.registry import check_proxy_url, runtime_credentials
     from storage.errors import StorageError
 
     backend = getattr(inst.device, "backend", None)
@@ -946,17 +946,11 @@ def _check_runtime_config(name: str, inst: Instance, values: dict[str, str]) -> 
         raise ConfigError(f"{where} has no storage backend to configure")
     if backend.kind != "registry":
         raise ConfigError(f"{where}: its {backend.kind} backend takes neither registry_auth nor proxy_url")
-    auth = values.get("registry_auth")
-    if auth:
-        try:
-            creds = Credentials.from_auth(auth)
-        except StorageError as exc:
-            raise ConfigError(f"registry_auth: {exc}") from exc
-        if not (creds.username or creds.identity_token):
-            raise ConfigError("registry_auth: expected base64 of user:password")
-    proxy = values.get("proxy_url")
-    if proxy and urllib.parse.urlsplit(proxy).scheme not in ("http", "https"):
-        raise ConfigError(f"proxy_url: expected an http:// or https:// URL, got {proxy[:128]!r}")
+    try:
+        runtime_credentials(values.get("registry_auth", ""))
+        check_proxy_url(values.get("proxy_url", ""))
+    except StorageError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _apply_runtime_config(inst: Instance, values: dict[str, str]) -> None:

@@ -514,6 +514,27 @@ class _Endpoint:
             self._failed_at = None
 
 
+def runtime_credentials(auth: str) -> Credentials:
+    """The credentials of a ``registry_auth`` value handed over at run time (nydusd's
+    ``PUT /api/v1/config``): docker's base64 ``user:password`` (or an identity token); ``""`` is
+    anonymous. :class:`ConfigError` for anything else."""
+    if not auth:
+        return Credentials()
+    try:
+        creds = Credentials.from_auth(auth)
+    except ConfigError as exc:
+        raise ConfigError(f"registry_auth: {exc}") from exc
+    if not (creds.username or creds.identity_token):
+        raise ConfigError("registry_auth: expected base64 of user:password")
+    return creds
+
+
+def check_proxy_url(url: str) -> None:
+    """:class:`ConfigError` unless ``url`` is ``""`` (no proxy) or an http:// or https:// URL."""
+    if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ConfigError(f"proxy_url: expected an http:// or https:// URL, got {url[:128]!r}")
+
+
 class RegistryBackend(BlobBackend):
     """Blobs of one repository; proxy → mirrors → origin, each request."""
 
@@ -551,20 +572,18 @@ class RegistryBackend(BlobBackend):
 
     def update_auth(self, auth: str) -> None:
         """New credentials for the origin, the proxy and the mirrors that pass auth through
-        (``auth_through``); ``""``: anonymous. :class:`ConfigError` if ``auth`` is not base64 of
-        ``user:password``, and then nothing changes."""
-        creds = Credentials.from_auth(auth) if auth else Credentials()
-        if auth and not (creds.identity_token or creds.username):
-            raise ConfigError("registry_auth: expected base64 of user:password")
+        (``auth_through``); ``""``: anonymous. :class:`ConfigError` (:func:`runtime_credentials`)
+        if ``auth`` is not base64 of ``user:password``, and then nothing changes."""
+        creds = runtime_credentials(auth)
         for client in self._auth_clients:
             client.set_credentials(creds)
         log.info("registry %s/%s: credentials replaced (%s)", self.config.host, self.config.repo,
                  "anonymous" if not auth else "user " + (creds.username or "<identity token>"))
 
     def update_proxy(self, url: str) -> None:
-        """The origin's requests go through the HTTP(S) proxy ``url`` (``""``: directly)."""
-        if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-            raise ConfigError(f"proxy_url: expected an http:// or https:// URL, got {url[:128]!r}")
+        """The origin's requests go through the HTTP(S) proxy ``url`` (``""``: directly);
+        :class:`ConfigError` (:func:`check_proxy_url`) for another kind of URL."""
+        check_proxy_url(url)
         self.client.set_proxy(url)
 
     def _call(self, what: str, fn, *, after: str = "", served=None):
