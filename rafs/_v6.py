@@ -169,8 +169,19 @@ class RafsV6(Rafs):
             if self._chunk_keys is not None:
                 return
             count = self.chunk_table_count
-            pairs = []
             off = self.ext.s_chunk_table_offset
+            try:  # as columns (no object per entry); a bad entry: the loop below names it
+                bidx, idx = self._img.parse_columns(RafsV5ChunkInfo, off, count, "chunk table", "blob_index", "index")
+                counts = [b.chunk_count for b in self.blobs]
+                ok = not count or (max(bidx) < len(counts) and all(i < counts[b] for b, i in zip(bidx, idx)))
+            except FormatError:
+                ok = False
+            if ok:
+                keys = sorted(((b << 24) | i, pos) for pos, (b, i) in enumerate(zip(bidx, idx)))
+                self._chunk_pos = [p for _, p in keys]
+                self._chunk_keys = [k for k, _ in keys]
+                return
+            pairs = []
             for start in range(0, count, _CHUNK_BATCH):
                 n = min(_CHUNK_BATCH, count - start)
                 for j, ent in enumerate(

@@ -76,6 +76,10 @@ class BlobReadDevice(Protocol):
         """Where chunk digests not given with a read are found (the bootstrap's chunk table)."""
         ...
 
+    def set_chunk_lookup(self, lookup: "Callable[[int, int], ChunkInfo | None]") -> None:
+        """One entry of that table by (blob index, chunk index), None when it has none."""
+        ...
+
     def set_file_map(self, same_file: "FileMap | None") -> None:
         """Which chunks continue which within one image file: read-ahead stays inside a file."""
         ...
@@ -203,6 +207,7 @@ class BlobDevice:
         #: nothing touches the backend before a read (metadata comes from the bootstrap)
         self.preload_on_first_read = False
         self._chunk_source: "Callable[[], Iterable[ChunkInfo]] | None" = None
+        self._chunk_lookup: "Callable[[int, int], ChunkInfo | None] | None" = None
         self._same_file: "FileMap | None" = None
         config = prefetch_config or PrefetchConfig()
         #: demand reads in flight and when the last ended: polite prefetch starts only when quiet
@@ -225,12 +230,21 @@ class BlobDevice:
                 if source is not None and cache.chunk_source is None:
                     index = blob.blob_index
                     cache.chunk_source = lambda: (c for c in source() if c.blob_index == index)
+                lookup = self._chunk_lookup
+                if lookup is not None and cache.chunk_lookup is None:
+                    cache.chunk_lookup = lambda i, b=blob.blob_index: lookup(b, i)
             return cache
 
     def set_chunk_source(self, source: "Callable[[], Iterable[ChunkInfo]]") -> None:
         """Where caches find chunk digests they were not given (read amplification, whole-blob
         prefetch, checking a complete cache file): the bootstrap's chunk table, read on first need."""
         self._chunk_source = source
+
+    def set_chunk_lookup(self, lookup: "Callable[[int, int], ChunkInfo | None]") -> None:
+        """One entry of the bootstrap's chunk table by (blob index, chunk index), None when it
+        has none: a cache needing one digest (read amplification) asks for that one instead of
+        loading the whole table on a demand read's path."""
+        self._chunk_lookup = lookup
 
     def set_file_map(self, same_file: "FileMap | None") -> None:
         """Bound sequential read-ahead by image files: ``same_file(blob_index, i, j)`` says whether
@@ -346,9 +360,6 @@ class BlobDevice:
         image file (moving on into the next file is a jump) and the window ends at the file's
         last chunk: read-ahead never fetches a file nobody has started reading.
         """
-        table = cache.whole_blob_chunks()
-        if not table or last >= len(table):
-            return
         blob_id = cache.blob.blob_id
         same_file = self._same_file
         blob_index = cache.blob.blob_index
@@ -364,7 +375,15 @@ class BlobDevice:
             elif first != st.last:  # a jump: start over (re-reads of the same chunk keep the state)
                 st.streak, st.end = 0, -1
             st.last = last
-            if st.streak >= READAHEAD_TRIGGER:
+            if st.streak < READAHEAD_TRIGGER:
+                return
+        # the blob's chunk table (with digests) only once a stream is seen: built on first use,
+        # it is not paid by the first reads of a blob (a start-up's scattered reads never are)
+        table = cache.whole_blob_chunks()
+        if not table or last >= len(table):
+            return
+        with self._lock:
+            if st.streak >= READAHEAD_TRIGGER and st.last == last:
                 window = min(self.prefetcher.config.readahead, READAHEAD_MIN << (st.streak - READAHEAD_TRIGGER))
                 end_of = lambda c: c.compressed_offset + c.compressed_size  # noqa: E731
                 ahead = end_of(table[st.end - 1]) - end_of(table[last]) if st.end > last + 1 else 0

@@ -271,3 +271,21 @@ def test_parse_columns_equals_parse_array_both_ways(images, monkeypatch):
             RafsV5ChunkInfo.parse_columns(buf, off, n, "block_id")
         with pytest.raises(StructTooShort):
             RafsV5ChunkInfo.parse_columns(buf, len(buf) - 100, 2, "index")
+
+
+def test_chunk_info_lookup_index_built_from_columns(images, tmp_path):
+    """``chunk_info(blob, index)`` (the storage layer's digest lookup): its index is built from
+    the table's columns, answers every entry as ``chunk_table()`` has it, and a bad entry is
+    still named as the entry-by-entry reader names it."""
+    with Rafs.open(images["merged"]) as rafs:
+        table = list(rafs.chunk_table())
+        first = {}
+        for c in table:
+            first.setdefault((c.blob_index, c.index), c)
+        assert all(rafs.chunk_info(b, i) == c for (b, i), c in first.items())
+        with pytest.raises(FormatError, match="missing from the chunk table"):
+            rafs.chunk_info(0, rafs.blobs[0].chunk_count + 7)
+    for fields, words in (({"blob_index": 5}, "blob_index 5 out of range"), ({"index": 1 << 20}, "index 1048576 >=")):
+        with Rafs.open(_patched(images, tmp_path, 2, **fields)) as rafs:
+            with pytest.raises(FormatError, match=f"chunk table entry 2: {words}"):
+                rafs.chunk_info(0, 0)

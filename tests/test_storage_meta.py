@@ -55,6 +55,36 @@ def test_ci_roundtrip(v2):
     assert decode_ci_array(raw, 3, v2=v2) == chunks
 
 
+@pytest.mark.parametrize("v2", [False, True])
+def test_ci_table_reads_entries_on_use(v2):
+    from storage.meta.chunk_info import CiTable
+
+    chunks = [BlobChunk(i, i * 5000, 4000 + i, i << 20, 1 << 20, 1, (i << 32) | 7 if v2 else 0) for i in range(50)]
+    raw = b"\xff" * 8 + encode_ci_array(chunks, v2=v2)  # at an offset, as inside a blob.meta
+    table = CiTable(raw, 50, v2=v2, offset=8)
+    assert len(table) == 50 and table == chunks and list(table) == chunks
+    assert table[0] == chunks[0] and table[-1] == chunks[49] and table[10:13] == chunks[10:13]
+    assert table == CiTable(raw, 50, v2=v2, offset=8) and table != chunks[:49]
+    with pytest.raises(IndexError):
+        table[50]
+    with pytest.raises(MetaFormatError, match="truncated"):
+        CiTable(raw, 51, v2=v2, offset=8)
+
+
+def test_loaded_blob_meta_keeps_the_ci_table_lazy():
+    from storage.meta.blob_meta import BlobMeta, load_from_ci_bytes
+    from storage.meta.chunk_info import CiTable
+    from storage.meta.header import BlobCompressionContextHeader
+    from storage.records import Compressor
+
+    chunks = [BlobChunk(i, i * 3000, 3000, i << 12, 4096, 1) for i in range(2000)]
+    meta, packed = BlobMeta.build(chunks, features=0, ci_compressor=Compressor.ZSTD, ci_offset=0)
+    header = BlobCompressionContextHeader.parse(packed, len(packed) - BlobCompressionContextHeader.SIZE)
+    loaded = load_from_ci_bytes(packed[: header.s_ci_compressed_size], header)
+    assert isinstance(loaded.chunks, CiTable) and loaded.chunk_count == 2000
+    assert loaded.chunks[1999] == chunks[1999] and loaded.chunks == meta.chunks
+
+
 def test_ci_rejects_bad_values():
     with pytest.raises(MetaFormatError):
         encode_ci_array([BlobChunk(0, 0, 10, 100, 10)])  # unaligned uncompressed offset

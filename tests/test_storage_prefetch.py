@@ -285,3 +285,47 @@ def test_chunk_tables_preloaded_on_the_first_read_only(tmp_path):
     assert os.path.exists(meta_b)  # the other blob's CI table, without reading from it
     assert {r[0] for r in backend.requests} == {blob_a.blob_id, blob_b.blob_id}
     dev.close()
+
+
+def test_first_reads_of_a_blob_look_up_digests_one_by_one(tmp_path):
+    """Scattered first reads (a program starting) neither build the blob's whole chunk list nor
+    load every digest of the bootstrap's chunk table: amplification looks up the digests of the
+    chunks it considers; only a sequential stream (read-ahead) loads them all, once."""
+    from rafs.metadata import Rafs
+
+    res, content, blob_dir = _built_image(tmp_path, files=64)
+    rafs = Rafs.open(res.bootstrap)
+    blob = rafs.blobs[0]
+    backend = MemoryBackend({blob.blob_id: open(os.path.join(blob_dir, blob.blob_id), "rb").read()})
+    mgr = FileCacheManager(str(tmp_path / "cache"), backend, CacheConfig(amplify_io=3 * 8192))
+    dev = BlobDevice(rafs.blobs, mgr, prefetch_config=PrefetchConfig(enable=False, readahead=8 * 8192))
+    calls = {"source": 0, "lookup": 0}
+
+    def source():
+        calls["source"] += 1
+        return rafs.chunk_table()
+
+    def lookup(blob_index, index):
+        calls["lookup"] += 1
+        return rafs.chunk_info(blob_index, index)
+
+    dev.set_chunk_source(source)
+    dev.set_chunk_lookup(lookup)
+
+    def read(name):
+        ino = rafs.lookup_path("/" + name)
+        assert dev.read(ino.chunks(0, 8192)) == content[name]
+
+    read("f040")
+    read("f010")
+    read("f030")
+    assert calls["source"] == 0 and calls["lookup"] > 0  # amplification asked for single digests
+    cache = mgr.get_blob_cache(blob)
+    assert cache.chunk_map.ready_count() > 3  # ... and used them: neighbours came with the reads
+    read("f031")
+    read("f032")  # a stream: read-ahead takes the whole list, every digest in one pass
+    assert dev.prefetcher.wait(10)
+    assert calls["source"] == 1
+    read("f033")
+    assert calls["source"] == 1
+    dev.close()

@@ -48,6 +48,9 @@ class OwnedDevice(BlobReadDevice):
     def set_chunk_source(self, source: Callable[[], Iterable[ChunkInfo]]) -> None:
         self._device.set_chunk_source(source)
 
+    def set_chunk_lookup(self, lookup: Callable[[int, int], ChunkInfo | None]) -> None:
+        self._device.set_chunk_lookup(lookup)
+
     def set_file_map(self, same_file: "FileMap | None") -> None:
         self._device.set_file_map(same_file)
 

@@ -68,6 +68,16 @@ def _give_chunk_source(device: Any, tree: Any) -> None:
     source = getattr(tree, "chunk_table", None)  # test trees may have none
     if source is not None:
         device.set_chunk_source(source)
+    if getattr(tree, "chunk_table_count", 0) > 0 and hasattr(device, "set_chunk_lookup"):
+        chunk_info = tree.chunk_info
+
+        def lookup(blob_index: int, index: int) -> Any:
+            try:
+                return chunk_info(blob_index, index)
+            except FormatError:  # not in the table, or a bad entry: the digest is unknown
+                return None
+
+        device.set_chunk_lookup(lookup)
 
 
 class StorageOpener:

@@ -89,6 +89,8 @@ class BlobCache(ABC):
     #: where chunk digests not given with a read are found (set by ``BlobDevice`` from the
     #: bootstrap's chunk table); None until set
     chunk_source: "Callable[[], Iterable[ChunkInfo]] | None" = None
+    #: one chunk of that table by index (None when it has none): a digest without loading them all
+    chunk_lookup: "Callable[[int], ChunkInfo | None] | None" = None
 
     def __init__(self, blob: BlobInfo, reader: BlobReader, config: CacheConfig, metrics: StorageMetrics) -> None:
         self.blob = blob

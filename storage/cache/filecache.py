@@ -75,6 +75,29 @@ def cache_blob_id(name: str) -> str | None:
     return name if len(name) == 64 and set(name) <= _HEX else None
 
 
+class _CiChunks(Sequence[ChunkInfo]):
+    """A blob's chunks by index as its CI table gives them (no digests), each made on use: the
+    first read of a blob of thousands of chunks does not pay an object per chunk first."""
+
+    __slots__ = ("_make", "_count")
+
+    def __init__(self, make: Callable[[int, bytes], ChunkInfo], count: int) -> None:
+        self._make = make
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        if isinstance(i, slice):
+            return [self._make(k, b"") for k in range(*i.indices(self._count))]
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError(f"chunk {i} out of range ({self._count} chunks)")
+        return self._make(i, b"")
+
+
 class FileBlobCache(BlobCache):
     """The file cache of one blob."""
 
@@ -111,7 +134,7 @@ class FileBlobCache(BlobCache):
         self._digests_loaded = False
         self._digest_lock = threading.Lock()
         self._verified_lock = threading.Lock()
-        self._chunk_table: list[ChunkInfo] | None = None
+        self._chunk_table: Sequence[ChunkInfo] | None = None
         #: (chunk table, its checkable chunks): whole_blob_chunks without an O(chunks) pass per call
         self._checkable_memo: tuple[list[ChunkInfo], list[ChunkInfo]] | None = None
         self.after_fetch: Callable[[], None] | None = None  #: set by the manager (size limit)
@@ -198,7 +221,7 @@ class FileBlobCache(BlobCache):
             self._meta = meta
             self._meta_state = "loaded" if meta is not None else "absent"
             if meta is not None and self._chunk_table is None:
-                self._chunk_table = [self._from_ci(i, b"") for i in range(meta.chunk_count)]
+                self._chunk_table = _CiChunks(self._from_ci, meta.chunk_count)
             return meta
 
     def _check_meta(self, meta: BlobMeta) -> None:
@@ -239,6 +262,17 @@ class FileBlobCache(BlobCache):
         d = self._digests.get(index)
         if d is not None:
             return d
+        if not self._digests_loaded and self.chunk_lookup is not None:  # just this one
+            c = self.chunk_lookup(index)
+            d = c.digest if c is not None and c.index == index else b""
+            if d:
+                self._digests[index] = d
+            return d
+        self._load_digests()
+        return self._digests.get(index, b"")
+
+    def _load_digests(self) -> None:
+        """Every digest of this blob from the bootstrap's chunk table, once."""
         if not self._digests_loaded and self.chunk_source is not None:
             with self._digest_lock:
                 if not self._digests_loaded:
@@ -246,7 +280,6 @@ class FileBlobCache(BlobCache):
                         if c.digest:
                             self._digests.setdefault(c.index, c.digest)
                     self._digests_loaded = True
-        return self._digests.get(index, b"")
 
     def _with_digest(self, chunk: ChunkInfo) -> ChunkInfo:
         if chunk.digest:
@@ -608,6 +641,7 @@ class FileBlobCache(BlobCache):
         if table is None:
             return None
         if table and not table[-1].digest:
+            self._load_digests()  # all of them: one pass over the table, not a lookup per chunk
             table = [self._with_digest(c) for c in table]
             if all(c.digest for c in table):
                 self._chunk_table = table

@@ -23,7 +23,7 @@ from typing import Sequence
 from storage.atomic import atomic_write
 from storage.compress import compress, decompress
 from storage.errors import DecompressError, MetaFormatError
-from storage.meta.chunk_info import BlobChunk, decode_ci_array, encode_ci_array
+from storage.meta.chunk_info import BlobChunk, CiTable, encode_ci_array
 from storage.meta.header import BLOB_CCT_HEADER_SIZE, BlobCompressionContextHeader
 from storage.meta.toc import ENTRY_BLOB_META, ReadAt, walk_sections
 from storage.records import BlobFeatures, Compressor
@@ -58,7 +58,7 @@ class BlobMeta:
     """Header plus decoded CI entries (and the raw uncompressed CI data incl. ZRAN/batch contexts)."""
 
     header: BlobCompressionContextHeader
-    chunks: tuple[BlobChunk, ...]
+    chunks: Sequence[BlobChunk]   #: a :class:`CiTable` when decoded (each entry made on use)
     ci_data: bytes
 
     @property
@@ -155,8 +155,7 @@ def _decode(h: BlobCompressionContextHeader, ci_data: bytes) -> BlobMeta:
     if h.s_ci_zran_count and h.s_ci_zran_offset + h.s_ci_zran_size > len(ci_data):
         raise MetaFormatError(
             f"blob meta: zran area {h.s_ci_zran_offset}+{h.s_ci_zran_size} beyond CI data {len(ci_data)}")
-    chunks = decode_ci_array(ci_data, h.s_ci_entries, v2=v2)
-    return BlobMeta(h, tuple(chunks), bytes(ci_data))
+    return BlobMeta(h, CiTable(ci_data, h.s_ci_entries, v2=v2), bytes(ci_data))
 
 
 def _check_expected(h: BlobCompressionContextHeader, **expect: int | None) -> None:

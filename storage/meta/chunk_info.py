@@ -8,14 +8,16 @@ context index/offset, batch index/offset, or CRC-32C).
 API::
 
     chunks = decode_ci_array(ci_bytes, chunk_count, v2=False)   # -> list[BlobChunk]
+    table = CiTable(ci_bytes, chunk_count, v2=False)             # the same, each entry made on use
     raw = encode_ci_array(chunks, v2=False)                      # round-trips
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable
+from typing import overload
 
 from storage.errors import MetaFormatError
 from storage.structs import Struct, StructTooShort
@@ -128,24 +130,75 @@ def encode_ci_array(chunks: Iterable[BlobChunk], *, v2: bool = False) -> bytes:
     return b"".join(enc(c) for c in chunks)
 
 
+class CiTable(Sequence[BlobChunk]):
+    """``count`` CI entries at ``offset`` of ``buf`` as a read-only sequence of :class:`BlobChunk`.
+
+    The entries are read as columns (``Struct.parse_columns`` of the on-disk entry); each
+    :class:`BlobChunk` is made when asked for. Loading the CI table of a blob of thousands
+    of chunks then costs well under a millisecond instead of an object per chunk, on the path of
+    the first read of that blob. Raises :class:`MetaFormatError` when ``buf`` is too short.
+    """
+
+    __slots__ = ("_uncomp", "_comp", "_data", "_count", "_v2")
+
+    def __init__(self, buf: bytes | bytearray | memoryview, count: int, *, v2: bool = False, offset: int = 0) -> None:
+        try:
+            if v2:
+                self._uncomp, self._comp, self._data = ChunkInfoV2Ondisk.parse_columns(
+                    buf, offset, count, "uncomp_info", "comp_info", "data")
+            else:
+                self._uncomp, self._comp = ChunkInfoV1Ondisk.parse_columns(buf, offset, count, "uncomp_info", "comp_info")
+                self._data = []
+        except StructTooShort as exc:
+            raise MetaFormatError(f"chunk-info array truncated: {exc}") from exc
+        self._count = count
+        self._v2 = v2
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, i: int) -> BlobChunk: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[BlobChunk]: ...
+
+    def __getitem__(self, i: int | slice) -> BlobChunk | list[BlobChunk]:
+        if isinstance(i, slice):
+            return [self._entry(k) for k in range(*i.indices(self._count))]
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError(f"CI entry {i} out of range ({self._count} entries)")
+        return self._entry(i)
+
+    def __iter__(self) -> Iterator[BlobChunk]:
+        return (self._entry(k) for k in range(self._count))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CiTable):
+            return (self._v2, self._uncomp, self._comp, self._data) == (other._v2, other._uncomp, other._comp, other._data)
+        if isinstance(other, (list, tuple)):
+            return len(other) == self._count and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self._v2, tuple(self._uncomp), tuple(self._comp)))
+
+    def __repr__(self) -> str:
+        return f"CiTable({self._count} {'v2' if self._v2 else 'v1'} entries)"
+
+    def _entry(self, i: int) -> BlobChunk:
+        u, c = self._uncomp[i], self._comp[i]
+        if self._v2:
+            return BlobChunk(i, c & 0xFF_FFFF_FFFF, c >> 40, (u & 0xFFFF_FFFF) << 12,
+                             ((u >> 32) & 0xFF_FFFF) + 1, u >> 56, self._data[i])
+        csz = (((c >> 20) & 0xF0_0000) | (c >> 44)) + 1
+        usz = (((u & 0xF00) << 12) | (u >> 44)) + 1
+        return BlobChunk(i, c & 0xFF_FFFF_FFFF, csz, u & 0xFFF_FFFF_F000, usz,
+                         int(CiFlags.COMPRESSED) if csz != usz else 0, 0)
+
+
 def decode_ci_array(buf: bytes | bytearray | memoryview, count: int, *, v2: bool = False, offset: int = 0) -> list[BlobChunk]:
     """Decode ``count`` CI entries at ``offset`` of ``buf``; raises :class:`MetaFormatError`."""
-    try:
-        raw = (ChunkInfoV2Ondisk if v2 else ChunkInfoV1Ondisk).parse_array(buf, offset, count)
-    except StructTooShort as exc:
-        raise MetaFormatError(f"chunk-info array truncated: {exc}") from exc
-    out: list[BlobChunk] = []
-    append = out.append
-    if v2:
-        for i, e in enumerate(raw):
-            u, c = e.uncomp_info, e.comp_info
-            append(BlobChunk(i, c & 0xFF_FFFF_FFFF, c >> 40, (u & 0xFFFF_FFFF) << 12,
-                             ((u >> 32) & 0xFF_FFFF) + 1, u >> 56, e.data))
-    else:
-        for i, e in enumerate(raw):
-            u, c = e.uncomp_info, e.comp_info
-            csz = (((c >> 20) & 0xF0_0000) | (c >> 44)) + 1
-            usz = (((u & 0xF00) << 12) | (u >> 44)) + 1
-            flags = CiFlags.COMPRESSED if csz != usz else 0
-            append(BlobChunk(i, c & 0xFF_FFFF_FFFF, csz, u & 0xFFF_FFFF_F000, usz, int(flags), 0))
-    return out
+    return list(CiTable(buf, count, v2=v2, offset=offset))
