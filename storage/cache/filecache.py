@@ -48,6 +48,7 @@ from storage.cache.state import ChunkState, IndexedChunkMap
 from storage.digest import digest
 from storage.errors import BlobRangeError, CacheError, MetaFormatError, StorageError
 from storage.meta.blob_meta import BlobMeta, load_blob_meta_file, load_from_blob, write_blob_meta_file
+from storage.meta.chunk_info import MadeOnUse
 from storage.meta.header import BLOB_CCT_HEADER_SIZE
 from storage.metrics import StorageMetrics
 from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkFlags, ChunkInfo
@@ -73,29 +74,6 @@ def cache_blob_id(name: str) -> str | None:
             blob_id = name[: -len(suffix)]
             return blob_id if blob_id and "/" not in blob_id else None
     return name if len(name) == 64 and set(name) <= _HEX else None
-
-
-class _CiChunks(Sequence[ChunkInfo]):
-    """A blob's chunks by index as its CI table gives them (no digests), each made on use: the
-    first read of a blob of thousands of chunks does not pay an object per chunk first."""
-
-    __slots__ = ("_make", "_count")
-
-    def __init__(self, make: Callable[[int, bytes], ChunkInfo], count: int) -> None:
-        self._make = make
-        self._count = count
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
-        if isinstance(i, slice):
-            return [self._make(k, b"") for k in range(*i.indices(self._count))]
-        if i < 0:
-            i += self._count
-        if not 0 <= i < self._count:
-            raise IndexError(f"chunk {i} out of range ({self._count} chunks)")
-        return self._make(i, b"")
 
 
 class FileBlobCache(BlobCache):
@@ -221,7 +199,9 @@ class FileBlobCache(BlobCache):
             self._meta = meta
             self._meta_state = "loaded" if meta is not None else "absent"
             if meta is not None and self._chunk_table is None:
-                self._chunk_table = _CiChunks(self._from_ci, meta.chunk_count)
+                # the blob's chunks as the CI table gives them (no digests), each made on use:
+                # the first read of a blob of thousands of chunks does not pay an object per chunk
+                self._chunk_table = MadeOnUse(lambda i: self._from_ci(i, b""), meta.chunk_count)
             return meta
 
     def _check_meta(self, meta: BlobMeta) -> None:

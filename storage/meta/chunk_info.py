@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import overload
+from typing import Callable, Generic, TypeVar, overload
 
 from storage.errors import MetaFormatError
 from storage.structs import Struct, StructTooShort
@@ -130,7 +130,42 @@ def encode_ci_array(chunks: Iterable[BlobChunk], *, v2: bool = False) -> bytes:
     return b"".join(enc(c) for c in chunks)
 
 
-class CiTable(Sequence[BlobChunk]):
+T = TypeVar("T")
+
+
+class MadeOnUse(Sequence[T], Generic[T]):
+    """``count`` items, item ``i`` made by ``make(i)`` each time it is asked for: a large table
+    read as columns, without an object per row until a row is used."""
+
+    __slots__ = ("_make", "_count")
+
+    def __init__(self, make: Callable[[int], T], count: int) -> None:
+        self._make = make
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[T]: ...
+
+    def __getitem__(self, i: int | slice) -> T | list[T]:
+        if isinstance(i, slice):
+            return [self._make(k) for k in range(*i.indices(self._count))]
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError(f"entry {i} out of range ({self._count} entries)")
+        return self._make(i)
+
+    def __iter__(self) -> Iterator[T]:
+        return (self._make(k) for k in range(self._count))
+
+
+class CiTable(MadeOnUse[BlobChunk]):
     """``count`` CI entries at ``offset`` of ``buf`` as a read-only sequence of :class:`BlobChunk`.
 
     The entries are read as columns (``Struct.parse_columns`` of the on-disk entry); each
@@ -139,7 +174,7 @@ class CiTable(Sequence[BlobChunk]):
     the first read of that blob. Raises :class:`MetaFormatError` when ``buf`` is too short.
     """
 
-    __slots__ = ("_uncomp", "_comp", "_data", "_count", "_v2")
+    __slots__ = ("_uncomp", "_comp", "_data", "_v2")
 
     def __init__(self, buf: bytes | bytearray | memoryview, count: int, *, v2: bool = False, offset: int = 0) -> None:
         try:
@@ -151,29 +186,8 @@ class CiTable(Sequence[BlobChunk]):
                 self._data = []
         except StructTooShort as exc:
             raise MetaFormatError(f"chunk-info array truncated: {exc}") from exc
-        self._count = count
         self._v2 = v2
-
-    def __len__(self) -> int:
-        return self._count
-
-    @overload
-    def __getitem__(self, i: int) -> BlobChunk: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> list[BlobChunk]: ...
-
-    def __getitem__(self, i: int | slice) -> BlobChunk | list[BlobChunk]:
-        if isinstance(i, slice):
-            return [self._entry(k) for k in range(*i.indices(self._count))]
-        if i < 0:
-            i += self._count
-        if not 0 <= i < self._count:
-            raise IndexError(f"CI entry {i} out of range ({self._count} entries)")
-        return self._entry(i)
-
-    def __iter__(self) -> Iterator[BlobChunk]:
-        return (self._entry(k) for k in range(self._count))
+        super().__init__(self._entry, count)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, CiTable):
