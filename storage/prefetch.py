@@ -146,10 +146,13 @@ class Throttle:
 class _Unit:
     """One submitted chunk list: its runs are fetched by any worker, in layout order."""
 
-    __slots__ = ("cache", "polite", "left", "exact", "born")
+    __slots__ = ("cache", "polite", "left", "exact", "pauses", "born")
 
-    def __init__(self, cache: BlobCache, polite: bool, runs: int, exact: bool = False) -> None:
+    def __init__(self, cache: BlobCache, polite: bool, runs: int, exact: bool = False,
+                 pauses: bool = True) -> None:
         self.cache, self.polite, self.left, self.exact = cache, polite, runs, exact
+        #: a running transfer holds while demand reads are in flight (see :meth:`Prefetcher._pause`)
+        self.pauses = pauses
         self.born = time.monotonic()
 
 
@@ -199,11 +202,17 @@ class Prefetcher:
 
         ``readahead=True`` (on-demand read-ahead) is queued even when prefetch is disabled.
         ``exact=True``: fetch these chunks only (the cache does not amplify into neighbours).
+
+        A polite or read-ahead transfer, once running, pauses while demand reads are in flight;
+        a high-priority prefetch (``yield_to_demand=False`` without ``readahead``: an image's
+        start-up set) does not — it is what those reads are about to ask for, and pausing it
+        while a reader waits on some other lock or chunk only made both wait (the pause's
+        ``MAX_PAUSE`` per transfer, 4 s at the first read of a trace-optimized image).
         """
         if not (self.config.enable or readahead) or self._cancelled.is_set() or not chunks:
             return
         runs = merge_runs(chunks, self.config.merging_size)
-        unit = _Unit(cache, yield_to_demand, len(runs), exact)
+        unit = _Unit(cache, yield_to_demand, len(runs), exact, pauses=yield_to_demand or readahead)
         with self._lock:
             self.unmerged_chunks += len(chunks)
             if not self.begin_ns:
@@ -243,7 +252,7 @@ class Prefetcher:
                 break
             unit, run, shared = item
             try:
-                self._run(unit.cache, run, shared, unit.exact)
+                self._run(unit.cache, run, shared or not unit.pauses, unit.exact)
             except StorageError as exc:
                 self.metrics.prefetch_errors.inc()
                 log.warning("prefetch of blob %s failed: %s", unit.cache.blob.blob_id, exc)
@@ -268,15 +277,16 @@ class Prefetcher:
                 self.metrics.prefetch_pending.dec()
                 self._idle.notify_all()
 
-    def _run(self, cache: BlobCache, run: list[ChunkInfo], shared: bool = False, exact: bool = False) -> None:
+    def _run(self, cache: BlobCache, run: list[ChunkInfo], no_pause: bool = False, exact: bool = False) -> None:
         if self._cancelled.is_set():
             return
         size = run[-1].compressed_offset + run[-1].compressed_size - run[0].compressed_offset
         self._throttle.acquire(size, self._cancelled)
         if self._cancelled.is_set():
             return
-        # a run sharing the link with sustained demand interleaves with it: no pauses
-        speculation.pause = None if shared else (lambda: self._pause(cache))
+        # a run sharing the link with sustained demand interleaves with it, a start-up set goes
+        # out at once: no pauses
+        speculation.pause = None if no_pause else (lambda: self._pause(cache))
         try:
             fetched = cache.prefetch_chunks(run, amplify_into=set()) if exact else cache.prefetch_chunks(run)
             self.metrics.prefetch_bytes.inc(fetched)

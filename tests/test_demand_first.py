@@ -256,6 +256,49 @@ def test_long_demand_over_a_small_part_of_the_image_keeps_prefetch_waiting():
     assert not unknown.sustained()  # image size unknown: never
 
 
+def test_a_start_up_set_prefetch_never_pauses_for_demand_reads_read_ahead_does():
+    import time
+
+    from storage.backend.base import speculation, yield_to_demand
+    from storage.metrics import StorageMetrics
+    from storage.prefetch import Prefetcher
+
+    paused: dict[str, float] = {}
+
+    class Cache:
+        class blob:
+            blob_id = "b"
+
+        def __init__(self, name):
+            self.name = name
+
+        def has_waiters(self):
+            return False  # the demand reads wait on something else (a lock, another chunk)
+
+        def prefetch_chunks(self, run, amplify_into=None):
+            t = time.monotonic()
+            yield_to_demand()  # demand is in flight all along
+            paused[self.name] = time.monotonic() - t
+            return 0
+
+    def chunk(i):
+        from storage.records import ChunkInfo
+        return ChunkInfo(index=i, blob_index=0, compressed_offset=i * 4096, compressed_size=4096,
+                         uncompressed_offset=i * 4096, uncompressed_size=4096, digest=b"", flags=0)
+
+    pf = Prefetcher(PrefetchConfig(threads_count=2), StorageMetrics(), busy=lambda: True,
+                    demand_inflight=lambda: True)
+    try:
+        pf.submit(Cache("startup"), [chunk(0)], yield_to_demand=False)
+        pf.submit(Cache("readahead"), [chunk(1)], yield_to_demand=False, readahead=True)
+        assert pf.wait(10)
+    finally:
+        pf.cancel()
+    assert paused["startup"] < 0.2, paused
+    assert paused["readahead"] >= 1.0, paused   # held up to MAX_PAUSE while demand is in flight
+    assert speculation.pause is None
+
+
 def test_sustained_demand_admits_demand_share_polite_runs_that_do_not_pause():
     import threading
     import time
