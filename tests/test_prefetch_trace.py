@@ -334,6 +334,16 @@ def test_optimize_rebuild_moves_the_startup_set_into_a_new_leading_blob(image, t
         with LocalBlobs(list(rafs.blobs), blob_dir=str(blob_dir)) as blobs:
             for rel, data in FILES.items():
                 assert b"".join(blobs.iter_file(rafs.lookup_path("/" + rel))) == data, rel
+        # the chunk table keeps every chunk of the reused blob (the moved ones too), so an erofs
+        # mount takes each blob's layout from it instead of walking every file
+        from rafs.fs.instance import _chunk_table_by_blob, _walk_chunk_tables
+
+        tables = _chunk_table_by_blob(rafs)
+        assert tables is not None and set(tables) == {0, 1}
+        assert len(tables[0].index) == rafs.blobs[0].chunk_count
+        for blob_index, walked in _walk_chunk_tables(rafs).items():
+            rows = set(zip(tables[blob_index].starts, tables[blob_index].sizes, tables[blob_index].index))
+            assert set(zip(walked.starts, walked.sizes, walked.index)) <= rows
 
 
 def test_optimize_rebuild_rejects_a_trace_of_another_image(image, tmp_path):

@@ -96,6 +96,11 @@ class BootstrapOptions:
     #: size > 4 GiB, rdev != 0 or a ``.pyc`` name (compact inodes carry no mtime).  Off by
     #: default: every inode is extended, as upstream's tar builders and merge write them.
     compact_inodes: bool = False
+    #: chunks listed in the chunk table although no file points at them, with the file offset
+    #: they had: ``nydusify optimize`` keeps each reused blob's table whole (every chunk
+    #: ``0..n-1``), so that readers take the blob's layout from the table instead of a walk
+    #: of every file (an erofs mount, :func:`rafs.fs.instance.blob_chunk_tables`)
+    table_extra: list[tuple[ChunkRef, int]] = field(default_factory=list)
 
 
 def new_encode_dev(rdev: int) -> int:
@@ -290,6 +295,9 @@ def write_bootstrap(tree: Tree, store: ChunkStore, opts: BootstrapOptions) -> by
             for i, ref in enumerate(slot.inode.chunks):
                 c = store.chunk(ref)
                 table.setdefault((c.digest, remap[ref.blob_index]), (ref, i * opts.chunk_size))
+    for ref, file_offset in opts.table_extra:
+        if ref.blob_index in remap:  # a blob no file uses any more is not in the image
+            table.setdefault((store.chunk(ref).digest, remap[ref.blob_index]), (ref, file_offset))
     chunk_table_offset = meta_end if table else 0
     chunk_table_size = RafsV5ChunkInfo.SIZE * len(table)
     total_size = round_up(meta_end + chunk_table_size, bs)

@@ -242,10 +242,12 @@ def rebuild(bootstrap: str, paths: list[str], work: str, read_range: Any, mergin
     new_blob = os.path.join(work, f"{info.blob_id}.blob")
     os.replace(blob_tmp, new_blob)
     store.blobs.append(BlobRecord(info, list(writer.chunk_infos), new=True))
+    # the copied chunks stay in the chunk table: each reused blob's table remains whole
+    moved = [(r, i * loaded.chunk_size) for node in nodes for i, r in enumerate(node.chunks)]
     for node in nodes:
         node.chunks = [ChunkRef(new_index, remap[(r.blob_index, r.ci_index)]) for r in node.chunks]
     opts = BootstrapOptions(chunk_size=loaded.chunk_size, compressor=loaded.compressor,
-                            digester=loaded.digester, prefetch=list(paths))
+                            digester=loaded.digester, prefetch=list(paths), table_extra=moved)
     out = os.path.join(work, "image.boot")
     boot = write_bootstrap(loaded.tree, store, opts)
     atomic_write(out, boot)
