@@ -21,6 +21,11 @@ stargz-snapshotter on an eStargz copy, when ``integration.harness.stargz`` can b
 ``zran-1m`` ... ``zran-8m``: the same at ``--zran-spacing`` 1, 2, 4, 8 MiB (``bench_zran`` runs these).
 ``nydus-share1`` / ``nydus-fusedev-share1`` (not in the defaults): the sustained-demand settings
 before the read-most tuning (``burst_fraction`` 0.25, ``demand_share`` 1), for A/B runs.
+Trace-optimized (not in the defaults; one image per start-up workload, made before the trials):
+``nydus-opt`` records what the workload reads on the nydus image (a snapshotter with ``[prefetch]
+record_trace = true``, exported with ``nydusctl trace``) and rebuilds it with ``nydusify optimize
+--prefetch-files``; ``nydus-trace`` converts the OCI image again with ``--prefetch-trace`` of that
+trace; ``stargz-opt`` is the peer's own ``ctr-remote image optimize`` running the same workload.
 
 Per trial: time to first output, registry bytes and blob GETs (registry access log, whole trial),
 link bytes before the first output (the proxy's counter), and the critical-path timestamps:
@@ -103,6 +108,9 @@ class Mode:
     tag: str                        #: image tag in the registry
     snapshotter_config: dict = dataclasses.field(default_factory=dict)   #: nydus: changed keys
     label: str = ""
+    #: the image is made for each start-up workload from what that workload read (tag
+    #: ``<tag>-<workload>``): the trace-optimized modes
+    per_workload: bool = False
 
 
 MODES: tuple[Mode, ...] = (
@@ -122,7 +130,17 @@ MODES: tuple[Mode, ...] = (
     Mode("zran", "nydus", "zran", label="nydus OCI-ref (zran, --oci-ref), defaults (erofs, prefetch on)"),
 ) + tuple(Mode(f"zran-{mib}m", "nydus", f"zran-{mib}m",
                label=f"nydus OCI-ref (zran, --oci-ref --zran-spacing {mib} MiB), defaults (erofs, prefetch on)")
-          for mib in (1, 2, 4, 8))
+          for mib in (1, 2, 4, 8)) + (
+    # issue 12's optimized-image goal: one image per start-up workload, rebuilt around what it read
+    Mode("nydus-opt", "nydus", "trace-optimize", per_workload=True,
+         label="nydus, defaults; image rebuilt around the workload's recorded trace "
+               "(record_trace, nydusctl trace, nydusify optimize --prefetch-files)"),
+    Mode("nydus-trace", "nydus", "trace-convert", per_workload=True,
+         label="nydus, defaults; converted with the workload's recorded trace "
+               "(record_trace, nydusctl trace, nydusify convert --prefetch-trace)"),
+    Mode("stargz-opt", "stargz", "estargz-opt", per_workload=True,
+         label="stargz-snapshotter, eStargz optimized for the workload (ctr-remote image optimize)"),
+)
 MODES_BY_NAME = {m.name: m for m in MODES}
 DEFAULT_MODES = ("oci", "nydus", "nydus-fusedev", "nydus-noprefetch", "stargz")
 
@@ -556,8 +574,42 @@ def _keep_logs(log_dir: str, trial: Trial, snap, registry, link: Link, t0: float
 
 
 # --- images in the registry --------------------------------------------------------------------
-def prepare_images(registry, modes: list[Mode], work: str) -> dict[str, str]:
-    """Push the OCI image and make the other tags the modes need; returns mode name -> repo:tag."""
+def record_trace(registry, ref: str, workload: str, path: str, timeout: float = 300) -> int:
+    """Run ``workload`` once on the nydus image ``ref`` (registry address) under a snapshotter
+    with ``[prefetch] record_trace = true`` (background prefetch off, as the recording node of
+    docs/convert.md) and write what it read to ``path`` with ``nydusctl trace``; returns the
+    number of files in the trace."""
+    from integration.harness.containerd import Containerd
+    from integration.harness.snapshotter import SnapshotterProcess
+    from rafs.trace import load_trace
+
+    cfg = {"version": 1, "remote": {"insecure_registries": [registry.host]},
+           "prefetch": {"enable": False, "record_trace": True}}
+    with SnapshotterProcess(config=cfg) as snap, \
+            Containerd(snapshotters={"nydus": snap.address}, cri_snapshotter="nydus",
+                       registries=[registry]) as ctd:
+        ctd.cri.pull_image(ref)
+        _, out, err, rc = _run_first_line(ctd.run_argv(ref, WORKLOADS[workload], snapshotter="nydus",
+                                                       namespace="k8s.io"), timeout)
+        if rc != 0:
+            raise BenchError(f"trace recording of {workload} failed rc={rc}: {err[-300:]}")
+        deadline = time.monotonic() + 30
+        while True:  # written when the image's instance goes (ctr run --rm) or read from it live
+            r = subprocess.run([sys.executable, "-m", "snapshotter.ctl", "trace", "--root", snap.root,
+                                "-o", path], capture_output=True, text=True, cwd=REPO, timeout=60,
+                               env=dict(os.environ, PYTHONPATH=str(REPO)))
+            if r.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if r.returncode != 0:
+            raise BenchError(f"nydusctl trace after {workload}: {r.stderr.strip()[-300:]}")
+    return len(load_trace(path))
+
+
+def prepare_images(registry, modes: list[Mode], work: str,
+                   workloads: list[str] = list(WORKLOADS)) -> dict[tuple[str, str], str]:
+    """Push the OCI image and make the other tags the modes need; returns
+    (mode name, workload) -> repo:tag for every pair that has an image."""
     from rafs.convert.cli import main as nydusify
 
     img = build_image(CACHE)
@@ -565,7 +617,8 @@ def prepare_images(registry, modes: list[Mode], work: str) -> dict[str, str]:
           flush=True)
     oci = img.push(registry, "bench/debian", "oci")
     tags = {"oci"}
-    if any(m.tag == "nydus" for m in modes):
+    traced = [w for w in workloads if w in STARTUP_WORKLOADS] if any(m.per_workload for m in modes) else []
+    if any(m.tag == "nydus" for m in modes) or any(m.per_workload and m.kind == "nydus" for m in modes):
         t = time.monotonic()
         if nydusify(["convert", "--source", oci.ref, "--target", f"{registry.host}/bench/debian:nydus",
                      "--source-insecure", "--target-insecure", "--work-dir", os.path.join(work, "nydus"),
@@ -590,7 +643,46 @@ def prepare_images(registry, modes: list[Mode], work: str) -> dict[str, str]:
         convert_to_estargz(oci.ref, f"{registry.host}/bench/debian:estargz")
         print(f"ctr-remote image convert --estargz: {time.monotonic() - t:.1f} s", flush=True)
         tags.add("estargz")
-    return {m.name: f"bench/debian:{m.tag}" for m in modes if m.tag in tags}
+    nydus_trace_tags = {m.tag for m in modes if m.per_workload and m.kind == "nydus"}
+    for wl in traced if nydus_trace_tags else []:
+        trace = os.path.join(work, f"{wl}.trace")
+        t = time.monotonic()
+        n = record_trace(registry, f"{registry.host}/bench/debian:nydus", wl, trace)
+        print(f"{wl}: trace recorded, {n} files ({time.monotonic() - t:.1f} s)", flush=True)
+        if "trace-optimize" in nydus_trace_tags:
+            t = time.monotonic()
+            if nydusify(["optimize", "--source", f"{registry.host}/bench/debian:nydus",
+                         "--target", f"{registry.host}/bench/debian:trace-optimize-{wl}",
+                         "--source-insecure", "--target-insecure", "--no-progress",
+                         "--work-dir", os.path.join(work, f"opt-{wl}"), "--prefetch-files", trace]) != 0:
+                raise BenchError(f"nydusify optimize --prefetch-files ({wl}) failed")
+            print(f"{wl}: nydusify optimize: {time.monotonic() - t:.1f} s", flush=True)
+            tags.add(f"trace-optimize-{wl}")
+        if "trace-convert" in nydus_trace_tags:
+            t = time.monotonic()
+            if nydusify(["convert", "--source", oci.ref,
+                         "--target", f"{registry.host}/bench/debian:trace-convert-{wl}",
+                         "--source-insecure", "--target-insecure", "--no-progress",
+                         "--work-dir", os.path.join(work, f"conv-{wl}"), "--prefetch-trace", trace]) != 0:
+                raise BenchError(f"nydusify convert --prefetch-trace ({wl}) failed")
+            print(f"{wl}: nydusify convert --prefetch-trace: {time.monotonic() - t:.1f} s", flush=True)
+            tags.add(f"trace-convert-{wl}")
+    if any(m.tag == "estargz-opt" for m in modes):
+        from integration.harness.stargz import convert_to_estargz
+
+        for wl in traced:
+            t = time.monotonic()
+            convert_to_estargz(oci.ref, f"{registry.host}/bench/debian:estargz-opt-{wl}", optimize=True,
+                               workload_argv=WORKLOADS[wl])
+            print(f"{wl}: ctr-remote image optimize: {time.monotonic() - t:.1f} s", flush=True)
+            tags.add(f"estargz-opt-{wl}")
+    out = {}
+    for m in modes:
+        for wl in workloads:
+            tag = f"{m.tag}-{wl}" if m.per_workload else m.tag
+            if tag in tags:
+                out[(m.name, wl)] = f"bench/debian:{tag}"
+    return out
 
 
 def stargz_available() -> str:
@@ -842,18 +934,18 @@ def main(argv: list[str] | None = None) -> int:
         return result
 
     with Registry() as registry, tempfile.TemporaryDirectory(prefix="bench-real-") as work:
-        repos = prepare_images(registry, modes, work)
+        repos = prepare_images(registry, modes, work, workloads)
         # repeats outermost: an interrupted run still has every (rate, workload, mode) cell
         links = {rate: Link(registry.port, rate * 1e6) for rate in rates}
         try:
             for r in range(repeat):
                 for rate, link in links.items():
-                    refs = {m: f"{link.host}/{repo}" for m, repo in repos.items()}
+                    refs = {key: f"{link.host}/{repo}" for key, repo in repos.items()}
                     for wl in workloads:
                         for mode in modes:
-                            if mode.name not in refs:
+                            if (mode.name, wl) not in refs:
                                 continue
-                            t = run_trial(mode, wl, rate, r, refs[mode.name], registry, link,
+                            t = run_trial(mode, wl, rate, r, refs[mode.name, wl], registry, link,
                                           measure=not args.no_read_measure and r == 0 and rate == rates[0],
                                           log_dir=args.keep_logs, settle=args.settle)
                             trials.append(t)
