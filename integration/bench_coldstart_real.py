@@ -607,9 +607,11 @@ def record_trace(registry, ref: str, workload: str, path: str, timeout: float = 
 
 
 def prepare_images(registry, modes: list[Mode], work: str,
-                   workloads: list[str] = list(WORKLOADS)) -> dict[tuple[str, str], str]:
-    """Push the OCI image and make the other tags the modes need; returns
-    (mode name, workload) -> repo:tag for every pair that has an image."""
+                   workloads: list[str] | None = None) -> dict[tuple[str, str], str]:
+    """Push the OCI image and make the other tags the modes need (per-workload modes: for each
+    start-up workload of ``workloads``, default all); returns (mode name, workload) -> repo:tag
+    for every pair that has an image."""
+    workloads = list(WORKLOADS) if workloads is None else workloads
     from rafs.convert.cli import main as nydusify
 
     img = build_image(CACHE)
@@ -649,24 +651,20 @@ def prepare_images(registry, modes: list[Mode], work: str,
         t = time.monotonic()
         n = record_trace(registry, f"{registry.host}/bench/debian:nydus", wl, trace)
         print(f"{wl}: trace recorded, {n} files ({time.monotonic() - t:.1f} s)", flush=True)
-        if "trace-optimize" in nydus_trace_tags:
+        # the two rebuilds: from the nydus image (start-up chunks moved into one new blob), or a
+        # conversion of the OCI image again (traced files first in every layer's blob)
+        for tag, source, how in (("trace-optimize", f"{registry.host}/bench/debian:nydus",
+                                  ["optimize", "--prefetch-files", trace]),
+                                 ("trace-convert", oci.ref, ["convert", "--prefetch-trace", trace])):
+            if tag not in nydus_trace_tags:
+                continue
             t = time.monotonic()
-            if nydusify(["optimize", "--source", f"{registry.host}/bench/debian:nydus",
-                         "--target", f"{registry.host}/bench/debian:trace-optimize-{wl}",
+            if nydusify([how[0], "--source", source, "--target", f"{registry.host}/bench/debian:{tag}-{wl}",
                          "--source-insecure", "--target-insecure", "--no-progress",
-                         "--work-dir", os.path.join(work, f"opt-{wl}"), "--prefetch-files", trace]) != 0:
-                raise BenchError(f"nydusify optimize --prefetch-files ({wl}) failed")
-            print(f"{wl}: nydusify optimize: {time.monotonic() - t:.1f} s", flush=True)
-            tags.add(f"trace-optimize-{wl}")
-        if "trace-convert" in nydus_trace_tags:
-            t = time.monotonic()
-            if nydusify(["convert", "--source", oci.ref,
-                         "--target", f"{registry.host}/bench/debian:trace-convert-{wl}",
-                         "--source-insecure", "--target-insecure", "--no-progress",
-                         "--work-dir", os.path.join(work, f"conv-{wl}"), "--prefetch-trace", trace]) != 0:
-                raise BenchError(f"nydusify convert --prefetch-trace ({wl}) failed")
-            print(f"{wl}: nydusify convert --prefetch-trace: {time.monotonic() - t:.1f} s", flush=True)
-            tags.add(f"trace-convert-{wl}")
+                         "--work-dir", os.path.join(work, f"{tag}-{wl}"), *how[1:]]) != 0:
+                raise BenchError(f"nydusify {' '.join(how[:2])} ({wl}) failed")
+            print(f"{wl}: nydusify {' '.join(how[:2])}: {time.monotonic() - t:.1f} s", flush=True)
+            tags.add(f"{tag}-{wl}")
     if any(m.tag == "estargz-opt" for m in modes):
         from integration.harness.stargz import convert_to_estargz
 
