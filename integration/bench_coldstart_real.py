@@ -589,7 +589,7 @@ def record_trace(registry, ref: str, workload: str, path: str, timeout: float = 
             Containerd(snapshotters={"nydus": snap.address}, cri_snapshotter="nydus",
                        registries=[registry]) as ctd:
         ctd.cri.pull_image(ref)
-        _, out, err, rc = _run_first_line(ctd.run_argv(ref, WORKLOADS[workload], snapshotter="nydus",
+        _, _, err, rc = _run_first_line(ctd.run_argv(ref, WORKLOADS[workload], snapshotter="nydus",
                                                        namespace="k8s.io"), timeout)
         if rc != 0:
             raise BenchError(f"trace recording of {workload} failed rc={rc}: {err[-300:]}")

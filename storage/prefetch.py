@@ -146,11 +146,10 @@ class Throttle:
 class _Unit:
     """One submitted chunk list: its runs are fetched by any worker, in layout order."""
 
-    __slots__ = ("cache", "polite", "left", "exact", "pauses", "born")
+    __slots__ = ("cache", "left", "exact", "pauses", "born")
 
-    def __init__(self, cache: BlobCache, polite: bool, runs: int, exact: bool = False,
-                 pauses: bool = True) -> None:
-        self.cache, self.polite, self.left, self.exact = cache, polite, runs, exact
+    def __init__(self, cache: BlobCache, runs: int, exact: bool = False, pauses: bool = True) -> None:
+        self.cache, self.left, self.exact = cache, runs, exact
         #: a running transfer holds while demand reads are in flight (see :meth:`Prefetcher._pause`)
         self.pauses = pauses
         self.born = time.monotonic()
@@ -212,7 +211,7 @@ class Prefetcher:
         if not (self.config.enable or readahead) or self._cancelled.is_set() or not chunks:
             return
         runs = merge_runs(chunks, self.config.merging_size)
-        unit = _Unit(cache, yield_to_demand, len(runs), exact, pauses=yield_to_demand or readahead)
+        unit = _Unit(cache, len(runs), exact, pauses=yield_to_demand or readahead)
         with self._lock:
             self.unmerged_chunks += len(chunks)
             if not self.begin_ns:
