@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from integration.harness.images import File, Image, Layer, busybox_image, generated_files
+from integration.harness.images import File, Image, Layer, busybox_image, chain_ids, generated_files
 from integration.test_snapshotter_containerd import SNAPSHOTTER, kill_recorded_daemons
 from rafs.convert.cli import main as nydusify
 
@@ -86,7 +86,15 @@ def test_cri_pull_and_lazy_run_of_an_oci_ref_image(registry, snapshotter_factory
         big_read = sum(e.size for e in layer_reads if e.blob_digest == big_digest)
         assert big_read < layers[big_digest] / 2, f"read {big_read} of {layers[big_digest]} bytes of the data layer"
         lazy = sum(e.size for e in layer_reads)
-        types = _fs_types_under(sn.root)  # the driver asked for serves the instance
+        # the driver asked for serves the instance; looked at while a view holds it (the container's
+        # own snapshot is gone with `ctr run --rm`, and containerd's GC may already have released it)
+        config = reg_blob_json(reg, "test/zran", nydus["config"]["digest"])
+        top = chain_ids(config["rootfs"]["diff_ids"])[-1]
+        cd.view_mounts("zran-view", top, snapshotter=SNAPSHOTTER)
+        try:
+            types = _fs_types_under(sn.root)
+        finally:
+            cd.ctr("-n", "k8s.io", "snapshots", "--snapshotter", SNAPSHOTTER, "rm", "zran-view")
         assert ("erofs" in types) if fs_driver == "erofs" else any(t.startswith("fuse") for t in types), types
         # every file and symlink of the image, read through the snapshotter's RAFS instance
         files, links = _expected_rootfs(image, tmp_path)
@@ -130,6 +138,14 @@ def _fs_types_under(path: str) -> set[str]:
             if fields[4].startswith(path.rstrip("/") + "/"):
                 out.add(fields[fields.index("-") + 1])
     return out
+
+
+def reg_blob_json(reg, repo: str, digest: str) -> dict:
+    import requests
+
+    resp = requests.get(f"http://{reg.host}/v2/{repo}/blobs/{digest}", timeout=30)
+    resp.raise_for_status()
+    return resp.json()
 
 
 def reg_manifest(reg, repo: str, tag: str) -> dict:
