@@ -17,7 +17,7 @@ import time
 import pytest
 
 from rafs import erofs
-from rafs.daemon.api import DaemonClient
+from rafs.daemon.client import DaemonClient
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -29,7 +29,7 @@ def mounts_under(*dirs: str) -> list[str]:
 def live_daemons(root: str) -> dict[str, dict]:
     """``{mountpoint: GET /api/v1/daemon}`` of every RAFS daemon this snapshotter recorded that
     is alive and answers on its API socket."""
-    from rafs.daemon.api import DaemonClient  # noqa: PLC0415
+    from rafs.daemon.client import DaemonClient  # noqa: PLC0415
 
     out = {}
     for rec in pathlib.Path(root, "daemons").glob("*.json"):

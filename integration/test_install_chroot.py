@@ -35,7 +35,7 @@ from integration.harness.util import kill_pids, mounts_under, pid_alive, pids_me
 from integration.install_support import CLIS, REPO, tree
 from integration.test_conformance import CASES, build_suite, verdicts
 from rafs import erofs
-from rafs.daemon.api import DaemonClient
+from rafs.daemon.client import DaemonClient
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1800)]
 

@@ -13,7 +13,7 @@ import pytest
 from integration.fs_support import require_stack
 from integration.storage_registry import REGISTRY_BIN, LocalRegistry
 from rafs import erofs
-from rafs.daemon.api import DaemonClient
+from rafs.daemon.client import DaemonClient
 from rafs.daemon.manager import DaemonManager
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]

@@ -18,7 +18,7 @@ from integration.fs_support import require_stack
 from integration.snapshotter_support import wait_for
 from integration.storage_registry import REGISTRY_BIN, FaultProxy, LocalRegistry
 from rafs import erofs
-from rafs.daemon.api import ApiError, DaemonClient
+from rafs.daemon.client import ApiError, DaemonClient
 from rafs.daemon.manager import DaemonManager
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]

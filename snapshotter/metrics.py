@@ -251,7 +251,7 @@ class _UpstreamCollector(Collector):
         yield from self._daemons()
 
     def _daemons(self) -> Iterator[Any]:
-        from rafs.daemon.api import DaemonClient  # noqa: PLC0415 - only with a manager
+        from rafs.daemon.client import DaemonClient  # noqa: PLC0415 - only with a manager
 
         # upstream's is a Go counter named without "_total"; prometheus_client writes every counter
         # as <name>_total, so it is untyped here: the series keeps upstream's exact name

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from rafs import erofs
-from rafs.daemon.api import DaemonClient
+from rafs.daemon.client import DaemonClient
 
 
 def require_fuse() -> None:

@@ -112,7 +112,7 @@ def test_api_errors_and_state(tmp_path):
 def test_cli_daemon_mode_detaches_when_running(tmp_path):
     require_fuse()
     from rafs import erofs
-    from rafs.daemon.api import DaemonClient
+    from rafs.daemon.client import DaemonClient
     from tests.fs_harness import cleanup_mounts
 
     boot = make_image(str(tmp_path), {"/f": b"hello"})

@@ -367,7 +367,7 @@ def test_update_auth_changes_the_config_only_once_the_daemon_has_it(manager_fact
     """``update_auth``: unchanged credentials are a no-op; the config file is rewritten only after
     the daemon took them (here it cannot: its fake device has no registry backend), and a dead
     daemon changes nothing, so the caller's next attempt finds the difference again."""
-    from rafs.daemon.api import ApiError
+    from rafs.daemon.client import ApiError
     from rafs.errors import ConfigError, MountError, NotFound
 
     m = manager_factory("shared")

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from rafs import erofs
-from rafs.daemon.api import DaemonClient
+from rafs.daemon.client import DaemonClient
 from rafs.errors import MountError
 from rafs.fs.fuse_ll import FuseSession
 from rafs.fs.ops import RafsFs

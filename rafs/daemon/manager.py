@@ -52,11 +52,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from rafs import erofs
-from rafs.daemon.api import ApiError, DaemonClient
+from rafs.daemon.client import ApiError, DaemonClient
 from rafs.daemon.cgroup import DaemonCgroup
 from rafs.daemon.config import check_instance_name
 from rafs.errors import ConfigError, MountError, NotFound, RafsError, UnsupportedError
-from rafs.fs.session import is_stale_mount
 from rafs.fs.takeover import FdKeeper, holder_status
 from storage.atomic import atomic_open
 
@@ -853,6 +852,8 @@ class DaemonManager:
 
     @staticmethod
     def _lazy_umount(path: str) -> None:
+        from rafs.fs.session import is_stale_mount  # noqa: PLC0415 - the manager does not load the FUSE stack
+
         while erofs.mountinfo(path) is not None:
             stale = is_stale_mount(path)
             try:
