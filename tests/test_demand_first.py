@@ -449,3 +449,50 @@ def test_default_demand_share_lets_every_worker_share_the_link_with_sustained_de
     finally:
         release.set()
         pf.cancel()
+
+
+def test_a_ci_table_load_on_a_prefetch_thread_is_never_paused(tmp_path):
+    """A prefetch worker that happens to load a blob's CI table does it under the lock demand
+    reads wait on too (no chunk waiter to release it): the load is not paused for them, while
+    the worker's own data fetches still are."""
+    import time
+
+    from rafs.metadata import Rafs
+    from storage.backend.base import speculation, yield_to_demand
+    from storage.metrics import StorageMetrics
+    from storage.prefetch import MAX_PAUSE, Prefetcher
+    from tests.test_storage_prefetch import _built_image
+
+    class StreamingBackend(MemoryBackend):
+        """Like the registry driver: a speculative body yields to demand reads as it comes."""
+
+        def _new_reader(self, blob_id):
+            reader = super()._new_reader(blob_id)
+            read_once = reader._read_once
+
+            def streamed(offset, size):
+                yield_to_demand()
+                return read_once(offset, size)
+
+            reader._read_once = streamed
+            return reader
+
+    res, _, blob_dir = _built_image(tmp_path)
+    rafs = Rafs.open(res.bootstrap)
+    blob = rafs.blobs[0]
+    assert blob.ci_compressed_size > 0
+    backend = StreamingBackend({blob.blob_id: open(os.path.join(blob_dir, blob.blob_id), "rb").read()})
+    cache = FileCacheManager(str(tmp_path / "cache"), backend).get_blob_cache(blob)
+    pf = Prefetcher(PrefetchConfig(), StorageMetrics(), demand_inflight=lambda: True)
+    speculation.pause = lambda: pf._pause(cache)  # a polite prefetch run, demand in flight all along
+    try:
+        t = time.monotonic()
+        assert cache.blob_meta() is not None
+        assert time.monotonic() - t < MAX_PAUSE / 4
+        t = time.monotonic()
+        cache.reader.read(0, 4096)  # the worker's data: paused while demand reads are in flight
+        assert time.monotonic() - t >= MAX_PAUSE * 0.9
+        assert speculation.pause is not None  # restored after the table load
+    finally:
+        speculation.pause = None
+        pf.cancel()

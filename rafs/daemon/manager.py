@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECOVER_POLICIES = ("none", "restart", "failover")
 FAILOVER_POLICIES = ("resend", "flush")
+#: how often a starting daemon is asked for its state: a container's first mount waits for it
+#: (0.05 s cost 25 ms on average between RUNNING and the mount; a refused connect is cheap)
+START_POLL = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -588,7 +591,7 @@ class DaemonManager:
                     self._kill(rec)
                 raise MountError(f"nydusd {rec.daemon_id} not RUNNING after {self.start_timeout:.0f} s: "
                                  f"{self._log_tail(rec)}")
-            time.sleep(0.05)
+            time.sleep(START_POLL)
         self._save(rec)
         self._event("RUNNING")
         if supervisor:

@@ -7,11 +7,12 @@ the retry loop (exponential backoff on :class:`TransientBackendError`), the exac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from storage.errors import BackendError, BlobRangeError, ConfigError, TransientBackendError, TruncatedRead
 from storage.metrics import EVENTS, StorageMetrics
@@ -33,6 +34,19 @@ class _Speculation(threading.local):
 #: stream a body call :func:`yield_to_demand` between pieces, so a speculative transfer stops
 #: reading — and TCP flow control stops it taking link bandwidth — while demand reads wait.
 speculation = _Speculation()
+
+
+@contextlib.contextmanager
+def shared_fetch() -> Iterator[None]:
+    """Fetches inside are never paused, even on a prefetch thread: what they load (a blob's CI
+    table, a ZRAN blob.meta) is loaded once, under a lock demand reads wait on too. Paused, such
+    a fetch held those readers while no chunk waiter let it go (``MAX_PAUSE`` per body piece)."""
+    saved = speculation.pause
+    speculation.pause = None
+    try:
+        yield
+    finally:
+        speculation.pause = saved
 
 
 def yield_to_demand() -> None:

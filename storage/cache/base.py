@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from storage.backend.base import BlobBackend, BlobReader
+from storage.backend.base import BlobBackend, BlobReader, shared_fetch
 from storage.compress import decompress
 from storage.digest import digest
 from storage.errors import BlobRangeError, ChunkDigestMismatch, DecompressError, MetaFormatError, StorageError
@@ -169,7 +169,7 @@ class BlobCache(ABC):
         """The ZRAN blob's reader (created once: it keeps inflate streams live between reads)."""
         r = self._zran_reader
         if r is None:
-            with self._zran_lock:
+            with self._zran_lock, shared_fetch():
                 r = self._zran_reader
                 if r is None:
                     meta = self.zran_meta()
@@ -217,7 +217,7 @@ class BlobCache(ABC):
         """The blob.meta of a ZRAN blob (its checkpoints); None when this cache has none.
         Here: the ref blob's, loaded once (a file cache keeps it on disk instead)."""
         if self._separate_meta is None:
-            with self._separate_lock:
+            with self._separate_lock, shared_fetch():
                 if self._separate_meta is None:
                     self._separate_meta = self.load_separate_meta()
         return self._separate_meta

@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from storage.backend.base import BlobBackend, BlobReader
+from storage.backend.base import BlobBackend, BlobReader, shared_fetch
 from storage.cache.base import BlobCache, BlobCacheManager, CacheConfig, merge_runs
 from storage.cache.nocache import NoCacheBlobCache
 from storage.cache.state import ChunkState, IndexedChunkMap
@@ -140,7 +140,7 @@ class FileBlobCache(BlobCache):
         """The blob's CI table (cached file, else fetched from the blob once), or None."""
         if self._meta_state != "unloaded":
             return self._meta
-        with self._meta_lock:
+        with self._meta_lock, shared_fetch():
             if self._meta_state != "unloaded":
                 return self._meta
             meta = None
