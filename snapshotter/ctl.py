@@ -15,11 +15,9 @@ Exit codes: 0 ok, 1 the operation failed, 2 usage error.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +27,7 @@ from typing import Any, Sequence
 
 from snapshotter.errors import SnapshotterError
 from rafs.cli_common import version_string
+from rafs.daemon.client import UnixHTTPConnection
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 CRI_NAMESPACE = "k8s.io"
@@ -104,24 +103,12 @@ class CriImageClient:
 # ---------------------------------------------------------------------------------------------
 # nydusd daemon API (HTTP over a unix socket)
 # ---------------------------------------------------------------------------------------------
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self._path)
-        self.sock = s
-
-
 def daemon_api_get(api_sock: str, path: str, timeout: float = 10.0, *, method: str = "GET",
                    body: Any = None) -> Any:
     """``method`` ``path`` on a nydusd API socket (JSON ``body``); returns the decoded answer."""
     if not os.path.exists(api_sock):
         raise CtlError(f"daemon API socket {api_sock} does not exist")
-    conn = _UnixHTTPConnection(api_sock, timeout)
+    conn = UnixHTTPConnection(api_sock, timeout)
     try:
         headers = {"Accept": "application/json"}
         data = None

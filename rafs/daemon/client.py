@@ -25,7 +25,9 @@ class ApiError(RafsError):
         self.message = message
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client`` over a unix socket (``path``): the API socket of a nydusd."""
+
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -46,7 +48,7 @@ class DaemonClient:
 
     def request(self, method: str, path: str, body: Any = None, *, raw: bool = False) -> Any:
         """One call; raises :class:`ApiError` for an error answer, ``OSError`` if unreachable."""
-        conn = _UnixConnection(self.apisock, self.timeout)
+        conn = UnixHTTPConnection(self.apisock, self.timeout)
         try:
             data = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if data is not None else {}
