@@ -80,7 +80,8 @@ setup() {
   # snapshotter starts (nydusd, fd keepers) would otherwise compile ~50 modules (~0.12 s of CPU)
   # whenever PYTHONDONTWRITEBYTECODE keeps Python from caching them itself; up-to-date files
   # are skipped
-  "$VENV/bin/python" -m compileall -q -j0 rafs storage snapshotter protos integration >/dev/null
+  "$VENV/bin/python" -m compileall -q -j0 rafs storage snapshotter protos integration >/dev/null ||
+    log "WARNING: byte-compiling the packages failed; each process compiles them at start instead"
 }
 
 cmd=${1:-help}
