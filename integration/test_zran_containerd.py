@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from integration.harness.images import File, Image, Layer, busybox_image, chain_ids, generated_files
-from integration.test_snapshotter_containerd import SNAPSHOTTER, kill_recorded_daemons
+from integration.harness.images import File, Image, Layer, busybox_image, generated_files
+from integration.snapshotter_support import wait_for
+from integration.test_snapshotter_containerd import SNAPSHOTTER, kill_recorded_daemons, run_detached
 from rafs.convert.cli import main as nydusify
 
 REF = "containerd.io/snapshot/nydus-ref"
@@ -86,15 +87,17 @@ def test_cri_pull_and_lazy_run_of_an_oci_ref_image(registry, snapshotter_factory
         big_read = sum(e.size for e in layer_reads if e.blob_digest == big_digest)
         assert big_read < layers[big_digest] / 2, f"read {big_read} of {layers[big_digest]} bytes of the data layer"
         lazy = sum(e.size for e in layer_reads)
-        # the driver asked for serves the instance; looked at while a view holds it (the container's
-        # own snapshot is gone with `ctr run --rm`, and containerd's GC may already have released it)
-        config = reg_blob_json(reg, "test/zran", nydus["config"]["digest"])
-        top = chain_ids(config["rootfs"]["diff_ids"])[-1]
-        cd.view_mounts("zran-view", top, snapshotter=SNAPSHOTTER)
+        # the driver asked for serves the instance; looked at while a running container holds it
+        # (after `ctr run --rm` containerd's GC may release it at any moment, and so it may an
+        # unleased view snapshot)
+        run_detached(cd, target, "zran-hold", "/bin/sh", "-c", "sleep 120", namespace="k8s.io")
         try:
             types = _fs_types_under(sn.root)
         finally:
-            cd.ctr("-n", "k8s.io", "snapshots", "--snapshotter", SNAPSHOTTER, "rm", "zran-view")
+            cd.ctr("-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", "zran-hold", check=False)
+            wait_for(lambda: cd.ctr("-n", "k8s.io", "tasks", "rm", "zran-hold", check=False).returncode == 0
+                     or "zran-hold" not in cd.ctr("-n", "k8s.io", "tasks", "ls").stdout, 60, "task zran-hold gone")
+            cd.ctr("-n", "k8s.io", "containers", "rm", "zran-hold", check=False)
         assert ("erofs" in types) if fs_driver == "erofs" else any(t.startswith("fuse") for t in types), types
         # every file and symlink of the image, read through the snapshotter's RAFS instance
         files, links = _expected_rootfs(image, tmp_path)
@@ -138,14 +141,6 @@ def _fs_types_under(path: str) -> set[str]:
             if fields[4].startswith(path.rstrip("/") + "/"):
                 out.add(fields[fields.index("-") + 1])
     return out
-
-
-def reg_blob_json(reg, repo: str, digest: str) -> dict:
-    import requests
-
-    resp = requests.get(f"http://{reg.host}/v2/{repo}/blobs/{digest}", timeout=30)
-    resp.raise_for_status()
-    return resp.json()
 
 
 def reg_manifest(reg, repo: str, tag: str) -> dict:
