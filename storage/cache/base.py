@@ -169,7 +169,7 @@ class BlobCache(ABC):
         """The ZRAN blob's reader (created once: it keeps inflate streams live between reads)."""
         r = self._zran_reader
         if r is None:
-            with self._zran_lock, shared_fetch():
+            with self._zran_lock:  # (zran_meta loads under shared_fetch itself)
                 r = self._zran_reader
                 if r is None:
                     meta = self.zran_meta()
