@@ -78,6 +78,15 @@ def run_detached(cd, ref: str, cid: str, *cmd: str, namespace: str) -> None:
            ref, cid, *cmd)
 
 
+def stop_detached(cd, cid: str, *, namespace: str, check: bool = True) -> None:
+    """SIGKILL a :func:`run_detached` container's task, wait until it is gone, remove the
+    container (containerd's GC then removes its snapshot)."""
+    cd.ctr("-n", namespace, "tasks", "kill", "-s", "SIGKILL", cid, check=check)
+    wait_for(lambda: cd.ctr("-n", namespace, "tasks", "rm", cid, check=False).returncode == 0
+             or cid not in cd.ctr("-n", namespace, "tasks", "ls").stdout, 60, f"task {cid} gone")
+    cd.ctr("-n", namespace, "containers", "rm", cid, check=check)
+
+
 def vector_bootstrap(vectors_dir) -> bytes:
     return (vectors_dir / "dragonflyoss-nydus" / "tests" / "texture" / "bootstrap" / "rafs-v6-2.2.boot").read_bytes()
 
@@ -323,10 +332,7 @@ def test_nydus_instance_lifecycle_and_cache_gc(registry, snapshotter_factory, co
                       if o.startswith("lowerdir=")}
         assert len(actives) == 2 and len(lowers) == 1, (actives, lowers)
         for n, cid in enumerate(("twin1", "twin2")):
-            cd.ctr("-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", cid)
-            wait_for(lambda: cd.ctr("-n", "k8s.io", "tasks", "rm", cid, check=False).returncode == 0
-                     or cid not in cd.ctr("-n", "k8s.io", "tasks", "ls").stdout, 60, f"task {cid} gone")
-            cd.ctr("-n", "k8s.io", "containers", "rm", cid)  # containerd's GC then removes its snapshot
+            stop_detached(cd, cid, namespace="k8s.io")
             if n == 0:
                 wait_for(lambda: len([i for i in snapshots(sn) if i.kind == pb.ACTIVE]) == 1, 60,
                          "the first container's snapshot removed")

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 
 from integration.harness.images import File, Image, Layer, busybox_image, generated_files
-from integration.snapshotter_support import wait_for
-from integration.test_snapshotter_containerd import SNAPSHOTTER, kill_recorded_daemons, run_detached
+from integration.test_snapshotter_containerd import SNAPSHOTTER, kill_recorded_daemons, run_detached, stop_detached
 from rafs.convert.cli import main as nydusify
 
 REF = "containerd.io/snapshot/nydus-ref"
@@ -94,10 +93,7 @@ def test_cri_pull_and_lazy_run_of_an_oci_ref_image(registry, snapshotter_factory
         try:
             types = _fs_types_under(sn.root)
         finally:
-            cd.ctr("-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", "zran-hold", check=False)
-            wait_for(lambda: cd.ctr("-n", "k8s.io", "tasks", "rm", "zran-hold", check=False).returncode == 0
-                     or "zran-hold" not in cd.ctr("-n", "k8s.io", "tasks", "ls").stdout, 60, "task zran-hold gone")
-            cd.ctr("-n", "k8s.io", "containers", "rm", "zran-hold", check=False)
+            stop_detached(cd, "zran-hold", namespace="k8s.io", check=False)
         assert ("erofs" in types) if fs_driver == "erofs" else any(t.startswith("fuse") for t in types), types
         # every file and symlink of the image, read through the snapshotter's RAFS instance
         files, links = _expected_rootfs(image, tmp_path)
