@@ -496,3 +496,53 @@ def test_a_ci_table_load_on_a_prefetch_thread_is_never_paused(tmp_path):
     finally:
         speculation.pause = None
         pf.cancel()
+
+
+def test_waiters_lift_the_pause_only_for_chunks_a_prefetch_transfers(tmp_path):
+    """``has_waiters`` (which stops a prefetch transfer from pausing for demand reads) is true
+    only while a reader waits for a chunk a *speculative* fetch is transferring: two demand reads
+    of one chunk (kernel EROFS sends 64 KiB pieces in parallel) must not lift the pause of every
+    prefetch of the blob."""
+    import threading
+    import time
+
+    from storage.backend.base import speculation
+
+    b = make_blob(2, compressor=Compressor.NONE, compressible=False)
+    release, entered = threading.Event(), threading.Event()
+
+    def gate(blob_id, offset, size):
+        entered.set()
+        release.wait(10)
+        return None
+
+    mgr = FileCacheManager(str(tmp_path), MemoryBackend({b.blob_id: b.data}, fault=gate), CacheConfig(amplify_io=0))
+    cache = mgr.get_blob_cache(b.info)
+    try:
+        for chunk, speculative in ((b.chunks[0], False), (b.chunks[1], True)):
+            release.clear()
+            entered.clear()
+
+            def fetch(chunk=chunk, speculative=speculative):
+                speculation.pause = (lambda: None) if speculative else None
+                cache.ensure_ready([chunk])
+
+            owner = threading.Thread(target=fetch)
+            owner.start()
+            assert entered.wait(5)
+            assert not cache.has_waiters()  # nobody waits yet
+            reader = threading.Thread(target=cache.ensure_ready, args=([chunk],))
+            reader.start()
+            deadline = time.monotonic() + 5
+            while not cache._waited and time.monotonic() < deadline:  # the reader is waiting
+                time.sleep(0.01)
+            assert cache._waited == {chunk.index: 1}
+            assert cache.has_waiters() is speculative, ("speculative" if speculative else "demand") + " owner"
+            release.set()
+            owner.join(5)
+            reader.join(5)
+            assert not cache.has_waiters() and not cache._waited and not cache._speculating
+            assert cache.chunk_map.is_ready(chunk.index)
+    finally:
+        release.set()
+        mgr.close()

@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from storage.backend.base import BlobBackend, BlobReader, shared_fetch
+from storage.backend.base import BlobBackend, BlobReader, shared_fetch, speculation
 from storage.cache.base import BlobCache, BlobCacheManager, CacheConfig, merge_runs
 from storage.cache.nocache import NoCacheBlobCache
 from storage.cache.state import ChunkState, IndexedChunkMap
@@ -122,14 +122,24 @@ class FileBlobCache(BlobCache):
         self._meta_state = "unloaded"  # unloaded | loaded | absent
         self._meta_lock = threading.Lock()
         self.last_access = time.monotonic()
-        self._waiters = 0  #: readers waiting for chunks another thread fetches
+        #: chunk index → readers waiting for it while another thread fetches it
+        self._waited: dict[int, int] = {}
+        #: chunk index → speculative (prefetch) transfers of it running now
+        self._speculating: dict[int, int] = {}
         self._waiters_lock = threading.Lock()
         self._last_full_warning = 0.0
 
     def has_waiters(self) -> bool:
-        """True while a reader waits for a chunk being fetched by another thread (a speculative
-        fetch then must not pause for demand reads: it is the one they wait for)."""
-        return self._waiters > 0
+        """True while a reader waits for a chunk that a speculative fetch is transferring: that
+        fetch then must not pause for demand reads, it is the one they wait for. A reader waiting
+        for another demand read's chunk does not count (two kernel reads of one chunk are common:
+        kernel EROFS sends 64 KiB pieces in parallel), or it would lift the pause for every
+        prefetch of the blob."""
+        with self._waiters_lock:
+            waited, running = self._waited, self._speculating
+            if len(waited) > len(running):
+                waited, running = running, waited
+            return any(i in running for i in waited)
 
     # -- CI table ---------------------------------------------------------------------------------
     def _has_ci_table(self) -> bool:
@@ -379,14 +389,12 @@ class FileBlobCache(BlobCache):
             if owned:
                 fetched += self._fetch_owned(owned, fresh, amplify_into)
             if inflight:
-                with self._waiters_lock:
-                    self._waiters += 1
+                _count(self._waiters_lock, self._waited, [c.index for c in inflight], 1)
                 try:
                     for c in inflight:
                         self.chunk_map.wait_pending(c.index)
                 finally:
-                    with self._waiters_lock:
-                        self._waiters -= 1
+                    _count(self._waiters_lock, self._waited, [c.index for c in inflight], -1)
             needed = {c.index: c for c in inflight if not self.chunk_map.is_ready(c.index)}
         return fetched
 
@@ -424,6 +432,9 @@ class FileBlobCache(BlobCache):
                       fresh: dict[int, bytes | memoryview] | None) -> tuple[int, StorageError | None]:
         """Fetch, process, write, sync and mark one run; returns (bytes fetched, error for ``wanted``)."""
         indices = [c.index for c in run]
+        spec = speculation.pause is not None  # a prefetch transfer (it may pause, see has_waiters)
+        if spec:
+            _count(self._waiters_lock, self._speculating, indices, 1)
         try:
             good, bad = self.fetch_run(run, {c.index for c in run if c.index not in wanted})
         except StorageError as exc:
@@ -432,6 +443,9 @@ class FileBlobCache(BlobCache):
         except BaseException:
             self.chunk_map.clear_pending(indices)
             raise
+        finally:
+            if spec:
+                _count(self._waiters_lock, self._speculating, indices, -1)
         try:
             for c in run:
                 if c.index in good:
@@ -897,3 +911,14 @@ class FileCacheManager(BlobCacheManager):
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+
+
+def _count(lock: threading.Lock, counts: dict[int, int], keys: Iterable[int], delta: int) -> None:
+    """Add ``delta`` to the count of each key (a key at zero is removed), under ``lock``."""
+    with lock:
+        for k in keys:
+            n = counts.get(k, 0) + delta
+            if n:
+                counts[k] = n
+            else:
+                del counts[k]
