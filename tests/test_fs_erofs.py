@@ -149,6 +149,24 @@ def test_erofs_driver_lazy_blob_files_over_fuse(v6, tmp_path):
         assert erofs.mounted_fstype(mnt) is None and erofs.mounted_fstype(mnt + ".blobs") is None
 
 
+def test_erofs_blob_files_serve_only_what_erofs_asks(v6, tmp_path):
+    """The blob files are opened with direct I/O: reading the first file fetches its chunk, not
+    the next file's chunk 20 KiB further on (the FUSE page cache's 128 KiB read-ahead of the blob
+    file would take it); the EROFS mount reads ahead 1 MiB within its files, as fusedev does."""
+    require_erofs()
+    require_fuse()
+    boot, data, contents = v6
+    opener = FakeOpener({boot: _vector_tree(data)})
+    with running_daemon(tmp_path, bootstrap=boot, fs_driver="erofs", opener=opener, name="dio") as (_, mnt, _p):
+        assert open(os.path.join(mnt, "lib.rs"), "rb").read() == contents["lib.rs"]
+        assert set(open(data + ".reads").read().split()) == {"0"}
+        bdi = erofs.bdi_name(mnt)
+        if bdi is not None:  # (kernels before 6.10 cannot name it)
+            assert open(f"/sys/class/bdi/{bdi}/read_ahead_kb").read().strip() == "1024"
+        assert open(os.path.join(mnt, "sync_io.rs"), "rb").read() == contents["sync_io.rs"]
+        assert set(open(data + ".reads").read().split()) == {"0", "5"}
+
+
 def test_erofs_driver_uses_complete_cache_file(v6, tmp_path):
     """A complete (unpadded) cache file becomes the device= directly: no reads reach the daemon."""
     require_erofs()

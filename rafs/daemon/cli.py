@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-no-open", choices=["auto", "on", "off"], default="auto",
                    help="answer FUSE open with ENOSYS so the kernel stops sending open/release "
                         "(auto: when pyfuse3 carries misc/pyfuse3/read-ino.patch and the kernel "
-                        "is 4.20+)")
+                        "is 4.20+; fusedev only: the erofs driver's blob files answer open "
+                        "with direct I/O)")
     p.add_argument("--fuse-impl", choices=list(FUSE_IMPLS), default=DEFAULT_FUSE_IMPL,
                    help="FUSE session: 'll' (own loop over /dev/fuse, worker threads with cloned "
                         "fds) or 'pyfuse3' (libfuse); see docs/mounts.md")

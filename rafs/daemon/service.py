@@ -158,7 +158,6 @@ class Nydusd:
         #: instances a remount replaced, closed by _retire (or at teardown, whichever comes first)
         self._retiring: set[Instance] = set()
         self._retiring_lock = threading.Lock()
-        self._saved_readahead: tuple[str, str] | None = None  #: (sysfs path, value) while tracing
         #: upstream's runtime config (PUT /api/v1/config) per instance name: applied to the
         #: instance's backend, kept over a remount and handed to a successor; dropped at umount
         self._runtime_config: dict[str, dict[str, str]] = {}
@@ -204,8 +203,8 @@ class Nydusd:
                         await self._start_requested.wait()  # takeover() has made it READY
                     nursery.start_soon(self._fuse_main)
                     if self.fs_driver == "fusedev":
-                        # (under erofs the blob files get none: kernel EROFS does its own per
-                        # file, see _blob_files_without_readahead)
+                        # (under erofs the blob files are read with direct I/O: kernel EROFS
+                        # reads ahead within the image files, see _mount_erofs_instance)
                         nursery.start_soon(trio.to_thread.run_sync, session.tune_after_init,
                                            self._fuse_mountpoint)
                     if self._takeover is not None and not self._restored.is_set():
@@ -218,7 +217,8 @@ class Nydusd:
                     await self.resend_handover()
                     log.info("nydusd %s RUNNING (%s, %s) at %s; FUSE no_open %s", self.daemon_id,
                              self.fs_driver, "shared" if self.shared else "dedicated", self.mountpoint,
-                             "on" if self.fs.no_open else f"off ({no_open_unsupported_reason(self.fuse_impl == 'll') or 'disabled'})")
+                             "on" if self.fs.no_open else "off (erofs blob files: direct I/O)" if self.fs_driver == "erofs"
+                             else f"off ({no_open_unsupported_reason(self.fuse_impl == 'll') or 'disabled'})")
                     if not waiting:
                         task_status.started()
             finally:
@@ -232,7 +232,9 @@ class Nydusd:
             self.shared = self._check_takeover(bootstrap)
         if self.fs_driver == "erofs":
             erofs.require_file_backed(os.path.dirname(self.mountpoint.rstrip("/")))
-            self.fs = RafsFs(shared=True, no_open=self.fuse_no_open, read_gets_ino=self.fuse_impl == "ll")
+            # no no_open: the blob files are opened once per mount, and their open answers
+            # FOPEN_DIRECT_IO (BlobFiles.direct_io)
+            self.fs = RafsFs(shared=True, no_open=False, read_gets_ino=self.fuse_impl == "ll")
             if self.blob_dir is None:
                 self.blob_dir = self.mountpoint.rstrip("/") + ".blobs"
             if self._takeover is None:  # (adopting: it is the held FUSE mount; a stat would wait for us)
@@ -616,10 +618,6 @@ class Nydusd:
         key = "root" if name == "/" else name
         inst = Instance(key, blob_files, device, bootstrap=bootstrap, config=cfg.raw, enable_xattr=False)
         _start_trace(inst, cfg)
-        # stat(2) of our own FUSE mount: not on the event loop; not when adopting a session (nobody
-        # serves it yet: the stat would wait for us; the previous daemon set read-ahead already)
-        if inst.recorder is not None and adopt_slot is None:
-            await trio.to_thread.run_sync(self._blob_files_without_readahead)
         if adopt_slot is not None:  # the erofs mount outlived the previous daemon: serve it as is
             self.fs.add_instance(inst, adopt_slot)
             self._start_prefetch(inst, cfg)
@@ -641,49 +639,13 @@ class Nydusd:
         target = self._target(name)
         try:
             os.makedirs(target, exist_ok=True)
-            await trio.to_thread.run_sync(erofs.mount_erofs, bootstrap, target, devices)
+            await trio.to_thread.run_sync(_mount_erofs_instance, bootstrap, target, devices)
         except BaseException:
             self.fs.remove_instance(key)
             inst.device.close()
             raise
         self._start_prefetch(inst, cfg)
         return MountRecord(name, bootstrap, "erofs", target, tuple(devices))
-
-    def _blob_files_without_readahead(self) -> None:
-        """Turn off the kernel's read-ahead on the blob files (``read_ahead_kb`` of the FUSE
-        mount's bdi) while an instance records a trace: then each read of a blob file is a range
-        kernel EROFS asked for, and the trace names the files a container read, not their
-        neighbours in the blob. Not otherwise: without it every kernel EROFS read reaches the
-        daemon as a small serial request (measured on a real image: 2.6x slower to a first
-        output, 5.8x slower reading all of ``/usr``), a higher price than the one amplified read
-        (1 MiB) the kernel's read-ahead past a file's end costs. Best effort;
-        :meth:`_restore_readahead` puts the old value back once no erofs instance is mounted."""
-        if self._fuse_mountpoint is None or self._saved_readahead is not None:
-            return
-        try:
-            dev = os.stat(self._fuse_mountpoint).st_dev
-            path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
-            with open(path, encoding="ascii") as f:
-                old = f.read().strip()
-            with open(path, "w", encoding="ascii") as f:
-                f.write("0")
-            self._saved_readahead = (path, old)
-        except OSError as exc:
-            log.warning("cannot turn off read-ahead on the blob files (reads may fetch, and a "
-                        "trace name, neighbouring files too): %s", exc)
-
-    def _restore_readahead(self) -> None:
-        """Put the blob files' read-ahead back once no erofs instance is mounted."""
-        if self._saved_readahead is None or any(
-                isinstance(inst.tree, BlobFiles) for inst in (self.fs.instances().values() if self.fs else ())):
-            return
-        path, old = self._saved_readahead
-        self._saved_readahead = None
-        try:
-            with open(path, "w", encoding="ascii") as f:
-                f.write(old)
-        except OSError as exc:
-            log.warning("cannot restore read-ahead on the blob files: %s", exc)
 
     async def umount_instance(self, mountpoint: str) -> None:
         """Unmount one instance (``DELETE /api/v1/mount``); other instances are untouched."""
@@ -710,8 +672,6 @@ class Nydusd:
         del self.records[name]
         self._runtime_config.pop(name, None)
         await trio.to_thread.run_sync(_save_trace, inst)
-        if inst.recorder is not None:
-            self._restore_readahead()
         await trio.to_thread.run_sync(inst.close)
         log.info("unmounted %s", record.mountpoint)
         await self.resend_handover()
@@ -1018,6 +978,14 @@ def _start_trace(inst: Instance, cfg: DaemonConfig) -> None:
         from rafs.trace import TraceRecorder
 
         inst.recorder = TraceRecorder(inst.tree)
+
+
+def _mount_erofs_instance(bootstrap: str, target: str, devices: list[str]) -> None:
+    """mount(2) an erofs instance, then give its files fusedev's read-ahead (1 MiB instead of the
+    kernel's 128 KiB): the blob files under it are read with direct I/O (``BlobFiles.direct_io``),
+    so EROFS's own read-ahead, which stays within the image file being read, is the only one."""
+    erofs.mount_erofs(bootstrap, target, devices)
+    erofs.set_read_ahead(target, session.DEFAULT_READ_AHEAD_KB)
 
 
 def _save_trace(inst: Instance) -> None:

@@ -53,6 +53,7 @@ KSTATFS = struct.Struct("<QQQQQIIII24x")
 DIRENT = struct.Struct("<QQII")
 
 KERNEL_MAJOR, KERNEL_MINOR = 7, 31
+FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 # INIT flags we ask for (each only if the kernel offers it)
 FUSE_ASYNC_READ = 1 << 0
@@ -353,7 +354,8 @@ class FuseSession:
                 fs.forget([struct.unpack_from("<QQ", buf, off + 8 + 16 * i) for i in range(count)])
             elif opcode == OPEN:
                 fi = _run(fs.open(nodeid, struct.unpack_from("<I", buf, off)[0], None))
-                self._reply(fd, unique, OPEN_OUT.pack(fi.fh, FOPEN_KEEP_CACHE if fi.keep_cache else 0, 0))
+                self._reply(fd, unique, OPEN_OUT.pack(fi.fh, (FOPEN_KEEP_CACHE if fi.keep_cache else 0)
+                                                     | (FOPEN_DIRECT_IO if fi.direct_io else 0), 0))
             elif opcode == OPENDIR:
                 fh = _run(fs.opendir(nodeid, None))
                 self._reply(fd, unique, OPEN_OUT.pack(fh, FOPEN_KEEP_CACHE, 0))

@@ -323,6 +323,10 @@ class BlobFiles:
 
     root_ino = 1
     prefetch_inos: list[int] = []
+    #: opened with FOPEN_DIRECT_IO: kernel EROFS caches the image files it reads and reads ahead
+    #: within them, so a page cache and a read-ahead of the blob file would hold the data twice
+    #: and read past the end of an image file into its neighbours in the blob
+    direct_io = True
 
     def __init__(self, rafs: Any) -> None:
         self.rafs = rafs

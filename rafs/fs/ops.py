@@ -381,9 +381,12 @@ class RafsFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSYS)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
-        _, node = self._resolve(inode)
+        inst, node = self._resolve(inode)
         if node.is_dir():
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if getattr(inst.tree, "direct_io", False):
+            # blob files under kernel EROFS: no page cache and no read-ahead of their own
+            return pyfuse3.FileInfo(fh=inode, direct_io=True)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @fuse_errors
