@@ -98,15 +98,26 @@ def set_read_ahead(mountpoint: str, read_ahead_kb: int) -> bool:
     bdi; 128 by default). Best effort: False, with one warning, when it cannot."""
     try:
         name = bdi_name(mountpoint)
-        if name is None:
-            log.warning("EROFS mount %s: the kernel does not name its bdi; read-ahead stays at "
-                        "the default", mountpoint)
-            return False
-        with open(f"/sys/class/bdi/{name}/read_ahead_kb", "w", encoding="ascii") as f:
+    except OSError as exc:
+        log.warning("EROFS mount %s: cannot set read-ahead: %s", mountpoint, exc)
+        return False
+    if name is None:
+        log.warning("EROFS mount %s: the kernel does not name its bdi; read-ahead stays at "
+                    "the default", mountpoint)
+        return False
+    return write_bdi_read_ahead(name, read_ahead_kb)
+
+
+def write_bdi_read_ahead(bdi: str, read_ahead_kb: int) -> bool:
+    """Write ``/sys/class/bdi/<bdi>/read_ahead_kb`` (``bdi``: ``maj:min`` or a name such as
+    ``erofs-N``). Best effort: False, with one warning, when it cannot."""
+    path = f"/sys/class/bdi/{bdi}/read_ahead_kb"
+    try:
+        with open(path, "w", encoding="ascii") as f:
             f.write(str(read_ahead_kb))
         return True
     except OSError as exc:
-        log.warning("EROFS mount %s: cannot set read-ahead: %s", mountpoint, exc)
+        log.warning("cannot set %s: %s", path, exc)
         return False
 
 

@@ -52,14 +52,7 @@ def set_read_ahead(mountpoint: str, read_ahead_kb: int) -> bool:
     info = erofs.mountinfo(mountpoint)
     if info is None:
         return False
-    path = f"/sys/class/bdi/{info[0]}/read_ahead_kb"
-    try:
-        with open(path, "w", encoding="ascii") as f:
-            f.write(str(read_ahead_kb))
-        return True
-    except OSError as exc:
-        log.warning("cannot set %s: %s", path, exc)
-        return False
+    return erofs.write_bdi_read_ahead(info[0], read_ahead_kb)
 
 
 def is_stale_mount(path: str) -> bool:
