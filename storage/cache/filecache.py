@@ -389,12 +389,13 @@ class FileBlobCache(BlobCache):
             if owned:
                 fetched += self._fetch_owned(owned, fresh, amplify_into)
             if inflight:
-                _count(self._waiters_lock, self._waited, [c.index for c in inflight], 1)
+                waited = [c.index for c in inflight]
+                _count(self._waiters_lock, self._waited, waited, 1)
                 try:
-                    for c in inflight:
-                        self.chunk_map.wait_pending(c.index)
+                    for i in waited:
+                        self.chunk_map.wait_pending(i)
                 finally:
-                    _count(self._waiters_lock, self._waited, [c.index for c in inflight], -1)
+                    _count(self._waiters_lock, self._waited, waited, -1)
             needed = {c.index: c for c in inflight if not self.chunk_map.is_ready(c.index)}
         return fetched
 
