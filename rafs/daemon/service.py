@@ -217,13 +217,20 @@ class Nydusd:
                     await self.resend_handover()
                     log.info("nydusd %s RUNNING (%s, %s) at %s; FUSE no_open %s", self.daemon_id,
                              self.fs_driver, "shared" if self.shared else "dedicated", self.mountpoint,
-                             "on" if self.fs.no_open else "off (erofs blob files: direct I/O)" if self.fs_driver == "erofs"
-                             else f"off ({no_open_unsupported_reason(self.fuse_impl == 'll') or 'disabled'})")
+                             self._no_open_state())
                     if not waiting:
                         task_status.started()
             finally:
                 with trio.CancelScope(shield=True):
                     await self._teardown()
+
+    def _no_open_state(self) -> str:
+        """FUSE no_open for the RUNNING log line: on, or off and why."""
+        if self.fs.no_open:
+            return "on"
+        if self.fs_driver == "erofs":
+            return "off (erofs blob files: direct I/O)"
+        return f"off ({no_open_unsupported_reason(self.fuse_impl == 'll') or 'disabled'})"
 
     def _prepare(self, bootstrap: str | None) -> None:
         """Check an adopted session's state, build the filesystem and its directories."""
