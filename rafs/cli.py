@@ -16,7 +16,7 @@ import threading
 from rafs.errors import RafsError
 from storage.atomic import atomic_write
 from storage.errors import StorageError
-from rafs.cli_common import version_string
+from rafs.cli_common import VersionAction
 
 
 def _add_bootstrap_args(p: argparse.ArgumentParser) -> None:
@@ -176,7 +176,7 @@ def register(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nydus-image", description=__doc__.splitlines()[0].replace("``", ""))
-    parser.add_argument("--version", action="version", version=version_string("nydus-image"))
+    parser.add_argument("--version", action=VersionAction, name="nydus-image")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(sub)
     from rafs.builder import cli as builder_cli

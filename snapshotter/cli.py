@@ -24,7 +24,7 @@ from typing import Sequence
 
 from snapshotter import config as cfgmod
 from snapshotter.errors import ConfigError, SnapshotterError
-from rafs.cli_common import OneLineArgumentParser, version_string
+from rafs.cli_common import OneLineArgumentParser, VersionAction
 
 log = logging.getLogger("snapshotter")
 
@@ -68,7 +68,7 @@ def build_parser(prog: str = "nydus-snapshotter") -> argparse.ArgumentParser:
     def flag(name: str, **kw) -> None:
         p.add_argument(f"--{name}", f"-{name}", **kw)
 
-    flag("version", action="version", version=version_string(prog))
+    p.add_argument("--version", "-version", action=VersionAction, name=prog)
     flag("config", help="TOML config file (version = 1; upstream's config.toml loads as is)")
     flag("root", help="state directory (overrides `root`)")
     flag("address", help="gRPC unix socket (overrides `address`)")

@@ -38,6 +38,25 @@ def test_version_everywhere(prog):
     assert version() != ""
 
 
+def test_parsers_read_the_version_only_for_the_flag(monkeypatch):
+    """Building a CLI's parser (every start) does not read the package metadata; --version does."""
+    import rafs.cli
+    import rafs.cli_common
+    import rafs.convert.cli
+    import rafs.daemon.cli
+    import snapshotter.cli
+    import snapshotter.ctl
+
+    asked = []
+    monkeypatch.setattr(rafs.cli_common, "version", lambda: asked.append(1) or "9.9")
+    parsers = [rafs.cli.build_parser(), rafs.daemon.cli.build_parser(), rafs.convert.cli._parser(),
+               snapshotter.cli.build_parser(), snapshotter.ctl.build_parser()]
+    assert asked == []
+    with pytest.raises(SystemExit) as exit_info:
+        parsers[1].parse_args(["--version"])
+    assert exit_info.value.code == 0 and asked == [1]
+
+
 def test_containerd_nydus_grpc_entry_point_and_flags():
     code = "import sys; from snapshotter.cli import grpc_main; sys.exit(grpc_main(sys.argv[1:]))"
     r = run("-c", code, "--version")

@@ -16,7 +16,7 @@ from .converter import ConvertOptions, convert
 from .errors import ConvertError
 from .layer import LayerOptions
 from .reference import parse_reference, parse_source
-from rafs.cli_common import OneLineArgumentParser, version_string
+from rafs.cli_common import OneLineArgumentParser, VersionAction
 
 COMPRESSORS = ("zstd", "lz4_block", "none")
 
@@ -88,7 +88,7 @@ def _suffixed(source: str, suffix: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="nydusify", description=__doc__)
-    parser.add_argument("--version", action="version", version=version_string("nydusify"))
+    parser.add_argument("--version", action=VersionAction, name="nydusify")
     parser.add_argument("--log-level", default="warning", type=str.lower,
                         choices=("trace", "debug", "info", "warn", "warning", "error"),
                         help="trace, debug, info, warn(ing), error (default warning)")

@@ -17,7 +17,7 @@ import trio
 from rafs.daemon.config import DaemonConfig
 from rafs.daemon.service import DEFAULT_FUSE_IMPL, FS_DRIVERS, FUSE_IMPLS, Nydusd, Opener
 from rafs.errors import RafsError
-from rafs.cli_common import version_string
+from rafs.cli_common import VersionAction
 
 LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
               "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nydusd",
         description="Nydus image service daemon: mounts RAFS images lazily over FUSE or kernel EROFS.",
     )
-    p.add_argument("--version", "-V", action="version", version=version_string("nydusd"))
+    p.add_argument("--version", "-V", action=VersionAction, name="nydusd")
     p.add_argument("subcommand", nargs="?", choices=["fuse", "singleton"], default="fuse",
                    help="daemon kind: 'fuse' (default); 'singleton' (fscache) is refused with the reason")
     p.add_argument("--config", "-C", help="nydusd JSON config (backend, cache, prefetch)")
