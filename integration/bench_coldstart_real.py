@@ -850,7 +850,8 @@ def combine(paths: list[str], out_dir: pathlib.Path, name: str, read_from: str =
            "combined_from": [os.path.basename(p) for p in paths],
            "read_bytes_from": os.path.basename(read_from) if read_from else "the runs' own OCI trials",
            "complete": all(d.get("complete") for d in docs), "modes": modes,
-           "runs": [{k: d.get(k) for k in ("rates_mb_s", "started", "minutes", "load_average", "complete")}
+           "runs": [{k: d.get(k) for k in ("rates_mb_s", "settle_seconds", "started", "minutes", "load_average",
+                                           "complete")}
                     for d in docs], **result, "trials": [dataclasses.asdict(t) for t in trials]}
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f"{name}.json.tmp"
@@ -921,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
         result = summarize(trials, mode_names)
         doc = {"image": {"suite": SUITE, "packages": list(PACKAGES),
                          "layers": ["base"] + [n for n, _ in LAYER_SPLIT]},
-               "rates_mb_s": rates, "repeat": repeat, "complete": final,
+               "rates_mb_s": rates, "repeat": repeat, "settle_seconds": args.settle, "complete": final,
                "modes": {m.name: m.label for m in modes}, "workloads": {w: WORKLOADS[w] for w in workloads},
                "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
                "minutes": round((time.time() - started) / 60, 1), "load_average": os.getloadavg(), **result,
