@@ -66,7 +66,7 @@ class DaemonConfig:
     daemon_mode: str = "shared"         #: shared (one daemon, many instances) | dedicated (one per image)
     nydusd_config: str = ""             #: path of a nydusd JSON template; "" = built-in template
     recover_policy: str = "failover"    #: none | restart (remount: running containers lose the mount) | failover (FUSE session held)
-    threads_number: int = 4             #: FUSE worker threads per daemon (0 = default, 4)
+    threads_number: int = 0             #: nydusd --thread-num (FUSE workers per daemon); 0 = nydusd's default (2)
     nydusd_path: str = ""               #: nydusd executable; "" (or missing file, with a warning) = the bundled one
     failover_policy: str = "resend"     #: failover: requests the dead daemon had taken are resent | flush (EIO)
     cgroup: str = ""                    #: cgroup (under each hierarchy root) daemons move to, outliving the snapshotter's container; "" = stay
@@ -327,7 +327,7 @@ def _validate(cfg: Config) -> Config:
     if cfg.daemon.cgroup and any(p in (".", "..") for p in cfg.daemon.cgroup.split("/")):
         raise ConfigError(f"daemon.cgroup: {cfg.daemon.cgroup!r} must not contain '.' or '..'")
     if not 0 <= cfg.daemon.threads_number <= 1024:
-        raise ConfigError("daemon.threads_number: must be 0..1024 (0 = default)")
+        raise ConfigError("daemon.threads_number: must be 0..1024 (0 = nydusd's default)")
     if cfg.log.level.lower() not in LOG_LEVELS:
         raise ConfigError(f"log.level: {cfg.log.level!r} is not one of {', '.join(LOG_LEVELS)}")
     if cfg.log.format not in LOG_FORMATS:
@@ -411,8 +411,6 @@ def from_dict(data: Mapping[str, object]) -> Config:
         raise ConfigError("version: missing (the file must start with `version = 1`)")
     ours, warnings = _upstream(data)
     cfg = _build(Config, ours, "")
-    if cfg.daemon.threads_number == 0:
-        cfg = cfg.replace(daemon=dataclasses.replace(cfg.daemon, threads_number=4))
     if cfg.daemon.nydusd_path and not os.path.isfile(cfg.daemon.nydusd_path):
         warnings.append(f"daemon.nydusd_path: {cfg.daemon.nydusd_path} does not exist; using the bundled nydusd")
         cfg = cfg.replace(daemon=dataclasses.replace(cfg.daemon, nydusd_path=""))

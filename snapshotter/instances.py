@@ -55,6 +55,7 @@ def default_manager_factory(config: Config) -> InstanceManager:
                          log_level=level if level in ("debug", "info", "warning", "error") else "info",
                          recover_policy=config.daemon.recover_policy,
                          failover_policy=config.daemon.failover_policy,
+                         thread_num=config.daemon.threads_number,
                          cgroup=config.daemon.cgroup,
                          # failover: a dead daemon's readers wait in the kernel until the successor
                          # serves, so notice deaths sooner than the restart policy does

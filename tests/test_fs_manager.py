@@ -104,6 +104,24 @@ def test_dedicated_mode_and_reattach(manager_factory, images, tmp_path):
     assert set(m2.instances()) == {"b"}
 
 
+@pytest.mark.parametrize("thread_num", [0, 3])
+def test_thread_num_reaches_nydusd(manager_factory, images, thread_num):
+    """``[daemon] threads_number`` is nydusd's --thread-num, as upstream passes it; 0 passes
+    nothing (nydusd's own default)."""
+    m = manager_factory("shared", thread_num=thread_num)
+    ma = m.mount("a", images["a"], None, None)
+    assert open(f"{ma}/id", "rb").read() == b"aaa"
+    (rec,) = m._records.values()
+    with open(f"/proc/{rec.pid}/cmdline", "rb") as fh:
+        argv = fh.read().split(b"\0")
+    if thread_num:
+        assert argv[argv.index(b"--thread-num") + 1] == b"3"
+    else:
+        assert b"--thread-num" not in argv
+    with pytest.raises(ConfigError, match="thread_num"):
+        DaemonManager(m.root, thread_num=2000, monitor_interval=None)
+
+
 @pytest.mark.parametrize("mode", ["shared", "dedicated"])
 def test_sigkill_daemon_then_remount_serves(manager_factory, images, mode):
     m = manager_factory(mode)

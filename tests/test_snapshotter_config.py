@@ -18,7 +18,7 @@ def test_dataclass_defaults():
     assert (c.version, c.root, c.address, c.cleanup_on_close) == (
         1, "/var/lib/containerd/io.containerd.snapshotter.v1.nydus",
         "/run/containerd-nydus/containerd-nydus-grpc.sock", False)
-    assert c.daemon == C.DaemonConfig("erofs", "shared", "", "failover", 4)
+    assert c.daemon == C.DaemonConfig("erofs", "shared", "", "failover", 0)  # threads: nydusd default
     assert c.remote == C.RemoteConfig((), False, {}, {}, "", True, 5, 5, 2)
     assert c.cache_manager == C.CacheManagerConfig(False, "", 0, True)
     assert c.prefetch == C.PrefetchConfig(True, False, 4, 1048576, 0, False)
@@ -165,7 +165,7 @@ def test_upstream_file_loads_unchanged():
     assert c.daemon.fs_driver == "fusedev"
     assert c.daemon.recover_policy == "failover"          # served (fd holder + nydusd --upgrade)
     assert c.daemon.failover_policy == "resend"
-    assert c.daemon.threads_number == 4
+    assert c.daemon.threads_number == 4                  # passed on as nydusd --thread-num 4
     assert c.daemon.nydusd_config == "/etc/nydus/nydusd-config.fusedev.json"
     assert c.log.level == "info"
     assert c.metrics.address == ":9110"
@@ -229,3 +229,17 @@ def test_system_controller_defaults_under_the_root_and_can_be_off(tmp_path):
     assert not c.system.enable
     with pytest.raises(ConfigError, match="unknown configuration key system.bogus"):
         C.load(write(tmp_path, 'version = 1\n[system]\nbogus = 1\n'))
+
+
+def test_threads_number_reaches_the_daemon_manager(tmp_path):
+    """``[daemon] threads_number`` of a config file becomes the manager's nydusd ``--thread-num``
+    (tests/test_fs_manager.py::test_thread_num_reaches_nydusd checks the running daemon's argv)."""
+    from snapshotter.instances import default_manager_factory
+
+    path = tmp_path / "config.toml"
+    path.write_text(f'version = 1\nroot = "{tmp_path / "root"}"\n[daemon]\nthreads_number = 5\n')
+    manager = default_manager_factory(C.load(path))
+    try:
+        assert manager.thread_num == 5
+    finally:
+        manager.shutdown(keep_records=False)

@@ -189,7 +189,7 @@ class DaemonManager:
                  nydusd_cmd: list[str] | None = None, log_level: str = "info",
                  start_timeout: float = 30.0, monitor_interval: float | None = 2.0,
                  recover_policy: str = "restart", failover_policy: str = "resend",
-                 cgroup: str = "", cgroup_fs: str = "/sys/fs/cgroup") -> None:
+                 cgroup: str = "", cgroup_fs: str = "/sys/fs/cgroup", thread_num: int = 0) -> None:
         if mode not in ("shared", "dedicated"):
             raise ConfigError(f"daemon mode: expected 'shared' or 'dedicated', got {mode!r}")
         if fs_driver not in ("fusedev", "erofs"):
@@ -198,6 +198,10 @@ class DaemonManager:
             raise ConfigError(f"recover_policy: expected one of {RECOVER_POLICIES}, got {recover_policy!r}")
         if failover_policy not in FAILOVER_POLICIES:
             raise ConfigError(f"failover_policy: expected one of {FAILOVER_POLICIES}, got {failover_policy!r}")
+        if not 0 <= thread_num <= 1024:
+            raise ConfigError(f"thread_num: expected 0..1024 (0 = nydusd's default), got {thread_num!r}")
+        #: nydusd ``--thread-num`` (upstream's ``[daemon] threads_number``); 0 = nydusd's default
+        self.thread_num = thread_num
         self.root = os.path.abspath(root)
         self.cgroup = DaemonCgroup(cgroup, cgroup_fs) if cgroup else None
         self.mode = mode
@@ -547,6 +551,8 @@ class DaemonManager:
                "--id", rec.daemon_id, "--fs-driver", rec.fs_driver, "--log-level", self.log_level]
         if rec.blob_dir:
             cmd += ["--blob-dir", rec.blob_dir]
+        if self.thread_num:
+            cmd += ["--thread-num", str(self.thread_num)]
         if not rec.shared:
             inst = next(iter(rec.instances.values()))
             cmd += ["--bootstrap", inst.bootstrap, "--config", inst.config_path]
