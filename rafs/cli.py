@@ -176,7 +176,7 @@ def register(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nydus-image", description=__doc__.splitlines()[0].replace("``", ""))
-    parser.add_argument("--version", action=VersionAction, name="nydus-image")
+    parser.add_argument("--version", action=VersionAction, prog_name="nydus-image")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(sub)
     from rafs.builder import cli as builder_cli

@@ -24,19 +24,19 @@ def version_string(prog: str) -> str:
 
 
 class VersionAction(argparse.Action):
-    """``--version``: print :func:`version_string` of ``name`` and exit 0. Unlike argparse's
+    """``--version``: print :func:`version_string` of ``prog_name`` and exit 0. Unlike argparse's
     ``action="version"``, which needs the string when the parser is built, the package metadata
     is read only when the flag is given: importing ``importlib.metadata`` and looking the
     distribution up cost every CLI start 10-40 ms here."""
 
-    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, *, name: str,
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, *, prog_name: str,
                  help: str = "show program's version number and exit") -> None:  # noqa: A002
         super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
-        self.name = name
+        self.prog_name = prog_name
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> NoReturn:
-        print(version_string(self.name))
+        print(version_string(self.prog_name))
         parser.exit()
 
 

@@ -68,7 +68,7 @@ def build_parser(prog: str = "nydus-snapshotter") -> argparse.ArgumentParser:
     def flag(name: str, **kw) -> None:
         p.add_argument(f"--{name}", f"-{name}", **kw)
 
-    p.add_argument("--version", "-version", action=VersionAction, name=prog)
+    flag("version", action=VersionAction, prog_name=prog)
     flag("config", help="TOML config file (version = 1; upstream's config.toml loads as is)")
     flag("root", help="state directory (overrides `root`)")
     flag("address", help="gRPC unix socket (overrides `address`)")

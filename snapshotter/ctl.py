@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", "-a", default=os.environ.get("CONTAINERD_ADDRESS", DEFAULT_ADDRESS),
                    help="containerd socket (env CONTAINERD_ADDRESS; default %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per API call")
-    p.add_argument("--version", action=VersionAction, name="nydusctl")
+    p.add_argument("--version", action=VersionAction, prog_name="nydusctl")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.add_argument("--sock", "-S", help="nydusd API unix socket (upstream nydusctl's flag) for "
                                         "info, metrics, set, mount, umount")

@@ -88,7 +88,7 @@ def _suffixed(source: str, suffix: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="nydusify", description=__doc__)
-    parser.add_argument("--version", action=VersionAction, name="nydusify")
+    parser.add_argument("--version", action=VersionAction, prog_name="nydusify")
     parser.add_argument("--log-level", default="warning", type=str.lower,
                         choices=("trace", "debug", "info", "warn", "warning", "error"),
                         help="trace, debug, info, warn(ing), error (default warning)")

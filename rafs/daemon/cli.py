@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nydusd",
         description="Nydus image service daemon: mounts RAFS images lazily over FUSE or kernel EROFS.",
     )
-    p.add_argument("--version", "-V", action=VersionAction, name="nydusd")
+    p.add_argument("--version", "-V", action=VersionAction, prog_name="nydusd")
     p.add_argument("subcommand", nargs="?", choices=["fuse", "singleton"], default="fuse",
                    help="daemon kind: 'fuse' (default); 'singleton' (fscache) is refused with the reason")
     p.add_argument("--config", "-C", help="nydusd JSON config (backend, cache, prefetch)")
