@@ -143,7 +143,7 @@ class PrefetchConfig:
     merging_size: int = 1048576         #: bytes merged into one backend request
     bandwidth_rate: int = 0             #: bytes/s, 0 = unlimited
     record_trace: bool = False          #: daemons record each image's prefetch trace (nydusctl trace)
-    burst_cap: float = 4.0              #: s of unbroken on-demand reads after which prefetch ...
+    burst_cap: float = 2.0              #: s of unbroken on-demand reads after which prefetch ...
     burst_fraction: float = 0.1         #: ... shares the link, once demand read this much of the image
     demand_share: int = 4               #: prefetch requests beside sustained demand; 0 = always wait
 

@@ -46,7 +46,7 @@ class PrefetchConfig:
     readahead: int = 4 << 20  #: max bytes sequential on-demand reads keep in flight ahead; 0 = off
     settle: float = 1.5  #: polite prefetch waits this long after the last demand miss ended
     start_delay: float = 3.0  #: ... and, before any demand miss, this long after the device opened
-    burst_cap: float = 4.0  #: demand busy this long (s) without a settled gap is sustained demand ...
+    burst_cap: float = 2.0  #: demand busy this long (s) without a settled gap is sustained demand ...
     burst_fraction: float = 0.1  #: ... once demand has read this share of the image's bytes
     demand_share: int = 4  #: polite runs that go on beside sustained demand (at most threads_count); 0 = always wait
 
@@ -61,7 +61,7 @@ class DemandGate:
     """
 
     def __init__(self, settle: float, start_delay: float, clock: Callable[[], float] = time.monotonic, *,
-                 burst_cap: float = 4.0, burst_fraction: float = 0.1, total_bytes: int = 0) -> None:
+                 burst_cap: float = 2.0, burst_fraction: float = 0.1, total_bytes: int = 0) -> None:
         self.settle, self.start_delay, self.clock = settle, start_delay, clock
         self.burst_cap, self.burst_fraction, self.total_bytes = burst_cap, burst_fraction, total_bytes
         self._lock = threading.Lock()

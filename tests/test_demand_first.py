@@ -385,27 +385,28 @@ def test_wait_quiet_or_sustained_returns_under_read_most_demand():
 
 
 def test_default_policy_a_start_up_never_counts_as_sustained_a_read_most_workload_does():
-    """The defaults (issue 12, read-most): a start-up that reads a lot within ``burst_cap`` keeps
-    the link to itself; a workload still missing after it, over a tenth of the image, is
-    sustained demand and every prefetch worker may share the link."""
+    """The defaults (issue 12, read-most): a start-up keeps the link to itself however long it
+    runs, since the bytes its misses return stay far under a tenth of the image; a workload that
+    is still missing after ``burst_cap``, over a tenth of the image, is sustained demand and every
+    prefetch worker may share the link. Measured on the Debian bench image (500 MB, gate counts):
+    gcc and numpy starts return ~4 MB from their misses in ~1 s at 20 MB/s (the rest of what they
+    read is already fetched); read-most returns a tenth of the image ~2 s into its run at 100 MB/s."""
     cfg = PrefetchConfig()
-    assert (cfg.burst_cap, cfg.burst_fraction, cfg.demand_share) == (4.0, 0.1, 4)
+    assert (cfg.burst_cap, cfg.burst_fraction, cfg.demand_share) == (2.0, 0.1, 4)
     clock = Clock()
     gate = DemandGate(cfg.settle, cfg.start_delay, clock=clock, burst_cap=cfg.burst_cap,
                       burst_fraction=cfg.burst_fraction, total_bytes=500 << 20)
     gate.begin()
-    gate.add_bytes(60 << 20)  # a heavy start (gcc, numpy) reads up to ~50 MB within 2-3 s
-    clock.now += 3.0
+    gate.add_bytes(60 << 20)  # read-most, 1.5 s in: over a tenth, but the burst is young
+    clock.now += 1.5
     assert not gate.sustained()
-    clock.now += 1.0  # still missing after burst_cap, over a tenth of the image: read-most
+    clock.now += 0.5  # still missing at burst_cap, over a tenth of the image: read-most
     assert gate.sustained()
     gate.end()
-    gate.begin()
-    gate.add_bytes(1)
     gate2 = DemandGate(cfg.settle, cfg.start_delay, clock=clock, burst_cap=cfg.burst_cap,
                        burst_fraction=cfg.burst_fraction, total_bytes=500 << 20)
     gate2.begin()
-    gate2.add_bytes(40 << 20)  # long, but under a tenth of the image: prefetch keeps waiting
+    gate2.add_bytes(40 << 20)  # ten times a heavy start's misses, and long: prefetch keeps waiting
     clock.now += 60
     assert not gate2.sustained()
 

@@ -132,14 +132,14 @@ def test_nydusd_template(tmp_path):
     t_limited = C.nydusd_config(C.Config(root="/r", cache_manager=C.CacheManagerConfig(size_limit=1 << 30)))
     assert t_limited["device"]["cache"]["config"]["limit_size"] == 1 << 30
     assert (t["fs_prefetch"]["burst_cap"], t["fs_prefetch"]["burst_fraction"], t["fs_prefetch"]["demand_share"]) \
-        == (4.0, 0.1, 4)
+        == (2.0, 0.1, 4)
     from rafs.daemon.config import DaemonConfig as NydusdConfig
 
     pf = NydusdConfig.parse(t).fs_prefetch  # what the daemon makes of it
-    assert (pf.burst_cap, pf.burst_fraction, pf.demand_share) == (4.0, 0.1, 4)
-    t_sustained = C.nydusd_config(C.Config(root="/r", prefetch=C.PrefetchConfig(burst_cap=2, demand_share=0)))
+    assert (pf.burst_cap, pf.burst_fraction, pf.demand_share) == (2.0, 0.1, 4)
+    t_sustained = C.nydusd_config(C.Config(root="/r", prefetch=C.PrefetchConfig(burst_cap=3, demand_share=0)))
     pf = NydusdConfig.parse(t_sustained).fs_prefetch
-    assert (pf.burst_cap, pf.demand_share) == (2.0, 0)
+    assert (pf.burst_cap, pf.demand_share) == (3.0, 0)
     with pytest.raises(Exception, match="burst_fraction"):
         NydusdConfig.parse({"fs_prefetch": {"burst_fraction": 1.5}})
     tmpl = tmp_path / "n.json"

@@ -18,7 +18,7 @@ from tests.storage_blobs import make_blob
 def test_prefetch_config_defaults():
     assert PrefetchConfig() == PrefetchConfig(enable=True, threads_count=2, merging_size=1 << 20, bandwidth_rate=0,
                                               readahead=4 << 20, settle=1.5, start_delay=3.0,
-                                              burst_cap=4.0, burst_fraction=0.1, demand_share=4)
+                                              burst_cap=2.0, burst_fraction=0.1, demand_share=4)
 
 
 def test_prefetch_iovecs_and_whole_blob(tmp_path):

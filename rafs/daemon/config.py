@@ -135,7 +135,7 @@ class PrefetchConfig:
     trace_file: str = ""  #: where the trace is written when the instance is unmounted ("" = not)
     #: our extension: on-demand reads busy for ``burst_cap`` s without a pause, having read
     #: ``burst_fraction`` of the image, let ``demand_share`` prefetch requests run beside them
-    burst_cap: float = 4.0
+    burst_cap: float = 2.0
     burst_fraction: float = 0.1
     demand_share: int = 4
 
@@ -208,7 +208,7 @@ class DaemonConfig:
             bandwidth_rate=_get(pf, "bandwidth_rate", int, 0, "fs_prefetch."),
             record_trace=_get(pf, "record_trace", bool, False, "fs_prefetch."),
             trace_file=_get(pf, "trace_file", str, "", "fs_prefetch."),
-            burst_cap=float(_get(pf, "burst_cap", (int, float), 4.0, "fs_prefetch.")),
+            burst_cap=float(_get(pf, "burst_cap", (int, float), 2.0, "fs_prefetch.")),
             burst_fraction=float(_get(pf, "burst_fraction", (int, float), 0.1, "fs_prefetch.")),
             demand_share=_get(pf, "demand_share", int, 4, "fs_prefetch."),
         )
