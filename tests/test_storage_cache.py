@@ -478,3 +478,33 @@ def test_opener_racing_a_gc_gets_the_new_file(tmp_path):
     assert gc_cache_dir(work, []) == []  # the new file is held: not deleted
     dev.close()
     mgr.close()
+
+
+def test_resolve_is_made_once_per_chunk_and_never_mixes_digests(tmp_path):
+    """Every read of a ready chunk resolves it against the CI table: the answer is made once per
+    chunk (the table does not change once loaded), equal to the table's entry, and a chunk that
+    names another digest than the remembered one gets its own answer."""
+    import dataclasses
+
+    from rafs.metadata import Rafs
+    from tests.test_storage_prefetch import _built_image
+
+    res, _, blob_dir = _built_image(tmp_path)
+    rafs = Rafs.open(res.bootstrap)
+    blob = rafs.blobs[0]
+    assert blob.ci_compressed_size > 0
+    backend = MemoryBackend({blob.blob_id: open(os.path.join(blob_dir, blob.blob_id), "rb").read()})
+    cache = FileCacheManager(str(tmp_path / "cache"), backend).get_blob_cache(blob)
+    chunk = next(c for c in rafs.chunk_table() if c.blob_index == blob.blob_index and c.digest)
+    meta = cache.blob_meta()
+    ci = meta.chunks[chunk.index]
+    first = cache.resolve(chunk)
+    assert (first.index, first.digest, first.uncompressed_offset, first.uncompressed_size,
+            first.compressed_offset, first.compressed_size) == (
+        chunk.index, chunk.digest, ci.uncompressed_offset, ci.uncompressed_size, ci.compressed_offset,
+        ci.compressed_size)
+    assert cache.resolve(chunk) is first
+    assert cache.resolve(dataclasses.replace(chunk, digest=b"")) is first  # no digest: the bootstrap's
+    other = cache.resolve(dataclasses.replace(chunk, digest=b"\x01" * 32))
+    assert other.digest == b"\x01" * 32 and other.uncompressed_offset == first.uncompressed_offset
+    assert cache.resolve(chunk) is first  # the remembered answer is not replaced
