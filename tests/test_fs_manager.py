@@ -411,3 +411,33 @@ def test_update_auth_changes_the_config_only_once_the_daemon_has_it(manager_fact
     m.mount("b", images["b"], None, {"type": "localfs", "config": {"dir": "/nonexistent"}})
     with pytest.raises(ConfigError, match="not a registry"):
         m.update_auth("b", "bmV3")
+
+
+def test_starting_the_shared_daemon_does_not_load_the_fuse_stack(tmp_path):
+    """The snapshotter's process spawns nydusd without importing the FUSE stack (trio, pyfuse3,
+    the storage stack: ~0.1 s, all on the way to the first daemon's start) when there is no
+    stale mount to check; it only runs the daemon's command."""
+    import subprocess
+    import textwrap
+
+    require_fuse()
+    root = tmp_path / "root"
+    script = textwrap.dedent(f"""
+        import json, sys
+        from rafs.daemon.manager import DaemonManager
+        m = DaemonManager({str(root)!r}, mode="shared", fs_driver="fusedev", nydusd_config={{}},
+                          nydusd_cmd={FAKE_CMD!r}, monitor_interval=None)
+        try:
+            daemon_id = m.prestart()
+            print(json.dumps({{"daemon": daemon_id, "loaded": sorted(n for n in ("trio", "pyfuse3", "storage.cache")
+                                                                    if n in sys.modules)}}))
+        finally:
+            m.shutdown(keep_records=False)
+    """)
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == {"daemon": "shared-fusedev", "loaded": []}
+    finally:
+        cleanup_mounts(str(root))

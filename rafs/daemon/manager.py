@@ -861,9 +861,11 @@ class DaemonManager:
 
     @staticmethod
     def _lazy_umount(path: str) -> None:
-        from rafs.fs.session import is_stale_mount  # noqa: PLC0415 - the manager does not load the FUSE stack
-
         while erofs.mountinfo(path) is not None:
+            # only for a mount that is there: the FUSE stack (trio, pyfuse3, the storage
+            # stack) is ~0.1 s of imports on the way to spawning the first nydusd
+            from rafs.fs.session import is_stale_mount  # noqa: PLC0415
+
             stale = is_stale_mount(path)
             try:
                 erofs.umount(path, lazy=True)
