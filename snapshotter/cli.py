@@ -150,9 +150,7 @@ def sd_notify(state: str) -> bool:
 
 def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT in the main thread)."""
-    from snapshotter.metrics import Metrics  # noqa: PLC0415 - keep `--help` fast
-    from snapshotter.service import serve  # noqa: PLC0415
-    from snapshotter.instances import check_fs_driver  # noqa: PLC0415
+    from snapshotter.instances import check_fs_driver  # noqa: PLC0415 - keep `--help` fast
     from snapshotter.snapshot import Snapshotter  # noqa: PLC0415
 
     check_fs_driver(cfg)
@@ -162,15 +160,19 @@ def run(cfg: cfgmod.Config, stop: threading.Event | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: (log.info("signal %d: shutting down", signum), stop.set()))
     sn = Snapshotter(cfg)
-    metrics = Metrics(sn)
     try:
         sn.start()
     except SnapshotterError:
         log.exception("recovering RAFS instances failed; serving anyway")
     if cfg.daemon.daemon_mode == "shared":
         # as upstream: the shared nydusd starts with the snapshotter (in the background), so the
-        # first nydus image's container does not wait for the daemon process to come up
+        # first nydus image's container does not wait for the daemon process to come up; before
+        # the gRPC and metrics imports below, which then overlap the daemon's own start
         sn.rafs.prestart()
+    from snapshotter.metrics import Metrics  # noqa: PLC0415
+    from snapshotter.service import serve  # noqa: PLC0415
+
+    metrics = Metrics(sn)
     group = cfgmod.socket_gid(cfg.socket_group) if cfg.socket_group else None
     server = serve(sn, cfg.address, observe=metrics.observe, group=group)
     from snapshotter.system import SystemController  # noqa: PLC0415
