@@ -168,6 +168,47 @@ def test_sigkill_successor_adopts_fusedev_session(tmp_path, policy):
     assert not left, f"successor left mounts behind after SIGTERM: {left}"
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "dedicated"])
+def test_the_holder_gets_every_fd_of_the_session_once_it_is_initialised(tmp_path, shared):
+    """The fd holder must hold the whole FUSE session (the main fd and every worker's clone)
+    as soon as the daemon serves: a request on a clone it does not hold dies with the daemon
+    (ECONNABORTED). The handover at RUNNING can come before the kernel's INIT is answered (a
+    shared daemon's always does: "nothing to hand over"), so it is sent again once INIT is
+    answered and the workers' fds exist."""
+    require_fuse()
+    boot, files = _tree(tmp_path)
+    sock, holder = _holder(tmp_path)
+    mnt = str(tmp_path / "mnt")
+    a = None
+    try:
+        a, client = _daemon(tmp_path, "a", None if shared else boot, "fake", mountpoint=mnt, supervisor=sock,
+                            thread_num=3)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                fds, state = fetch_handover(sock)
+                if len(fds) == 3:
+                    break
+                for fd in fds:
+                    os.close(fd)
+            except MountError:
+                pass
+            assert time.monotonic() < deadline, "the holder never got the session's 3 fds"
+            time.sleep(0.05)
+        try:
+            assert state["session"]["mountpoint"] == mnt and state["session"]["major"] == 7
+            assert all(os.major(os.fstat(fd).st_rdev) == 10 for fd in fds)  # /dev/fuse
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if not shared:
+            assert open(mnt + "/d/f00", "rb").read() == files["/d/f00"]
+    finally:
+        _stop(*(p for p in (a,) if p is not None))
+        cleanup_mounts(mnt)
+        _stop(holder)
+
+
 def test_bad_handover_state_is_rejected_clearly(tmp_path):
     require_fuse()
     fs = RafsFs(shared=True)

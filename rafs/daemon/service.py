@@ -339,6 +339,10 @@ class Nydusd:
             # INIT is answered on a worker thread (it arrives right after mount(2)), then the
             # session's own threads serve; this task only waits for the connection to end
             await trio.to_thread.run_sync(self._ll.start)
+            # the fd holder gets the session once INIT is answered and every worker's fd exists:
+            # the handover at RUNNING may have come before (nothing to hand over yet, or only
+            # the main fd), and a daemon dying then took its requests down with it (ECONNABORTED)
+            await self.resend_handover()
             await trio.to_thread.run_sync(self._ll.wait, abandon_on_cancel=True)
         else:
             await pyfuse3.main()
