@@ -66,12 +66,18 @@ def test_upstream_v1_shapes_on_a_real_mount(tmp_path):
         _check(metric, "FsMetric")
         assert metric["id"] == "/a" and metric["data_read"] >= 1400
         assert len(metric["fop_hits"]) == 15 and metric["fop_hits"][4] >= 1  # StatsFop::Read
+        reads = metric["fop_hits"][4] + metric["fop_errors"][4]
+        assert metric["measure_latency"] is True and len(metric["read_latency_dist"]) == 8
+        assert sum(metric["block_count_read"]) == reads and sum(metric["read_latency_dist"]) == reads
+        assert sum(metric["block_count_read"][1:3]) >= 1  # the 1400-byte file: one read, 1-4 KiB class
         assert metric["fop_hits"][9] >= 1  # Lookup, counted by the FUSE loop
 
         status, _, body = _call(sock, "GET", "/api/v1/metrics")  # global: summed, id ""
         total = json.loads(body)
         _check(total, "FsMetric")
         assert status == 200 and total["id"] == "" and total["data_read"] == metric["data_read"]
+        assert (total["block_count_read"], total["read_latency_dist"]) == (metric["block_count_read"],
+                                                                          metric["read_latency_dist"])
 
         status, _, body = _call(sock, "GET", "/api/v1/metrics?id=/nope")
         assert status == 404
@@ -578,6 +584,23 @@ def test_request_size_classes_match_upstream():
              0x1_0000: 4, 0x1_FFFF: 4, 0x2_0000: 5, 0x7_FFFF: 5, 0x8_0000: 6, 0xF_FFFF: 6,
              0x10_0000: 7, (1 << 64) - 1: 7}
     assert {size: request_size_index(size) for size in cases} == cases
+
+
+def test_read_latency_classes_match_upstream():
+    """``read_latency_dist`` classes: upstream's ``latency_micros_range_index`` (<=200us, 1ms,
+    20ms, 50ms, 500ms, 1s, 2s, more), and each read counted once in each distribution."""
+    from rafs.fs.instance import InstanceMetrics, latency_range_index
+
+    cases = {0: 0, 200: 0, 201: 1, 1_000: 1, 1_001: 2, 20_000: 2, 20_001: 3, 50_000: 3, 50_001: 4,
+             500_000: 4, 500_001: 5, 1_000_000: 5, 1_000_001: 6, 2_000_000: 6, 2_000_001: 7, 10**9: 7}
+    assert {us: latency_range_index(us) for us in cases} == cases
+    m = InstanceMetrics()
+    m.add_read(4096, 0.0001, True)    # 4 KiB in 100 us
+    m.add_read(1 << 20, 0.03, True)   # 1 MiB in 30 ms
+    m.add_read(0, 3.0, False)         # a failed read after 3 s
+    assert m.block_count_read == [1, 0, 1, 0, 0, 0, 0, 1]  # 0 bytes, 4 KiB, 1 MiB
+    assert m.read_latency_dist == [1, 0, 0, 1, 0, 0, 0, 1]
+    assert (m.read_count, m.read_errors, m.read_bytes) == (3, 1, 4096 + (1 << 20))
 
 
 def test_put_mount_of_an_erofs_instance_is_refused_precisely(tmp_path):

@@ -249,9 +249,10 @@ def fs_metric(daemon: Any, only: str | None) -> dict:
     """Upstream's ``FsMetric``: of the instance at ``only``, else the sum over every instance
     (upstream's global metrics, ``id`` "").
 
-    Counted: ``data_read`` and the ``read`` slots (per instance), other operations' hits (daemon
-    wide, from the FUSE loop). Not tracked, reported as zeros with ``measure_latency`` false:
-    ``block_count_read``, ``read_latency_dist``, ``nr_opens``.
+    Counted: ``data_read``, the ``read`` slots, ``block_count_read`` (request size classes) and
+    ``read_latency_dist`` (latency classes, ``measure_latency`` true as upstream's default) per
+    instance; other operations' hits daemon wide, from the FUSE loop. Not tracked, reported as
+    zeros: ``nr_opens``, ``nr_max_opens``, ``last_fop_tp``.
     """
     insts = daemon.fs.instances() if getattr(daemon, "fs", None) else {}
     named = {("/" + k if k not in ("", "root") else "/"): v for k, v in insts.items()}
@@ -269,12 +270,17 @@ def fs_metric(daemon: Any, only: str | None) -> dict:
     hits[read] = sum(int(i.metrics.read_count) for i in chosen)
     errors[read] = sum(int(i.metrics.read_errors) for i in chosen)
     latency[read] = int(sum(i.metrics.read_seconds for i in chosen) * 1_000_000)
+    sizes, latencies = [0] * 8, [0] * 8
+    for i in chosen:
+        with i.metrics.lock:
+            sizes = [a + b for a, b in zip(sizes, i.metrics.block_count_read)]
+            latencies = [a + b for a, b in zip(latencies, i.metrics.read_latency_dist)]
     pattern = any(getattr(getattr(i, "access", None), "pattern", False) for i in chosen)
     files = any(getattr(getattr(i, "access", None), "files", False) for i in chosen)
-    return {"files_account_enabled": files, "access_pattern_enabled": pattern, "measure_latency": False,
+    return {"files_account_enabled": files, "access_pattern_enabled": pattern, "measure_latency": True,
             "id": only or "", "data_read": sum(int(i.metrics.read_bytes) for i in chosen),
-            "block_count_read": [0] * 8, "fop_hits": hits, "fop_errors": errors,
-            "fop_cumulative_latency_total": latency, "read_latency_dist": [0] * 8, "nr_opens": 0,
+            "block_count_read": sizes, "fop_hits": hits, "fop_errors": errors,
+            "fop_cumulative_latency_total": latency, "read_latency_dist": latencies, "nr_opens": 0,
             "nr_max_opens": 0, "last_fop_tp": 0}
 
 

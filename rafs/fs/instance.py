@@ -32,19 +32,28 @@ EROFS_BLOCK_SIZE = 4096
 
 @dataclass
 class InstanceMetrics:
-    """Counters of one instance (exported as Prometheus text by the daemon)."""
+    """Counters of one instance (exported as Prometheus text by the daemon, and as upstream's
+    ``FsMetric`` read counters: ``block_count_read`` by request size class, ``read_latency_dist``
+    by latency class)."""
 
     read_count: int = 0
     read_bytes: int = 0
     read_errors: int = 0
     read_seconds: float = 0.0
     prefetch_requests: int = 0
+    block_count_read: list[int] = field(default_factory=lambda: [0] * BLOCK_READ_SIZES)
+    read_latency_dist: list[int] = field(default_factory=lambda: [0] * READ_LATENCY_RANGES)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_read(self, size: int, seconds: float, ok: bool) -> None:
+        """One read (``size`` bytes returned; 0 when it failed) that took ``seconds``; as
+        upstream, every read counts in the size classes and in the latency classes."""
+        micros = int(seconds * 1_000_000)
         with self.lock:
             self.read_count += 1
             self.read_seconds += seconds
+            self.block_count_read[request_size_index(size)] += 1
+            self.read_latency_dist[latency_range_index(micros)] += 1
             if ok:
                 self.read_bytes += size
             else:
@@ -63,6 +72,17 @@ def request_size_index(size: int) -> int:
     leading_zeros = 64 - (size >> 10).bit_length()
     shift = (max(leading_zeros, 53) - 53) << 2
     return (0x0112_2334_5567 >> shift) & 0xF
+
+
+#: upstream's read latency classes (µs upper bounds; the last class is everything above)
+READ_LATENCY_BOUNDS = (200, 1_000, 20_000, 50_000, 500_000, 1_000_000, 2_000_000)
+READ_LATENCY_RANGES = len(READ_LATENCY_BOUNDS) + 1
+
+
+def latency_range_index(micros: int) -> int:
+    """Upstream's latency class of a read of ``micros`` µs (<=200us, 1ms, 20ms, 50ms, 500ms, 1s,
+    2s, more)."""
+    return bisect.bisect_left(READ_LATENCY_BOUNDS, micros)
 
 
 class FileAccess:
