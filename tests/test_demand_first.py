@@ -458,11 +458,10 @@ def test_a_ci_table_load_on_a_prefetch_thread_is_never_paused(tmp_path):
     the worker's own data fetches still are."""
     import time
 
-    from rafs.metadata import Rafs
     from storage.backend.base import speculation, yield_to_demand
     from storage.metrics import StorageMetrics
     from storage.prefetch import MAX_PAUSE, Prefetcher
-    from tests.test_storage_prefetch import _built_image
+    from tests.test_storage_prefetch import _built_blob_cache
 
     class StreamingBackend(MemoryBackend):
         """Like the registry driver: a speculative body yields to demand reads as it comes."""
@@ -478,12 +477,7 @@ def test_a_ci_table_load_on_a_prefetch_thread_is_never_paused(tmp_path):
             reader._read_once = streamed
             return reader
 
-    res, _, blob_dir = _built_image(tmp_path)
-    rafs = Rafs.open(res.bootstrap)
-    blob = rafs.blobs[0]
-    assert blob.ci_compressed_size > 0
-    backend = StreamingBackend({blob.blob_id: open(os.path.join(blob_dir, blob.blob_id), "rb").read()})
-    cache = FileCacheManager(str(tmp_path / "cache"), backend).get_blob_cache(blob)
+    _, _, cache = _built_blob_cache(tmp_path, StreamingBackend)
     pf = Prefetcher(PrefetchConfig(), StorageMetrics(), demand_inflight=lambda: True)
     speculation.pause = lambda: pf._pause(cache)  # a polite prefetch run, demand in flight all along
     try:

@@ -486,15 +486,9 @@ def test_resolve_is_made_once_per_chunk_and_never_mixes_digests(tmp_path):
     names another digest than the remembered one gets its own answer."""
     import dataclasses
 
-    from rafs.metadata import Rafs
-    from tests.test_storage_prefetch import _built_image
+    from tests.test_storage_prefetch import _built_blob_cache
 
-    res, _, blob_dir = _built_image(tmp_path)
-    rafs = Rafs.open(res.bootstrap)
-    blob = rafs.blobs[0]
-    assert blob.ci_compressed_size > 0
-    backend = MemoryBackend({blob.blob_id: open(os.path.join(blob_dir, blob.blob_id), "rb").read()})
-    cache = FileCacheManager(str(tmp_path / "cache"), backend).get_blob_cache(blob)
+    rafs, blob, cache = _built_blob_cache(tmp_path)
     chunk = next(c for c in rafs.chunk_table() if c.blob_index == blob.blob_index and c.digest)
     meta = cache.blob_meta()
     ci = meta.chunks[chunk.index]

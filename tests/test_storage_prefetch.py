@@ -133,6 +133,19 @@ def _built_image(tmp_path, files: int = 24, size: int = 8192):
     return res, content, str(blobs)
 
 
+def _built_blob_cache(tmp_path, backend_cls=MemoryBackend):
+    """(rafs, blob, cache): the first blob of a :func:`_built_image` (with its CI table in the
+    blob), behind a ``FileBlobCache`` over ``backend_cls`` holding the blob."""
+    from rafs.metadata import Rafs
+
+    res, _, blob_dir = _built_image(tmp_path)
+    rafs = Rafs.open(res.bootstrap)
+    blob = rafs.blobs[0]
+    assert blob.ci_compressed_size > 0
+    backend = backend_cls({blob.blob_id: open(os.path.join(blob_dir, blob.blob_id), "rb").read()})
+    return rafs, blob, FileCacheManager(str(tmp_path / "cache"), backend).get_blob_cache(blob)
+
+
 class _NoSizeBackend(MemoryBackend):
     """Refuses blob-size requests (a HEAD on registries) to prove they are not needed."""
 
