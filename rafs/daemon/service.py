@@ -436,7 +436,7 @@ class Nydusd:
         if self.supervisor and self._ll is not None and self.state == DaemonState.RUNNING:
             try:
                 await self.send_handover()
-            except RafsError as exc:
+            except (RafsError, OSError) as exc:  # the holder's copy is best effort: keep serving
                 log.warning("sending the FUSE session to %s: %s", self.supervisor, exc)
 
     def prepare_handover_exit(self) -> None:

@@ -238,8 +238,9 @@ class FileBlobCache(BlobCache):
         """``chunk`` with the CI table's authoritative offsets and sizes (when the blob has one).
 
         Made once per chunk (the CI table does not change once loaded): every read of a ready
-        chunk asks, and building it from the table each time was ~15 % of a cached read. A chunk
-        that names another digest than the one remembered is made afresh (never mixed up)."""
+        chunk asks, and making it from the table each time was ~15 % of the cached-read samples
+        in a profile of the daemon. A chunk that names another digest than the one remembered is
+        made afresh (never mixed up)."""
         done = self._resolved.get(chunk.index)
         if done is not None and (done.digest == chunk.digest or not chunk.digest):
             return done
