@@ -172,9 +172,9 @@ def test_sigkill_successor_adopts_fusedev_session(tmp_path, policy):
 def test_the_holder_gets_every_fd_of_the_session_once_it_is_initialised(tmp_path, shared):
     """The fd holder must hold the whole FUSE session (the main fd and every worker's clone)
     as soon as the daemon serves: a request on a clone it does not hold dies with the daemon
-    (ECONNABORTED). The handover at RUNNING can come before the kernel's INIT is answered (a
-    shared daemon's always does: "nothing to hand over"), so it is sent again once INIT is
-    answered and the workers' fds exist."""
+    (ECONNABORTED). RUNNING can come before the kernel's INIT is answered (a shared daemon's
+    always did), so the session is handed over once INIT is answered and the workers' fds
+    exist, whichever of the two comes last."""
     require_fuse()
     boot, files = _tree(tmp_path)
     sock, holder = _holder(tmp_path)

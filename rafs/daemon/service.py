@@ -339,9 +339,9 @@ class Nydusd:
             # INIT is answered on a worker thread (it arrives right after mount(2)), then the
             # session's own threads serve; this task only waits for the connection to end
             await trio.to_thread.run_sync(self._ll.start)
-            # the fd holder gets the session once INIT is answered and every worker's fd exists:
-            # the handover at RUNNING may have come before (nothing to hand over yet, or only
-            # the main fd), and a daemon dying then took its requests down with it (ECONNABORTED)
+            # the fd holder gets the session once INIT is answered and every worker's fd exists
+            # (a handover at RUNNING before that is skipped): a clone it does not hold takes its
+            # requests down with a dying daemon (ECONNABORTED)
             await self.resend_handover()
             await trio.to_thread.run_sync(self._ll.wait, abandon_on_cancel=True)
         else:
@@ -432,8 +432,9 @@ class Nydusd:
         await trio.to_thread.run_sync(send_handover, self.supervisor, state, self._ll.fds)
 
     async def resend_handover(self) -> None:
-        """Keep the supervisor's copy of the state current (instances come and go)."""
-        if self.supervisor and self._ll is not None and self.state == DaemonState.RUNNING:
+        """Keep the supervisor's copy of the state current (instances come and go); from RUNNING
+        and the FUSE session serving on, whichever comes last (both call this)."""
+        if self.supervisor and self._ll is not None and self._ll.serving and self.state == DaemonState.RUNNING:
             try:
                 await self.send_handover()
             except (RafsError, OSError) as exc:  # the holder's copy is best effort: keep serving

@@ -121,6 +121,8 @@ class FuseSession:
         self._fd = -1
         self._workers: list[threading.Thread] = []
         self._clones: list[int] = []
+        #: :meth:`start` has answered INIT (or adopted a session) and every worker's fd exists
+        self.serving = False
         self._stopping = False
         self._ended = threading.Event()
         self.init_state: dict[str, int] = {}
@@ -217,6 +219,7 @@ class FuseSession:
             t = threading.Thread(target=self._serve, args=(fd,), name=f"fuse-ll-{i}", daemon=True)
             self._workers.append(t)
             t.start()
+        self.serving = True
         if self._adopted:
             self._request_resend()
 
