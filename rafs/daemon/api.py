@@ -66,6 +66,7 @@ import trio
 from rafs.daemon.client import ApiError
 from rafs.daemon.config import DaemonConfig, loads_json
 from rafs.errors import ConfigError, MountError, NotFound, NotServed, RafsError, StateError, UnsupportedError
+from rafs.fs.instance import BLOCK_READ_SIZES, READ_LATENCY_RANGES
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,7 @@ def fs_metric(daemon: Any, only: str | None) -> dict:
     hits[read] = sum(int(i.metrics.read_count) for i in chosen)
     errors[read] = sum(int(i.metrics.read_errors) for i in chosen)
     latency[read] = int(sum(i.metrics.read_seconds for i in chosen) * 1_000_000)
-    sizes, latencies = [0] * 8, [0] * 8
+    sizes, latencies = [0] * BLOCK_READ_SIZES, [0] * READ_LATENCY_RANGES
     for i in chosen:
         with i.metrics.lock:
             sizes = [a + b for a, b in zip(sizes, i.metrics.block_count_read)]
