@@ -203,8 +203,8 @@ class BlobDevice:
         self._lock = threading.Lock()
         self._closed = False
         self._readahead: dict[str, _ReadAhead] = {}  # blob id -> sequential-read state
-        #: on the first read, load every blob's CI table in the background (load_chunk_tables);
-        #: nothing touches the backend before a read (metadata comes from the bootstrap)
+        #: on the first read, load every blob's CI table in the background (load_chunk_tables),
+        #: unless the owner did before; the device itself touches the backend only for a read
         self.preload_on_first_read = False
         self._chunk_source: "Callable[[], Iterable[ChunkInfo]] | None" = None
         self._chunk_lookup: "Callable[[int, int], ChunkInfo | None] | None" = None
@@ -441,7 +441,11 @@ class BlobDevice:
 
     def load_chunk_tables(self) -> list[threading.Thread]:
         """Load every blob's CI table now, in background threads (one per blob), so the first
-        on-demand read of each blob does not wait for that extra backend round trip."""
+        on-demand read of each blob does not wait for that extra backend round trip (the
+        first read then starts none: ``preload_on_first_read`` is cleared)."""
+        with self._lock:
+            self.preload_on_first_read = False
+
         def load(blob: BlobInfo) -> None:
             try:
                 self._cache(blob).blob_meta()

@@ -227,3 +227,37 @@ def test_a_prefetch_table_naming_files_is_prefetched_first_in_table_order(tmp_pa
         assert sizes == [20, 10]  # /b (ino 3) then /a (ino 2): table order
     else:
         assert sorted(sizes) == [10, 20]
+
+
+@pytest.mark.parametrize("fs_driver", ["fusedev", "erofs"])
+def test_mounting_an_instance_fetches_its_ci_tables_before_any_read(tmp_path, fs_driver):
+    """As upstream nydusd sets each blob up (blob.meta included) when it mounts an image, the
+    CI tables are fetched once the instance is mounted: the container's first read of a blob
+    then waits for its data only, not for the table first."""
+    require_fuse()
+    from rafs.builder import BuildOptions, build
+    from rafs.metadata import Rafs
+
+    if fs_driver == "erofs":
+        from tests.test_fs_erofs import require_erofs
+        require_erofs()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(20000))
+    (tmp_path / "blobs").mkdir()
+    boot = build(str(src), bootstrap_out=str(tmp_path / "image.boot"), blob_dir=str(tmp_path / "blobs"),
+                 options=BuildOptions()).bootstrap
+    with Rafs.open(boot) as rafs:
+        [blob_id] = [b.blob_id for b in rafs.blobs]
+    meta = tmp_path / "cache" / f"{blob_id}.blob.meta"
+    config = {"device": {"backend": {"type": "localfs", "config": {"dir": str(tmp_path / "blobs")}},
+                         "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}},
+              "enable_xattr": False, "fs_prefetch": {"enable": False}}
+    with running_daemon(tmp_path, opener="real", fs_driver=fs_driver) as (client, mnt, _):
+        client.mount("/x", boot, config)
+        deadline = time.monotonic() + 10
+        while not meta.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert meta.exists(), "no CI table fetched after the mount"
+        client.umount("/x")
+        client.exit()

@@ -300,6 +300,29 @@ def test_chunk_tables_preloaded_on_the_first_read_only(tmp_path):
     dev.close()
 
 
+def test_chunk_tables_loaded_by_the_owner_are_not_loaded_again_by_the_first_read(tmp_path):
+    """The daemon starts the CI table loads when it mounts (``load_chunk_tables``): they come
+    without a read, and the first read then starts no second round."""
+    from rafs.metadata import Rafs
+
+    res, content, blob_dir = _built_image(tmp_path)
+    rafs = Rafs.open(res.bootstrap)
+    blob = rafs.blobs[0]
+    backend = MemoryBackend({blob.blob_id: open(os.path.join(blob_dir, blob.blob_id), "rb").read()})
+    cache_dir = str(tmp_path / "cache")
+    dev = BlobDevice(rafs.blobs, FileCacheManager(cache_dir, backend))
+    dev.preload_on_first_read = True
+    for t in dev.load_chunk_tables():
+        t.join(10)
+    assert os.path.exists(os.path.join(cache_dir, blob.blob_id + ".blob.meta"))
+    assert dev.preload_on_first_read is False
+    table_reads = len(backend.requests)
+    assert table_reads >= 1  # the CI table, and nothing else yet
+    assert dev.read(rafs.lookup_path("/f000").chunks(0, 100)) == content["f000"][:100]
+    assert len(backend.requests) == table_reads + 1  # the data only
+    dev.close()
+
+
 def test_first_reads_of_a_blob_look_up_digests_one_by_one(tmp_path):
     """Scattered first reads (a program starting) neither build the blob's whole chunk list nor
     load every digest of the bootstrap's chunk table: amplification looks up the digests of the

@@ -65,6 +65,10 @@ class OwnedDevice(BlobReadDevice):
         if backend is not None:
             backend.warm()
 
+    def load_chunk_tables(self) -> None:
+        """Start fetching every blob's CI table in background threads (``BlobDevice.load_chunk_tables``)."""
+        self._device.load_chunk_tables()
+
     def close(self) -> None:
         try:
             self._device.close()
@@ -103,7 +107,8 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
                                   burst_fraction=cfg.fs_prefetch.burst_fraction,
                                   demand_share=cfg.fs_prefetch.demand_share)
         device = BlobDevice(list(blobs), factory, prefetch_config=prefetch)
-        device.preload_on_first_read = True  # the first read loads all CI tables in the background
+        # the first read loads all CI tables in the background, unless the mount did already
+        device.preload_on_first_read = True
         return OwnedDevice(device, factory)
     except StorageError as exc:
         if isinstance(exc, ValueError):
