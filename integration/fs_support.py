@@ -165,6 +165,22 @@ def metric(text: str, name: str) -> float:
     return total
 
 
+def settled_metric(client, name: str, quiet: float = 0.3, timeout: float = 10.0) -> float:
+    """``name`` once it has not changed for ``quiet`` seconds: what a daemon's background work
+    (the CI tables it fetches after a mount) left it at."""
+    import time
+
+    value, since = metric(client.metrics(), name), time.monotonic()
+    deadline = since + timeout
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"{name} still changing after {timeout} s"
+        time.sleep(0.05)
+        now = metric(client.metrics(), name)
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 def md5(path: str) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
