@@ -26,6 +26,7 @@ import tomllib
 
 from snapshotter.errors import ConfigError
 from storage.backend.credentials import parse_duration
+from storage.demand import BURST_CAP, BURST_FRACTION, DEMAND_SHARE
 from storage.errors import ConfigError as StorageConfigError
 
 DEFAULT_ROOT = "/var/lib/containerd/io.containerd.snapshotter.v1.nydus"
@@ -143,9 +144,9 @@ class PrefetchConfig:
     merging_size: int = 1048576         #: bytes merged into one backend request
     bandwidth_rate: int = 0             #: bytes/s, 0 = unlimited
     record_trace: bool = False          #: daemons record each image's prefetch trace (nydusctl trace)
-    burst_cap: float = 2.0              #: s of unbroken on-demand reads after which prefetch ...
-    burst_fraction: float = 0.1         #: ... shares the link, once demand read this much of the image
-    demand_share: int = 4               #: prefetch requests beside sustained demand; 0 = always wait
+    burst_cap: float = BURST_CAP        #: s of unbroken on-demand reads after which prefetch ...
+    burst_fraction: float = BURST_FRACTION  #: ... shares the link, once demand read this much of the image
+    demand_share: int = DEMAND_SHARE    #: prefetch requests beside sustained demand; 0 = always wait
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from storage.cache.base import BlobCache, BlobCacheManager
+from storage.demand import DemandGate
 from storage.errors import StorageError
 from storage.metrics import StorageMetrics
-from storage.prefetch import DemandGate, PrefetchConfig, Prefetcher
+from storage.prefetch import PrefetchConfig, Prefetcher
 from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
 
 log = logging.getLogger(__name__)

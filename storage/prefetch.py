@@ -1,14 +1,14 @@
 """Background prefetch: chunk lists (from iovecs or whole blobs) made ready by worker threads.
 
 Prefetch runs below on-demand reads: a polite (low-priority) run is started only while the
-device's :class:`DemandGate` says the link is free of demand misses — none in flight, the last
-one ended ``settle`` seconds ago, and (before any demand read) ``start_delay`` seconds after the
-device was opened, so a container's start-up burst of misses has the link to itself. A workload
-that reads most of the image on demand would starve prefetch that way, so the gate also knows
-*sustained* demand: misses have kept the link busy for ``burst_cap`` seconds and demand has read
-``burst_fraction`` of the image's bytes. Then up to ``demand_share`` polite runs go on beside the
-demand reads (without pausing for them) instead of waiting for a gap. It is limited
-by a thread budget (``threads_count``) and a bandwidth limit (``bandwidth_rate`` bytes/s, 0 =
+device's :class:`~storage.demand.DemandGate` says the link is free of demand misses — none in
+flight, the last one ended ``settle`` seconds ago, and (before any demand read) ``start_delay``
+seconds after the device was opened, so a container's start-up burst of misses has the link to
+itself. A workload that reads most of the image on demand would starve prefetch that way, so
+the gate also knows *sustained* demand: misses have kept the link busy for ``burst_cap`` seconds
+and demand has read ``burst_fraction`` of the image's bytes. Then up to ``demand_share`` polite
+runs go on beside the demand reads (without pausing for them) instead of waiting for a gap. It
+is limited by a thread budget (``threads_count``) and a bandwidth limit (``bandwidth_rate`` bytes/s, 0 =
 unlimited) and is cancellable (``cancel()`` on unmount).
 """
 
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from storage.backend.base import speculation
 from storage.cache.base import BlobCache, merge_runs
+from storage.demand import BURST_CAP, BURST_FRACTION, DEMAND_SHARE, SETTLE, START_DELAY
 from storage.errors import StorageError
 from storage.metrics import StorageMetrics
 from storage.records import ChunkInfo
@@ -44,84 +45,11 @@ class PrefetchConfig:
     merging_size: int = 1 << 20  #: bytes per prefetch backend request
     bandwidth_rate: int = 0  #: bytes per second across workers; 0 = unlimited
     readahead: int = 4 << 20  #: max bytes sequential on-demand reads keep in flight ahead; 0 = off
-    settle: float = 1.5  #: polite prefetch waits this long after the last demand miss ended
-    start_delay: float = 3.0  #: ... and, before any demand miss, this long after the device opened
-    burst_cap: float = 2.0  #: demand busy this long (s) without a settled gap is sustained demand ...
-    burst_fraction: float = 0.1  #: ... once demand has read this share of the image's bytes
-    demand_share: int = 4  #: polite runs that go on beside sustained demand (at most threads_count); 0 = always wait
-
-
-class DemandGate:
-    """When speculative (polite) work may use the link: tracks on-demand misses in flight.
-
-    ``clock`` is injectable for tests. Thread-safe: ``begin``/``end`` bracket every demand read
-    that may fetch; :meth:`quiet` answers whether polite prefetch may start a request now, and
-    :meth:`sustained` whether demand has held the link so long, over so much of the image
-    (``total_bytes``, 0 = unknown: never), that prefetch should share the link instead.
-    """
-
-    def __init__(self, settle: float, start_delay: float, clock: Callable[[], float] = time.monotonic, *,
-                 burst_cap: float = 2.0, burst_fraction: float = 0.1, total_bytes: int = 0) -> None:
-        self.settle, self.start_delay, self.clock = settle, start_delay, clock
-        self.burst_cap, self.burst_fraction, self.total_bytes = burst_cap, burst_fraction, total_bytes
-        self._lock = threading.Lock()
-        self.inflight = 0
-        self._opened = clock()
-        self._last_end: float | None = None
-        self._busy_since: float | None = None  #: start of the current unsettled demand burst
-        self.read_bytes = 0  #: bytes demand reads returned, all bursts
-
-    def begin(self) -> None:
-        with self._lock:
-            if not self.inflight and (self._last_end is None or self.clock() - self._last_end >= self.settle):
-                self._busy_since = self.clock()  # a new burst (the last one settled)
-            self.inflight += 1
-
-    def add_bytes(self, nbytes: int) -> None:
-        """Count ``nbytes`` returned by a demand read (towards ``burst_fraction``)."""
-        with self._lock:
-            self.read_bytes += nbytes
-
-    def sustained(self) -> bool:
-        """True while the current demand burst has lasted ``burst_cap`` seconds and demand has read
-        at least ``burst_fraction`` of ``total_bytes``: a workload reading most of the image, which
-        would leave polite prefetch no gap at all."""
-        with self._lock:
-            if self._busy_since is None or self.total_bytes <= 0:
-                return False
-            now = self.clock()
-            if not self.inflight and self._last_end is not None and now - self._last_end >= self.settle:
-                return False  # settled: quiet() lets prefetch run anyway
-            return (now - self._busy_since >= self.burst_cap
-                    and self.read_bytes >= self.burst_fraction * self.total_bytes)
-
-    def end(self) -> None:
-        with self._lock:
-            self.inflight -= 1
-            self._last_end = self.clock()
-
-    def wait_quiet(self, cancelled: Callable[[], bool] = lambda: False, poll: float = 0.02, *,
-                   or_sustained: bool = False) -> bool:
-        """Block until :meth:`quiet` (True) or ``cancelled()`` (False): callers that prepare
-        speculative work with CPU (e.g. walking a whole image for its prefetch list) keep it
-        off the start-up burst too. ``or_sustained``: also return True once demand is
-        :meth:`sustained` — a workload reading most of the image never leaves a settled gap, and
-        work queued only after one would never be queued at all."""
-        while not (self.quiet() or (or_sustained and self.sustained())):
-            if cancelled():
-                return False
-            time.sleep(poll)
-        return True
-
-    def quiet(self) -> bool:
-        """True when no demand read is in flight and the last burst has settled."""
-        with self._lock:
-            if self.inflight:
-                return False
-            now = self.clock()
-            if self._last_end is None:
-                return now - self._opened >= self.start_delay
-            return now - self._last_end >= self.settle
+    settle: float = SETTLE  #: polite prefetch waits this long after the last demand miss ended
+    start_delay: float = START_DELAY  #: ... and, before any demand miss, this long after the device opened
+    burst_cap: float = BURST_CAP  #: demand busy this long (s) without a settled gap is sustained demand ...
+    burst_fraction: float = BURST_FRACTION  #: ... once demand has read this share of the image's bytes
+    demand_share: int = DEMAND_SHARE  #: polite runs that go on beside sustained demand (at most threads_count); 0 = always wait
 
 
 class Throttle:

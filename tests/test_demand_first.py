@@ -11,9 +11,10 @@ from rafs.fs.instance import BlobFiles, Instance
 from storage.backend.memory import MemoryBackend
 from storage.cache.base import CacheConfig
 from storage.cache.filecache import FileCacheManager
+from storage.demand import DemandGate
 from storage.device import BlobDevice
+from storage.prefetch import PrefetchConfig
 from storage.records import Compressor
-from storage.prefetch import DemandGate, PrefetchConfig
 from tests.storage_blobs import make_blob
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rafs.errors import ConfigError
+from storage.demand import BURST_CAP, BURST_FRACTION, DEMAND_SHARE
 
 BACKEND_TYPES = ("registry", "localfs")
 #: default ``amplify_neighbours``: about one round trip's worth of transfer on a 20 MB/s link
@@ -135,9 +136,9 @@ class PrefetchConfig:
     trace_file: str = ""  #: where the trace is written when the instance is unmounted ("" = not)
     #: our extension: on-demand reads busy for ``burst_cap`` s without a pause, having read
     #: ``burst_fraction`` of the image, let ``demand_share`` prefetch requests run beside them
-    burst_cap: float = 2.0
-    burst_fraction: float = 0.1
-    demand_share: int = 4
+    burst_cap: float = BURST_CAP
+    burst_fraction: float = BURST_FRACTION
+    demand_share: int = DEMAND_SHARE
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,9 +209,9 @@ class DaemonConfig:
             bandwidth_rate=_get(pf, "bandwidth_rate", int, 0, "fs_prefetch."),
             record_trace=_get(pf, "record_trace", bool, False, "fs_prefetch."),
             trace_file=_get(pf, "trace_file", str, "", "fs_prefetch."),
-            burst_cap=float(_get(pf, "burst_cap", (int, float), 2.0, "fs_prefetch.")),
-            burst_fraction=float(_get(pf, "burst_fraction", (int, float), 0.1, "fs_prefetch.")),
-            demand_share=_get(pf, "demand_share", int, 4, "fs_prefetch."),
+            burst_cap=float(_get(pf, "burst_cap", (int, float), BURST_CAP, "fs_prefetch.")),
+            burst_fraction=float(_get(pf, "burst_fraction", (int, float), BURST_FRACTION, "fs_prefetch.")),
+            demand_share=_get(pf, "demand_share", int, DEMAND_SHARE, "fs_prefetch."),
         )
         if prefetch.threads_count < 0:
             raise ConfigError(f"fs_prefetch.threads_count: must be >= 0, got {prefetch.threads_count}")
