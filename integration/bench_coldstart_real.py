@@ -274,29 +274,57 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def resident_bytes(path: str) -> int:
-    """Bytes of ``path`` in the page cache (mincore over a read-only shared mapping)."""
+def resident_pages(path: str) -> bytes:
+    """One byte per page of ``path``: 1 if the page is in the page cache (mincore over a
+    read-only shared mapping); empty for an empty or unreadable file."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME)
     except OSError:
-        return 0
+        return b""
     try:
         size = os.fstat(fd).st_size
         if size == 0:
-            return 0
+            return b""
         addr = _libc.mmap(None, size, 1, 1, fd, 0)        # PROT_READ, MAP_SHARED
         if addr in (None, _MAP_FAILED):
-            return 0
+            return b""
         try:
             pages = (size + PAGE - 1) // PAGE
             vec = ctypes.create_string_buffer(pages)
             if _libc.mincore(addr, size, vec) != 0:
-                return 0
-            return sum(b & 1 for b in vec.raw) * PAGE
+                return b""
+            return bytes(b & 1 for b in vec.raw)
         finally:
             _libc.munmap(addr, size)
     finally:
         os.close(fd)
+
+
+def resident_bytes(path: str) -> int:
+    """Bytes of ``path`` in the page cache."""
+    return sum(resident_pages(path)) * PAGE
+
+
+def compressed_read_bytes(path: str, before: bytes, after: bytes, chunk_size: int = 1 << 20) -> int:
+    """What the pages that became resident (``after`` but not ``before``) weigh in a chunked,
+    compressed image: the chunks of ``chunk_size`` holding any of them, each compressed on its own
+    (zstd at the builder's level, stored raw when that is not smaller) — the bytes a lazy pull
+    of this file must move for the read, whatever its scheduling."""
+    per = chunk_size // PAGE
+    fresh = [i for i, b in enumerate(after) if b and not (i < len(before) and before[i])]
+    chunks = sorted({i // per for i in fresh})
+    if not chunks:
+        return 0
+    from storage.compress import compress
+    from storage.records import Compressor
+
+    total = 0
+    with open(path, "rb") as f:
+        for c in chunks:
+            f.seek(c * chunk_size)
+            data = f.read(chunk_size)
+            total += min(len(data), len(compress(Compressor.ZSTD, data)))
+    return total
 
 
 def evict(path: str) -> None:
@@ -397,7 +425,12 @@ class Trial:
     blob_gets: int = 0                 #: blob GET requests served (backend requests)
     link_bytes_first_output: int = 0   #: bytes through the throttled link until the first output
     read_bytes: int = -1               #: image bytes the workload read (OCI trials; -1 = not measured)
+    #: the 1 MiB chunks holding those bytes, zstd-compressed as the builder does (-1 = not measured)
+    read_zstd_bytes: int = -1
     timeline: dict = dataclasses.field(default_factory=dict)   #: event -> seconds after t0
+    #: seconds the link sat idle before the first output: during the pull, from the pull to the
+    #: first blob GET (Prepare, mount, container start), and from there on (the reads)
+    link_idle: dict = dataclasses.field(default_factory=dict)
     output: str = ""
     error: str = ""
 
@@ -407,10 +440,12 @@ class Link:
 
     def __init__(self, registry_port: int, rate: float) -> None:
         self.proxy = ThrottledProxy(("127.0.0.1", registry_port), rate)
+        self.rate = rate
         # a 50 ms burst: with the default 64 KiB one, every oversleep of the pump thread on a
         # loaded machine is lost (the bucket cannot bank it) and the link runs well below rate
         self.proxy.bucket = TokenBucket(rate, burst=max(256 << 10, int(rate * 0.05)))
         self.requests: list[tuple[float, str]] = []
+        self.sends: list[tuple[float, int]] = []   #: (time, bytes) of each piece sent back
         self.sent = 0
         self._lock = threading.Lock()
         link = self
@@ -423,13 +458,17 @@ class Link:
                         break
                     if b is None:
                         if data[:4] in (b"GET ", b"HEAD"):
+                            line = data.split(b"\r\n", 1)[0].decode(errors="replace")
+                            rng = re.search(rb"\r\nrange: *bytes=([0-9]+-[0-9]*)", data, re.I)
+                            if rng:                    # the range a lazy read asked for
+                                line += " range=" + rng.group(1).decode()
                             with link._lock:
-                                link.requests.append((time.time(), data.split(b"\r\n", 1)[0].decode(
-                                    errors="replace")))
+                                link.requests.append((time.time(), line))
                     else:
                         b.take(len(data))
                         with link._lock:
                             link.sent += len(data)
+                            link.sends.append((time.time(), len(data)))
                     dst.sendall(data)
             except OSError:
                 pass
@@ -451,6 +490,24 @@ class Link:
         with self._lock:
             return next((t for t, line in self.requests if t >= after and path_part in line), None)
 
+    def idle_seconds(self, start: float, end: float) -> float:
+        """Seconds of ``[start, end]`` in which the link carried nothing. The link is modelled as
+        a queue drained at ``rate``: a piece sent at ``t`` occupies it for ``size / rate`` from
+        ``t`` or from the end of the piece before it, whichever is later (so a burst the token
+        bucket lets through at once still counts the link time its bytes take)."""
+        with self._lock:
+            sends = [s for s in self.sends if s[0] <= end]
+        busy, free_at = 0.0, float("-inf")
+        for t, n in sends:
+            a = max(t, free_at)
+            free_at = a + n / self.rate
+            busy += max(0.0, min(free_at, end) - max(a, start))
+        return max(0.0, (end - start) - busy)
+
+    def forget(self, before: float) -> None:
+        with self._lock:
+            self.sends = [s for s in self.sends if s[0] >= before]
+
     def close(self) -> None:
         self.proxy.close()
 
@@ -470,21 +527,24 @@ def _run_first_line(argv: list[str], timeout: float) -> tuple[float, str, str, i
             proc.wait()
 
 
-def measure_read(ctd, ref: str, argv: list[str], timeout: float) -> int:
+def measure_read(ctd, ref: str, argv: list[str], timeout: float) -> tuple[int, int]:
     """Run the workload again on the unpacked OCI image with its files evicted from the page
-    cache; return the bytes of image files that became resident."""
+    cache; return the bytes of image files that became resident, and what the 1 MiB chunks
+    holding them weigh compressed (:func:`compressed_read_bytes`)."""
     roots = glob.glob(os.path.join(ctd.root, "io.containerd.snapshotter.v1.overlayfs", "snapshots",
                                    "*", "fs"))
     files = regular_files(roots)
     os.sync()
     for f in files:
         evict(f)
-    before = {f: resident_bytes(f) for f in files}
+    before = {f: resident_pages(f) for f in files}
     run = ctd.run_argv(ref, argv, snapshotter="overlayfs", namespace="k8s.io")
     _, _, err, rc = _run_first_line(run, timeout)
     if rc != 0:
         raise BenchError(f"read measurement run failed rc={rc}: {err[-300:]}")
-    return sum(max(0, resident_bytes(f) - before[f]) for f in files)
+    after = {f: resident_pages(f) for f in files}
+    read = sum(max(0, sum(after[f]) - sum(before[f])) for f in files) * PAGE
+    return read, sum(compressed_read_bytes(f, before[f], after[f]) for f in files if sum(after[f]))
 
 
 def run_trial(mode: Mode, workload: str, rate_mb_s: float, repeat: int, ref: str, registry,
@@ -520,6 +580,7 @@ def run_trial(mode: Mode, workload: str, rate_mb_s: float, repeat: int, ref: str
         mark = registry.log_mark()
         sent0 = link.sent
         t0 = time.time()
+        link.forget(t0)
         ctd.cri.pull_image(ref)
         t_pull = time.time()
         run = ctd.run_argv(ref, argv, snapshotter=sn_name, namespace="k8s.io")
@@ -542,10 +603,14 @@ def run_trial(mode: Mode, workload: str, rate_mb_s: float, repeat: int, ref: str
                 tl[event] = ts
         tl["first_output"] = t1
         trial.timeline = {k: round(v - t0, 3) for k, v in sorted(tl.items(), key=lambda kv: kv[1])}
+        t_get = tl.get("first_backend_request", t1)
+        trial.link_idle = {"pull": round(link.idle_seconds(t0, t_pull), 3),
+                           "to_first_get": round(link.idle_seconds(t_pull, t_get), 3),
+                           "reads": round(link.idle_seconds(t_get, t1), 3)}
         if log_dir:
             _keep_logs(log_dir, trial, snap, registry, link, t0)
         if measure and mode.kind == "overlayfs" and not trial.error:
-            trial.read_bytes = measure_read(ctd, ref, argv, timeout)
+            trial.read_bytes, trial.read_zstd_bytes = measure_read(ctd, ref, argv, timeout)
         return trial
     except Exception as exc:  # noqa: BLE001 - a failed trial is reported, the run goes on
         trial.error = trial.error or f"{type(exc).__name__}: {exc}"[-600:]
@@ -569,6 +634,8 @@ def _keep_logs(log_dir: str, trial: Trial, snap, registry, link: Link, t0: float
         f.write(registry.log_text())
     with open(os.path.join(dest, "link.log"), "w") as f:
         f.writelines(f"{t - t0:8.3f} {line}\n" for t, line in link.requests if t >= t0)
+    with open(os.path.join(dest, "link-sends.log"), "w") as f:   # seconds after t0, bytes
+        f.writelines(f"{t - t0:8.4f} {n}\n" for t, n in list(link.sends) if t >= t0)
     with open(os.path.join(dest, "trial.json"), "w") as f:
         json.dump(dataclasses.asdict(trial), f, indent=1)
 
@@ -695,21 +762,22 @@ def stargz_available() -> str:
 
 
 # --- summary, output ---------------------------------------------------------------------------
-def read_medians(trials: list[Trial]) -> dict[str, int]:
-    """Workload -> median of the bytes it read (the OCI trials that measured it)."""
+def read_medians(trials: list[Trial], field: str = "read_bytes") -> dict[str, int]:
+    """Workload -> median of the bytes it read, or of ``field`` (the OCI trials that measured it)."""
     out = {}
     for wl in WORKLOADS:
-        reads = [t.read_bytes for t in trials if t.workload == wl and t.read_bytes >= 0]
+        reads = [getattr(t, field) for t in trials if t.workload == wl and getattr(t, field) >= 0]
         if reads:
             out[wl] = int(statistics.median(reads))
     return out
 
 
-def summarize(trials: list[Trial], modes: list[str], read_by_wl: dict[str, int] | None = None) -> dict:
-    """Medians per (rate, workload, mode); ``read_by_wl`` replaces the trials' own read figures."""
+def summarize(trials: list[Trial], modes: list[str], read_trials: list[Trial] | None = None) -> dict:
+    """Medians per (rate, workload, mode); the bytes each workload read come from ``read_trials``
+    (default: ``trials`` themselves)."""
     summary: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
-    if read_by_wl is None:
-        read_by_wl = read_medians(trials)
+    read_by_wl = read_medians(trials if read_trials is None else read_trials)
+    zstd_by_wl = read_medians(trials if read_trials is None else read_trials, "read_zstd_bytes")
     for rate in sorted({t.rate_mb_s for t in trials}):
         for wl in WORKLOADS:
             ok = lambda m: [t for t in trials if t.rate_mb_s == rate and t.workload == wl  # noqa: E731
@@ -733,12 +801,19 @@ def summarize(trials: list[Trial], modes: list[str], read_by_wl: dict[str, int] 
                     "link_bytes_first_output": int(link_b),
                     "read_bytes": read,
                     "fetched_over_read": round(link_b / read, 2) if read else None,
+                    # ... and over the read set's compressed chunks (what any chunked lazy pull moves)
+                    "fetched_over_read_zstd": round(link_b / zstd_by_wl[wl], 2) if zstd_by_wl.get(wl) else None,
+                    # what the link alone needs for those bytes, and where it sat idle
+                    "link_seconds": round(link_b / (rate * 1e6), 3),
+                    "link_idle": {k: round(statistics.median(t.link_idle.get(k, 0.0) for t in sel), 3)
+                                  for k in ("pull", "to_first_get", "reads")
+                                  if any(k in t.link_idle for t in sel)},
                     "speedup_vs_oci": round(base_s / secs, 2) if base_s and secs else None,
                     "timeline": dict(sorted(
                         ((k, round(statistics.median(t.timeline[k] for t in sel if k in t.timeline), 3))
                          for k in events), key=lambda kv: kv[1])),
                 }
-    return {"summary": summary, "read_bytes": read_by_wl}
+    return {"summary": summary, "read_bytes": read_by_wl, "read_zstd_bytes": zstd_by_wl}
 
 
 def print_tables(result: dict, modes: list[str]) -> None:
@@ -764,10 +839,23 @@ def print_tables(result: dict, modes: list[str]) -> None:
                 v = per.get(m)
                 if v and m != "oci":
                     print(f"  {wl:13s} {m:17s} " + "  ".join(f"{k} {s:.2f}" for k, s in v["timeline"].items()))
+        print("-- the link (medians): seconds its bytes need at the rate; seconds it sat idle "
+              "during the pull / to the first blob GET / after it:")
+        for wl, per in per_wl.items():
+            for m in modes:
+                v = per.get(m)
+                if v and v.get("link_idle"):
+                    idle = v["link_idle"]
+                    print(f"  {wl:13s} {m:17s} first output {v['seconds']:.2f}  link {v['link_seconds']:.2f}  "
+                          f"idle {idle.get('pull', 0):.2f} / {idle.get('to_first_get', 0):.2f} / "
+                          f"{idle.get('reads', 0):.2f}")
     print("\n" + markdown_table(result, modes))
     print("\nfetched before first output / read:\n" + markdown_fetched_table(result, modes))
     print("\nbytes the workload read (page cache residency in OCI runs): "
           + ", ".join(f"{wl} {mb(b)} MB" for wl, b in result["read_bytes"].items()))
+    if result.get("read_zstd_bytes"):
+        print("... the 1 MiB chunks holding them, zstd as built (the least a chunked lazy pull moves): "
+              + ", ".join(f"{wl} {mb(b)} MB" for wl, b in result["read_zstd_bytes"].items()))
 
 
 def markdown_table(result: dict, modes: list[str]) -> str:
@@ -844,7 +932,7 @@ def combine(paths: list[str], out_dir: pathlib.Path, name: str, read_from: str =
         modes.update(d["modes"])
     read = None
     if read_from:
-        read = read_medians([Trial(**t) for t in json.loads(pathlib.Path(read_from).read_text())["trials"]])
+        read = [Trial(**t) for t in json.loads(pathlib.Path(read_from).read_text())["trials"]]
     result = summarize(trials, list(modes), read)
     doc = {**docs[0], "rates_mb_s": sorted({r for d in docs for r in d["rates_mb_s"]}),
            "combined_from": [os.path.basename(p) for p in paths],

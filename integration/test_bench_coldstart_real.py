@@ -93,3 +93,81 @@ def test_regular_files_lists_each_inode_once(tmp_path):
     (tmp_path / "d" / "e").write_bytes(b"y")
     files = regular_files([str(tmp_path)])
     assert len(files) == 2 and str(tmp_path / "d" / "e") in files
+
+
+def test_link_counts_the_time_it_sat_idle(tmp_path):
+    """The throttled link logs the requests (with the range asked for) and what it sends back; a
+    pause between two requests shows up as idle link time, a throttled transfer does not."""
+    import socket
+    import threading
+    import time
+
+    from integration.bench_coldstart_real import Link
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    pause, size, rate = 0.4, 1 << 20, 4e6
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            for fill in b"xy":
+                conn.recv(1024)
+                conn.sendall(bytes([fill]) * size)
+
+    threading.Thread(target=serve, daemon=True).start()
+    link = Link(server.getsockname()[1], rate)      # each MiB: 0.26 s of link, 256 KiB of it burst
+    try:
+        t0 = time.time()
+        with socket.create_connection(("127.0.0.1", link.proxy.port)) as c:
+            for i in range(2):
+                if i:
+                    time.sleep(pause)
+                c.sendall(b"GET /v2/x HTTP/1.1\r\nRange: bytes=0-1048575\r\n\r\n" if i else
+                          b"GET /v2/x HTTP/1.1\r\n\r\n")
+                got = 0
+                while got < size:
+                    data = c.recv(1 << 16)
+                    assert data
+                    got += len(data)
+        t1 = time.time()
+        assert link.sent == 2 * size
+        assert [line for _, line in link.requests] == ["GET /v2/x HTTP/1.1",
+                                                       "GET /v2/x HTTP/1.1 range=0-1048575"]
+        # the pause, less the burst of the first MiB: its link time runs on after the client had it
+        burst = (256 << 10) / rate
+        idle = link.idle_seconds(t0, t1)
+        assert pause - burst - 0.06 < idle < pause + 0.06, idle
+        first = link.sends[0][0]
+        assert link.idle_seconds(first, first + 0.2) < 0.01      # throttled, not idle
+        link.forget(t1 + 1)
+        assert link.sends == []
+    finally:
+        link.close()
+        server.close()
+
+
+def test_compressed_read_bytes_counts_the_chunks_holding_newly_read_pages(tmp_path):
+    from integration.bench_coldstart_real import PAGE, compressed_read_bytes, resident_pages
+
+    mib = 1 << 20
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(mib) + bytes(mib) + os.urandom(mib // 2))
+    os.sync()
+    evict(str(path))
+    before = resident_pages(str(path))
+    assert len(before) == (5 * mib // 2) // PAGE
+    with open(path, "rb") as f:              # one page of the random chunk, one of the zeros
+        f.seek(10 * PAGE)
+        f.read(1)
+        f.seek(mib + 3 * PAGE)
+        f.read(1)
+    after = resident_pages(str(path))
+    assert after[10] and after[256 + 3]
+    got = compressed_read_bytes(str(path), before, after)
+    # the random chunk stored raw (compressing does not shrink it), the zero chunk a few bytes
+    assert mib <= got < mib + 1024
+    # pages resident before the run are not the workload's reads
+    assert compressed_read_bytes(str(path), after, after) == 0
+    assert compressed_read_bytes(str(path), b"", b"") == 0
