@@ -171,3 +171,23 @@ def test_compressed_read_bytes_counts_the_chunks_holding_newly_read_pages(tmp_pa
     # pages resident before the run are not the workload's reads
     assert compressed_read_bytes(str(path), after, after) == 0
     assert compressed_read_bytes(str(path), b"", b"") == 0
+
+
+def test_read_set_study_weighs_the_chunks_holding_loaded_pages(tmp_path):
+    import zstandard
+
+    from integration.bench_coldstart_real import PAGE
+    from integration.study_read_set import weigh
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(256 << 10) + bytes(256 << 10))
+    bits = bytearray((512 << 10) // PAGE)
+    bits[0] = 1                                   # a page of the random half
+    bits[(256 << 10) // PAGE + 1] = 1             # a page of the zero half
+    z = {3: zstandard.ZstdCompressor(level=3)}
+    raw, packed = weigh({str(path): bytes(bits)}, 64 << 10, z)
+    assert raw == 128 << 10                       # two 64 KiB chunks
+    assert (64 << 10) <= packed[3] < (64 << 10) + 256
+    raw, packed = weigh({str(path): bytes(bits)}, 1 << 20, z)
+    assert raw == 512 << 10                       # the whole file is one chunk
+    assert packed[3] < (256 << 10) + 1024
