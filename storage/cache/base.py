@@ -208,6 +208,17 @@ class BlobCache(ABC):
         """The blob's chunks by index, with their digests; None when unknown to this cache."""
         return None
 
+    def chunk_list(self) -> Sequence[ChunkInfo] | None:
+        """The blob's chunks by index for their offsets and sizes, digests possibly missing
+        (:meth:`checkable_chunk` adds one): cheaper than :meth:`whole_blob_chunks`, which loads
+        every digest of the blob. None when unknown to this cache."""
+        return self.whole_blob_chunks()
+
+    def checkable_chunk(self, chunk: ChunkInfo) -> ChunkInfo | None:
+        """``chunk`` with its digest, or None when it would enter the cache unchecked (digest
+        checks on, digest unknown): speculative reads leave such chunks to on-demand reads."""
+        return chunk
+
     def has_waiters(self) -> bool:
         """True when a demand read waits for a chunk a speculative fetch owns (prefetch then
         does not pause); a cache that cannot tell answers True."""

@@ -292,6 +292,15 @@ class FileBlobCache(BlobCache):
                                              chunk.compressed_offset, chunk.compressed_size,
                                              chunk.uncompressed_offset, chunk.uncompressed_size)
 
+    def chunk_list(self) -> Sequence[ChunkInfo] | None:
+        self.blob_meta()
+        table = self._chunk_table   # the CI table's rows made on use: no pass over the blob
+        return table if table is not None else self.whole_blob_chunks()
+
+    def checkable_chunk(self, chunk: ChunkInfo) -> ChunkInfo | None:
+        chunk = self._with_digest(chunk)   # one lookup, not every digest of the blob
+        return chunk if self._checkable(chunk) else None
+
     def _checkable(self, chunk: ChunkInfo) -> bool:
         """False for a chunk that would enter the cache unchecked (validation on, digest unknown):
         read amplification and whole-blob prefetch leave such chunks to on-demand reads."""
