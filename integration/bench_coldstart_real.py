@@ -305,26 +305,42 @@ def resident_bytes(path: str) -> int:
     return sum(resident_pages(path)) * PAGE
 
 
+def newly_resident(before: bytes, after: bytes) -> bytes:
+    """One byte per page of ``after``: 1 where the page is resident now and was not ``before``."""
+    return bytes(a & (0 if i < len(before) and before[i] else 1) for i, a in enumerate(after))
+
+
+def weigh_chunks(path: str, pages: bytes, chunk_size: int,
+                 compressors: dict[Any, Callable[[bytes], bytes]]) -> tuple[int, dict[Any, int]]:
+    """The ``chunk_size`` chunks of ``path`` holding a page marked in ``pages``: (their raw bytes,
+    compressor key -> their bytes each compressed on its own, stored raw when that is not
+    smaller, as the builder stores chunks)."""
+    per = chunk_size // PAGE
+    raw, packed = 0, {k: 0 for k in compressors}
+    hit = sorted({i // per for i, b in enumerate(pages) if b})
+    if not hit:
+        return raw, packed
+    with open(path, "rb") as f:
+        for c in hit:
+            f.seek(c * chunk_size)
+            data = f.read(chunk_size)
+            raw += len(data)
+            for k, fn in compressors.items():
+                packed[k] += min(len(data), len(fn(data)))
+    return raw, packed
+
+
 def compressed_read_bytes(path: str, before: bytes, after: bytes, chunk_size: int = 1 << 20) -> int:
     """What the pages that became resident (``after`` but not ``before``) weigh in a chunked,
-    compressed image: the chunks of ``chunk_size`` holding any of them, each compressed on its own
-    (zstd at the builder's level, stored raw when that is not smaller) — the bytes a lazy pull
-    of this file must move for the read, whatever its scheduling."""
-    per = chunk_size // PAGE
-    fresh = [i for i, b in enumerate(after) if b and not (i < len(before) and before[i])]
-    chunks = sorted({i // per for i in fresh})
-    if not chunks:
-        return 0
+    compressed image: the chunks of ``chunk_size`` holding any of them, zstd at the builder's
+    level (:func:`weigh_chunks`) — the bytes a lazy pull of this file must move for the read,
+    whatever its scheduling."""
     from storage.compress import compress
     from storage.records import Compressor
 
-    total = 0
-    with open(path, "rb") as f:
-        for c in chunks:
-            f.seek(c * chunk_size)
-            data = f.read(chunk_size)
-            total += min(len(data), len(compress(Compressor.ZSTD, data)))
-    return total
+    _, packed = weigh_chunks(path, newly_resident(before, after), chunk_size,
+                             {"zstd": lambda data: compress(Compressor.ZSTD, data)})
+    return packed["zstd"]
 
 
 def evict(path: str) -> None:
@@ -776,8 +792,9 @@ def summarize(trials: list[Trial], modes: list[str], read_trials: list[Trial] | 
     """Medians per (rate, workload, mode); the bytes each workload read come from ``read_trials``
     (default: ``trials`` themselves)."""
     summary: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
-    read_by_wl = read_medians(trials if read_trials is None else read_trials)
-    zstd_by_wl = read_medians(trials if read_trials is None else read_trials, "read_zstd_bytes")
+    measured = trials if read_trials is None else read_trials
+    read_by_wl = read_medians(measured)
+    zstd_by_wl = read_medians(measured, "read_zstd_bytes")
     for rate in sorted({t.rate_mb_s for t in trials}):
         for wl in WORKLOADS:
             ok = lambda m: [t for t in trials if t.rate_mb_s == rate and t.workload == wl  # noqa: E731

@@ -29,7 +29,8 @@ import time
 import zstandard
 
 from integration.bench_coldstart_real import (CACHE, PAGE, WORKLOADS, debian_rootfs_tar, evict,
-                                              regular_files, resident_pages)
+                                              newly_resident, regular_files, resident_pages,
+                                              weigh_chunks)
 
 ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
 
@@ -54,26 +55,21 @@ def touched_pages(root: str, files: list[str], argv: list[str]) -> dict[str, byt
             subprocess.run(["umount", target], check=False)
     out = {}
     for f in files:
-        after = resident_pages(f)
-        fresh = bytes(a & (0 if i < len(before[f]) and before[f][i] else 1) for i, a in enumerate(after))
+        fresh = newly_resident(before[f], resident_pages(f))
         if any(fresh):
             out[f] = fresh
     return out
 
 
 def weigh(pages: dict[str, bytes], chunk: int, compressors: dict[int, zstandard.ZstdCompressor]) -> tuple[int, dict[int, int]]:
-    """(raw bytes of the chunks holding the pages, level -> their compressed bytes)."""
-    per = chunk // PAGE
+    """(raw bytes of the chunks holding the pages, level -> their compressed bytes), all files."""
+    fns = {lvl: z.compress for lvl, z in compressors.items()}
     raw, packed = 0, {lvl: 0 for lvl in compressors}
     for path, bits in pages.items():
-        hit = sorted({i // per for i, b in enumerate(bits) if b})
-        with open(path, "rb") as f:
-            for c in hit:
-                f.seek(c * chunk)
-                data = f.read(chunk)
-                raw += len(data)
-                for lvl, z in compressors.items():
-                    packed[lvl] += min(len(data), len(z.compress(data)))
+        r, p = weigh_chunks(path, bits, chunk, fns)
+        raw += r
+        for lvl in packed:
+            packed[lvl] += p[lvl]
     return raw, packed
 
 
