@@ -191,3 +191,13 @@ def test_read_set_study_weighs_the_chunks_holding_loaded_pages(tmp_path):
     raw, packed = weigh({str(path): bytes(bits)}, 1 << 20, z)
     assert raw == 512 << 10                       # the whole file is one chunk
     assert packed[3] < (256 << 10) + 1024
+
+
+def test_workload_groups_expand_in_order_each_once():
+    from integration.bench_coldstart_real import BENCHMARKED, HELD_OUT, STARTUP_WORKLOADS, expand_workloads
+
+    assert expand_workloads("benchmarked") == list(BENCHMARKED)
+    assert expand_workloads("held-out,git") == [*HELD_OUT, "git"]
+    assert expand_workloads("perl,all") == ["perl", *[w for w in (*BENCHMARKED, *HELD_OUT) if w != "perl"]]
+    # the held-out programs are start-ups too (the optimized modes trace each), none renamed
+    assert not set(HELD_OUT) & set(BENCHMARKED) and set(HELD_OUT) <= set(STARTUP_WORKLOADS)
