@@ -200,3 +200,75 @@ def test_erofs_read_ahead_follows_files_not_the_blob(tmp_path):
     assert not in_b, f"{len(in_b)} chunks of b fetched reading a"
     # a's bytes and the CI table
     assert fetched <= len(content["a"]) + (256 << 10), fetched
+
+
+@pytest.mark.parametrize("driver", ["fusedev", "erofs"])
+def test_the_loader_and_libc_are_fetched_at_mount_before_any_read(tmp_path, driver):
+    """With prefetch on and no start-up set in the image (the snapshotter's default), mounting
+    fetches the dynamic loader, ``/etc/ld.so.cache`` and the C library beside the loader — found
+    through Debian's usrmerge symlinks — and nothing else (not the 1 MiB of neighbours the
+    default ``amplify_io`` would add); reads of them are then served from the cache. ``runtime_files = false`` fetches nothing before a read."""
+    require_stack()
+    if driver == "erofs" and not erofs.detect_support().usable:
+        pytest.skip(f"kernel EROFS unusable: {erofs.detect_support().reason}")
+    from integration.harness.registry import Registry
+    from rafs.builder.build import BuildOptions, build
+    from rafs.metadata import Rafs
+    from storage.cache.state import IndexedChunkMap
+
+    src = tmp_path / "src"
+    multi = "usr/lib/x86_64-linux-gnu"
+    rnd = random.Random(13)
+    content = {f"{multi}/ld-linux-x86-64.so.2": rnd.randbytes(200 << 10),
+               f"{multi}/libc.so.6": rnd.randbytes(3 * 65536 + 500), "etc/ld.so.cache": rnd.randbytes(20000),
+               f"{multi}/libm.so.6": rnd.randbytes(4 * 65536), "usr/bin/python3": rnd.randbytes(6 * 65536),
+               "etc/passwd": b"root:x:0:0::/root:/bin/sh\n"}
+    for rel, data in content.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    (src / "usr/lib64").mkdir()
+    os.symlink("../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", src / "usr/lib64/ld-linux-x86-64.so.2")
+    os.symlink("usr/lib", src / "lib")
+    os.symlink("usr/lib64", src / "lib64")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    res = build(str(src), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(blobs),
+                options=BuildOptions(chunk_size=65536, compressor=Compressor.NONE))
+    with Rafs.open(res.bootstrap) as rafs:
+        [blob] = rafs.blobs
+        idx = {rel: {d.chunk.index for d in rafs.lookup_path("/" + rel).chunks(0, len(data))}
+               for rel, data in content.items()}
+    runtime = idx[f"{multi}/ld-linux-x86-64.so.2"] | idx[f"{multi}/libc.so.6"] | idx["etc/ld.so.cache"]
+
+    def ready(cache_dir) -> set[int]:
+        chunk_map = IndexedChunkMap(str(cache_dir / (blob.blob_id + ".chunk_map")), blob.chunk_count)
+        try:
+            return {i for i in range(blob.chunk_count) if chunk_map.is_ready(i)}
+        finally:
+            chunk_map.close()
+
+    with Registry() as registry:
+        registry.push_blob("test/image", (blobs / blob.blob_id).read_bytes())
+        for on in (True, False):
+            cache_dir = tmp_path / f"cache-{on}"
+            (tmp_path / f"d-{on}").mkdir()
+            cfg = registry_config(f"127.0.0.1:{registry.port}", str(cache_dir),
+                                  fs_prefetch={"enable": True, "prefetch_all": False, "runtime_files": on})
+            with nydusd(tmp_path / f"d-{on}", bootstrap=res.bootstrap, config=cfg, fs_driver=driver) \
+                    as (client, mnt, _):
+                deadline = time.monotonic() + (10 if on else 1.5)
+                while time.monotonic() < deadline and not runtime <= ready(cache_dir):
+                    time.sleep(0.05)
+                fetched = ready(cache_dir)
+                if not on:
+                    assert fetched == set(), "fetched before any read with runtime_files off"
+                    continue
+                assert fetched == runtime, f"fetched at mount: {sorted(fetched)}, want {sorted(runtime)}"
+                mark = registry.log_mark()
+                # what the loader does: opened through the /lib64 link, then libc beside it
+                for path, rel in (("lib64/ld-linux-x86-64.so.2", f"{multi}/ld-linux-x86-64.so.2"),
+                                  ("lib/x86_64-linux-gnu/libc.so.6", f"{multi}/libc.so.6")):
+                    with open(os.path.join(mnt, path), "rb") as f:
+                        assert f.read() == content[rel]
+                time.sleep(0.3)  # the access log is written after the response
+                assert registry.blob_fetches(since=mark) == [], "a read of a prefetched file went to the registry"

@@ -283,6 +283,42 @@ class Rafs(abc.ABC):
             node = node.lookup(part)
         return node
 
+    def resolve(self, path: str | bytes, max_links: int = 40) -> "Inode":
+        """Resolve an absolute path following symlinks in every component, as the container
+        sees it: absolute targets start at the image's root, ``..`` stops at it.
+        :class:`NotFound` for a missing entry or more than ``max_links`` links."""
+        return self._follow(path, max_links)[-1][1]
+
+    def realpath(self, path: str | bytes, max_links: int = 40) -> str:
+        """The canonical path of :meth:`resolve`'s file (no symlink in it)."""
+        names = [os.fsdecode(name) for name, _ in self._follow(path, max_links)[1:]]
+        return "/" + "/".join(names)
+
+    def _follow(self, path: str | bytes, max_links: int) -> "list[tuple[bytes, Inode]]":
+        """The (name, inode) trail from the root to ``path``'s file, symlinks followed."""
+        parts = [p for p in os.fsencode(path).split(b"/") if p and p != b"."]
+        parts.reverse()  # a stack: the next component last
+        trail: list[tuple[bytes, Inode]] = [(b"", self.root)]
+        links = 0
+        while parts:
+            part = parts.pop()
+            if part == b"..":
+                if len(trail) > 1:
+                    trail.pop()
+                continue
+            node = trail[-1][1].lookup(part)
+            if not node.is_symlink():
+                trail.append((part, node))
+                continue
+            links += 1
+            if links > max_links:
+                raise NotFound(f"{os.fsdecode(path)}: too many levels of symbolic links")
+            target = node.readlink()
+            if target.startswith(b"/"):
+                trail = trail[:1]
+            parts.extend(reversed([p for p in target.split(b"/") if p and p != b"."]))
+        return trail
+
     def walk(self, top: str | bytes = "/") -> Iterator[tuple[str, "Inode"]]:
         """All (path, inode) pairs below ``top`` in pre-order, names sorted; detects cycles."""
         start = self.lookup_path(top)

@@ -144,6 +144,7 @@ class PrefetchConfig:
     merging_size: int = 1048576         #: bytes merged into one backend request
     bandwidth_rate: int = 0             #: bytes/s, 0 = unlimited
     record_trace: bool = False          #: daemons record each image's prefetch trace (nydusctl trace)
+    runtime_files: bool = True          #: fetch the dynamic loader, ld.so.cache, libc at mount (rafs.runtime)
     burst_cap: float = BURST_CAP        #: s of unbroken on-demand reads after which prefetch ...
     burst_fraction: float = BURST_FRACTION  #: ... shares the link, once demand read this much of the image
     demand_share: int = DEMAND_SHARE    #: prefetch requests beside sustained demand; 0 = always wait
@@ -480,7 +481,8 @@ def nydusd_config(cfg: Config) -> dict[str, Any]:
     tmpl["fs_prefetch"] = {"enable": pf.enable, "prefetch_all": pf.prefetch_all,
                            "threads_count": pf.threads_count, "merging_size": pf.merging_size,
                            "bandwidth_rate": pf.bandwidth_rate, "burst_cap": pf.burst_cap,
-                           "burst_fraction": pf.burst_fraction, "demand_share": pf.demand_share}
+                           "burst_fraction": pf.burst_fraction, "demand_share": pf.demand_share,
+                           "runtime_files": pf.runtime_files}
     if pf.record_trace:
         tmpl["fs_prefetch"]["record_trace"] = True
     return tmpl

@@ -55,8 +55,9 @@ class BlobReadDevice(Protocol):
         open (never blocks; for an event loop). Raises ``OSError`` when such a file fails."""
         ...
 
-    def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low") -> None:
-        """Make the chunks of ``iovecs`` local in the background."""
+    def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low",
+                 exact: bool = False) -> None:
+        """Make the chunks of ``iovecs`` local in the background (``exact``: no others)."""
         ...
 
     def prefetch_blob(self, blob_index: int) -> bool:
@@ -403,12 +404,15 @@ class BlobDevice:
             # with a file map the window is exactly what may be fetched: no amplification past it
             self.prefetcher.submit(cache, todo, yield_to_demand=False, readahead=True, exact=same_file is not None)
 
-    def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low") -> None:
+    def prefetch(self, iovecs: "Iterable[Sequence[BlobIoDesc]]", *, priority: str = "low",
+                 exact: bool = False) -> None:
         """Make the chunks of ``iovecs`` ready in the background: one unit per blob, its chunks
         (of all ``iovecs``) merged into runs in blob layout order, so neighbouring small files
         come in one backend request and several runs are fetched at once.
 
         ``priority="low"`` (default) waits while on-demand reads are in flight; ``"high"`` does not.
+        ``exact``: these chunks only — the cache does not amplify the runs into the chunks
+        laid out behind them (``amplify_io``).
         """
         if priority not in ("low", "high"):
             raise StorageError(f"prefetch priority must be 'low' or 'high', got {priority!r}")
@@ -419,7 +423,7 @@ class BlobDevice:
                     continue
                 by_blob.setdefault(desc.blob.blob_id, (desc.blob, []))[1].append(desc.chunk)  # type: ignore[arg-type]
         for blob, chunks in by_blob.values():
-            self.prefetcher.submit(self._cache(blob), chunks, yield_to_demand=priority == "low")
+            self.prefetcher.submit(self._cache(blob), chunks, yield_to_demand=priority == "low", exact=exact)
 
     def prefetch_blob(self, blob_index: int, chunks: "Sequence[ChunkInfo] | None" = None) -> bool:
         """Prefetch a whole blob: ``chunks`` (its chunk list) or the cache's own chunk table.

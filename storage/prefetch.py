@@ -215,7 +215,7 @@ class Prefetcher:
         # out at once: no pauses
         speculation.pause = None if no_pause else (lambda: self._pause(cache))
         try:
-            fetched = cache.prefetch_chunks(run, amplify_into=set()) if exact else cache.prefetch_chunks(run)
+            fetched = cache.prefetch_chunks(run, exact=True) if exact else cache.prefetch_chunks(run)
             self.metrics.prefetch_bytes.inc(fetched)
         finally:
             speculation.pause = None

@@ -21,6 +21,7 @@ import os
 import stat
 import time
 
+from rafs.base import Rafs
 from rafs.errors import NotADirectory, NotFound
 from rafs.metadata import InodeAttr
 from storage.device import CompleteFiles
@@ -138,6 +139,13 @@ class FakeRafs:
                 node = node.lookup(part.encode())
         return node
 
+    @property
+    def root(self) -> FakeInode:
+        return self.nodes[1]
+
+    # symlink resolution over the same narrow API as the real image's
+    resolve, realpath, _follow = Rafs.resolve, Rafs.realpath, Rafs._follow
+
     def walk(self):
         stack = [("/", self.nodes[1])]
         while stack:
@@ -186,7 +194,7 @@ class FakeDevice:
     def read_complete(self, iovec: BlobIoVec, open_new: bool = True) -> bytes | None:
         return self.complete_files.read(iovec, open_new)
 
-    def prefetch(self, iovecs, *, priority: str = "low") -> None:
+    def prefetch(self, iovecs, *, priority: str = "low", exact: bool = False) -> None:
         for iovec in iovecs:
             self.read(iovec)
 

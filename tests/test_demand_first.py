@@ -276,7 +276,7 @@ def test_a_start_up_set_prefetch_never_pauses_for_demand_reads_read_ahead_does()
         def has_waiters(self):
             return False  # the demand reads wait on something else (a lock, another chunk)
 
-        def prefetch_chunks(self, run, amplify_into=None):
+        def prefetch_chunks(self, run, amplify_into=None, exact=False):
             t = time.monotonic()
             yield_to_demand()  # demand is in flight all along
             paused[self.name] = time.monotonic() - t
@@ -317,7 +317,7 @@ def test_sustained_demand_admits_demand_share_polite_runs_that_do_not_pause():
         class blob:
             blob_id = "b"
 
-        def prefetch_chunks(self, run, amplify_into=None):
+        def prefetch_chunks(self, run, amplify_into=None, exact=False):
             with lock:
                 running[0] += 1
                 peak[0] = max(peak[0], running[0])
@@ -428,7 +428,7 @@ def test_default_demand_share_lets_every_worker_share_the_link_with_sustained_de
         class blob:
             blob_id = "b"
 
-        def prefetch_chunks(self, run, amplify_into=None):
+        def prefetch_chunks(self, run, amplify_into=None, exact=False):
             with lock:
                 running[0] += 1
                 peak[0] = max(peak[0], running[0])
@@ -542,3 +542,24 @@ def test_waiters_lift_the_pause_only_for_chunks_a_prefetch_transfers(tmp_path):
     finally:
         release.set()
         mgr.close()
+
+
+def test_an_exact_prefetch_takes_no_neighbour_even_when_reads_may(tmp_path):
+    # a (one chunk), then the small files b, c laid out right behind it
+    rafs, content, backend = _image(tmp_path, {"a": 65536, "b": 5000, "c": 5000})
+    idx = {n: {d.chunk.index for d in rafs.lookup_path("/" + n).chunks(0, len(content[n]))} for n in content}
+    for exact, want in ((True, idx["a"]), (False, idx["a"] | idx["b"] | idx["c"])):
+        mgr = FileCacheManager(str(tmp_path / f"cache-{exact}"), backend,
+                               CacheConfig(amplify_io=1 << 20, amplify_neighbours=128 << 10))
+        dev = BlobDevice(rafs.blobs, mgr, prefetch_config=PrefetchConfig(enable=False, readahead=0))
+        dev.set_chunk_source(rafs.chunk_table)
+        for t in dev.load_chunk_tables():
+            t.join(10)
+        cache = mgr.get_blob_cache(rafs.blobs[0])
+        a = [d.chunk for d in rafs.lookup_path("/a").chunks(0, 65536)]
+        # a read of a's last chunk may take 128 KiB of its neighbours; the loader/libc
+        # prefetch (exact) takes what it names only
+        cache.prefetch_chunks(a, amplify_into=set(), exact=exact)
+        ready = {i for i in range(rafs.blobs[0].chunk_count) if cache.chunk_map.is_ready(i)}
+        assert ready == want, (exact, sorted(ready))
+        dev.close()

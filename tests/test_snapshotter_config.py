@@ -140,6 +140,9 @@ def test_nydusd_template(tmp_path):
     t_sustained = C.nydusd_config(C.Config(root="/r", prefetch=C.PrefetchConfig(burst_cap=3, demand_share=0)))
     pf = NydusdConfig.parse(t_sustained).fs_prefetch
     assert (pf.burst_cap, pf.demand_share) == (3.0, 0)
+    assert t["fs_prefetch"]["runtime_files"] is True and NydusdConfig.parse(t).fs_prefetch.runtime_files
+    off = C.nydusd_config(C.load(write(tmp_path, "version = 1\n[prefetch]\nruntime_files = false\n")))
+    assert NydusdConfig.parse(off).fs_prefetch.runtime_files is False
     with pytest.raises(Exception, match="burst_fraction"):
         NydusdConfig.parse({"fs_prefetch": {"burst_fraction": 1.5}})
     tmpl = tmp_path / "n.json"

@@ -16,7 +16,10 @@ checked when they enter the cache from the backend and cached chunks once per da
 their first use (``storage.cache.CacheConfig.validate_digest``). ``fs_prefetch.record_trace`` is
 ours (upstream ignores it): record which files the image's containers read, in order, for
 ``GET /api/v1/trace`` (see :mod:`rafs.trace`); ``fs_prefetch.trace_file`` (ours too) is where
-the daemon writes that trace when the instance is unmounted.
+the daemon writes that trace when the instance is unmounted. ``fs_prefetch.runtime_files``
+(ours, default true) fetches the image's dynamic loader, ``/etc/ld.so.cache`` and C library at
+mount, at once, when prefetch is enabled and the image has no start-up set of its own (see
+:mod:`rafs.runtime`).
 """
 
 from __future__ import annotations
@@ -134,6 +137,8 @@ class PrefetchConfig:
     bandwidth_rate: int = 0
     record_trace: bool = False  #: record the prefetch trace (reads in first-access order)
     trace_file: str = ""  #: where the trace is written when the instance is unmounted ("" = not)
+    #: our extension: fetch the dynamic loader, ld.so.cache and libc at mount (``rafs.runtime``)
+    runtime_files: bool = True
     #: our extension: on-demand reads busy for ``burst_cap`` s without a pause, having read
     #: ``burst_fraction`` of the image, let ``demand_share`` prefetch requests run beside them
     burst_cap: float = BURST_CAP
@@ -209,6 +214,7 @@ class DaemonConfig:
             bandwidth_rate=_get(pf, "bandwidth_rate", int, 0, "fs_prefetch."),
             record_trace=_get(pf, "record_trace", bool, False, "fs_prefetch."),
             trace_file=_get(pf, "trace_file", str, "", "fs_prefetch."),
+            runtime_files=_get(pf, "runtime_files", bool, True, "fs_prefetch."),
             burst_cap=float(_get(pf, "burst_cap", (int, float), BURST_CAP, "fs_prefetch.")),
             burst_fraction=float(_get(pf, "burst_fraction", (int, float), BURST_FRACTION, "fs_prefetch.")),
             demand_share=_get(pf, "demand_share", int, DEMAND_SHARE, "fs_prefetch."),

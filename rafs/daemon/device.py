@@ -33,8 +33,8 @@ class OwnedDevice(BlobReadDevice):
         self.amplify_window = device.amplify_window
         self.cache_report = device.cache_report
 
-    def prefetch(self, iovecs: Iterable[Sequence[BlobIoDesc]], *, priority: str = "low") -> None:
-        self._device.prefetch(iovecs, priority=priority)
+    def prefetch(self, iovecs: Iterable[Sequence[BlobIoDesc]], *, priority: str = "low", exact: bool = False) -> None:
+        self._device.prefetch(iovecs, priority=priority, exact=exact)
 
     def prefetch_blob(self, blob_index: int) -> bool:
         return self._device.prefetch_blob(blob_index)

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from rafs.errors import NotADirectory, NotFound, UnsupportedError
 from rafs.fileindex import FileChunkIndex
 from rafs.metadata import InodeAttr
+from rafs.runtime import runtime_files
 from storage.device import BlobReadDevice
 from storage.records import BlobInfo, BlobIoDesc, BlobIoVec, ChunkInfo
 
@@ -258,6 +259,11 @@ class Instance:
             if size:
                 out.append(node.chunks(0, size))
         return out
+
+    def runtime_iovecs(self) -> list[BlobIoVec]:
+        """Whole-file iovecs of the files nearly every start reads first (:mod:`rafs.runtime`)."""
+        tree = getattr(self.tree, "rafs", self.tree)
+        return [node.chunks(0, size) for node in runtime_files(tree) if (size := node.attr().size)]
 
     def close(self) -> None:
         for obj in (self.device, self.tree):

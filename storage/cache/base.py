@@ -251,9 +251,11 @@ class BlobCache(ABC):
         return None
 
     @abstractmethod
-    def prefetch_chunks(self, chunks: Sequence[ChunkInfo], amplify_into: "set[int] | None" = None) -> int:
+    def prefetch_chunks(self, chunks: Sequence[ChunkInfo], amplify_into: "set[int] | None" = None,
+                        exact: bool = False) -> int:
         """Make ``chunks`` ready without reading them back; returns bytes fetched.
-        ``amplify_into`` bounds read amplification as for :meth:`read_descs` (``set()``: none)."""
+        ``amplify_into`` bounds read amplification as for :meth:`read_descs` (``set()``: no
+        chunk of the file, neighbours within ``amplify_neighbours``); ``exact``: none at all."""
 
     def data_path(self, verify: bool = False) -> str | None:
         """The complete uncompressed blob file, when every chunk is cached and checked against

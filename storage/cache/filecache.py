@@ -383,11 +383,12 @@ class FileBlobCache(BlobCache):
         return runs
 
     def ensure_ready(self, chunks: Sequence[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None,
-                     amplify_into: "set[int] | None" = None) -> int:
+                     amplify_into: "set[int] | None" = None, exact: bool = False) -> int:
         """Fetch the chunks not yet cached (merged, once across threads); returns bytes fetched.
 
         Chunks this call fetched are also put in ``fresh`` (index → data) when given;
-        ``amplify_into`` bounds read amplification (see :meth:`BlobCache.read_descs`).
+        ``amplify_into`` bounds read amplification (see :meth:`BlobCache.read_descs`);
+        ``exact``: no amplification.
         """
         self.last_access = time.monotonic()
         if self.chunk_map.all_ready():  # fast path: a complete blob
@@ -409,7 +410,7 @@ class FileBlobCache(BlobCache):
                     self.metrics.cache_hits.inc()
             first = False
             if owned:
-                fetched += self._fetch_owned(owned, fresh, amplify_into)
+                fetched += self._fetch_owned(owned, fresh, amplify_into, exact)
             if inflight:
                 waited = [c.index for c in inflight]
                 _count(self._waiters_lock, self._waited, waited, 1)
@@ -422,7 +423,7 @@ class FileBlobCache(BlobCache):
         return fetched
 
     def _fetch_owned(self, owned: list[ChunkInfo], fresh: dict[int, bytes | memoryview] | None = None,
-                     amplify_into: "set[int] | None" = None) -> int:
+                     amplify_into: "set[int] | None" = None, exact: bool = False) -> int:
         """Fetch chunks this thread owns (runs in parallel on the manager's fetch pool);
         every owned chunk is released on every path."""
         owned_ids = {c.index for c in owned}
@@ -437,7 +438,8 @@ class FileBlobCache(BlobCache):
                 results = list(self.fetch_pool.map(lambda r: self._complete_run(r, owned_ids, fresh), runs))
             else:
                 for run in runs:
-                    self._amplify(run, amplify_into)
+                    if not exact:
+                        self._amplify(run, amplify_into)
                     results.append(self._complete_run(run, owned_ids, fresh))
             pending.clear()
         finally:
@@ -642,8 +644,9 @@ class FileBlobCache(BlobCache):
             raise CacheError(f"{self.path}: short read {len(data)} of {size} at {offset}")
         return data
 
-    def prefetch_chunks(self, chunks: Sequence[ChunkInfo], amplify_into: "set[int] | None" = None) -> int:
-        return self.ensure_ready(chunks, amplify_into=amplify_into)
+    def prefetch_chunks(self, chunks: Sequence[ChunkInfo], amplify_into: "set[int] | None" = None,
+                        exact: bool = False) -> int:
+        return self.ensure_ready(chunks, amplify_into=amplify_into, exact=exact)
 
     def whole_blob_chunks(self) -> list[ChunkInfo] | None:
         """The blob's chunks by index, with their digests; chunks that could not be checked

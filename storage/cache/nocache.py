@@ -31,7 +31,8 @@ class NoCacheBlobCache(BlobCache):
         data = self._fetch([d.chunk for d in descs])  # type: ignore[misc]
         return b"".join(data[d.chunk.index][d.offset : d.offset + d.size] for d in descs)  # type: ignore[union-attr]
 
-    def prefetch_chunks(self, chunks: Sequence[ChunkInfo], amplify_into: "set[int] | None" = None) -> int:
+    def prefetch_chunks(self, chunks: Sequence[ChunkInfo], amplify_into: "set[int] | None" = None,
+                        exact: bool = False) -> int:
         return 0  # nothing to keep
 
 
