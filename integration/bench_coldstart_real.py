@@ -935,7 +935,8 @@ def plot(result: dict, modes: list[str], path: pathlib.Path) -> None:
     import matplotlib.ticker
 
     rates = list(result["summary"])
-    fig, axes = plt.subplots(len(rates), 1, figsize=(11, 3.6 * len(rates)), squeeze=False)
+    width_in = max(11, 1.1 * max(len(per_wl) for per_wl in result["summary"].values()))
+    fig, axes = plt.subplots(len(rates), 1, figsize=(width_in, 3.9 * len(rates)), squeeze=False)
     for ax, rate in zip(axes[:, 0], rates):
         per_wl = result["summary"][rate]
         wls = list(per_wl)
@@ -945,7 +946,7 @@ def plot(result: dict, modes: list[str], path: pathlib.Path) -> None:
             bars = ax.bar([x + (i - (len(modes) - 1) / 2) * width for x in range(len(wls))], vals, width,
                           label=m)
             ax.bar_label(bars, fmt="%.1f", fontsize=6)
-        ax.set_xticks(range(len(wls)), wls)
+        ax.set_xticks(range(len(wls)), wls, rotation=20, ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
