@@ -136,3 +136,17 @@ def test_an_image_with_its_own_start_up_set_gets_only_that(tmp_path):
     rafs.prefetch_inos = [rafs.lookup_path("/etc/passwd").ino]  # e.g. from a recorded trace
     calls = _start(tmp_path, rafs, {"enable": True, "prefetch_all": False})
     assert calls == [([len(b"root:x:0:0::/root:/bin/sh\n")], "high", False)]
+
+
+def test_a_failing_lookup_leaves_the_listed_prefetch_alone(tmp_path, monkeypatch, caplog):
+    from rafs.errors import FormatError
+    from rafs.fs.instance import Instance
+
+    def broken(self):
+        raise FormatError("corrupt directory block")
+
+    monkeypatch.setattr(Instance, "runtime_iovecs", broken)
+    rafs = _build(tmp_path, _debian)
+    calls = _start(tmp_path, rafs, {"enable": True, "prefetch_all": True})
+    assert [(priority, exact) for _, priority, exact in calls] == [("low", False)]  # the whole image
+    assert "loader and libc" in caplog.text and "corrupt directory block" in caplog.text

@@ -725,16 +725,20 @@ class Nydusd:
             return
 
         def work() -> None:
-            try:
-                if runtime:
+            if runtime:
+                try:
                     iovecs = inst.runtime_iovecs()
                     if iovecs:
                         inst.metrics.prefetch_requests += len(iovecs)
                         # exactly these files: amplification would pull in 1 MiB of their
                         # neighbours each (measured: 1.8 MB more per start on Debian)
                         inst.device.prefetch(iovecs, priority="high", exact=True)
-                if not listed:
-                    return
+                except Exception as exc:  # the listed prefetch below still runs
+                    log.warning("prefetch of the loader and libc of %s failed: %s: %s", inst.name or "/",
+                                type(exc).__name__, exc)
+            if not listed:
+                return
+            try:
                 # walking a whole image for its iovecs takes seconds of CPU (and the GIL): not
                 # while the container's first reads are being served; a start-up set is what
                 # those reads are about to ask for, so it does not wait. Sustained demand (a
