@@ -10,6 +10,7 @@ real ``nydusd`` (fusedev and kernel EROFS) with a whole-image prefetch running.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import socket
@@ -54,6 +55,17 @@ class CountingProxy(ThrottledProxy):
 
     def total(self) -> int:
         return sum(n for _, n in list(self.sent))
+
+
+def _cached_chunks(cache_dir, blob) -> set[int]:
+    """Indexes of ``blob``'s chunks that the cache in ``cache_dir`` holds (its chunk map)."""
+    from storage.cache.state import IndexedChunkMap
+
+    chunk_map = IndexedChunkMap(str(cache_dir / (blob.blob_id + ".chunk_map")), blob.chunk_count)
+    try:
+        return {i for i in range(blob.chunk_count) if chunk_map.is_ready(i)}
+    finally:
+        chunk_map.close()
 
 
 @pytest.fixture
@@ -159,7 +171,6 @@ def test_erofs_read_ahead_follows_files_not_the_blob(tmp_path):
     from integration.harness.registry import Registry
     from rafs.builder.build import BuildOptions, build
     from rafs.metadata import Rafs
-    from storage.cache.state import IndexedChunkMap
 
     src = tmp_path / "src"
     src.mkdir()
@@ -187,11 +198,7 @@ def test_erofs_read_ahead_follows_files_not_the_blob(tmp_path):
             assert got == content["a"]
             time.sleep(1.0)  # read-ahead queued by the last reads lands
             fetched = metric(client.metrics(), "nydus_storage_backend_read_bytes_total")
-    chunk_map = IndexedChunkMap(str(cache_dir / (blob.blob_id + ".chunk_map")), blob.chunk_count)
-    try:
-        ready = {i for i in range(blob.chunk_count) if chunk_map.is_ready(i)}
-    finally:
-        chunk_map.close()
+    ready = _cached_chunks(cache_dir, blob)
     assert idx["a"] <= ready
     # nothing of b: no read past a's end reaches the daemon (with the blob file's page cache the
     # kernel's 128 KiB read-ahead did, amplified to 1 MiB), and the daemon's own read-ahead stops
@@ -214,7 +221,6 @@ def test_the_loader_and_libc_are_fetched_at_mount_before_any_read(tmp_path, driv
     from integration.harness.registry import Registry
     from rafs.builder.build import BuildOptions, build
     from rafs.metadata import Rafs
-    from storage.cache.state import IndexedChunkMap
 
     src = tmp_path / "src"
     multi = "usr/lib/x86_64-linux-gnu"
@@ -239,13 +245,7 @@ def test_the_loader_and_libc_are_fetched_at_mount_before_any_read(tmp_path, driv
         idx = {rel: {d.chunk.index for d in rafs.lookup_path("/" + rel).chunks(0, len(data))}
                for rel, data in content.items()}
     runtime = idx[f"{multi}/ld-linux-x86-64.so.2"] | idx[f"{multi}/libc.so.6"] | idx["etc/ld.so.cache"]
-
-    def ready(cache_dir) -> set[int]:
-        chunk_map = IndexedChunkMap(str(cache_dir / (blob.blob_id + ".chunk_map")), blob.chunk_count)
-        try:
-            return {i for i in range(blob.chunk_count) if chunk_map.is_ready(i)}
-        finally:
-            chunk_map.close()
+    ready = functools.partial(_cached_chunks, blob=blob)
 
     with Registry() as registry:
         registry.push_blob("test/image", (blobs / blob.blob_id).read_bytes())

@@ -249,21 +249,12 @@ class Instance:
             inodes = [tree.inode(i) for i in tree.prefetch_inos]
         else:
             inodes = [ino for _, ino in tree.walk()]
-        out: list[BlobIoVec] = []
-        seen: set[int] = set()
-        for node in _expand(tree, inodes):
-            if node.ino in seen:
-                continue
-            seen.add(node.ino)
-            size = node.attr().size
-            if size:
-                out.append(node.chunks(0, size))
-        return out
+        return _whole_files(tree, inodes)
 
     def runtime_iovecs(self) -> list[BlobIoVec]:
         """Whole-file iovecs of the files nearly every start reads first (:mod:`rafs.runtime`)."""
         tree = getattr(self.tree, "rafs", self.tree)
-        return [node.chunks(0, size) for node in runtime_files(tree) if (size := node.attr().size)]
+        return _whole_files(tree, runtime_files(tree))
 
     def close(self) -> None:
         for obj in (self.device, self.tree):
@@ -273,6 +264,20 @@ class Instance:
                     close()
                 except Exception as exc:  # closing must not stop the others from closing
                     log.warning("instance %s: close %r failed: %s", self.name, obj, exc)
+
+
+def _whole_files(tree: Any, inodes: list[Any]) -> list[BlobIoVec]:
+    """One whole-file iovec per non-empty regular file in or below ``inodes``, each file once."""
+    out: list[BlobIoVec] = []
+    seen: set[int] = set()
+    for node in _expand(tree, inodes):
+        if node.ino in seen:
+            continue
+        seen.add(node.ino)
+        size = node.attr().size
+        if size:
+            out.append(node.chunks(0, size))
+    return out
 
 
 def _expand(tree: Any, inodes: list[Any]) -> Iterator[Any]:
