@@ -210,11 +210,12 @@ def test_erofs_read_ahead_follows_files_not_the_blob(tmp_path):
 
 
 @pytest.mark.parametrize("driver", ["fusedev", "erofs"])
-def test_the_loader_and_libc_are_fetched_at_mount_before_any_read(tmp_path, driver):
+def test_the_user_db_loader_and_libc_are_fetched_at_mount_before_any_read(tmp_path, driver):
     """With prefetch on and no start-up set in the image (the snapshotter's default), mounting
-    fetches the dynamic loader, ``/etc/ld.so.cache`` and the C library beside the loader — found
-    through Debian's usrmerge symlinks — and nothing else (not the 1 MiB of neighbours the
-    default ``amplify_io`` would add); reads of them are then served from the cache. ``runtime_files = false`` fetches nothing before a read."""
+    fetches ``/etc/group``, ``/etc/passwd``, the dynamic loader, ``/etc/ld.so.cache`` and the C
+    library beside the loader — found through Debian's usrmerge symlinks — and nothing else (not
+    the 1 MiB of neighbours the default ``amplify_io`` would add); reads of them are then served
+    from the cache. ``runtime_files = false`` fetches nothing before a read."""
     require_stack()
     if driver == "erofs" and not erofs.detect_support().usable:
         pytest.skip(f"kernel EROFS unusable: {erofs.detect_support().reason}")
@@ -228,7 +229,8 @@ def test_the_loader_and_libc_are_fetched_at_mount_before_any_read(tmp_path, driv
     content = {f"{multi}/ld-linux-x86-64.so.2": rnd.randbytes(200 << 10),
                f"{multi}/libc.so.6": rnd.randbytes(3 * 65536 + 500), "etc/ld.so.cache": rnd.randbytes(20000),
                f"{multi}/libm.so.6": rnd.randbytes(4 * 65536), "usr/bin/python3": rnd.randbytes(6 * 65536),
-               "etc/passwd": b"root:x:0:0::/root:/bin/sh\n"}
+               "etc/passwd": b"root:x:0:0::/root:/bin/sh\n", "etc/group": b"root:x:0:\n",
+               "etc/hostname": b"not read at start\n"}
     for rel, data in content.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)
@@ -244,7 +246,8 @@ def test_the_loader_and_libc_are_fetched_at_mount_before_any_read(tmp_path, driv
         [blob] = rafs.blobs
         idx = {rel: {d.chunk.index for d in rafs.lookup_path("/" + rel).chunks(0, len(data))}
                for rel, data in content.items()}
-    runtime = idx[f"{multi}/ld-linux-x86-64.so.2"] | idx[f"{multi}/libc.so.6"] | idx["etc/ld.so.cache"]
+    runtime = (idx[f"{multi}/ld-linux-x86-64.so.2"] | idx[f"{multi}/libc.so.6"] | idx["etc/ld.so.cache"]
+               | idx["etc/passwd"] | idx["etc/group"])
     ready = functools.partial(_cached_chunks, blob=blob)
 
     with Registry() as registry:
@@ -265,10 +268,71 @@ def test_the_loader_and_libc_are_fetched_at_mount_before_any_read(tmp_path, driv
                     continue
                 assert fetched == runtime, f"fetched at mount: {sorted(fetched)}, want {sorted(runtime)}"
                 mark = registry.log_mark()
-                # what the loader does: opened through the /lib64 link, then libc beside it
-                for path, rel in (("lib64/ld-linux-x86-64.so.2", f"{multi}/ld-linux-x86-64.so.2"),
+                # what containerd and runc look up, then what the loader does: opened through
+                # the /lib64 link, then libc beside it
+                for path, rel in (("etc/group", "etc/group"), ("etc/passwd", "etc/passwd"),
+                                  ("lib64/ld-linux-x86-64.so.2", f"{multi}/ld-linux-x86-64.so.2"),
                                   ("lib/x86_64-linux-gnu/libc.so.6", f"{multi}/libc.so.6")):
                     with open(os.path.join(mnt, path), "rb") as f:
                         assert f.read() == content[rel]
                 time.sleep(0.3)  # the access log is written after the response
                 assert registry.blob_fetches(since=mark) == [], "a read of a prefetched file went to the registry"
+
+
+@pytest.mark.parametrize("driver", ["fusedev", "erofs"])
+def test_ci_tables_beside_the_bootstrap_spare_the_mount_its_gets(tmp_path, driver):
+    """``nydusify convert`` puts each blob's ``<blob id>.blob.meta`` (its CI table) in the
+    bootstrap layer beside ``image.boot``: nydusd seeds its cache with them at mount, so the
+    mount fetches nothing (the chunk tables load from disk) and a read makes one GET, its data.
+    The same image without them beside the bootstrap fetches each blob's table at mount."""
+    require_stack()
+    if driver == "erofs" and not erofs.detect_support().usable:
+        pytest.skip(f"kernel EROFS unusable: {erofs.detect_support().reason}")
+    from integration.harness.registry import Registry
+    from rafs.builder.build import BuildOptions, build
+    from rafs.convert.layer import write_blob_meta
+    from rafs.metadata import Rafs
+    from storage.meta.header import BLOB_CCT_HEADER_SIZE
+
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    rnd = random.Random(17)
+    content = {"etc/a": rnd.randbytes(100 << 10), "etc/b": rnd.randbytes(3 * 65536 + 7)}
+    for rel, data in content.items():
+        (src / rel).write_bytes(data)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    res = build(str(src), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(blobs),
+                options=BuildOptions(chunk_size=65536))
+    with Rafs.open(res.bootstrap) as rafs:
+        [blob] = rafs.blobs
+    assert blob.ci_compressed_size > 0
+    ci_get = blob.ci_compressed_size + BLOB_CCT_HEADER_SIZE  # the range storage asks for
+
+    with Registry() as registry:
+        registry.push_blob("test/image", (blobs / blob.blob_id).read_bytes())
+        for seeded in (True, False):
+            layer = tmp_path / f"layer-{seeded}" / "image"   # the unpacked bootstrap layer
+            layer.mkdir(parents=True)
+            boot = layer / "image.boot"
+            boot.write_bytes(open(res.bootstrap, "rb").read())
+            if seeded:
+                write_blob_meta(str(blobs / blob.blob_id), blob, str(layer / f"{blob.blob_id}.blob.meta"))
+            cache_dir = tmp_path / f"cache-{seeded}"
+            (tmp_path / f"d-{seeded}").mkdir()
+            cfg = registry_config(f"127.0.0.1:{registry.port}", str(cache_dir), fs_prefetch={"enable": False})
+            mark = registry.log_mark()
+            with nydusd(tmp_path / f"d-{seeded}", bootstrap=str(boot), config=cfg, fs_driver=driver) \
+                    as (client, mnt, _):
+                time.sleep(1.0)  # the chunk tables load in the background after the mount
+                at_mount = registry.blob_fetches(since=mark)
+                if not seeded:
+                    assert [e.size for e in at_mount] == [ci_get], f"want the CI table's GET, got {at_mount}"
+                    continue
+                assert at_mount == [], f"the mount fetched {at_mount} with the CI table beside the bootstrap"
+                assert (cache_dir / f"{blob.blob_id}.blob.meta").is_file()
+                with open(os.path.join(mnt, "etc/b"), "rb") as f:
+                    assert f.read() == content["etc/b"]
+                time.sleep(0.3)  # the access log is written after the response
+                sizes = [e.size for e in registry.blob_fetches(since=mark)]
+                assert sizes and ci_get not in sizes, f"GETs {sizes}: want data only ({ci_get}: CI table)"

@@ -144,7 +144,7 @@ class PrefetchConfig:
     merging_size: int = 1048576         #: bytes merged into one backend request
     bandwidth_rate: int = 0             #: bytes/s, 0 = unlimited
     record_trace: bool = False          #: daemons record each image's prefetch trace (nydusctl trace)
-    runtime_files: bool = True          #: fetch the dynamic loader, ld.so.cache, libc at mount (rafs.runtime)
+    runtime_files: bool = True          #: fetch user db, loader, ld.so.cache, libc at mount (rafs.runtime)
     burst_cap: float = BURST_CAP        #: s of unbroken on-demand reads after which prefetch ...
     burst_fraction: float = BURST_FRACTION  #: ... shares the link, once demand read this much of the image
     demand_share: int = DEMAND_SHARE    #: prefetch requests beside sustained demand; 0 = always wait

@@ -46,12 +46,31 @@ def _debian(src):
     os.symlink("usr/lib64", src / "lib64")
 
 
-def test_debian_layout_gives_loader_cache_and_libc_in_start_order(tmp_path):
-    rafs = _build(tmp_path, _debian)
+def test_debian_layout_gives_user_db_loader_cache_and_libc_in_start_order(tmp_path):
+    def debian(src):
+        _debian(src)
+        _put(src, "etc/group", b"root:x:0:\n")
+
+    rafs = _build(tmp_path, debian)
     got = runtime_files(rafs)
     multi = "/usr/lib/x86_64-linux-gnu"
     assert [n.ino for n in got] == [rafs.lookup_path(p).ino for p in
-                                    (f"{multi}/ld-linux-x86-64.so.2", "/etc/ld.so.cache", f"{multi}/libc.so.6")]
+                                    ("/etc/group", "/etc/passwd", f"{multi}/ld-linux-x86-64.so.2",
+                                     "/etc/ld.so.cache", f"{multi}/libc.so.6")]
+
+
+def test_user_db_alone_in_an_image_of_static_binaries(tmp_path):
+    """distroless-style: /etc/passwd and /etc/group (runc reads them whatever the binary), no
+    loader, so no ld.so.cache either; a user file that is a link is followed, a directory skipped."""
+    def distroless(src):
+        _put(src, "app", b"a static binary")
+        _put(src, "usr/share/base-passwd/passwd.master", b"root:x:0:0::/root:/sbin/nologin\n")
+        _put(src, "etc/ld.so.cache", b"no loader: not read")
+        os.symlink("../usr/share/base-passwd/passwd.master", src / "etc/passwd")
+        (src / "etc/group").mkdir()
+
+    rafs = _build(tmp_path, distroless)
+    assert [n.ino for n in runtime_files(rafs)] == [rafs.lookup_path("/usr/share/base-passwd/passwd.master").ino]
 
 
 def test_musl_loader_is_its_libc_and_a_static_image_gives_nothing(tmp_path):
@@ -123,7 +142,7 @@ def _start(tmp_path, rafs, fs_prefetch):
 
 def test_the_daemon_fetches_them_at_mount_at_once_unless_told_not_to(tmp_path):
     rafs = _build(tmp_path, _debian)
-    want = [len(b"loader"), len(b"cache"), len(b"libc")]
+    want = [len(b"root:x:0:0::/root:/bin/sh\n"), len(b"loader"), len(b"cache"), len(b"libc")]
     # the snapshotter's default: prefetch enabled, no prefetch_all, an image without a table
     # at once, and exactly these files: not amplified into the files laid out behind them
     assert _start(tmp_path, rafs, {"enable": True, "prefetch_all": False}) == [(want, "high", True)]
@@ -149,4 +168,4 @@ def test_a_failing_lookup_leaves_the_listed_prefetch_alone(tmp_path, monkeypatch
     rafs = _build(tmp_path, _debian)
     calls = _start(tmp_path, rafs, {"enable": True, "prefetch_all": True})
     assert [(priority, exact) for _, priority, exact in calls] == [("low", False)]  # the whole image
-    assert "loader and libc" in caplog.text and "corrupt directory block" in caplog.text
+    assert "runtime files" in caplog.text and "corrupt directory block" in caplog.text

@@ -17,8 +17,8 @@ their first use (``storage.cache.CacheConfig.validate_digest``). ``fs_prefetch.r
 ours (upstream ignores it): record which files the image's containers read, in order, for
 ``GET /api/v1/trace`` (see :mod:`rafs.trace`); ``fs_prefetch.trace_file`` (ours too) is where
 the daemon writes that trace when the instance is unmounted. ``fs_prefetch.runtime_files``
-(ours, default true) fetches the image's dynamic loader, ``/etc/ld.so.cache`` and C library at
-mount, at once, when prefetch is enabled and the image has no start-up set of its own (see
+(ours, default true) fetches the image's ``/etc/group``, ``/etc/passwd``, dynamic loader,
+``/etc/ld.so.cache`` and C library at mount, at once, when prefetch is enabled and the image has no start-up set of its own (see
 :mod:`rafs.runtime`).
 """
 
@@ -137,7 +137,7 @@ class PrefetchConfig:
     bandwidth_rate: int = 0
     record_trace: bool = False  #: record the prefetch trace (reads in first-access order)
     trace_file: str = ""  #: where the trace is written when the instance is unmounted ("" = not)
-    #: our extension: fetch the dynamic loader, ld.so.cache and libc at mount (``rafs.runtime``)
+    #: our extension: fetch the user db, dynamic loader, ld.so.cache and libc at mount (``rafs.runtime``)
     runtime_files: bool = True
     #: our extension: on-demand reads busy for ``burst_cap`` s without a pause, having read
     #: ``burst_fraction`` of the image, let ``demand_share`` prefetch requests run beside them

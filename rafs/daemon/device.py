@@ -17,7 +17,7 @@ from rafs.errors import ConfigError
 from storage.backend.base import BlobBackend
 from storage.cache.base import BlobCacheManager
 from storage.device import BlobDevice, BlobReadDevice, FileMap
-from storage.records import BlobFeatures, BlobInfo, BlobIoDesc, ChunkInfo
+from storage.records import BlobInfo, BlobIoDesc, ChunkInfo
 
 
 class OwnedDevice(BlobReadDevice):
@@ -117,9 +117,16 @@ def build_device(blobs: Sequence[BlobInfo], cfg: DaemonConfig) -> OwnedDevice:
 
 
 def seed_blob_metas(bootstrap: str, blobs: Sequence[object], cfg: DaemonConfig) -> int:
-    """ZRAN (OCI-ref) blobs are unchanged gzip layers: their ``<blob_id>.blob.meta`` comes in the
-    bootstrap layer, beside ``image.boot``. Copy each one the cache dir lacks into it (temp +
-    rename); returns how many were copied. Without a file cache there is nothing to seed."""
+    """Copy each blob's ``<blob_id>.blob.meta`` (its CI table) from beside ``image.boot`` into
+    the cache dir when the cache lacks it (temp + rename); returns how many were copied.
+
+    The bootstrap layer carries them: for ZRAN blobs of the older OCI-ref layout (unchanged gzip
+    layers) it is the only place they are; for native blobs, ``nydusify convert`` here puts them
+    there too (docs/convert.md), and seeding spares the mount one range GET per blob — on the
+    critical path: no chunk of a blob can be located before its CI table is loaded. The copies
+    are as trusted as ``image.boot`` (same digest-checked layer); storage checks each against the
+    blob table when it loads it and fetches the blob's own table instead of one it refuses.
+    Without a file cache there is nothing to seed."""
     from storage.atomic import atomic_write
 
     if cfg.cache_type not in ("blobcache", "filecache") or not cfg.cache_work_dir:
@@ -127,13 +134,13 @@ def seed_blob_metas(bootstrap: str, blobs: Sequence[object], cfg: DaemonConfig) 
     src_dir = os.path.dirname(os.path.abspath(bootstrap))
     copied = 0
     for blob in blobs:
-        if not isinstance(blob, BlobInfo) or not blob.has(BlobFeatures.ZRAN):
+        if not isinstance(blob, BlobInfo):
             continue
         name = f"{blob.blob_id}.blob.meta"
         dst = os.path.join(cfg.cache_work_dir, name)
         src = os.path.join(src_dir, name)
         if os.path.exists(dst) or not os.path.isfile(src):
-            continue  # a missing one is reported by storage on the first read
+            continue  # a missing one is fetched from the blob (ZRAN: reported) on first use
         with open(src, "rb") as fh:
             data = fh.read()
         os.makedirs(cfg.cache_work_dir, exist_ok=True)

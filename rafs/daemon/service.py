@@ -717,8 +717,8 @@ class Nydusd:
         # in this order, so they go out at once instead of yielding to the reads that need them
         table = list(getattr(tree, "prefetch_inos", None) or [])
         startup_set = not paths and bool(table) and table != [getattr(tree, "root_ino", None)]
-        # without one, the files nearly every start reads first (loader, libc) go out at once:
-        # the link is idle while runc sets the container up
+        # without one, the files nearly every start reads first (user db, loader, libc) go out
+        # at once: the link is idle while runc sets the container up
         runtime = not paths and not startup_set and cfg.fs_prefetch.runtime_files
         listed = force or cfg.fs_prefetch.prefetch_all or bool(table)
         if not (runtime or listed):
@@ -734,7 +734,7 @@ class Nydusd:
                         # neighbours each (measured: 1.8 MB more per start on Debian)
                         inst.device.prefetch(iovecs, priority="high", exact=True)
                 except Exception as exc:  # the listed prefetch below still runs
-                    log.warning("prefetch of the loader and libc of %s failed: %s: %s", inst.name or "/",
+                    log.warning("prefetch of the runtime files of %s failed: %s: %s", inst.name or "/",
                                 type(exc).__name__, exc)
             if not listed:
                 return
