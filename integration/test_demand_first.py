@@ -68,27 +68,38 @@ def _cached_chunks(cache_dir, blob) -> set[int]:
         chunk_map.close()
 
 
+def _build(tmp_path, content: dict[str, bytes], links: dict[str, str] | None = None, **options):
+    """Build ``content`` (path -> bytes, and ``links``: path -> symlink target) into one blob
+    under ``tmp_path/blobs``; returns the builder's result and that directory."""
+    from rafs.builder.build import BuildOptions, build
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for rel, data in content.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    for rel, target in (links or {}).items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, src / rel)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    return build(str(src), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(blobs),
+                 options=BuildOptions(**options)), blobs
+
+
 @pytest.fixture
 def image(tmp_path):
     """12 × 1 MiB random files then small files, built into one blob pushed to a registry."""
     require_stack()
     from integration.harness.registry import Registry
-    from rafs.builder.build import BuildOptions, build
 
-    src = tmp_path / "src"
-    src.mkdir()
     rnd = random.Random(11)
     content = {}
     for i in range(12):
         content[f"big{i:02d}"] = rnd.randbytes(1 << 20)
     for name in ("small-a", "small-b", "small-c", "zz-last"):
         content[name] = rnd.randbytes(5000)
-    for name, data in content.items():
-        (src / name).write_bytes(data)
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    res = build(str(src), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(blobs),
-                options=BuildOptions(compressor=Compressor.NONE))
+    res, blobs = _build(tmp_path, content, compressor=Compressor.NONE)
     with Registry() as registry:
         for blob_id in os.listdir(blobs):
             digest = registry.push_blob("test/image", (blobs / blob_id).read_bytes())
@@ -169,20 +180,12 @@ def test_erofs_read_ahead_follows_files_not_the_blob(tmp_path):
     if not erofs.detect_support().usable:
         pytest.skip(f"kernel EROFS unusable: {erofs.detect_support().reason}")
     from integration.harness.registry import Registry
-    from rafs.builder.build import BuildOptions, build
     from rafs.metadata import Rafs
 
-    src = tmp_path / "src"
-    src.mkdir()
     rnd = random.Random(5)
     # a: 24 full 64 KiB chunks and a short one; b right behind it in the same blob
     content = {"a": rnd.randbytes(24 * 65536 + 1000), "b": rnd.randbytes(32 * 65536 + 1000)}
-    for name, data in content.items():
-        (src / name).write_bytes(data)
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    res = build(str(src), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(blobs),
-                options=BuildOptions(chunk_size=65536, compressor=Compressor.NONE))
+    res, blobs = _build(tmp_path, content, chunk_size=65536, compressor=Compressor.NONE)
     with Rafs.open(res.bootstrap) as rafs:
         assert len(rafs.blobs) == 1
         blob = rafs.blobs[0]
@@ -220,10 +223,8 @@ def test_the_user_db_loader_and_libc_are_fetched_at_mount_before_any_read(tmp_pa
     if driver == "erofs" and not erofs.detect_support().usable:
         pytest.skip(f"kernel EROFS unusable: {erofs.detect_support().reason}")
     from integration.harness.registry import Registry
-    from rafs.builder.build import BuildOptions, build
     from rafs.metadata import Rafs
 
-    src = tmp_path / "src"
     multi = "usr/lib/x86_64-linux-gnu"
     rnd = random.Random(13)
     content = {f"{multi}/ld-linux-x86-64.so.2": rnd.randbytes(200 << 10),
@@ -231,17 +232,9 @@ def test_the_user_db_loader_and_libc_are_fetched_at_mount_before_any_read(tmp_pa
                f"{multi}/libm.so.6": rnd.randbytes(4 * 65536), "usr/bin/python3": rnd.randbytes(6 * 65536),
                "etc/passwd": b"root:x:0:0::/root:/bin/sh\n", "etc/group": b"root:x:0:\n",
                "etc/hostname": b"not read at start\n"}
-    for rel, data in content.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(data)
-    (src / "usr/lib64").mkdir()
-    os.symlink("../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", src / "usr/lib64/ld-linux-x86-64.so.2")
-    os.symlink("usr/lib", src / "lib")
-    os.symlink("usr/lib64", src / "lib64")
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    res = build(str(src), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(blobs),
-                options=BuildOptions(chunk_size=65536, compressor=Compressor.NONE))
+    usrmerge = {"usr/lib64/ld-linux-x86-64.so.2": "../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                "lib": "usr/lib", "lib64": "usr/lib64"}
+    res, blobs = _build(tmp_path, content, usrmerge, chunk_size=65536, compressor=Compressor.NONE)
     with Rafs.open(res.bootstrap) as rafs:
         [blob] = rafs.blobs
         idx = {rel: {d.chunk.index for d in rafs.lookup_path("/" + rel).chunks(0, len(data))}
@@ -289,21 +282,13 @@ def test_ci_tables_beside_the_bootstrap_spare_the_mount_its_gets(tmp_path, drive
     if driver == "erofs" and not erofs.detect_support().usable:
         pytest.skip(f"kernel EROFS unusable: {erofs.detect_support().reason}")
     from integration.harness.registry import Registry
-    from rafs.builder.build import BuildOptions, build
     from rafs.convert.layer import write_blob_meta
     from rafs.metadata import Rafs
     from storage.meta.header import BLOB_CCT_HEADER_SIZE
 
-    src = tmp_path / "src"
-    (src / "etc").mkdir(parents=True)
     rnd = random.Random(17)
     content = {"etc/a": rnd.randbytes(100 << 10), "etc/b": rnd.randbytes(3 * 65536 + 7)}
-    for rel, data in content.items():
-        (src / rel).write_bytes(data)
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    res = build(str(src), bootstrap_out=str(tmp_path / "boot"), blob_dir=str(blobs),
-                options=BuildOptions(chunk_size=65536))
+    res, blobs = _build(tmp_path, content, chunk_size=65536)
     with Rafs.open(res.bootstrap) as rafs:
         [blob] = rafs.blobs
     assert blob.ci_compressed_size > 0
