@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import shutil
 import socket
 import time
 
@@ -300,7 +301,7 @@ def test_ci_tables_beside_the_bootstrap_spare_the_mount_its_gets(tmp_path, drive
             layer = tmp_path / f"layer-{seeded}" / "image"   # the unpacked bootstrap layer
             layer.mkdir(parents=True)
             boot = layer / "image.boot"
-            boot.write_bytes(open(res.bootstrap, "rb").read())
+            shutil.copyfile(res.bootstrap, boot)
             if seeded:
                 write_blob_meta(str(blobs / blob.blob_id), blob, str(layer / f"{blob.blob_id}.blob.meta"))
             cache_dir = tmp_path / f"cache-{seeded}"

@@ -287,12 +287,16 @@ class Rafs(abc.ABC):
         """Resolve an absolute path following symlinks in every component, as the container
         sees it: absolute targets start at the image's root, ``..`` stops at it.
         :class:`NotFound` for a missing entry or more than ``max_links`` links."""
-        return self._follow(path, max_links)[-1][1]
+        return self.resolve_path(path, max_links)[1]
 
     def realpath(self, path: str | bytes, max_links: int = 40) -> str:
         """The canonical path of :meth:`resolve`'s file (no symlink in it)."""
-        names = [os.fsdecode(name) for name, _ in self._follow(path, max_links)[1:]]
-        return "/" + "/".join(names)
+        return self.resolve_path(path, max_links)[0]
+
+    def resolve_path(self, path: str | bytes, max_links: int = 40) -> "tuple[str, Inode]":
+        """(:meth:`realpath`, :meth:`resolve`) of ``path`` from one walk."""
+        trail = self._follow(path, max_links)
+        return "/" + "/".join(os.fsdecode(name) for name, _ in trail[1:]), trail[-1][1]
 
     def _follow(self, path: str | bytes, max_links: int) -> "list[tuple[bytes, Inode]]":
         """The (name, inode) trail from the root to ``path``'s file, symlinks followed."""

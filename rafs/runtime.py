@@ -43,8 +43,7 @@ USER_DB = ("/etc/group", "/etc/passwd")
 def _resolved(tree: "Rafs", path: str) -> "tuple[str, Inode] | None":
     """(directory the file really is in, inode) for a regular file at ``path``, else None."""
     try:
-        node = tree.resolve(path)
-        real = tree.realpath(path)
+        real, node = tree.resolve_path(path)
     except (NotFound, NotADirectory):
         return None
     if not node.is_reg():

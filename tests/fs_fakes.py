@@ -144,7 +144,7 @@ class FakeRafs:
         return self.nodes[1]
 
     # symlink resolution over the same narrow API as the real image's
-    resolve, realpath, _follow = Rafs.resolve, Rafs.realpath, Rafs._follow
+    resolve, realpath, resolve_path, _follow = Rafs.resolve, Rafs.realpath, Rafs.resolve_path, Rafs._follow
 
     def walk(self):
         stack = [("/", self.nodes[1])]
