@@ -19,6 +19,8 @@ and ``nydus-noprefetch`` (one setting changed each), and ``stargz`` (the peer
 stargz-snapshotter on an eStargz copy, when ``integration.harness.stargz`` can build it).
 ``zran`` (not in the defaults): the ``nydusify convert --oci-ref`` image, default snapshotter config;
 ``zran-1m`` ... ``zran-8m``: the same at ``--zran-spacing`` 1, 2, 4, 8 MiB (``bench_zran`` runs these).
+``nydus-chunk64k`` ... ``nydus-chunk512k`` (not in the defaults): converted with ``--chunk-size``
+64 ... 512 KiB instead of the default 1 MiB, default snapshotter config.
 ``nydus-share1`` / ``nydus-fusedev-share1`` (not in the defaults): the sustained-demand settings
 before the read-most tuning (``burst_fraction`` 0.25, ``demand_share`` 1), for A/B runs.
 Trace-optimized (not in the defaults; one image per start-up workload, made before the trials):
@@ -149,7 +151,10 @@ MODES: tuple[Mode, ...] = (
     Mode("zran", "nydus", "zran", label="nydus OCI-ref (zran, --oci-ref), defaults (erofs, prefetch on)"),
 ) + tuple(Mode(f"zran-{mib}m", "nydus", f"zran-{mib}m",
                label=f"nydus OCI-ref (zran, --oci-ref --zran-spacing {mib} MiB), defaults (erofs, prefetch on)")
-          for mib in (1, 2, 4, 8)) + (
+          for mib in (1, 2, 4, 8)) + tuple(
+    Mode(f"nydus-chunk{kib}k", "nydus", f"chunk-{kib}k",
+         label=f"nydus, defaults; converted with --chunk-size {kib} KiB")
+    for kib in (64, 128, 256, 512)) + (
     # issue 12's optimized-image goal: one image per start-up workload, rebuilt around what it read
     Mode("nydus-opt", "nydus", "trace-optimize", per_workload=True,
          label="nydus, defaults; image rebuilt around the workload's recorded trace "
@@ -730,6 +735,16 @@ def prepare_images(registry, modes: list[Mode], work: str,
             raise BenchError("nydusify convert failed")
         print(f"nydusify convert (defaults): {time.monotonic() - t:.1f} s", flush=True)
         tags.add("nydus")
+    for tag in sorted({m.tag for m in modes if m.tag.startswith("chunk-")}):
+        # "chunk-<N>k": the converter's defaults but --chunk-size N KiB
+        size = ["--chunk-size", hex(int(tag[6:-1]) << 10)]
+        t = time.monotonic()
+        if nydusify(["convert", "--source", oci.ref, "--target", f"{registry.host}/bench/debian:{tag}",
+                     "--source-insecure", "--target-insecure", "--work-dir", os.path.join(work, tag),
+                     "--no-progress", *size]) != 0:
+            raise BenchError(f"nydusify convert {' '.join(size)} failed")
+        print(f"nydusify convert {' '.join(size)}: {time.monotonic() - t:.1f} s", flush=True)
+        tags.add(tag)
     for tag in sorted({m.tag for m in modes if m.tag.startswith("zran")}):
         # "zran": the converter's default spacing; "zran-<N>m": --zran-spacing N MiB
         spacing = ["--zran-spacing", str(int(tag[5:-1]) << 20)] if tag != "zran" else []
