@@ -9,6 +9,7 @@ import pytest
 
 from rafs import erofs
 from rafs.errors import MountError, UnsupportedError
+from rafs.fs import session
 from rafs.fs.instance import BlobFiles
 from storage.compress import decompress
 from storage.records import Compressor
@@ -152,7 +153,7 @@ def test_erofs_driver_lazy_blob_files_over_fuse(v6, tmp_path):
 def test_erofs_blob_files_serve_only_what_erofs_asks(v6, tmp_path):
     """The blob files are opened with direct I/O: reading the first file fetches its chunk, not
     the next file's chunk 20 KiB further on (the FUSE page cache's 128 KiB read-ahead of the blob
-    file would take it); the EROFS mount reads ahead 1 MiB within its files, as fusedev does."""
+    file would take it); the EROFS mount reads ahead ``EROFS_READ_AHEAD_KB`` within its files."""
     require_erofs()
     require_fuse()
     boot, data, contents = v6
@@ -162,7 +163,7 @@ def test_erofs_blob_files_serve_only_what_erofs_asks(v6, tmp_path):
         assert set(open(data + ".reads").read().split()) == {"0"}
         bdi = erofs.bdi_name(mnt)
         if bdi is not None:  # (kernels before 6.10 cannot name it)
-            assert open(f"/sys/class/bdi/{bdi}/read_ahead_kb").read().strip() == "1024"
+            assert open(f"/sys/class/bdi/{bdi}/read_ahead_kb").read().strip() == str(session.EROFS_READ_AHEAD_KB)
         assert open(os.path.join(mnt, "sync_io.rs"), "rb").read() == contents["sync_io.rs"]
         assert set(open(data + ".reads").read().split()) == {"0", "5"}
 

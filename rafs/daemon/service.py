@@ -1022,11 +1022,12 @@ def _start_trace(inst: Instance, cfg: DaemonConfig) -> None:
 
 
 def _mount_erofs_instance(bootstrap: str, target: str, devices: list[str]) -> None:
-    """mount(2) an erofs instance, then give its files fusedev's read-ahead (1 MiB instead of the
-    kernel's 128 KiB): the blob files under it are read with direct I/O (``BlobFiles.direct_io``),
-    so EROFS's own read-ahead, which stays within the image file being read, is the only one."""
+    """mount(2) an erofs instance, then set the read-ahead of its files
+    (``session.EROFS_READ_AHEAD_KB`` instead of the kernel's 128 KiB): the blob files under it are
+    read with direct I/O (``BlobFiles.direct_io``), so EROFS's own read-ahead, which stays within
+    the image file being read, is the only one."""
     erofs.mount_erofs(bootstrap, target, devices)
-    erofs.set_read_ahead(target, session.DEFAULT_READ_AHEAD_KB)
+    erofs.set_read_ahead(target, session.EROFS_READ_AHEAD_KB)
 
 
 def _save_trace(inst: Instance) -> None:
