@@ -36,8 +36,9 @@ the first blob request after the pull (the proxy's request log), daemon RUNNING 
 mount's start and end (the snapshotter's JSON log, nydusd's log), first output.
 Bytes the workload really read are measured in the OCI trials, independently of our daemon:
 after the timed run the unpacked snapshot files are evicted from the page cache
-(``POSIX_FADV_DONTNEED`` after ``sync``), the workload runs once more, and ``mincore(2)`` counts
-the pages of those files that became resident (docs/perf.md explains the method and its bias).
+(``POSIX_FADV_DONTNEED`` after ``sync``), the workload runs once more with the disk's read-ahead
+at the kernel's default 128 KiB (``MEASURE_READ_AHEAD_KB``), and ``mincore(2)`` counts the pages
+of those files that became resident (docs/perf.md explains the method and its bias).
 
 Writes ``integration/results/coldstart_real.json`` and ``coldstart_real.png`` (``--name``), and
 prints the summary as Markdown tables; ``--combine`` merges separate runs (e.g. one per rate).
@@ -47,6 +48,7 @@ Needs root, containerd, runc, docker-registry, mmdebstrap, /dev/fuse.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -69,6 +71,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from integration.bench_coldstart import ThrottledProxy, TokenBucket
@@ -367,6 +370,45 @@ def compressed_read_bytes(path: str, before: bytes, after: bytes, chunk_size: in
     return packed["zstd"]
 
 
+#: the read-ahead (KiB) of the disk under the unpacked image while a read set is measured: the
+#: kernel's default. A disk set higher (this VM's virtio disk: 8 MiB) reads that much around
+#: every page fault of a mapped file and inflates the read set (docs/perf.md, 2026-12-07 eighth)
+MEASURE_READ_AHEAD_KB = 128
+
+
+def _queue_read_ahead(path: str) -> str | None:
+    """``/sys/.../queue/read_ahead_kb`` of the block device holding ``path`` (the whole disk's
+    for a partition), or None (no block device: tmpfs, overlay, ...)."""
+    st = os.stat(path)
+    dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    for cand in (os.path.join(dev, "queue", "read_ahead_kb"), os.path.join(dev, "..", "queue", "read_ahead_kb")):
+        if os.path.exists(cand):
+            return os.path.realpath(cand)
+    return None
+
+
+@contextlib.contextmanager
+def disk_read_ahead(path: str, kb: int) -> Iterator[int | None]:
+    """Set the read-ahead of the disk holding ``path`` to ``kb`` KiB, restore it after; yields the
+    value it had (None when ``path`` is on no block device or the knob cannot be written)."""
+    knob = _queue_read_ahead(path)
+    old = None
+    if knob is not None:
+        try:
+            with open(knob) as f:
+                old = int(f.read())
+            with open(knob, "w") as f:
+                f.write(str(kb))
+        except OSError:
+            old = None
+    try:
+        yield old
+    finally:
+        if knob is not None and old is not None:
+            with open(knob, "w") as f:
+                f.write(str(old))
+
+
 def evict(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME)
@@ -578,8 +620,9 @@ def measure_read(ctd, ref: str, argv: list[str], timeout: float) -> tuple[int, i
     for f in files:
         evict(f)
     before = {f: resident_pages(f) for f in files}
-    run = ctd.run_argv(ref, argv, snapshotter="overlayfs", namespace="k8s.io")
-    _, _, err, rc = _run_first_line(run, timeout)
+    with disk_read_ahead(ctd.root, MEASURE_READ_AHEAD_KB):
+        run = ctd.run_argv(ref, argv, snapshotter="overlayfs", namespace="k8s.io")
+        _, _, err, rc = _run_first_line(run, timeout)
     if rc != 0:
         raise BenchError(f"read measurement run failed rc={rc}: {err[-300:]}")
     after = {f: resident_pages(f) for f in files}

@@ -1,12 +1,15 @@
 """Study (not a test): what the real-image workloads' reads weigh in a chunked, compressed image,
 by chunk size and zstd level — the bytes floor of any lazy pull, before scheduling.
 
-    python3 -m integration.study_read_set [--chunk-kib 64,256,1024] [--levels 3,9] [--workloads ...]
+    python3 -m integration.study_read_set [--chunk-kib 64,256,1024] [--levels 3,9] [--read-ahead-kb 128,512]
+                                          [--workloads ...]
 
 Uses ``bench_coldstart_real``'s Debian rootfs (built once into ``.cache/`` by that benchmark).
 The rootfs is unpacked into a temporary directory; for each workload every file is evicted from
 the page cache, the workload runs once under ``chroot`` (``/dev`` bound, ``/proc`` mounted, both
-unmounted after), and ``mincore(2)`` tells which pages of which files it loaded. Then, per chunk
+unmounted after) with the read-ahead of the disk under the tree set to each ``--read-ahead-kb``
+(restored after; a lazy mount's own read-ahead plays that part), and ``mincore(2)`` tells which
+pages of which files it loaded. Then, per chunk
 size, the chunks holding those pages are compressed at each zstd level (stored raw when that is
 not smaller) and summed. The whole image's chunks at 1 MiB are compressed too (a sample, with
 the single-core speed), so the gain of a level can be set against its conversion cost.
@@ -28,7 +31,8 @@ import time
 
 import zstandard
 
-from integration.bench_coldstart_real import (CACHE, PAGE, WORKLOADS, debian_rootfs_tar, evict,
+from integration.bench_coldstart_real import (CACHE, MEASURE_READ_AHEAD_KB, PAGE, WORKLOADS,
+                                              debian_rootfs_tar, disk_read_ahead, evict,
                                               newly_resident, regular_files, resident_pages,
                                               weigh_chunks)
 
@@ -97,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m integration.study_read_set", description=__doc__.split("\n\n")[0])
     ap.add_argument("--chunk-kib", default="64,256,1024", help="chunk sizes, KiB, comma-separated")
     ap.add_argument("--levels", default="3,9", help="zstd levels, comma-separated (the builder's is 3)")
+    ap.add_argument("--read-ahead-kb", default=str(MEASURE_READ_AHEAD_KB),
+                    help="read-ahead of the disk under the tree while a workload runs, KiB, comma-separated "
+                         "(the kernel's default is 128; kernel EROFS mounts here use 512)")
     ap.add_argument("--workloads", default="python-json,python-numpy,gcc-hello,git,perl")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -107,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--chunk-kib: powers of two of at least the page size", file=sys.stderr)
         return 2
     compressors = {int(lvl): zstandard.ZstdCompressor(level=int(lvl)) for lvl in args.levels.split(",")}
+    read_aheads = [int(k) for k in args.read_ahead_kb.split(",")]
     tar = debian_rootfs_tar(CACHE)
     tmp = tempfile.mkdtemp(prefix="study-read-set-")
     try:
@@ -116,16 +124,22 @@ def main(argv: list[str] | None = None) -> int:
             tf.extractall(root, filter="fully_trusted")
         files = regular_files([root])
         print(f"rootfs {tar.name}: {len(files)} files")
-        print("\n| workload | pages loaded | chunk | chunks' raw size | " +
+        print("\n| workload | read-ahead | pages loaded | chunk | chunks' raw size | " +
               " | ".join(f"zstd {lvl}" for lvl in compressors) + " |")
-        print("|---|---|---|---|" + "---|" * len(compressors))
+        print("|---|---|---|---|---|" + "---|" * len(compressors))
         for wl in args.workloads.split(","):
-            pages = touched_pages(root, files, WORKLOADS[wl])
-            loaded = sum(sum(b) for b in pages.values()) * PAGE
-            for chunk in chunks:
-                raw, packed = weigh(pages, chunk, compressors)
-                print(f"| {wl} | {loaded / 1e6:.1f} MB | {chunk >> 10} KiB | {raw / 1e6:.1f} MB | " +
-                      " | ".join(f"{packed[lvl] / 1e6:.2f} MB" for lvl in compressors) + " |", flush=True)
+            for ra in read_aheads:
+                with disk_read_ahead(root, ra) as was:
+                    if was is None:
+                        print(f"cannot set the read-ahead of the disk under {root}: not a block device's "
+                              "filesystem or not writable", file=sys.stderr)
+                        return 1
+                    pages = touched_pages(root, files, WORKLOADS[wl])
+                loaded = sum(sum(b) for b in pages.values()) * PAGE
+                for chunk in chunks:
+                    raw, packed = weigh(pages, chunk, compressors)
+                    print(f"| {wl} | {ra} KiB | {loaded / 1e6:.1f} MB | {chunk >> 10} KiB | {raw / 1e6:.1f} MB | " +
+                          " | ".join(f"{packed[lvl] / 1e6:.2f} MB" for lvl in compressors) + " |", flush=True)
         whole_image(files, compressors)
     finally:
         with open("/proc/self/mounts") as m:

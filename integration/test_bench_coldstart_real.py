@@ -8,6 +8,8 @@ import json
 import os
 import tarfile
 
+import pytest
+
 from integration.bench_coldstart_real import (evict, nydus_timeline, resident_bytes,
                                               split_rootfs)
 
@@ -201,3 +203,27 @@ def test_workload_groups_expand_in_order_each_once():
     assert expand_workloads("perl,all") == ["perl", *[w for w in (*BENCHMARKED, *HELD_OUT) if w != "perl"]]
     # the held-out programs are start-ups too (the optimized modes trace each), none renamed
     assert not set(HELD_OUT) & set(BENCHMARKED) and set(HELD_OUT) <= set(STARTUP_WORKLOADS)
+
+
+def test_disk_read_ahead_is_set_for_the_measurement_and_restored(tmp_path):
+    """The read set is measured with the disk's read-ahead at the kernel's default: set on the
+    disk holding the path, restored after (also after an error); nothing to set on tmpfs."""
+    from integration.bench_coldstart_real import _queue_read_ahead, disk_read_ahead
+
+    knob = _queue_read_ahead(str(tmp_path))
+    if knob is None or not os.access(knob, os.W_OK):
+        pytest.skip(f"{tmp_path} is on no block device whose read-ahead can be set here (needs root)")
+    with open(knob) as f:
+        was = int(f.read())
+    other = 256 if was != 256 else 512
+    with pytest.raises(RuntimeError):
+        with disk_read_ahead(str(tmp_path), other) as old:
+            assert old == was
+            with open(knob) as f:
+                assert int(f.read()) == other
+            raise RuntimeError("the workload failed")
+    with open(knob) as f:
+        assert int(f.read()) == was
+    if os.path.isdir("/dev/shm"):
+        with disk_read_ahead("/dev/shm", other) as old:
+            assert old is None
