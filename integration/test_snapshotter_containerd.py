@@ -4,7 +4,8 @@ Covers: a plain OCI image pulled (``ctr image pull``), run with runc and garbage
 through this snapshotter; CRI ``PullImage`` of nydus images (data layers answered with
 ALREADY_EXISTS and never downloaded by containerd, the bootstrap layer unpacked and validated);
 a builder-made nydus image run lazily (two containers share one RAFS instance; kill -9 of the
-snapshotter under load); bad input (garbage labels, bad keys, missing parents, a "bootstrap"
+snapshotter under load); the container's Prepare fetching the runtime files (user db, loader,
+ld.so.cache, libc) and nothing else before the container reads them; bad input (garbage labels, bad keys, missing parents, a "bootstrap"
 layer that is not one, an unreachable registry) giving precise errors while the service keeps
 serving. Fixtures: ``integration/conftest.py`` (harness in ``integration/harness/``).
 """
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import pathlib
+import random
 import shutil
 import signal
 import time
@@ -210,6 +212,87 @@ def test_run_built_nydus_image_lazily_shared_instance_and_kill9(stack, tmp_path)
     assert p.stdout.split()[0] == hashlib.md5(pathlib.Path("/bin/busybox").read_bytes()).hexdigest()
     out = cd.run(image.ref, ["/bin/cat", "/etc/probe.txt"], snapshotter=SNAPSHOTTER, namespace="k8s.io").stdout
     assert "hello from a nydus image" in out
+
+
+def test_container_prepare_fetches_the_runtime_files_before_the_container_reads(stack, tmp_path):
+    """With the snapshotter's defaults, the container's Prepare (``ctr containers create``, no
+    task yet) mounts the image and fetches what containerd, runc and the loader read first —
+    ``/etc/group``, ``/etc/passwd``, the dynamic loader (through Debian's ``/lib64`` link),
+    ``/etc/ld.so.cache`` and the C library — and nothing else of the blob; the container then
+    reads them from the cache, not the registry."""
+    from rafs import builder
+    from rafs.metadata import Rafs
+    from storage.cache.state import IndexedChunkMap
+
+    reg, sn, cd = stack
+    root = tmp_path / "rootfs"
+    multi = "usr/lib/x86_64-linux-gnu"
+    for d in ("usr/bin", multi, "usr/lib64", "etc", "tmp"):
+        (root / d).mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "usr" / "bin" / "busybox")  # static: runs without the loader
+    (root / "bin").symlink_to("usr/bin")
+    (root / "lib").symlink_to("usr/lib")
+    (root / "lib64").symlink_to("usr/lib64")
+    for app in ("sh", "cat"):
+        (root / "usr" / "bin" / app).symlink_to("busybox")
+    rnd = random.Random(23)
+    files = {"etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n", "etc/group": b"root:x:0:\n",
+             "etc/ld.so.cache": rnd.randbytes(30000), f"{multi}/ld-linux-x86-64.so.2": rnd.randbytes(200 << 10),
+             f"{multi}/libc.so.6": rnd.randbytes(300 << 10), f"{multi}/libm.so.6": rnd.randbytes(100 << 10),
+             "etc/hostname.txt": b"not read at start\n"}
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+    (root / "usr" / "lib64" / "ld-linux-x86-64.so.2").symlink_to("../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+    res = builder.build(str(root), bootstrap_out=str(tmp_path / "image.boot"), blob_out=str(tmp_path / "blob"))
+    blob_bytes = (tmp_path / "blob").read_bytes()
+    with Rafs.open(str(tmp_path / "image.boot")) as rafs:
+        [blob] = rafs.blobs
+
+        def descs(rel: str) -> list:
+            return list(rafs.lookup_path("/" + rel).chunks(0, (root / rel).stat().st_size))
+
+        def chunks(rel: str) -> set[int]:
+            return {d.chunk.index for d in descs(rel)}
+
+        runtime = set().union(*(chunks(r) for r in ("etc/passwd", "etc/group", "etc/ld.so.cache",
+                                                     f"{multi}/ld-linux-x86-64.so.2", f"{multi}/libc.so.6")))
+        others = chunks("usr/bin/busybox") | chunks(f"{multi}/libm.so.6") | chunks("etc/hostname.txt")
+        busybox_bytes = sum(d.chunk.compressed_size for d in descs("usr/bin/busybox"))
+    assert res.blob_ids == [blob.blob_id] and not runtime & others
+    image = nydus_image((tmp_path / "image.boot").read_bytes(), [blob_bytes]).push(reg, "test/runtime", "v1")
+    cd.cri.pull_image(image.ref)
+    blob_digest = "sha256:" + blob.blob_id
+    assert reg.blob_fetches(blob_digest) == [], "the pull fetched data"
+
+    def cached() -> set[int]:
+        path = os.path.join(sn.root, "cache", blob.blob_id + ".chunk_map")
+        if not os.path.exists(path):
+            return set()
+        cmap = IndexedChunkMap(path, blob.chunk_count)
+        try:
+            return {i for i in range(blob.chunk_count) if cmap.is_ready(i)}
+        finally:
+            cmap.close()
+
+    ns = cd.use_namespace("k8s.io")
+    cd.ctr("-n", ns, "containers", "create", "--snapshotter", SNAPSHOTTER, image.ref, "rt1")
+    try:
+        wait_for(lambda: runtime <= cached(), 30, "the runtime files cached after the container's Prepare")
+        time.sleep(0.5)  # anything else would be on its way by now
+        assert cached() == runtime, f"fetched at Prepare: {sorted(cached())}, want {sorted(runtime)}"
+    finally:
+        cd.ctr("-n", ns, "containers", "rm", "rt1", check=False)
+    mark = len(reg.access_log())
+    out = cd.run(image.ref, ["/bin/sh", "-c", "cat /etc/passwd /etc/group; cat /lib64/ld-linux-x86-64.so.2 "
+                             "/etc/ld.so.cache /lib/x86_64-linux-gnu/libc.so.6 | md5sum"],
+                 snapshotter=SNAPSHOTTER, namespace="k8s.io").stdout
+    want = hashlib.md5(files[f"{multi}/ld-linux-x86-64.so.2"] + files["etc/ld.so.cache"]
+                       + files[f"{multi}/libc.so.6"]).hexdigest()
+    assert out.startswith("root:x:0:0:root:/root:/bin/sh\nroot:x:0:\n") and want in out, out
+    time.sleep(0.3)  # the access log is written after the response
+    sizes = [e.size for e in reg.blob_fetches(blob_digest, since=mark)]
+    # busybox (exec'd) at most: the files read above came from the cache
+    assert sum(sizes) <= busybox_bytes, f"the run fetched {sizes}, busybox's chunks are {busybox_bytes} bytes"
 
 
 # ----------------------------------------------------------------------------- bad input
