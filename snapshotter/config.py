@@ -449,7 +449,7 @@ DEFAULT_NYDUSD_CONFIG: dict[str, object] = {
     "iostats_files": False,
     "enable_xattr": True,
     # upstream's template says 1 MiB; with kernel EROFS reading 512 KiB around each page fault,
-    # 256 KiB fetched numpy's start 0.9 MB (5 %) lighter and 0.07 s sooner at 20 MB/s, the other
+    # 256 KiB fetched numpy's start 0.9 MB (5 %) lighter and 0.06 s sooner at 20 MB/s, the other
     # start-ups and a whole-image read unchanged (docs/perf.md, 2026-12-07 eighth)
     "amplify_io": 262144,
     "fs_prefetch": {"enable": True, "prefetch_all": False, "threads_count": 4,

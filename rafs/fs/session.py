@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 DEFAULT_READ_AHEAD_KB = 1024
 #: kernel EROFS mounts: the read-ahead within an image file, which is also the window the kernel
 #: reads around a page fault of a mapped file. 512 KiB: numpy's start fetched 0.9 MB less than
-#: with 1 MiB (with ``amplify_io`` 256 KiB) and started 0.07 s sooner at 20 MB/s; reading the
+#: with 1 MiB (with ``amplify_io`` 256 KiB) and started 0.06 s sooner at 20 MB/s; reading the
 #: whole image sequentially took as long (docs/perf.md, 2026-12-07 eighth)
 EROFS_READ_AHEAD_KB = 512
 
