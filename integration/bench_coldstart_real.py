@@ -770,34 +770,26 @@ def prepare_images(registry, modes: list[Mode], work: str,
     oci = img.push(registry, "bench/debian", "oci")
     tags = {"oci"}
     traced = [w for w in workloads if w in STARTUP_WORKLOADS] if any(m.per_workload for m in modes) else []
-    if any(m.tag == "nydus" for m in modes) or any(m.per_workload and m.kind == "nydus" for m in modes):
+
+    def convert(tag: str, options: list[str]) -> None:
+        """``nydusify convert`` of the OCI image to ``bench/debian:<tag>`` with ``options``."""
+        what = " ".join(options) or "(defaults)"
         t = time.monotonic()
-        if nydusify(["convert", "--source", oci.ref, "--target", f"{registry.host}/bench/debian:nydus",
-                     "--source-insecure", "--target-insecure", "--work-dir", os.path.join(work, "nydus"),
-                     "--no-progress"]) != 0:
-            raise BenchError("nydusify convert failed")
-        print(f"nydusify convert (defaults): {time.monotonic() - t:.1f} s", flush=True)
-        tags.add("nydus")
+        if nydusify(["convert", "--source", oci.ref, "--target", f"{registry.host}/bench/debian:{tag}",
+                     "--source-insecure", "--target-insecure", "--work-dir", os.path.join(work, tag),
+                     "--no-progress", *options]) != 0:
+            raise BenchError(f"nydusify convert {what} failed")
+        print(f"nydusify convert {what}: {time.monotonic() - t:.1f} s", flush=True)
+        tags.add(tag)
+
+    if any(m.tag == "nydus" for m in modes) or any(m.per_workload and m.kind == "nydus" for m in modes):
+        convert("nydus", [])
     for tag in sorted({m.tag for m in modes if m.tag.startswith("chunk-")}):
         # "chunk-<N>k": the converter's defaults but --chunk-size N KiB
-        size = ["--chunk-size", hex(int(tag[6:-1]) << 10)]
-        t = time.monotonic()
-        if nydusify(["convert", "--source", oci.ref, "--target", f"{registry.host}/bench/debian:{tag}",
-                     "--source-insecure", "--target-insecure", "--work-dir", os.path.join(work, tag),
-                     "--no-progress", *size]) != 0:
-            raise BenchError(f"nydusify convert {' '.join(size)} failed")
-        print(f"nydusify convert {' '.join(size)}: {time.monotonic() - t:.1f} s", flush=True)
-        tags.add(tag)
+        convert(tag, ["--chunk-size", hex(int(tag[6:-1]) << 10)])
     for tag in sorted({m.tag for m in modes if m.tag.startswith("zran")}):
         # "zran": the converter's default spacing; "zran-<N>m": --zran-spacing N MiB
-        spacing = ["--zran-spacing", str(int(tag[5:-1]) << 20)] if tag != "zran" else []
-        t = time.monotonic()
-        if nydusify(["convert", "--source", oci.ref, "--target", f"{registry.host}/bench/debian:{tag}",
-                     "--source-insecure", "--target-insecure", "--work-dir", os.path.join(work, tag),
-                     "--no-progress", "--oci-ref", *spacing]) != 0:
-            raise BenchError(f"nydusify convert --oci-ref {' '.join(spacing)} failed")
-        print(f"nydusify convert --oci-ref {' '.join(spacing)}: {time.monotonic() - t:.1f} s", flush=True)
-        tags.add(tag)
+        convert(tag, ["--oci-ref", *(["--zran-spacing", str(int(tag[5:-1]) << 20)] if tag != "zran" else [])])
     if any(m.tag == "estargz" for m in modes):
         from integration.harness.stargz import convert_to_estargz
 

@@ -98,6 +98,21 @@ class _BlobHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+def cached_chunks(cache_dir, blob) -> set[int]:
+    """Indexes of ``blob``'s chunks that the cache in ``cache_dir`` holds (its chunk map; none
+    before the cache has made one)."""
+    from storage.cache.state import IndexedChunkMap
+
+    path = os.path.join(str(cache_dir), blob.blob_id + ".chunk_map")
+    if not os.path.exists(path):
+        return set()
+    chunk_map = IndexedChunkMap(path, blob.chunk_count)
+    try:
+        return set(chunk_map.ready_indices())
+    finally:
+        chunk_map.close()
+
+
 def localfs_config(blob_dir: str, cache_dir: str, **extra) -> dict:
     return {"device": {"backend": {"type": "localfs", "config": {"dir": blob_dir}},
                        "cache": {"type": "blobcache", "config": {"work_dir": cache_dir}}}, **extra}

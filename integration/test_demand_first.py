@@ -20,7 +20,7 @@ import time
 import pytest
 
 from integration.bench_coldstart import ThrottledProxy
-from integration.fs_support import metric, nydusd, registry_config, require_stack
+from integration.fs_support import cached_chunks, metric, nydusd, registry_config, require_stack
 from rafs import erofs
 from storage.records import Compressor
 
@@ -56,17 +56,6 @@ class CountingProxy(ThrottledProxy):
 
     def total(self) -> int:
         return sum(n for _, n in list(self.sent))
-
-
-def _cached_chunks(cache_dir, blob) -> set[int]:
-    """Indexes of ``blob``'s chunks that the cache in ``cache_dir`` holds (its chunk map)."""
-    from storage.cache.state import IndexedChunkMap
-
-    chunk_map = IndexedChunkMap(str(cache_dir / (blob.blob_id + ".chunk_map")), blob.chunk_count)
-    try:
-        return {i for i in range(blob.chunk_count) if chunk_map.is_ready(i)}
-    finally:
-        chunk_map.close()
 
 
 def _build(tmp_path, content: dict[str, bytes], links: dict[str, str] | None = None, **options):
@@ -202,7 +191,7 @@ def test_erofs_read_ahead_follows_files_not_the_blob(tmp_path):
             assert got == content["a"]
             time.sleep(1.0)  # read-ahead queued by the last reads lands
             fetched = metric(client.metrics(), "nydus_storage_backend_read_bytes_total")
-    ready = _cached_chunks(cache_dir, blob)
+    ready = cached_chunks(cache_dir, blob)
     assert idx["a"] <= ready
     # nothing of b: no read past a's end reaches the daemon (with the blob file's page cache the
     # kernel's 128 KiB read-ahead did, amplified to 1 MiB), and the daemon's own read-ahead stops
@@ -242,7 +231,7 @@ def test_the_user_db_loader_and_libc_are_fetched_at_mount_before_any_read(tmp_pa
                for rel, data in content.items()}
     runtime = (idx[f"{multi}/ld-linux-x86-64.so.2"] | idx[f"{multi}/libc.so.6"] | idx["etc/ld.so.cache"]
                | idx["etc/passwd"] | idx["etc/group"])
-    ready = functools.partial(_cached_chunks, blob=blob)
+    ready = functools.partial(cached_chunks, blob=blob)
 
     with Registry() as registry:
         registry.push_blob("test/image", (blobs / blob.blob_id).read_bytes())

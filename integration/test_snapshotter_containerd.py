@@ -25,6 +25,7 @@ import grpc
 import pytest
 
 from integration.conftest import HELLO
+from integration.fs_support import cached_chunks
 from integration.harness.images import Image, Layer, nydus_image
 from integration.snapshotter_support import daemon_instance_count, live_daemons, wait_for
 from protos.containerd.api.services.snapshots.v1 import snapshots_pb2 as pb
@@ -222,7 +223,6 @@ def test_container_prepare_fetches_the_runtime_files_before_the_container_reads(
     reads them from the cache, not the registry."""
     from rafs import builder
     from rafs.metadata import Rafs
-    from storage.cache.state import IndexedChunkMap
 
     reg, sn, cd = stack
     root = tmp_path / "rootfs"
@@ -265,14 +265,7 @@ def test_container_prepare_fetches_the_runtime_files_before_the_container_reads(
     assert reg.blob_fetches(blob_digest) == [], "the pull fetched data"
 
     def cached() -> set[int]:
-        path = os.path.join(sn.root, "cache", blob.blob_id + ".chunk_map")
-        if not os.path.exists(path):
-            return set()
-        cmap = IndexedChunkMap(path, blob.chunk_count)
-        try:
-            return {i for i in range(blob.chunk_count) if cmap.is_ready(i)}
-        finally:
-            cmap.close()
+        return cached_chunks(os.path.join(sn.root, "cache"), blob)
 
     ns = cd.use_namespace("k8s.io")
     cd.ctr("-n", ns, "containers", "create", "--snapshotter", SNAPSHOTTER, image.ref, "rt1")
