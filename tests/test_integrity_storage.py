@@ -98,6 +98,45 @@ def test_cache_changed_between_runs_is_detected_and_refetched(tmp_path, compress
     dev.close()
 
 
+def test_a_write_lost_in_a_crash_is_caught_and_fetched_again(tmp_path):
+    """Fetched data is not synced before its ready bit (the default): a crash can leave a bit
+    over a chunk whose bytes never reached the disk. The next process serves the right bytes."""
+    b = make_blob(5, compressor=Compressor.ZSTD, compressible=True)
+    backend = MemoryBackend({b.blob_id: b.data})
+    _fill(tmp_path, b, backend)
+    lost = b.chunks[2]
+    with open(tmp_path / "c" / (b.blob_id + ".blob.data"), "r+b") as f:
+        f.seek(lost.uncompressed_offset)
+        f.write(bytes(lost.uncompressed_size))  # what a lost write leaves: a hole
+    before = len(backend.requests)
+    mgr, dev = _device(tmp_path / "c", [b], backend)
+    assert mgr.get_blob_cache(b.info).chunk_map.all_ready()  # the bits survived the "crash"
+    assert dev.read(b.iovec(0, len(b.plain))) == b.plain
+    assert mgr.metrics.cache_verify_failures.value == 1
+    assert len(backend.requests) == before + 1  # chunk 2 only
+    dev.close()
+
+
+@pytest.mark.parametrize(("cfg", "synced"), [
+    ({}, False),                                           # checked on reuse: no flush per fetch
+    ({"sync_data": True}, True),
+    ({"validate_digest": False}, True),                    # reused unchecked: the bit must not lie
+    ({"validate_digest": False, "verify_every_read": True}, False),
+])
+def test_fetched_data_is_synced_only_where_reuse_goes_unchecked(tmp_path, monkeypatch, cfg, synced):
+    b = make_blob(3, compressor=Compressor.NONE, compressible=False)
+    mgr, dev = _device(tmp_path / "c", [b], MemoryBackend({b.blob_id: b.data}), **cfg)
+    cache = mgr.get_blob_cache(b.info)
+    data_fd = cache._fd
+    calls = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+    assert dev.read(b.iovec(0, len(b.plain))) == b.plain
+    assert cache.syncs_data is synced
+    assert (data_fd in calls) is synced
+    dev.close()
+
+
 def test_complete_file_is_checked_before_it_is_handed_out(tmp_path):
     b = make_blob(5, compressor=Compressor.NONE, compressible=False)
     backend = MemoryBackend({b.blob_id: b.data})

@@ -36,7 +36,7 @@ from tests.storage_blobs import blob_held_by_another_process, make_blob
 def test_cache_config_defaults():
     c = CacheConfig()
     assert (c.validate_digest, c.merging_size, c.amplify_io, c.limit_size, c.sync_data, c.fetch_threads) == (
-        True, 1 << 20, 0, 0, True, 4)
+        True, 1 << 20, 0, 0, False, 4)
 
 
 def test_chunk_map_header_size():

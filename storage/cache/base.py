@@ -35,7 +35,12 @@ class CacheConfig:
     #: ``amplify_neighbours`` bytes of run in total for chunks of other files)
     amplify_neighbours: int = 0
     limit_size: int = 0  #: cache size limit in bytes; 0 = unlimited (LRU eviction of unused blobs)
-    sync_data: bool = True  #: fdatasync chunk data before marking it ready (crash safety)
+    #: fdatasync chunk data before marking it ready. Off: with ``validate_digest`` (or
+    #: ``verify_every_read``) a ready chunk from an earlier run is checked against its digest
+    #: before its first byte is served, so a write a crash lost is fetched again, and a sync per
+    #: fetch would put a disk flush in front of every demand miss. A cache that checks nothing
+    #: it reuses syncs anyway (``FileBlobCache.syncs_data``).
+    sync_data: bool = False
     fetch_threads: int = 4  #: runs of one request fetched in parallel (1 = sequential)
 
 

@@ -21,10 +21,11 @@ GC, eviction, :func:`gc_cache_dir` for the snapshotter's Cleanup) takes an exclu
 file without waiting and skips the blob when someone holds it; an opener that raced with a delete
 finds its locked file unlinked and opens the new one.
 
-A chunk is marked ready only after its data matched its digest and is written and
-``fdatasync``-ed, so a crash never leaves a ready bit over a torn write; a restarted process
-reuses every ready chunk after checking it once against its digest (before its first byte is
-served; a wrong one is reset and fetched again). A corrupt chunk map, or a data file truncated
+A chunk is marked ready only after its data matched its digest and is written. It is not
+``fdatasync``-ed first (``syncs_data``: only when ``sync_data`` asks, or when the cache checks
+nothing it reuses): a crash may leave a ready bit over a lost or torn write, and a restarted
+process reuses every ready chunk only after checking it once against its digest (before its first
+byte is served; a wrong one is reset and fetched again). A corrupt chunk map, or a data file truncated
 behind our back, discards that blob's ready bits (counted in ``cache_corrupt_resets``). A full
 cache disk serves reads without caching (``cache_write_failures``).
 """
@@ -477,7 +478,7 @@ class FileBlobCache(BlobCache):
                     n = os.pwrite(self._fd, good[c.index], c.uncompressed_offset)
                     if n != len(good[c.index]):  # a short write: the disk filled up
                         raise OSError(errno.ENOSPC, f"short write {n} of {len(good[c.index])}")
-            if good and self.config.sync_data:
+            if good and self.syncs_data:
                 os.fdatasync(self._fd)
         except OSError as exc:
             self.chunk_map.clear_pending(indices)
@@ -529,6 +530,15 @@ class FileBlobCache(BlobCache):
 
     def _checks_cache(self) -> bool:
         return self.config.validate_digest or self.config.verify_every_read
+
+    @property
+    def syncs_data(self) -> bool:
+        """Whether fetched data is ``fdatasync``-ed before its chunks are marked ready: when
+        ``sync_data`` asks for it, and always when ready chunks are reused unchecked (neither
+        ``validate_digest`` nor ``verify_every_read``): then a ready bit is all that vouches for
+        the bytes after a crash. A checking cache catches a lost or torn write on the next
+        process's first use of the chunk (:meth:`_verify_cached`) and fetches it again."""
+        return self.config.sync_data or not self._checks_cache()
 
     def _verify_cached(self, chunks: Sequence[ChunkInfo], fresh: dict[int, bytes | memoryview]) -> None:
         """Check ready chunks not yet checked by this process (every time with

@@ -4,13 +4,15 @@
 
 * ``check_ready_and_mark_pending(i) -> bool`` — ``True``: chunk ``i`` is ready, nothing to do.
   ``False``: the caller now *owns* the fetch of chunk ``i`` and **must** later call either
-  ``set_ready_and_clear_pending([i])`` (data durable in the cache) or ``clear_pending([i])``
+  ``set_ready_and_clear_pending([i])`` (data written to the cache) or ``clear_pending([i])``
   (fetch failed). If another thread owns ``i``, the call blocks until that owner releases it,
   then re-checks (so a chunk being fetched is fetched once; waiters see the result).
 * ``try_mark_pending(i) -> ChunkState`` — the non-blocking form: ``READY``, ``OWNED`` (same
   obligation as above) or ``INFLIGHT`` (another owner: ``wait_pending(i)`` then ask again).
-* ``set_ready_and_clear_pending`` may only be called **after** the chunk's data is durable
-  (written and ``fdatasync``-ed): a ready bit never points at a torn or missing write.
+* ``set_ready_and_clear_pending`` may only be called **after** the chunk's data is written
+  (and ``fdatasync``-ed when the cache reuses ready chunks without checking them): a ready bit
+  never points at a write that has not been made. After a crash it may point at one the disk
+  lost; the file cache checks every ready chunk against its digest before reusing it.
 
 Drivers: :class:`IndexedChunkMap` (a persisted bitmap by chunk index, the default),
 :class:`NoopChunkMap` (nothing is ever ready; no-cache mode).
