@@ -130,7 +130,12 @@ def test_fetched_data_is_synced_only_where_reuse_goes_unchecked(tmp_path, monkey
     data_fd = cache._fd
     calls = []
     real = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+
+    def fdatasync(fd):
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
     assert dev.read(b.iovec(0, len(b.plain))) == b.plain
     assert cache.syncs_data is synced
     assert (data_fd in calls) is synced

@@ -24,10 +24,11 @@ finds its locked file unlinked and opens the new one.
 A chunk is marked ready only after its data matched its digest and is written. It is not
 ``fdatasync``-ed first (``syncs_data``: only when ``sync_data`` asks, or when the cache checks
 nothing it reuses): a crash may leave a ready bit over a lost or torn write, and a restarted
-process reuses every ready chunk only after checking it once against its digest (before its first
-byte is served; a wrong one is reset and fetched again). A corrupt chunk map, or a data file truncated
-behind our back, discards that blob's ready bits (counted in ``cache_corrupt_resets``). A full
-cache disk serves reads without caching (``cache_write_failures``).
+process reuses every ready chunk only after checking it once against its digest (before its
+first byte is served; a wrong one is reset and fetched again). A corrupt chunk map, or a data
+file truncated behind our back, discards that blob's ready bits (counted in
+``cache_corrupt_resets``). A full cache disk serves reads without caching
+(``cache_write_failures``).
 """
 
 from __future__ import annotations
